@@ -1,0 +1,54 @@
+// Helpers shared by the CUDA kernels of every family. Only symbols that libmlx exports
+// may be used (it is built with hidden visibility): cu::get_command_encoder, the
+// encoder's set_input_array / set_output_array / add_kernel_node*, Device::make_current.
+#pragma once
+
+#include <cuda.h>
+#include <cuda_runtime.h>
+
+#include "mlx/array.h"
+#include "mlx/backend/cuda/device.h"
+#include "mlx/backend/cuda/utils.h"
+
+namespace mlx_tuner::cuda {
+
+namespace mx = mlx::core;
+
+// Throws std::runtime_error("[what] <cuda error>") on failure.
+void check(cudaError_t err, const char* what);
+
+// libmlx carries its own static CUDA runtime, which does not know the __global__
+// functions registered by ours: hand MLX a driver-level CUfunction instead.
+CUfunction kernel_handle(const void* kernel, int device);
+
+// Device memory ordered on the encoder's stream (cu::malloc_async is not exported; MLX's
+// allocator::malloc returns managed memory). MLX's memory counters do not see it.
+mx::allocator::Data malloc_device(size_t nbytes, mx::cu::CommandEncoder& enc);
+
+// Allocates `out` with malloc_device and registers it as the encoder's output.
+inline void alloc_output(mx::array& out, mx::cu::CommandEncoder& enc) {
+  out.set_data(malloc_device(out.nbytes(), enc));
+  enc.set_output_array(out);
+}
+
+// Launches `kernel` (a __global__ function) as a node of MLX's CUDA graph. The args
+// must match the kernel's parameter types exactly: they are passed by address.
+template <typename... Args>
+void launch(
+    mx::cu::CommandEncoder& enc,
+    const void* kernel,
+    dim3 grid,
+    dim3 block,
+    unsigned smem,
+    Args&&... args) {
+  CUfunction fn = kernel_handle(kernel, enc.device().cuda_device());
+  if (smem > 48 * 1024) {
+    // Same underlying function as `fn` (one primary context), set through our runtime.
+    check(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
+        "cudaFuncSetAttribute");
+  }
+  enc.add_kernel_node_ex(fn, grid, block, dim3(1, 1, 1), smem, args...);
+}
+
+} // namespace mlx_tuner::cuda

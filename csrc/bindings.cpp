@@ -1,0 +1,51 @@
+// The nanobind module mlx_tuner._ext: build facts, and one init per kernel family
+// (csrc/bindings/<family>.cpp), each compiled only when that family exists.
+#include <nanobind/nanobind.h>
+
+namespace nb = nanobind;
+
+#define MLX_TUNER_FAMILY(name)   \
+  namespace mlx_tuner::bindings { \
+  void init_##name(nb::module_&); \
+  }
+#ifdef MLX_TUNER_HAS_DIVERGENCE
+MLX_TUNER_FAMILY(divergence)
+#endif
+#ifdef MLX_TUNER_HAS_LORA
+MLX_TUNER_FAMILY(lora)
+#endif
+#ifdef MLX_TUNER_HAS_QLORA
+MLX_TUNER_FAMILY(qlora)
+#endif
+#ifdef MLX_TUNER_HAS_DORA
+MLX_TUNER_FAMILY(dora)
+#endif
+#ifdef MLX_TUNER_HAS_CROSS_ENTROPY
+MLX_TUNER_FAMILY(cross_entropy)
+#endif
+
+NB_MODULE(_ext, m) {
+  m.doc() = "mlx-tuner fused kernels (MLX custom primitives)";
+  // Checked against the installed mlx at import: MLX's C++ ABI is not stable.
+  m.attr("built_mlx_version") = MLX_TUNER_BUILT_MLX_VERSION;
+  // "metal", "cuda" or "cpu" (no GPU kernels).
+  m.attr("gpu_backend") = MLX_TUNER_GPU_BACKEND;
+  // family -> "cpu,gpu": which backends have a compiled kernel in this build.
+  m.attr("kernel_files") = MLX_TUNER_KERNEL_FILES;
+  nb::module_ families = m; // families add their functions to the module itself
+#ifdef MLX_TUNER_HAS_DIVERGENCE
+  mlx_tuner::bindings::init_divergence(families);
+#endif
+#ifdef MLX_TUNER_HAS_LORA
+  mlx_tuner::bindings::init_lora(families);
+#endif
+#ifdef MLX_TUNER_HAS_QLORA
+  mlx_tuner::bindings::init_qlora(families);
+#endif
+#ifdef MLX_TUNER_HAS_DORA
+  mlx_tuner::bindings::init_dora(families);
+#endif
+#ifdef MLX_TUNER_HAS_CROSS_ENTROPY
+  mlx_tuner::bindings::init_cross_entropy(families);
+#endif
+}

@@ -1,0 +1,82 @@
+"""Fused ops, each beside its pure-MLX reference ``<op>_reference``.
+
+The reference is the test oracle and the fallback wherever no kernel exists (extension
+not built or not usable, a device or dtype without a kernel). ``backend_info()`` says,
+for every op, which devices have a compiled kernel and, where none, why.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from . import _extension
+from .divergence import js_div, js_div_reference, kl_div, kl_div_reference
+from .dora import dora_linear, dora_linear_reference
+from .lora import lora_linear, lora_linear_reference
+from .qlora import qlora_linear, qlora_linear_reference
+
+# op -> kernel family (the file stem at every layer: csrc/ops/<family>.cpp, ...)
+FUSED_OPS: dict[str, str] = {
+    "kl_div": "divergence",
+    "js_div": "divergence",
+    "lora_linear": "lora",
+    "qlora_linear": "qlora",
+    "dora_linear": "dora",
+    "linear_cross_entropy": "cross_entropy",
+}
+
+
+def _gpu_name(ext) -> str | None:
+    backend = getattr(ext, "gpu_backend", "cpu")
+    return None if backend == "cpu" else backend
+
+
+def backend_info() -> dict:
+    """Which devices run a compiled kernel for each fused op, and why not where none.
+
+    Returns ``{"extension": {...}, "ops": {op: {"kernels": [devices], "missing":
+    {device: reason}}}}`` where devices are ``"cpu"`` and ``"gpu"``.
+    """
+    st = _extension.status()
+    ext = st.module
+    gpu = _gpu_name(ext) if ext is not None else None
+    info = {
+        "extension": {
+            "loaded": st.loaded,
+            "reason": st.reason,
+            "built_against_mlx": st.built_against,
+            "installed_mlx": mx.__version__,
+            "gpu_backend": gpu,
+        },
+        "ops": {},
+    }
+    for op, family in FUSED_OPS.items():
+        have = sorted(_extension.kernel_devices(family))
+        missing = {}
+        for dev in ("cpu", "gpu"):
+            if dev in have:
+                continue
+            if ext is None:
+                missing[dev] = st.reason
+            elif dev == "gpu" and gpu is None:
+                missing[dev] = "this build has no GPU backend (MLX without Metal or CUDA)"
+            else:
+                missing[dev] = f"no {dev} kernel for the '{family}' family in this build"
+        info["ops"][op] = {"kernels": have, "missing": missing}
+    return info
+
+
+__all__ = [
+    "FUSED_OPS",
+    "backend_info",
+    "dora_linear",
+    "dora_linear_reference",
+    "js_div",
+    "js_div_reference",
+    "kl_div",
+    "kl_div_reference",
+    "lora_linear",
+    "lora_linear_reference",
+    "qlora_linear",
+    "qlora_linear_reference",
+]

@@ -1,0 +1,35 @@
+"""Shared test fixtures: seeded randomness and the float-dtype tolerance rule of DESIGN.md."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+DTYPES = [mx.float32, mx.float16, mx.bfloat16]
+# The floor of the tolerance per dtype: DESIGN.md's rule is "fused error against a
+# float64 reference at most twice the error of the same-dtype reference, with a floor".
+TOL_FLOOR = {mx.float32: 1e-5, mx.float16: 2e-3, mx.bfloat16: 1.6e-2}
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    mx.random.seed(0)
+    np.random.seed(0)
+
+
+def to_f64(a: mx.array) -> np.ndarray:
+    return np.array(a.astype(mx.float32), dtype=np.float64)
+
+
+def assert_close_to_oracle(fused, same_dtype_ref, oracle, dtype, what="output"):
+    """fused vs oracle (float64): error <= 2 * error(same-dtype reference) + floor."""
+    f, r, o = to_f64(fused), to_f64(same_dtype_ref), np.asarray(oracle, dtype=np.float64)
+    assert f.shape == o.shape, f"{what}: shape {f.shape} != {o.shape}"
+    assert np.all(np.isfinite(f) == np.isfinite(o)), f"{what}: non-finite mismatch"
+    fin = np.isfinite(o)
+    scale = max(1.0, float(np.max(np.abs(o[fin]), initial=0.0)))
+    err_f = float(np.max(np.abs(f[fin] - o[fin]), initial=0.0))
+    err_r = float(np.max(np.abs(r[fin] - o[fin]), initial=0.0))
+    bound = 2 * err_r + TOL_FLOOR[dtype] * scale
+    assert err_f <= bound, f"{what}: fused error {err_f:.3g} > bound {bound:.3g} (reference error {err_r:.3g})"
