@@ -1,0 +1,119 @@
+"""Shared benchmark machinery: the machine's ceilings measured in the same run, timing
+with warm-up, peak memory, and the facts every result row carries.
+
+Each bench test uses pytest-benchmark's ``benchmark`` fixture for timing and calls
+``annotate(benchmark, ...)`` so the row in ``--benchmark-json`` carries device, dtype,
+shape, work (FLOPs / bytes), the ceiling and peak memory; ``bench/report.py`` turns those
+JSON files into BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import time
+from functools import lru_cache
+
+import mlx.core as mx
+import numpy as np
+
+QUICK = os.environ.get("MLX_TUNER_BENCH_QUICK", "") not in ("", "0")
+
+
+def device_label() -> str:
+    if mx.default_device() == mx.gpu:
+        try:
+            info = mx.device_info()
+            return str(info.get("device_name", "gpu"))
+        except Exception:
+            return "gpu"
+    return f"cpu:{platform.machine()}x{os.cpu_count()}"
+
+
+def commit() -> str:
+    try:
+        return subprocess.check_output(
+            ["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL,
+            cwd=os.path.dirname(__file__)).strip()
+    except Exception:
+        return os.environ.get("MLX_TUNER_COMMIT", "unknown")
+
+
+def sync(out) -> None:
+    """Evaluate every array in `out` (an array, or a tuple/list/dict of them)."""
+    mx.eval(out)
+
+
+def median_time(fn, *, warmup: int = 2, reps: int = 10) -> float:
+    """Median seconds of fn() (evaluated), after warm-up. For ceilings and quick checks."""
+    for _ in range(warmup):
+        sync(fn())
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        sync(fn())
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts))
+
+
+def peak_memory(fn) -> int:
+    """Peak bytes MLX allocated while running fn() once, above what was live before."""
+    sync(fn())  # warm caches and compiled graphs
+    mx.clear_cache()
+    before = mx.get_active_memory()
+    mx.reset_peak_memory()
+    sync(fn())
+    return int(mx.get_peak_memory() - before)
+
+
+@lru_cache(maxsize=None)
+def ceilings(dtype_name: str = "float32") -> dict:
+    """The machine's GEMM FLOP/s and copy bandwidth, measured now, on the default device.
+
+    CPU: float32 GEMM through numpy's OpenBLAS (the same BLAS family our CPU kernels use);
+    copy bandwidth from numpy's copy. GPU: MLX matmul in `dtype_name` and an MLX copy.
+    """
+    if mx.default_device() == mx.gpu:
+        dtype = getattr(mx, dtype_name)
+        n = 8192
+        a = mx.random.normal((n, n)).astype(dtype)
+        b = mx.random.normal((n, n)).astype(dtype)
+        t = median_time(lambda: a @ b, warmup=3, reps=10)
+        gemm = 2 * n**3 / t
+        x = mx.random.normal((256 * 2**20,)).astype(mx.bfloat16)  # 512 MiB
+        t = median_time(lambda: mx.array(x) * 1, warmup=3, reps=10)
+        copy = 2 * x.nbytes / t
+    else:
+        n = 256 if QUICK else 2048
+        a = np.random.rand(n, n).astype(np.float32)
+        b = np.random.rand(n, n).astype(np.float32)
+        t = median_time(lambda: mx.array(0) if a @ b is None else mx.array(0), warmup=1,
+                        reps=3 if QUICK else 5)
+        gemm = 2 * n**3 / t
+        x = np.random.rand((4 if QUICK else 64) * 2**20).astype(np.float32)
+        y = np.empty_like(x)
+        t = median_time(lambda: mx.array(0) if np.copyto(y, x) else mx.array(0), warmup=1,
+                        reps=5)
+        copy = 2 * x.nbytes / t
+    return {"gemm_flops": gemm, "copy_bytes_per_s": copy}
+
+
+def annotate(benchmark, *, op: str, provider: str, mode: str, dtype, shape: dict,
+             flops: float = 0.0, bytes_moved: float = 0.0, peak_bytes: int | None = None,
+             **extra) -> None:
+    """Attach the facts of one result row to a pytest-benchmark result."""
+    dtype_name = str(dtype).replace("mlx.core.", "")
+    ceil = ceilings("bfloat16" if dtype_name == "bfloat16" else "float32")
+    benchmark.extra_info.update(
+        op=op, provider=provider, mode=mode, dtype=dtype_name, shape=shape,
+        device=device_label(), mlx=mx.__version__, commit=commit(), flops=flops,
+        bytes=bytes_moved, peak_bytes=peak_bytes, ceiling_gemm_flops=ceil["gemm_flops"],
+        ceiling_copy_bytes_per_s=ceil["copy_bytes_per_s"], **extra)
+
+
+def run(benchmark, fn, *, rounds: int | None = None, warmup: int = 2):
+    """Time fn() (evaluated) with pytest-benchmark; a single round in quick mode."""
+    rounds = 1 if QUICK else (rounds or 10)
+    return benchmark.pedantic(lambda: sync(fn()), rounds=rounds,
+                              warmup_rounds=0 if QUICK else warmup, iterations=1)
