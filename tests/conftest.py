@@ -33,3 +33,18 @@ def assert_close_to_oracle(fused, same_dtype_ref, oracle, dtype, what="output"):
     err_r = float(np.max(np.abs(r[fin] - o[fin]), initial=0.0))
     bound = 2 * err_r + TOL_FLOOR[dtype] * scale
     assert err_f <= bound, f"{what}: fused error {err_f:.3g} > bound {bound:.3g} (reference error {err_r:.3g})"
+
+
+# Devices the suite runs on: the CPU always, the GPU (Metal or CUDA) when MLX has one.
+DEVICES = [mx.cpu] + ([mx.gpu] if mx.is_available(mx.gpu) else [])
+
+
+@pytest.fixture(params=DEVICES, ids=lambda d: "gpu" if d == mx.gpu else "cpu")
+def device(request):
+    """Runs the test once per available device, with that device as the default."""
+    prev = mx.default_device()
+    mx.set_default_device(request.param)
+    try:
+        yield request.param
+    finally:
+        mx.set_default_device(prev)
