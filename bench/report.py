@@ -1,0 +1,98 @@
+"""Turns pytest-benchmark JSON files (bench/results/*.json) into BENCHMARKS.md tables.
+
+Rows that share op, mode, dtype, shape and device are put side by side: each provider's
+median time, achieved rate (FLOP/s for GEMM-like ops, bytes/s for memory-bound ones)
+as a share of the ceiling measured in the same run, peak memory, and the speed-up of
+"fused" over "reference".
+
+Usage: python bench/report.py bench/results/*.json > BENCHMARKS.md.new
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+
+def _fmt_time(s: float) -> str:
+    return f"{s * 1e3:.3f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def _fmt_bytes(b) -> str:
+    if b is None:
+        return "–"
+    for unit, div in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(b) >= div:
+            return f"{b / div:.2f} {unit}"
+    return f"{b:.0f} B"
+
+
+def _rate(row: dict) -> str:
+    ex, t = row["extra_info"], row["stats"]["median"]
+    if ex.get("flops"):
+        r, ceil = ex["flops"] / t, ex.get("ceiling_gemm_flops")
+        return f"{r / 1e12:.2f} TFLOP/s" + (f" ({100 * r / ceil:.0f}%)" if ceil else "")
+    if ex.get("bytes"):
+        r, ceil = ex["bytes"] / t, ex.get("ceiling_copy_bytes_per_s")
+        return f"{r / 1e9:.1f} GB/s" + (f" ({100 * r / ceil:.0f}%)" if ceil else "")
+    return "–"
+
+
+def _shape(shape) -> str:
+    if isinstance(shape, dict):
+        return " ".join(f"{k}={v}" for k, v in shape.items())
+    return str(shape)
+
+
+def tables(paths: list[str]) -> str:
+    groups: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    sources = []
+    for p in paths:
+        data = json.loads(Path(p).read_text())
+        sources.append(p)
+        for row in data.get("benchmarks", []):
+            ex = row.get("extra_info", {})
+            if "op" not in ex:
+                continue
+            key = (ex.get("device", "?"), ex["op"], ex.get("mode", ""), ex.get("dtype", ""),
+                   _shape(ex.get("shape")))
+            groups[key][ex.get("provider", "?")] = row
+    out = []
+    by_device: dict[str, list] = defaultdict(list)
+    for key in sorted(groups):
+        by_device[key[0]].append(key)
+    for device, keys in by_device.items():
+        first = groups[keys[0]]
+        any_row = next(iter(first.values()))["extra_info"]
+        out.append(f"### {device}\n")
+        out.append(f"mlx {any_row.get('mlx')}, commit {any_row.get('commit')}; ceilings measured "
+                   f"in the same run: GEMM {any_row.get('ceiling_gemm_flops', 0) / 1e12:.2f} "
+                   f"TFLOP/s, copy {any_row.get('ceiling_copy_bytes_per_s', 0) / 1e9:.0f} GB/s "
+                   "(bytes read + written).\n")
+        out.append("| op | mode | dtype | shape | provider | median (IQR) | rate (% of ceiling) "
+                   "| peak memory | fused speed-up |")
+        out.append("|---|---|---|---|---|---|---|---|---|")
+        for key in keys:
+            rows = groups[key]
+            ref = rows.get("reference")
+            for prov in sorted(rows, key=lambda p: (p != "fused", p)):
+                row = rows[prov]
+                st = row["stats"]
+                speed = ""
+                if prov == "fused" and ref is not None:
+                    speed = f"{ref['stats']['median'] / st['median']:.1f}×"
+                out.append(
+                    f"| {key[1]} | {key[2]} | {key[3]} | {key[4]} | {prov} | "
+                    f"{_fmt_time(st['median'])} ({_fmt_time(st['iqr'])}) | {_rate(row)} | "
+                    f"{_fmt_bytes(row['extra_info'].get('peak_bytes'))} | {speed} |")
+        out.append("")
+    out.append("Sources: " + ", ".join(f"`{s}`" for s in sources) + "\n")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    print(tables(sys.argv[1:]))
