@@ -156,6 +156,8 @@ def print_trainable_parameters(model: nn.Module) -> None:
 
     total = get_total_parameters(model) / 1e6
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters())) / 1e6
+    if mx.distributed.init().rank() != 0:  # one line per job, not per worker
+        return
     print(f"Trainable parameters: {trainable * 100 / total:.3f}% "
           f"({trainable:.3f}M/{total:.3f}M)")
 
