@@ -77,6 +77,9 @@ def run(args: argparse.Namespace) -> int:
     if args.export_gguf and config.get("model_type") not in GGUF_MODEL_TYPES:
         raise SystemExit(f"[fuse] --export-gguf supports model types {GGUF_MODEL_TYPES} "
                          f"but the model is {config.get('model_type')!r}.")
+    if args.export_gguf and config.get("quantization") and not args.dequantize:
+        raise SystemExit("[fuse] --export-gguf needs a dense model: the model is quantized, "
+                         "add --dequantize.")
     load_adapters(model, args.adapter_path)
     model.eval()
     fuse_adapters(model, dequantize=args.dequantize)
