@@ -7,6 +7,7 @@ weight, so a fresh layer equals its base. Beyond mlx-lm: quantized embeddings.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import mlx.core as mx
@@ -16,6 +17,7 @@ from . import ops
 from .lora import _input_dims, _uniform_init, dequantized_weight, dropped, quantization_of
 
 
+@functools.lru_cache(maxsize=16)
 def _accepts(fn, name: str) -> bool:
     try:
         return name in inspect.signature(fn).parameters

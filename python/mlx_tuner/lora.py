@@ -40,18 +40,25 @@ def dequantized_weight(module: nn.Module) -> mx.array:
     return module.weight
 
 
-def linear_call(x, base, lora_a, lora_b, scale, x_dropped):
-    """base(x) + scale * (x_dropped A) B through the fused op matching the base layer."""
+def _runs_as(base: nn.Module, cls, method: str) -> bool:
+    """``base`` is a ``cls`` whose ``method`` is cls's own (so its weight layout says all)."""
+    return isinstance(base, cls) and getattr(type(base), method) is getattr(cls, method)
+
+
+def linear_call(x, base, lora_a, lora_b, scale, x_dropped, method="__call__"):
+    """base.<method>(x) + scale * (x_dropped A) B through the fused op for the base layer."""
     bias = base.get("bias")
-    if isinstance(base, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+    if _runs_as(base, nn.QuantizedLinear, method) or _runs_as(base, nn.QuantizedEmbedding, method):
         return ops.qlora_linear(x, base.weight, base.scales, getattr(base, "biases", None),
                                 lora_a, lora_b, scale, bias, x_dropped=x_dropped,
                                 **quantization_of(base))
-    if isinstance(base, (nn.Linear, nn.Embedding)):
+    if _runs_as(base, nn.Linear, method) or _runs_as(base, nn.Embedding, method):
         return ops.lora_linear(x, base.weight, lora_a, lora_b, scale, bias, x_dropped=x_dropped)
-    # A linear-like module we do not know (no weight layout to hand to an op): compose.
+    # A layer whose forward we do not know (a subclass overriding it, or a linear-like
+    # module): keep its own forward and add the update.
     xd = x if x_dropped is None else x_dropped
-    return base(x) + (scale * ((xd @ lora_a) @ lora_b)).astype(x.dtype)
+    y = getattr(base, method)(x)
+    return y + (scale * ((xd @ lora_a) @ lora_b)).astype(x.dtype)
 
 
 def _uniform_init(fan_in: int, shape: tuple) -> mx.array:
@@ -185,7 +192,7 @@ class LoRAEmbedding(nn.Module):
 
     def as_linear(self, x):
         return linear_call(x, self.embedding, self.lora_b.T, self.lora_a.T, self.scale,
-                           dropped(self.dropout, x))
+                           dropped(self.dropout, x), method="as_linear")
 
     def fuse(self, dequantize: bool = False):
         base = self.embedding

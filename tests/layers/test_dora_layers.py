@@ -8,7 +8,8 @@ import inspect
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
-from layer_checks import QUANT, assert_same, copy_adapter, make_base, randomize_adapter, value_and_grads
+from layer_checks import (QUANT, assert_same, copy_adapter, make_base, randomize_adapter,
+                          value_and_grads)
 from mlx_lm.tuner import dora as mlx_dora
 
 from conftest import DTYPES
@@ -16,6 +17,7 @@ from mlx_tuner import dora, ops
 
 # mlx-lm's DoRALinear.from_base computes in_dims * (32 // bits): wrong for 3-bit bases.
 MLX_OK_QUANT = [q for q in QUANT if 32 % q[2] == 0]
+QUANT_ID = lambda q: "dense" if q is None else f"{q[0]}{q[2]}"  # noqa: E731
 
 
 def pair(cls_name, base, r=4, **kw):
@@ -33,7 +35,7 @@ def f32_copy(base):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("quant", [None] + MLX_OK_QUANT, ids=lambda q: "dense" if q is None else f"{q[0]}{q[2]}")
+@pytest.mark.parametrize("quant", [None] + MLX_OK_QUANT, ids=QUANT_ID)
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("shape", [(3, 5), (1,)])
 def test_dora_linear_matches_mlx_lm(device, dtype, quant, bias, shape):
@@ -121,7 +123,7 @@ def test_weight_sq_norm_cached_when_the_op_takes_it(monkeypatch):
     assert "_sq_norm_cache" not in dict(nn.utils.tree_flatten(layer.parameters()))
 
 
-@pytest.mark.parametrize("quant", [None] + MLX_OK_QUANT, ids=lambda q: "dense" if q is None else f"{q[0]}{q[2]}")
+@pytest.mark.parametrize("quant", [None] + MLX_OK_QUANT, ids=QUANT_ID)
 @pytest.mark.parametrize("bias", [False, True])
 def test_dora_linear_fuse(quant, bias):
     base = make_base("linear", 128, 48, bias, quant)

@@ -8,7 +8,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from layer_checks import QUANT, assert_same, copy_adapter, make_base, randomize_adapter, value_and_grads
+from layer_checks import (QUANT, assert_same, copy_adapter, make_base, randomize_adapter,
+                          value_and_grads)
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 from mlx_lm.tuner import lora as mlx_lora
 
@@ -217,3 +218,27 @@ def test_under_compile_and_value_and_grad():
     assert sorted(k for k, _ in nn.utils.tree_flatten(g)) == ["lora_a", "lora_b"]
     assert mx.allclose(v, vc, rtol=1e-5).item()
     assert mx.allclose(g["lora_b"], gc["lora_b"], rtol=1e-4, atol=1e-5).item()
+
+
+def test_subclassed_base_keeps_its_own_forward(monkeypatch):
+    """A subclass that overrides the forward is called as such (not bypassed by the op);
+    one that does not is still fused."""
+    class Shifted(nn.Linear):
+        def __call__(self, x):
+            return super().__call__(x) + 1.0
+
+    class Tagged(nn.Linear):
+        pass
+
+    used = []
+    real = ops.lora_linear
+    monkeypatch.setattr(ops, "lora_linear", lambda *a, **k: used.append(1) or real(*a, **k))
+    x = mx.random.normal((3, 16))
+    for cls, fused in ((Shifted, False), (Tagged, True)):
+        used.clear()
+        base = cls(16, 8)
+        layer = randomize_adapter(lora.LoRALinear.from_base(base))
+        ref = randomize_adapter(mlx_lora.LoRALinear.from_base(base))
+        copy_adapter(ref, layer)
+        assert mx.allclose(layer(x), ref(x), atol=1e-5).item()
+        assert bool(used) == fused

@@ -148,7 +148,8 @@ def test_load_adapters_errors(tmp_path):
         utils.load_adapters(tiny_llama(), str(tmp_path / "nope"))
 
     bad = dict(weights)
-    bad["model.layers.2.self_attn.q_proj.lora_x"] = bad.pop("model.layers.2.self_attn.q_proj.lora_a")
+    q_a = "model.layers.2.self_attn.q_proj.lora_a"
+    bad[q_a.replace("lora_a", "lora_x")] = bad.pop(q_a)
     bad["model.layers.1.mlp.up_proj.lora_b"] = mx.zeros((3, 96))
     write_adapters(tmp_path / "bad", src, 2, LORA, weights=bad)
     with pytest.raises(ValueError) as e:
