@@ -1,0 +1,153 @@
+"""DoRA adapter layers, the same API as ``mlx_lm.tuner.dora`` over the fused op.
+
+y = (m / ||W + s (A B)^T||_rows) * (x W^T + s (dropout(x) A) B) + bias, the row norms a
+constant in the backward (mlx-lm's choice). ``m`` starts as the row norms of the base
+weight, so a fresh layer equals its base. Beyond mlx-lm: quantized embeddings.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from . import ops
+from .lora import _input_dims, _uniform_init, dequantized_weight, dropped, quantization_of
+
+
+@functools.lru_cache(maxsize=16)
+def _accepts(fn, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _dora_call(x, base, lora_a, lora_b, m, scale, x_dropped, bias=None, weight_sq_norm=None):
+    """ops.dora_linear with the base (dense or quantized) unpacked into its arguments."""
+    kwargs = {"x_dropped": x_dropped}
+    if isinstance(base, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+        kwargs.update(scales=base.scales, biases=getattr(base, "biases", None),
+                      **quantization_of(base))
+    if weight_sq_norm is not None:
+        kwargs["weight_sq_norm"] = weight_sq_norm
+    return ops.dora_linear(x, base.weight, lora_a, lora_b, m, scale, bias, **kwargs)
+
+
+def _fold(weight, delta, m):
+    """(W + delta) rescaled so that row i has norm m_i: the fused DoRA weight."""
+    adapted = weight + delta.astype(weight.dtype)
+    return (m / mx.linalg.norm(adapted, axis=1))[:, None] * adapted
+
+
+class DoRALinear(nn.Module):
+    """A linear layer (dense or quantized) with a weight-decomposed low-rank update."""
+
+    @staticmethod
+    def from_base(linear: nn.Module, r: int = 8, dropout: float = 0.0, scale: float = 20.0):
+        out_dims = linear.weight.shape[0]
+        layer = DoRALinear(_input_dims(linear), out_dims, r=r, dropout=dropout, scale=scale)
+        layer.set_linear(linear)
+        return layer
+
+    def __init__(self, input_dims: int, output_dims: int, r: int = 8, dropout: float = 0.0,
+                 scale: float = 20.0, bias: bool = False):
+        super().__init__()
+        self.set_linear(nn.Linear(input_dims, output_dims, bias=bias))
+        self.dropout = nn.Dropout(p=dropout)
+        self.scale = scale
+        self.lora_a = _uniform_init(input_dims, (input_dims, r))
+        self.lora_b = mx.zeros((r, output_dims))
+
+    def set_linear(self, linear: nn.Module):
+        """Set the base layer and reset ``m`` to its row norms."""
+        self.linear = linear
+        self.m = mx.linalg.norm(self._dequantized_weight().astype(mx.float32), axis=1)
+        # (weight, ||W_i||^2) cached outside the parameter tree, keyed by the weight array.
+        object.__setattr__(self, "_sq_norm_cache", None)
+
+    def _dequantized_weight(self):
+        return dequantized_weight(self.linear)
+
+    def _is_quantized(self):
+        return isinstance(self.linear, nn.QuantizedLinear)
+
+    def _weight_sq_norm(self):
+        """||W_i||^2 in float32, recomputed only when the base weight array changes."""
+        weight = self.linear.weight
+        cache = self._sq_norm_cache
+        if cache is None or cache[0] is not weight:
+            w = self._dequantized_weight().astype(mx.float32)
+            cache = (weight, mx.stop_gradient(mx.sum(w * w, axis=1)))
+            object.__setattr__(self, "_sq_norm_cache", cache)
+        return cache[1]
+
+    def __call__(self, x):
+        sq = self._weight_sq_norm() if _accepts(ops.dora_linear, "weight_sq_norm") else None
+        return _dora_call(x, self.linear, self.lora_a, self.lora_b, self.m, self.scale,
+                          dropped(self.dropout, x), self.linear.get("bias"), sq)
+
+    def fuse(self, dequantize: bool = False):
+        base = self.linear
+        weight = self._dequantized_weight()
+        out_dims, in_dims = weight.shape
+        has_bias = "bias" in base
+        fused = nn.Linear(in_dims, out_dims, bias=has_bias)
+        fused.weight = _fold(weight, (self.scale * self.lora_b.T) @ self.lora_a.T, self.m)
+        if has_bias:
+            fused.bias = base.bias
+        if self._is_quantized() and not dequantize:
+            fused = nn.QuantizedLinear.from_linear(fused, **quantization_of(base))
+        return fused
+
+
+class DoRAEmbedding(nn.Module):
+    """An embedding (dense or quantized) with a weight-decomposed low-rank update."""
+
+    @staticmethod
+    def from_base(embedding: nn.Module, r: int = 8, dropout: float = 0.0,
+                  scale: float = 20.0):
+        num_embeddings = embedding.weight.shape[0]
+        layer = DoRAEmbedding(num_embeddings, _input_dims(embedding), r=r, dropout=dropout,
+                              scale=scale)
+        layer.set_embedding(embedding)
+        return layer
+
+    def __init__(self, num_embeddings: int, dims: int, r: int = 8, dropout: float = 0.0,
+                 scale: float = 20.0):
+        super().__init__()
+        self.set_embedding(nn.Embedding(num_embeddings, dims))
+        self.dropout = nn.Dropout(p=dropout)
+        self.scale = scale
+        self.lora_a = _uniform_init(num_embeddings, (num_embeddings, r))
+        self.lora_b = mx.zeros((r, dims))
+
+    def set_embedding(self, embedding: nn.Module):
+        """Set the base embedding and reset ``m`` to the norms of its rows."""
+        self.embedding = embedding
+        self.m = mx.linalg.norm(dequantized_weight(embedding), axis=1)
+
+    def __call__(self, x):
+        # Per-token rows only: the norm of each looked-up adapted row, no op needed.
+        y = self.embedding(x)
+        z = self.scale * self.lora_a[x] @ self.lora_b
+        out = y + self.dropout(z).astype(y.dtype)
+        denom = mx.stop_gradient(mx.linalg.norm(y + z, axis=-1))
+        return (self.m[x] / denom)[..., None] * out
+
+    def as_linear(self, x):
+        # The table is the weight (vocab, dims); (B^T, A^T) the low-rank pair.
+        return _dora_call(x, self.embedding, self.lora_b.T, self.lora_a.T, self.m, self.scale,
+                          dropped(self.dropout, x))
+
+    def fuse(self, dequantize: bool = False):
+        base = self.embedding
+        weight = dequantized_weight(base)
+        num_embeddings, dims = weight.shape
+        fused = nn.Embedding(num_embeddings, dims)
+        fused.weight = _fold(weight, (self.scale * self.lora_a) @ self.lora_b, self.m)
+        if isinstance(base, nn.QuantizedEmbedding) and not dequantize:
+            fused = nn.QuantizedEmbedding.from_embedding(fused, **quantization_of(base))
+        return fused
