@@ -48,6 +48,8 @@ def kl_div_reference(logits_q: mx.array, logits_p: mx.array) -> mx.array:
     """Pure-MLX KL(p || q) per row; what mlx-lm computes, with -inf logits made safe."""
     _check("kl_div", logits_q, logits_p)
     dtype = mx.result_type(logits_q.dtype, logits_p.dtype)
+    if logits_q.size == 0:  # mx.logsumexp rejects empty arrays
+        return mx.zeros(logits_q.shape[:-1], dtype)
     lq, lp = _log_probs(logits_q, logits_p)
     return mx.sum(_xlogy_diff(mx.exp(lp), lp, lq), axis=-1).astype(dtype)
 
@@ -56,6 +58,8 @@ def js_div_reference(logits_q: mx.array, logits_p: mx.array) -> mx.array:
     """Pure-MLX Jensen-Shannon divergence per row."""
     _check("js_div", logits_q, logits_p)
     dtype = mx.result_type(logits_q.dtype, logits_p.dtype)
+    if logits_q.size == 0:  # mx.logsumexp rejects empty arrays
+        return mx.zeros(logits_q.shape[:-1], dtype)
     lq, lp = _log_probs(logits_q, logits_p)
     pq, pp = mx.exp(lq), mx.exp(lp)
     s = pp + pq
