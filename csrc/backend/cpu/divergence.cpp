@@ -314,6 +314,17 @@ MT_INLINE void backward_rows(const Args<T>& a, int64_t r0, int64_t r1) {
     const float mq = st[kMaxQ], lsq = st[kLogSumQ], mp = st[kMaxP], lsp = st[kLogSumP];
     const float c = a.cot[r];
     const float half_c = K == Divergence::JS ? 0.5f * c : c;
+    if (c == 0.f) { // e.g. a masked padding row, whose logits may be all -inf
+      for (int64_t j = 0; j < V; ++j) {
+        if constexpr (GQ) {
+          from_float(0.f, a.out + r * V + j);
+        }
+        if constexpr (GP) {
+          from_float(0.f, a.out2 + r * V + j);
+        }
+      }
+      continue;
+    }
     for (int j = 0; j < V; j += kBlock) {
       int n = std::min(kBlock, V - j);
       const float* xq = load_block(qr + j, n, bq);
