@@ -45,7 +45,7 @@ MT_INLINE void vstore(float* p, vf v) {
   std::memcpy(p, &v, sizeof(vf));
 }
 MT_INLINE vf vsel(vi m, vf a, vf b) {
-  return (vf)((m & (vi)a) | (~m & (vi)b));
+  return m ? a : b;
 }
 MT_INLINE vf vmax(vf a, vf b) {
   return vsel(a > b, a, b);
@@ -71,7 +71,7 @@ MT_INLINE float hmax(vf v) {
 // exp(x) for float32, ~1 ulp; 0 below -86 (and for -inf), NaN stays NaN. Range reduction
 // x = n ln2 + r, |r| <= ln2/2, and a degree-6 polynomial for e^r (Cephes coefficients).
 MT_INLINE vf vexp(vf x) {
-  vf xc = vmin(vmax(x, splat(-86.f)), splat(88.f));
+  vf xc = vmin(vmax(x, splat(-86.f)), splat(88.f)); // NaN becomes -86: restored below
   const float magic = 12582912.f; // 1.5 * 2^23: adding it rounds to an integer
   vf t = xc * 1.44269504088896341f + magic;
   vf n = t - magic;
