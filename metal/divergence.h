@@ -93,6 +93,10 @@ inline void load(const device T* row, int i, int V, thread float* x) {
   }
 }
 
+} // namespace divergence_metal
+
+using namespace divergence_metal;
+
 template <typename T, int KIND> // KIND: 0 = KL, 1 = JS
 [[kernel]] void divergence_forward(
     const device T* q [[buffer(0)]],
@@ -226,7 +230,5 @@ template <typename T, int KIND, bool GQ, bool GP>
     }
   }
 }
-
-} // namespace divergence_metal
 
 #endif // __METAL_VERSION__

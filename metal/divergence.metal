@@ -1,26 +1,19 @@
 // Instantiations of the divergence kernels (templates in metal/divergence.h). Names
 // match metal_launch_divergence_{forward,backward} in csrc/ops/divergence.cpp.
+#include <metal_stdlib> // first: the emulator defines __METAL_VERSION__ in it
+
 #include "metal/divergence.h"
 
 using namespace divergence_metal;
 
-#define DIV_FORWARD(op, kind, tname, T)                                          \
-  template [[host_name(#op "_forward_" #tname)]] [[kernel]] void                \
-  divergence_forward<T, kind>(                                                  \
-      const device T*, const device T*, device T*, device float*, constant int&, \
-      uint3, uint3, uint3, uint, uint);
+#define DIV_KERNEL(name, ...) \
+  template [[host_name(name)]] [[kernel]] decltype(__VA_ARGS__) __VA_ARGS__;
 
-#define DIV_BACKWARD(op, kind, which, gq, gp, tname, T)                          \
-  template [[host_name(#op "_backward_" #which "_" #tname)]] [[kernel]] void     \
-  divergence_backward<T, kind, gq, gp>(                                          \
-      const device T*, const device T*, const device float*, const device float*, \
-      device T*, device T*, constant int&, uint3, uint3, uint3);
-
-#define DIV_ALL(op, kind, tname, T)                      \
-  DIV_FORWARD(op, kind, tname, T)                        \
-  DIV_BACKWARD(op, kind, dq, true, false, tname, T)      \
-  DIV_BACKWARD(op, kind, dp, false, true, tname, T)      \
-  DIV_BACKWARD(op, kind, dqdp, true, true, tname, T)
+#define DIV_ALL(op, kind, tname, T)                                                   \
+  DIV_KERNEL(#op "_forward_" #tname, divergence_forward<T, kind>)                     \
+  DIV_KERNEL(#op "_backward_dq_" #tname, divergence_backward<T, kind, true, false>)   \
+  DIV_KERNEL(#op "_backward_dp_" #tname, divergence_backward<T, kind, false, true>)   \
+  DIV_KERNEL(#op "_backward_dqdp_" #tname, divergence_backward<T, kind, true, true>)
 
 #define DIV_TYPES(op, kind)           \
   DIV_ALL(op, kind, float32, float)   \

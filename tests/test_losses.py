@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from mlx_lm.tuner import losses as lm_losses
 
-from conftest import DTYPES, assert_close_to_oracle
+from tests.conftest import DTYPES, assert_close_to_oracle
 from mlx_tuner import losses, ops
 
 NAMES = ["kl_div_loss", "js_div_loss"]
