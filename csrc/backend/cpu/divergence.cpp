@@ -1,0 +1,512 @@
+// CPU kernels of the KL / JS divergence (maths: csrc/ops/divergence.h).
+//
+// Rows are split across threads (parallel_for). Each row is streamed in blocks of kBlock
+// elements: half types are converted to float32 into a small stack buffer, so there is
+// no (rows, V) temporary. KL's forward is one pass (online max / sum-exp / sum-P(a-b)
+// with one rescale per block); JS's needs the normalizers first, so it reads the row a
+// second time (from cache for any realistic V). The backward is one pass given the stats.
+// SIMD: GCC/Clang vector extensions, compiled twice on x86-64 (generic and AVX2+FMA),
+// picked at run time.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#include "common/parallel.h"
+#include "mlx/allocator.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "ops/divergence.h"
+
+// Vectors are only passed between always-inline functions: the ABI note does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace mlx_tuner {
+
+namespace {
+
+#define MT_INLINE inline __attribute__((always_inline))
+
+constexpr int W = 8; // lanes
+constexpr int kBlock = 512; // elements per block (a multiple of W)
+typedef float vf __attribute__((vector_size(W * 4)));
+typedef int32_t vi __attribute__((vector_size(W * 4)));
+constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr float kLn2 = 0.693147180559945309f;
+
+MT_INLINE vf splat(float x) {
+  return vf{} + x;
+}
+MT_INLINE vf vload(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof(vf));
+  return v;
+}
+MT_INLINE void vstore(float* p, vf v) {
+  std::memcpy(p, &v, sizeof(vf));
+}
+MT_INLINE vf vsel(vi m, vf a, vf b) {
+  return m ? a : b;
+}
+MT_INLINE vf vmax(vf a, vf b) {
+  return vsel(a > b, a, b);
+}
+MT_INLINE vf vmin(vf a, vf b) {
+  return vsel(a < b, a, b);
+}
+MT_INLINE float hsum(vf v) {
+  float s = 0.f;
+  for (int i = 0; i < W; ++i) {
+    s += v[i];
+  }
+  return s;
+}
+MT_INLINE float hmax(vf v) {
+  float m = v[0];
+  for (int i = 1; i < W; ++i) {
+    m = v[i] > m ? v[i] : m;
+  }
+  return m;
+}
+
+// exp(x) for float32, ~1 ulp; 0 below -86 (and for -inf), NaN stays NaN. Range reduction
+// x = n ln2 + r, |r| <= ln2/2, and a degree-6 polynomial for e^r (Cephes coefficients).
+MT_INLINE vf vexp(vf x) {
+  vf xc = vmin(vmax(x, splat(-86.f)), splat(88.f)); // NaN becomes -86: restored below
+  const float magic = 12582912.f; // 1.5 * 2^23: adding it rounds to an integer
+  vf t = xc * 1.44269504088896341f + magic;
+  vf n = t - magic;
+  vi ni = (vi)t - (vi)splat(magic);
+  vf r = xc - n * 0.693359375f - n * -2.12194440e-4f;
+  vf p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  vf y = p * r * r + r + 1.f;
+  y = (vf)((vi)y + (ni << 23));
+  y = vsel(x < -86.f, splat(0.f), y);
+  return vsel(x != x, x, y);
+}
+
+// log(y) for y in [1, 2]: 2 atanh(t), t = (y - 1) / (y + 1) in [0, 1/3]; abs error < 1e-8.
+MT_INLINE vf vlog_1_2(vf y) {
+  vf t = (y - 1.f) / (y + 1.f);
+  vf t2 = t * t;
+  vf s = splat(1.f / 15);
+  s = s * t2 + 1.f / 13;
+  s = s * t2 + 1.f / 11;
+  s = s * t2 + 1.f / 9;
+  s = s * t2 + 1.f / 7;
+  s = s * t2 + 1.f / 5;
+  s = s * t2 + 1.f / 3;
+  s = s * t2 + 1.f;
+  return 2.f * t * s;
+}
+
+// ------------------------------------------------------------------ dtype conversions
+MT_INLINE float to_float(float x) {
+  return x;
+}
+MT_INLINE float to_float(mx::bfloat16_t x) {
+  uint16_t h;
+  std::memcpy(&h, &x, 2);
+  uint32_t u = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+MT_INLINE float to_float(mx::float16_t x) {
+  // Exponent rebias, with subnormals renormalized by a float subtraction.
+  uint16_t h;
+  std::memcpy(&h, &x, 2);
+  uint32_t o = uint32_t(h & 0x7fff) << 13;
+  uint32_t e = o & (0x7c00u << 13);
+  o += (127 - 15) << 23;
+  float f;
+  if (e == (0x7c00u << 13)) { // inf / nan
+    o += (128 - 16) << 23;
+    std::memcpy(&f, &o, 4);
+  } else if (e == 0) { // zero / subnormal
+    o += 1 << 23;
+    std::memcpy(&f, &o, 4);
+    f -= 6.103515625e-05f; // 2^-14
+  } else {
+    std::memcpy(&f, &o, 4);
+  }
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  u |= uint32_t(h & 0x8000) << 16;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+MT_INLINE void from_float(float f, float* o) {
+  *o = f;
+}
+MT_INLINE void from_float(float f, mx::bfloat16_t* o) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  uint16_t h = (u & 0x7fffffff) > 0x7f800000
+      ? uint16_t((u >> 16) | 0x40)
+      : uint16_t((u + 0x7fff + ((u >> 16) & 1)) >> 16); // round to nearest even
+  std::memcpy(o, &h, 2);
+}
+MT_INLINE void from_float(float f, mx::float16_t* o) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  uint32_t sign = (u >> 16) & 0x8000;
+  u &= 0x7fffffff;
+  uint16_t h;
+  if (u >= 0x47800000) { // overflow to inf, or inf / nan
+    h = u > 0x7f800000 ? 0x7e00 : 0x7c00;
+  } else if (u < 0x38800000) { // half subnormal: let a float addition round it
+    float g;
+    std::memcpy(&g, &u, 4);
+    g += 0.5f;
+    uint32_t gu;
+    std::memcpy(&gu, &g, 4);
+    h = uint16_t(gu - 0x3f000000);
+  } else { // normal: rebias and round to nearest even
+    u += (uint32_t(15 - 127) << 23) + 0xfff + ((u >> 13) & 1);
+    h = uint16_t(u >> 13);
+  }
+  h |= sign;
+  std::memcpy(o, &h, 2);
+}
+
+// A block of n <= kBlock elements as float32, padded with -inf to a multiple of W
+// (-inf is a masked entry: it contributes nothing anywhere).
+template <typename T>
+MT_INLINE const float* load_block(const T* src, int n, float* buf) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (n % W == 0) {
+      return src;
+    }
+  }
+  for (int i = 0; i < n; ++i) {
+    buf[i] = to_float(src[i]);
+  }
+  for (int i = n; i % W != 0; ++i) {
+    buf[i] = -kInf;
+  }
+  return buf;
+}
+
+template <typename T>
+struct Args {
+  const T* q;
+  const T* p;
+  T* out; // forward: div (rows); backward: dq (rows, V)
+  T* out2; // backward: dp (rows, V)
+  float* stats; // forward output
+  const float* cstats; // backward input
+  const float* cot; // backward: cotangent per row
+  int V;
+};
+
+// ------------------------------------------------------------------ forward
+template <typename T, Divergence K>
+MT_INLINE void forward_rows(const Args<T>& a, int64_t r0, int64_t r1) {
+  alignas(32) float bq[kBlock];
+  alignas(32) float bp[kBlock];
+  const int V = a.V;
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* qr = a.q + r * V;
+    const T* pr = a.p + r * V;
+    float mq = -kInf, mp = -kInf;
+    vf sq{}, sp{}, tk{};
+    for (int j = 0; j < V; j += kBlock) {
+      int n = std::min(kBlock, V - j);
+      const float* xq = load_block(qr + j, n, bq);
+      const float* xp = load_block(pr + j, n, bp);
+      int nv = (n + W - 1) / W;
+      vf vmq = splat(-kInf), vmp = splat(-kInf);
+      for (int i = 0; i < nv; ++i) {
+        vmq = vmax(vmq, vload(xq + i * W));
+        vmp = vmax(vmp, vload(xp + i * W));
+      }
+      float bmq = hmax(vmq), bmp = hmax(vmp);
+      // One rescale per block when the running maximum grows (exp(-inf) = 0 at start).
+      if (bmq > mq) {
+        sq *= std::exp(mq - bmq);
+        mq = bmq;
+      }
+      if (bmp > mp) {
+        float s = std::exp(mp - bmp);
+        sp *= s;
+        tk *= s;
+        mp = bmp;
+      }
+      float oq = mq == -kInf ? 0.f : mq, op = mp == -kInf ? 0.f : mp;
+      for (int i = 0; i < nv; ++i) {
+        vf vq = vload(xq + i * W), vp = vload(xp + i * W);
+        vf eq = vexp(vq - oq), ep = vexp(vp - op);
+        sq += eq;
+        sp += ep;
+        if constexpr (K == Divergence::KL) {
+          tk += vsel(vp > -kInf, ep * (vp - vq), splat(0.f));
+        }
+      }
+    }
+    float lsq = std::log(hsum(sq)), lsp = std::log(hsum(sp));
+    float* st = a.stats + r * kDivStats;
+    st[kMaxQ] = mq;
+    st[kLogSumQ] = lsq;
+    st[kMaxP] = mp;
+    st[kLogSumP] = lsp;
+    float div;
+    if constexpr (K == Divergence::KL) {
+      // sum P (a - b) + lse_q - lse_p, the lse difference taken term by term.
+      div = hsum(tk) / hsum(sp) + ((mq - mp) + (lsq - lsp));
+      st[kS0] = div;
+      st[kS1] = 0.f;
+    } else {
+      float lq0 = mq + lsq, lp0 = mp + lsp;
+      vf klq{}, klp{};
+      for (int j = 0; j < V; j += kBlock) {
+        int n = std::min(kBlock, V - j);
+        const float* xq = load_block(qr + j, n, bq);
+        const float* xp = load_block(pr + j, n, bp);
+        int nv = (n + W - 1) / W;
+        for (int i = 0; i < nv; ++i) {
+          vf lq = (vload(xq + i * W) - mq) - lsq;
+          vf lp = (vload(xp + i * W) - mp) - lsp;
+          vf Q = vexp(lq), P = vexp(lp);
+          vf u = lp - lq;
+          vf L = vlog_1_2(1.f + vexp(-vmax(u, -u)));
+          // lp - lm = ln2 - max(-u, 0) - L,  lq - lm = ln2 - max(u, 0) - L
+          vf dp = kLn2 - vmax(-u, splat(0.f)) - L;
+          vf dq = kLn2 - vmax(u, splat(0.f)) - L;
+          klp += vsel(lp > -kInf, P * dp, splat(0.f));
+          klq += vsel(lq > -kInf, Q * dq, splat(0.f));
+        }
+      }
+      (void)lq0;
+      (void)lp0;
+      float kq = hsum(klq), kp = hsum(klp);
+      div = 0.5f * (kq + kp);
+      st[kS0] = kq;
+      st[kS1] = kp;
+    }
+    from_float(div, a.out + r);
+  }
+}
+
+// ------------------------------------------------------------------ backward
+template <typename T>
+MT_INLINE void store_block(T* dst, const float* src, int n) {
+  for (int i = 0; i < n; ++i) {
+    from_float(src[i], dst + i);
+  }
+}
+
+template <typename T, Divergence K, bool GQ, bool GP>
+MT_INLINE void backward_rows(const Args<T>& a, int64_t r0, int64_t r1) {
+  alignas(32) float bq[kBlock];
+  alignas(32) float bp[kBlock];
+  alignas(32) float gq[kBlock];
+  alignas(32) float gp[kBlock];
+  const int V = a.V;
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* qr = a.q + r * V;
+    const T* pr = a.p + r * V;
+    const float* st = a.cstats + r * kDivStats;
+    const float mq = st[kMaxQ], lsq = st[kLogSumQ], mp = st[kMaxP], lsp = st[kLogSumP];
+    const float c = a.cot[r];
+    const float half_c = K == Divergence::JS ? 0.5f * c : c;
+    if (c == 0.f) { // e.g. a masked padding row, whose logits may be all -inf
+      for (int64_t j = 0; j < V; ++j) {
+        if constexpr (GQ) {
+          from_float(0.f, a.out + r * V + j);
+        }
+        if constexpr (GP) {
+          from_float(0.f, a.out2 + r * V + j);
+        }
+      }
+      continue;
+    }
+    for (int j = 0; j < V; j += kBlock) {
+      int n = std::min(kBlock, V - j);
+      const float* xq = load_block(qr + j, n, bq);
+      const float* xp = load_block(pr + j, n, bp);
+      int nv = (n + W - 1) / W;
+      for (int i = 0; i < nv; ++i) {
+        vf lq = (vload(xq + i * W) - mq) - lsq;
+        vf lp = (vload(xp + i * W) - mp) - lsp;
+        vf P = vexp(lp);
+        if constexpr (K == Divergence::KL) {
+          if constexpr (GQ) {
+            vstore(gq + i * W, c * (vexp(lq) - P));
+          }
+          if constexpr (GP) {
+            vf g = P * ((lp - lq) - st[kS0]);
+            vstore(gp + i * W, vsel(lp > -kInf, c * g, splat(0.f)));
+          }
+        } else {
+          vf u = lp - lq;
+          vf L = vlog_1_2(1.f + vexp(-vmax(u, -u)));
+          if constexpr (GQ) {
+            vf Q = vexp(lq);
+            vf g = Q * ((kLn2 - vmax(u, splat(0.f)) - L) - st[kS0]);
+            vstore(gq + i * W, vsel(lq > -kInf, half_c * g, splat(0.f)));
+          }
+          if constexpr (GP) {
+            vf g = P * ((kLn2 - vmax(-u, splat(0.f)) - L) - st[kS1]);
+            vstore(gp + i * W, vsel(lp > -kInf, half_c * g, splat(0.f)));
+          }
+        }
+      }
+      if constexpr (GQ) {
+        store_block(a.out + r * V + j, gq, n);
+      }
+      if constexpr (GP) {
+        store_block(a.out2 + r * V + j, gp, n);
+      }
+    }
+  }
+}
+
+// Each entry point is compiled for the generic target and, on x86-64, for AVX2 + FMA;
+// the always-inline bodies above take the instruction set of their caller.
+#define MT_ENTRIES(SUFFIX, ATTR)                                                  \
+  template <typename T, Divergence K>                                             \
+  ATTR void forward_##SUFFIX(const Args<T>& a, int64_t r0, int64_t r1) {          \
+    forward_rows<T, K>(a, r0, r1);                                                \
+  }                                                                               \
+  template <typename T, Divergence K, bool GQ, bool GP>                           \
+  ATTR void backward_##SUFFIX(const Args<T>& a, int64_t r0, int64_t r1) {         \
+    backward_rows<T, K, GQ, GP>(a, r0, r1);                                       \
+  }
+
+MT_ENTRIES(generic, )
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+MT_ENTRIES(avx2, __attribute__((target("avx2,fma"))))
+bool use_avx2() {
+  static bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+}
+#define MT_PICK(NAME, ...) (use_avx2() ? NAME##_avx2<__VA_ARGS__> : NAME##_generic<__VA_ARGS__>)
+#else
+#define MT_PICK(NAME, ...) (NAME##_generic<__VA_ARGS__>)
+#endif
+
+// Rows per task: enough work per chunk that scheduling is noise.
+int64_t grain(int V) {
+  return std::max<int64_t>(1, (1 << 15) / std::max(V, 1));
+}
+
+template <typename T, Divergence K>
+void run_forward(Args<T> a, int64_t rows) {
+  auto fn = MT_PICK(forward, T, K);
+  parallel_for(rows, grain(a.V), [&](int64_t b, int64_t e) { fn(a, b, e); });
+}
+
+template <typename T, Divergence K>
+void run_backward(Args<T> a, int64_t rows, bool gq, bool gp) {
+  void (*fn)(const Args<T>&, int64_t, int64_t);
+  if (gq && gp) {
+    fn = MT_PICK(backward, T, K, true, true);
+  } else if (gq) {
+    fn = MT_PICK(backward, T, K, true, false);
+  } else {
+    fn = MT_PICK(backward, T, K, false, true);
+  }
+  parallel_for(rows, grain(a.V), [&](int64_t b, int64_t e) { fn(a, b, e); });
+}
+
+template <typename T>
+void dispatch_forward(Divergence kind, const Args<T>& a, int64_t rows) {
+  if (kind == Divergence::KL) {
+    run_forward<T, Divergence::KL>(a, rows);
+  } else {
+    run_forward<T, Divergence::JS>(a, rows);
+  }
+}
+
+template <typename T>
+void dispatch_backward(Divergence kind, const Args<T>& a, int64_t rows, bool gq, bool gp) {
+  if (kind == Divergence::KL) {
+    run_backward<T, Divergence::KL>(a, rows, gq, gp);
+  } else {
+    run_backward<T, Divergence::JS>(a, rows, gq, gp);
+  }
+}
+
+// Calls f(T{}) with T the C++ type of `dtype`.
+template <typename F>
+void with_type(mx::Dtype dtype, F&& f) {
+  if (dtype == mx::float32) {
+    f(float{});
+  } else if (dtype == mx::float16) {
+    f(mx::float16_t{});
+  } else if (dtype == mx::bfloat16) {
+    f(mx::bfloat16_t{});
+  } else {
+    throw std::invalid_argument("[divergence] unsupported dtype " + dtype_name(dtype));
+  }
+}
+
+} // namespace
+
+void DivergenceForward::eval_cpu(
+    const std::vector<mx::array>& inputs,
+    std::vector<mx::array>& outputs) {
+  const auto& q = inputs[0];
+  const auto& p = inputs[1];
+  auto& out = outputs[0];
+  auto& stats = outputs[1];
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  stats.set_data(mx::allocator::malloc(stats.nbytes()));
+  auto& enc = mx::cpu::get_command_encoder(stream());
+  enc.set_input_array(q);
+  enc.set_input_array(p);
+  enc.set_output_array(out);
+  enc.set_output_array(stats);
+  int64_t rows = out.size();
+  int V = q.shape(-1);
+  if (rows == 0) {
+    return;
+  }
+  with_type(q.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    Args<T> a{q.data<T>(), p.data<T>(), out.data<T>(), nullptr, stats.data<float>(),
+              nullptr, nullptr, V};
+    enc.dispatch([a, rows, kind = kind_]() { dispatch_forward<T>(kind, a, rows); });
+  });
+}
+
+void DivergenceBackward::eval_cpu(
+    const std::vector<mx::array>& inputs,
+    std::vector<mx::array>& outputs) {
+  const auto& q = inputs[0];
+  const auto& p = inputs[1];
+  const auto& stats = inputs[2];
+  const auto& cot = inputs[3];
+  for (auto& o : outputs) {
+    o.set_data(mx::allocator::malloc(o.nbytes()));
+  }
+  auto& enc = mx::cpu::get_command_encoder(stream());
+  for (const auto& in : inputs) {
+    enc.set_input_array(in);
+  }
+  for (auto& o : outputs) {
+    enc.set_output_array(o);
+  }
+  int64_t rows = cot.size();
+  int V = q.shape(-1);
+  if (rows == 0) {
+    return;
+  }
+  with_type(q.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    T* dq = grad_q_ ? outputs[0].data<T>() : nullptr;
+    T* dp = grad_p_ ? outputs[grad_q_ ? 1 : 0].data<T>() : nullptr;
+    Args<T> a{q.data<T>(), p.data<T>(), dq, dp, nullptr, stats.data<float>(),
+              cot.data<float>(), V};
+    enc.dispatch([a, rows, kind = kind_, gq = grad_q_, gp = grad_p_]() {
+      dispatch_backward<T>(kind, a, rows, gq, gp);
+    });
+  });
+}
+
+} // namespace mlx_tuner

@@ -1,0 +1,236 @@
+"""Fused KL / JS divergence against a float64 numpy oracle: forward, both gradients,
+eager and compiled, odd shapes, three dtypes, masked vocabularies, huge logits,
+non-contiguous inputs, errors, and only the requested gradients computed."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from tests.conftest import DTYPES, assert_close_to_oracle, to_f64
+from mlx_tuner import ops
+from mlx_tuner.ops import _extension
+
+OPS = {"kl": (ops.kl_div, ops.kl_div_reference), "js": (ops.js_div, ops.js_div_reference)}
+
+SHAPES = [(1, 1), (3, 1), (2, 7), (4, 513), (2, 3, 100), (5, 4096), (3, 1000), (0, 17),
+          (7,)]
+
+
+# ------------------------------------------------------------------ float64 oracle
+def _log_softmax(x):
+    m = np.max(x, axis=-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    with np.errstate(divide="ignore"):
+        return x - m - np.log(np.sum(np.exp(x - m), axis=-1, keepdims=True))
+
+
+def _plogdiff(p, lp, lq):
+    live = p > 0
+    return np.where(live, p * (np.where(live, lp, 0) - np.where(live, lq, 0)), 0.0)
+
+
+def oracle(op, q, p, cot=None):
+    """(value, dq, dp) in float64; cot is the cotangent per row (ones when None)."""
+    q, p = to_f64(q), to_f64(p)
+    lq, lp = _log_softmax(q), _log_softmax(p)
+    Q, P = np.exp(lq), np.exp(lp)
+    c = np.ones(q.shape[:-1]) if cot is None else to_f64(cot)
+    c = c[..., None]
+    if op == "kl":
+        val = _plogdiff(P, lp, lq).sum(-1)
+        dq = c * (Q - P)
+        dp = c * _plogdiff(P, lp, lq + val[..., None])
+    else:
+        with np.errstate(divide="ignore"):
+            lm = np.log(0.5 * (P + Q))
+        klp = _plogdiff(P, lp, lm).sum(-1)
+        klq = _plogdiff(Q, lq, lm).sum(-1)
+        val = 0.5 * (klp + klq)
+        dq = 0.5 * c * _plogdiff(Q, lq, lm + klq[..., None])
+        dp = 0.5 * c * _plogdiff(P, lp, lm + klp[..., None])
+    return val, dq, dp
+
+
+def _inputs(shape, dtype, scale=3.0):
+    q = (scale * mx.random.normal(shape)).astype(dtype)
+    p = (scale * mx.random.normal(shape)).astype(dtype)
+    return q, p
+
+
+def _grads(fn, q, p, cot, argnums):
+    def f(q, p):
+        return (fn(q, p).astype(mx.float32) * cot).sum()
+
+    g = mx.grad(f, argnums=argnums)(q, p)
+    return g if isinstance(g, (tuple, list)) else (g,)
+
+
+def check_all(op, q, p, dtype, compile_=False, argnums=(0, 1)):
+    fused, ref = OPS[op]
+    cot = mx.random.uniform(0.5, 1.5, q.shape[:-1])
+    val, dq, dp = oracle(op, q, p, cot)
+    f = mx.compile(fused) if compile_ else fused
+    out = f(q, p)
+    assert out.dtype == dtype and out.shape == q.shape[:-1]
+    assert_close_to_oracle(out, ref(q, p), val, dtype, what=f"{op} forward")
+    gf = _grads(f, q, p, cot, argnums)
+    gr = _grads(ref, q, p, cot, argnums)
+    expect = {0: dq, 1: dp}
+    for a, x, y in zip(argnums, gf, gr):
+        assert x.dtype == dtype and x.shape == q.shape
+        assert_close_to_oracle(x, y, expect[a], dtype, what=f"{op} grad {'qp'[a]}")
+
+
+def test_kernel_is_used_where_built():
+    # The fused op must not silently run the reference where a kernel exists.
+    assert "cpu" in _extension.kernel_devices("divergence")
+    assert _extension.kernel_for("divergence", mx.Device(mx.cpu)) is not None
+
+
+@pytest.mark.parametrize("op", ["kl", "js"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_forward_and_grads(device, op, dtype, shape):
+    check_all(op, *_inputs(shape, dtype), dtype)
+
+
+@pytest.mark.parametrize("op", ["kl", "js"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_compiled(device, op, dtype):
+    check_all(op, *_inputs((3, 2, 777), dtype), dtype, compile_=True)
+
+
+@pytest.mark.parametrize("op", ["kl", "js"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_large_vocabulary(device, op, dtype):
+    check_all(op, *_inputs((3, 40013), dtype), dtype)
+
+
+@pytest.mark.parametrize("op", ["kl", "js"])
+@pytest.mark.parametrize("argnums", [(0,), (1,), (1, 0)], ids=str)
+def test_requested_argnums(device, op, argnums):
+    q, p = _inputs((4, 300), mx.float32)
+    check_all(op, q, p, mx.float32, argnums=argnums)
+
+
+@pytest.mark.parametrize("op", ["kl", "js"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_masked_vocabulary(device, op, dtype):
+    # -inf logits: the same masked entries in both, plus teacher-only masks (finite KL).
+    q, p = _inputs((6, 1001), dtype)
+    both = mx.random.uniform(shape=q.shape) < 0.3
+    p_only = mx.random.uniform(shape=q.shape) < 0.2
+    q = mx.where(both, -mx.inf, q).astype(dtype)
+    p = mx.where(both | p_only, -mx.inf, p).astype(dtype)
+    check_all(op, q, p, dtype)
+    out = OPS[op][0](q, p)
+    assert np.all(np.isfinite(to_f64(out)))
+    if op == "js":  # JS stays finite even where only the student has mass
+        q2 = mx.where(p_only, -mx.inf, _inputs((6, 1001), dtype)[0]).astype(dtype)
+        p2 = mx.where(both, -mx.inf, p).astype(dtype)
+        check_all(op, q2, p2, dtype)
+
+
+@pytest.mark.parametrize("op", ["kl", "js"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_huge_logits(device, op, dtype):
+    q, p = _inputs((4, 2049), dtype, scale=1e4)
+    check_all(op, q, p, dtype)
+    # Nearly equal huge logits: the divergence is small and must not cancel to garbage.
+    p2 = (q.astype(mx.float32) + mx.random.normal(q.shape)).astype(dtype)
+    check_all(op, q, p2, dtype)
+
+
+@pytest.mark.parametrize("op", ["kl", "js"])
+def test_non_contiguous(device, op):
+    a = mx.random.normal((300, 8)) * 2
+    b = mx.random.normal((8, 300)) * 2
+    check_all(op, a.T, b, mx.float32)  # transposed
+    c = mx.random.normal((5, 2, 602)) * 2
+    check_all(op, c[:, 0, ::2], c[:, 1, 1::2], mx.float32)  # strided slices
+    row = mx.random.normal((1, 50))
+    check_all(op, mx.broadcast_to(row, (4, 50)), mx.random.normal((4, 50)), mx.float32)
+
+
+def test_mixed_dtypes_promote(device):
+    q = mx.random.normal((3, 64)).astype(mx.bfloat16)
+    p = mx.random.normal((3, 64))
+    out = ops.kl_div(q, p)
+    assert out.dtype == mx.float32
+    assert_close_to_oracle(out, ops.kl_div_reference(q, p), oracle("kl", q, p)[0], mx.float32)
+    gq, gp = mx.grad(lambda a, b: ops.kl_div(a, b).sum(), argnums=(0, 1))(q, p)
+    assert gq.dtype == mx.bfloat16 and gp.dtype == mx.float32
+
+
+@pytest.mark.parametrize("op", ["kl", "js"])
+def test_only_requested_gradient_is_computed(op):
+    # The extra memory of a one-argument gradient is that gradient, not two of them.
+    q, p = _inputs((64, 8192), mx.float32)
+    mx.eval(q, p)
+    fused = OPS[op][0]
+    for argnums in [(0,), (1,)]:
+        f = mx.grad(lambda a, b: fused(a, b).sum(), argnums=argnums)
+        mx.eval(f(q, p))
+        mx.clear_cache()
+        before = mx.get_active_memory()
+        mx.reset_peak_memory()
+        g = f(q, p)
+        mx.eval(g)
+        extra = mx.get_peak_memory() - before
+        assert extra < 1.25 * q.nbytes, (argnums, extra, q.nbytes)
+        del g
+
+
+@pytest.mark.parametrize("op", ["kl_div", "js_div"])
+def test_errors(op):
+    fn = getattr(ops, op)
+    q = mx.zeros((2, 5))
+    with pytest.raises(ValueError, match=rf"^\[{op}\] logits_p must have the shape of "
+                                         r"logits_q \(2, 5\) but got \(2, 6\)"):
+        fn(q, mx.zeros((2, 6)))
+    with pytest.raises(ValueError, match=rf"^\[{op}\] logits_q must be float32, float16 or "
+                                         r"bfloat16 but got int32"):
+        fn(mx.zeros((2, 5), dtype=mx.int32), q)
+    with pytest.raises(ValueError, match=rf"^\[{op}\] logits_p must have at least 1"):
+        fn(q, mx.array(1.0))
+    with pytest.raises(ValueError, match=rf"^\[{op}\] logits_q must have a last dimension "
+                                         r"of at least 1 but got shape \(2, 0\)"):
+        fn(mx.zeros((2, 0)), mx.zeros((2, 0)))
+    with pytest.raises(ValueError, match=rf"^\[{op}\] logits_q must be an mx.array"):
+        fn(np.zeros((2, 5)), q)
+
+
+def test_cpp_errors_match_python_words():
+    ext = _extension.extension()
+    with pytest.raises(ValueError, match=r"^\[kl_div\] logits_p must have the shape of "
+                                         r"logits_q \(2, 5\) but got \(2, 6\)"):
+        ext.kl_div(mx.zeros((2, 5)), mx.zeros((2, 6)))
+    with pytest.raises(ValueError, match=r"^\[js_div\] logits_q must be float32, float16 "
+                                         r"or bfloat16 but got int32"):
+        ext.js_div(mx.zeros((2, 5), dtype=mx.int32), mx.zeros((2, 5)))
+
+
+def test_value_and_grad_through_nn(device):
+    import mlx.nn as nn
+
+    class Student(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(16, 33)
+
+        def __call__(self, x):
+            return self.proj(x)
+
+    model = Student()
+    x = mx.random.normal((2, 5, 16))
+    teacher = mx.random.normal((2, 5, 33))
+
+    def loss(fn):
+        return lambda m: fn(m(x), teacher).mean()
+
+    _, g1 = nn.value_and_grad(model, loss(ops.kl_div))(model)
+    _, g2 = nn.value_and_grad(model, loss(ops.kl_div_reference))(model)
+    np.testing.assert_allclose(np.array(g1["proj"]["weight"]), np.array(g2["proj"]["weight"]),
+                               rtol=1e-4, atol=1e-6)
