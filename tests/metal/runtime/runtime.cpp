@@ -331,6 +331,14 @@ void* tg_arg(unsigned index) {
 
 void fail(const char* message) { set_error(1, message); }
 
+namespace {
+constexpr unsigned kConstants = 1024;
+uint64_t g_constants[kConstants];
+bool g_constant_defined[kConstants];
+}  // namespace
+const void* function_constant(unsigned index, size_t) { return &g_constants[index % kConstants]; }
+bool function_constant_defined(unsigned index) { return g_constant_defined[index % kConstants]; }
+
 }  // namespace metalemu
 
 using namespace metalemu;
@@ -448,6 +456,10 @@ extern "C" int metalemu_run_file(const char* path, metalemu_body body) {
   for (int i = 0; i < METALEMU_MAX_BUFFERS; i++)
     buffers[i] = f->buffer_offset[i] ? base + f->buffer_offset[i] : nullptr;
   f->report.file_base = (uint64_t)base;
+  for (uint32_t i = 0; i < f->n_constants && i < 32; i++) {
+    g_constants[f->constants[i].index % 1024] = f->constants[i].value;
+    g_constant_defined[f->constants[i].index % 1024] = true;
+  }
   metalemu_install_fault_handler(&f->report);
   int rc = metalemu_launch(body, buffers, f->threadgroups, f->threads, f->seed, f->tg_bytes, 32,
                            &f->report);

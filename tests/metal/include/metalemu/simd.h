@@ -112,18 +112,33 @@ METAL_FUNC T simd_min(T x) {
 }
 template <class T>
 METAL_FUNC T simd_and(T x) {
-  detail::Collective<T> c(x);
-  return c.fold(T(~T(0)), 32, [](T a, T b) { return T(a & b); });
+  if constexpr (is_floating_point_v<T>) {  // bitwise on the representation
+    using U = std::conditional_t<sizeof(T) == 2, ushort, uint>;
+    return as_type<T>(simd_and(as_type<U>(x)));
+  } else {
+    detail::Collective<T> c(x);
+    return c.fold(T(~T(0)), 32, [](T a, T b) { return T(a & b); });
+  }
 }
 template <class T>
 METAL_FUNC T simd_or(T x) {
-  detail::Collective<T> c(x);
-  return c.fold(T(0), 32, [](T a, T b) { return T(a | b); });
+  if constexpr (is_floating_point_v<T>) {  // bitwise on the representation
+    using U = std::conditional_t<sizeof(T) == 2, ushort, uint>;
+    return as_type<T>(simd_or(as_type<U>(x)));
+  } else {
+    detail::Collective<T> c(x);
+    return c.fold(T(0), 32, [](T a, T b) { return T(a | b); });
+  }
 }
 template <class T>
 METAL_FUNC T simd_xor(T x) {
-  detail::Collective<T> c(x);
-  return c.fold(T(0), 32, [](T a, T b) { return T(a ^ b); });
+  if constexpr (is_floating_point_v<T>) {  // bitwise on the representation
+    using U = std::conditional_t<sizeof(T) == 2, ushort, uint>;
+    return as_type<T>(simd_xor(as_type<U>(x)));
+  } else {
+    detail::Collective<T> c(x);
+    return c.fold(T(0), 32, [](T a, T b) { return T(a ^ b); });
+  }
 }
 #undef METALEMU_SIMD_FOLD
 
