@@ -12,6 +12,7 @@ Rewrites, each because clang C++ has no equivalent:
   memory (shared by the threadgroup's lanes, poisoned, guarded);
 - member functions qualified `device`/`constant`/`threadgroup` (MLX's complex.h overloads
   on the object's address space) -> `requires(false)`: only the `thread` overload stays;
+- `*((threadgroup S*)p) = ...` -> the cast drops the address space (struct assignment);
 - `float4(a, b)` / `vec<T, 2>(x)` / `static_cast<float4>(h)` -> metalemu::make<...>(...).
 """
 
@@ -260,6 +261,10 @@ def _rewrite_user(text: str) -> str:
     # `constant T x[N]` parameters: an address-space array parameter is a pointer.
     text = re.sub(r"(__msl_(?:device|constant|threadgroup)\s+(?:const\s+)?[\w:]+(?:\s+const)?)\s+(\w+)\s*"
                   r"\[\s*\w*\s*\](?=\s*[,)])", r"\1* \2", text)
+    # `*((threadgroup S*)p) = *((device S*)q)`: C++ cannot assign struct objects outside
+    # the default address space, so a cast that is dereferenced at once drops it.
+    text = re.sub(r"\*\s*\(\s*\(\s*(const\s+)?__msl_(?:device|threadgroup|constant)\s+([\w:]+)\s*\*\s*\)",
+                  r"*((\1\2*)", text)
     # half literals: 1.5h
     text = re.sub(r"(?<![\w.])((?:\d+\.\d*|\.\d+|\d+)(?:[eE][+-]?\d+)?)h\b", r"((half)\1f)", text)
     text = re.sub(rf"\bstatic_cast\s*<\s*({_VEC})\s*>\s*\(", r"::metalemu::make<\1>(", text)

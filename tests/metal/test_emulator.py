@@ -240,3 +240,29 @@ def test_mlx_kernel_headers_compile_and_run(tmp_path):
     x = np.array([1.0, -np.inf, 3.0, 4.0] * 8, np.float32)
     y = lib.run("lse_float32", threads=(32, 1, 1), buffers=[x, np.empty_like(x)], outputs=[1])[1]
     np.testing.assert_array_equal(y, np.where(np.isinf(x), np.finfo(np.float32).min, x))
+
+
+# ---- MLX's steel GEMM -----------------------------------------------------------------
+GEMM_PARAMS = np.dtype([("M", "i4"), ("N", "i4"), ("K", "i4"), ("lda", "i4"), ("ldb", "i4"),
+                        ("ldd", "i4"), ("tiles_n", "i4"), ("tiles_m", "i4"), ("bsa", "i8"),
+                        ("bsb", "i8"), ("bsd", "i8"), ("swizzle_log", "i4"), ("k_iters", "i4"),
+                        ("batch_ndim", "i4")], align=True)
+
+
+@pytest.mark.parametrize("name,dtype,shape", [
+    ("steel_gemm_float32_unaligned", np.float32, (40, 48, 36)),
+    ("steel_gemm_float16_aligned", np.float16, (64, 32, 32)),
+])
+def test_mlx_steel_gemm(name, dtype, shape):
+    lib = compile_metal(KERNELS / "steel_gemm.metal", metal_include_dirs())
+    M, N, K = shape
+    bm = bn = 32
+    rng = np.random.default_rng(6)
+    a, b = rng.standard_normal((M, K)).astype(dtype), rng.standard_normal((K, N)).astype(dtype)
+    p = np.zeros(1, GEMM_PARAMS)
+    p[0] = (M, N, K, K, N, N, -(-N // bn), -(-M // bm), 0, 0, 0, 0, K // 16, 1)
+    outs = run_seeds(lib, name, seeds=range(4), threadgroups=(-(-N // bn), -(-M // bm), 1),
+                     threads=(32, 2, 2), buffers=[a, b, np.empty((M, N), dtype), p], outputs=[2])
+    ref = a.astype(np.float64) @ b.astype(np.float64)
+    tol = 1e-4 if dtype == np.float32 else 2e-2
+    np.testing.assert_allclose(outs[0][2].astype(np.float64), ref, rtol=tol, atol=tol * np.sqrt(K))

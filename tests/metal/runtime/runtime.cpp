@@ -9,9 +9,11 @@
 // a PROT_NONE guard page; a fault becomes a report through the signal handler.
 #include "metalemu/rt.h"
 
+#include <fcntl.h>
 #include <signal.h>
 #include <sys/mman.h>
-#include <ucontext.h>
+#include <sys/stat.h>
+#include <ucontext.h>  // ucontext_t in the fault handler
 #include <unistd.h>
 
 #include <algorithm>
@@ -436,8 +438,6 @@ extern "C" void metalemu_install_fault_handler(metalemu_report* report) {
 }
 
 // ---- launches described in a file ------------------------------------------------------
-#include <fcntl.h>
-#include <sys/stat.h>
 
 extern "C" int metalemu_run_file(const char* path, metalemu_body body) {
   int fd = open(path, O_RDWR);
