@@ -266,3 +266,23 @@ def test_mlx_steel_gemm(name, dtype, shape):
     ref = a.astype(np.float64) @ b.astype(np.float64)
     tol = 1e-4 if dtype == np.float32 else 2e-2
     np.testing.assert_allclose(outs[0][2].astype(np.float64), ref, rtol=tol, atol=tol * np.sqrt(K))
+
+
+def test_mlx_quantized_qmv():
+    lib = compile_metal(KERNELS / "mlx_quantized.metal", metal_include_dirs())
+    rng = np.random.default_rng(7)
+    M, N, K, gs = 2, 16, 512, 64
+    q = rng.integers(0, 16, (N, K)).astype(np.uint32)
+    scales = rng.random((N, K // gs)).astype(np.float32) * 0.1
+    biases = rng.standard_normal((N, K // gs)).astype(np.float32) * 0.1
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    packed = (q.reshape(N, K // 8, 8) << (4 * np.arange(8, dtype=np.uint32))).sum(-1).astype(np.uint32)
+    w = q * np.repeat(scales, gs, 1) + np.repeat(biases, gs, 1)
+    one, zero = np.ones(1, np.int32), np.zeros(1, np.int64)
+    bufs = [packed, scales, biases, x, np.empty((M, N), np.float32), np.int32(K), np.int32(N),
+            np.int32(0), one, zero, np.int32(0), one, zero, zero, zero]
+    # MLX's dispatch for qmv_fast: threadgroups (M, N / 8, 1) of (32, 2, 1) threads.
+    outs = run_seeds(lib, "affine_qmv_fast_float32_gs_64_b_4", seeds=range(4),
+                     threadgroups=(M, N // 8, 1), threads=(32, 2, 1), buffers=bufs, outputs=[4])
+    np.testing.assert_allclose(outs[0][4], x.astype(np.float64) @ w.T.astype(np.float64),
+                               rtol=1e-4, atol=1e-4)
