@@ -12,6 +12,7 @@ Rewrites, each because clang C++ has no equivalent:
   memory (shared by the threadgroup's lanes, poisoned, guarded);
 - member functions qualified `device`/`constant`/`threadgroup` (MLX's complex.h overloads
   on the object's address space) -> `requires(false)`: only the `thread` overload stays;
+- `*((threadgroup S*)p) = ...` -> the cast drops the address space (struct assignment);
 - `float4(a, b)` / `vec<T, 2>(x)` / `static_cast<float4>(h)` -> metalemu::make<...>(...).
 """
 
@@ -111,7 +112,11 @@ _ATTRS = {  # MSL builtin attribute -> LaneCtx field
     "dispatch_simdgroups_per_threadgroup": "simdgroups_per_threadgroup",
     "threads_per_simdgroup": "threads_per_simdgroup",
     "thread_execution_width": "threads_per_simdgroup",
+    "quadgroup_index_in_threadgroup": "thread_index_in_threadgroup / 4",
+    "thread_index_in_quadgroup": "thread_index_in_threadgroup % 4",
+    "quadgroups_per_threadgroup": "(threads_per_threadgroup.x * threads_per_threadgroup.y * threads_per_threadgroup.z + 3) / 4",
 }
+_FIELDS = {v for v in _ATTRS.values() if v.isidentifier()}
 _VEC = r"(?:float|half|bfloat|int|uint|short|ushort|char|uchar|long|ulong|bool)[234]"
 
 
@@ -177,8 +182,8 @@ def _parse_params(name: str, text: str) -> list[Param]:
             param.kind, param.index = "threadgroup", int(idx or 0)
         elif attr in _ATTRS:
             param.attr = _ATTRS[attr]
-        else:
-            raise MetalCompileError(f"kernel {name}: the emulator does not know [[{attr}]] ({decl})")
+        else:  # reported if this kernel is instantiated
+            param.kind, param.attr = "unknown", attr
         params.append(param)
     return params
 
@@ -201,13 +206,67 @@ def _vec_ctor(m: re.Match) -> str:
     return f"::metalemu::make<{m.group(1)}>("
 
 
+def _skip_ws(s: str, i: int) -> int:
+    while i < len(s) and s[i].isspace():
+        i += 1
+    return i
+
+
+def _drop_address_space_methods(text: str) -> str:
+    """Deletes member functions qualified `device`/`constant`/`threadgroup` (C++ cannot
+    overload on the object's address space); the unqualified (`thread`) one stays."""
+    pat = re.compile(r"\)(\s*(?:const\s*)?)__msl_(?:device|constant|threadgroup)\b(?=\s*[{:;=])")
+    while m := pat.search(text):
+        # Start: after the previous member (`;`, `}`, `{` or an access specifier).
+        depth, j = 0, m.start()
+        while j > 0:
+            c = text[j]
+            if c == ")":
+                depth += 1
+            elif c == "(":
+                depth -= 1
+            elif depth == 0 and c in ";{}":
+                break
+            j -= 1
+        acc = list(re.finditer(r"\b(?:public|private|protected)\s*:(?!:)", text[j:m.start()]))
+        start = j + 1 + (acc[-1].end() - 1 if acc else 0)
+        # End: the body, after any constructor initialisers.
+        i = _skip_ws(text, m.end())
+        if text[i] == ":":
+            i += 1
+            while True:
+                i = _skip_ws(text, i)
+                while i < len(text) and (text[i].isalnum() or text[i] in "_:<>, "):
+                    if text[i] == "," and text[i - 1] != ">":
+                        break
+                    i += 1
+                close = ")" if text[i] == "(" else "}"
+                i = _skip_ws(text, _match(text, i, text[i], close) + 1)
+                if text[i] != ",":
+                    break
+                i += 1
+        if text[i] == "{":
+            end = _match(text, i, "{", "}") + 1
+        else:
+            end = text.index(";", i) + 1
+        text = text[:start] + "\n" * text.count("\n", start, end) + text[end:]
+    return text
+
+
 def _rewrite_user(text: str) -> str:
     text = re.sub(
         r"\b__msl_threadgroup\s+((?:const\s+)?(?:typename\s+)?[\w:]+(?:\s*<[^;{}]*?>)?)\s+(\w+)\s*"
         r"((?:\[[^\];]+\]\s*)*);", _tg_decl, text)
-    # Methods overloaded on the object's address space: keep only the `thread` one.
-    text = re.sub(r"\)(\s*(?:const\s*)?)__msl_(?:device|constant|threadgroup)\b(?=\s*(?:\{|:|;|=|->|noexcept))",
-                  r")\1 requires(false)", text)
+    text = _drop_address_space_methods(text)
+    # `constant T x[N]` parameters: an address-space array parameter is a pointer.
+    text = re.sub(r"(__msl_(?:device|constant|threadgroup)\s+(?:const\s+)?[\w:]+(?:\s+const)?)\s+(\w+)\s*"
+                  r"\[\s*\w*\s*\](?=\s*[,)])", r"\1* \2", text)
+    # `*((threadgroup S*)p) = *((device S*)q)`: C++ cannot assign struct objects outside
+    # the default address space, so a cast that is dereferenced at once drops it.
+    text = re.sub(r"\*\s*\(\s*\(\s*(const\s+)?__msl_(?:device|threadgroup|constant)\s+([\w:]+)\s*\*\s*\)",
+                  r"*((\1\2*)", text)
+    # half literals: 1.5h
+    text = re.sub(r"(?<![\w.])((?:\d+\.\d*|\.\d+|\d+)(?:[eE][+-]?\d+)?)h\b", r"((half)\1f)", text)
     text = re.sub(rf"\bstatic_cast\s*<\s*({_VEC})\s*>\s*\(", r"::metalemu::make<\1>(", text)
     text = re.sub(rf"(?<![\w.:>])({_VEC})\s*\(", _vec_ctor, text)
     text = re.sub(r"(?<![\w.])((?:metal::)?vec\s*<[^<>;(){}]*>)\s*\(", _vec_ctor, text)
@@ -231,6 +290,7 @@ def rewrite(pp: str, source: Path) -> tuple[str, list[Kernel]]:
         cur.append(line)
     chunks.append((user, "\n".join(cur)))
     text = "\n".join(_rewrite_user(c) if u else c for u, c in chunks)
+    text = re.sub(r"\[\[\s*__msl_threadgroup\s*\(", "[[threadgroup(", text)  # [[threadgroup(i)]]
 
     # Explicit instantiations with [[host_name]]: clang rejects attributes there.
     kernels, inst = [], []
@@ -260,9 +320,24 @@ def rewrite(pp: str, source: Path) -> tuple[str, list[Kernel]]:
         if not is_template:
             kernels.append(Kernel(name, name, params))
     text = re.sub(r"\[\[\s*__msl_kernel\s*\]\]|\b__msl_kernel\b", "", text)
-    if re.search(r"\[\[\s*function_constant", text):
-        raise MetalCompileError(f"{source}: function constants are not supported by the emulator yet")
-    return text, kernels
+    return _function_constants(text), kernels
+
+
+def _function_constants(text: str) -> str:
+    """`constant T x [[function_constant(i)]];` -> a reference to the runtime's slot i, set
+    per launch (Library.run(function_constants={i: value}))."""
+    index = {}
+
+    def decl(m: re.Match) -> str:
+        ty, name, i = m.group(1).strip(), m.group(2), m.group(3)
+        index[name] = i
+        return (f"static const {ty}& {name} = *(const {ty}*)::metalemu::function_constant({i}, "
+                f"sizeof({ty}));")
+
+    text = re.sub(r"\b__msl_constant\s+([\w:]+)\s+(\w+)\s*\[\[\s*function_constant\s*\(\s*(\d+)\s*\)"
+                  r"\s*\]\]\s*;", decl, text)
+    return re.sub(r"\bis_function_constant_defined\s*\(\s*(\w+)\s*\)",
+                  lambda m: f"::metalemu::function_constant_defined({index.get(m.group(1), 1023)})", text)
 
 
 def _launcher(kernels: list[Kernel]) -> str:
@@ -293,8 +368,13 @@ def _launcher(kernels: list[Kernel]) -> str:
                 args.append(f"::metalemu::{'BufRef' if p.is_ref else 'BufPtr'}{{b[{p.index}]}}")
             elif p.kind == "threadgroup":
                 args.append(f"::metalemu::BufPtr{{::metalemu::tg_arg({p.index})}}")
+            elif p.kind == "unknown":
+                raise MetalCompileError(f"kernel {k.host_name}: the emulator does not know "
+                                        f"[[{p.attr}]] ({p.decl})")
             else:
-                args.append(f"::metalemu::attr(c->{p.attr})")
+                expr = re.sub(r"\b([a-z_]+)\b", lambda m: "c->" + m.group(1)
+                              if m.group(1) in _FIELDS else m.group(1), p.attr)
+                args.append(f"::metalemu::attr({expr})")
         out.append(f"static void metalemu_body_{i}(void** b, const ::metalemu::LaneCtx* c) {{\n"
                    f"  (void)b; (void)c; {k.call}({', '.join(args)});\n}}")
         out.append(f"extern \"C\" const long long* metalemu_arg_sizes_{i}() {{\n"
@@ -314,12 +394,13 @@ class Built:
     kernels: list[Kernel]
 
 
-def build(path: Path, include_dirs: tuple[str, ...] = ()) -> Built:
+def build(path: Path, include_dirs: tuple[str, ...] = (), defines: tuple[str, ...] = ()) -> Built:
     """Compiles `path` (cached); raises MetalCompileError with clang's diagnostics."""
     key = _emulator_hash()
     runtime_o, runner = _build_runtime(key)
     incs = [f"-I{INCLUDE}", f"-I{path.parent}"] + [f"-I{d}" for d in include_dirs]
-    pp = _run([*compiler(), "-E", "-x", "c++", "-std=c++20", "-DMETALEMU_PP", *incs, str(path)],
+    pp = _run([*compiler(), "-E", "-x", "c++", "-std=c++20", "-DMETALEMU_PP", *incs,
+               *[f"-D{d}" for d in defines], str(path)],
               f"preprocessing {path}").stdout
     h = hashlib.sha256((key + str(path) + pp).encode()).hexdigest()[:20]
     d = cache_dir()

@@ -57,17 +57,18 @@ class _File(ctypes.Structure):
                 ("threads", ctypes.c_uint32 * 3), ("seed", ctypes.c_uint32),
                 ("n_guards", ctypes.c_uint32), ("tg_bytes", ctypes.c_uint64 * 32),
                 ("buffer_offset", ctypes.c_uint64 * 64), ("guard_offset", ctypes.c_uint64 * 130),
+                ("n_constants", ctypes.c_uint32), ("pad", ctypes.c_uint32),
+                ("constants", (ctypes.c_uint32 * 4) * 32),
                 ("report", _Report)]
 
 
 def metal_include_dirs() -> list[str]:
     """Folders to pass as include_dirs so that `#include "mlx/backend/metal/kernels/..."`
     (MLX's own kernel headers, from the mlx wheel) and the project's metal/ resolve."""
-    import mlx.core as mx  # noqa: F401  (the wheel's location)
-    import mlx
+    import mlx  # a namespace package: its folder holds include/
 
     root = Path(__file__).resolve().parents[2]
-    return [str(Path(mlx.__file__).parent / "include"), str(root / "metal"), str(root)]
+    return [str(Path(list(mlx.__path__)[0]) / "include"), str(root / "metal"), str(root)]
 
 
 def _pages(n: int) -> int:
@@ -119,10 +120,12 @@ class Library:
                 raise ValueError(f"{kernel}: output {i} must be a numpy array")
 
     def run(self, kernel: str, threadgroups=(1, 1, 1), threads=(32, 1, 1), buffers=(),
-            outputs=(), seed: int = 0, threadgroup_bytes=None) -> list[np.ndarray]:
+            outputs=(), seed: int = 0, threadgroup_bytes=None,
+            function_constants=None) -> list[np.ndarray]:
         """Launches `kernel` on a grid of `threadgroups` x `threads`; returns every buffer
         (as arrays: inputs unchanged unless the kernel wrote them, outputs as written).
-        threadgroup_bytes: bytes of [[threadgroup(0)]], or {index: bytes}."""
+        threadgroup_bytes: bytes of [[threadgroup(0)]], or {index: bytes}.
+        function_constants: {index: value} for [[function_constant(index)]] (bool/int/float)."""
         outputs = list(outputs)
         self._check(kernel, buffers, outputs)
         tg = [int(x) for x in (tuple(threadgroups) + (1, 1))[:3]]
@@ -170,6 +173,11 @@ class Library:
             hdr.seed = seed
             for i, b in threadgroup_bytes.items():
                 hdr.tg_bytes[i] = int(b)
+            for j, (i, v) in enumerate(sorted((function_constants or {}).items())):
+                raw = np.array([v], dtype=np.float32 if isinstance(v, float) else np.int64)
+                val = int(raw.view(np.uint32)[0]) if raw.dtype == np.float32 else int(raw[0]) & (2**64 - 1)
+                hdr.constants[j][:] = [i, 8, val & 0xFFFFFFFF, val >> 32]
+                hdr.n_constants = j + 1
             hdr.n_guards = len(guards)
             hdr.guard_offset[:len(guards)] = guards
             for i, (a, p) in enumerate(zip(arrays, places)):
@@ -253,11 +261,12 @@ def _fault_message(rep: _Report, arrays, places) -> str:
 _CACHE: dict[tuple, Library] = {}
 
 
-def compile_metal(path, include_dirs: Iterable[str] = ()) -> Library:
-    """Compiles a .metal file for the emulator (cached by content)."""
+def compile_metal(path, include_dirs: Iterable[str] = (), defines: Iterable[str] = ()) -> Library:
+    """Compiles a .metal file for the emulator (cached by content); `defines` are
+    preprocessor definitions ("NAME" or "NAME=value")."""
     path = Path(path).resolve()
     dirs = tuple(str(d) for d in include_dirs)
-    built = _build.build(path, dirs)
+    built = _build.build(path, dirs, tuple(defines))
     key = (str(built.so),)
     if key not in _CACHE:
         _CACHE[key] = Library(path, built)

@@ -9,9 +9,11 @@
 // a PROT_NONE guard page; a fault becomes a report through the signal handler.
 #include "metalemu/rt.h"
 
+#include <fcntl.h>
 #include <signal.h>
 #include <sys/mman.h>
-#include <ucontext.h>
+#include <sys/stat.h>
+#include <ucontext.h>  // ucontext_t in the fault handler
 #include <unistd.h>
 
 #include <algorithm>
@@ -331,6 +333,14 @@ void* tg_arg(unsigned index) {
 
 void fail(const char* message) { set_error(1, message); }
 
+namespace {
+constexpr unsigned kConstants = 1024;
+uint64_t g_constants[kConstants];
+bool g_constant_defined[kConstants];
+}  // namespace
+const void* function_constant(unsigned index, size_t) { return &g_constants[index % kConstants]; }
+bool function_constant_defined(unsigned index) { return g_constant_defined[index % kConstants]; }
+
 }  // namespace metalemu
 
 using namespace metalemu;
@@ -428,8 +438,6 @@ extern "C" void metalemu_install_fault_handler(metalemu_report* report) {
 }
 
 // ---- launches described in a file ------------------------------------------------------
-#include <fcntl.h>
-#include <sys/stat.h>
 
 extern "C" int metalemu_run_file(const char* path, metalemu_body body) {
   int fd = open(path, O_RDWR);
@@ -448,6 +456,10 @@ extern "C" int metalemu_run_file(const char* path, metalemu_body body) {
   for (int i = 0; i < METALEMU_MAX_BUFFERS; i++)
     buffers[i] = f->buffer_offset[i] ? base + f->buffer_offset[i] : nullptr;
   f->report.file_base = (uint64_t)base;
+  for (uint32_t i = 0; i < f->n_constants && i < 32; i++) {
+    g_constants[f->constants[i].index % 1024] = f->constants[i].value;
+    g_constant_defined[f->constants[i].index % 1024] = true;
+  }
   metalemu_install_fault_handler(&f->report);
   int rc = metalemu_launch(body, buffers, f->threadgroups, f->threads, f->seed, f->tg_bytes, 32,
                            &f->report);

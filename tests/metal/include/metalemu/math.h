@@ -1,7 +1,8 @@
 // MSL math (metal::, metal::fast::, metal::precise::) and the __metal_* builtins that
 // MLX's bf16_math.h calls. Scalars compute in float (the C library's correctly rounded
 // functions): `fast::` precision differences against Apple GPUs are NOT emulated.
-// Templates, so MLX's own non-template bfloat overloads win overload resolution.
+// Builtins, not <cmath>: MSL has no C math in the global namespace (MLX defines its own
+// log1p there). Templates, so MLX's own non-template bfloat overloads win overload resolution.
 #pragma once
 
 namespace metal {
@@ -22,17 +23,17 @@ constexpr bool is_fp_scalar_v = is_floating_point_v<T> && !is_vector_v<T>;
     return r;                                                             \
   }
 #define METALEMU_UNARY_LIST(X)                                                         \
-  X(exp, std::exp(v)) X(exp2, std::exp2(v)) X(exp10, std::pow(10.0f, v))               \
-  X(log, std::log(v)) X(log2, std::log2(v)) X(log10, std::log10(v))                    \
-  X(sqrt, std::sqrt(v)) X(rsqrt, 1.0f / std::sqrt(v)) X(sin, std::sin(v))              \
-  X(cos, std::cos(v)) X(tan, std::tan(v)) X(asin, std::asin(v)) X(acos, std::acos(v))  \
-  X(atan, std::atan(v)) X(sinh, std::sinh(v)) X(cosh, std::cosh(v))                    \
-  X(tanh, std::tanh(v)) X(asinh, std::asinh(v)) X(acosh, std::acosh(v))                \
-  X(atanh, std::atanh(v)) X(floor, std::floor(v)) X(ceil, std::ceil(v))                \
-  X(round, std::round(v)) X(rint, std::rint(v)) X(trunc, std::trunc(v))                \
-  X(fabs, std::fabs(v)) X(fract, v - std::floor(v)) X(sinpi, std::sin(3.14159265358979f * v)) \
-  X(cospi, std::cos(3.14159265358979f * v)) X(tanpi, std::tan(3.14159265358979f * v))  \
-  X(saturate, std::fmin(std::fmax(v, 0.0f), 1.0f))                                     \
+  X(exp, __builtin_expf(v)) X(exp2, __builtin_exp2f(v)) X(exp10, __builtin_powf(10.0f, v))               \
+  X(log, __builtin_logf(v)) X(log2, __builtin_log2f(v)) X(log10, __builtin_log10f(v))                    \
+  X(sqrt, __builtin_sqrtf(v)) X(rsqrt, 1.0f / __builtin_sqrtf(v)) X(sin, __builtin_sinf(v))              \
+  X(cos, __builtin_cosf(v)) X(tan, __builtin_tanf(v)) X(asin, __builtin_asinf(v)) X(acos, __builtin_acosf(v))  \
+  X(atan, __builtin_atanf(v)) X(sinh, __builtin_sinhf(v)) X(cosh, __builtin_coshf(v))                    \
+  X(tanh, __builtin_tanhf(v)) X(asinh, __builtin_asinhf(v)) X(acosh, __builtin_acoshf(v))                \
+  X(atanh, __builtin_atanhf(v)) X(floor, __builtin_floorf(v)) X(ceil, __builtin_ceilf(v))                \
+  X(round, __builtin_roundf(v)) X(rint, __builtin_rintf(v)) X(trunc, __builtin_truncf(v))                \
+  X(fabs, __builtin_fabsf(v)) X(fract, v - __builtin_floorf(v)) X(sinpi, __builtin_sinf(3.14159265358979f * v)) \
+  X(cospi, __builtin_cosf(3.14159265358979f * v)) X(tanpi, __builtin_tanf(3.14159265358979f * v))  \
+  X(saturate, __builtin_fminf(__builtin_fmaxf(v, 0.0f), 1.0f))                                     \
   X(sign, v > 0 ? 1.0f : v < 0 ? -1.0f : v)
 METALEMU_UNARY_LIST(METALEMU_UNARY)
 
@@ -49,9 +50,9 @@ METALEMU_UNARY_LIST(METALEMU_UNARY)
     return r;                                                             \
   }
 #define METALEMU_BINARY_LIST(X)                                                      \
-  X(pow, std::pow(a, b)) X(powr, std::pow(a, b)) X(fmod, std::fmod(a, b))           \
-  X(atan2, std::atan2(a, b)) X(copysign, std::copysign(a, b)) X(fdim, std::fdim(a, b)) \
-  X(fmax, std::fmax(a, b)) X(fmin, std::fmin(a, b)) X(nextafter, std::nextafter(a, b)) \
+  X(pow, __builtin_powf(a, b)) X(powr, __builtin_powf(a, b)) X(fmod, __builtin_fmodf(a, b))           \
+  X(atan2, __builtin_atan2f(a, b)) X(copysign, __builtin_copysignf(a, b)) X(fdim, __builtin_fdimf(a, b)) \
+  X(fmax, __builtin_fmaxf(a, b)) X(fmin, __builtin_fminf(a, b)) X(nextafter, __builtin_nextafterf(a, b)) \
   X(step, b < a ? 0.0f : 1.0f) X(divide, a / b)
 METALEMU_BINARY_LIST(METALEMU_BINARY)
 
@@ -86,7 +87,7 @@ METAL_FUNC T max(T a, T b) {
     for (int i = 0; i < vec_traits<T>::n; i++) r[i] = max(a[i], b[i]);
     return r;
   } else if constexpr (is_floating_point_v<T>) {
-    return (T)std::fmax((float)a, (float)b);
+    return (T)__builtin_fmaxf((float)a, (float)b);
   } else {
     return a < b ? b : a;
   }
@@ -98,7 +99,7 @@ METAL_FUNC T min(T a, T b) {
     for (int i = 0; i < vec_traits<T>::n; i++) r[i] = min(a[i], b[i]);
     return r;
   } else if constexpr (is_floating_point_v<T>) {
-    return (T)std::fmin((float)a, (float)b);
+    return (T)__builtin_fminf((float)a, (float)b);
   } else {
     return b < a ? b : a;
   }
@@ -125,7 +126,7 @@ METAL_FUNC T fma(T a, T b, T c) {
     for (int i = 0; i < vec_traits<T>::n; i++) r[i] = fma(a[i], b[i], c[i]);
     return r;
   } else {
-    return (T)std::fma((float)a, (float)b, (float)c);
+    return (T)__builtin_fmaf((float)a, (float)b, (float)c);
   }
 }
 template <class T, class U>
@@ -149,11 +150,11 @@ METAL_FUNC T fmedian3(T a, T b, T c) {
 template <class T>
 METAL_FUNC bool isnan(T x) { return x != x; }
 template <class T>
-METAL_FUNC bool isinf(T x) { return std::isinf((float)x); }
+METAL_FUNC bool isinf(T x) { return __builtin_isinf((float)x); }
 template <class T>
-METAL_FUNC bool isfinite(T x) { return std::isfinite((float)x); }
+METAL_FUNC bool isfinite(T x) { return __builtin_isfinite((float)x); }
 template <class T>
-METAL_FUNC bool signbit(T x) { return std::signbit((float)x); }
+METAL_FUNC bool signbit(T x) { return __builtin_signbit((float)x); }
 template <class T>
 METAL_FUNC typename vec_traits<T>::elem dot(T a, T b) {
   typename vec_traits<T>::elem s = 0;
@@ -181,11 +182,11 @@ METAL_FUNC bool any(T v) {
   }
 }
 template <class T>
-METAL_FUNC T ldexp(T x, int e) { return (T)std::ldexp((float)x, e); }
+METAL_FUNC T ldexp(T x, int e) { return (T)__builtin_ldexpf((float)x, e); }
 template <class T, class I>
 METAL_FUNC T frexp(T x, thread I& e) {
   int k;
-  T r = (T)std::frexp((float)x, &k);
+  T r = (T)__builtin_frexpf((float)x, &k);
   e = k;
   return r;
 }
@@ -211,15 +212,15 @@ METAL_FUNC uint reverse_bits(uint x) {
 #define METALEMU_B1(NAME, EXPR) \
   template <class T> METAL_FUNC T __metal_##NAME(T x, int = 0) { float v = (float)x; return (T)(EXPR); }
 METALEMU_UNARY_LIST(METALEMU_B1)
-METALEMU_B1(log1p, std::log1p(v)) METALEMU_B1(expm1, std::expm1(v))
+METALEMU_B1(log1p, __builtin_log1pf(v)) METALEMU_B1(expm1, __builtin_expm1f(v))
 #undef METALEMU_B1
 #define METALEMU_B2(NAME, EXPR) \
   template <class T, class U> METAL_FUNC T __metal_##NAME(T x, U y, int = 0) { float a = (float)x, b = (float)y; return (T)(EXPR); }
 METALEMU_BINARY_LIST(METALEMU_B2)
-METALEMU_B2(ldexp, std::ldexp(a, (int)b))
+METALEMU_B2(ldexp, __builtin_ldexpf(a, (int)b))
 #undef METALEMU_B2
 template <class T>
-METAL_FUNC T __metal_fma(T a, T b, T c, int = 0) { return (T)std::fma((float)a, (float)b, (float)c); }
+METAL_FUNC T __metal_fma(T a, T b, T c, int = 0) { return (T)__builtin_fmaf((float)a, (float)b, (float)c); }
 template <class T>
 METAL_FUNC T __metal_fmax3(T a, T b, T c, int = 0) { return metal::max(metal::max(a, b), c); }
 template <class T>
@@ -229,7 +230,7 @@ METAL_FUNC T __metal_fmedian3(T a, T b, T c, int = 0) { return metal::fmedian3(a
 template <class T, class I>
 METAL_FUNC T __metal_frexp(T x, I* e) {
   int k;
-  T r = (T)std::frexp((float)x, &k);
+  T r = (T)__builtin_frexpf((float)x, &k);
   *e = k;
   return r;
 }

@@ -49,7 +49,11 @@ METAL_FUNC void simdgroup_load(thread simdgroup_matrix<T, R, C>& d, P src,
   ushort2 rc = detail::mma_coord(detail::mma_lane());
   for (int k = 0; k < 2; k++) {
     ulong r = rc.x, c = rc.y + k;
-    if (transpose) std::swap(r, c);
+    if (transpose) {
+      ulong t = r;
+      r = c;
+      c = t;
+    }
     d.elems[k] = T(src[(origin.y + r) * elements_per_row + origin.x + c]);
   }
   uint32_t m;  // a simdgroup-wide operation on a GPU: keep lanes together
@@ -63,7 +67,11 @@ METAL_FUNC void simdgroup_store(thread const simdgroup_matrix<T, R, C>& s, P dst
   ushort2 rc = detail::mma_coord(detail::mma_lane());
   for (int k = 0; k < 2; k++) {
     ulong r = rc.x, c = rc.y + k;
-    if (transpose) std::swap(r, c);
+    if (transpose) {
+      ulong t = r;
+      r = c;
+      c = t;
+    }
     dst[(origin.y + r) * elements_per_row + origin.x + c] = s.elems[k];
   }
   uint32_t m;

@@ -32,6 +32,9 @@ const unsigned char* simd_exchange(const void* value, unsigned size, uint32_t* a
 void* tg_alloc(const void* key, size_t size, size_t align, const char* name);
 // Threadgroup memory passed as a [[threadgroup(i)]] kernel argument.
 void* tg_arg(unsigned index);
+// Function constants ([[function_constant(i)]]): storage for index i (set per launch).
+const void* function_constant(unsigned index, size_t size);
+bool function_constant_defined(unsigned index);
 // Fails the launch with a message (kernel-side checks).
 void fail(const char* message);
 
@@ -65,6 +68,8 @@ struct metalemu_file {
   uint64_t tg_bytes[32];                         // [[threadgroup(i)]] sizes
   uint64_t buffer_offset[METALEMU_MAX_BUFFERS];  // file offset of [[buffer(i)]] data
   uint64_t guard_offset[METALEMU_MAX_GUARDS];    // file offsets of guard pages
+  uint32_t n_constants, pad;
+  struct { uint32_t index, size; uint64_t value; } constants[32];  // function constants
   metalemu_report report;
 };
 #define METALEMU_MAGIC 0x554d454c4154454dull

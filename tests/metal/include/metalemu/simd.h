@@ -53,23 +53,7 @@ struct Collective {
 };
 }  // namespace detail
 
-#define METALEMU_SIMD_FOLD(NAME, INIT, OP)                                           \
-  template <class T>                                                                 \
-  METAL_FUNC T simd_##NAME(T x) {                                                    \
-    detail::Collective<T> c(x);                                                      \
-    return c.fold(c.at(c.first()), 32, [&](T a, T b) { return OP; });                \
-  }                                                                                  \
-  template <class T>                                                                 \
-  METAL_FUNC T simd_prefix_inclusive_##NAME(T x) {                                   \
-    detail::Collective<T> c(x);                                                      \
-    return c.fold(INIT, c.lane + 1, [&](T a, T b) { return OP; });                   \
-  }                                                                                  \
-  template <class T>                                                                 \
-  METAL_FUNC T simd_prefix_exclusive_##NAME(T x) {                                   \
-    detail::Collective<T> c(x);                                                      \
-    return c.fold(INIT, c.lane, [&](T a, T b) { return OP; });                       \
-  }
-// simd_sum folds from lane 0's value: the first fold step is a + a, so start at 0.
+// Reductions and scans fold over the live lanes in lane order.
 template <class T>
 METAL_FUNC T simd_sum(T x) {
   detail::Collective<T> c(x);
@@ -112,20 +96,34 @@ METAL_FUNC T simd_min(T x) {
 }
 template <class T>
 METAL_FUNC T simd_and(T x) {
-  detail::Collective<T> c(x);
-  return c.fold(T(~T(0)), 32, [](T a, T b) { return T(a & b); });
+  if constexpr (is_floating_point_v<T>) {  // bitwise on the representation
+    using U = std::conditional_t<sizeof(T) == 2, ushort, uint>;
+    return as_type<T>(simd_and(as_type<U>(x)));
+  } else {
+    detail::Collective<T> c(x);
+    return c.fold(T(~T(0)), 32, [](T a, T b) { return T(a & b); });
+  }
 }
 template <class T>
 METAL_FUNC T simd_or(T x) {
-  detail::Collective<T> c(x);
-  return c.fold(T(0), 32, [](T a, T b) { return T(a | b); });
+  if constexpr (is_floating_point_v<T>) {  // bitwise on the representation
+    using U = std::conditional_t<sizeof(T) == 2, ushort, uint>;
+    return as_type<T>(simd_or(as_type<U>(x)));
+  } else {
+    detail::Collective<T> c(x);
+    return c.fold(T(0), 32, [](T a, T b) { return T(a | b); });
+  }
 }
 template <class T>
 METAL_FUNC T simd_xor(T x) {
-  detail::Collective<T> c(x);
-  return c.fold(T(0), 32, [](T a, T b) { return T(a ^ b); });
+  if constexpr (is_floating_point_v<T>) {  // bitwise on the representation
+    using U = std::conditional_t<sizeof(T) == 2, ushort, uint>;
+    return as_type<T>(simd_xor(as_type<U>(x)));
+  } else {
+    detail::Collective<T> c(x);
+    return c.fold(T(0), 32, [](T a, T b) { return T(a ^ b); });
+  }
 }
-#undef METALEMU_SIMD_FOLD
 
 // Shuffles read another lane's value; reading an inactive lane gives poison (NaN / -1).
 template <class T>

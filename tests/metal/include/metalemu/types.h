@@ -99,13 +99,19 @@ using std::remove_cv_t;
 using std::remove_reference;
 using std::remove_reference_t;
 using std::true_type;
-using std::void_t;
+using std::bool_constant;
 using std::declval;
-// MSL's address-space traits: the emulator strips qualifiers clang can strip.
+// MSL's address-space traits.
 template <class T>
-struct remove_address_space { using type = T; };
+struct remove_addrspace { using type = T; };
 template <class T>
-using remove_address_space_t = typename remove_address_space<T>::type;
+struct remove_addrspace<device T> { using type = T; };
+template <class T>
+struct remove_addrspace<constant T> { using type = T; };
+template <class T>
+struct remove_addrspace<threadgroup T> { using type = T; };
+template <class T>
+using remove_addrspace_t = typename remove_addrspace<T>::type;
 
 template <class T>
 struct numeric_limits : std::numeric_limits<T> {};
