@@ -6,7 +6,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from conftest import assert_close_to_oracle, to_f64
+from tests.conftest import assert_close_to_oracle, to_f64
 
 # (mode, group_size, bits) of the quantized bases the tests run over.
 QUANT = [("affine", 64, 4), ("affine", 32, 8), ("affine", 32, 3), ("mxfp4", 32, 4)]

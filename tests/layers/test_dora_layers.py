@@ -12,7 +12,7 @@ from layer_checks import (QUANT, assert_same, copy_adapter, make_base, randomize
                           value_and_grads)
 from mlx_lm.tuner import dora as mlx_dora
 
-from conftest import DTYPES
+from tests.conftest import DTYPES
 from mlx_tuner import dora, ops
 
 # mlx-lm's DoRALinear.from_base computes in_dims * (32 // bits): wrong for 3-bit bases.

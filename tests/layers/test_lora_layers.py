@@ -13,7 +13,7 @@ from layer_checks import (QUANT, assert_same, copy_adapter, make_base, randomize
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 from mlx_lm.tuner import lora as mlx_lora
 
-from conftest import DTYPES
+from tests.conftest import DTYPES
 from mlx_tuner import lora, ops
 
 BASES = [None] + QUANT
