@@ -93,8 +93,11 @@ mx::array qlora_linear(
   if (lora_a.ndim() != 2) {
     fail("lora_a must have 2 dimensions but got shape " + shape_str(lora_a.shape()) + ".");
   }
+  if (lora_a.shape(0) != k) {
+    fail("lora_a must have shape (" + std::to_string(k) + ", r) but got " +
+         shape_str(lora_a.shape()) + ".");
+  }
   int r = lora_a.shape(1);
-  check_shape("lora_a", lora_a, {k, r});
   check_shape("lora_b", lora_b, {r, n});
   if (bias) {
     check_float("bias", *bias);

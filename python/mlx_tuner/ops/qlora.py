@@ -51,8 +51,10 @@ def _check(op, x, weight, scales, biases, lora_a, lora_b, scale, bias, x_dropped
     if biases is not None:
         check_shape(op, "biases", biases, (out_dims, in_dims // group_size))
     check_array(op, "lora_a", lora_a, ndim=2)
+    if lora_a.shape[0] != in_dims:
+        raise ValueError(
+            f"[{op}] lora_a must have shape ({in_dims}, r) but got {tuple(lora_a.shape)}.")
     r = lora_a.shape[1]
-    check_shape(op, "lora_a", lora_a, (in_dims, r))
     check_array(op, "lora_b", lora_b, ndim=2)
     check_shape(op, "lora_b", lora_b, (r, out_dims))
     check_scalar(op, "scale", scale)
