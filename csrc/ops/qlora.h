@@ -12,6 +12,9 @@
 // This header is compiled by nvcc too: never include mlx/ops.h here.
 #pragma once
 
+#include <string>
+
+#include "common/metal_launch.h"
 #include "mlx/primitives.h"
 #include "mlx/utils.h"
 
@@ -111,5 +114,15 @@ mx::array qlora_linear(
     int group_size,
     int bits,
     mx::StreamOrDevice s = {});
+
+// Metal launch geometry (tiles of metal/qlora.h), shared by the Metal host code and the
+// emulator tests. gemm: out (m x n_out); fwd picks qlora_gemm_fwd_* (else _bwd_, dx).
+MetalLaunch qlora_gemm_launch(bool fwd, int m, int n_out, int bits, const std::string& dtype);
+// skinny: out (ni x nq); p_dtype / o_dtype: the P operand and output dtypes.
+MetalLaunch qlora_skinny_launch(
+    int ni,
+    int nq,
+    const std::string& p_dtype,
+    const std::string& o_dtype);
 
 } // namespace mlx_tuner
