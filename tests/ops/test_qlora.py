@@ -6,7 +6,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import DTYPES, assert_close_to_oracle, to_f64
+from tests.conftest import DTYPES, assert_close_to_oracle, to_f64
 
 from mlx_tuner import ops
 from mlx_tuner.ops import qlora_linear, qlora_linear_reference
