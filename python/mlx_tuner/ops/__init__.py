@@ -13,6 +13,7 @@ from . import _extension
 from .divergence import js_div, js_div_reference, kl_div, kl_div_reference
 from .dora import dora_linear, dora_linear_reference
 from .lora import lora_linear, lora_linear_reference
+from .qlora import BACKEND_NOTE as _QLORA_NOTE
 from .qlora import qlora_linear, qlora_linear_reference
 
 # op -> kernel family (the file stem at every layer: csrc/ops/<family>.cpp, ...)
@@ -25,6 +26,11 @@ FUSED_OPS: dict[str, str] = {
     "linear_cross_entropy": "cross_entropy",
 }
 
+# op -> what backend_info() adds as "note": limits of a kernel beyond its devices.
+OP_NOTES: dict[str, str] = {
+    "qlora_linear": _QLORA_NOTE,
+}
+
 
 def _gpu_name(ext) -> str | None:
     backend = getattr(ext, "gpu_backend", "cpu")
@@ -35,7 +41,8 @@ def backend_info() -> dict:
     """Which devices run a compiled kernel for each fused op, and why not where none.
 
     Returns ``{"extension": {...}, "ops": {op: {"kernels": [devices], "missing":
-    {device: reason}}}}`` where devices are ``"cpu"`` and ``"gpu"``.
+    {device: reason}, "note": str}}}`` where devices are ``"cpu"`` and ``"gpu"``; "note"
+    (only for ops in ``OP_NOTES``) says which inputs a kernel still sends to the reference.
     """
     st = _extension.status()
     ext = st.module
@@ -63,11 +70,14 @@ def backend_info() -> dict:
             else:
                 missing[dev] = f"no {dev} kernel for the '{family}' family in this build"
         info["ops"][op] = {"kernels": have, "missing": missing}
+        if op in OP_NOTES:
+            info["ops"][op]["note"] = OP_NOTES[op]
     return info
 
 
 __all__ = [
     "FUSED_OPS",
+    "OP_NOTES",
     "backend_info",
     "dora_linear",
     "dora_linear_reference",

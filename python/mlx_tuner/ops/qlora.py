@@ -1,16 +1,22 @@
 """QLoRA linear: y = x dequant(Wq)^T + bias + scale * (x_d A) B, never dequantizing W.
 
-Wq, scales, biases as `mx.quantize` lays them out (mode "affine": bits 2-8, group size
-32/64/128). Gradients: x, A, B.
+Wq, scales, biases as `mx.quantize` lays them out (mode "affine": bits 2, 3, 4, 5, 6, 8;
+group size 32/64/128). Gradients: x, x_dropped, A, B, bias. The quantized base is frozen:
+asking for the gradient of weight, scales or biases raises a ValueError (mlx's
+quantized_matmul would give scales/biases gradients; a frozen base never needs them).
+Modes mxfp4, mxfp8 and nvfp4 have no fused kernel: they run the reference.
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
 
+from . import _extension
 from ._checks import check_array, check_scalar, check_shape
 
 QUANT_MODES = ("affine", "mxfp4", "mxfp8", "nvfp4")
+# What backend_info() says about this op beyond which devices have a kernel.
+BACKEND_NOTE = "fused for mode 'affine' only; modes mxfp4, mxfp8 and nvfp4 run the reference"
 
 
 def quantized_in_dims(op, weight, bits):
@@ -45,8 +51,10 @@ def _check(op, x, weight, scales, biases, lora_a, lora_b, scale, bias, x_dropped
     if biases is not None:
         check_shape(op, "biases", biases, (out_dims, in_dims // group_size))
     check_array(op, "lora_a", lora_a, ndim=2)
+    if lora_a.shape[0] != in_dims:
+        raise ValueError(
+            f"[{op}] lora_a must have shape ({in_dims}, r) but got {tuple(lora_a.shape)}.")
     r = lora_a.shape[1]
-    check_shape(op, "lora_a", lora_a, (in_dims, r))
     check_array(op, "lora_b", lora_b, ndim=2)
     check_shape(op, "lora_b", lora_b, (r, out_dims))
     check_scalar(op, "scale", scale)
@@ -73,6 +81,13 @@ def qlora_linear_reference(x, weight, scales, biases, lora_a, lora_b, scale, bia
 def qlora_linear(x, weight, scales, biases, lora_a, lora_b, scale, bias=None, *,
                  group_size=64, bits=4, mode="affine", x_dropped=None, stream=None):
     """Fused QLoRA linear (falls back to ``qlora_linear_reference`` without a kernel)."""
-    return qlora_linear_reference(x, weight, scales, biases, lora_a, lora_b, scale, bias,
-                                  group_size=group_size, bits=bits, mode=mode,
-                                  x_dropped=x_dropped)
+    _check("qlora_linear", x, weight, scales, biases, lora_a, lora_b, scale, bias, x_dropped,
+           group_size, bits, mode)
+    ext = _extension.kernel_for("qlora", stream) if mode == "affine" else None
+    if ext is None:
+        return qlora_linear_reference(x, weight, scales, biases, lora_a, lora_b, scale, bias,
+                                      group_size=group_size, bits=bits, mode=mode,
+                                      x_dropped=x_dropped)
+    return ext.qlora_linear(x, weight, scales, biases, lora_a, lora_b,
+                            check_scalar("qlora_linear", "scale", scale), bias, x_dropped,
+                            group_size=group_size, bits=bits, stream=stream)
