@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from . import _extension
 from ._checks import check_array, check_scalar, check_shape
-from .qlora import quantized_in_dims
+from .qlora import QUANT_MODES, quantized_in_dims
 
 
 def _check(op, x, weight, lora_a, lora_b, magnitude, scale, bias, x_dropped, scales, bits):
     check_array(op, "x", x, ndim_min=1)
+    if scales is not None and mode not in QUANT_MODES:
+        raise ValueError(f"[{op}] mode must be one of {QUANT_MODES} but got {mode!r}.")
     if scales is None:
         check_array(op, "weight", weight, ndim=2)
         out_dims, in_dims = weight.shape
@@ -58,9 +61,44 @@ def dora_linear_reference(x, weight, lora_a, lora_b, magnitude, scale, bias=None
     return out
 
 
+def dora_weight_sq_norm(weight, scales=None, biases=None, *, group_size=64, bits=4,
+                        mode="affine"):
+    """c_i = ||W_i||^2 in float32 (of the dequantized W when `scales` is given).
+
+    W is frozen, so layers compute this once and pass it as ``weight_sq_norm``. Rows are
+    taken in chunks so that no out x in float32 temporary is made.
+    """
+    out_dims = weight.shape[0]
+    in_dims = weight.shape[1] if scales is None else weight.shape[1] * 32 // bits
+    step = max(1, (1 << 22) // max(in_dims, 1))
+    parts = []
+    for r0 in range(0, out_dims, step):
+        w = weight[r0:r0 + step]
+        if scales is not None:
+            w = mx.dequantize(w, scales[r0:r0 + step],
+                              None if biases is None else biases[r0:r0 + step],
+                              group_size=group_size, bits=bits, mode=mode)
+        w = w.astype(mx.float32)
+        parts.append((w * w).sum(axis=1))
+    return mx.concatenate(parts) if parts else mx.zeros((0,), mx.float32)
+
+
 def dora_linear(x, weight, lora_a, lora_b, magnitude, scale, bias=None, *, x_dropped=None,
-                scales=None, biases=None, group_size=64, bits=4, mode="affine", stream=None):
-    """Fused DoRA linear (falls back to ``dora_linear_reference`` without a kernel)."""
-    return dora_linear_reference(x, weight, lora_a, lora_b, magnitude, scale, bias,
-                                 x_dropped=x_dropped, scales=scales, biases=biases,
-                                 group_size=group_size, bits=bits, mode=mode)
+                scales=None, biases=None, group_size=64, bits=4, mode="affine",
+                weight_sq_norm=None, stream=None):
+    """Fused DoRA linear (falls back to ``dora_linear_reference`` without a kernel).
+
+    ``weight_sq_norm``: the cached ||W_i||^2 (``dora_weight_sq_norm``); computed when None.
+    Quantized modes other than "affine" run the reference.
+    """
+    _check("dora_linear", x, weight, lora_a, lora_b, magnitude, scale, bias, x_dropped, scales,
+           bits)
+    ext = _extension.kernel_for("dora", stream)
+    if ext is None or (scales is not None and mode != "affine"):
+        return dora_linear_reference(x, weight, lora_a, lora_b, magnitude, scale, bias,
+                                     x_dropped=x_dropped, scales=scales, biases=biases,
+                                     group_size=group_size, bits=bits, mode=mode)
+    return ext.dora_linear(x, weight, lora_a, lora_b, magnitude, check_scalar(
+        "dora_linear", "scale", scale), bias, x_dropped=x_dropped, scales=scales,
+        biases=biases, group_size=group_size, bits=bits, weight_sq_norm=weight_sq_norm,
+        stream=stream)

@@ -1,0 +1,109 @@
+// DoRA linear without the adapted weight: y = (m / n) * (x W^T + s (x_d A) B), bias added
+// outside (so the backward can recover u = x W^T + s (x_d A) B from y exactly; see dora.cpp).
+//
+// n_i = || W_i + s (A B)^T_i || via the low-rank identity (P = W A, G = A^T A, c_i = ||W_i||^2):
+//   n_i^2 = c_i + 2 s sum_k B[k,i] P[i,k] + s^2 sum_{k,l} B[k,i] G[k,l] B[l,i]
+// n is a constant in the backward (mlx-lm's stop_gradient). With rs = m / n, g = dy * rs:
+//   dx = g W + s (g B^T) A^T      (the second term goes to dx_d when x_dropped is given)
+//   dA = s x_d^T (g B^T)   dB = s xa^T g   dm_i = sum_rows dy_i u_i / n_i,  u = y / rs
+// Do NOT include mlx/ops.h here: nvcc compiles this header too (GPU.md).
+#pragma once
+
+#include <array>
+#include <optional>
+#include <string>
+
+#include "mlx/primitives.h"
+#include "mlx/utils.h"
+
+namespace mlx_tuner {
+
+namespace mx = mlx::core;
+
+struct DoRAConfig {
+  float scale = 1.0f;
+  bool has_xd = false; // a separate x_dropped input
+  bool quantized = false; // W as mx.quantize(mode="affine") lays it out
+  int group_size = 64;
+  int bits = 4;
+  bool has_c = false; // cached ||W_i||^2 given
+  bool operator==(const DoRAConfig&) const = default;
+};
+
+// Positions of the inputs of both primitives (the backward appends n, xa, y, dy).
+struct DoRAInputs {
+  int x = 0, xd = 0, w = 0, scales = -1, biases = -1, a = 0, b = 0, m = 0, c = -1, count = 0;
+  explicit DoRAInputs(const DoRAConfig& cfg);
+};
+
+// Gradients the backward can produce, in its output order.
+enum DoRAGrad { kGradX = 0, kGradXd, kGradA, kGradB, kGradM, kNumGrads };
+using DoRAWant = std::array<bool, kNumGrads>;
+
+// inputs: x (N,in), [xd (N,in)], W (out,in) | Wq + scales + biases, A f32 (in,r),
+// B f32 (r,out), m f32 (out), [c f32 (out)].  outputs: y (N,out) (no bias), xa f32 (N,r),
+// n f32 (out).
+class DoRALinear : public mx::Primitive {
+ public:
+  DoRALinear(mx::Stream s, DoRAConfig cfg) : mx::Primitive(s), cfg_(cfg) {}
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override;
+  void eval_gpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override;
+  std::vector<mx::array> vjp(
+      const std::vector<mx::array>& primals,
+      const std::vector<mx::array>& cotangents,
+      const std::vector<int>& argnums,
+      const std::vector<mx::array>& outputs) override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& in) override;
+  const char* name() const override {
+    return "DoRALinear";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return cfg_ == static_cast<const DoRALinear&>(other).cfg_;
+  }
+  const DoRAConfig& config() const {
+    return cfg_;
+  }
+
+ private:
+  DoRAConfig cfg_;
+};
+
+// inputs: the forward's inputs, then n, xa, y, dy. outputs: the wanted gradients, in
+// DoRAGrad order (x and xd in x's dtype, A/B/m in float32).
+class DoRALinearVJP : public mx::Primitive {
+ public:
+  DoRALinearVJP(mx::Stream s, DoRAConfig cfg, DoRAWant want)
+      : mx::Primitive(s), cfg_(cfg), want_(want) {}
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override;
+  void eval_gpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override;
+  const char* name() const override {
+    return "DoRALinearVJP";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const DoRALinearVJP&>(other);
+    return cfg_ == o.cfg_ && want_ == o.want_;
+  }
+
+ private:
+  DoRAConfig cfg_;
+  DoRAWant want_;
+};
+
+// The op: validates, promotes, flattens, builds the primitive, adds the bias.
+mx::array dora_linear(
+    const mx::array& x,
+    const mx::array& weight,
+    const mx::array& lora_a,
+    const mx::array& lora_b,
+    const mx::array& magnitude,
+    float scale,
+    const std::optional<mx::array>& bias,
+    const std::optional<mx::array>& x_dropped,
+    const std::optional<mx::array>& scales,
+    const std::optional<mx::array>& biases,
+    int group_size,
+    int bits,
+    const std::optional<mx::array>& weight_sq_norm,
+    mx::StreamOrDevice s = {});
+
+} // namespace mlx_tuner
