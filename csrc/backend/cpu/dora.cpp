@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "common/blas.h"
@@ -16,6 +17,30 @@
 namespace mlx_tuner {
 
 namespace {
+
+// float32 scratch from MLX's allocator, so that mx.get_peak_memory() counts it.
+class Scratch {
+ public:
+  Scratch() = default;
+  explicit Scratch(size_t n) {
+    resize(n);
+  }
+  void resize(size_t n) {
+    if (n == n_) return;
+    data_ = n ? std::make_unique<mx::allocator::Data>(mx::allocator::malloc(n * sizeof(float))) : nullptr;
+    n_ = n;
+  }
+  float* data() {
+    return n_ ? static_cast<float*>(data_->buffer().raw_ptr()) : nullptr;
+  }
+  float& operator[](size_t i) {
+    return data()[i];
+  }
+
+ private:
+  std::unique_ptr<mx::allocator::Data> data_;
+  size_t n_ = 0;
+};
 
 // C = alpha op(A) op(B) + beta C, also when k == 0 (then C = beta C).
 void gemm(bool ta, bool tb, int m, int n, int k, float alpha, const float* a, int lda,
@@ -59,7 +84,7 @@ void store(const float* src, const float* col_scale, mx::array& a, int64_t off, 
 }
 
 // A (rows x cols) array as float32: its own data when float32, else a converted copy.
-const float* as_f32(const mx::array& a, std::vector<float>& buf) {
+const float* as_f32(const mx::array& a, Scratch& buf) {
   if (a.dtype() == mx::float32) return a.data<float>();
   buf.resize(a.size());
   int64_t cols = a.ndim() ? a.shape(-1) : 1;
@@ -163,7 +188,7 @@ void forward(const DoRAConfig& cfg, const std::vector<mx::array>& in, std::vecto
   float* n = outs[2].data<float>();
   mx::array& y = outs[0];
 
-  std::vector<float> xbuf, xdbuf;
+  Scratch xbuf, xdbuf;
   const float* xf = as_f32(x, xbuf);
   const float* xdf = cfg.has_xd ? as_f32(in[idx.xd], xdbuf) : xf;
   gemm(false, false, N, r, K, 1.f, xdf, K, A, r, 0.f, xa, r);
@@ -172,8 +197,8 @@ void forward(const DoRAConfig& cfg, const std::vector<mx::array>& in, std::vecto
 
   Weight W = weight_of(cfg, idx, in);
   int pr = panel_rows(K, O);
-  std::vector<float> wbuf(W.zero_copy() ? 0 : (size_t)pr * K), P((size_t)pr * r),
-      tmp((size_t)N * pr), rs(pr);
+  Scratch wbuf(W.zero_copy() ? 0 : (size_t)pr * K), tmp((size_t)N * pr);
+  std::vector<float> P((size_t)pr * r), rs(pr);
   std::vector<double> sq(pr);
   for (int r0 = 0; r0 < O; r0 += pr) {
     int nr = std::min(O, r0 + pr) - r0;
@@ -228,7 +253,7 @@ void backward(const DoRAConfig& cfg, const DoRAWant& want, const std::vector<mx:
   std::vector<float> rs(O);
   for (int i = 0; i < O; ++i) rs[i] = m[i] / n[i];
   // g = dy * rs (N x O, float32); S_i = sum_rows dy_i y_i, in per-chunk partials.
-  std::vector<float> g((size_t)N * O);
+  Scratch g((size_t)N * O);
   int chunks = std::max(1, std::min<int>(N, 4 * num_threads()));
   std::vector<double> S(want[kGradM] ? (size_t)chunks * O : 0);
   parallel_for(chunks, 1, [&](int64_t c0, int64_t c1) {
@@ -248,7 +273,7 @@ void backward(const DoRAConfig& cfg, const DoRAWant& want, const std::vector<mx:
   Weight W = weight_of(cfg, idx, in);
   if (want[kGradM]) { // dm_i = sum dy u / n_i = S_i / m_i, or u recomputed from W_i
     float* dm = out[kGradM]->data<float>();
-    std::vector<float> xbuf;
+    Scratch xbuf;
     const float* xf = nullptr;
     for (int i = 0; i < O; ++i) {
       if (!recompute_column(rs[i], y.dtype())) {
@@ -275,23 +300,23 @@ void backward(const DoRAConfig& cfg, const DoRAWant& want, const std::vector<mx:
   gemm(false, true, N, r, O, 1.f, g.data(), O, B, O, 0.f, gB.data(), r);
   if (want[kGradB]) gemm(true, false, r, O, N, s, xa, r, g.data(), O, 0.f, out[kGradB]->data<float>(), O);
   if (want[kGradA]) {
-    std::vector<float> buf;
+    Scratch buf;
     const float* xdf = as_f32(cfg.has_xd ? in[idx.xd] : x, buf);
     gemm(true, false, K, r, N, s, xdf, K, gB.data(), r, 0.f, out[kGradA]->data<float>(), r);
   }
-  auto finish = [&](mx::array& dst, std::vector<float>& f) {
+  auto finish = [&](mx::array& dst, Scratch& f) {
     if (dst.dtype() == mx::float32) return;
     parallel_for(N, 16, [&](int64_t a, int64_t b) {
       store(f.data() + a * K, nullptr, dst, a * K, (b - a) * K);
     });
   };
   if (want[kGradX]) {
-    std::vector<float> own;
+    Scratch own;
     mx::array& dst = *out[kGradX];
     if (dst.dtype() != mx::float32) own.resize((size_t)N * K);
     float* dx = dst.dtype() == mx::float32 ? dst.data<float>() : own.data();
     int pr = panel_rows(K, O);
-    std::vector<float> wbuf(W.zero_copy() ? 0 : (size_t)pr * K);
+    Scratch wbuf(W.zero_copy() ? 0 : (size_t)pr * K);
     gemm(false, true, N, K, cfg.has_xd ? 0 : r, s, gB.data(), r, A, r, 0.f, dx, K);
     for (int r0 = 0; r0 < O; r0 += pr) { // dx += g[:, panel] W_panel
       int nr = std::min(O, r0 + pr) - r0;
@@ -301,7 +326,7 @@ void backward(const DoRAConfig& cfg, const DoRAWant& want, const std::vector<mx:
     finish(dst, own);
   }
   if (want[kGradXd]) {
-    std::vector<float> own;
+    Scratch own;
     mx::array& dst = *out[kGradXd];
     if (dst.dtype() != mx::float32) own.resize((size_t)N * K);
     float* dxd = dst.dtype() == mx::float32 ? dst.data<float>() : own.data();
