@@ -29,7 +29,19 @@ void init_dora(nb::module_& m) {
       "bits"_a = 4,
       "weight_sq_norm"_a = nb::none(),
       "stream"_a = nb::none(),
+      "compose"_a = false,
       "DoRA linear via the low-rank norm identity (see mlx_tuner.ops.dora_linear).");
+  m.def(
+      "dora_weight_sq_norm",
+      &mlx_tuner::dora_weight_sq_norm,
+      "weight"_a,
+      "scales"_a = nb::none(),
+      "biases"_a = nb::none(),
+      nb::kw_only(),
+      "group_size"_a = 64,
+      "bits"_a = 4,
+      "stream"_a = nb::none(),
+      "||W_i||^2 in float32, W dense or affine-quantized, without a float32 copy of W.");
 }
 
 } // namespace mlx_tuner::bindings

@@ -46,7 +46,75 @@ mx::array f32c(const mx::array& a, mx::StreamOrDevice s) {
   return mx::contiguous(mx::astype(a, mx::float32, s), false, s);
 }
 
+// The GPU path (validated inputs): the same low-rank identity composed from MLX's GEMMs
+// (cuBLAS / MLX Metal GEMMs) and the DoRARowSqNorm kernel; MLX differentiates it. Dtypes
+// follow mlx-lm's maths. A, the only operand multiplied with W, is cast to W's dtype so that
+// no out x in float32 copy of W is made.
+mx::array compose_gpu(
+    const mx::array& x,
+    const mx::array& weight,
+    const mx::array& lora_a,
+    const mx::array& lora_b,
+    const mx::array& magnitude,
+    float scale,
+    const std::optional<mx::array>& bias,
+    const std::optional<mx::array>& x_dropped,
+    const std::optional<mx::array>& scales,
+    const std::optional<mx::array>& biases,
+    int group_size,
+    int bits,
+    const std::optional<mx::array>& weight_sq_norm,
+    mx::StreamOrDevice s) {
+  auto c = weight_sq_norm ? mx::astype(*weight_sq_norm, mx::float32, s)
+                          : dora_weight_sq_norm(weight, scales, biases, group_size, bits, s);
+  mx::array y = scales ? mx::quantized_matmul(x, weight, *scales, *biases, true, group_size, bits, "affine", s)
+                       : mx::matmul(x, mx::transpose(weight, s), s);
+  auto a_f = mx::astype(lora_a, mx::float32, s);
+  auto b_f = mx::astype(lora_b, mx::float32, s);
+  mx::array pt = scales  // (W A)^T, r x out
+      ? mx::quantized_matmul(mx::astype(mx::transpose(lora_a, s), scales->dtype(), s), weight,
+                             *scales, *biases, true, group_size, bits, "affine", s)
+      : mx::transpose(mx::matmul(weight, mx::astype(lora_a, weight.dtype(), s), s), s);
+  auto cross = mx::sum(mx::multiply(b_f, mx::astype(pt, mx::float32, s), s), 0, false, s);
+  auto gb = mx::matmul(mx::matmul(mx::transpose(a_f, s), a_f, s), b_f, s);
+  auto quad = mx::sum(mx::multiply(b_f, gb, s), 0, false, s);
+  auto n2 = mx::add(c, mx::add(mx::multiply(mx::array(2 * scale), cross, s),
+                               mx::multiply(mx::array(scale * scale), quad, s), s), s);
+  auto n = mx::stop_gradient(mx::sqrt(mx::maximum(n2, mx::array(0.0f), s), s), s);
+  const auto& xd = x_dropped ? *x_dropped : x;
+  auto z = mx::matmul(mx::matmul(xd, lora_a, s), lora_b, s);
+  auto out = mx::add(y, mx::astype(mx::multiply(mx::array(scale), z, s), x.dtype(), s), s);
+  out = mx::multiply(mx::astype(mx::divide(magnitude, n, s), x.dtype(), s), out, s);
+  return bias ? mx::add(out, *bias, s) : out;
+}
+
 } // namespace
+
+mx::array dora_weight_sq_norm(
+    const mx::array& weight,
+    const std::optional<mx::array>& scales,
+    const std::optional<mx::array>& biases,
+    int group_size,
+    int bits,
+    mx::StreamOrDevice s) {
+  if (weight.ndim() != 2) {
+    throw std::invalid_argument(
+        "[dora_weight_sq_norm] weight must have 2 dimensions but got shape " + shape_str(weight.shape()) + ".");
+  }
+  std::vector<mx::array> in = {mx::contiguous(weight, false, s)};
+  if (scales) {
+    if (!biases) {
+      throw std::invalid_argument("[dora_weight_sq_norm] biases must be given with scales.");
+    }
+    in.push_back(mx::contiguous(*scales, false, s));
+    in.push_back(mx::contiguous(mx::astype(*biases, scales->dtype(), s), false, s));
+  }
+  return mx::array(
+      {weight.shape(0)},
+      mx::float32,
+      std::make_shared<DoRARowSqNorm>(mx::to_stream(s), scales.has_value(), group_size, bits),
+      in);
+}
 
 DoRAInputs::DoRAInputs(const DoRAConfig& cfg) {
   int i = 1;
@@ -77,7 +145,8 @@ mx::array dora_linear(
     int group_size,
     int bits,
     const std::optional<mx::array>& weight_sq_norm,
-    mx::StreamOrDevice s) {
+    mx::StreamOrDevice s,
+    bool compose) {
   DoRAConfig cfg;
   cfg.scale = scale;
   cfg.quantized = scales.has_value();
@@ -143,6 +212,10 @@ mx::array dora_linear(
   }
 
   auto stream = mx::to_stream(s);
+  if (stream.device == mx::Device::gpu || compose) {
+    return compose_gpu(x, weight, lora_a, lora_b, magnitude, scale, bias, x_dropped, scales,
+                       biases, group_size, bits, weight_sq_norm, s);
+  }
   mx::Dtype out_dtype = mx::promote_types(x.dtype(), wdtype);
   int n_rows = 1;
   for (int i = 0; i + 1 < static_cast<int>(x.ndim()); ++i) {
@@ -250,12 +323,17 @@ std::vector<mx::array> DoRALinear::vjp(
   return result;
 }
 
-#if !defined(MLX_TUNER_CUDA) && !defined(MLX_TUNER_METAL)
+// On a GPU the op composes (compose_gpu): these two nodes are only built for the CPU.
 void DoRALinear::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
-  throw std::runtime_error("[dora_linear] this build has no GPU kernels.");
+  throw std::runtime_error("[dora_linear] DoRALinear has no GPU kernel (the GPU path composes).");
 }
 void DoRALinearVJP::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
-  throw std::runtime_error("[dora_linear] this build has no GPU kernels.");
+  throw std::runtime_error("[dora_linear] DoRALinearVJP has no GPU kernel (the GPU path composes).");
+}
+
+#if !defined(MLX_TUNER_CUDA) && !defined(MLX_TUNER_METAL)
+void DoRARowSqNorm::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error("[dora_weight_sq_norm] this build has no GPU kernels.");
 }
 #endif
 

@@ -89,7 +89,42 @@ class DoRALinearVJP : public mx::Primitive {
   DoRAWant want_;
 };
 
-// The op: validates, promotes, flattens, builds the primitive, adds the bias.
+// c_i = ||W_i||^2 in float32 (W dense, or quantized when `quantized`): the only custom
+// kernel of the GPU path, and the cached weight_sq_norm of the layers.
+// inputs: W | Wq, scales, biases.  output: c f32 (out,).
+class DoRARowSqNorm : public mx::UnaryPrimitive {
+ public:
+  DoRARowSqNorm(mx::Stream s, bool quantized, int group_size, int bits)
+      : mx::UnaryPrimitive(s), quantized_(quantized), group_size_(group_size), bits_(bits) {}
+  void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& in, mx::array& out) override;
+  const char* name() const override {
+    return "DoRARowSqNorm";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const DoRARowSqNorm&>(other);
+    return quantized_ == o.quantized_ && group_size_ == o.group_size_ && bits_ == o.bits_;
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& in) override {
+    return {{in[0].shape(0)}};
+  }
+
+ private:
+  bool quantized_;
+  int group_size_, bits_;
+};
+
+mx::array dora_weight_sq_norm(
+    const mx::array& weight,
+    const std::optional<mx::array>& scales,
+    const std::optional<mx::array>& biases,
+    int group_size,
+    int bits,
+    mx::StreamOrDevice s = {});
+
+// The op: validates, promotes, flattens, builds the primitive, adds the bias. On a GPU (or
+// with compose=true, which tests use to check the GPU graph on the CPU) it composes MLX
+// GEMMs around DoRARowSqNorm instead.
 mx::array dora_linear(
     const mx::array& x,
     const mx::array& weight,
@@ -104,6 +139,7 @@ mx::array dora_linear(
     int group_size,
     int bits,
     const std::optional<mx::array>& weight_sq_norm,
-    mx::StreamOrDevice s = {});
+    mx::StreamOrDevice s = {},
+    bool compose = false);
 
 } // namespace mlx_tuner

@@ -167,6 +167,29 @@ def test_zero_and_tiny_magnitude_gradient(device, dt):
     check_all(x, w, a, b, m, 2.0, bias, kw, dt)
 
 
+@pytest.mark.parametrize("quant", [None, (64, 4), (32, 3)])
+@pytest.mark.parametrize("dt,pdt", [(f32, f32), (bf16, f32), (f16, f16)],
+                         ids=lambda d: str(d).split(".")[-1])
+def test_gpu_composition_on_cpu(quant, dt, pdt):
+    # The graph the GPU runs (MLX GEMMs + DoRARowSqNorm), checked here on the CPU.
+    ext = _extension.extension()
+    x, w, a, b, m, bias, kw = make((2, 3), 128, 24, 4, dt, pdt, quant=quant)
+
+    def composed(x, w, a, b, m, s, bias, **k):
+        k.pop("mode", None)
+        return ext.dora_linear(x, w, a, b, m, s, bias, compose=True, **k)
+
+    dy = mx.random.normal((2, 3, 24)).astype(dt)
+    names = ["x", "lora_a", "lora_b", "magnitude", "bias", "x_dropped"]
+    out_f, g_f = run_both(composed, x, w, a, b, m, 2.0, bias, kw, dy, names)
+    out_r, g_r = run_both(dora_linear_reference, x, w, a, b, m, 2.0, bias, kw, dy, names)
+    y_o, g_o = oracle(x, w, a, b, m, 2.0, bias, kw, dy)
+    assert_close_to_oracle(out_f, out_r, y_o, dt, "y")
+    for nm in names:
+        assert g_f[nm].dtype == g_r[nm].dtype, nm
+        assert_close_to_oracle(g_f[nm], g_r[nm], g_o[nm], dt, f"d{nm}")
+
+
 def test_no_gradient_asked_for_params_is_not_computed():
     x, w, a, b, m, bias, kw = make((4,), 32, 16, 2, f32, f32)
     g = mx.grad(lambda x: dora_linear(x, w, a, b, m, 1.0).sum())(x)

@@ -350,6 +350,26 @@ void DoRALinear::eval_cpu(const std::vector<mx::array>& in, std::vector<mx::arra
   dispatch(stream(), in, outs, [cfg = cfg_](auto& i, auto& o) { forward(cfg, i, o); });
 }
 
+void DoRARowSqNorm::eval_cpu(const std::vector<mx::array>& in, mx::array& out) {
+  std::vector<mx::array> outs = {out};
+  bool q = quantized_;
+  int gs = group_size_, bits = bits_;
+  dispatch(stream(), in, outs, [q, gs, bits](auto& i, auto& o) {
+    int rows = i[0].shape(0);
+    int k = q ? i[0].shape(1) * 32 / bits : i[0].shape(1);
+    Weight W = q ? Weight{i[0], &i[1], &i[2], k, gs, bits} : Weight{i[0], nullptr, nullptr, k, 0, 0};
+    float* c = o[0].template data<float>();
+    int pr = panel_rows(k, rows);
+    Scratch buf(W.zero_copy() ? 0 : (size_t)pr * k);
+    std::vector<double> sq(pr);
+    for (int r0 = 0; r0 < rows; r0 += pr) {
+      int nr = std::min(rows, r0 + pr) - r0;
+      W.panel(r0, r0 + nr, buf.data(), sq.data());
+      for (int j = 0; j < nr; ++j) c[r0 + j] = float(sq[j]);
+    }
+  });
+}
+
 void DoRALinearVJP::eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& outs) {
   dispatch(stream(), in, outs, [cfg = cfg_, want = want_](auto& i, auto& o) {
     backward(cfg, want, i, o);

@@ -82,6 +82,9 @@ def dora_weight_sq_norm(weight, scales=None, biases=None, *, group_size=64, bits
     W is frozen, so layers compute this once and pass it as ``weight_sq_norm``. Rows are
     taken in chunks so that no out x in float32 temporary is made.
     """
+    ext = _extension.kernel_for("dora")
+    if ext is not None and (scales is None or mode == "affine"):
+        return ext.dora_weight_sq_norm(weight, scales, biases, group_size=group_size, bits=bits)
     out_dims = weight.shape[0]
     in_dims = weight.shape[1] if scales is None else weight.shape[1] * 32 // bits
     step = max(1, (1 << 22) // max(in_dims, 1))
