@@ -1,6 +1,9 @@
 // Python bindings of the dora family: mlx_tuner._ext.dora_linear.
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/array.h>
 #include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
 #include <nanobind/stl/variant.h>
 
 #include "ops/dora.h"
@@ -42,6 +45,16 @@ void init_dora(nb::module_& m) {
       "bits"_a = 4,
       "stream"_a = nb::none(),
       "||W_i||^2 in float32, W dense or affine-quantized, without a float32 copy of W.");
+  m.def(
+      "metal_launch_dora_row_sq_norm",
+      [](int rows, const std::string& dtype, int bits) {
+        auto l = mlx_tuner::metal_launch_dora_row_sq_norm(rows, dtype, bits);
+        return std::make_tuple(l.kernel, l.threadgroups, l.threads);
+      },
+      "rows"_a,
+      "dtype"_a,
+      "bits"_a = 0,
+      "(kernel name, threadgroups, threads) of the Metal DoRARowSqNorm dispatch.");
 }
 
 } // namespace mlx_tuner::bindings

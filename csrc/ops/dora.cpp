@@ -90,6 +90,11 @@ mx::array compose_gpu(
 
 } // namespace
 
+MetalLaunch metal_launch_dora_row_sq_norm(int rows, const std::string& dtype, int bits) {
+  std::string name = bits ? "dora_row_sq_q" + std::to_string(bits) + "_" + dtype : "dora_row_sq_" + dtype;
+  return {name, {static_cast<size_t>(rows), 1, 1}, {256, 1, 1}};
+}
+
 mx::array dora_weight_sq_norm(
     const mx::array& weight,
     const std::optional<mx::array>& scales,

@@ -13,6 +13,7 @@
 #include <optional>
 #include <string>
 
+#include "common/metal_launch.h"
 #include "mlx/primitives.h"
 #include "mlx/utils.h"
 
@@ -113,6 +114,11 @@ class DoRARowSqNorm : public mx::UnaryPrimitive {
   bool quantized_;
   int group_size_, bits_;
 };
+
+// The Metal dispatch of DoRARowSqNorm (host code and emulator tests): one threadgroup of
+// 256 threads per row. dtype: "float32" | "float16" | "bfloat16" (W's, or the scales');
+// bits 0 for a dense W.
+MetalLaunch metal_launch_dora_row_sq_norm(int rows, const std::string& dtype, int bits);
 
 mx::array dora_weight_sq_norm(
     const mx::array& weight,
