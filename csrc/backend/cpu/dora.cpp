@@ -14,9 +14,29 @@
 #include "mlx/backend/cpu/encoder.h"
 #include "ops/dora.h"
 
+#if defined(MLX_TUNER_SCIPY_OPENBLAS)
+extern "C" int scipy_openblas_get_num_threads(void);
+extern "C" void scipy_openblas_set_num_threads(int);
+#endif
+
 namespace mlx_tuner {
 
 namespace {
+
+// Our pool splits the work across panels / row blocks and calls a single-threaded BLAS:
+// OpenBLAS's own threads spin-wait and slowed these kernels ~4x on a loaded 2-core box.
+// Its thread count is restored on exit, so other families keep their setting.
+struct SingleThreadedBlas {
+#if defined(MLX_TUNER_SCIPY_OPENBLAS)
+  int saved = scipy_openblas_get_num_threads();
+  SingleThreadedBlas() {
+    if (saved != 1) scipy_openblas_set_num_threads(1);
+  }
+  ~SingleThreadedBlas() {
+    if (saved != 1) scipy_openblas_set_num_threads(saved);
+  }
+#endif
+};
 
 // float32 scratch from MLX's allocator, so that mx.get_peak_memory() counts it.
 class Scratch {
@@ -196,34 +216,36 @@ void forward(const DoRAConfig& cfg, const std::vector<mx::array>& in, std::vecto
   gemm(true, false, r, r, K, 1.f, A, r, A, r, 0.f, G.data(), r);
 
   Weight W = weight_of(cfg, idx, in);
-  int pr = panel_rows(K, O);
-  Scratch wbuf(W.zero_copy() ? 0 : (size_t)pr * K), tmp((size_t)N * pr);
-  std::vector<float> P((size_t)pr * r), rs(pr);
-  std::vector<double> sq(pr);
-  for (int r0 = 0; r0 < O; r0 += pr) {
-    int nr = std::min(O, r0 + pr) - r0;
-    const float* Wp = W.panel(r0, r0 + nr, wbuf.data(), c ? nullptr : sq.data());
-    gemm(false, false, nr, r, K, 1.f, Wp, K, A, r, 0.f, P.data(), r);
-    for (int i = 0; i < nr; ++i) { // n_i^2 = c_i + 2s b.P_i + s^2 b^T G b, in float64
-      int o = r0 + i;
-      double cross = 0, quad = 0;
-      for (int k = 0; k < r; ++k) {
-        double bk = B[(int64_t)k * O + o], gb = 0;
-        cross += bk * P[(int64_t)i * r + k];
-        for (int l = 0; l < r; ++l) gb += double(G[k * r + l]) * B[(int64_t)l * O + o];
-        quad += bk * gb;
+  // Enough panels for every thread; each task owns its buffers.
+  int pr = std::max(1, std::min(panel_rows(K, O), std::max(16, (O + num_threads() - 1) / num_threads())));
+  int panels = (O + pr - 1) / pr;
+  parallel_for(panels, 1, [&](int64_t p0, int64_t p1) {
+    Scratch wbuf(W.zero_copy() ? 0 : (size_t)pr * K), tmp((size_t)N * pr);
+    std::vector<float> P((size_t)pr * r), rs(pr);
+    std::vector<double> sq(pr);
+    for (int64_t p = p0; p < p1; ++p) {
+      int r0 = p * pr, nr = std::min(O, r0 + pr) - r0;
+      const float* Wp = W.panel(r0, r0 + nr, wbuf.data(), c ? nullptr : sq.data());
+      gemm(false, false, nr, r, K, 1.f, Wp, K, A, r, 0.f, P.data(), r);
+      for (int i = 0; i < nr; ++i) { // n_i^2 = c_i + 2s b.P_i + s^2 b^T G b, in float64
+        int o = r0 + i;
+        double cross = 0, quad = 0;
+        for (int k = 0; k < r; ++k) {
+          double bk = B[(int64_t)k * O + o], gb = 0;
+          cross += bk * P[(int64_t)i * r + k];
+          for (int l = 0; l < r; ++l) gb += double(G[k * r + l]) * B[(int64_t)l * O + o];
+          quad += bk * gb;
+        }
+        double t = (c ? double(c[o]) : sq[i]) + 2.0 * s * cross + double(s) * s * quad;
+        n[o] = float(std::sqrt(std::max(t, 0.0)));
+        rs[i] = m[o] / n[o];
       }
-      double t = (c ? double(c[o]) : sq[i]) + 2.0 * s * cross + double(s) * s * quad;
-      n[o] = float(std::sqrt(std::max(t, 0.0)));
-      rs[i] = m[o] / n[o];
-    }
-    gemm(false, true, N, nr, K, 1.f, xf, K, Wp, K, 0.f, tmp.data(), nr);
-    gemm(false, false, N, nr, r, s, xa, r, B + r0, O, 1.f, tmp.data(), nr);
-    parallel_for(N, 16, [&](int64_t a, int64_t b) {
-      for (int64_t row = a; row < b; ++row)
+      gemm(false, true, N, nr, K, 1.f, xf, K, Wp, K, 0.f, tmp.data(), nr);
+      gemm(false, false, N, nr, r, s, xa, r, B + r0, O, 1.f, tmp.data(), nr);
+      for (int64_t row = 0; row < N; ++row)
         store(tmp.data() + row * nr, rs.data(), y, row * O + r0, nr);
-    });
-  }
+    }
+  });
 }
 
 // Columns whose y = rs * u lost u (m = 0, or rs under the dtype's normal range).
@@ -316,13 +338,23 @@ void backward(const DoRAConfig& cfg, const DoRAWant& want, const std::vector<mx:
     if (dst.dtype() != mx::float32) own.resize((size_t)N * K);
     float* dx = dst.dtype() == mx::float32 ? dst.data<float>() : own.data();
     int pr = panel_rows(K, O);
-    Scratch wbuf(W.zero_copy() ? 0 : (size_t)pr * K);
-    gemm(false, true, N, K, cfg.has_xd ? 0 : r, s, gB.data(), r, A, r, 0.f, dx, K);
-    for (int r0 = 0; r0 < O; r0 += pr) { // dx += g[:, panel] W_panel
-      int nr = std::min(O, r0 + pr) - r0;
-      const float* Wp = W.panel(r0, r0 + nr, wbuf.data(), nullptr);
-      gemm(false, false, N, K, nr, 1.f, g.data() + r0, O, Wp, K, 1.f, dx, K);
-    }
+    // Row blocks of dx in parallel; each walks W's panels itself (a panel is converted
+    // once per block: cheap next to the block's GEMM when blocks have >= 64 rows).
+    int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(num_threads(), N / 64));
+    parallel_for(blocks, 1, [&](int64_t b0, int64_t b1) {
+      Scratch wbuf(W.zero_copy() ? 0 : (size_t)pr * K);
+      for (int64_t bl = b0; bl < b1; ++bl) {
+        int64_t a = bl * N / blocks, nb = (bl + 1) * N / blocks - a;
+        float* dxb = dx + a * K;
+        const float* gb = g.data() + a * O;
+        gemm(false, true, nb, K, cfg.has_xd ? 0 : r, s, gB.data() + a * r, r, A, r, 0.f, dxb, K);
+        for (int r0 = 0; r0 < O; r0 += pr) { // dx += g[:, panel] W_panel
+          int nr = std::min(O, r0 + pr) - r0;
+          const float* Wp = W.panel(r0, r0 + nr, wbuf.data(), nullptr);
+          gemm(false, false, nb, K, nr, 1.f, gb + r0, O, Wp, K, 1.f, dxb, K);
+        }
+      }
+    });
     finish(dst, own);
   }
   if (want[kGradXd]) {
@@ -347,7 +379,10 @@ void dispatch(mx::Stream st, const std::vector<mx::array>& in, std::vector<mx::a
 } // namespace
 
 void DoRALinear::eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& outs) {
-  dispatch(stream(), in, outs, [cfg = cfg_](auto& i, auto& o) { forward(cfg, i, o); });
+  dispatch(stream(), in, outs, [cfg = cfg_](auto& i, auto& o) {
+    SingleThreadedBlas one;
+    forward(cfg, i, o);
+  });
 }
 
 void DoRARowSqNorm::eval_cpu(const std::vector<mx::array>& in, mx::array& out) {
@@ -372,6 +407,7 @@ void DoRARowSqNorm::eval_cpu(const std::vector<mx::array>& in, mx::array& out) {
 
 void DoRALinearVJP::eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& outs) {
   dispatch(stream(), in, outs, [cfg = cfg_, want = want_](auto& i, auto& o) {
+    SingleThreadedBlas one;
     backward(cfg, want, i, o);
   });
 }
