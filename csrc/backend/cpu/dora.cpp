@@ -189,9 +189,9 @@ Weight weight_of(const DoRAConfig& cfg, const DoRAInputs& idx, const std::vector
   return {in[idx.w], nullptr, nullptr, k, 0, 0};
 }
 
-// Rows per panel: ~4 MiB of float32, at least 16.
+// Rows per panel: ~1 MiB of float32 (one per running task), at least 16.
 int panel_rows(int in, int out) {
-  int pr = std::max(16, (1 << 20) / std::max(in, 1));
+  int pr = std::max(16, (1 << 18) / std::max(in, 1));
   return std::max(1, std::min(pr, out));
 }
 
