@@ -11,7 +11,7 @@ import mlx.core as mx
 
 from . import _extension
 from .divergence import js_div, js_div_reference, kl_div, kl_div_reference
-from .dora import dora_linear, dora_linear_reference
+from .dora import dora_linear, dora_linear_reference, dora_weight_sq_norm
 from .lora import lora_linear, lora_linear_reference
 from .qlora import BACKEND_NOTE as _QLORA_NOTE
 from .qlora import qlora_linear, qlora_linear_reference
@@ -81,6 +81,7 @@ __all__ = [
     "backend_info",
     "dora_linear",
     "dora_linear_reference",
+    "dora_weight_sq_norm",
     "js_div",
     "js_div_reference",
     "kl_div",

@@ -8,17 +8,31 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from . import _extension
 from ._checks import check_array, check_scalar, check_shape
-from .qlora import quantized_in_dims
+from .qlora import QUANT_MODES, quantized_in_dims
 
 
-def _check(op, x, weight, lora_a, lora_b, magnitude, scale, bias, x_dropped, scales, bits):
+def _check(op, x, weight, lora_a, lora_b, magnitude, scale, bias, x_dropped, scales, bits,
+           biases=None, group_size=64, mode="affine", weight_sq_norm=None):
     check_array(op, "x", x, ndim_min=1)
     if scales is None:
         check_array(op, "weight", weight, ndim=2)
         out_dims, in_dims = weight.shape
     else:
+        if mode not in QUANT_MODES:
+            raise ValueError(f"[{op}] mode must be one of {QUANT_MODES} but got {mode!r}.")
         out_dims, in_dims = weight.shape[0], quantized_in_dims(op, weight, bits)
+        if mode == "affine":
+            if bits not in (2, 3, 4, 5, 6, 8):
+                raise ValueError(f"[{op}] bits must be one of 2, 3, 4, 5, 6, 8 but got {bits}.")
+            if group_size not in (32, 64, 128):
+                raise ValueError(
+                    f"[{op}] group_size must be 32, 64 or 128 but got {group_size}.")
+            if biases is None:
+                raise ValueError(f"[{op}] biases must be given for mode 'affine' but got None.")
+            check_shape(op, "scales", scales, (out_dims, in_dims // group_size))
+            check_shape(op, "biases", biases, (out_dims, in_dims // group_size))
     if x.shape[-1] != in_dims:
         raise ValueError(
             f"[{op}] x must have last dimension {in_dims} but got shape {tuple(x.shape)}."
@@ -34,7 +48,10 @@ def _check(op, x, weight, lora_a, lora_b, magnitude, scale, bias, x_dropped, sca
     if bias is not None:
         check_shape(op, "bias", bias, (out_dims,))
     if x_dropped is not None:
+        check_array(op, "x_dropped", x_dropped)
         check_shape(op, "x_dropped", x_dropped, tuple(x.shape))
+    if weight_sq_norm is not None:
+        check_shape(op, "weight_sq_norm", weight_sq_norm, (out_dims,))
 
 
 def dora_linear_reference(x, weight, lora_a, lora_b, magnitude, scale, bias=None, *,
@@ -42,7 +59,7 @@ def dora_linear_reference(x, weight, lora_a, lora_b, magnitude, scale, bias=None
                           mode="affine"):
     """What mlx-lm's DoRALinear computes: it builds the adapted weight every call."""
     _check("dora_linear", x, weight, lora_a, lora_b, magnitude, scale, bias, x_dropped, scales,
-           bits)
+           bits, biases, group_size, mode)
     w = weight
     if scales is not None:
         w = mx.dequantize(weight, scales, biases, group_size=group_size, bits=bits, mode=mode)
@@ -58,9 +75,47 @@ def dora_linear_reference(x, weight, lora_a, lora_b, magnitude, scale, bias=None
     return out
 
 
+def dora_weight_sq_norm(weight, scales=None, biases=None, *, group_size=64, bits=4,
+                        mode="affine"):
+    """c_i = ||W_i||^2 in float32 (of the dequantized W when `scales` is given).
+
+    W is frozen, so layers compute this once and pass it as ``weight_sq_norm``. Rows are
+    taken in chunks so that no out x in float32 temporary is made.
+    """
+    ext = _extension.kernel_for("dora")
+    if ext is not None and (scales is None or mode == "affine"):
+        return ext.dora_weight_sq_norm(weight, scales, biases, group_size=group_size, bits=bits)
+    out_dims = weight.shape[0]
+    in_dims = weight.shape[1] if scales is None else weight.shape[1] * 32 // bits
+    step = max(1, (1 << 22) // max(in_dims, 1))
+    parts = []
+    for r0 in range(0, out_dims, step):
+        w = weight[r0:r0 + step]
+        if scales is not None:
+            w = mx.dequantize(w, scales[r0:r0 + step],
+                              None if biases is None else biases[r0:r0 + step],
+                              group_size=group_size, bits=bits, mode=mode)
+        w = w.astype(mx.float32)
+        parts.append((w * w).sum(axis=1))
+    return mx.concatenate(parts) if parts else mx.zeros((0,), mx.float32)
+
+
 def dora_linear(x, weight, lora_a, lora_b, magnitude, scale, bias=None, *, x_dropped=None,
-                scales=None, biases=None, group_size=64, bits=4, mode="affine", stream=None):
-    """Fused DoRA linear (falls back to ``dora_linear_reference`` without a kernel)."""
-    return dora_linear_reference(x, weight, lora_a, lora_b, magnitude, scale, bias,
-                                 x_dropped=x_dropped, scales=scales, biases=biases,
-                                 group_size=group_size, bits=bits, mode=mode)
+                scales=None, biases=None, group_size=64, bits=4, mode="affine",
+                weight_sq_norm=None, stream=None):
+    """Fused DoRA linear (falls back to ``dora_linear_reference`` without a kernel).
+
+    ``weight_sq_norm``: the cached ||W_i||^2 (``dora_weight_sq_norm``); computed when None.
+    Quantized modes other than "affine" run the reference.
+    """
+    _check("dora_linear", x, weight, lora_a, lora_b, magnitude, scale, bias, x_dropped, scales,
+           bits, biases, group_size, mode, weight_sq_norm)
+    ext = _extension.kernel_for("dora", stream)
+    if ext is None or (scales is not None and mode != "affine"):
+        return dora_linear_reference(x, weight, lora_a, lora_b, magnitude, scale, bias,
+                                     x_dropped=x_dropped, scales=scales, biases=biases,
+                                     group_size=group_size, bits=bits, mode=mode)
+    return ext.dora_linear(x, weight, lora_a, lora_b, magnitude, check_scalar(
+        "dora_linear", "scale", scale), bias, x_dropped=x_dropped, scales=scales,
+        biases=biases, group_size=group_size, bits=bits, weight_sq_norm=weight_sq_norm,
+        stream=stream)

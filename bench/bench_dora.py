@@ -1,0 +1,75 @@
+"""DoRA linear: "reference" (mlx-lm's DoRALinear maths, building W + s B^T A^T every call),
+"fused" (mlx_tuner.ops.dora_linear) and "base" (the frozen x W^T alone), forward and
+forward+backward (grads of x, lora_a, lora_b, m), dense and 4-bit quantized, with peak
+memory.  Run: pytest bench/bench_dora.py --benchmark-json=bench/results/dora.json
+(MLX_TUNER_BENCH_QUICK=1 for tiny shapes)."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import pytest
+
+from bench.common import QUICK, annotate, peak_memory, run
+from mlx_tuner.ops import dora_linear, dora_linear_reference
+
+if QUICK:
+    SHAPES = [(8, 64, 64, 4)]
+elif mx.default_device() == mx.gpu:
+    SHAPES = [(4096, 4096, 4096, 16)]
+else:
+    SHAPES = [(512, 2048, 2048, 16), (2048, 1024, 1024, 8)]  # (N tokens, in, out, r)
+DTYPES = [mx.bfloat16] if mx.default_device() == mx.gpu else [mx.float32, mx.bfloat16]
+FNS = {"reference": dora_linear_reference, "fused": dora_linear}
+
+
+def inputs(n, k, o, r, dtype, quant):
+    x = mx.random.normal((n, k)).astype(dtype)
+    w = (mx.random.normal((o, k)) / k**0.5).astype(dtype)
+    a = mx.random.uniform(-1, 1, (k, r)) / k**0.5
+    b = mx.random.normal((r, o)) * 0.1
+    m = mx.random.uniform(0.5, 1.5, (o,))
+    kw = {}
+    if quant:
+        w, sc, bi = mx.quantize(w, group_size=64, bits=4)
+        kw = dict(scales=sc, biases=bi, group_size=64, bits=4)
+    mx.eval(x, w, a, b, m, kw)
+    return x, w, a, b, m, kw
+
+
+def make_fn(provider, mode, x, w, a, b, m, kw):
+    if provider == "base":
+        def f(x):
+            if kw:
+                return mx.quantized_matmul(x, w, kw["scales"], kw["biases"], transpose=True,
+                                           group_size=64, bits=4)
+            return x @ w.T
+        if mode == "forward":
+            return lambda: f(x)
+        return lambda: mx.vjp(f, [x], [mx.ones((x.shape[0], w.shape[0]), x.dtype)])
+    op = FNS[provider]
+
+    def fwd(x, a, b, m):
+        return op(x, w, a, b, m, 2.0, **kw)
+
+    if mode == "forward":
+        return lambda: fwd(x, a, b, m)
+    grad = mx.value_and_grad(lambda *p: fwd(*p).astype(mx.float32).sum(), argnums=(0, 1, 2, 3))
+    return lambda: grad(x, a, b, m)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("quant", [False, True], ids=["dense", "q4"])
+@pytest.mark.parametrize("mode", ["forward", "forward_backward"])
+@pytest.mark.parametrize("provider", ["reference", "fused", "base"])
+def test_dora(benchmark, provider, mode, quant, dtype, shape):
+    n, k, o, r = shape
+    args = inputs(n, k, o, r, dtype, quant)
+    fn = make_fn(provider, mode, *args)
+    gemms = 1 if mode == "forward" else 2  # base: x W^T (+ dx = g W)
+    flops = gemms * 2.0 * n * k * o
+    peak = peak_memory(fn)
+    annotate(benchmark, op="dora_linear", provider=provider, mode=mode, dtype=dtype,
+             shape=dict(n=n, k=k, o=o, r=r, quant="q4" if quant else "dense"), flops=flops,
+             peak_bytes=peak)
+    run(benchmark, fn, rounds=3 if provider == "reference" and not QUICK else None)

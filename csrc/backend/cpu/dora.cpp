@@ -1,0 +1,415 @@
+// CPU kernels of DoRALinear / DoRALinearVJP (maths in ops/dora.h).
+// W is walked in row panels of a few MiB, converted (or dequantized) to float32 one panel
+// at a time: no out x in temporary. GEMMs go through the optimized BLAS (threaded
+// itself); conversions and epilogues are split across cores with parallel_for.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "common/blas.h"
+#include "common/parallel.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "ops/dora.h"
+
+#if defined(MLX_TUNER_SCIPY_OPENBLAS)
+extern "C" int scipy_openblas_get_num_threads(void);
+extern "C" void scipy_openblas_set_num_threads(int);
+#endif
+
+namespace mlx_tuner {
+
+namespace {
+
+// Our pool splits the work across panels / row blocks and calls a single-threaded BLAS:
+// OpenBLAS's own threads spin-wait and slowed these kernels ~4x on a loaded 2-core box.
+// Its thread count is restored on exit, so other families keep their setting.
+struct SingleThreadedBlas {
+#if defined(MLX_TUNER_SCIPY_OPENBLAS)
+  int saved = scipy_openblas_get_num_threads();
+  SingleThreadedBlas() {
+    if (saved != 1) scipy_openblas_set_num_threads(1);
+  }
+  ~SingleThreadedBlas() {
+    if (saved != 1) scipy_openblas_set_num_threads(saved);
+  }
+#endif
+};
+
+// float32 scratch from MLX's allocator, so that mx.get_peak_memory() counts it.
+class Scratch {
+ public:
+  Scratch() = default;
+  explicit Scratch(size_t n) {
+    resize(n);
+  }
+  void resize(size_t n) {
+    if (n == n_) return;
+    data_ = n ? std::make_unique<mx::allocator::Data>(mx::allocator::malloc(n * sizeof(float))) : nullptr;
+    n_ = n;
+  }
+  float* data() {
+    return n_ ? static_cast<float*>(data_->buffer().raw_ptr()) : nullptr;
+  }
+  float& operator[](size_t i) {
+    return data()[i];
+  }
+
+ private:
+  std::unique_ptr<mx::allocator::Data> data_;
+  size_t n_ = 0;
+};
+
+// C = alpha op(A) op(B) + beta C, also when k == 0 (then C = beta C).
+void gemm(bool ta, bool tb, int m, int n, int k, float alpha, const float* a, int lda,
+          const float* b, int ldb, float beta, float* c, int ldc) {
+  if (m == 0 || n == 0) return;
+  if (k == 0) {
+    for (int i = 0; i < m; ++i)
+      for (int j = 0; j < n; ++j) c[(int64_t)i * ldc + j] = beta == 0 ? 0.f : beta * c[(int64_t)i * ldc + j];
+    return;
+  }
+  sgemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+template <typename T>
+void cvt_in(const T* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+// n elements of `a` from element `off` as float32 into dst.
+void load(const mx::array& a, int64_t off, int64_t n, float* dst) {
+  switch (a.dtype()) {
+    case mx::float32: std::memcpy(dst, a.data<float>() + off, n * sizeof(float)); break;
+    case mx::float16: cvt_in(a.data<mx::float16_t>() + off, dst, n); break;
+    case mx::bfloat16: cvt_in(a.data<mx::bfloat16_t>() + off, dst, n); break;
+    default: throw std::runtime_error("[dora_linear] unsupported dtype");
+  }
+}
+
+// n float32 values into `a` from element `off`, scaled by col_scale[j] (j < n).
+template <typename T>
+void cvt_out(const float* src, const float* col_scale, T* dst, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<T>(col_scale ? src[j] * col_scale[j] : src[j]);
+}
+void store(const float* src, const float* col_scale, mx::array& a, int64_t off, int64_t n) {
+  switch (a.dtype()) {
+    case mx::float32: cvt_out(src, col_scale, a.data<float>() + off, n); break;
+    case mx::float16: cvt_out(src, col_scale, a.data<mx::float16_t>() + off, n); break;
+    case mx::bfloat16: cvt_out(src, col_scale, a.data<mx::bfloat16_t>() + off, n); break;
+    default: throw std::runtime_error("[dora_linear] unsupported dtype");
+  }
+}
+
+// A (rows x cols) array as float32: its own data when float32, else a converted copy.
+const float* as_f32(const mx::array& a, Scratch& buf) {
+  if (a.dtype() == mx::float32) return a.data<float>();
+  buf.resize(a.size());
+  int64_t cols = a.ndim() ? a.shape(-1) : 1;
+  int64_t rows = cols ? a.size() / cols : 0;
+  parallel_for(rows, 16, [&](int64_t r0, int64_t r1) {
+    load(a, r0 * cols, (r1 - r0) * cols, buf.data() + r0 * cols);
+  });
+  return buf.data();
+}
+
+// One affine-quantized row (little-endian bit stream, mx.quantize's layout) to float32.
+template <int BITS, typename S>
+void dequant_row(const uint8_t* q, const S* sc, const S* bi, int in, int gs, float* dst) {
+  for (int g = 0; g < in / gs; ++g) {
+    float s = static_cast<float>(sc[g]), b = static_cast<float>(bi[g]);
+    for (int j = g * gs; j < (g + 1) * gs; ++j) {
+      int64_t bit = (int64_t)j * BITS;
+      uint32_t v = q[bit >> 3];
+      if ((bit & 7) + BITS > 8) v |= uint32_t(q[(bit >> 3) + 1]) << 8;
+      dst[j] = s * float((v >> (bit & 7)) & ((1u << BITS) - 1)) + b;
+    }
+  }
+}
+
+// The frozen weight, read one row panel at a time.
+struct Weight {
+  const mx::array& w;
+  const mx::array* scales;
+  const mx::array* biases;
+  int in, gs, bits;
+
+  bool zero_copy() const {
+    return scales == nullptr && w.dtype() == mx::float32;
+  }
+
+  template <typename S>
+  void dequant(int row, float* dst) const {
+    int64_t row_bytes = (int64_t)in * bits / 8;
+    auto q = reinterpret_cast<const uint8_t*>(w.data<uint32_t>()) + row * row_bytes;
+    auto s = scales->data<S>() + (int64_t)row * (in / gs);
+    auto b = biases->data<S>() + (int64_t)row * (in / gs);
+    switch (bits) {
+      case 2: dequant_row<2>(q, s, b, in, gs, dst); break;
+      case 3: dequant_row<3>(q, s, b, in, gs, dst); break;
+      case 4: dequant_row<4>(q, s, b, in, gs, dst); break;
+      case 5: dequant_row<5>(q, s, b, in, gs, dst); break;
+      case 6: dequant_row<6>(q, s, b, in, gs, dst); break;
+      default: dequant_row<8>(q, s, b, in, gs, dst); break;
+    }
+  }
+
+  void row(int i, float* dst) const {
+    if (scales == nullptr) return load(w, (int64_t)i * in, in, dst);
+    switch (scales->dtype()) {
+      case mx::float32: return dequant<float>(i, dst);
+      case mx::float16: return dequant<mx::float16_t>(i, dst);
+      default: return dequant<mx::bfloat16_t>(i, dst);
+    }
+  }
+
+  // Rows [r0, r1) as float32 (leading dimension `in`), in `buf` unless zero_copy();
+  // sq[i - r0] = ||W_i||^2 in float64 when sq is given.
+  const float* panel(int r0, int r1, float* buf, double* sq) const {
+    const float* p = zero_copy() ? w.data<float>() + (int64_t)r0 * in : buf;
+    parallel_for(r1 - r0, 4, [&](int64_t a, int64_t b) {
+      for (int64_t i = a; i < b; ++i) {
+        if (!zero_copy()) row(r0 + i, buf + i * in);
+        if (sq) {
+          double t = 0;
+          for (int j = 0; j < in; ++j) t += double(p[i * in + j]) * p[i * in + j];
+          sq[i] = t;
+        }
+      }
+    });
+    return p;
+  }
+};
+
+Weight weight_of(const DoRAConfig& cfg, const DoRAInputs& idx, const std::vector<mx::array>& in) {
+  int k = in[idx.x].shape(1);
+  if (cfg.quantized) return {in[idx.w], &in[idx.scales], &in[idx.biases], k, cfg.group_size, cfg.bits};
+  return {in[idx.w], nullptr, nullptr, k, 0, 0};
+}
+
+// Rows per panel: ~1 MiB of float32 (one per running task), at least 16.
+int panel_rows(int in, int out) {
+  int pr = std::max(16, (1 << 18) / std::max(in, 1));
+  return std::max(1, std::min(pr, out));
+}
+
+void forward(const DoRAConfig& cfg, const std::vector<mx::array>& in, std::vector<mx::array>& outs) {
+  DoRAInputs idx(cfg);
+  const mx::array& x = in[idx.x];
+  int N = x.shape(0), K = x.shape(1), r = in[idx.a].shape(1), O = in[idx.m].size();
+  float s = cfg.scale;
+  const float* A = in[idx.a].data<float>();
+  const float* B = in[idx.b].data<float>();
+  const float* m = in[idx.m].data<float>();
+  const float* c = cfg.has_c ? in[idx.c].data<float>() : nullptr;
+  float* xa = outs[1].data<float>();
+  float* n = outs[2].data<float>();
+  mx::array& y = outs[0];
+
+  Scratch xbuf, xdbuf;
+  const float* xf = as_f32(x, xbuf);
+  const float* xdf = cfg.has_xd ? as_f32(in[idx.xd], xdbuf) : xf;
+  gemm(false, false, N, r, K, 1.f, xdf, K, A, r, 0.f, xa, r);
+  std::vector<float> G(r * r);
+  gemm(true, false, r, r, K, 1.f, A, r, A, r, 0.f, G.data(), r);
+
+  Weight W = weight_of(cfg, idx, in);
+  // Enough panels for every thread; each task owns its buffers.
+  int pr = std::max(1, std::min(panel_rows(K, O), std::max(16, (O + num_threads() - 1) / num_threads())));
+  int panels = (O + pr - 1) / pr;
+  parallel_for(panels, 1, [&](int64_t p0, int64_t p1) {
+    Scratch wbuf(W.zero_copy() ? 0 : (size_t)pr * K), tmp((size_t)N * pr);
+    std::vector<float> P((size_t)pr * r), rs(pr);
+    std::vector<double> sq(pr);
+    for (int64_t p = p0; p < p1; ++p) {
+      int r0 = p * pr, nr = std::min(O, r0 + pr) - r0;
+      const float* Wp = W.panel(r0, r0 + nr, wbuf.data(), c ? nullptr : sq.data());
+      gemm(false, false, nr, r, K, 1.f, Wp, K, A, r, 0.f, P.data(), r);
+      for (int i = 0; i < nr; ++i) { // n_i^2 = c_i + 2s b.P_i + s^2 b^T G b, in float64
+        int o = r0 + i;
+        double cross = 0, quad = 0;
+        for (int k = 0; k < r; ++k) {
+          double bk = B[(int64_t)k * O + o], gb = 0;
+          cross += bk * P[(int64_t)i * r + k];
+          for (int l = 0; l < r; ++l) gb += double(G[k * r + l]) * B[(int64_t)l * O + o];
+          quad += bk * gb;
+        }
+        double t = (c ? double(c[o]) : sq[i]) + 2.0 * s * cross + double(s) * s * quad;
+        n[o] = float(std::sqrt(std::max(t, 0.0)));
+        rs[i] = m[o] / n[o];
+      }
+      gemm(false, true, N, nr, K, 1.f, xf, K, Wp, K, 0.f, tmp.data(), nr);
+      gemm(false, false, N, nr, r, s, xa, r, B + r0, O, 1.f, tmp.data(), nr);
+      for (int64_t row = 0; row < N; ++row)
+        store(tmp.data() + row * nr, rs.data(), y, row * O + r0, nr);
+    }
+  });
+}
+
+// Columns whose y = rs * u lost u (m = 0, or rs under the dtype's normal range).
+bool recompute_column(float rs, mx::Dtype dt) {
+  float lo = dt == mx::float16 ? 1.0f / 256 : 1e-30f;
+  return !(std::isfinite(rs) && std::fabs(rs) >= lo);
+}
+
+void backward(const DoRAConfig& cfg, const DoRAWant& want, const std::vector<mx::array>& in,
+              std::vector<mx::array>& outs) {
+  DoRAInputs idx(cfg);
+  const mx::array& x = in[idx.x];
+  const mx::array& nn = in[idx.count];
+  const mx::array& xa_ = in[idx.count + 1];
+  const mx::array& y = in[idx.count + 2];
+  const mx::array& dy = in[idx.count + 3];
+  int N = x.shape(0), K = x.shape(1), r = in[idx.a].shape(1), O = in[idx.m].size();
+  float s = cfg.scale;
+  const float* A = in[idx.a].data<float>();
+  const float* B = in[idx.b].data<float>();
+  const float* m = in[idx.m].data<float>();
+  const float* n = nn.data<float>();
+  const float* xa = xa_.data<float>();
+  mx::array* out[kNumGrads] = {};
+  for (int g = 0, k = 0; g < kNumGrads; ++g) if (want[g]) out[g] = &outs[k++];
+
+  std::vector<float> rs(O);
+  for (int i = 0; i < O; ++i) rs[i] = m[i] / n[i];
+  // g = dy * rs (N x O, float32); S_i = sum_rows dy_i y_i, in per-chunk partials.
+  Scratch g((size_t)N * O);
+  int chunks = std::max(1, std::min<int>(N, 4 * num_threads()));
+  std::vector<double> S(want[kGradM] ? (size_t)chunks * O : 0);
+  parallel_for(chunks, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<float> yrow(O);
+    for (int64_t ch = c0; ch < c1; ++ch) {
+      for (int64_t row = ch * N / chunks; row < (ch + 1) * N / chunks; ++row) {
+        float* gr = g.data() + row * O;
+        load(dy, row * O, O, gr);
+        if (want[kGradM]) {
+          load(y, row * O, O, yrow.data());
+          for (int i = 0; i < O; ++i) S[ch * O + i] += double(gr[i]) * yrow[i];
+        }
+        for (int i = 0; i < O; ++i) gr[i] *= rs[i];
+      }
+    }
+  });
+  Weight W = weight_of(cfg, idx, in);
+  if (want[kGradM]) { // dm_i = sum dy u / n_i = S_i / m_i, or u recomputed from W_i
+    float* dm = out[kGradM]->data<float>();
+    Scratch xbuf;
+    const float* xf = nullptr;
+    for (int i = 0; i < O; ++i) {
+      if (!recompute_column(rs[i], y.dtype())) {
+        double t = 0;
+        for (int ch = 0; ch < chunks; ++ch) t += S[(size_t)ch * O + i];
+        dm[i] = N ? float(t / m[i]) : 0.f;
+        continue;
+      }
+      if (!xf) xf = as_f32(x, xbuf);
+      std::vector<float> wrow(K), yrow(1);
+      W.row(i, wrow.data());
+      double t = 0;
+      for (int row = 0; row < N; ++row) {
+        double u = 0;
+        for (int j = 0; j < K; ++j) u += double(xf[(int64_t)row * K + j]) * wrow[j];
+        for (int k = 0; k < r; ++k) u += double(s) * xa[(int64_t)row * r + k] * B[(int64_t)k * O + i];
+        load(dy, (int64_t)row * O + i, 1, yrow.data());
+        t += yrow[0] * u;
+      }
+      dm[i] = float(t / n[i]);
+    }
+  }
+  std::vector<float> gB((size_t)N * r);
+  gemm(false, true, N, r, O, 1.f, g.data(), O, B, O, 0.f, gB.data(), r);
+  if (want[kGradB]) gemm(true, false, r, O, N, s, xa, r, g.data(), O, 0.f, out[kGradB]->data<float>(), O);
+  if (want[kGradA]) {
+    Scratch buf;
+    const float* xdf = as_f32(cfg.has_xd ? in[idx.xd] : x, buf);
+    gemm(true, false, K, r, N, s, xdf, K, gB.data(), r, 0.f, out[kGradA]->data<float>(), r);
+  }
+  auto finish = [&](mx::array& dst, Scratch& f) {
+    if (dst.dtype() == mx::float32) return;
+    parallel_for(N, 16, [&](int64_t a, int64_t b) {
+      store(f.data() + a * K, nullptr, dst, a * K, (b - a) * K);
+    });
+  };
+  if (want[kGradX]) {
+    Scratch own;
+    mx::array& dst = *out[kGradX];
+    if (dst.dtype() != mx::float32) own.resize((size_t)N * K);
+    float* dx = dst.dtype() == mx::float32 ? dst.data<float>() : own.data();
+    int pr = panel_rows(K, O);
+    // Row blocks of dx in parallel; each walks W's panels itself (a panel is converted
+    // once per block: cheap next to the block's GEMM when blocks have >= 64 rows).
+    int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(num_threads(), N / 64));
+    parallel_for(blocks, 1, [&](int64_t b0, int64_t b1) {
+      Scratch wbuf(W.zero_copy() ? 0 : (size_t)pr * K);
+      for (int64_t bl = b0; bl < b1; ++bl) {
+        int64_t a = bl * N / blocks, nb = (bl + 1) * N / blocks - a;
+        float* dxb = dx + a * K;
+        const float* gb = g.data() + a * O;
+        gemm(false, true, nb, K, cfg.has_xd ? 0 : r, s, gB.data() + a * r, r, A, r, 0.f, dxb, K);
+        for (int r0 = 0; r0 < O; r0 += pr) { // dx += g[:, panel] W_panel
+          int nr = std::min(O, r0 + pr) - r0;
+          const float* Wp = W.panel(r0, r0 + nr, wbuf.data(), nullptr);
+          gemm(false, false, nb, K, nr, 1.f, gb + r0, O, Wp, K, 1.f, dxb, K);
+        }
+      }
+    });
+    finish(dst, own);
+  }
+  if (want[kGradXd]) {
+    Scratch own;
+    mx::array& dst = *out[kGradXd];
+    if (dst.dtype() != mx::float32) own.resize((size_t)N * K);
+    float* dxd = dst.dtype() == mx::float32 ? dst.data<float>() : own.data();
+    gemm(false, true, N, K, r, s, gB.data(), r, A, r, 0.f, dxd, K);
+    finish(dst, own);
+  }
+}
+
+template <typename F>
+void dispatch(mx::Stream st, const std::vector<mx::array>& in, std::vector<mx::array>& outs, F&& f) {
+  for (auto& o : outs) o.set_data(mx::allocator::malloc(o.nbytes()));
+  auto& enc = mx::cpu::get_command_encoder(st);
+  for (auto& a : in) enc.set_input_array(a);
+  for (auto& o : outs) enc.set_output_array(o);
+  enc.dispatch([in, outs, f]() mutable { f(in, outs); });
+}
+
+} // namespace
+
+void DoRALinear::eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& outs) {
+  dispatch(stream(), in, outs, [cfg = cfg_](auto& i, auto& o) {
+    SingleThreadedBlas one;
+    forward(cfg, i, o);
+  });
+}
+
+void DoRARowSqNorm::eval_cpu(const std::vector<mx::array>& in, mx::array& out) {
+  std::vector<mx::array> outs = {out};
+  bool q = quantized_;
+  int gs = group_size_, bits = bits_;
+  dispatch(stream(), in, outs, [q, gs, bits](auto& i, auto& o) {
+    int rows = i[0].shape(0);
+    int k = q ? i[0].shape(1) * 32 / bits : i[0].shape(1);
+    Weight W = q ? Weight{i[0], &i[1], &i[2], k, gs, bits} : Weight{i[0], nullptr, nullptr, k, 0, 0};
+    float* c = o[0].template data<float>();
+    int pr = panel_rows(k, rows);
+    Scratch buf(W.zero_copy() ? 0 : (size_t)pr * k);
+    std::vector<double> sq(pr);
+    for (int r0 = 0; r0 < rows; r0 += pr) {
+      int nr = std::min(rows, r0 + pr) - r0;
+      W.panel(r0, r0 + nr, buf.data(), sq.data());
+      for (int j = 0; j < nr; ++j) c[r0 + j] = float(sq[j]);
+    }
+  });
+}
+
+void DoRALinearVJP::eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& outs) {
+  dispatch(stream(), in, outs, [cfg = cfg_, want = want_](auto& i, auto& o) {
+    SingleThreadedBlas one;
+    backward(cfg, want, i, o);
+  });
+}
+
+} // namespace mlx_tuner

@@ -1,0 +1,60 @@
+// Python bindings of the dora family: mlx_tuner._ext.dora_linear.
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/array.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
+#include <nanobind/stl/variant.h>
+
+#include "ops/dora.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace mlx_tuner::bindings {
+
+void init_dora(nb::module_& m) {
+  m.def(
+      "dora_linear",
+      &mlx_tuner::dora_linear,
+      "x"_a,
+      "weight"_a,
+      "lora_a"_a,
+      "lora_b"_a,
+      "magnitude"_a,
+      "scale"_a,
+      "bias"_a = nb::none(),
+      nb::kw_only(),
+      "x_dropped"_a = nb::none(),
+      "scales"_a = nb::none(),
+      "biases"_a = nb::none(),
+      "group_size"_a = 64,
+      "bits"_a = 4,
+      "weight_sq_norm"_a = nb::none(),
+      "stream"_a = nb::none(),
+      "compose"_a = false,
+      "DoRA linear via the low-rank norm identity (see mlx_tuner.ops.dora_linear).");
+  m.def(
+      "dora_weight_sq_norm",
+      &mlx_tuner::dora_weight_sq_norm,
+      "weight"_a,
+      "scales"_a = nb::none(),
+      "biases"_a = nb::none(),
+      nb::kw_only(),
+      "group_size"_a = 64,
+      "bits"_a = 4,
+      "stream"_a = nb::none(),
+      "||W_i||^2 in float32, W dense or affine-quantized, without a float32 copy of W.");
+  m.def(
+      "metal_launch_dora_row_sq_norm",
+      [](int rows, const std::string& dtype, int bits) {
+        auto l = mlx_tuner::metal_launch_dora_row_sq_norm(rows, dtype, bits);
+        return std::make_tuple(l.kernel, l.threadgroups, l.threads);
+      },
+      "rows"_a,
+      "dtype"_a,
+      "bits"_a = 0,
+      "(kernel name, threadgroups, threads) of the Metal DoRARowSqNorm dispatch.");
+}
+
+} // namespace mlx_tuner::bindings

@@ -1,0 +1,345 @@
+// dora_linear: validation, promotion, the graph node and its VJP (maths in dora.h).
+// The bias is added outside the primitive: y_pre = rs * u is then exact enough to give u
+// back in the backward (u = y_pre / rs), which saves both storing u and recomputing x W^T.
+#include "ops/dora.h"
+
+#include <sstream>
+#include <stdexcept>
+
+#include "mlx/ops.h"
+
+namespace mlx_tuner {
+
+namespace {
+
+constexpr const char* kOp = "[dora_linear]";
+
+std::string shape_str(const mx::Shape& s) {
+  std::ostringstream o;
+  o << "(";
+  for (size_t i = 0; i < s.size(); ++i) {
+    o << s[i] << (s.size() == 1 ? "," : (i + 1 < s.size() ? ", " : ""));
+  }
+  o << ")";
+  return o.str();
+}
+
+void expect_shape(const char* name, const mx::array& a, const mx::Shape& want) {
+  if (a.shape() != want) {
+    std::ostringstream o;
+    o << kOp << " " << name << " must have shape " << shape_str(want) << " but got "
+      << shape_str(a.shape()) << ".";
+    throw std::invalid_argument(o.str());
+  }
+}
+
+void expect_float(const char* name, const mx::array& a) {
+  if (!mx::issubdtype(a.dtype(), mx::floating)) {
+    std::ostringstream o;
+    o << kOp << " " << name << " must be float32, float16 or bfloat16 but got " << a.dtype()
+      << ".";
+    throw std::invalid_argument(o.str());
+  }
+}
+
+mx::array f32c(const mx::array& a, mx::StreamOrDevice s) {
+  return mx::contiguous(mx::astype(a, mx::float32, s), false, s);
+}
+
+// The GPU path (validated inputs): the same low-rank identity composed from MLX's GEMMs
+// (cuBLAS / MLX Metal GEMMs) and the DoRARowSqNorm kernel; MLX differentiates it. Dtypes
+// follow mlx-lm's maths. A, the only operand multiplied with W, is cast to W's dtype so that
+// no out x in float32 copy of W is made.
+mx::array compose_gpu(
+    const mx::array& x,
+    const mx::array& weight,
+    const mx::array& lora_a,
+    const mx::array& lora_b,
+    const mx::array& magnitude,
+    float scale,
+    const std::optional<mx::array>& bias,
+    const std::optional<mx::array>& x_dropped,
+    const std::optional<mx::array>& scales,
+    const std::optional<mx::array>& biases,
+    int group_size,
+    int bits,
+    const std::optional<mx::array>& weight_sq_norm,
+    mx::StreamOrDevice s) {
+  auto c = weight_sq_norm ? mx::astype(*weight_sq_norm, mx::float32, s)
+                          : dora_weight_sq_norm(weight, scales, biases, group_size, bits, s);
+  mx::array y = scales ? mx::quantized_matmul(x, weight, *scales, *biases, true, group_size, bits, "affine", s)
+                       : mx::matmul(x, mx::transpose(weight, s), s);
+  auto a_f = mx::astype(lora_a, mx::float32, s);
+  auto b_f = mx::astype(lora_b, mx::float32, s);
+  mx::array pt = scales  // (W A)^T, r x out
+      ? mx::quantized_matmul(mx::astype(mx::transpose(lora_a, s), scales->dtype(), s), weight,
+                             *scales, *biases, true, group_size, bits, "affine", s)
+      : mx::transpose(mx::matmul(weight, mx::astype(lora_a, weight.dtype(), s), s), s);
+  auto cross = mx::sum(mx::multiply(b_f, mx::astype(pt, mx::float32, s), s), 0, false, s);
+  auto gb = mx::matmul(mx::matmul(mx::transpose(a_f, s), a_f, s), b_f, s);
+  auto quad = mx::sum(mx::multiply(b_f, gb, s), 0, false, s);
+  auto n2 = mx::add(c, mx::add(mx::multiply(mx::array(2 * scale), cross, s),
+                               mx::multiply(mx::array(scale * scale), quad, s), s), s);
+  auto n = mx::stop_gradient(mx::sqrt(mx::maximum(n2, mx::array(0.0f), s), s), s);
+  const auto& xd = x_dropped ? *x_dropped : x;
+  auto z = mx::matmul(mx::matmul(xd, lora_a, s), lora_b, s);
+  auto out = mx::add(y, mx::astype(mx::multiply(mx::array(scale), z, s), x.dtype(), s), s);
+  out = mx::multiply(mx::astype(mx::divide(magnitude, n, s), x.dtype(), s), out, s);
+  return bias ? mx::add(out, *bias, s) : out;
+}
+
+} // namespace
+
+MetalLaunch metal_launch_dora_row_sq_norm(int rows, const std::string& dtype, int bits) {
+  std::string name = bits ? "dora_row_sq_q" + std::to_string(bits) + "_" + dtype : "dora_row_sq_" + dtype;
+  return {name, {static_cast<size_t>(rows), 1, 1}, {256, 1, 1}};
+}
+
+mx::array dora_weight_sq_norm(
+    const mx::array& weight,
+    const std::optional<mx::array>& scales,
+    const std::optional<mx::array>& biases,
+    int group_size,
+    int bits,
+    mx::StreamOrDevice s) {
+  if (weight.ndim() != 2) {
+    throw std::invalid_argument(
+        "[dora_weight_sq_norm] weight must have 2 dimensions but got shape " + shape_str(weight.shape()) + ".");
+  }
+  std::vector<mx::array> in = {mx::contiguous(weight, false, s)};
+  if (scales) {
+    if (!biases) {
+      throw std::invalid_argument("[dora_weight_sq_norm] biases must be given with scales.");
+    }
+    in.push_back(mx::contiguous(*scales, false, s));
+    in.push_back(mx::contiguous(mx::astype(*biases, scales->dtype(), s), false, s));
+  }
+  return mx::array(
+      {weight.shape(0)},
+      mx::float32,
+      std::make_shared<DoRARowSqNorm>(mx::to_stream(s), scales.has_value(), group_size, bits),
+      in);
+}
+
+DoRAInputs::DoRAInputs(const DoRAConfig& cfg) {
+  int i = 1;
+  xd = cfg.has_xd ? i++ : 0;
+  w = i++;
+  if (cfg.quantized) {
+    scales = i++;
+    biases = i++;
+  }
+  a = i++;
+  b = i++;
+  m = i++;
+  c = cfg.has_c ? i++ : -1;
+  count = i;
+}
+
+mx::array dora_linear(
+    const mx::array& x,
+    const mx::array& weight,
+    const mx::array& lora_a,
+    const mx::array& lora_b,
+    const mx::array& magnitude,
+    float scale,
+    const std::optional<mx::array>& bias,
+    const std::optional<mx::array>& x_dropped,
+    const std::optional<mx::array>& scales,
+    const std::optional<mx::array>& biases,
+    int group_size,
+    int bits,
+    const std::optional<mx::array>& weight_sq_norm,
+    mx::StreamOrDevice s,
+    bool compose) {
+  DoRAConfig cfg;
+  cfg.scale = scale;
+  cfg.quantized = scales.has_value();
+  cfg.group_size = group_size;
+  cfg.bits = bits;
+  cfg.has_xd = x_dropped.has_value();
+  cfg.has_c = weight_sq_norm.has_value();
+
+  if (x.ndim() < 1) {
+    throw std::invalid_argument(std::string(kOp) + " x must have at least 1 dimension(s) but got shape ().");
+  }
+  expect_float("x", x);
+  if (weight.ndim() != 2) {
+    throw std::invalid_argument(
+        std::string(kOp) + " weight must have 2 dimensions but got shape " + shape_str(weight.shape()) + ".");
+  }
+  int out = weight.shape(0);
+  int in = weight.shape(1);
+  mx::Dtype wdtype = weight.dtype();
+  if (cfg.quantized) {
+    if (weight.dtype() != mx::uint32) {
+      throw std::invalid_argument(std::string(kOp) + " weight must be uint32 from mx.quantize.");
+    }
+    if (!(bits == 2 || bits == 3 || bits == 4 || bits == 5 || bits == 6 || bits == 8) ||
+        !(group_size == 32 || group_size == 64 || group_size == 128)) {
+      throw std::invalid_argument(std::string(kOp) + " bits must be 2-6 or 8 and group_size 32, 64 or 128.");
+    }
+    if (!biases) {
+      throw std::invalid_argument(std::string(kOp) + " biases must be given for mode 'affine' but got None.");
+    }
+    in = weight.shape(1) * 32 / bits;
+    expect_float("scales", *scales);
+    expect_shape("scales", *scales, {out, in / group_size});
+    expect_shape("biases", *biases, {out, in / group_size});
+    wdtype = scales->dtype();
+  } else {
+    expect_float("weight", weight);
+  }
+  if (x.shape(-1) != in) {
+    std::ostringstream o;
+    o << kOp << " x must have last dimension " << in << " but got shape " << shape_str(x.shape()) << ".";
+    throw std::invalid_argument(o.str());
+  }
+  if (lora_a.ndim() != 2) {
+    throw std::invalid_argument(
+        std::string(kOp) + " lora_a must have 2 dimensions but got shape " + shape_str(lora_a.shape()) + ".");
+  }
+  int r = lora_a.shape(1);
+  expect_float("lora_a", lora_a);
+  expect_float("lora_b", lora_b);
+  expect_float("magnitude", magnitude);
+  expect_shape("lora_a", lora_a, {in, r});
+  expect_shape("lora_b", lora_b, {r, out});
+  expect_shape("magnitude", magnitude, {out});
+  if (bias) {
+    expect_shape("bias", *bias, {out});
+  }
+  if (x_dropped) {
+    expect_shape("x_dropped", *x_dropped, x.shape());
+  }
+  if (weight_sq_norm) {
+    expect_shape("weight_sq_norm", *weight_sq_norm, {out});
+  }
+
+  auto stream = mx::to_stream(s);
+  if (stream.device == mx::Device::gpu || compose) {
+    return compose_gpu(x, weight, lora_a, lora_b, magnitude, scale, bias, x_dropped, scales,
+                       biases, group_size, bits, weight_sq_norm, s);
+  }
+  mx::Dtype out_dtype = mx::promote_types(x.dtype(), wdtype);
+  int n_rows = 1;
+  for (int i = 0; i + 1 < static_cast<int>(x.ndim()); ++i) {
+    n_rows *= x.shape(i);
+  }
+  auto flat = [&](const mx::array& a) {
+    return mx::contiguous(mx::reshape(mx::astype(a, x.dtype(), s), {n_rows, in}, s), false, s);
+  };
+  std::vector<mx::array> inputs = {flat(x)};
+  if (cfg.has_xd) {
+    inputs.push_back(flat(*x_dropped));
+  }
+  inputs.push_back(mx::contiguous(weight, false, s));
+  if (cfg.quantized) {
+    inputs.push_back(mx::contiguous(*scales, false, s));
+    inputs.push_back(mx::contiguous(mx::astype(*biases, scales->dtype(), s), false, s));
+  }
+  inputs.push_back(f32c(lora_a, s));
+  inputs.push_back(f32c(lora_b, s));
+  inputs.push_back(f32c(magnitude, s));
+  if (cfg.has_c) {
+    inputs.push_back(f32c(*weight_sq_norm, s));
+  }
+  auto outs = mx::array::make_arrays(
+      {{n_rows, out}, {n_rows, r}, {out}},
+      {out_dtype, mx::float32, mx::float32},
+      std::make_shared<DoRALinear>(stream, cfg),
+      inputs);
+  auto y_shape = x.shape();
+  y_shape.back() = out;
+  auto y = mx::reshape(outs[0], y_shape, s);
+  if (bias) {
+    y = mx::add(y, *bias, s);
+  }
+  return y;
+}
+
+std::vector<mx::Shape> DoRALinear::output_shapes(const std::vector<mx::array>& in) {
+  DoRAInputs idx(cfg_);
+  int n = in[idx.x].shape(0);
+  int r = in[idx.a].shape(1);
+  int out = in[idx.m].shape(0);
+  return {{n, out}, {n, r}, {out}};
+}
+
+std::vector<mx::array> DoRALinear::vjp(
+    const std::vector<mx::array>& primals,
+    const std::vector<mx::array>& cotangents,
+    const std::vector<int>& argnums,
+    const std::vector<mx::array>& outputs) {
+  auto s = stream();
+  DoRAInputs idx(cfg_);
+  DoRAWant want{};
+  for (int a : argnums) {
+    if (a == idx.x) want[kGradX] = true;
+    else if (cfg_.has_xd && a == idx.xd) want[kGradXd] = true;
+    else if (a == idx.a) want[kGradA] = true;
+    else if (a == idx.b) want[kGradB] = true;
+    else if (a == idx.m) want[kGradM] = true;
+  }
+  // Only y's cotangent carries gradient: xa and n are saved values, n a stop_gradient.
+  const mx::array& y = outputs[0];
+  mx::array dy = mx::contiguous(mx::astype(cotangents[0], y.dtype(), s), false, s);
+  std::vector<mx::array> grads_out;
+  bool any = false;
+  for (bool w : want) any |= w;
+  if (any) {
+    std::vector<mx::Shape> shapes;
+    std::vector<mx::Dtype> dtypes;
+    const mx::array* src[kNumGrads] = {
+        &primals[idx.x], &primals[idx.xd], &primals[idx.a], &primals[idx.b], &primals[idx.m]};
+    for (int g = 0; g < kNumGrads; ++g) {
+      if (want[g]) {
+        shapes.push_back(src[g]->shape());
+        dtypes.push_back(src[g]->dtype());
+      }
+    }
+    auto ins = primals;
+    ins.push_back(outputs[2]);
+    ins.push_back(outputs[1]);
+    ins.push_back(y);
+    ins.push_back(dy);
+    grads_out = mx::array::make_arrays(
+        shapes, dtypes, std::make_shared<DoRALinearVJP>(s, cfg_, want), ins);
+  }
+  std::vector<mx::array> result;
+  int k = 0;
+  for (int a : argnums) {
+    if (a == idx.x || (cfg_.has_xd && a == idx.xd) || a == idx.a || a == idx.b || a == idx.m) {
+      result.push_back(grads_out[k++]);
+    } else if (a == idx.w && !cfg_.quantized) {
+      // The frozen weight, only when asked: dW = (dy * rs)^T x_flat (out x in, the gradient
+      // itself); the norm path is a stop_gradient as in mlx-lm.
+      auto rs = mx::divide(primals[idx.m], outputs[2], s);
+      auto g = mx::multiply(mx::astype(dy, mx::float32, s), rs, s);
+      auto dw = mx::matmul(mx::transpose(g, s), mx::astype(primals[idx.x], mx::float32, s), s);
+      result.push_back(mx::astype(dw, primals[idx.w].dtype(), s));
+    } else if (a == idx.c) {
+      result.push_back(mx::zeros_like(primals[a], s));
+    } else {
+      throw std::invalid_argument(
+          std::string(kOp) + " cannot compute gradients with respect to the quantized weight.");
+    }
+  }
+  return result;
+}
+
+// On a GPU the op composes (compose_gpu): these two nodes are only built for the CPU.
+void DoRALinear::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+  throw std::runtime_error("[dora_linear] DoRALinear has no GPU kernel (the GPU path composes).");
+}
+void DoRALinearVJP::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+  throw std::runtime_error("[dora_linear] DoRALinearVJP has no GPU kernel (the GPU path composes).");
+}
+
+#if !defined(MLX_TUNER_CUDA) && !defined(MLX_TUNER_METAL)
+void DoRARowSqNorm::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error("[dora_weight_sq_norm] this build has no GPU kernels.");
+}
+#endif
+
+} // namespace mlx_tuner

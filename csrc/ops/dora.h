@@ -1,0 +1,151 @@
+// DoRA linear without the adapted weight: y = (m / n) * (x W^T + s (x_d A) B), bias added
+// outside (so the backward can recover u = x W^T + s (x_d A) B from y exactly; see dora.cpp).
+//
+// n_i = || W_i + s (A B)^T_i || via the low-rank identity (P = W A, G = A^T A, c_i = ||W_i||^2):
+//   n_i^2 = c_i + 2 s sum_k B[k,i] P[i,k] + s^2 sum_{k,l} B[k,i] G[k,l] B[l,i]
+// n is a constant in the backward (mlx-lm's stop_gradient). With rs = m / n, g = dy * rs:
+//   dx = g W + s (g B^T) A^T      (the second term goes to dx_d when x_dropped is given)
+//   dA = s x_d^T (g B^T)   dB = s xa^T g   dm_i = sum_rows dy_i u_i / n_i,  u = y / rs
+// Do NOT include mlx/ops.h here: nvcc compiles this header too (GPU.md).
+#pragma once
+
+#include <array>
+#include <optional>
+#include <string>
+
+#include "common/metal_launch.h"
+#include "mlx/primitives.h"
+#include "mlx/utils.h"
+
+namespace mlx_tuner {
+
+namespace mx = mlx::core;
+
+struct DoRAConfig {
+  float scale = 1.0f;
+  bool has_xd = false; // a separate x_dropped input
+  bool quantized = false; // W as mx.quantize(mode="affine") lays it out
+  int group_size = 64;
+  int bits = 4;
+  bool has_c = false; // cached ||W_i||^2 given
+  bool operator==(const DoRAConfig&) const = default;
+};
+
+// Positions of the inputs of both primitives (the backward appends n, xa, y, dy).
+struct DoRAInputs {
+  int x = 0, xd = 0, w = 0, scales = -1, biases = -1, a = 0, b = 0, m = 0, c = -1, count = 0;
+  explicit DoRAInputs(const DoRAConfig& cfg);
+};
+
+// Gradients the backward can produce, in its output order.
+enum DoRAGrad { kGradX = 0, kGradXd, kGradA, kGradB, kGradM, kNumGrads };
+using DoRAWant = std::array<bool, kNumGrads>;
+
+// inputs: x (N,in), [xd (N,in)], W (out,in) | Wq + scales + biases, A f32 (in,r),
+// B f32 (r,out), m f32 (out), [c f32 (out)].  outputs: y (N,out) (no bias), xa f32 (N,r),
+// n f32 (out).
+class DoRALinear : public mx::Primitive {
+ public:
+  DoRALinear(mx::Stream s, DoRAConfig cfg) : mx::Primitive(s), cfg_(cfg) {}
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override;
+  void eval_gpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override;
+  std::vector<mx::array> vjp(
+      const std::vector<mx::array>& primals,
+      const std::vector<mx::array>& cotangents,
+      const std::vector<int>& argnums,
+      const std::vector<mx::array>& outputs) override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& in) override;
+  const char* name() const override {
+    return "DoRALinear";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return cfg_ == static_cast<const DoRALinear&>(other).cfg_;
+  }
+  const DoRAConfig& config() const {
+    return cfg_;
+  }
+
+ private:
+  DoRAConfig cfg_;
+};
+
+// inputs: the forward's inputs, then n, xa, y, dy. outputs: the wanted gradients, in
+// DoRAGrad order (x and xd in x's dtype, A/B/m in float32).
+class DoRALinearVJP : public mx::Primitive {
+ public:
+  DoRALinearVJP(mx::Stream s, DoRAConfig cfg, DoRAWant want)
+      : mx::Primitive(s), cfg_(cfg), want_(want) {}
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override;
+  void eval_gpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override;
+  const char* name() const override {
+    return "DoRALinearVJP";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const DoRALinearVJP&>(other);
+    return cfg_ == o.cfg_ && want_ == o.want_;
+  }
+
+ private:
+  DoRAConfig cfg_;
+  DoRAWant want_;
+};
+
+// c_i = ||W_i||^2 in float32 (W dense, or quantized when `quantized`): the only custom
+// kernel of the GPU path, and the cached weight_sq_norm of the layers.
+// inputs: W | Wq, scales, biases.  output: c f32 (out,).
+class DoRARowSqNorm : public mx::UnaryPrimitive {
+ public:
+  DoRARowSqNorm(mx::Stream s, bool quantized, int group_size, int bits)
+      : mx::UnaryPrimitive(s), quantized_(quantized), group_size_(group_size), bits_(bits) {}
+  void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& in, mx::array& out) override;
+  const char* name() const override {
+    return "DoRARowSqNorm";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const DoRARowSqNorm&>(other);
+    return quantized_ == o.quantized_ && group_size_ == o.group_size_ && bits_ == o.bits_;
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& in) override {
+    return {{in[0].shape(0)}};
+  }
+
+ private:
+  bool quantized_;
+  int group_size_, bits_;
+};
+
+// The Metal dispatch of DoRARowSqNorm (host code and emulator tests): one threadgroup of
+// 256 threads per row. dtype: "float32" | "float16" | "bfloat16" (W's, or the scales');
+// bits 0 for a dense W.
+MetalLaunch metal_launch_dora_row_sq_norm(int rows, const std::string& dtype, int bits);
+
+mx::array dora_weight_sq_norm(
+    const mx::array& weight,
+    const std::optional<mx::array>& scales,
+    const std::optional<mx::array>& biases,
+    int group_size,
+    int bits,
+    mx::StreamOrDevice s = {});
+
+// The op: validates, promotes, flattens, builds the primitive, adds the bias. On a GPU (or
+// with compose=true, which tests use to check the GPU graph on the CPU) it composes MLX
+// GEMMs around DoRARowSqNorm instead.
+mx::array dora_linear(
+    const mx::array& x,
+    const mx::array& weight,
+    const mx::array& lora_a,
+    const mx::array& lora_b,
+    const mx::array& magnitude,
+    float scale,
+    const std::optional<mx::array>& bias,
+    const std::optional<mx::array>& x_dropped,
+    const std::optional<mx::array>& scales,
+    const std::optional<mx::array>& biases,
+    int group_size,
+    int bits,
+    const std::optional<mx::array>& weight_sq_norm,
+    mx::StreamOrDevice s = {},
+    bool compose = false);
+
+} // namespace mlx_tuner
