@@ -26,7 +26,7 @@ from mlx_tuner.trainer import default_loss
 
 ITERS = 4 if QUICK else 30
 SHAPE = dict(hidden_size=128 if QUICK else 256, num_hidden_layers=2 if QUICK else 4,
-             intermediate_size=256 if QUICK else 688, num_attention_heads=4, num_key_value_heads=2)
+             intermediate_size=256 if QUICK else 768, num_attention_heads=4, num_key_value_heads=2)
 BATCH = 8
 RESULTS = Path(__file__).parent / "results"
 CURVES: dict = {}
