@@ -36,10 +36,7 @@ def _layers(provider):
     if provider == "reference":
         from mlx_lm.tuner.utils import linear_to_lora_layers
     else:
-        try:  # TODO(layers): mlx_tuner.utils only, once branch `layers` is merged
-            from mlx_tuner.utils import linear_to_lora_layers
-        except ImportError:
-            from mlx_lm.tuner.utils import linear_to_lora_layers
+        from mlx_tuner.utils import linear_to_lora_layers
     return linear_to_lora_layers
 
 

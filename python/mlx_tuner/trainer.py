@@ -187,33 +187,23 @@ def evaluate(model, dataset, batch_size, num_batches, max_seq_length=2048, loss:
 def _checkpointed_layers(model, enabled: bool):
     """Gradient checkpointing on each of ``model.layers`` for the duration of training.
 
-    Each layer instance gets its own subclass whose ``__call__`` recomputes the layer in the
-    backward pass; other instances and the class itself are untouched, parameter names are
-    unchanged, and the original classes come back afterwards.
-    # TODO(layers): use mlx_tuner.utils' checkpoint wrapper once branch `layers` lands.
+    Each block is replaced by a ``utils.CheckpointedLayer`` wrapper (no class is patched;
+    parameter paths are unchanged), and the original blocks, kept in sync, come back after.
     """
     if not enabled:
         yield
         return
-    originals = []
-    for layer in model.layers:
-        cls = type(layer)
-        fn = cls.__call__
+    from .utils import grad_checkpoint
 
-        def call(self, *args, __fn=fn, **kwargs):
-            def inner(params, *args, **kwargs):
-                self.update(params)
-                return __fn(self, *args, **kwargs)
-
-            return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
-
-        originals.append((layer, cls))
-        layer.__class__ = type(f"Checkpointed{cls.__name__}", (cls,), {"__call__": call})
+    blocks = model.layers
+    wrapped = [grad_checkpoint(b) for b in blocks]
+    for i, w in enumerate(wrapped):
+        blocks[i] = w
     try:
         yield
     finally:
-        for layer, cls in originals:
-            layer.__class__ = cls
+        for i, w in enumerate(wrapped):
+            blocks[i] = w.layer  # .layer syncs the wrapper's arrays back into the block
 
 
 class _Reporter:

@@ -56,12 +56,8 @@ class UserError(Exception):
 
 
 def _utils():
-    try:  # TODO(layers): import from mlx_tuner.utils only, once branch `layers` is merged
-        from .. import utils as u
+    from .. import utils as u
 
-        u.linear_to_lora_layers  # noqa: B018
-    except (ImportError, AttributeError):
-        from mlx_lm.tuner import utils as u
     return u
 
 
