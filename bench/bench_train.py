@@ -18,7 +18,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 import pytest
-from common import QUICK, annotate, run
+from common import QUICK, annotate, read_peak, reset_peak, run
 
 from mlx_tuner import tiny
 from mlx_tuner.datasets import CacheDataset, load_local_dataset
@@ -75,12 +75,12 @@ def _train(method, provider, tmp):
     args = TrainingArgs(batch_size=BATCH, iters=ITERS, steps_per_report=1, steps_per_eval=10**6,
                         steps_per_save=10**6, adapter_file=str(tmp / f"{method}-{provider}.safetensors"), **extra)
     np.random.seed(0)  # both trainers draw their data order from numpy's global generator
-    mx.reset_peak_memory()
+    reset_peak()
     tic = time.perf_counter()
     train(model=model, optimizer=optim.Adam(learning_rate=1e-3), train_dataset=data, args=args,
           loss=default_loss, training_callback=Keep())
     seconds = time.perf_counter() - tic
-    return curve, tokens[0] / seconds, mx.get_peak_memory()
+    return curve, tokens[0] / seconds, read_peak()
 
 
 @pytest.mark.parametrize("provider", ["reference", "fused"])

@@ -57,14 +57,47 @@ def median_time(fn, *, warmup: int = 2, reps: int = 10) -> float:
     return float(np.median(ts))
 
 
+def _extra_counter():
+    """mlx-tuner's CUDA kernels allocate outside MLX's allocator: their own counter."""
+    from mlx_tuner.ops import _extension
+
+    ext = _extension.extension()
+    return ext if ext is not None and hasattr(ext, "cuda_extra_memory") else None
+
+
+def reset_peak() -> None:
+    """Starts a peak-memory window (MLX's counter and, on CUDA, mlx-tuner's own)."""
+    mx.reset_peak_memory()
+    extra = _extra_counter()
+    if extra is not None:
+        extra.reset_cuda_extra_peak()
+
+
+def read_peak() -> int:
+    """Peak bytes since reset_peak(): MLX's peak plus mlx-tuner's CUDA peak (upper bound)."""
+    extra = _extra_counter()
+    return int(mx.get_peak_memory() + (extra.cuda_extra_memory()[1] if extra is not None else 0))
+
+
 def peak_memory(fn) -> int:
-    """Peak bytes MLX allocated while running fn() once, above what was live before."""
+    """Peak bytes allocated while running fn() once, above what was live before.
+
+    On CUDA this adds the peak of mlx-tuner's own device allocations to MLX's peak: an
+    upper bound (the two peaks need not coincide), never an underestimate.
+    """
     sync(fn())  # warm caches and compiled graphs
     mx.clear_cache()
+    extra = _extra_counter()
     before = mx.get_active_memory()
     mx.reset_peak_memory()
+    if extra is not None:
+        extra.reset_cuda_extra_peak()
+        extra_before = extra.cuda_extra_memory()[0]
     sync(fn())
-    return int(mx.get_peak_memory() - before)
+    peak = mx.get_peak_memory() - before
+    if extra is not None:
+        peak += extra.cuda_extra_memory()[1] - extra_before
+    return int(peak)
 
 
 @lru_cache(maxsize=None)

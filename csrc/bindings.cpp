@@ -1,6 +1,10 @@
 // The nanobind module mlx_tuner._ext: build facts, and one init per kernel family
 // (csrc/bindings/<family>.cpp), each compiled only when that family exists.
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/pair.h>
+
+#include <cstddef>
+#include <utility>
 
 namespace nb = nanobind;
 
@@ -24,6 +28,13 @@ MLX_TUNER_FAMILY(dora)
 MLX_TUNER_FAMILY(cross_entropy)
 #endif
 
+#ifdef MLX_TUNER_CUDA
+namespace mlx_tuner::cuda {
+std::pair<size_t, size_t> extra_memory();
+void reset_extra_peak();
+} // namespace mlx_tuner::cuda
+#endif
+
 NB_MODULE(_ext, m) {
   m.doc() = "mlx-tuner fused kernels (MLX custom primitives)";
   // Checked against the installed mlx at import: MLX's C++ ABI is not stable.
@@ -32,6 +43,12 @@ NB_MODULE(_ext, m) {
   m.attr("gpu_backend") = MLX_TUNER_GPU_BACKEND;
   // family -> "cpu,gpu": which backends have a compiled kernel in this build.
   m.attr("kernel_files") = MLX_TUNER_KERNEL_FILES;
+#ifdef MLX_TUNER_CUDA
+  // Device memory our CUDA kernels allocate outside MLX's allocator (its counters miss it).
+  m.def("cuda_extra_memory", &mlx_tuner::cuda::extra_memory,
+        "(live bytes, peak bytes) allocated by mlx-tuner's CUDA kernels");
+  m.def("reset_cuda_extra_peak", &mlx_tuner::cuda::reset_extra_peak);
+#endif
   nb::module_ families = m; // families add their functions to the module itself
 #ifdef MLX_TUNER_HAS_DIVERGENCE
   mlx_tuner::bindings::init_divergence(families);

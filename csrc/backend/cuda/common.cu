@@ -1,3 +1,4 @@
+#include <atomic>
 #include <mutex>
 #include <sstream>
 #include <stdexcept>
@@ -33,11 +34,23 @@ CUfunction kernel_handle(const void* kernel, int device) {
 
 namespace {
 
+// MLX's memory counters do not see malloc_device; these do (benchmarks add them up).
+std::atomic<size_t> live_bytes{0};
+std::atomic<size_t> peak_bytes{0};
+
+void count_alloc(size_t n) {
+  size_t now = live_bytes.fetch_add(n) + n;
+  size_t peak = peak_bytes.load();
+  while (now > peak && !peak_bytes.compare_exchange_weak(peak, now)) {
+  }
+}
+
 void free_device(mx::allocator::Buffer b) {
   auto* buf = static_cast<mx::cu::CudaBuffer*>(b.ptr());
   if (buf == nullptr) {
     return;
   }
+  live_bytes.fetch_sub(buf->size);
   if (buf->data != nullptr) {
     if (buf->device >= 0) {
       cudaFreeAsync(buf->data, cudaStreamPerThread);
@@ -65,7 +78,16 @@ mx::allocator::Data malloc_device(size_t nbytes, mx::cu::CommandEncoder& enc) {
     check(cudaMallocAsync(&ptr, nbytes, enc.stream()), "cudaMallocAsync");
   }
   auto* buf = new mx::cu::CudaBuffer{ptr, nbytes, device};
+  count_alloc(nbytes);
   return mx::allocator::Data(mx::allocator::Buffer(buf), free_device);
+}
+
+std::pair<size_t, size_t> extra_memory() {
+  return {live_bytes.load(), peak_bytes.load()};
+}
+
+void reset_extra_peak() {
+  peak_bytes.store(live_bytes.load());
 }
 
 } // namespace mlx_tuner::cuda

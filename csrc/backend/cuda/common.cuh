@@ -6,6 +6,8 @@
 #include <cuda.h>
 #include <cuda_runtime.h>
 
+#include <utility>
+
 #include "mlx/array.h"
 #include "mlx/backend/cuda/device.h"
 #include "mlx/backend/cuda/utils.h"
@@ -24,6 +26,10 @@ CUfunction kernel_handle(const void* kernel, int device);
 // Device memory ordered on the encoder's stream (cu::malloc_async is not exported; MLX's
 // allocator::malloc returns managed memory). MLX's memory counters do not see it.
 mx::allocator::Data malloc_device(size_t nbytes, mx::cu::CommandEncoder& enc);
+
+// Bytes held by malloc_device now, and the most held since reset_extra_peak().
+std::pair<size_t, size_t> extra_memory();
+void reset_extra_peak();
 
 // Allocates `out` with malloc_device and registers it as the encoder's output.
 inline void alloc_output(mx::array& out, mx::cu::CommandEncoder& enc) {
