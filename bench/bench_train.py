@@ -1,14 +1,20 @@
 """End-to-end training: LoRA, DoRA and QLoRA tokens/s and peak memory, mlx-tuner
 ("fused": mlx_tuner.trainer.train with mlx-tuner's layers) against mlx-lm ("reference":
-mlx_lm.tuner.trainer.train with mlx_lm's layers) on the same tiny Llama, data, seed and
+mlx_lm.tuner.trainer.train with mlx_lm's layers) on the same model, data, seed and
 loss, in one run. The loss curves must agree; they are drawn overlaid in
-bench/results/train_loss.png.
+bench/results/train_loss<-config>.png.
+
+MLX_TUNER_BENCH_TRAIN picks the model: "tiny" (default; the shipped dataset, CPU),
+"tinyllama" (TinyLlama-1.1B shape, random bf16 weights, batch 8 x 512 random tokens) or
+"qwen3" (Qwen3-0.6B shape, vocabulary 151,936, tied embeddings, batch 4 x 1024); the
+last two are for the H200 (bench/device-run train).
 
     PYTHONPATH=python python -m pytest bench/bench_train.py --benchmark-json=bench/results/train.json
 """
 
 from __future__ import annotations
 
+import os
 import time
 import types
 from pathlib import Path
@@ -24,10 +30,23 @@ from mlx_tuner import tiny
 from mlx_tuner.datasets import CacheDataset, load_local_dataset
 from mlx_tuner.trainer import default_loss
 
+CONFIG = os.environ.get("MLX_TUNER_BENCH_TRAIN", "tiny")
 ITERS = 4 if QUICK else 30
 SHAPE = dict(hidden_size=128 if QUICK else 256, num_hidden_layers=2 if QUICK else 4,
              intermediate_size=256 if QUICK else 768, num_attention_heads=4, num_key_value_heads=2)
 BATCH = 8
+SEQ = None  # the shipped dataset's own lengths
+DTYPE = mx.float32
+if CONFIG == "tinyllama":
+    SHAPE = dict(hidden_size=2048, num_hidden_layers=22, intermediate_size=5632,
+                 num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
+                 tie_word_embeddings=False, max_position_embeddings=2048)
+    BATCH, SEQ, ITERS, DTYPE = 8, 512, 25, mx.bfloat16
+elif CONFIG == "qwen3":
+    SHAPE = dict(model_type="qwen3", hidden_size=1024, num_hidden_layers=28, intermediate_size=3072,
+                 num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                 tie_word_embeddings=True, max_position_embeddings=4096, rope_theta=1e6)
+    BATCH, SEQ, ITERS, DTYPE = 4, 1024, 25, mx.bfloat16
 RESULTS = Path(__file__).parent / "results"
 CURVES: dict = {}
 
@@ -40,16 +59,51 @@ def _layers(provider):
     return linear_to_lora_layers
 
 
+def _random_model():
+    """A model of the configured shape with random weights in DTYPE (no tokenizer needed)."""
+    from mlx_lm.models import llama, qwen3
+
+    module = qwen3 if SHAPE.get("model_type") == "qwen3" else llama
+    cfg = {"model_type": "llama", "rms_norm_eps": 1e-6, **SHAPE}
+    args = module.ModelArgs(**{k: v for k, v in cfg.items() if k in module.ModelArgs.__dataclass_fields__})
+    mx.random.seed(0)
+    model = module.Model(args)
+    model.set_dtype(DTYPE)
+    mx.eval(model.parameters())
+    return model
+
+
+class _RandomTokens:
+    """BATCH * (ITERS + 1) sequences of SEQ random tokens, the same for both providers."""
+
+    def __init__(self, n, vocab):
+        rng = np.random.default_rng(0)
+        self.rows = [rng.integers(0, vocab, SEQ + 1).tolist() for _ in range(n)]
+
+    def __getitem__(self, i):
+        return self.rows[i], 0
+
+    def itemlen(self, i):
+        return len(self.rows[i])
+
+    def __len__(self):
+        return len(self.rows)
+
+
 def _setup(method, provider):
     mx.random.seed(0)
     np.random.seed(0)
-    hf = tiny.build_tokenizer(vocab_size=512)
-    config = tiny.model_config(len(hf), **SHAPE)
-    model = tiny.build_model(config, seed=0)
+    if SEQ is not None:
+        model = _random_model()
+    else:
+        hf = tiny.build_tokenizer(vocab_size=512)
+        model = tiny.build_model(tiny.model_config(len(hf), **SHAPE), seed=0)
     if method == "qlora":
         nn.quantize(model, group_size=64, bits=4)
     model.freeze()
     _layers(provider)(model, -1, {"rank": 8, "scale": 2.0, "dropout": 0.0}, use_dora=method == "dora")
+    if SEQ is not None:
+        return model, _RandomTokens(BATCH * (ITERS + 2), SHAPE["vocab_size"])
     data, _, _ = load_local_dataset(tiny.SHIPPED_DATASET, tiny.wrap_tokenizer(hf), types.SimpleNamespace(mask_prompt=False))
     return model, CacheDataset(data)
 
@@ -67,10 +121,18 @@ def _train(method, provider, tmp):
         from mlx_tuner.trainer import TrainingArgs, train
         extra = {"progress": False}
 
+    marks = []  # (seconds, trained tokens) at each report
+
     class Keep(TrainingCallback):
         def on_train_loss_report(self, info):
             curve.append(float(info["train_loss"]))
             tokens[0] = info["trained_tokens"]
+            marks.append((time.perf_counter(), info["trained_tokens"]))
+
+    loss = default_loss
+    if SEQ is not None and provider == "reference":
+        # Fixed-length rows: mlx-lm's own loss trains exactly the same targets as ours.
+        from mlx_lm.tuner.trainer import default_loss as loss
 
     args = TrainingArgs(batch_size=BATCH, iters=ITERS, steps_per_report=1, steps_per_eval=10**6,
                         steps_per_save=10**6, adapter_file=str(tmp / f"{method}-{provider}.safetensors"), **extra)
@@ -78,8 +140,11 @@ def _train(method, provider, tmp):
     reset_peak()
     tic = time.perf_counter()
     train(model=model, optimizer=optim.Adam(learning_rate=1e-3), train_dataset=data, args=args,
-          loss=default_loss, training_callback=Keep())
+          loss=loss, training_callback=Keep())
     seconds = time.perf_counter() - tic
+    if SEQ is not None and len(marks) > 6:  # steady state: leave out compilation and warm-up
+        (t0, n0), (t1, n1) = marks[4], marks[-1]
+        return curve, (n1 - n0) / (t1 - t0), read_peak()
     return curve, tokens[0] / seconds, read_peak()
 
 
@@ -94,8 +159,8 @@ def test_train(benchmark, method, provider, tmp_path):
 
     run(benchmark, once, rounds=1, warmup=0)
     CURVES[(method, provider)] = out["curve"]
-    annotate(benchmark, op=f"train_{method}", provider=provider, mode="fwd+bwd+update", dtype=mx.float32,
-             shape={**SHAPE, "batch": BATCH, "iters": ITERS}, peak_bytes=int(out["peak"]),
+    annotate(benchmark, op=f"train_{method}", provider=provider, mode="fwd+bwd+update", dtype=DTYPE,
+             shape={**SHAPE, "batch": BATCH, "seq": SEQ, "iters": ITERS, "config": CONFIG}, peak_bytes=int(out["peak"]),
              tokens_per_second=out["tps"])
     print(f"\n{method:6s} {provider:9s} {out['tps']:9.1f} tokens/s  peak {out['peak'] / 2**20:7.1f} MiB  "
           f"loss {out['curve'][0]:.3f} -> {out['curve'][-1]:.3f}")
@@ -127,5 +192,5 @@ def _plot():
         ax.legend()
     fig.tight_layout()
     RESULTS.mkdir(exist_ok=True)
-    fig.savefig(RESULTS / "train_loss.png", dpi=100)
+    fig.savefig(RESULTS / ("train_loss.png" if CONFIG == "tiny" else f"train_loss-{CONFIG}.png"), dpi=100)
     plt.close(fig)
