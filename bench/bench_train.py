@@ -166,7 +166,8 @@ def test_train(benchmark, method, provider, tmp_path):
           f"loss {out['curve'][0]:.3f} -> {out['curve'][-1]:.3f}")
     other = CURVES.get((method, "reference" if provider == "fused" else "fused"))
     if other is not None:  # same model, data, order and loss: the curves must agree
-        np.testing.assert_allclose(out["curve"], other, rtol=2e-3, atol=2e-3)
+        tol = 2e-3 if DTYPE == mx.float32 else 3e-2  # bf16 rounding differs between the paths
+        np.testing.assert_allclose(out["curve"], other, rtol=tol, atol=tol)
         _plot()
 
 
