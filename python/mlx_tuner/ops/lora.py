@@ -56,5 +56,4 @@ def lora_linear(x, weight, lora_a, lora_b, scale, bias=None, *, x_dropped=None, 
     if ext is None:
         return lora_linear_reference(x, weight, lora_a, lora_b, scale, bias, x_dropped=x_dropped)
     s = check_scalar("lora_linear", "scale", scale)
-    return ext.lora_linear(x, weight, lora_a, lora_b, s, bias, x_dropped,
-                           stream=_extension.device_of(stream) if stream is None else stream)
+    return ext.lora_linear(x, weight, lora_a, lora_b, s, bias, x_dropped, stream=stream)
