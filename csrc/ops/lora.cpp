@@ -97,7 +97,7 @@ mx::array lora_linear(
   mx::Shape flat = {static_cast<int>(n_rows), in_dims};
 
   // The CPU kernel widens any float dtype itself; the GPU kernels take one compute
-  // dtype (LoRA parameters included) and accumulate in float32.
+  // dtype for x, W, bias, x_d and accumulate in float32.
   bool gpu = s.device == mx::Device::gpu;
   auto prep = [&](const mx::array& a, bool reshape) {
     auto t = reshape ? mx::reshape(a, flat, s) : a;
@@ -106,8 +106,16 @@ mx::array lora_linear(
     }
     return mx::contiguous(t, false, s);
   };
+  // LoRA parameters keep float32 (their gradients stay float32) or the compute dtype.
+  auto prep_lora = [&](const mx::array& a) {
+    auto t = a;
+    if (gpu && a.dtype() != mx::float32 && a.dtype() != out_dtype) {
+      t = mx::astype(t, mx::float32, s);
+    }
+    return mx::contiguous(t, false, s);
+  };
   std::vector<mx::array> inputs = {
-      prep(x, true), prep(weight, false), prep(lora_a, false), prep(lora_b, false)};
+      prep(x, true), prep(weight, false), prep_lora(lora_a), prep_lora(lora_b)};
   if (bias) {
     inputs.push_back(prep(*bias, false));
   }
