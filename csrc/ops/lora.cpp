@@ -6,6 +6,8 @@
 #include <stdexcept>
 
 #include "mlx/ops.h"
+#define MLX_TUNER_LORA_PARAMS_ONLY
+#include "metal/lora.h"
 
 namespace mlx_tuner {
 
@@ -41,7 +43,36 @@ void check_shape(const char* name, const mx::array& a, const mx::Shape& expected
   }
 }
 
+void check_metal_dtypes(const std::string& t, const std::string& u) {
+  bool ok_t = t == "float32" || t == "float16" || t == "bfloat16";
+  if (!ok_t || (u != t && u != "float32")) {
+    throw std::invalid_argument(
+        "[lora_linear] no Metal kernel for activations " + t + " with LoRA parameters " + u);
+  }
+}
+
+size_t ceil_div(int a, int b) {
+  return static_cast<size_t>((a + b - 1) / b);
+}
+
 } // namespace
+
+MetalLaunch metal_launch_lora_xa(int n, int r, const std::string& t, const std::string& u) {
+  using namespace mlx_tuner_lora;
+  check_metal_dtypes(t, u);
+  return {"lora_xa_" + t + "_" + u,
+          {ceil_div(r, XA_COLS), ceil_div(n, XA_ROWS), 1},
+          {XA_COLS, XA_ROWS, 1}};
+}
+
+MetalLaunch metal_launch_lora_linear(
+    int n, int out, const std::string& t, const std::string& u, bool has_bias) {
+  using namespace mlx_tuner_lora;
+  check_metal_dtypes(t, u);
+  return {"lora_linear_" + t + "_" + u + (has_bias ? "_bias" : "_nobias"),
+          {ceil_div(out, BN), ceil_div(n, BM), 1},
+          {THREADS, 1, 1}};
+}
 
 mx::array lora_linear(
     const mx::array& x,

@@ -15,7 +15,9 @@
 #pragma once
 
 #include <optional>
+#include <string>
 
+#include "common/metal_launch.h"
 #include "mlx/primitives.h"
 #include "mlx/utils.h"
 
@@ -33,6 +35,13 @@ mx::array lora_linear(
     const std::optional<mx::array>& bias,
     const std::optional<mx::array>& x_dropped,
     mx::StreamOrDevice s = {});
+
+// Metal dispatch of the two forward kernels (metal/lora.h), used by the Metal host code
+// and, through the bindings, by the emulator tests. Dtypes by name ("float32", ...):
+// t of the activations, u of the LoRA parameter the kernel reads (t or "float32").
+MetalLaunch metal_launch_lora_xa(int n, int r, const std::string& t, const std::string& u);
+MetalLaunch metal_launch_lora_linear(
+    int n, int out, const std::string& t, const std::string& u, bool has_bias);
 
 // inputs: x, W, A, B, [bias], [x_d]   outputs: y (N, out), xa (N, r) float32
 class LoRALinear : public mx::Primitive {
