@@ -6,6 +6,7 @@
 #include <stdexcept>
 
 #include "mlx/ops.h"
+#include "mlx/transforms.h"
 #define MLX_TUNER_LORA_PARAMS_ONLY
 #include "metal/lora.h"
 
@@ -172,6 +173,30 @@ bool LoRALinear::is_equivalent(const mx::Primitive& other) const {
   return scale_ == o.scale_ && has_bias_ == o.has_bias_ && has_xd_ == o.has_xd_;
 }
 
+// The backward as MLX's autodiff of mlx-lm's maths: the Metal path (no fused Metal
+// backward kernel yet; MLX's Metal GEMMs do the work).
+std::vector<mx::array> LoRALinear::composed_vjp(
+    const std::vector<mx::array>& primals,
+    const mx::array& dy,
+    const std::vector<int>& argnums,
+    int bias_idx,
+    int xd_idx) {
+  auto s = stream();
+  float scale = scale_;
+  auto fn = [=](const std::vector<mx::array>& p) -> std::vector<mx::array> {
+    auto wt = mx::transpose(p[1], {1, 0}, s);
+    auto y = bias_idx >= 0 ? mx::addmm(p[bias_idx], p[0], wt, 1.0f, 1.0f, s)
+                           : mx::matmul(p[0], wt, s);
+    const auto& xd = xd_idx >= 0 ? p[xd_idx] : p[0];
+    auto z = mx::matmul(mx::matmul(xd, p[2], s), p[3], s);
+    return {mx::add(y, mx::astype(mx::multiply(mx::array(scale), z, s), p[0].dtype(), s), s)};
+  };
+  auto grads = mx::vjp(fn, primals, {dy}).second;
+  std::vector<mx::array> out;
+  for (int a : argnums) out.push_back(grads[a]);
+  return out;
+}
+
 std::vector<mx::array> LoRALinear::vjp(
     const std::vector<mx::array>& primals,
     const std::vector<mx::array>& cotangents,
@@ -191,6 +216,11 @@ std::vector<mx::array> LoRALinear::vjp(
     want.bias |= a == bias_idx;
     want.x_dropped |= a == xd_idx;
   }
+#if defined(MLX_TUNER_METAL)
+  if (s.device == mx::Device::gpu) {
+    return composed_vjp(primals, cotangents[0], argnums, bias_idx, xd_idx);
+  }
+#endif
   auto dy = mx::contiguous(mx::astype(cotangents[0], outputs[0].dtype(), s), false, s);
   // On the GPU, dW and dbias are one plain GEMM / reduction: MLX's own are as good.
   bool gpu = s.device == mx::Device::gpu;

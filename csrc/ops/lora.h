@@ -78,6 +78,13 @@ class LoRALinear : public mx::Primitive {
   }
 
  private:
+  std::vector<mx::array> composed_vjp(
+      const std::vector<mx::array>& primals,
+      const mx::array& dy,
+      const std::vector<int>& argnums,
+      int bias_idx,
+      int xd_idx);
+
   float scale_;
   bool has_bias_;
   bool has_xd_;

@@ -8,9 +8,11 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <stdexcept>
 
 #include "common/parallel.h"
+#include "mlx/allocator.h"
 #include "mlx/array.h"
 
 namespace mlx_tuner::cpu {
@@ -102,19 +104,62 @@ inline void narrow(const float* src, void* dst, mx::Dtype dtype, int64_t n) {
   }
 }
 
-// Threaded widen/narrow of n elements (chunks of >= 16K elements per task).
+// parallel_for for the element-wise work between BLAS calls. OpenBLAS's workers spin
+// for a while after each GEMM: on Linux, our own threads would then fight them for the
+// cores (measured: 2x the CPU time of the conversions), so that work stays on one thread.
+template <typename F>
+inline void between_gemms_for(int64_t n, int64_t grain, F&& fn) {
+#if defined(MLX_TUNER_SCIPY_OPENBLAS)
+  (void)grain;
+  if (n > 0) fn(int64_t(0), n);
+#else
+  parallel_for(n, grain, fn);
+#endif
+}
+
+// widen/narrow of n elements, threaded where it pays (chunks of >= 16K elements).
 inline void widen_par(const void* src, mx::Dtype dtype, float* dst, int64_t n) {
   size_t esz = mx::size_of(dtype);
-  parallel_for(n, 1 << 14, [&](int64_t b, int64_t e) {
+  between_gemms_for(n, 1 << 14, [&](int64_t b, int64_t e) {
     widen(static_cast<const char*>(src) + b * esz, dtype, dst + b, e - b);
   });
 }
 inline void narrow_par(const float* src, void* dst, mx::Dtype dtype, int64_t n) {
   size_t esz = mx::size_of(dtype);
-  parallel_for(n, 1 << 14, [&](int64_t b, int64_t e) {
+  between_gemms_for(n, 1 << 14, [&](int64_t b, int64_t e) {
     narrow(src + b, static_cast<char*>(dst) + b * esz, dtype, e - b);
   });
 }
+
+// float32 scratch from MLX's allocator: its buffer cache hands back recently freed
+// memory, so a kernel called every step does not page-fault fresh pages in each time.
+class Scratch {
+ public:
+  Scratch() = default;
+  explicit Scratch(int64_t n) {
+    reset(n);
+  }
+  void reset(int64_t n) {
+    data_.reset();
+    if (n > 0) {
+      data_.emplace(mx::allocator::malloc(n * sizeof(float)));
+    }
+    size_ = n;
+  }
+  float* get() const {
+    return data_ ? static_cast<float*>(data_->buffer().raw_ptr()) : nullptr;
+  }
+  int64_t size() const {
+    return size_;
+  }
+  bool empty() const {
+    return size_ == 0;
+  }
+
+ private:
+  std::optional<mx::allocator::Data> data_;
+  int64_t size_ = 0;
+};
 
 // Rows [r0, r0 + m) of a row-contiguous (rows, cols) matrix as float32: the array's own
 // memory when it is float32, else widened into an owned scratch tile (reused across
@@ -140,16 +185,14 @@ class F32Rows {
 
  private:
   void reserve(int64_t n) {
-    if (n > cap_) {
-      buf_.reset(new float[n]);
-      cap_ = n;
+    if (n > buf_.size()) {
+      buf_.reset(n);
     }
   }
   const char* data_;
   mx::Dtype dtype_;
   int64_t cols_;
-  std::unique_ptr<float[]> buf_;
-  int64_t cap_ = 0;
+  Scratch buf_;
   int64_t last_r0_ = -1;
   int64_t last_m_ = -1;
 };
@@ -161,7 +204,7 @@ class F32Whole {
     if (a.dtype() == mx::float32) {
       ptr_ = a.data<float>();
     } else {
-      buf_.reset(new float[a.size()]);
+      buf_.reset(a.size());
       widen_par(a.data<void>(), a.dtype(), buf_.get(), a.size());
       ptr_ = buf_.get();
     }
@@ -172,7 +215,7 @@ class F32Whole {
 
  private:
   const float* ptr_ = nullptr;
-  std::unique_ptr<float[]> buf_;
+  Scratch buf_;
 };
 
 // A float32 accumulator for an output array: writes straight into a float32 output,
@@ -183,7 +226,7 @@ class F32Out {
     if (out.dtype() == mx::float32) {
       ptr_ = out.data<float>();
     } else {
-      buf_.reset(new float[out.size()]);
+      buf_.reset(out.size());
       ptr_ = buf_.get();
     }
     if (zero && out.size() > 0) {
@@ -194,7 +237,7 @@ class F32Out {
     return ptr_;
   }
   void finish() {
-    if (buf_) {
+    if (!buf_.empty()) {
       narrow_par(ptr_, out_.data<void>(), out_.dtype(), out_.size());
     }
   }
@@ -202,7 +245,7 @@ class F32Out {
  private:
   mx::array& out_;
   float* ptr_ = nullptr;
-  std::unique_ptr<float[]> buf_;
+  Scratch buf_;
 };
 
 } // namespace mlx_tuner::cpu

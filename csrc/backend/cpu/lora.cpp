@@ -1,9 +1,10 @@
 // CPU kernels of the fused LoRA linear (maths in csrc/ops/lora.h). Every product runs
 // through the optimized BLAS (float32, threaded); half-precision activations are
-// widened in row tiles of at most ~4 MiB, the base weight once per call. The rank-r
+// widened in row tiles of ~16 MiB, the base weight once per call. The rank-r
 // term goes into the base GEMM's output buffer as a beta = 1 GEMM: no (N, out)
 // temporary, no separate add pass.
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -38,13 +39,20 @@ void gemm(
         std::max(ldc, 1));
 }
 
-// Rows per tile: all of them when nothing needs widening, else ~1M floats per operand
-// (and at least 128 rows, so that every GEMM stays efficient).
+// Rows per tile: all of them when nothing needs widening, else ~4M floats (16 MiB) per
+// operand and at least 256 rows. Large tiles mean few BLAS calls: every call is a
+// fork/join of the BLAS threads, costly on a busy machine (measured with perf).
 int64_t tile_rows(int64_t n, int64_t widest, bool all_f32) {
+  // The tests set MLX_TUNER_LORA_TILE_ROWS to run many tiles on small shapes.
+  if (const char* env = std::getenv("MLX_TUNER_LORA_TILE_ROWS")) {
+    if (int64_t v = std::atoll(env); v > 0) {
+      return v;
+    }
+  }
   if (all_f32) {
     return std::max<int64_t>(n, 1);
   }
-  return std::clamp<int64_t>((int64_t(1) << 20) / std::max<int64_t>(widest, 1), 128, 1024);
+  return std::max<int64_t>((int64_t(1) << 22) / std::max<int64_t>(widest, 1), 256);
 }
 
 void alloc(mx::array& a) {
@@ -82,20 +90,20 @@ void LoRALinear::eval_cpu(
     F32Rows xt(x, in);
     std::optional<F32Rows> xdt;
     if (xd) xdt.emplace(*xd, in);
-    std::vector<float> ytile(y.dtype() == mx::float32 ? 0 : std::min(mb, n) * out);
+    cpu::Scratch ytile(y.dtype() == mx::float32 ? 0 : std::min(mb, n) * out);
     float* xa_p = xa.data<float>();
     for (int64_t r0 = 0; r0 < n; r0 += mb) {
       int m = static_cast<int>(std::min(mb, n - r0));
       const float* xp = xt.load(r0, m);
       const float* xdp = xdt ? xdt->load(r0, m) : xp;
       float* xa_t = xa_p + r0 * r;
-      float* yt = ytile.empty() ? y.data<float>() + r0 * out : ytile.data();
+      float* yt = ytile.empty() ? y.data<float>() + r0 * out : ytile.get();
       // xa = x_d A (saved for the backward)
       gemm(false, false, m, r, in, 1.0f, xdp, in, a32.get(), r, 0.0f, xa_t, r);
       float beta = 0.0f;
       if (bias32) {
         const float* bp = bias32->get();
-        parallel_for(m, 64, [&](int64_t i0, int64_t i1) {
+        cpu::between_gemms_for(m, 64, [&](int64_t i0, int64_t i1) {
           for (int64_t i = i0; i < i1; ++i) std::memcpy(yt + i * out, bp, out * 4);
         });
         beta = 1.0f;
@@ -161,22 +169,22 @@ void LoRALinearVJP::eval_cpu(
     std::optional<F32Rows> xdt;
     if (xd) xdt.emplace(*xd, in);
     int64_t mt = std::min(mb, std::max<int64_t>(n, 1));
-    std::vector<float> g(need_g ? mt * r : 0);
-    std::vector<float> in_tile((dx || dxd) ? mt * in : 0);
+    cpu::Scratch g(need_g ? mt * r : 0);
+    cpu::Scratch in_tile((dx || dxd) ? mt * in : 0);
     const float* xa_p = xa.data<float>();
 
     auto input_grad = [&](mx::array& dst_, bool base, bool lora, int64_t r0, int m,
                           const float* dyp) {
       mx::array* dst = &dst_;
       bool direct = dst->dtype() == mx::float32;
-      float* t = direct ? dst->data<float>() + r0 * in : in_tile.data();
+      float* t = direct ? dst->data<float>() + r0 * in : in_tile.get();
       float beta = 0.0f;
       if (base) {
         gemm(false, false, m, in, out, 1.0f, dyp, out, w32->get(), in, 0.0f, t, in);
         beta = 1.0f;
       }
       if (lora) {
-        gemm(false, true, m, in, r, s, g.data(), r, a32->get(), r, beta, t, in);
+        gemm(false, true, m, in, r, s, g.get(), r, a32->get(), r, beta, t, in);
       }
       if (!direct) {
         cpu::narrow_par(t, static_cast<char*>(dst->data<void>()) + r0 * in * dst->itemsize(),
@@ -188,13 +196,13 @@ void LoRALinearVJP::eval_cpu(
       int m = static_cast<int>(std::min(mb, n - r0));
       const float* dyp = dyt.load(r0, m);
       if (need_g) { // g = dy B^T
-        gemm(false, true, m, r, out, 1.0f, dyp, out, b32->get(), out, 0.0f, g.data(), r);
+        gemm(false, true, m, r, out, 1.0f, dyp, out, b32->get(), out, 0.0f, g.get(), r);
       }
       if (dx) input_grad(*dx, true, lora_into_dx, r0, m, dyp);
       if (dxd) input_grad(*dxd, false, true, r0, m, dyp);
       if (da) { // dA += s x_d^T g
         const float* xdp = xdt ? xdt->load(r0, m) : xt.load(r0, m);
-        gemm(true, false, in, r, m, s, xdp, in, g.data(), r, 1.0f, da_acc->get(), r);
+        gemm(true, false, in, r, m, s, xdp, in, g.get(), r, 1.0f, da_acc->get(), r);
       }
       if (db) { // dB += s xa^T dy
         gemm(true, false, r, out, m, s, xa_p + r0 * r, r, dyp, out, 1.0f, db_acc->get(), out);
@@ -205,7 +213,7 @@ void LoRALinearVJP::eval_cpu(
       }
       if (dbias) {
         float* acc = dbias_acc->get();
-        parallel_for(out, 256, [&](int64_t j0, int64_t j1) {
+        cpu::between_gemms_for(out, 256, [&](int64_t j0, int64_t j1) {
           for (int i = 0; i < m; ++i) {
             const float* row = dyp + int64_t(i) * out;
             for (int64_t j = j0; j < j1; ++j) acc[j] += row[j];
