@@ -48,7 +48,8 @@ def oracle(args, scale, dy=None):
     lead = x.shape[:-1]
     x2 = x.reshape(-1, din)
     xd2 = x2 if xd is None else xd.reshape(-1, din)
-    y = x2 @ w.T + scale * (xd2 @ a) @ b
+    with np.errstate(invalid="ignore", over="ignore"):  # non-finite inputs are tested too
+        y = x2 @ w.T + scale * (xd2 @ a) @ b
     if bb is not None:
         y = y + bb
     if dy is None:
@@ -216,6 +217,17 @@ def test_many_row_tiles(device, monkeypatch, dt, lora_dt):
     want = oracle(args, scale, dy)
     for name in got:
         assert_close_to_oracle(got[name], ref[name], want[name], dt, what=f"d{name}")
+
+
+@pytest.mark.parametrize("dt", [f32, f16, bf16], ids=lambda d: str(d).split(".")[-1])
+def test_nonfinite_rows_propagate(device, dt):
+    args = make((6,), 12, 9, 3, dt, f32, seed=13, dropped=False)
+    x = np.array(args[0].astype(f32))
+    x[1, 3], x[4, 0] = np.nan, np.inf
+    args[0] = mx.array(x).astype(dt)
+    y = call(lora_linear, args, 1.0)
+    # NaN rows stay NaN, inf rows non-finite, the other rows exact as usual.
+    assert_close_to_oracle(y, call(lora_linear_reference, args, 1.0), oracle(args, 1.0), dt)
 
 
 def test_compiled_forward_matches_eager(device):

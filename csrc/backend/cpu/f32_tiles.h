@@ -34,13 +34,13 @@ inline float bf16_to_float(uint16_t h) {
   return bits_to_float(uint32_t(h) << 16);
 }
 
+// Round to nearest even; NaN stays a (quiet) NaN. A select, not a branch, so that the
+// narrowing loops vectorise.
 inline uint16_t float_to_bf16(float f) {
   uint32_t u = float_to_bits(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) {
-    return uint16_t((u >> 16) | 0x40u); // quiet NaN
-  }
-  u += 0x7fffu + ((u >> 16) & 1u); // round to nearest even
-  return uint16_t(u >> 16);
+  uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  uint32_t nan = (u >> 16) | 0x40u;
+  return uint16_t((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
 }
 
 // Branch-light IEEE half -> float: place exponent and mantissa, rescale the bias by
