@@ -8,6 +8,7 @@
 #include <cublasLt.h>
 
 #include <map>
+#include <optional>
 #include <mutex>
 #include <tuple>
 
@@ -48,12 +49,22 @@ cublasLtHandle_t lt_handle(int device) {
 
 constexpr size_t kWorkspace = 32u << 20; // cuBLASLt's recommendation for Hopper
 
-// A device buffer that lives until the encoder's graph has run.
-void* scratch(mx::cu::CommandEncoder& enc, size_t nbytes) {
-  nbytes = std::max<size_t>(nbytes, 1);
-  mx::array a(cuda::malloc_device(nbytes, enc), {int(nbytes)}, mx::uint8);
+// A device buffer of `shape` x `dtype` that lives until the encoder's graph has run.
+mx::array scratch(mx::cu::CommandEncoder& enc, mx::Shape shape, mx::Dtype dtype) {
+  size_t nbytes = mx::size_of(dtype);
+  for (auto d : shape) nbytes *= d;
+  mx::array a(cuda::malloc_device(std::max<size_t>(nbytes, 1), enc), std::move(shape), dtype);
   enc.add_temporary(a);
-  return gpu_ptr<void>(a);
+  return a;
+}
+
+// MLX orders the nodes of its CUDA graph by data flow: each node depends on the last
+// writers of the buffers registered (set_input_array / set_output_array) just before
+// it. Every node below registers what it reads and writes, scratch included.
+void reads_writes(mx::cu::CommandEncoder& enc, std::initializer_list<const mx::array*> in,
+                  std::initializer_list<const mx::array*> out) {
+  for (auto* a : in) if (a) enc.set_input_array(*a);
+  for (auto* a : out) enc.set_output_array(*a);
 }
 
 // Row-major C[m, n] = alpha op(A) op(B) + beta C (+ bias[n] when given), captured on
@@ -66,8 +77,12 @@ struct Gemm {
 };
 
 void gemm(
-    mx::cu::CommandEncoder& enc, const Gemm& g, float alpha, const void* a, const void* b,
-    float beta, void* c, const void* bias = nullptr) {
+    mx::cu::CommandEncoder& enc, const Gemm& g, float alpha, const mx::array& a_arr,
+    const mx::array& b_arr, float beta, mx::array& c_arr, const mx::array* bias_arr = nullptr) {
+  const void* a = gpu_ptr<void>(a_arr);
+  const void* b = gpu_ptr<void>(b_arr);
+  void* c = gpu_ptr<void>(c_arr);
+  const void* bias = bias_arr ? gpu_ptr<void>(*bias_arr) : nullptr;
   if (g.m == 0 || g.n == 0) {
     return;
   }
@@ -107,7 +122,14 @@ void gemm(
   if (found == 0) {
     throw std::runtime_error("[lora_linear] cuBLASLt found no algorithm for a GEMM");
   }
-  void* workspace = heur.workspaceSize > 0 ? scratch(enc, heur.workspaceSize) : nullptr;
+  std::optional<mx::array> ws_arr;
+  void* workspace = nullptr;
+  if (heur.workspaceSize > 0) {
+    ws_arr = scratch(enc, {int(heur.workspaceSize)}, mx::uint8);
+    workspace = gpu_ptr<void>(*ws_arr);
+  }
+  reads_writes(enc, {&a_arr, &b_arr, bias_arr, beta != 0.0f ? &c_arr : nullptr},
+               {&c_arr});
   {
     auto capture = enc.capture_context();
     check_lt(cublasLtMatmul(handle, desc, &alpha, b, lb, a, la, &beta, c, lc, c, lc,
@@ -130,30 +152,31 @@ __global__ void convert_kernel(const In* src, Out* dst, long long n) {
 }
 
 template <typename T>
-void convert_typed(mx::cu::CommandEncoder& enc, const void* src, mx::Dtype from, void* dst,
-                   long long n) {
+void convert_typed(mx::cu::CommandEncoder& enc, const mx::array& src, mx::array& dst) {
+  long long n = src.size();
   if (n == 0) return;
+  reads_writes(enc, {&src}, {&dst});
   dim3 grid(unsigned(std::min<long long>((n + 255) / 256, 4096))), block(256);
-  if (from == mx::float32) {
+  T* out = gpu_ptr<T>(dst);
+  if (src.dtype() == mx::float32) {
     cuda::launch(enc, reinterpret_cast<const void*>(&convert_kernel<float, T>), grid, block,
-                 0, static_cast<const float*>(src), static_cast<T*>(dst), n);
-  } else if (from == mx::float16) {
+                 0, gpu_ptr<float>(src), out, n);
+  } else if (src.dtype() == mx::float16) {
     cuda::launch(enc, reinterpret_cast<const void*>(&convert_kernel<__half, T>), grid, block,
-                 0, static_cast<const __half*>(src), static_cast<T*>(dst), n);
+                 0, gpu_ptr<__half>(src), out, n);
   } else {
     cuda::launch(enc, reinterpret_cast<const void*>(&convert_kernel<__nv_bfloat16, T>), grid,
-                 block, 0, static_cast<const __nv_bfloat16*>(src), static_cast<T*>(dst), n);
+                 block, 0, gpu_ptr<__nv_bfloat16>(src), out, n);
   }
 }
 
-// A view of `src` (n elements of `from`) in dtype `to`: src itself, or a converted copy.
-const void* as_dtype(mx::cu::CommandEncoder& enc, const void* src, mx::Dtype from,
-                     mx::Dtype to, long long n) {
-  if (from == to) return src;
-  void* dst = scratch(enc, n * mx::size_of(to));
-  if (to == mx::float32) convert_typed<float>(enc, src, from, dst, n);
-  else if (to == mx::float16) convert_typed<__half>(enc, src, from, dst, n);
-  else convert_typed<__nv_bfloat16>(enc, src, from, dst, n);
+// `src` in dtype `to`: src itself, or a converted copy in scratch.
+mx::array as_dtype(mx::cu::CommandEncoder& enc, const mx::array& src, mx::Dtype to) {
+  if (src.dtype() == to) return src;
+  auto dst = scratch(enc, src.shape(), to);
+  if (to == mx::float32) convert_typed<float>(enc, src, dst);
+  else if (to == mx::float16) convert_typed<__half>(enc, src, dst);
+  else convert_typed<__nv_bfloat16>(enc, src, dst);
   return dst;
 }
 
@@ -172,7 +195,6 @@ void LoRALinear::eval_gpu(
   const auto& b = inputs[3];
   const mx::array* bias = has_bias_ ? &inputs[4] : nullptr;
   const auto& xd = has_xd_ ? inputs[has_bias_ ? 5 : 4] : x;
-  for (auto& in : inputs) enc.set_input_array(in);
   auto& y = outputs[0];
   auto& xa = outputs[1];
   alloc(y, enc);
@@ -180,16 +202,14 @@ void LoRALinear::eval_gpu(
   int n = x.shape(0), in = w.shape(1), out = w.shape(0), r = a.shape(1);
   if (n == 0) return;
   auto T = x.dtype();
-  const void* a_t = as_dtype(enc, gpu_ptr<void>(a), a.dtype(), T, (long long)in * r);
-  const void* b_t = as_dtype(enc, gpu_ptr<void>(b), b.dtype(), T, (long long)r * out);
+  auto a_t = as_dtype(enc, a, T);
+  auto b_t = as_dtype(enc, b, T);
   // xa = x_d A in float32 (saved), and its T copy for the rank-r GEMM
-  gemm(enc, {false, false, n, r, in, T, T, mx::float32}, 1.0f, gpu_ptr<void>(xd), a_t, 0.0f,
-       gpu_ptr<void>(xa));
-  const void* xa_t = as_dtype(enc, gpu_ptr<void>(xa), mx::float32, T, (long long)n * r);
+  gemm(enc, {false, false, n, r, in, T, T, mx::float32}, 1.0f, xd, a_t, 0.0f, xa);
+  auto xa_t = as_dtype(enc, xa, T);
   // y = x W^T (+ bias), then y += s xa B into the same buffer
-  gemm(enc, {false, true, n, out, in, T, T, T}, 1.0f, gpu_ptr<void>(x), gpu_ptr<void>(w), 0.0f,
-       gpu_ptr<void>(y), bias ? gpu_ptr<void>(*bias) : nullptr);
-  gemm(enc, {false, false, n, out, r, T, T, T}, scale_, xa_t, b_t, 1.0f, gpu_ptr<void>(y));
+  gemm(enc, {false, true, n, out, in, T, T, T}, 1.0f, x, w, 0.0f, y, bias);
+  gemm(enc, {false, false, n, out, r, T, T, T}, scale_, xa_t, b_t, 1.0f, y);
 }
 
 void LoRALinearVJP::eval_gpu(
@@ -202,13 +222,12 @@ void LoRALinearVJP::eval_gpu(
   const auto& xa = inputs[4];
   const auto& dy = inputs[5];
   const auto& xd = has_xd_ ? inputs[6] : x;
-  for (auto& in : inputs) enc.set_input_array(in);
   for (auto& o : outputs) alloc(o, enc);
   size_t k = 0;
   auto take = [&](bool on) -> mx::array* { return on ? &outputs[k++] : nullptr; };
   mx::array* dx = take(grads_.x);
   if (grads_.weight || grads_.bias) {
-    throw std::runtime_error("[lora_linear] dW and dbias are plain MLX ops on the GPU");
+    throw std::logic_error("[lora_linear] dW and dbias are plain MLX ops on the GPU");
   }
   mx::array* da = take(grads_.lora_a);
   mx::array* db = take(grads_.lora_b);
@@ -223,34 +242,31 @@ void LoRALinearVJP::eval_gpu(
   }
   bool lora_into_dx = dx && !has_xd_;
   bool need_g = da || dxd || lora_into_dx;
-  const void* g_t = nullptr;
+  std::optional<mx::array> g_t, a_t;
   if (need_g) { // g = dy B^T (float32 accumulate, T for the next products)
-    const void* b_t = as_dtype(enc, gpu_ptr<void>(b), b.dtype(), T, (long long)r * out);
-    void* g = scratch(enc, size_t(n) * r * 4);
-    gemm(enc, {false, true, n, r, out, T, T, mx::float32}, 1.0f, gpu_ptr<void>(dy), b_t, 0.0f, g);
-    g_t = as_dtype(enc, g, mx::float32, T, (long long)n * r);
+    auto b_t = as_dtype(enc, b, T);
+    auto g = scratch(enc, {n, r}, mx::float32);
+    gemm(enc, {false, true, n, r, out, T, T, mx::float32}, 1.0f, dy, b_t, 0.0f, g);
+    g_t = as_dtype(enc, g, T);
   }
-  const void* a_t = (lora_into_dx || dxd)
-      ? as_dtype(enc, gpu_ptr<void>(a), a.dtype(), T, (long long)in * r)
-      : nullptr;
+  if (lora_into_dx || dxd) {
+    a_t = as_dtype(enc, a, T);
+  }
   if (dx) { // dx = dy W (+ s g A^T, accumulated into the same buffer)
-    gemm(enc, {false, false, n, in, out, T, T, T}, 1.0f, gpu_ptr<void>(dy), gpu_ptr<void>(w),
-         0.0f, gpu_ptr<void>(*dx));
+    gemm(enc, {false, false, n, in, out, T, T, T}, 1.0f, dy, w, 0.0f, *dx);
     if (lora_into_dx) {
-      gemm(enc, {false, true, n, in, r, T, T, T}, scale_, g_t, a_t, 1.0f, gpu_ptr<void>(*dx));
+      gemm(enc, {false, true, n, in, r, T, T, T}, scale_, *g_t, *a_t, 1.0f, *dx);
     }
   }
   if (dxd) {
-    gemm(enc, {false, true, n, in, r, T, T, T}, scale_, g_t, a_t, 0.0f, gpu_ptr<void>(*dxd));
+    gemm(enc, {false, true, n, in, r, T, T, T}, scale_, *g_t, *a_t, 0.0f, *dxd);
   }
   if (da) { // dA = s x_d^T g, in A's dtype (float32 for mlx-lm's LoRA parameters)
-    gemm(enc, {true, false, in, r, n, T, T, da->dtype()}, scale_, gpu_ptr<void>(xd), g_t, 0.0f,
-         gpu_ptr<void>(*da));
+    gemm(enc, {true, false, in, r, n, T, T, da->dtype()}, scale_, xd, *g_t, 0.0f, *da);
   }
   if (db) { // dB = s xa^T dy
-    const void* xa_t = as_dtype(enc, gpu_ptr<void>(xa), mx::float32, T, (long long)n * r);
-    gemm(enc, {true, false, r, out, n, T, T, db->dtype()}, scale_, xa_t, gpu_ptr<void>(dy), 0.0f,
-         gpu_ptr<void>(*db));
+    auto xa_t = as_dtype(enc, xa, T);
+    gemm(enc, {true, false, r, out, n, T, T, db->dtype()}, scale_, xa_t, dy, 0.0f, *db);
   }
 }
 
