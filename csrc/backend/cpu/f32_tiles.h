@@ -205,7 +205,13 @@ class F32Whole {
       ptr_ = a.data<float>();
     } else {
       buf_.reset(a.size());
-      widen_par(a.data<void>(), a.dtype(), buf_.get(), a.size());
+      // Whole operands are widened before the kernel's first GEMM: threads pay here.
+      size_t esz = mx::size_of(a.dtype());
+      const char* src = a.data<char>();
+      float* dst = buf_.get();
+      parallel_for(a.size(), 1 << 16, [&](int64_t b, int64_t e) {
+        widen(src + b * esz, a.dtype(), dst + b, e - b);
+      });
       ptr_ = buf_.get();
     }
   }
