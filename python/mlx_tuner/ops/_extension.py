@@ -87,6 +87,8 @@ def device_of(stream) -> mx.Device:
         return stream.device
     if isinstance(stream, mx.Device):
         return stream
+    if isinstance(stream, mx.DeviceType):  # mx.cpu / mx.gpu, as mlx's own ops accept
+        return mx.Device(stream)
     raise ValueError(f"stream must be None, an mx.Stream or an mx.Device but got {stream!r}")
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from . import _extension
 from ._checks import check_array, check_scalar, check_shape
 
 
@@ -44,6 +45,15 @@ def lora_linear_reference(x, weight, lora_a, lora_b, scale, bias=None, *, x_drop
 
 
 def lora_linear(x, weight, lora_a, lora_b, scale, bias=None, *, x_dropped=None, stream=None):
-    """Fused LoRA linear (falls back to ``lora_linear_reference`` without a kernel)."""
+    """Fused LoRA linear (falls back to ``lora_linear_reference`` without a kernel).
+
+    One primitive computes the base GEMM with the rank-r term accumulated into the same
+    output (saving ``x_dropped @ lora_a`` for the backward); its vjp is a second fused
+    primitive that computes only the gradients asked for.
+    """
     _check("lora_linear", x, weight, lora_a, lora_b, scale, bias, x_dropped)
-    return lora_linear_reference(x, weight, lora_a, lora_b, scale, bias, x_dropped=x_dropped)
+    ext = _extension.kernel_for("lora", stream)
+    if ext is None:
+        return lora_linear_reference(x, weight, lora_a, lora_b, scale, bias, x_dropped=x_dropped)
+    s = check_scalar("lora_linear", "scale", scale)
+    return ext.lora_linear(x, weight, lora_a, lora_b, s, bias, x_dropped, stream=stream)

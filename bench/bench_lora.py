@@ -1,0 +1,108 @@
+"""Fused LoRA linear vs mlx-lm's LoRALinear maths and the frozen base layer alone.
+
+    pytest bench/bench_lora.py --benchmark-json=bench/results/lora.json
+
+providers: "reference" (lora_linear_reference: what mlx-lm's LoRALinear runs), "base"
+(x W^T alone, MLX's matmul) and "fused" (mlx_tuner.ops.lora_linear); modes "forward" and
+"forward+backward" (gradients for x, lora_a, lora_b: a LoRA training step, frozen base).
+Each row carries FLOP/s and the BLAS / device GEMM ceiling measured in the same run.
+"""
+
+from __future__ import annotations
+
+import time
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from bench.common import QUICK, annotate, ceilings, run
+from mlx_tuner.ops import lora_linear, lora_linear_reference
+
+GPU = mx.default_device() == mx.gpu
+# (name, tokens N, in, out, rank): layers of real models
+if QUICK:
+    SHAPES = [("tiny", 64, 96, 80, 8)]
+elif GPU:
+    SHAPES = [
+        ("llama3-8b.q_proj", 4096, 4096, 4096, 16),
+        ("llama3-8b.up_proj", 4096, 4096, 14336, 16),
+        ("llama3-8b.down_proj", 4096, 14336, 4096, 16),
+        ("qwen3-0.6b.up_proj", 4096, 1024, 3072, 8),
+    ]
+else:  # 2 shared cores and a ~5 GFLOP/s reference: a few hundred tokens only
+    SHAPES = [
+        ("qwen3-0.6b.up_proj", 1024, 1024, 3072, 8),
+        ("llama3-8b.q_proj", 256, 4096, 4096, 16),
+    ]
+DTYPES = [mx.bfloat16] if (QUICK or GPU) else [mx.bfloat16, mx.float32]
+PROVIDERS = ["reference", "base", "fused"]
+MODES = ["forward", "forward+backward"]
+
+
+def flops(mode, n, din, dout, r, provider):
+    base = 2 * n * din * dout
+    lora = 2 * n * r * (din + dout)
+    fwd = base + (0 if provider == "base" else lora)
+    if mode == "forward":
+        return fwd
+    # dx = dy W (+ s g A^T), g = dy B^T, dA, dB
+    bwd = base + (0 if provider == "base" else 2 * lora)
+    return fwd + bwd
+
+
+def make_fn(provider, mode, x, w, a, b, scale):
+    if provider == "base":
+        def f(x, a, b):
+            return x @ w.T
+    else:
+        op = lora_linear if provider == "fused" else lora_linear_reference
+
+        def f(x, a, b):
+            return op(x, w, a, b, scale)
+    if mode == "forward":
+        return lambda: f(x, a, b)
+    argnums = [0] if provider == "base" else [0, 1, 2]
+    step = mx.value_and_grad(lambda x, a, b: f(x, a, b).astype(mx.float32).sum(), argnums)
+    return lambda: step(x, a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s[0])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_lora_linear(benchmark, provider, mode, shape, dtype):
+    name, n, din, dout, r = shape
+    k = mx.random.split(mx.random.key(0), 4)
+    x = mx.random.normal((n, din), key=k[0]).astype(dtype)
+    w = (mx.random.normal((dout, din), key=k[1]) / din**0.5).astype(dtype)
+    a = mx.random.normal((din, r), key=k[2]) / din**0.5  # float32 LoRA, as mlx-lm
+    b = mx.random.normal((r, dout), key=k[3]) * 0.01
+    mx.eval(x, w, a, b)
+    fn = make_fn(provider, mode, x, w, a, b, 2.0)
+    slow = provider != "fused" and not GPU
+    run(benchmark, fn, rounds=3 if slow else 10, warmup=1 if slow else 3)
+    work = flops(mode, n, din, dout, r, provider)
+    ceil = ceilings("bfloat16" if (GPU and dtype == mx.bfloat16) else "float32")["gemm_flops"]
+    achieved = work / benchmark.stats["median"]
+    extra = {}
+    if not GPU:
+        # The machine is shared: also time the BLAS float32 GEMM of this very layer
+        # (x W^T) right after, the ceiling the CPU kernel is held to.
+        blas = blas_gemm_flops(x, w)
+        extra = {"blas_same_shape_flops": blas, "fraction_of_blas_same_shape": achieved / blas}
+    annotate(benchmark, op="lora_linear", provider=provider, mode=mode, dtype=dtype,
+             shape={"layer": name, "N": n, "in": din, "out": dout, "r": r}, flops=work,
+             flops_per_s=achieved, fraction_of_gemm_ceiling=achieved / ceil, **extra)
+
+
+def blas_gemm_flops(x, w, reps=5):
+    xn = np.array(x.astype(mx.float32))
+    wt = np.ascontiguousarray(np.array(w.astype(mx.float32)).T)
+    xn @ wt
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        xn @ wt
+        ts.append(time.perf_counter() - t)
+    return 2 * xn.shape[0] * xn.shape[1] * wt.shape[1] / float(np.median(ts))

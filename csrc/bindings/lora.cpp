@@ -1,0 +1,51 @@
+// Python bindings of the lora family: the fused op (mlx_tuner.ops.lora_linear calls it)
+// and the Metal launch geometry, so the emulator tests use the host's very numbers.
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/variant.h>
+
+#include "ops/lora.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace mlx_tuner::bindings {
+
+void init_lora(nb::module_& m) {
+  m.def(
+      "lora_linear",
+      &mlx_tuner::lora_linear,
+      "x"_a,
+      "weight"_a,
+      "lora_a"_a,
+      "lora_b"_a,
+      "scale"_a,
+      "bias"_a = nb::none(),
+      "x_dropped"_a = nb::none(),
+      nb::kw_only(),
+      "stream"_a = nb::none(),
+      "y = x W^T + bias + scale (x_dropped A) B, fused (see mlx_tuner.ops.lora_linear).");
+  auto launch_tuple = [](const MetalLaunch& l) {
+    return nb::make_tuple(
+        l.kernel,
+        nb::make_tuple(l.threadgroups[0], l.threadgroups[1], l.threadgroups[2]),
+        nb::make_tuple(l.threads[0], l.threads[1], l.threads[2]));
+  };
+  m.def(
+      "metal_launch_lora_xa",
+      [=](int n, int r, const std::string& t, const std::string& u) {
+        return launch_tuple(metal_launch_lora_xa(n, r, t, u));
+      },
+      "n"_a, "r"_a, "dtype"_a, "lora_dtype"_a,
+      "(kernel, threadgroups, threads) of the Metal kernel xa = x_d A.");
+  m.def(
+      "metal_launch_lora_linear",
+      [=](int n, int out, const std::string& t, const std::string& u, bool has_bias) {
+        return launch_tuple(metal_launch_lora_linear(n, out, t, u, has_bias));
+      },
+      "n"_a, "out"_a, "dtype"_a, "lora_dtype"_a, "has_bias"_a,
+      "(kernel, threadgroups, threads) of the fused Metal forward GEMM.");
+}
+
+} // namespace mlx_tuner::bindings
