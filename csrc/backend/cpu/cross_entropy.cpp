@@ -1,8 +1,8 @@
 // CPU kernels of linear_cross_entropy (maths: csrc/ops/cross_entropy.h).
 // The vocabulary is walked in blocks of kVB rows of W (converted or dequantized to float32
-// once per block); for each block, tokens in chunks of kNB rows: the logit tile
-// h_chunk · W_blockᵀ comes from the optimized BLAS (threaded by itself), the row-wise
-// softmax work is split over our thread pool. Only a (kNB, kVB) tile is ever stored.
+// once per block); for each block, token chunks run in parallel, each computing its logit
+// tile h_chunk · W_blockᵀ with the optimized BLAS and the row-wise softmax work on it.
+// At most an (N, kVB) tile is stored, never the (N, V) logits.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -21,7 +21,7 @@ namespace mlx_tuner {
 namespace {
 
 constexpr int kVB = 512; // vocabulary rows per block
-constexpr int kNB = 1024; // tokens per tile
+constexpr int kNB = 256; // most tokens per task
 constexpr int kLanes = 8; // independent accumulators, so reductions vectorize
 
 // exp(x) for x <= 0 to ~2 float ulps, written branch-free so that loops over it vectorize:
@@ -143,67 +143,107 @@ struct Head {
   }
 };
 
+// Our threads split the tokens and each calls a single-threaded BLAS: OpenBLAS's own
+// threads, woken for every small GEMM, ran up to 100x slower on a loaded machine.
+struct BlasSingleThread {
+#if defined(MLX_TUNER_SCIPY_OPENBLAS)
+  int prev = scipy_openblas_get_num_threads();
+  BlasSingleThread() {
+    if (prev != 1) {
+      scipy_openblas_set_num_threads(1);
+    }
+  }
+  ~BlasSingleThread() {
+    if (prev != 1) {
+      scipy_openblas_set_num_threads(prev);
+    }
+  }
+#endif
+};
+
 // tile[nb, vb] = h[n0 : n0 + nb] · W_blockᵀ + b[v0 : v0 + vb]
 template <typename T>
-void logits_tile(const float* h, const float* wb, const T* bias, int n0, int nb, int v0,
+void logits_tile(const float* h, const float* wb, const T* bias, int64_t n0, int nb, int v0,
                  int vb, int d, float* tile) {
   if (d == 0) {
     std::fill(tile, tile + int64_t(nb) * vb, 0.0f);
   } else {
-    sgemm(false, true, nb, vb, d, 1.0f, h + int64_t(n0) * d, d, wb, d, 0.0f, tile, vb);
+    sgemm(false, true, nb, vb, d, 1.0f, h + n0 * d, d, wb, d, 0.0f, tile, vb);
   }
   if (bias) {
-    parallel_for(nb, std::max(1, 16384 / vb), [&](int64_t a, int64_t b) {
-      for (int64_t r = a; r < b; ++r) {
-        float* row = tile + r * vb;
-        for (int c = 0; c < vb; ++c) {
-          row[c] += static_cast<float>(bias[v0 + c]);
-        }
+    for (int r = 0; r < nb; ++r) {
+      float* row = tile + int64_t(r) * vb;
+      for (int c = 0; c < vb; ++c) {
+        row[c] += static_cast<float>(bias[v0 + c]);
       }
-    });
+    }
   }
 }
 
 struct Dims {
   int N, d, V;
+  // Tokens per task: enough tasks for every thread, tall enough for an efficient GEMM.
+  int rows() const {
+    int per = (N + 4 * num_threads() - 1) / (4 * num_threads());
+    return std::max(1, std::min(kNB, std::max(32, per)));
+  }
 };
+
+// Calls fn(n0, nb, tile) for token chunks in parallel; each chunk owns its rows of the
+// (N, vb) tile buffer.
+template <typename F>
+void for_chunks(const Dims& D, int vb, float* tiles, F&& fn) {
+  const int rows = D.rows();
+  const int64_t chunks = (D.N + rows - 1) / rows;
+  parallel_for(chunks, 1, [&](int64_t a, int64_t b) {
+    for (int64_t c = a; c < b; ++c) {
+      const int64_t n0 = c * rows;
+      const int nb = static_cast<int>(std::min<int64_t>(rows, D.N - n0));
+      fn(n0, nb, tiles + n0 * vb);
+    }
+  });
+}
+
+template <typename T>
+const float* as_float(const T* x, float* buf, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    return x;
+  } else {
+    to_float(x, buf, n);
+    return buf;
+  }
+}
 
 template <typename T>
 void forward(const T* h_in, Head<T> head, const int32_t* y, const T* bias, Dims D,
-             float* h32buf, float* wbuf, float* tile, float* m, float* s, float* t,
+             float* h32buf, float* wbuf, float* tiles, float* m, float* s, float* t,
              float* loss, float* lse) {
   const int N = D.N, d = D.d, V = D.V;
-  const float* h = reinterpret_cast<const float*>(h_in);
-  if constexpr (!std::is_same_v<T, float>) {
-    to_float(h_in, h32buf, int64_t(N) * d);
-    h = h32buf;
-  }
+  BlasSingleThread single;
+  const float* h = as_float(h_in, h32buf, int64_t(N) * d);
   std::fill(m, m + N, -std::numeric_limits<float>::infinity());
   std::fill(s, s + N, 0.0f);
   std::fill(t, t + N, 0.0f);
   for (int v0 = 0; v0 < V; v0 += kVB) {
     const int vb = std::min(kVB, V - v0);
     const float* wb = head.block(v0, vb, wbuf);
-    for (int n0 = 0; n0 < N; n0 += kNB) {
-      const int nb = std::min(kNB, N - n0);
+    for_chunks(D, vb, tiles, [&](int64_t n0, int nb, float* tile) {
       logits_tile(h, wb, bias, n0, nb, v0, vb, d, tile);
-      parallel_for(nb, std::max(1, 16384 / vb), [&](int64_t a, int64_t b) {
-        for (int64_t r = a; r < b; ++r) {
-          const float* row = tile + r * vb;
-          const int64_t n = n0 + r;
-          float mb = row_max(row, vb);
-          if (mb > m[n]) {
-            s[n] = s[n] * std::exp(m[n] - mb) + row_sum_exp(row, vb, mb);
-            m[n] = mb;
-          } else {
-            s[n] += row_sum_exp(row, vb, m[n]);
-          }
-          if (y[n] >= v0 && y[n] < v0 + vb) {
-            t[n] = row[y[n] - v0];
-          }
+      for (int r = 0; r < nb; ++r) {
+        const float* row = tile + int64_t(r) * vb;
+        const int64_t n = n0 + r;
+        float mb = row_max(row, vb);
+        if (mb > m[n]) {
+          s[n] = s[n] * std::exp(m[n] - mb) + row_sum_exp(row, vb, mb);
+          m[n] = mb;
+        } else {
+          s[n] += row_sum_exp(row, vb, m[n]);
         }
-      });
-    }
+        if (y[n] >= v0 && y[n] < v0 + vb) {
+          t[n] = row[y[n] - v0];
+        }
+      }
+    });
   }
   for (int n = 0; n < N; ++n) {
     lse[n] = m[n] + std::log(s[n]);
@@ -213,76 +253,72 @@ void forward(const T* h_in, Head<T> head, const int32_t* y, const T* bias, Dims 
 
 struct Grads {
   float* dh32; // (N, d) float32 accumulator, or nullptr
-  float* dw32; // (vb, d) float32 accumulator of the current block, or nullptr
+  float* dw32; // (vb, d) float32 block of dW, or nullptr
   float* db32; // (V,) float32, or nullptr
 };
 
 template <typename T>
 void backward(const T* h_in, Head<T> head, const int32_t* y, const T* bias,
               const float* lse, const float* g, Dims D, float* h32buf, float* wbuf,
-              float* tile, Grads G, T* dw_out) {
+              float* tiles, Grads G, T* dw_out) {
   const int N = D.N, d = D.d, V = D.V;
-  const float* h = reinterpret_cast<const float*>(h_in);
-  if constexpr (!std::is_same_v<T, float>) {
-    to_float(h_in, h32buf, int64_t(N) * d);
-    h = h32buf;
-  }
+  BlasSingleThread single;
+  const float* h = as_float(h_in, h32buf, int64_t(N) * d);
   if (G.dh32) {
     std::fill(G.dh32, G.dh32 + int64_t(N) * d, 0.0f);
   }
   for (int v0 = 0; v0 < V; v0 += kVB) {
     const int vb = std::min(kVB, V - v0);
     const float* wb = head.block(v0, vb, wbuf);
-    // dW of this block: float32 output rows directly, else a scratch block.
-    float* dwb = nullptr;
-    if (G.dw32) {
-      dwb = std::is_same_v<T, float> ? reinterpret_cast<float*>(dw_out) + int64_t(v0) * d
-                                     : G.dw32;
-      std::fill(dwb, dwb + int64_t(vb) * d, 0.0f);
-    }
-    for (int n0 = 0; n0 < N; n0 += kNB) {
-      const int nb = std::min(kNB, N - n0);
+    // Per token chunk: the tile becomes G = g (softmax − onehot), then dh += G · W_block.
+    for_chunks(D, vb, tiles, [&](int64_t n0, int nb, float* tile) {
       logits_tile(h, wb, bias, n0, nb, v0, vb, d, tile);
-      // tile <- G = g (softmax − onehot); zero rows for ignored or masked tokens.
-      parallel_for(nb, std::max(1, 16384 / vb), [&](int64_t a, int64_t b) {
-        for (int64_t r = a; r < b; ++r) {
-          float* row = tile + r * vb;
-          const int64_t n = n0 + r;
-          const float gn = g[n];
-          if (gn == 0.0f || y[n] < 0 || y[n] >= V) {
-            std::fill(row, row + vb, 0.0f);
-            continue;
-          }
-          const float l = lse[n];
-          for (int c = 0; c < vb; ++c) {
-            row[c] = gn * exp_neg(row[c] - l);
-          }
-          if (y[n] >= v0 && y[n] < v0 + vb) {
-            row[y[n] - v0] -= gn;
-          }
+      for (int r = 0; r < nb; ++r) {
+        float* row = tile + int64_t(r) * vb;
+        const int64_t n = n0 + r;
+        const float gn = g[n];
+        if (gn == 0.0f || y[n] < 0 || y[n] >= V) { // masked or ignored token
+          std::fill(row, row + vb, 0.0f);
+          continue;
         }
-      });
+        const float l = lse[n];
+        for (int c = 0; c < vb; ++c) {
+          row[c] = gn * exp_neg(row[c] - l);
+        }
+        if (y[n] >= v0 && y[n] < v0 + vb) {
+          row[y[n] - v0] -= gn;
+        }
+      }
       if (G.dh32) {
-        sgemm(false, false, nb, d, vb, 1.0f, tile, vb, wb, d, 1.0f,
-              G.dh32 + int64_t(n0) * d, d);
+        sgemm(false, false, nb, d, vb, 1.0f, tile, vb, wb, d, 1.0f, G.dh32 + n0 * d, d);
       }
-      if (dwb) {
-        sgemm(true, false, vb, d, nb, 1.0f, tile, vb, h + int64_t(n0) * d, d, 1.0f, dwb, d);
-      }
-      if (G.db32) {
-        parallel_for(vb, 64, [&](int64_t a, int64_t b) {
-          for (int r = 0; r < nb; ++r) {
-            const float* row = tile + int64_t(r) * vb;
+    });
+    // dW_block = Gᵀ · h and db_block = Σ_n G over all N tokens, split by vocabulary rows.
+    if (G.dw32 || G.db32) {
+      float* dwb = std::is_same_v<T, float> && G.dw32
+          ? reinterpret_cast<float*>(dw_out) + int64_t(v0) * d
+          : G.dw32;
+      parallel_for(vb, 32, [&](int64_t a, int64_t b) {
+        const int cols = static_cast<int>(b - a);
+        if (dwb) {
+          sgemm(true, false, cols, d, N, 1.0f, tiles + a, vb, h, d, 0.0f, dwb + a * d, d);
+        }
+        if (G.db32) {
+          for (int64_t c = a; c < b; ++c) {
+            G.db32[v0 + c] = 0.0f;
+          }
+          for (int n = 0; n < N; ++n) {
+            const float* row = tiles + int64_t(n) * vb;
             for (int64_t c = a; c < b; ++c) {
               G.db32[v0 + c] += row[c];
             }
           }
-        });
-      }
-    }
-    if constexpr (!std::is_same_v<T, float>) {
-      if (dwb) {
-        from_float(dwb, dw_out + int64_t(v0) * d, int64_t(vb) * d);
+        }
+      });
+      if constexpr (!std::is_same_v<T, float>) {
+        if (dwb) {
+          from_float(dwb, dw_out + int64_t(v0) * d, int64_t(vb) * d);
+        }
       }
     }
   }
@@ -309,11 +345,11 @@ void dispatch_forward(const LinearCrossEntropy& p, const std::vector<mx::array>&
   const int extra = p.has_bias() ? 4 : 3;
   auto head = make_head<T>(in, extra, D.d, p.quant());
   const T* bias = p.has_bias() ? in[3].data<T>() : nullptr;
-  const int vb = std::min(kVB, D.V), nb = std::min(kNB, std::max(D.N, 1));
+  const int vb = std::min(kVB, D.V);
   bool need_w = p.quant().quantized || !std::is_same_v<T, float>;
   auto h32 = scratch(std::is_same_v<T, float> ? 0 : size_t(D.N) * D.d);
   auto wbuf = scratch(need_w ? size_t(vb) * D.d : 0);
-  auto tile = scratch(size_t(nb) * vb);
+  auto tile = scratch(size_t(D.N) * vb);
   auto state = scratch(3 * size_t(D.N));
   auto& enc = mx::cpu::get_command_encoder(stream);
   enc.dispatch([=, h = in[0].data<T>(), y = in[2].data<int32_t>(),
@@ -333,7 +369,7 @@ void dispatch_backward(const LinearCrossEntropyVJP& p, const std::vector<mx::arr
   const int extra = p.has_bias() ? 6 : 5;
   auto head = make_head<T>(in, extra, D.d, p.quant());
   const T* bias = p.has_bias() ? in[5].data<T>() : nullptr;
-  const int vb = std::min(kVB, D.V), nb = std::min(kNB, std::max(D.N, 1));
+  const int vb = std::min(kVB, D.V);
   constexpr bool f32 = std::is_same_v<T, float>;
   bool need_w = p.quant().quantized || !f32;
   int k = 0;
@@ -345,7 +381,7 @@ void dispatch_backward(const LinearCrossEntropyVJP& p, const std::vector<mx::arr
   }
   auto h32 = scratch(f32 ? 0 : size_t(D.N) * D.d);
   auto wbuf = scratch(need_w ? size_t(vb) * D.d : 0);
-  auto tile = scratch(size_t(nb) * vb);
+  auto tile = scratch(size_t(D.N) * vb);
   auto dh32 = scratch(dh && !f32 ? size_t(D.N) * D.d : 0);
   auto dw32 = scratch(dw && !f32 ? size_t(vb) * D.d : 0);
   auto db32 = scratch(db ? size_t(D.V) : 0);
@@ -366,7 +402,6 @@ void dispatch_backward(const LinearCrossEntropyVJP& p, const std::vector<mx::arr
     }
     if (db_out) {
       G.db32 = bufs[5].data<float>();
-      std::fill(G.db32, G.db32 + D.V, 0.0f);
     }
     backward<T>(h, head, y, bias, lse, g, D, bufs[0].data<float>(), bufs[1].data<float>(),
                 bufs[2].data<float>(), G, dw_out);
