@@ -20,8 +20,8 @@ from mlx_tuner.ops import linear_cross_entropy, linear_cross_entropy_reference
 
 GPU = mx.default_device() == mx.gpu
 VOCABS = [512] if QUICK else [32000, 128256, 151936]
-N = int(os.environ.get("MLX_TUNER_BENCH_CE_N", 64 if QUICK else (8192 if GPU else 256)))
-D = int(os.environ.get("MLX_TUNER_BENCH_CE_D", 64 if QUICK else (1024 if GPU else 256)))
+N = int(os.environ.get("MLX_TUNER_BENCH_CE_N", 64 if QUICK else (8192 if GPU else 128)))
+D = int(os.environ.get("MLX_TUNER_BENCH_CE_D", 64 if QUICK else (1024 if GPU else 128)))
 DTYPE = mx.bfloat16 if GPU else mx.float32
 PROVIDERS = {"reference": linear_cross_entropy_reference, "fused": linear_cross_entropy}
 
@@ -50,4 +50,4 @@ def test_linear_cross_entropy(benchmark, provider, V, mode):
              dtype=DTYPE, shape={"N": N, "d": D, "V": V}, flops=gemms * 2.0 * N * D * V,
              peak_bytes=peak, inputs_bytes=h.nbytes + w.nbytes,
              logits_bytes=N * V * DTYPE.size)
-    run(benchmark, lambda: step(h, w), rounds=None if GPU else 3, warmup=1)
+    run(benchmark, lambda: step(h, w), rounds=None if GPU else 2, warmup=0 if not GPU else 2)

@@ -2,6 +2,7 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/array.h>
 #include <nanobind/stl/variant.h>
 
 #include "ops/cross_entropy.h"
@@ -28,6 +29,16 @@ void init_cross_entropy(nb::module_& m) {
       "Per-token cross-entropy (float32, shape targets.shape) of h·weightᵀ (+ bias) "
       "against targets, computed blockwise without storing the logits. Targets outside "
       "[0, V) are ignored (loss 0, no gradient).");
+  m.def(
+      "metal_launch_linear_cross_entropy",
+      [](const std::string& kernel, int rows, const std::string& dtype) {
+        auto l = mlx_tuner::metal_launch_linear_cross_entropy(kernel, rows, dtype);
+        return nb::make_tuple(l.kernel, l.threadgroups, l.threads);
+      },
+      "kernel"_a,
+      "rows"_a,
+      "dtype"_a,
+      "(name, threadgroups, threads) of a Metal kernel of linear_cross_entropy.");
 }
 
 } // namespace mlx_tuner::bindings

@@ -163,6 +163,21 @@ mx::array linear_cross_entropy(
   return mx::reshape(outs[0], lead, s);
 }
 
+MetalLaunch metal_launch_linear_cross_entropy(
+    const std::string& kernel,
+    int rows,
+    const std::string& dtype) {
+  if (kernel != "forward" && kernel != "backward_dh" && kernel != "backward_dw") {
+    fail("unknown Metal kernel '" + kernel + "' (forward, backward_dh, backward_dw).");
+  }
+  if (dtype != "float32" && dtype != "float16" && dtype != "bfloat16") {
+    fail("dtype must be float32, float16 or bfloat16 but got " + dtype + ".");
+  }
+  return {"lce_" + kernel + "_" + dtype,
+          {static_cast<size_t>(std::max(rows, 0)), 1, 1},
+          {static_cast<size_t>(kLceMetalThreads), 1, 1}};
+}
+
 std::vector<mx::Shape> LinearCrossEntropy::output_shapes(
     const std::vector<mx::array>& inputs) {
   int N = inputs[0].shape(0);
@@ -194,6 +209,12 @@ std::vector<mx::array> LinearCrossEntropy::vjp(
     }
   }
   std::vector<mx::array> grads_out;
+  if (primals[0].shape(0) == 0) { // no tokens: zero gradients, no kernel
+    for (int a : argnums) {
+      grads_out.push_back(mx::zeros_like(primals[a], s));
+    }
+    return grads_out;
+  }
   if (need_dh || need_dw || need_db) {
     std::vector<mx::array> in = {
         primals[0], primals[1], primals[2], outputs[1],

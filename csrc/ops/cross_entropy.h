@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "common/metal_launch.h"
 #include "mlx/array.h"
 #include "mlx/primitives.h"
 #include "mlx/utils.h"
@@ -29,6 +30,17 @@ struct QuantSpec {
   int bits = 4;
   bool operator==(const QuantSpec&) const = default;
 };
+
+// Threads per threadgroup of the Metal kernels (= LCE_THREADS in metal/cross_entropy.h).
+constexpr int kLceMetalThreads = 256;
+
+// The Metal dispatch of one kernel ("forward", "backward_dh": one threadgroup per token;
+// "backward_dw": one per vocabulary row) for `rows` threadgroups and dtype
+// ("float32", "float16", "bfloat16"). Used by the Metal host code and the emulator tests.
+MetalLaunch metal_launch_linear_cross_entropy(
+    const std::string& kernel,
+    int rows,
+    const std::string& dtype);
 
 // Per-token loss (float32, shape (N,)) of h (N, d) against targets (N,) int.
 // bias: (V,) or none. For a quantized head pass weight (V, d·bits/32) uint32 with
