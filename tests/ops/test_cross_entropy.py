@@ -13,7 +13,7 @@ from mlx_tuner.ops import cross_entropy as ce_mod
 from mlx_tuner.ops import linear_cross_entropy as lce
 from mlx_tuner.ops import linear_cross_entropy_reference as lce_ref
 
-from conftest import DTYPES, assert_close_to_oracle, to_f64
+from tests.conftest import DTYPES, assert_close_to_oracle, to_f64
 
 # (leading shape, d, V): odd sizes, a block edge, leading batch dims, empty batch, big V.
 SHAPES = [((5,), 7, 3), ((37,), 24, 1500), ((2, 3), 33, 513), ((0,), 16, 100),
@@ -141,6 +141,8 @@ def test_quantized_head(device, bits, dtype):
     ol, odh, _, _ = oracle(h, wdq, None, y, np.ones(N))
     assert_close_to_oracle(loss, rloss, np.float64(ol.sum()), dtype, "loss")
     assert_close_to_oracle(dh, rdh, odh, dtype, "dh")
+    if device != mx.cpu:
+        return  # the GPU path dequantizes the head in the graph: MLX's dequantize differentiates
     with pytest.raises(ValueError, match=r"\[linear_cross_entropy\] no gradient"):
         mx.eval(mx.grad(lambda s: lce(h, wq, y, scales=s, biases=qb, group_size=gs,
                                       bits=bits).sum())(s))
