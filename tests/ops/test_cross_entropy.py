@@ -233,3 +233,58 @@ def test_extension_errors():
         ext.linear_cross_entropy(h, wq, y, None, s, qb, 64, 7)
     with pytest.raises(ValueError, match=r"\[linear_cross_entropy\] weight must have shape"):
         ext.linear_cross_entropy(h, w[:, :3], y)
+
+
+@pytest.mark.parametrize("quantize", [False, True], ids=["dense", "4bit"])
+def test_default_loss_matches_mlx_lm_with_lora(quantize):
+    from mlx.utils import tree_flatten
+    from mlx_lm.tuner.trainer import default_loss as mlx_lm_loss
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    model = _tiny("qwen3", True, quantize)
+    model.freeze()
+    linear_to_lora_layers(model, 2, {"rank": 4, "scale": 10.0, "dropout": 0.0})
+    batch = mx.random.randint(0, 1000, (3, 14))
+    lengths = mx.array([[0, 13], [3, 9], [1, 1]])
+    (val, ntoks), grads = nn.value_and_grad(model, ce_mod.default_loss)(model, batch, lengths)
+    (rval, rntoks), rgrads = nn.value_and_grad(model, mlx_lm_loss)(model, batch, lengths)
+    assert ntoks.item() == rntoks.item() and abs(val.item() - rval.item()) < 1e-4
+    flat, rflat = tree_flatten(grads), tree_flatten(rgrads)
+    assert [k for k, _ in flat] == [k for k, _ in rflat] and len(flat) > 0
+    for (k, a), (_, r) in zip(flat, rflat):
+        np.testing.assert_allclose(np.array(a), np.array(r), atol=2e-5, rtol=1e-3, err_msg=k)
+
+
+def test_default_loss_falls_back_for_unknown_heads():
+    model = _tiny("llama", False)
+    model.lm_head = nn.Sequential(nn.Linear(64, 1000))
+    batch = mx.random.randint(0, 1000, (2, 8))
+    lengths = mx.array([[0, 7], [2, 5]])
+    from mlx_lm.tuner.trainer import default_loss as mlx_lm_loss
+    assert abs(ce_mod.default_loss(model, batch, lengths)[0].item()
+               - mlx_lm_loss(model, batch, lengths)[0].item()) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16], ids=["float32", "float16"])
+def test_strided_and_broadcast_inputs(device, dtype):
+    d, V = 24, 777
+    h = mx.random.normal((d, 9)).astype(dtype).T  # transposed: not row-contiguous
+    w = mx.random.normal((d, V)).astype(dtype).T * 0.5
+    b = mx.broadcast_to(mx.array(0.3, dtype), (V,))
+    y = mx.random.randint(0, V, (9,))
+    g = mx.random.uniform(shape=(9,))
+    loss, grads = _loss_and_grads(lce, h, w, b, y, g)
+    rloss, rgrads = _loss_and_grads(lce_ref, h, w, b, y, g)
+    o = oracle(h, w, b, y, g)
+    for what, f, r, ref in zip(("loss", "dh", "dW", "db"), (loss, *grads), (rloss, *rgrads), o):
+        assert_close_to_oracle(f, r, ref, dtype, what)
+
+
+def test_checkpoint_and_value_and_grad():
+    h, w, b, y = _inputs((6, 5), 16, 300, mx.float32)
+    f = lambda h, w: lce(h, w, y, reduction="mean")  # noqa: E731
+    r = lambda h, w: lce_ref(h, w, y, reduction="mean")  # noqa: E731
+    got = mx.grad(mx.checkpoint(f), argnums=(0, 1))(h, w)
+    want = mx.grad(r, argnums=(0, 1))(h, w)
+    for a, c in zip(got, want):
+        np.testing.assert_allclose(np.array(a), np.array(c), atol=1e-6, rtol=1e-4)

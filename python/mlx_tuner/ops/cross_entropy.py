@@ -12,7 +12,8 @@ Targets outside [0, V) (e.g. -100) are ignored: loss 0, no gradient, not counted
 
 The fused path computes the log-sum-exp blockwise over the vocabulary and recomputes each
 logit tile in the backward (Cut Cross-Entropy), so its memory is O(N·d + V·d).
-``model_head`` and ``hidden_states`` let a trainer call it on an mlx-lm model.
+``model_head`` and ``hidden_states`` let a trainer call it on an mlx-lm model;
+``default_loss`` is mlx-lm's ``tuner.trainer.default_loss`` on top of them.
 """
 
 from __future__ import annotations
@@ -169,3 +170,20 @@ def model_head(model):
 def hidden_states(model, inputs: mx.array) -> mx.array:
     """The final-normed hidden states that an mlx-lm model's head maps to logits."""
     return model.model(inputs)
+
+
+def default_loss(model, batch: mx.array, lengths: mx.array):
+    """mlx_lm.tuner.trainer.default_loss, same arguments and result ``(ce, ntoks)``, with
+    the fused loss where ``model_head`` knows the head, else the materialized logits."""
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    steps = mx.arange(1, targets.shape[1] + 1)
+    mask = mx.logical_and(steps >= lengths[:, 0:1], steps <= lengths[:, 1:])
+    ntoks = mask.sum()
+    head = model_head(model)
+    if head is None:
+        ce = nn.losses.cross_entropy(model(inputs), targets) * mask
+        return ce.astype(mx.float32).sum() / ntoks, ntoks
+    weight, bias, quant, _ = head
+    ce = linear_cross_entropy(hidden_states(model, inputs), weight, targets, bias, mask=mask,
+                              reduction="sum", **(quant or {}))
+    return ce / ntoks, ntoks
