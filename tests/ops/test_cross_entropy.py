@@ -288,3 +288,25 @@ def test_checkpoint_and_value_and_grad():
     want = mx.grad(r, argnums=(0, 1))(h, w)
     for a, c in zip(got, want):
         np.testing.assert_allclose(np.array(a), np.array(c), atol=1e-6, rtol=1e-4)
+
+
+def test_memory_does_not_grow_with_the_logits():
+    # The fused loss + dh never holds the (N, V) logits: its peak stays far below them.
+    N, d, V = 128, 32, 32000
+    h, w, _, y = _inputs((N,), d, V, mx.float32, bias=False)
+    mx.eval(h, w, y)
+    logits_bytes = N * V * 4
+
+    def peak(fn):
+        step = mx.value_and_grad(lambda h: fn(h, w, y, reduction="mean"))
+        mx.eval(step(h))
+        mx.clear_cache()
+        before = mx.get_active_memory()
+        mx.reset_peak_memory()
+        mx.eval(step(h))
+        return mx.get_peak_memory() - before
+
+    with mx.stream(mx.cpu):
+        fused, ref = peak(lce), peak(lce_ref)
+    assert ref > logits_bytes  # the reference materializes them
+    assert fused < logits_bytes / 10, (fused, logits_bytes)

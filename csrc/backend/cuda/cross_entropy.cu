@@ -2,8 +2,8 @@
 // only: the op dequantizes a quantized head for the GPU.
 //
 // Every kernel recomputes (BM tokens × BN vocabulary) logit tiles with a shared-memory
-// tiled SIMT GEMM (float32 accumulate, 16×16 threads, 4×4 outputs each); nothing of size
-// N·V is ever stored.
+// tiled SIMT GEMM (float32 accumulate, 16×16 threads, 4×4 outputs each, under 48 KiB of
+// static shared memory); nothing of size N·V is ever stored.
 //   forward : one block per BM tokens sweeps the vocabulary; each thread keeps an online
 //             (max, sum) per row over its columns, merged across the row's threads at the
 //             end; the target logit is picked from the tile that holds it.
@@ -24,7 +24,9 @@ namespace {
 namespace cu = mlx_tuner::cuda;
 
 constexpr int BM = 64, BN = 64, BK = 32, TPB = 256; // 16 × 16 threads, 4 × 4 outputs each
-constexpr int DC = 64; // columns of d per pass in the backward GEMMs
+// Columns of d per pass in the backward GEMMs, CPT per thread: keeps the static shared
+// memory of a block under 48 KiB.
+constexpr int DC = 32, CPT = DC / 16;
 
 __device__ inline float f32(float x) {
   return x;
@@ -194,8 +196,8 @@ __global__ void lce_backward_dh(const T* h, const T* W, const T* bias, const int
       __syncthreads();
       for (int i = 0; i < 4; ++i) {
         int r = r0 + ty * 4 + i;
-        for (int j = 0; j < 4; ++j) {
-          int c = tx * 4 + j;
+        for (int j = 0; j < CPT; ++j) {
+          int c = tx * CPT + j;
           float a = 0.0f;
           for (int v = 0; v < BN; ++v) {
             a += Gs[ty * 4 + i][v] * Ws[v][c];
@@ -237,8 +239,8 @@ __global__ void lce_backward_dw(const T* h, const T* W, const T* bias, const int
       __syncthreads();
       for (int i = 0; i < 4; ++i) {
         int v = v0 + ty * 4 + i;
-        for (int j = 0; j < 4; ++j) {
-          int c = tx * 4 + j;
+        for (int j = 0; j < CPT; ++j) {
+          int c = tx * CPT + j;
           float a = 0.0f;
           for (int r = 0; r < BM; ++r) {
             a += Gs[r][ty * 4 + i] * Hs[r][c];
