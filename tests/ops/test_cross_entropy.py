@@ -310,3 +310,20 @@ def test_memory_does_not_grow_with_the_logits():
         fused, ref = peak(lce), peak(lce_ref)
     assert ref > logits_bytes  # the reference materializes them
     assert fused < logits_bytes / 10, (fused, logits_bytes)
+
+
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16], ids=["float16", "bfloat16"])
+def test_cuda_tensor_core_and_simt_kernels_agree(device, dtype, monkeypatch):
+    # float16/bfloat16 run on tensor cores on CUDA; MLX_TUNER_CE_CUDA_SIMT=1 runs the SIMT
+    # kernels instead: both must meet the oracle.
+    if device != mx.gpu or mx.metal.is_available():
+        pytest.skip("CUDA only")
+    h, w, b, y = _inputs((3, 45), 72, 1000, dtype)
+    g = mx.random.uniform(shape=(3, 45))
+    rloss, rgrads = _loss_and_grads(lce_ref, h, w, b, y, g)
+    o = oracle(h, w, b, y, g)
+    for simt in ("0", "1"):
+        monkeypatch.setenv("MLX_TUNER_CE_CUDA_SIMT", simt)
+        loss, grads = _loss_and_grads(lce, h, w, b, y, g)
+        for what, f, r, ref in zip(("loss", "dh", "dW", "db"), (loss, *grads), (rloss, *rgrads), o):
+            assert_close_to_oracle(f, r, ref, dtype, f"{what} (simt={simt})")
