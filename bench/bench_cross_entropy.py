@@ -20,8 +20,8 @@ from mlx_tuner.ops import linear_cross_entropy, linear_cross_entropy_reference
 
 GPU = mx.default_device() == mx.gpu
 VOCABS = [512] if QUICK else [32000, 128256, 151936]
-N = int(os.environ.get("MLX_TUNER_BENCH_CE_N", 64 if QUICK else (8192 if GPU else 128)))
-D = int(os.environ.get("MLX_TUNER_BENCH_CE_D", 64 if QUICK else (1024 if GPU else 128)))
+N = int(os.environ.get("MLX_TUNER_BENCH_CE_N", 64 if QUICK else (8192 if GPU else 256)))
+D = int(os.environ.get("MLX_TUNER_BENCH_CE_D", 64 if QUICK else (1024 if GPU else 256)))
 DTYPE = mx.bfloat16 if GPU else mx.float32
 PROVIDERS = {"reference": linear_cross_entropy_reference, "fused": linear_cross_entropy}
 

@@ -327,3 +327,16 @@ def test_cuda_tensor_core_and_simt_kernels_agree(device, dtype, monkeypatch):
         loss, grads = _loss_and_grads(lce, h, w, b, y, g)
         for what, f, r, ref in zip(("loss", "dh", "dW", "db"), (loss, *grads), (rloss, *rgrads), o):
             assert_close_to_oracle(f, r, ref, dtype, f"{what} (simt={simt})")
+
+
+def test_minus_inf_bias_bans_tokens(device):
+    # A bias of -inf removes vocabulary entries (never targets): softmax 0, gradient 0.
+    h, w, b, y = _inputs((17,), 12, 700, mx.float32)
+    b = mx.where(mx.arange(700) % 3 == 0, -mx.inf, b)
+    y = y - y % 3 + 1
+    g = mx.random.uniform(shape=(17,))
+    loss, grads = _loss_and_grads(lce, h, w, b, y, g)
+    rloss, rgrads = _loss_and_grads(lce_ref, h, w, b, y, g)
+    o = oracle(h, w, b, y, g)
+    for what, f, r, ref in zip(("loss", "dh", "dW", "db"), (loss, *grads), (rloss, *rgrads), o):
+        assert_close_to_oracle(f, r, ref, mx.float32, what)

@@ -24,34 +24,57 @@ constexpr int kVB = 512; // vocabulary rows per block
 constexpr int kNB = 256; // most tokens per task
 constexpr int kLanes = 8; // independent accumulators, so reductions vectorize
 
-// exp(x) for x <= 0 to ~2 float ulps, written branch-free so that loops over it vectorize:
-// 2^(x·log2 e) split into 2^n · 2^f, f in [-1/2, 1/2], 2^f by its Taylor polynomial.
+// exp(x) for x <= 0 to ~1e-7 relative, with no branch, compare or float-to-int conversion
+// (each of which may trap, and so stops GCC from vectorizing the loops that call it):
+// x = n·ln2 + f, n rounded by the 1.5·2^23 trick and read from the float's bits, e^f by its
+// Taylor polynomial, 2^n built in the exponent field; n < -126 (and x = -inf) give 0.
 inline float exp_neg(float x) {
-  x = std::max(x, -87.0f);
-  float t = x * 1.44269504088896341f;
-  float r = (t + 12582912.0f) - 12582912.0f; // round to nearest
-  float f = (t - r) * 0.693147180559945309f;
-  float p = 1.0f + f * (1.0f + f * (0.5f + f * (1.0f / 6 + f * (1.0f / 24 +
-            f * (1.0f / 120 + f * (1.0f / 720 + f * (1.0f / 5040)))))));
-  int32_t bits = (static_cast<int32_t>(r) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  const float big = x * 1.44269504088896341f + 12582912.0f;
+  const float r = big - 12582912.0f;
+  uint32_t ib;
+  std::memcpy(&ib, &big, sizeof(ib));
+  const int32_t n = static_cast<int32_t>(ib - 0x4B400000u);
+  const float f = (x - r * 0.693359375f) + r * 2.12194440e-4f; // x − r·ln2 in two parts
+  const float p = 1.0f + f * (1.0f + f * (0.5f + f * (1.0f / 6 + f * (1.0f / 24 +
+                  f * (1.0f / 120 + f * (1.0f / 720 + f * (1.0f / 5040)))))));
+  const uint32_t sbits = static_cast<uint32_t>(n + 127) << 23;
+  float scale, y;
+  std::memcpy(&scale, &sbits, sizeof(scale));
+  y = p * scale;
+  uint32_t ybits;
+  std::memcpy(&ybits, &y, sizeof(ybits));
+  ybits &= 0u - static_cast<uint32_t>(n >= -126);
+  std::memcpy(&y, &ybits, sizeof(y));
+  return y;
+}
+
+// Max of a row through integer keys ordered like the floats (a float compare may trap,
+// which keeps GCC from vectorizing; integer max does not).
+inline int32_t order_key(int32_t b) {
+  return b ^ ((b >> 31) & 0x7FFFFFFF); // its own inverse
 }
 
 float row_max(const float* x, int n) {
-  float acc[kLanes];
-  std::fill(acc, acc + kLanes, -std::numeric_limits<float>::infinity());
+  int32_t acc[kLanes];
+  std::fill(acc, acc + kLanes, std::numeric_limits<int32_t>::min());
   int i = 0;
   for (; i + kLanes <= n; i += kLanes) {
     for (int l = 0; l < kLanes; ++l) {
-      acc[l] = x[i + l] > acc[l] ? x[i + l] : acc[l];
+      int32_t b;
+      std::memcpy(&b, x + i + l, sizeof(b));
+      b = order_key(b);
+      acc[l] = b > acc[l] ? b : acc[l];
     }
   }
   for (; i < n; ++i) {
-    acc[0] = x[i] > acc[0] ? x[i] : acc[0];
+    int32_t b;
+    std::memcpy(&b, x + i, sizeof(b));
+    acc[0] = std::max(acc[0], order_key(b));
   }
-  return *std::max_element(acc, acc + kLanes);
+  int32_t k = order_key(*std::max_element(acc, acc + kLanes));
+  float m;
+  std::memcpy(&m, &k, sizeof(m));
+  return m;
 }
 
 float row_sum_exp(const float* x, int n, float m) {
@@ -184,7 +207,7 @@ struct Dims {
   int N, d, V;
   // Tokens per task: enough tasks for every thread, tall enough for an efficient GEMM.
   int rows() const {
-    int per = (N + 4 * num_threads() - 1) / (4 * num_threads());
+    int per = (N + num_threads() - 1) / num_threads();
     return std::max(1, std::min(kNB, std::max(32, per)));
   }
 };
