@@ -10,6 +10,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from . import _extension
+from .cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 from .divergence import js_div, js_div_reference, kl_div, kl_div_reference
 from .dora import dora_linear, dora_linear_reference, dora_weight_sq_norm
 from .lora import lora_linear, lora_linear_reference
@@ -86,6 +87,8 @@ __all__ = [
     "js_div_reference",
     "kl_div",
     "kl_div_reference",
+    "linear_cross_entropy",
+    "linear_cross_entropy_reference",
     "lora_linear",
     "lora_linear_reference",
     "qlora_linear",

@@ -1,0 +1,291 @@
+// linear_cross_entropy: validate, promote, make contiguous, build the primitive; its VJP.
+// The maths is at the top of cross_entropy.h; the kernels live in csrc/backend/*.
+#include "ops/cross_entropy.h"
+
+#include <algorithm>
+#include <sstream>
+#include <stdexcept>
+
+#include "mlx/ops.h"
+
+namespace mlx_tuner {
+
+namespace {
+
+constexpr const char* kOp = "[linear_cross_entropy]";
+
+std::string shape_str(const mx::Shape& s) {
+  std::ostringstream os;
+  os << "(";
+  for (size_t i = 0; i < s.size(); ++i) {
+    os << s[i] << (s.size() == 1 ? "," : (i + 1 < s.size() ? ", " : ""));
+  }
+  os << ")";
+  return os.str();
+}
+
+[[noreturn]] void fail(const std::string& msg) {
+  throw std::invalid_argument(std::string(kOp) + " " + msg);
+}
+
+void check_float(const mx::array& a, const char* name) {
+  if (!mx::issubdtype(a.dtype(), mx::floating) || a.dtype() == mx::float64) {
+    std::ostringstream os;
+    os << name << " must be float32, float16 or bfloat16 but got " << a.dtype() << ".";
+    fail(os.str());
+  }
+}
+
+void check_shape(const mx::array& a, const mx::Shape& want, const char* name) {
+  if (a.shape() != want) {
+    fail(std::string(name) + " must have shape " + shape_str(want) + " but got " +
+         shape_str(a.shape()) + ".");
+  }
+}
+
+} // namespace
+
+mx::array linear_cross_entropy(
+    const mx::array& h_in,
+    const mx::array& weight_in,
+    const mx::array& targets_in,
+    const std::optional<mx::array>& bias_in,
+    const std::optional<mx::array>& scales,
+    const std::optional<mx::array>& qbiases,
+    int group_size,
+    int bits,
+    const std::string& mode,
+    mx::StreamOrDevice sd) {
+  auto s = mx::to_stream(sd);
+  if (h_in.ndim() < 1) {
+    fail("h must have at least 1 dimension but got shape ().");
+  }
+  check_float(h_in, "h");
+  const int d = h_in.shape(-1);
+  mx::Shape lead(h_in.shape().begin(), h_in.shape().end() - 1);
+  if (!mx::issubdtype(targets_in.dtype(), mx::integer)) {
+    std::ostringstream os;
+    os << "targets must be an integer array but got " << targets_in.dtype() << ".";
+    fail(os.str());
+  }
+  check_shape(targets_in, lead, "targets");
+  if (weight_in.ndim() != 2) {
+    fail("weight must have 2 dimensions (V, d) but got shape " +
+         shape_str(weight_in.shape()) + ".");
+  }
+  const int V = weight_in.shape(0);
+  if (V < 1) {
+    fail("weight must have at least one row (the vocabulary) but got shape " +
+         shape_str(weight_in.shape()) + ".");
+  }
+
+  QuantSpec q;
+  mx::array weight = weight_in;
+  std::vector<mx::array> extra; // scales, qbiases
+  mx::Dtype dt = h_in.dtype();
+  if (scales) {
+    if (weight_in.dtype() != mx::uint32) {
+      std::ostringstream os;
+      os << "a quantized weight must be uint32 but got " << weight_in.dtype() << ".";
+      fail(os.str());
+    }
+    check_float(*scales, "scales");
+    if (mode == "affine") {
+      if (!qbiases) {
+        fail("biases must be given with scales in the affine mode.");
+      }
+      if (group_size != 32 && group_size != 64 && group_size != 128) {
+        fail("group_size must be 32, 64 or 128 but got " + std::to_string(group_size) + ".");
+      }
+      if (bits < 2 || bits > 8 || bits == 7) {
+        fail("bits must be 2, 3, 4, 5, 6 or 8 but got " + std::to_string(bits) + ".");
+      }
+      if (d % group_size != 0) {
+        fail("h's last dimension " + std::to_string(d) + " must be a multiple of group_size " +
+             std::to_string(group_size) + ".");
+      }
+      check_shape(weight_in, {V, d * bits / 32}, "weight");
+      check_shape(*scales, {V, d / group_size}, "scales");
+      check_float(*qbiases, "biases");
+      check_shape(*qbiases, {V, d / group_size}, "biases");
+      dt = mx::promote_types(dt, scales->dtype());
+      if (s.device == mx::Device::gpu) {
+        // The GPU kernels take a dense head: dequantize it (V·d, never the N·V logits).
+        weight = mx::dequantize(
+            weight_in, *scales, qbiases, group_size, bits, mode, std::nullopt, dt, s);
+      } else {
+        q = {true, group_size, bits};
+        extra = {mx::contiguous(mx::astype(*scales, dt, s), false, s),
+                 mx::contiguous(mx::astype(*qbiases, dt, s), false, s)};
+      }
+    } else {
+      // Other modes (mxfp4, nvfp4, mxfp8): dequantize, then the dense kernel.
+      weight = mx::dequantize(
+          weight_in, *scales, qbiases, group_size, bits, mode, std::nullopt, std::nullopt, s);
+      dt = mx::promote_types(dt, weight.dtype());
+    }
+  } else {
+    check_float(weight_in, "weight");
+    check_shape(weight_in, {V, d}, "weight");
+    dt = mx::promote_types(dt, weight_in.dtype());
+  }
+  if (!q.quantized && weight.shape(1) != d) {
+    fail("weight must have shape " + shape_str({V, d}) + " but got " +
+         shape_str(weight.shape()) + ".");
+  }
+  if (bias_in) {
+    check_float(*bias_in, "bias");
+    check_shape(*bias_in, {V}, "bias");
+    dt = mx::promote_types(dt, bias_in->dtype());
+  }
+
+  int N = 1;
+  for (auto n : lead) {
+    N *= n;
+  }
+  auto h = mx::contiguous(mx::astype(mx::reshape(h_in, {N, d}, s), dt, s), false, s);
+  if (!q.quantized) {
+    weight = mx::astype(weight, dt, s);
+  }
+  weight = mx::contiguous(weight, false, s);
+  auto targets = mx::contiguous(mx::astype(mx::reshape(targets_in, {N}, s), mx::int32, s),
+                                false, s);
+  std::vector<mx::array> inputs = {h, weight, targets};
+  if (bias_in) {
+    inputs.push_back(mx::contiguous(mx::astype(*bias_in, dt, s), false, s));
+  }
+  inputs.insert(inputs.end(), extra.begin(), extra.end());
+  auto outs = mx::array::make_arrays(
+      {{N}, {N}},
+      {mx::float32, mx::float32},
+      std::make_shared<LinearCrossEntropy>(s, bias_in.has_value(), q),
+      inputs);
+  return mx::reshape(outs[0], lead, s);
+}
+
+MetalLaunch metal_launch_linear_cross_entropy(
+    const std::string& kernel,
+    int rows,
+    const std::string& dtype) {
+  if (kernel != "forward" && kernel != "backward_dh" && kernel != "backward_dw") {
+    fail("unknown Metal kernel '" + kernel + "' (forward, backward_dh, backward_dw).");
+  }
+  if (dtype != "float32" && dtype != "float16" && dtype != "bfloat16") {
+    fail("dtype must be float32, float16 or bfloat16 but got " + dtype + ".");
+  }
+  return {"lce_" + kernel + "_" + dtype,
+          {static_cast<size_t>(std::max(rows, 0)), 1, 1},
+          {static_cast<size_t>(kLceMetalThreads), 1, 1}};
+}
+
+std::vector<mx::Shape> LinearCrossEntropy::output_shapes(
+    const std::vector<mx::array>& inputs) {
+  int N = inputs[0].shape(0);
+  return {{N}, {N}};
+}
+
+bool LinearCrossEntropy::is_equivalent(const mx::Primitive& other) const {
+  auto& o = static_cast<const LinearCrossEntropy&>(other);
+  return has_bias_ == o.has_bias_ && q_ == o.q_;
+}
+
+std::vector<mx::array> LinearCrossEntropy::vjp(
+    const std::vector<mx::array>& primals,
+    const std::vector<mx::array>& cotangents,
+    const std::vector<int>& argnums,
+    const std::vector<mx::array>& outputs) {
+  // cotangents[1] (of the auxiliary lse output) is not propagated: the op never hands
+  // lse to its callers.
+  auto s = stream();
+  const int bias_idx = has_bias_ ? 3 : -1;
+  bool need_dh = false, need_dw = false, need_db = false;
+  for (int a : argnums) {
+    need_dh |= a == 0;
+    need_dw |= a == 1;
+    need_db |= a == bias_idx;
+    if (q_.quantized && (a == 1 || a >= 3 + (has_bias_ ? 1 : 0))) {
+      fail("no gradient with respect to a quantized head's weight, scales or biases "
+           "(freeze them, as mlx-lm's QuantizedLinear requires).");
+    }
+  }
+  std::vector<mx::array> grads_out;
+  if (primals[0].shape(0) == 0) { // no tokens: zero gradients, no kernel
+    for (int a : argnums) {
+      grads_out.push_back(mx::zeros_like(primals[a], s));
+    }
+    return grads_out;
+  }
+  if (need_dh || need_dw || need_db) {
+    std::vector<mx::array> in = {
+        primals[0], primals[1], primals[2], outputs[1],
+        mx::contiguous(mx::astype(cotangents[0], mx::float32, s), false, s)};
+    in.insert(in.end(), primals.begin() + 3, primals.end());
+    std::vector<mx::Shape> shapes;
+    std::vector<mx::Dtype> dtypes;
+    auto dt = primals[0].dtype();
+    if (need_dh) {
+      shapes.push_back(primals[0].shape());
+      dtypes.push_back(dt);
+    }
+    if (need_dw) {
+      shapes.push_back(primals[1].shape());
+      dtypes.push_back(dt);
+    }
+    if (need_db) {
+      shapes.push_back(primals[3].shape());
+      dtypes.push_back(dt);
+    }
+    grads_out = mx::array::make_arrays(
+        shapes,
+        dtypes,
+        std::make_shared<LinearCrossEntropyVJP>(
+            s, has_bias_, q_, need_dh, need_dw, need_db),
+        in);
+  }
+  std::vector<mx::array> result;
+  int k = 0;
+  for (int a : argnums) {
+    if (a == 0 || a == 1 || a == bias_idx) {
+      result.push_back(grads_out[k++]);
+    } else {
+      result.push_back(mx::zeros_like(primals[a], s)); // the integer targets
+    }
+  }
+  return result;
+}
+
+std::vector<mx::Shape> LinearCrossEntropyVJP::output_shapes(
+    const std::vector<mx::array>& inputs) {
+  std::vector<mx::Shape> out;
+  if (need_dh_) {
+    out.push_back(inputs[0].shape());
+  }
+  if (need_dw_) {
+    out.push_back(inputs[1].shape());
+  }
+  if (need_db_) {
+    out.push_back(inputs[5].shape());
+  }
+  return out;
+}
+
+bool LinearCrossEntropyVJP::is_equivalent(const mx::Primitive& other) const {
+  auto& o = static_cast<const LinearCrossEntropyVJP&>(other);
+  return has_bias_ == o.has_bias_ && q_ == o.q_ && need_dh_ == o.need_dh_ &&
+      need_dw_ == o.need_dw_ && need_db_ == o.need_db_;
+}
+
+#if !defined(MLX_TUNER_CUDA) && !defined(MLX_TUNER_METAL)
+void LinearCrossEntropy::eval_gpu(
+    const std::vector<mx::array>&, std::vector<mx::array>&) {
+  throw std::runtime_error(
+      "[linear_cross_entropy] this build of mlx-tuner has no GPU kernel.");
+}
+void LinearCrossEntropyVJP::eval_gpu(
+    const std::vector<mx::array>&, std::vector<mx::array>&) {
+  throw std::runtime_error(
+      "[linear_cross_entropy] this build of mlx-tuner has no GPU kernel.");
+}
+#endif
+
+} // namespace mlx_tuner
