@@ -9,7 +9,7 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 
-from bench.common import QUICK, annotate, peak_memory, run
+from common import QUICK, annotate, peak_memory, run
 from mlx_tuner.ops import dora_linear, dora_linear_reference
 
 if QUICK:

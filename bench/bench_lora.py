@@ -16,7 +16,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from bench.common import QUICK, annotate, ceilings, run
+from common import QUICK, annotate, ceilings, run
 from mlx_tuner.ops import lora_linear, lora_linear_reference
 
 GPU = mx.default_device() == mx.gpu
