@@ -43,6 +43,8 @@ NB_MODULE(_ext, m) {
   m.attr("gpu_backend") = MLX_TUNER_GPU_BACKEND;
   // family -> "cpu,gpu": which backends have a compiled kernel in this build.
   m.attr("kernel_files") = MLX_TUNER_KERNEL_FILES;
+  // Families whose CUDA kernel was left out of this build (CMake MLX_TUNER_CUDA_DISABLED).
+  m.attr("cuda_left_out") = MLX_TUNER_CUDA_LEFT_OUT;
 #ifdef MLX_TUNER_CUDA
   // Device memory our CUDA kernels allocate outside MLX's allocator (its counters miss it).
   m.def("cuda_extra_memory", &mlx_tuner::cuda::extra_memory,

@@ -184,7 +184,7 @@ MetalLaunch metal_launch_divergence_backward(
   return {name, {rows, 1, 1}, {threads_for(V), 1, 1}};
 }
 
-#if !defined(MLX_TUNER_CUDA) && !defined(MLX_TUNER_METAL)
+#if !defined(MLX_TUNER_DIVERGENCE_GPU) // no GPU kernel of this family in this build
 // A CPU-only MLX has no GPU stream: kernel_for() never routes a GPU call here.
 void DivergenceForward::eval_gpu(
     const std::vector<mx::array>&,

@@ -336,7 +336,7 @@ void DoRALinearVJP::eval_gpu(const std::vector<mx::array>&, std::vector<mx::arra
   throw std::runtime_error("[dora_linear] DoRALinearVJP has no GPU kernel (the GPU path composes).");
 }
 
-#if !defined(MLX_TUNER_CUDA) && !defined(MLX_TUNER_METAL)
+#if !defined(MLX_TUNER_DORA_GPU) // no GPU kernel of this family in this build
 void DoRARowSqNorm::eval_gpu(const std::vector<mx::array>&, mx::array&) {
   throw std::runtime_error("[dora_weight_sq_norm] this build has no GPU kernels.");
 }

@@ -300,7 +300,7 @@ bool LoRALinearVJP::is_equivalent(const mx::Primitive& other) const {
   return scale_ == o.scale_ && has_xd_ == o.has_xd_ && grads_ == o.grads_;
 }
 
-#if !defined(MLX_TUNER_CUDA) && !defined(MLX_TUNER_METAL)
+#if !defined(MLX_TUNER_LORA_GPU) // no GPU kernel of this family in this build
 // A CPU-only MLX has no GPU stream; reaching these means a GPU stream was forced.
 void LoRALinear::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
   throw std::runtime_error("[lora_linear] this build of mlx-tuner has no GPU kernel");

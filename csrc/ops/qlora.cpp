@@ -260,7 +260,7 @@ MetalLaunch qlora_skinny_launch(
       {kMetalThreads, 1, 1}};
 }
 
-#if !defined(MLX_TUNER_CUDA) && !defined(MLX_TUNER_METAL)
+#if !defined(MLX_TUNER_QLORA_GPU) // no GPU kernel of this family in this build
 // A CPU-only MLX has no GPU stream; reaching this means a GPU stream was forced.
 void QLoRA::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
   throw std::runtime_error("[qlora_linear] this build has no GPU backend.");

@@ -28,6 +28,14 @@ FUSED_OPS: dict[str, str] = {
 }
 
 # op -> what backend_info() adds as "note": limits of a kernel beyond its devices.
+# Why a family's CUDA kernel is left out of the default CUDA build (CMakeLists.txt).
+CUDA_LEFT_OUT_WHY = {
+    "qlora": "on the H200 it ran 2x slower than MLX's quantized_matmul path (BENCHMARKS.md) "
+    "and gave NaN in one bf16 training run; the op runs its reference there",
+    "cross_entropy": "on the H200 it failed correctness tests and ran ~50x slower than the "
+    "materialized reference (BENCHMARKS.md); the op runs its reference there",
+}
+
 OP_NOTES: dict[str, str] = {
     "qlora_linear": _QLORA_NOTE,
 }
@@ -66,6 +74,9 @@ def backend_info() -> dict:
                 continue
             if ext is None:
                 missing[dev] = st.reason
+            elif dev == "gpu" and family in getattr(ext, "cuda_left_out", "").split(","):
+                missing[dev] = (f"the '{family}' CUDA kernel is left out of this build "
+                                f"(MLX_TUNER_CUDA_DISABLED): {CUDA_LEFT_OUT_WHY.get(family, '')}")
             elif dev == "gpu" and gpu is None:
                 missing[dev] = "this build has no GPU backend (MLX without Metal or CUDA)"
             else:

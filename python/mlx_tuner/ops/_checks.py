@@ -44,3 +44,11 @@ def check_scalar(op: str, name: str, v) -> float:
     if not isinstance(v, (int, float)) or isinstance(v, bool):
         raise ValueError(f"[{op}] {name} must be a float but got {type(v).__name__}.")
     return float(v)
+
+
+def empty_batch_result(fn, x, *args, **kwargs):
+    """The result of ``fn(x, *args, **kwargs)`` for an x with no rows, built without
+    running a kernel: MLX 0.32.4's CUDA matmuls crash (SIGFPE) on an empty batch. A one-row
+    probe gives the output's last dimension and dtype lazily; nothing is evaluated."""
+    probe = fn(mx.zeros((1, x.shape[-1]), x.dtype), *args, **kwargs)
+    return mx.zeros((*x.shape[:-1], probe.shape[-1]), probe.dtype)

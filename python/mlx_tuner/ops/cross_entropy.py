@@ -88,6 +88,9 @@ def linear_cross_entropy_reference(h, weight, targets, bias=None, *, mask=None,
                                    bits=4, mode="affine", stream=None) -> mx.array:
     """Pure-MLX twin: materializes the logits, then mlx-lm's ``nn.losses.cross_entropy``."""
     _check(h, weight, targets, bias, mask, reduction, scales)
+    if targets.size == 0:  # MLX 0.32.4's CUDA matmul crashes on an empty batch
+        ce = mx.zeros(targets.shape, _result_dtype(h, weight, bias, scales))
+        return _reduce(ce, targets, weight.shape[0], mask, reduction)
     with mx.stream(stream if stream is not None else mx.default_stream(mx.default_device())):
         if scales is not None:
             logits = mx.quantized_matmul(h, weight, scales, biases, transpose=True,
@@ -114,7 +117,7 @@ def linear_cross_entropy(h, weight, targets, bias=None, *, mask=None, reduction=
     """
     _check(h, weight, targets, bias, mask, reduction, scales)
     ext = _extension.kernel_for("cross_entropy", stream)
-    if ext is None:
+    if ext is None or targets.size == 0:  # an empty batch needs no kernel
         return linear_cross_entropy_reference(
             h, weight, targets, bias, mask=mask, reduction=reduction, scales=scales,
             biases=biases, group_size=group_size, bits=bits, mode=mode, stream=stream)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from . import _extension
-from ._checks import check_array, check_scalar, check_shape
+from ._checks import check_array, check_scalar, check_shape, empty_batch_result
 from .qlora import QUANT_MODES, quantized_in_dims
 
 
@@ -60,6 +60,10 @@ def dora_linear_reference(x, weight, lora_a, lora_b, magnitude, scale, bias=None
     """What mlx-lm's DoRALinear computes: it builds the adapted weight every call."""
     _check("dora_linear", x, weight, lora_a, lora_b, magnitude, scale, bias, x_dropped, scales,
            bits, biases, group_size, mode)
+    if x.size == 0:
+        return empty_batch_result(dora_linear_reference, x, weight, lora_a, lora_b, magnitude,
+                                  scale, bias, scales=scales, biases=biases,
+                                  group_size=group_size, bits=bits, mode=mode)
     w = weight
     if scales is not None:
         w = mx.dequantize(weight, scales, biases, group_size=group_size, bits=bits, mode=mode)
@@ -111,7 +115,11 @@ def dora_linear(x, weight, lora_a, lora_b, magnitude, scale, bias=None, *, x_dro
     _check("dora_linear", x, weight, lora_a, lora_b, magnitude, scale, bias, x_dropped, scales,
            bits, biases, group_size, mode, weight_sq_norm)
     ext = _extension.kernel_for("dora", stream)
-    if ext is None or (scales is not None and mode != "affine"):
+    if scales is not None and _extension.device_of(stream) == mx.gpu:
+        # On the GPU the quantized path composes MLX ops and measured 2x slower than
+        # mlx-lm's own (BENCHMARKS.md): run the reference there until a fused kernel exists.
+        ext = None
+    if ext is None or x.size == 0 or (scales is not None and mode != "affine"):
         return dora_linear_reference(x, weight, lora_a, lora_b, magnitude, scale, bias,
                                      x_dropped=x_dropped, scales=scales, biases=biases,
                                      group_size=group_size, bits=bits, mode=mode)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from . import _extension
-from ._checks import check_array, check_scalar, check_shape
+from ._checks import check_array, check_scalar, check_shape, empty_batch_result
 
 
 def _check(op, x, weight, lora_a, lora_b, scale, bias, x_dropped):
@@ -38,6 +38,8 @@ def _check(op, x, weight, lora_a, lora_b, scale, bias, x_dropped):
 def lora_linear_reference(x, weight, lora_a, lora_b, scale, bias=None, *, x_dropped=None):
     """What mlx-lm's LoRALinear computes, in plain MLX ops."""
     _check("lora_linear", x, weight, lora_a, lora_b, scale, bias, x_dropped)
+    if x.size == 0:
+        return empty_batch_result(lora_linear_reference, x, weight, lora_a, lora_b, scale, bias)
     xd = x if x_dropped is None else x_dropped
     y = x @ weight.T if bias is None else mx.addmm(bias, x, weight.T)
     z = (xd @ lora_a) @ lora_b
@@ -53,7 +55,7 @@ def lora_linear(x, weight, lora_a, lora_b, scale, bias=None, *, x_dropped=None, 
     """
     _check("lora_linear", x, weight, lora_a, lora_b, scale, bias, x_dropped)
     ext = _extension.kernel_for("lora", stream)
-    if ext is None:
+    if ext is None or x.size == 0:  # an empty batch needs no kernel
         return lora_linear_reference(x, weight, lora_a, lora_b, scale, bias, x_dropped=x_dropped)
     s = check_scalar("lora_linear", "scale", scale)
     return ext.lora_linear(x, weight, lora_a, lora_b, s, bias, x_dropped, stream=stream)

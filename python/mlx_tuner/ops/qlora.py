@@ -12,7 +12,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from . import _extension
-from ._checks import check_array, check_scalar, check_shape
+from ._checks import check_array, check_scalar, check_shape, empty_batch_result
 
 QUANT_MODES = ("affine", "mxfp4", "mxfp8", "nvfp4")
 # What backend_info() says about this op beyond which devices have a kernel.
@@ -69,6 +69,10 @@ def qlora_linear_reference(x, weight, scales, biases, lora_a, lora_b, scale, bia
     """What mlx-lm's LoRALinear over an nn.QuantizedLinear computes."""
     _check("qlora_linear", x, weight, scales, biases, lora_a, lora_b, scale, bias, x_dropped,
            group_size, bits, mode)
+    if x.size == 0:
+        return empty_batch_result(qlora_linear_reference, x, weight, scales, biases, lora_a,
+                                  lora_b, scale, bias, group_size=group_size, bits=bits,
+                                  mode=mode)
     xd = x if x_dropped is None else x_dropped
     y = mx.quantized_matmul(x, weight, scales, biases, transpose=True, group_size=group_size,
                             bits=bits, mode=mode)
@@ -84,7 +88,7 @@ def qlora_linear(x, weight, scales, biases, lora_a, lora_b, scale, bias=None, *,
     _check("qlora_linear", x, weight, scales, biases, lora_a, lora_b, scale, bias, x_dropped,
            group_size, bits, mode)
     ext = _extension.kernel_for("qlora", stream) if mode == "affine" else None
-    if ext is None:
+    if ext is None or x.size == 0:  # an empty batch needs no kernel
         return qlora_linear_reference(x, weight, scales, biases, lora_a, lora_b, scale, bias,
                                       group_size=group_size, bits=bits, mode=mode,
                                       x_dropped=x_dropped)
