@@ -189,7 +189,10 @@ def test_compiled_value_and_grad(device, dt, lora_dt, dropped):
         for gi, ri in zip(g, gr):
             assert gi.dtype == ri.dtype and gi.shape == ri.shape
             err = float(mx.abs(gi.astype(f32) - ri.astype(f32)).max())
-            tol = {f32: 1e-4, f16: 2e-2, bf16: 5e-2}[dt] * max(1.0, float(mx.abs(ri.astype(f32)).max()))
+            # On the H200 the float32 reference (MLX's CUDA matmul) differed from our
+            # strict-fp32 cuBLASLt GEMMs by 2e-4 (TF32-sized); the float64-oracle tests bound both.
+            f32_tol = 1e-3 if mx.default_device() == mx.gpu else 1e-4
+            tol = {f32: f32_tol, f16: 2e-2, bf16: 5e-2}[dt] * max(1.0, float(mx.abs(ri.astype(f32)).max()))
             assert err <= tol
 
 
