@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -64,17 +65,27 @@ def _say(*args, file=None) -> None:
         print(*args, file=file or sys.stdout, flush=True)
 
 
-def default_loss(model, batch, lengths, mask=None):
+def default_loss(model, batch, lengths, mask=None, *, fused: bool | None = None):
     """Mean cross-entropy over the trained targets and their count. ``lengths`` rows are
-    ``(offset, length)``; ``mask`` (optional, ``(B, T-1)``) selects targets further."""
+    ``(offset, length)``; ``mask`` (optional, ``(B, T-1)``) selects targets further.
+
+    The loss is computed from the hidden states and the head weight without materializing
+    the logits (``ops.linear_cross_entropy``) where the model's head allows; ``fused=False``
+    (or MLX_TUNER_FUSED_CE=0) computes it from the logits instead. The values are the same.
+    """
+    from .ops.cross_entropy import masked_loss_sum
+
     inputs, targets = batch[:, :-1], batch[:, 1:]
-    logits = model(inputs)
     steps = mx.arange(1, targets.shape[1] + 1)
     keep = mx.logical_and(steps >= lengths[:, 0:1], steps < lengths[:, 1:])
     if mask is not None:
         keep = mx.logical_and(keep, mask)
-    ce = nn.losses.cross_entropy(logits, targets) * keep
     ntoks = keep.sum()
+    if fused is None:
+        fused = os.environ.get("MLX_TUNER_FUSED_CE", "1") != "0"
+    if fused:
+        return masked_loss_sum(model, inputs, targets, keep) / ntoks, ntoks
+    ce = nn.losses.cross_entropy(model(inputs), targets) * keep
     return ce.astype(mx.float32).sum() / ntoks, ntoks
 
 

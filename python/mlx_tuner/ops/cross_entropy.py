@@ -175,18 +175,24 @@ def hidden_states(model, inputs: mx.array) -> mx.array:
     return model.model(inputs)
 
 
+def masked_loss_sum(model, inputs: mx.array, targets: mx.array, keep: mx.array) -> mx.array:
+    """Sum over kept targets of the cross-entropy of ``model(inputs)``, in float32: fused
+    from the hidden states where ``model_head`` knows the head, else from the logits."""
+    head = model_head(model)
+    if head is None:
+        ce = nn.losses.cross_entropy(model(inputs), targets) * keep
+        return ce.astype(mx.float32).sum()
+    weight, bias, quant, _ = head
+    ce = linear_cross_entropy(hidden_states(model, inputs), weight, targets, bias, mask=keep,
+                              reduction="sum", **(quant or {}))
+    return ce.astype(mx.float32)
+
+
 def default_loss(model, batch: mx.array, lengths: mx.array):
-    """mlx_lm.tuner.trainer.default_loss, same arguments and result ``(ce, ntoks)``, with
-    the fused loss where ``model_head`` knows the head, else the materialized logits."""
+    """mlx_lm.tuner.trainer.default_loss exactly (its mask included), same arguments and
+    result ``(ce, ntoks)``, with the fused loss where ``model_head`` knows the head."""
     inputs, targets = batch[:, :-1], batch[:, 1:]
     steps = mx.arange(1, targets.shape[1] + 1)
     mask = mx.logical_and(steps >= lengths[:, 0:1], steps <= lengths[:, 1:])
     ntoks = mask.sum()
-    head = model_head(model)
-    if head is None:
-        ce = nn.losses.cross_entropy(model(inputs), targets) * mask
-        return ce.astype(mx.float32).sum() / ntoks, ntoks
-    weight, bias, quant, _ = head
-    ce = linear_cross_entropy(hidden_states(model, inputs), weight, targets, bias, mask=mask,
-                              reduction="sum", **(quant or {}))
-    return ce / ntoks, ntoks
+    return masked_loss_sum(model, inputs, targets, mask) / ntoks, ntoks
