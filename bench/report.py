@@ -31,6 +31,8 @@ def _fmt_bytes(b) -> str:
 
 def _rate(row: dict) -> str:
     ex, t = row["extra_info"], row["stats"]["median"]
+    if ex.get("tokens_per_second"):  # training: steady-state throughput, not the call's time
+        return f"{ex['tokens_per_second']:,.0f} tokens/s"
     if ex.get("flops"):
         r, ceil = ex["flops"] / t, ex.get("ceiling_gemm_flops")
         return f"{r / 1e12:.2f} TFLOP/s" + (f" ({100 * r / ceil:.0f}%)" if ceil else "")
@@ -41,6 +43,8 @@ def _rate(row: dict) -> str:
 
 
 def _shape(shape) -> str:
+    if isinstance(shape, dict) and "config" in shape:  # training rows: name the model
+        return f"{shape['config']} batch={shape.get('batch')}x{shape.get('seq') or 'data'}"
     if isinstance(shape, dict):
         return " ".join(f"{k}={v}" for k, v in shape.items())
     return str(shape)
@@ -70,7 +74,8 @@ def tables(paths: list[str]) -> str:
         out.append(f"mlx {any_row.get('mlx')}, commit {any_row.get('commit')}; ceilings measured "
                    f"in the same run: GEMM {any_row.get('ceiling_gemm_flops', 0) / 1e12:.2f} "
                    f"TFLOP/s, copy {any_row.get('ceiling_copy_bytes_per_s', 0) / 1e9:.0f} GB/s "
-                   "(bytes read + written).\n")
+                   "(bytes read + written). Training rows: the time is the whole run, "
+                   "compilation included; the rate is the steady-state tokens/s.\n")
         out.append("| op | mode | dtype | shape | provider | median (IQR) | rate (% of ceiling) "
                    "| peak memory | fused speed-up |")
         out.append("|---|---|---|---|---|---|---|---|---|")
@@ -82,7 +87,10 @@ def tables(paths: list[str]) -> str:
                 st = row["stats"]
                 speed = ""
                 if prov == "fused" and ref is not None:
-                    speed = f"{ref['stats']['median'] / st['median']:.1f}×"
+                    tps, rtps = (row["extra_info"].get("tokens_per_second"),
+                                 ref["extra_info"].get("tokens_per_second"))
+                    ratio = tps / rtps if tps and rtps else ref["stats"]["median"] / st["median"]
+                    speed = f"{ratio:.2f}×"
                 out.append(
                     f"| {key[1]} | {key[2]} | {key[3]} | {key[4]} | {prov} | "
                     f"{_fmt_time(st['median'])} ({_fmt_time(st['iqr'])}) | {_rate(row)} | "
