@@ -6,6 +6,7 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "common/checks.h"
 #include "mlx/ops.h"
 
 namespace mlx_tuner {
@@ -13,16 +14,6 @@ namespace mlx_tuner {
 namespace {
 
 constexpr const char* kOp = "[linear_cross_entropy]";
-
-std::string shape_str(const mx::Shape& s) {
-  std::ostringstream os;
-  os << "(";
-  for (size_t i = 0; i < s.size(); ++i) {
-    os << s[i] << (s.size() == 1 ? "," : (i + 1 < s.size() ? ", " : ""));
-  }
-  os << ")";
-  return os.str();
-}
 
 [[noreturn]] void fail(const std::string& msg) {
   throw std::invalid_argument(std::string(kOp) + " " + msg);

@@ -7,21 +7,12 @@
 #include <stdexcept>
 
 #include "metal/divergence.h"
+#include "common/checks.h"
 #include "mlx/ops.h"
 
 namespace mlx_tuner {
 
 namespace {
-
-std::string shape_str(const mx::Shape& s) {
-  std::ostringstream o;
-  o << "(";
-  for (size_t i = 0; i < s.size(); ++i) {
-    o << s[i] << (s.size() == 1 ? "," : (i + 1 < s.size() ? ", " : ""));
-  }
-  o << ")";
-  return o.str();
-}
 
 void check_input(const char* op, const char* name, const mx::array& a) {
   if (a.ndim() < 1) {

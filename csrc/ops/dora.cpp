@@ -6,6 +6,7 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "common/checks.h"
 #include "mlx/ops.h"
 
 namespace mlx_tuner {
@@ -13,16 +14,6 @@ namespace mlx_tuner {
 namespace {
 
 constexpr const char* kOp = "[dora_linear]";
-
-std::string shape_str(const mx::Shape& s) {
-  std::ostringstream o;
-  o << "(";
-  for (size_t i = 0; i < s.size(); ++i) {
-    o << s[i] << (s.size() == 1 ? "," : (i + 1 < s.size() ? ", " : ""));
-  }
-  o << ")";
-  return o.str();
-}
 
 void expect_shape(const char* name, const mx::array& a, const mx::Shape& want) {
   if (a.shape() != want) {

@@ -5,6 +5,7 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "common/checks.h"
 #include "mlx/ops.h"
 #include "mlx/transforms.h"
 #define MLX_TUNER_LORA_PARAMS_ONLY
@@ -13,16 +14,6 @@
 namespace mlx_tuner {
 
 namespace {
-
-std::string shape_str(const mx::Shape& s) {
-  std::ostringstream o;
-  o << "(";
-  for (size_t i = 0; i < s.size(); ++i) {
-    o << s[i] << (s.size() == 1 ? "," : (i + 1 < s.size() ? ", " : ""));
-  }
-  o << ")";
-  return o.str();
-}
 
 void fail(const std::string& msg) {
   throw std::invalid_argument("[lora_linear] " + msg);

@@ -7,6 +7,7 @@
 #include <stdexcept>
 
 #include "common/quant.h"
+#include "common/checks.h"
 #include "mlx/ops.h"
 #include "mlx/utils.h"
 
@@ -15,16 +16,6 @@ namespace mlx_tuner {
 namespace {
 
 constexpr const char* kOp = "[qlora_linear]";
-
-std::string shape_str(const mx::Shape& s) {
-  std::ostringstream o;
-  o << "(";
-  for (size_t i = 0; i < s.size(); ++i) {
-    o << s[i] << (s.size() == 1 ? "," : (i + 1 < s.size() ? ", " : ""));
-  }
-  o << ")";
-  return o.str();
-}
 
 [[noreturn]] void fail(const std::string& msg) {
   throw std::invalid_argument(std::string(kOp) + " " + msg);
