@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <vector>
 
 #include "common/parallel.h"
 #include "mlx/allocator.h"
@@ -26,10 +27,13 @@ namespace {
 
 #define MT_INLINE inline __attribute__((always_inline))
 
-constexpr int W = 8; // lanes
+// 16 lanes: one zmm register with AVX-512, two ymm with AVX2 (GCC splits the vector).
+constexpr int W = 16; // lanes
 constexpr int kBlock = 512; // elements per block (a multiple of W)
 typedef float vf __attribute__((vector_size(W * 4)));
 typedef int32_t vi __attribute__((vector_size(W * 4)));
+typedef uint32_t vu __attribute__((vector_size(W * 4)));
+typedef uint16_t vh __attribute__((vector_size(W * 2)));
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr float kLn2 = 0.693147180559945309f;
 
@@ -102,6 +106,30 @@ MT_INLINE vf vlog_1_2(vf y) {
   s = s * t2 + 1.f / 3;
   s = s * t2 + 1.f;
   return 2.f * t * s;
+}
+
+// log(x) for normal x > 0 (callers mask x < FLT_MIN): x = 2^e m, m in [sqrt(1/2), sqrt(2)),
+// log(m) = f - f^2/2 + f^3 P(f) with f = m - 1 (Cephes logf coefficients), ~1 ulp.
+MT_INLINE vf vlog(vf x) {
+  vi b = (vi)x;
+  vi e = ((b >> 23) & 0xff) - 127;
+  vf m = (vf)((b & 0x7fffff) | 0x3f800000); // [1, 2)
+  vi big = m > 1.41421356f;
+  m = vsel(big, m * 0.5f, m);
+  vf ef = __builtin_convertvector(e - big, vf); // big is -1 where true
+  vf f = m - 1.f;
+  vf z = f * f;
+  vf p = splat(7.0376836292e-2f);
+  p = p * f - 1.1514610310e-1f;
+  p = p * f + 1.1676998740e-1f;
+  p = p * f - 1.2420140846e-1f;
+  p = p * f + 1.4249322787e-1f;
+  p = p * f - 1.6668057665e-1f;
+  p = p * f + 2.0000714765e-1f;
+  p = p * f - 2.4999993993e-1f;
+  p = p * f + 3.3333331174e-1f;
+  vf y = f * z * p - 0.5f * z + ef * -2.12194440e-4f;
+  return f + y + ef * 0.693359375f;
 }
 
 // ------------------------------------------------------------------ dtype conversions
@@ -178,12 +206,21 @@ MT_INLINE void from_float(float f, mx::float16_t* o) {
 // (-inf is a masked entry: it contributes nothing anywhere).
 template <typename T>
 MT_INLINE const float* load_block(const T* src, int n, float* buf) {
+  int i0 = 0;
   if constexpr (std::is_same_v<T, float>) {
     if (n % W == 0) {
       return src;
     }
+  } else if constexpr (std::is_same_v<T, mx::bfloat16_t>) {
+    // bf16 is the top half of a float32: widen and shift (vpmovzxwd + vpslld).
+    for (; i0 + W <= n; i0 += W) {
+      vh h;
+      std::memcpy(&h, src + i0, sizeof(vh));
+      vi u = __builtin_convertvector(h, vi) << 16;
+      vstore(buf + i0, (vf)u);
+    }
   }
-  for (int i = 0; i < n; ++i) {
+  for (int i = i0; i < n; ++i) {
     buf[i] = to_float(src[i]);
   }
   for (int i = n; i % W != 0; ++i) {
@@ -205,8 +242,84 @@ struct Args {
 };
 
 // ------------------------------------------------------------------ forward
+// JS: (1) row maxima, (2) e = exp(x - max) kept in a per-thread row buffer (L2-sized for
+// any vocabulary) with their sums, (3) Q = e_q / S_q, P = e_p / S_p, lm = log((P + Q) / 2):
+// two exps and one log per element. Q (P) > 0 implies a finite logit, so masking the terms
+// on it keeps -inf logits out; lm of a subnormal M is inexact but weighted by Q < 2^-125.
+template <typename T>
+MT_INLINE void js_forward_rows(const Args<T>& a, int64_t r0, int64_t r1) {
+  alignas(64) float bq[kBlock];
+  alignas(64) float bp[kBlock];
+  const int V = a.V;
+  const int Vp = (V + W - 1) / W * W;
+  thread_local std::vector<float> ebuf;
+  if (ebuf.size() < size_t(2 * Vp)) {
+    ebuf.resize(2 * Vp);
+  }
+  float* eq_row = ebuf.data();
+  float* ep_row = eq_row + Vp;
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* qr = a.q + r * V;
+    const T* pr = a.p + r * V;
+    vf vmq = splat(-kInf), vmp = splat(-kInf);
+    for (int j = 0; j < V; j += kBlock) {
+      int n = std::min(kBlock, V - j);
+      const float* xq = load_block(qr + j, n, bq);
+      const float* xp = load_block(pr + j, n, bp);
+      for (int i = 0; i < n; i += W) {
+        vmq = vmax(vmq, vload(xq + i));
+        vmp = vmax(vmp, vload(xp + i));
+      }
+    }
+    const float mq = hmax(vmq), mp = hmax(vmp);
+    const float oq = mq == -kInf ? 0.f : mq, op = mp == -kInf ? 0.f : mp;
+    vf sq{}, sp{};
+    for (int j = 0; j < V; j += kBlock) {
+      int n = std::min(kBlock, V - j);
+      const float* xq = load_block(qr + j, n, bq);
+      const float* xp = load_block(pr + j, n, bp);
+      for (int i = 0; i < n; i += W) {
+        vf eq = vexp(vload(xq + i) - oq), ep = vexp(vload(xp + i) - op);
+        sq += eq;
+        sp += ep;
+        vstore(eq_row + j + i, eq);
+        vstore(ep_row + j + i, ep);
+      }
+    }
+    const float Sq = hsum(sq), Sp = hsum(sp);
+    const float lsq = std::log(Sq), lsp = std::log(Sp);
+    const float iq = 1.f / Sq, ip = 1.f / Sp;
+    vf klq{}, klp{};
+    for (int j = 0; j < V; j += kBlock) {
+      int n = std::min(kBlock, V - j);
+      const float* xq = load_block(qr + j, n, bq);
+      const float* xp = load_block(pr + j, n, bp);
+      for (int i = 0; i < n; i += W) {
+        vf Q = vload(eq_row + j + i) * iq, P = vload(ep_row + j + i) * ip;
+        vf lm = vlog((P + Q) * 0.5f);
+        vf lq = (vload(xq + i) - mq) - lsq, lp = (vload(xp + i) - mp) - lsp;
+        klq += vsel(Q > 0.f, Q * (lq - lm), splat(0.f));
+        klp += vsel(P > 0.f, P * (lp - lm), splat(0.f));
+      }
+    }
+    float kq = hsum(klq), kp = hsum(klp);
+    float* st = a.stats + r * kDivStats;
+    st[kMaxQ] = mq;
+    st[kLogSumQ] = lsq;
+    st[kMaxP] = mp;
+    st[kLogSumP] = lsp;
+    st[kS0] = kq;
+    st[kS1] = kp;
+    from_float(0.5f * (kq + kp), a.out + r);
+  }
+}
+
 template <typename T, Divergence K>
 MT_INLINE void forward_rows(const Args<T>& a, int64_t r0, int64_t r1) {
+  if constexpr (K == Divergence::JS) {
+    js_forward_rows(a, r0, r1);
+    return;
+  }
   alignas(32) float bq[kBlock];
   alignas(32) float bp[kBlock];
   const int V = a.V;
@@ -243,9 +356,7 @@ MT_INLINE void forward_rows(const Args<T>& a, int64_t r0, int64_t r1) {
         vf eq = vexp(vq - oq), ep = vexp(vp - op);
         sq += eq;
         sp += ep;
-        if constexpr (K == Divergence::KL) {
-          tk += vsel(vp > -kInf, ep * (vp - vq), splat(0.f));
-        }
+        tk += vsel(vp > -kInf, ep * (vp - vq), splat(0.f));
       }
     }
     float lsq = std::log(hsum(sq)), lsp = std::log(hsum(sp));
@@ -255,38 +366,11 @@ MT_INLINE void forward_rows(const Args<T>& a, int64_t r0, int64_t r1) {
     st[kMaxP] = mp;
     st[kLogSumP] = lsp;
     float div;
-    if constexpr (K == Divergence::KL) {
+    {
       // sum P (a - b) + lse_q - lse_p, the lse difference taken term by term.
       div = hsum(tk) / hsum(sp) + ((mq - mp) + (lsq - lsp));
       st[kS0] = div;
       st[kS1] = 0.f;
-    } else {
-      float lq0 = mq + lsq, lp0 = mp + lsp;
-      vf klq{}, klp{};
-      for (int j = 0; j < V; j += kBlock) {
-        int n = std::min(kBlock, V - j);
-        const float* xq = load_block(qr + j, n, bq);
-        const float* xp = load_block(pr + j, n, bp);
-        int nv = (n + W - 1) / W;
-        for (int i = 0; i < nv; ++i) {
-          vf lq = (vload(xq + i * W) - mq) - lsq;
-          vf lp = (vload(xp + i * W) - mp) - lsp;
-          vf Q = vexp(lq), P = vexp(lp);
-          vf u = lp - lq;
-          vf L = vlog_1_2(1.f + vexp(-vmax(u, -u)));
-          // lp - lm = ln2 - max(-u, 0) - L,  lq - lm = ln2 - max(u, 0) - L
-          vf dp = kLn2 - vmax(-u, splat(0.f)) - L;
-          vf dq = kLn2 - vmax(u, splat(0.f)) - L;
-          klp += vsel(lp > -kInf, P * dp, splat(0.f));
-          klq += vsel(lq > -kInf, Q * dq, splat(0.f));
-        }
-      }
-      (void)lq0;
-      (void)lp0;
-      float kq = hsum(klq), kp = hsum(klp);
-      div = 0.5f * (kq + kp);
-      st[kS0] = kq;
-      st[kS1] = kp;
     }
     from_float(div, a.out + r);
   }
@@ -295,7 +379,18 @@ MT_INLINE void forward_rows(const Args<T>& a, int64_t r0, int64_t r1) {
 // ------------------------------------------------------------------ backward
 template <typename T>
 MT_INLINE void store_block(T* dst, const float* src, int n) {
-  for (int i = 0; i < n; ++i) {
+  int i0 = 0;
+  if constexpr (std::is_same_v<T, mx::bfloat16_t>) {
+    for (; i0 + W <= n; i0 += W) { // round to nearest even; NaN stays a (quiet) NaN
+      vu u = (vu)vload(src + i0);
+      vu r = (u + 0x7fff + ((u >> 16) & 1)) >> 16;
+      vi nan = (vi)(u & 0x7fffffff) > 0x7f800000;
+      r = nan ? (u >> 16) | 0x40 : r;
+      vh h = __builtin_convertvector(r, vh);
+      std::memcpy(dst + i0, &h, sizeof(vh));
+    }
+  }
+  for (int i = i0; i < n; ++i) {
     from_float(src[i], dst + i);
   }
 }
@@ -343,16 +438,16 @@ MT_INLINE void backward_rows(const Args<T>& a, int64_t r0, int64_t r1) {
             vstore(gp + i * W, vsel(lp > -kInf, c * g, splat(0.f)));
           }
         } else {
-          vf u = lp - lq;
-          vf L = vlog_1_2(1.f + vexp(-vmax(u, -u)));
+          // Masks as in the forward: Q (P) > 0 only for finite logits.
+          vf Q = vexp(lq);
+          vf lm = vlog((P + Q) * 0.5f);
           if constexpr (GQ) {
-            vf Q = vexp(lq);
-            vf g = Q * ((kLn2 - vmax(u, splat(0.f)) - L) - st[kS0]);
-            vstore(gq + i * W, vsel(lq > -kInf, half_c * g, splat(0.f)));
+            vf g = Q * ((lq - lm) - st[kS0]);
+            vstore(gq + i * W, vsel(Q > 0.f, half_c * g, splat(0.f)));
           }
           if constexpr (GP) {
-            vf g = P * ((kLn2 - vmax(-u, splat(0.f)) - L) - st[kS1]);
-            vstore(gp + i * W, vsel(lp > -kInf, half_c * g, splat(0.f)));
+            vf g = P * ((lp - lm) - st[kS1]);
+            vstore(gp + i * W, vsel(P > 0.f, half_c * g, splat(0.f)));
           }
         }
       }
@@ -381,11 +476,18 @@ MT_INLINE void backward_rows(const Args<T>& a, int64_t r0, int64_t r1) {
 MT_ENTRIES(generic, )
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 MT_ENTRIES(avx2, __attribute__((target("avx2,fma"))))
-bool use_avx2() {
-  static bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes;
+MT_ENTRIES(avx512, __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma"))))
+int isa() { // 2: AVX-512, 1: AVX2 + FMA, 0: generic
+  static int level = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")
+      ? 2
+      : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0);
+  return level;
 }
-#define MT_PICK(NAME, ...) (use_avx2() ? NAME##_avx2<__VA_ARGS__> : NAME##_generic<__VA_ARGS__>)
+#define MT_PICK(NAME, ...)                                                              \
+  (isa() == 2   ? NAME##_avx512<__VA_ARGS__>                                            \
+       : isa() == 1 ? NAME##_avx2<__VA_ARGS__>                                          \
+                    : NAME##_generic<__VA_ARGS__>)
 #else
 #define MT_PICK(NAME, ...) (NAME##_generic<__VA_ARGS__>)
 #endif
