@@ -35,7 +35,6 @@ typedef int32_t vi __attribute__((vector_size(W * 4)));
 typedef uint32_t vu __attribute__((vector_size(W * 4)));
 typedef uint16_t vh __attribute__((vector_size(W * 2)));
 constexpr float kInf = std::numeric_limits<float>::infinity();
-constexpr float kLn2 = 0.693147180559945309f;
 
 MT_INLINE vf splat(float x) {
   return vf{} + x;
@@ -72,40 +71,27 @@ MT_INLINE float hmax(vf v) {
   return m;
 }
 
-// exp(x) for float32, ~1 ulp; 0 below -86 (and for -inf), NaN stays NaN. Range reduction
-// x = n ln2 + r, |r| <= ln2/2, and a degree-6 polynomial for e^r (Cephes coefficients).
+// exp(x) for float32 x <= 88 (callers pass x - max <= 0): relative error < 8e-8, 0 below
+// -87 (and for -inf), NaN stays NaN (the scale is applied by a multiplication). Range
+// reduction x = n ln2 + r, |r| <= ln2/2, then a degree-6 minimax polynomial (fitted here
+// for relative error) in Horner form.
 MT_INLINE vf vexp(vf x) {
-  vf xc = vmin(vmax(x, splat(-86.f)), splat(88.f)); // NaN becomes -86: restored below
+  vi lo = x < -87.f;
+  vf xc = vsel(lo, splat(-87.f), x);
   const float magic = 12582912.f; // 1.5 * 2^23: adding it rounds to an integer
   vf t = xc * 1.44269504088896341f + magic;
   vf n = t - magic;
-  vi ni = (vi)t - (vi)splat(magic);
   vf r = xc - n * 0.693359375f - n * -2.12194440e-4f;
-  vf p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  vf y = p * r * r + r + 1.f;
-  y = (vf)((vi)y + (ni << 23));
-  y = vsel(x < -86.f, splat(0.f), y);
-  return vsel(x != x, x, y);
-}
-
-// log(y) for y in [1, 2]: 2 atanh(t), t = (y - 1) / (y + 1) in [0, 1/3]; abs error < 1e-8.
-MT_INLINE vf vlog_1_2(vf y) {
-  vf t = (y - 1.f) / (y + 1.f);
-  vf t2 = t * t;
-  vf s = splat(1.f / 15);
-  s = s * t2 + 1.f / 13;
-  s = s * t2 + 1.f / 11;
-  s = s * t2 + 1.f / 9;
-  s = s * t2 + 1.f / 7;
-  s = s * t2 + 1.f / 5;
-  s = s * t2 + 1.f / 3;
-  s = s * t2 + 1.f;
-  return 2.f * t * s;
+  vf p = splat(1.3754e-3f);
+  p = p * r + 8.36891e-3f;
+  p = p * r + 4.166949e-2f;
+  p = p * r + 1.6666518e-1f;
+  p = p * r + 4.9999988e-1f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  // 2^n from the low bits of t (magic's low 9 bits are zero); n >= -126 keeps it normal.
+  vf y = p * (vf)(((vi)t + 127) << 23);
+  return vsel(lo, splat(0.f), y);
 }
 
 // log(x) for normal x > 0 (callers mask x < FLT_MIN): x = 2^e m, m in [sqrt(1/2), sqrt(2)),
