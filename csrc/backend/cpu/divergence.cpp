@@ -13,6 +13,7 @@
 #include <limits>
 #include <vector>
 
+
 #include "common/parallel.h"
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
@@ -75,7 +76,32 @@ MT_INLINE float hmax(vf v) {
 // -87 (and for -inf), NaN stays NaN (the scale is applied by a multiplication). Range
 // reduction x = n ln2 + r, |r| <= ln2/2, then a degree-6 minimax polynomial (fitted here
 // for relative error) in Horner form.
+// I: instruction set of the caller (2 = AVX-512, whose vscalefps does the 2^n scaling with
+// underflow to 0, and vmaxps the clamp: 12 vector ops instead of 16).
+template <int I>
 MT_INLINE vf vexp(vf x) {
+#if defined(__x86_64__)
+  if constexpr (I == 2) {
+    // Inline asm, not intrinsics: this body is only ever inlined into the AVX-512 entry
+    // points, but GCC checks intrinsics against the target of this (generic) template.
+    // vmaxps returns its second source for a NaN: max(-110, x) keeps a NaN x, and -110
+    // makes -inf (anything below ~-103.3) come out as 0.
+    vf xc, y;
+    asm("vmaxps %1, %2, %0" : "=v"(xc) : "v"(x), "v"(splat(-110.f)));
+    const float magic = 12582912.f;
+    vf n = (xc * 1.44269504088896341f + magic) - magic;
+    vf r = xc - n * 0.693359375f - n * -2.12194440e-4f;
+    vf p = splat(1.3754e-3f);
+    p = p * r + 8.36891e-3f;
+    p = p * r + 4.166949e-2f;
+    p = p * r + 1.6666518e-1f;
+    p = p * r + 4.9999988e-1f;
+    p = p * r + 1.f;
+    p = p * r + 1.f;
+    asm("vscalefps %2, %1, %0" : "=v"(y) : "v"(p), "v"(n)); // p 2^n, subnormals included
+    return y;
+  }
+#endif
   vi lo = x < -87.f;
   vf xc = vsel(lo, splat(-87.f), x);
   const float magic = 12582912.f; // 1.5 * 2^23: adding it rounds to an integer
@@ -268,7 +294,7 @@ MT_INLINE const float* cached_block(const T* src, int n, float* buf) {
   }
 }
 
-template <typename T>
+template <typename T, int I>
 MT_INLINE void js_forward_rows(const Args<T>& a, int64_t r0, int64_t r1) {
   const int V = a.V;
   const int Vp = (V + W - 1) / W * W;
@@ -304,7 +330,7 @@ MT_INLINE void js_forward_rows(const Args<T>& a, int64_t r0, int64_t r1) {
       for (int i = 0; i < n; i += W) {
         prefetch(qr + V + j + i); // the next row: its first pass is pure loads
         prefetch(pr + V + j + i);
-        vf eq = vexp(vload(xq + i) - oq), ep = vexp(vload(xp + i) - op);
+        vf eq = vexp<I>(vload(xq + i) - oq), ep = vexp<I>(vload(xp + i) - op);
         sq += eq;
         sp += ep;
         vstore(eq_row + j + i, eq);
@@ -339,10 +365,10 @@ MT_INLINE void js_forward_rows(const Args<T>& a, int64_t r0, int64_t r1) {
   }
 }
 
-template <typename T, Divergence K>
+template <typename T, Divergence K, int I>
 MT_INLINE void forward_rows(const Args<T>& a, int64_t r0, int64_t r1) {
   if constexpr (K == Divergence::JS) {
-    js_forward_rows(a, r0, r1);
+    js_forward_rows<T, I>(a, r0, r1);
     return;
   }
   alignas(32) float bq[kBlock];
@@ -380,7 +406,7 @@ MT_INLINE void forward_rows(const Args<T>& a, int64_t r0, int64_t r1) {
         vf vq = vload(xq + i * W), vp = vload(xp + i * W);
         prefetch(qr + j + kAhead + i * W);
         prefetch(pr + j + kAhead + i * W);
-        vf eq = vexp(vq - oq), ep = vexp(vp - op);
+        vf eq = vexp<I>(vq - oq), ep = vexp<I>(vp - op);
         sq += eq;
         sp += ep;
         tk += vsel(vp > -kInf, ep * (vp - vq), splat(0.f));
@@ -422,7 +448,7 @@ MT_INLINE void store_block(T* dst, const float* src, int n) {
   }
 }
 
-template <typename T, Divergence K, bool GQ, bool GP>
+template <typename T, Divergence K, bool GQ, bool GP, int I>
 MT_INLINE void backward_rows(const Args<T>& a, int64_t r0, int64_t r1) {
   alignas(32) float bq[kBlock];
   alignas(32) float bp[kBlock];
@@ -457,10 +483,10 @@ MT_INLINE void backward_rows(const Args<T>& a, int64_t r0, int64_t r1) {
         prefetch(pr + j + kAhead + i * W);
         vf lq = (vload(xq + i * W) - mq) - lsq;
         vf lp = (vload(xp + i * W) - mp) - lsp;
-        vf P = vexp(lp);
+        vf P = vexp<I>(lp);
         if constexpr (K == Divergence::KL) {
           if constexpr (GQ) {
-            vstore(gq + i * W, c * (vexp(lq) - P));
+            vstore(gq + i * W, c * (vexp<I>(lq) - P));
           }
           if constexpr (GP) {
             vf g = P * ((lp - lq) - st[kS0]);
@@ -468,7 +494,7 @@ MT_INLINE void backward_rows(const Args<T>& a, int64_t r0, int64_t r1) {
           }
         } else {
           // Masks as in the forward: Q (P) > 0 only for finite logits.
-          vf Q = vexp(lq);
+          vf Q = vexp<I>(lq);
           vf lm = vlog((P + Q) * 0.5f);
           if constexpr (GQ) {
             vf g = Q * ((lq - lm) - st[kS0]);
@@ -492,20 +518,20 @@ MT_INLINE void backward_rows(const Args<T>& a, int64_t r0, int64_t r1) {
 
 // Each entry point is compiled for the generic target and, on x86-64, for AVX2 + FMA;
 // the always-inline bodies above take the instruction set of their caller.
-#define MT_ENTRIES(SUFFIX, ATTR)                                                  \
+#define MT_ENTRIES(SUFFIX, ATTR, I)                                                  \
   template <typename T, Divergence K>                                             \
   ATTR void forward_##SUFFIX(const Args<T>& a, int64_t r0, int64_t r1) {          \
-    forward_rows<T, K>(a, r0, r1);                                                \
+    forward_rows<T, K, I>(a, r0, r1);                                                \
   }                                                                               \
   template <typename T, Divergence K, bool GQ, bool GP>                           \
   ATTR void backward_##SUFFIX(const Args<T>& a, int64_t r0, int64_t r1) {         \
-    backward_rows<T, K, GQ, GP>(a, r0, r1);                                       \
+    backward_rows<T, K, GQ, GP, I>(a, r0, r1);                                       \
   }
 
-MT_ENTRIES(generic, )
+MT_ENTRIES(generic, , 0)
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-MT_ENTRIES(avx2, __attribute__((target("avx2,fma"))))
-MT_ENTRIES(avx512, __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma"))))
+MT_ENTRIES(avx2, __attribute__((target("avx2,fma"))), 1)
+MT_ENTRIES(avx512, __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma"))), 2)
 int isa() { // 2: AVX-512, 1: AVX2 + FMA, 0: generic
   static int level = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")
