@@ -281,8 +281,9 @@ struct Args {
 // ------------------------------------------------------------------ forward
 // JS: (1) row maxima, (2) e = exp(x - max) kept in a per-thread row buffer (L2-sized for
 // any vocabulary) with their sums, (3) Q = e_q / S_q, P = e_p / S_p, lm = log((P + Q) / 2):
-// two exps and one log per element. Q (P) > 0 implies a finite logit, so masking the terms
-// on it keeps -inf logits out; lm of a subnormal M is inexact but weighted by Q < 2^-125.
+// two exps and one log per element. Terms are kept where Q (P) != 0: -inf logits drop out,
+// NaN ones stay NaN; lm of a subnormal M is inexact but then weighted by Q < 2^-125.
+
 // The block of `src` at offset j converted by an earlier load_block(src, n, buf): float32
 // reads its source again (only a short tail was copied), half types read the copy.
 template <typename T>
@@ -339,7 +340,8 @@ MT_INLINE void js_forward_rows(const Args<T>& a, int64_t r0, int64_t r1) {
     }
     const float Sq = hsum(sq), Sp = hsum(sp);
     const float lsq = std::log(Sq), lsp = std::log(Sp);
-    const float iq = 1.f / Sq, ip = 1.f / Sp;
+    // A fully masked row has S = 0: Q = 0 there, while a NaN logit still gives NaN.
+    const float iq = Sq > 0.f ? 1.f / Sq : 0.f, ip = Sp > 0.f ? 1.f / Sp : 0.f;
     vf klq{}, klp{};
     for (int j = 0; j < V; j += kBlock) {
       int n = std::min(kBlock, V - j);
@@ -349,8 +351,8 @@ MT_INLINE void js_forward_rows(const Args<T>& a, int64_t r0, int64_t r1) {
         vf Q = vload(eq_row + j + i) * iq, P = vload(ep_row + j + i) * ip;
         vf lm = vlog((P + Q) * 0.5f);
         vf lq = (vload(xq + i) - mq) - lsq, lp = (vload(xp + i) - mp) - lsp;
-        klq += vsel(Q > 0.f, Q * (lq - lm), splat(0.f));
-        klp += vsel(P > 0.f, P * (lp - lm), splat(0.f));
+        klq += vsel(Q != 0.f, Q * (lq - lm), splat(0.f));
+        klp += vsel(P != 0.f, P * (lp - lm), splat(0.f));
       }
     }
     float kq = hsum(klq), kp = hsum(klp);
@@ -460,6 +462,9 @@ MT_INLINE void backward_rows(const Args<T>& a, int64_t r0, int64_t r1) {
     const T* pr = a.p + r * V;
     const float* st = a.cstats + r * kDivStats;
     const float mq = st[kMaxQ], lsq = st[kLogSumQ], mp = st[kMaxP], lsp = st[kLogSumP];
+    // A fully masked row (max = -inf) gets lq = -inf everywhere, so Q = 0, not NaN.
+    const float oq = mq == -kInf ? 0.f : mq, lq_off = mq == -kInf ? kInf : lsq;
+    const float op = mp == -kInf ? 0.f : mp, lp_off = mp == -kInf ? kInf : lsp;
     const float c = a.cot[r];
     const float half_c = K == Divergence::JS ? 0.5f * c : c;
     if (c == 0.f) { // e.g. a masked padding row, whose logits may be all -inf
@@ -481,8 +486,8 @@ MT_INLINE void backward_rows(const Args<T>& a, int64_t r0, int64_t r1) {
       for (int i = 0; i < nv; ++i) {
         prefetch(qr + j + kAhead + i * W);
         prefetch(pr + j + kAhead + i * W);
-        vf lq = (vload(xq + i * W) - mq) - lsq;
-        vf lp = (vload(xp + i * W) - mp) - lsp;
+        vf lq = (vload(xq + i * W) - oq) - lq_off;
+        vf lp = (vload(xp + i * W) - op) - lp_off;
         vf P = vexp<I>(lp);
         if constexpr (K == Divergence::KL) {
           if constexpr (GQ) {
@@ -493,16 +498,16 @@ MT_INLINE void backward_rows(const Args<T>& a, int64_t r0, int64_t r1) {
             vstore(gp + i * W, vsel(lp > -kInf, c * g, splat(0.f)));
           }
         } else {
-          // Masks as in the forward: Q (P) > 0 only for finite logits.
+          // Masks as in the forward: Q (P) != 0 only for finite (or NaN) logits.
           vf Q = vexp<I>(lq);
           vf lm = vlog((P + Q) * 0.5f);
           if constexpr (GQ) {
             vf g = Q * ((lq - lm) - st[kS0]);
-            vstore(gq + i * W, vsel(Q > 0.f, half_c * g, splat(0.f)));
+            vstore(gq + i * W, vsel(Q != 0.f, half_c * g, splat(0.f)));
           }
           if constexpr (GP) {
             vf g = P * ((lp - lm) - st[kS1]);
-            vstore(gp + i * W, vsel(P > 0.f, half_c * g, splat(0.f)));
+            vstore(gp + i * W, vsel(P != 0.f, half_c * g, splat(0.f)));
           }
         }
       }
