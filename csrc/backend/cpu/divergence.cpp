@@ -1,3 +1,4 @@
+#ifndef MT_DIV_BODY
 // CPU kernels of the KL / JS divergence (maths: csrc/ops/divergence.h).
 //
 // Rows are split across threads (parallel_for). Each row is streamed in blocks of kBlock
@@ -28,14 +29,197 @@ namespace {
 
 #define MT_INLINE inline __attribute__((always_inline))
 
-// 16 lanes: one zmm register with AVX-512, two ymm with AVX2 (GCC splits the vector).
-constexpr int W = 16; // lanes
-constexpr int kBlock = 512; // elements per block (a multiple of W)
+constexpr int kBlock = 512; // elements per block (a multiple of the lane count)
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+// Software prefetch: the exp-heavy loops leave DRAM idle, so they pull in data that is
+// read later (hardware prefetchers alone left one core at ~7 GB/s here).
+template <typename T>
+MT_INLINE void prefetch(const T* p) {
+  __builtin_prefetch(p, 0, 3);
+}
+constexpr int kAhead = 2 * kBlock; // prefetch distance (elements) in the streaming loops
+
+template <typename T>
+struct Args {
+  const T* q;
+  const T* p;
+  T* out; // forward: div (rows); backward: dq (rows, V)
+  T* out2; // backward: dp (rows, V)
+  float* stats; // forward output
+  const float* cstats; // backward input
+  const float* cot; // backward: cotangent per row
+  int V;
+};
+
+} // namespace
+} // namespace mlx_tuner
+
+// The SIMD helpers and kernels below are compiled once per lane count: 16 (one zmm) for
+// AVX-512, 8 for AVX2 and the generic target (wider vectors there are split badly).
+#define MT_DIV_BODY
+#define MT_DIV_LANES 16
+#define MT_DIV_NS lanes16
+#include "backend/cpu/divergence.cpp"
+#undef MT_DIV_LANES
+#undef MT_DIV_NS
+#define MT_DIV_LANES 8
+#define MT_DIV_NS lanes8
+#include "backend/cpu/divergence.cpp"
+#undef MT_DIV_LANES
+#undef MT_DIV_NS
+#undef MT_DIV_BODY
+
+namespace mlx_tuner {
+namespace {
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+int isa() { // 2: AVX-512, 1: AVX2 + FMA, 0: generic
+  static int level = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")
+      ? 2
+      : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0);
+  return level;
+}
+#define MT_PICK(NAME, ...)                                                              \
+  (isa() == 2   ? lanes16::NAME##_avx512<__VA_ARGS__>                                   \
+       : isa() == 1 ? lanes8::NAME##_avx2<__VA_ARGS__>                                  \
+                    : lanes8::NAME##_generic<__VA_ARGS__>)
+#else
+#define MT_PICK(NAME, ...) (lanes8::NAME##_generic<__VA_ARGS__>)
+#endif
+
+// Rows per task: enough work per chunk that scheduling is noise.
+int64_t grain(int V) {
+  return std::max<int64_t>(1, (1 << 15) / std::max(V, 1));
+}
+
+template <typename T, Divergence K>
+void run_forward(Args<T> a, int64_t rows) {
+  auto fn = MT_PICK(forward, T, K);
+  parallel_for(rows, grain(a.V), [&](int64_t b, int64_t e) { fn(a, b, e); });
+}
+
+template <typename T, Divergence K>
+void run_backward(Args<T> a, int64_t rows, bool gq, bool gp) {
+  void (*fn)(const Args<T>&, int64_t, int64_t);
+  if (gq && gp) {
+    fn = MT_PICK(backward, T, K, true, true);
+  } else if (gq) {
+    fn = MT_PICK(backward, T, K, true, false);
+  } else {
+    fn = MT_PICK(backward, T, K, false, true);
+  }
+  parallel_for(rows, grain(a.V), [&](int64_t b, int64_t e) { fn(a, b, e); });
+}
+
+template <typename T>
+void dispatch_forward(Divergence kind, const Args<T>& a, int64_t rows) {
+  if (kind == Divergence::KL) {
+    run_forward<T, Divergence::KL>(a, rows);
+  } else {
+    run_forward<T, Divergence::JS>(a, rows);
+  }
+}
+
+template <typename T>
+void dispatch_backward(Divergence kind, const Args<T>& a, int64_t rows, bool gq, bool gp) {
+  if (kind == Divergence::KL) {
+    run_backward<T, Divergence::KL>(a, rows, gq, gp);
+  } else {
+    run_backward<T, Divergence::JS>(a, rows, gq, gp);
+  }
+}
+
+// Calls f(T{}) with T the C++ type of `dtype`.
+template <typename F>
+void with_type(mx::Dtype dtype, F&& f) {
+  if (dtype == mx::float32) {
+    f(float{});
+  } else if (dtype == mx::float16) {
+    f(mx::float16_t{});
+  } else if (dtype == mx::bfloat16) {
+    f(mx::bfloat16_t{});
+  } else {
+    throw std::invalid_argument("[divergence] unsupported dtype " + dtype_name(dtype));
+  }
+}
+
+} // namespace
+
+void DivergenceForward::eval_cpu(
+    const std::vector<mx::array>& inputs,
+    std::vector<mx::array>& outputs) {
+  const auto& q = inputs[0];
+  const auto& p = inputs[1];
+  auto& out = outputs[0];
+  auto& stats = outputs[1];
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  stats.set_data(mx::allocator::malloc(stats.nbytes()));
+  auto& enc = mx::cpu::get_command_encoder(stream());
+  enc.set_input_array(q);
+  enc.set_input_array(p);
+  enc.set_output_array(out);
+  enc.set_output_array(stats);
+  int64_t rows = out.size();
+  int V = q.shape(-1);
+  if (rows == 0) {
+    return;
+  }
+  with_type(q.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    Args<T> a{q.data<T>(), p.data<T>(), out.data<T>(), nullptr, stats.data<float>(),
+              nullptr, nullptr, V};
+    enc.dispatch([a, rows, kind = kind_]() { dispatch_forward<T>(kind, a, rows); });
+  });
+}
+
+void DivergenceBackward::eval_cpu(
+    const std::vector<mx::array>& inputs,
+    std::vector<mx::array>& outputs) {
+  const auto& q = inputs[0];
+  const auto& p = inputs[1];
+  const auto& stats = inputs[2];
+  const auto& cot = inputs[3];
+  for (auto& o : outputs) {
+    o.set_data(mx::allocator::malloc(o.nbytes()));
+  }
+  auto& enc = mx::cpu::get_command_encoder(stream());
+  for (const auto& in : inputs) {
+    enc.set_input_array(in);
+  }
+  for (auto& o : outputs) {
+    enc.set_output_array(o);
+  }
+  int64_t rows = cot.size();
+  int V = q.shape(-1);
+  if (rows == 0) {
+    return;
+  }
+  with_type(q.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    T* dq = grad_q_ ? outputs[0].data<T>() : nullptr;
+    T* dp = grad_p_ ? outputs[grad_q_ ? 1 : 0].data<T>() : nullptr;
+    Args<T> a{q.data<T>(), p.data<T>(), dq, dp, nullptr, stats.data<float>(),
+              cot.data<float>(), V};
+    enc.dispatch([a, rows, kind = kind_, gq = grad_q_, gp = grad_p_]() {
+      dispatch_backward<T>(kind, a, rows, gq, gp);
+    });
+  });
+}
+
+} // namespace mlx_tuner
+
+#else // MT_DIV_BODY: one lane count
+namespace mlx_tuner {
+namespace {
+namespace MT_DIV_NS {
+
+constexpr int W = MT_DIV_LANES;
 typedef float vf __attribute__((vector_size(W * 4)));
 typedef int32_t vi __attribute__((vector_size(W * 4)));
 typedef uint32_t vu __attribute__((vector_size(W * 4)));
 typedef uint16_t vh __attribute__((vector_size(W * 2)));
-constexpr float kInf = std::numeric_limits<float>::infinity();
 
 MT_INLINE vf splat(float x) {
   return vf{} + x;
@@ -136,29 +320,53 @@ MT_INLINE vf vlookup(vf table, vi idx) {
 // log(x) for normal x > 0 (callers mask x < FLT_MIN); absolute error < 1e-7 on (0, 2].
 // x = 2^e m, m in [1, 2); c = 1 + (k + 1/2)/16 from m's top 4 bits, so m / c = 1 + f with
 // |f| < 1/32: log x = e ln2 + log c + log1p(f), log1p by 4 Taylor terms (error < 6e-9).
-static_assert(W == 16, "the log table holds one entry per lane");
+// Without AVX-512 (no vpermps over 16 lanes) the lookup is slow: I < 2 uses a table-free
+// degree-8 polynomial on f = m - 1, m in [sqrt(1/2), sqrt(2)) (Cephes logf coefficients).
+template <int I>
 MT_INLINE vf vlog(vf x) {
-  const vf inv_c = {0.9696969985961914f, 0.9142857193946838f, 0.8648648858070374f,
-                    0.8205128312110901f, 0.7804877758026123f, 0.7441860437393188f,
-                    0.7111111283302307f, 0.6808510422706604f, 0.6530612111091614f,
-                    0.6274510025978088f, 0.6037735939025879f, 0.581818163394928f,
-                    0.5614035129547119f, 0.5423728823661804f, 0.5245901346206665f,
-                    0.5079365372657776f};
-  const vf log_c = {0.03077162802219391f, 0.08961215615272522f, 0.14518198370933533f,
-                    0.19782572984695435f, 0.24783620238304138f, 0.2954642176628113f,
-                    0.34092655777931213f, 0.3844117224216461f, 0.42608442902565f,
-                    0.4660896956920624f, 0.5045560002326965f, 0.541597306728363f,
-                    0.5773153305053711f, 0.6118015646934509f, 0.6451380252838135f,
-                    0.6773987412452698f}; // -log(inv_c) exactly, rounded
-  vi b = (vi)x;
-  vf e = __builtin_convertvector((b >> 23) - 127, vf);
-  vi mant = b & 0x7fffff;
-  vi k = mant >> 19;
-  vf m = (vf)(mant | 0x3f800000);
-  vf f = m * vlookup(inv_c, k) - 1.f;
-  vf t = f * (1.f / 3 - 0.25f * f) - 0.5f;
-  vf y = (t * f) * f + f;
-  return (e * -2.12194440e-4f + (y + vlookup(log_c, k))) + e * 0.693359375f;
+  if constexpr (I < 2 || W != 16) {
+    vi b = (vi)x;
+    vi e = ((b >> 23) & 0xff) - 127;
+    vf m = (vf)((b & 0x7fffff) | 0x3f800000); // [1, 2)
+    vi big = m > 1.41421356f;
+    m = vsel(big, m * 0.5f, m);
+    vf ef = __builtin_convertvector(e - big, vf); // big is -1 where true
+    vf f = m - 1.f;
+    vf z = f * f;
+    vf p = splat(7.0376836292e-2f);
+    p = p * f - 1.1514610310e-1f;
+    p = p * f + 1.1676998740e-1f;
+    p = p * f - 1.2420140846e-1f;
+    p = p * f + 1.4249322787e-1f;
+    p = p * f - 1.6668057665e-1f;
+    p = p * f + 2.0000714765e-1f;
+    p = p * f - 2.4999993993e-1f;
+    p = p * f + 3.3333331174e-1f;
+    vf y = f * z * p - 0.5f * z + ef * -2.12194440e-4f;
+    return f + y + ef * 0.693359375f;
+  } else {
+    const vf inv_c = {0.9696969985961914f, 0.9142857193946838f, 0.8648648858070374f,
+                      0.8205128312110901f, 0.7804877758026123f, 0.7441860437393188f,
+                      0.7111111283302307f, 0.6808510422706604f, 0.6530612111091614f,
+                      0.6274510025978088f, 0.6037735939025879f, 0.581818163394928f,
+                      0.5614035129547119f, 0.5423728823661804f, 0.5245901346206665f,
+                      0.5079365372657776f};
+    const vf log_c = {0.03077162802219391f, 0.08961215615272522f, 0.14518198370933533f,
+                      0.19782572984695435f, 0.24783620238304138f, 0.2954642176628113f,
+                      0.34092655777931213f, 0.3844117224216461f, 0.42608442902565f,
+                      0.4660896956920624f, 0.5045560002326965f, 0.541597306728363f,
+                      0.5773153305053711f, 0.6118015646934509f, 0.6451380252838135f,
+                      0.6773987412452698f}; // -log(inv_c) exactly, rounded
+    vi b = (vi)x;
+    vf e = __builtin_convertvector((b >> 23) - 127, vf);
+    vi mant = b & 0x7fffff;
+    vi k = mant >> 19;
+    vf m = (vf)(mant | 0x3f800000);
+    vf f = m * vlookup(inv_c, k) - 1.f;
+    vf t = f * (1.f / 3 - 0.25f * f) - 0.5f;
+    vf y = (t * f) * f + f;
+    return (e * -2.12194440e-4f + (y + vlookup(log_c, k))) + e * 0.693359375f;
+  }
 }
 
 // ------------------------------------------------------------------ dtype conversions
@@ -258,25 +466,6 @@ MT_INLINE const float* load_block(const T* src, int n, float* buf) {
   return buf;
 }
 
-// Software prefetch: the exp-heavy loops leave DRAM idle, so they pull in data that is
-// read later (hardware prefetchers alone left one core at ~7 GB/s here).
-template <typename T>
-MT_INLINE void prefetch(const T* p) {
-  __builtin_prefetch(p, 0, 3);
-}
-constexpr int kAhead = 2 * kBlock; // prefetch distance (elements) in the streaming loops
-
-template <typename T>
-struct Args {
-  const T* q;
-  const T* p;
-  T* out; // forward: div (rows); backward: dq (rows, V)
-  T* out2; // backward: dp (rows, V)
-  float* stats; // forward output
-  const float* cstats; // backward input
-  const float* cot; // backward: cotangent per row
-  int V;
-};
 
 // ------------------------------------------------------------------ forward
 // JS: (1) row maxima, (2) e = exp(x - max) kept in a per-thread row buffer (L2-sized for
@@ -349,7 +538,7 @@ MT_INLINE void js_forward_rows(const Args<T>& a, int64_t r0, int64_t r1) {
       const float* xp = cached_block(pr + j, n, p_row + j);
       for (int i = 0; i < n; i += W) {
         vf Q = vload(eq_row + j + i) * iq, P = vload(ep_row + j + i) * ip;
-        vf lm = vlog((P + Q) * 0.5f);
+        vf lm = vlog<I>((P + Q) * 0.5f);
         vf lq = (vload(xq + i) - mq) - lsq, lp = (vload(xp + i) - mp) - lsp;
         klq += vsel(Q != 0.f, Q * (lq - lm), splat(0.f));
         klp += vsel(P != 0.f, P * (lp - lm), splat(0.f));
@@ -500,7 +689,7 @@ MT_INLINE void backward_rows(const Args<T>& a, int64_t r0, int64_t r1) {
         } else {
           // Masks as in the forward: Q (P) != 0 only for finite (or NaN) logits.
           vf Q = vexp<I>(lq);
-          vf lm = vlog((P + Q) * 0.5f);
+          vf lm = vlog<I>((P + Q) * 0.5f);
           if constexpr (GQ) {
             vf g = Q * ((lq - lm) - st[kS0]);
             vstore(gq + i * W, vsel(Q != 0.f, half_c * g, splat(0.f)));
@@ -537,138 +726,9 @@ MT_ENTRIES(generic, , 0)
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 MT_ENTRIES(avx2, __attribute__((target("avx2,fma"))), 1)
 MT_ENTRIES(avx512, __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma"))), 2)
-int isa() { // 2: AVX-512, 1: AVX2 + FMA, 0: generic
-  static int level = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")
-      ? 2
-      : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0);
-  return level;
-}
-#define MT_PICK(NAME, ...)                                                              \
-  (isa() == 2   ? NAME##_avx512<__VA_ARGS__>                                            \
-       : isa() == 1 ? NAME##_avx2<__VA_ARGS__>                                          \
-                    : NAME##_generic<__VA_ARGS__>)
-#else
-#define MT_PICK(NAME, ...) (NAME##_generic<__VA_ARGS__>)
 #endif
 
-// Rows per task: enough work per chunk that scheduling is noise.
-int64_t grain(int V) {
-  return std::max<int64_t>(1, (1 << 15) / std::max(V, 1));
-}
-
-template <typename T, Divergence K>
-void run_forward(Args<T> a, int64_t rows) {
-  auto fn = MT_PICK(forward, T, K);
-  parallel_for(rows, grain(a.V), [&](int64_t b, int64_t e) { fn(a, b, e); });
-}
-
-template <typename T, Divergence K>
-void run_backward(Args<T> a, int64_t rows, bool gq, bool gp) {
-  void (*fn)(const Args<T>&, int64_t, int64_t);
-  if (gq && gp) {
-    fn = MT_PICK(backward, T, K, true, true);
-  } else if (gq) {
-    fn = MT_PICK(backward, T, K, true, false);
-  } else {
-    fn = MT_PICK(backward, T, K, false, true);
-  }
-  parallel_for(rows, grain(a.V), [&](int64_t b, int64_t e) { fn(a, b, e); });
-}
-
-template <typename T>
-void dispatch_forward(Divergence kind, const Args<T>& a, int64_t rows) {
-  if (kind == Divergence::KL) {
-    run_forward<T, Divergence::KL>(a, rows);
-  } else {
-    run_forward<T, Divergence::JS>(a, rows);
-  }
-}
-
-template <typename T>
-void dispatch_backward(Divergence kind, const Args<T>& a, int64_t rows, bool gq, bool gp) {
-  if (kind == Divergence::KL) {
-    run_backward<T, Divergence::KL>(a, rows, gq, gp);
-  } else {
-    run_backward<T, Divergence::JS>(a, rows, gq, gp);
-  }
-}
-
-// Calls f(T{}) with T the C++ type of `dtype`.
-template <typename F>
-void with_type(mx::Dtype dtype, F&& f) {
-  if (dtype == mx::float32) {
-    f(float{});
-  } else if (dtype == mx::float16) {
-    f(mx::float16_t{});
-  } else if (dtype == mx::bfloat16) {
-    f(mx::bfloat16_t{});
-  } else {
-    throw std::invalid_argument("[divergence] unsupported dtype " + dtype_name(dtype));
-  }
-}
-
+} // namespace MT_DIV_NS
 } // namespace
-
-void DivergenceForward::eval_cpu(
-    const std::vector<mx::array>& inputs,
-    std::vector<mx::array>& outputs) {
-  const auto& q = inputs[0];
-  const auto& p = inputs[1];
-  auto& out = outputs[0];
-  auto& stats = outputs[1];
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  stats.set_data(mx::allocator::malloc(stats.nbytes()));
-  auto& enc = mx::cpu::get_command_encoder(stream());
-  enc.set_input_array(q);
-  enc.set_input_array(p);
-  enc.set_output_array(out);
-  enc.set_output_array(stats);
-  int64_t rows = out.size();
-  int V = q.shape(-1);
-  if (rows == 0) {
-    return;
-  }
-  with_type(q.dtype(), [&](auto tag) {
-    using T = decltype(tag);
-    Args<T> a{q.data<T>(), p.data<T>(), out.data<T>(), nullptr, stats.data<float>(),
-              nullptr, nullptr, V};
-    enc.dispatch([a, rows, kind = kind_]() { dispatch_forward<T>(kind, a, rows); });
-  });
-}
-
-void DivergenceBackward::eval_cpu(
-    const std::vector<mx::array>& inputs,
-    std::vector<mx::array>& outputs) {
-  const auto& q = inputs[0];
-  const auto& p = inputs[1];
-  const auto& stats = inputs[2];
-  const auto& cot = inputs[3];
-  for (auto& o : outputs) {
-    o.set_data(mx::allocator::malloc(o.nbytes()));
-  }
-  auto& enc = mx::cpu::get_command_encoder(stream());
-  for (const auto& in : inputs) {
-    enc.set_input_array(in);
-  }
-  for (auto& o : outputs) {
-    enc.set_output_array(o);
-  }
-  int64_t rows = cot.size();
-  int V = q.shape(-1);
-  if (rows == 0) {
-    return;
-  }
-  with_type(q.dtype(), [&](auto tag) {
-    using T = decltype(tag);
-    T* dq = grad_q_ ? outputs[0].data<T>() : nullptr;
-    T* dp = grad_p_ ? outputs[grad_q_ ? 1 : 0].data<T>() : nullptr;
-    Args<T> a{q.data<T>(), p.data<T>(), dq, dp, nullptr, stats.data<float>(),
-              cot.data<float>(), V};
-    enc.dispatch([a, rows, kind = kind_, gq = grad_q_, gp = grad_p_]() {
-      dispatch_backward<T>(kind, a, rows, gq, gp);
-    });
-  });
-}
-
 } // namespace mlx_tuner
+#endif // MT_DIV_BODY
