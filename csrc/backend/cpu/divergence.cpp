@@ -4,10 +4,12 @@
 // Rows are split across threads (parallel_for). Each row is streamed in blocks of kBlock
 // elements: half types are converted to float32 into a small stack buffer, so there is
 // no (rows, V) temporary. KL's forward is one pass (online max / sum-exp / sum-P(a-b)
-// with one rescale per block); JS's needs the normalizers first, so it reads the row a
-// second time (from cache for any realistic V). The backward is one pass given the stats.
-// SIMD: GCC/Clang vector extensions, compiled twice on x86-64 (generic and AVX2+FMA),
-// picked at run time.
+// with one rescale per block, 2 exps per element); JS's needs the normalizers first: it
+// keeps the row's exps in a per-thread buffer and ends with one log per element (2 exps +
+// 1 log). The backward is one pass given the stats (KL: 2 exps, JS: 2 exps + 1 log).
+// These loops are exp-bound, so the exp/log are hand-vectorized and data for later is
+// software-prefetched. SIMD: GCC/Clang vector extensions, compiled per target on x86-64
+// (generic and AVX2+FMA with 8 lanes, AVX-512 with 16), picked at run time.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
