@@ -1,16 +1,21 @@
+#ifndef MT_DIV_BODY
 // CPU kernels of the KL / JS divergence (maths: csrc/ops/divergence.h).
 //
 // Rows are split across threads (parallel_for). Each row is streamed in blocks of kBlock
 // elements: half types are converted to float32 into a small stack buffer, so there is
 // no (rows, V) temporary. KL's forward is one pass (online max / sum-exp / sum-P(a-b)
-// with one rescale per block); JS's needs the normalizers first, so it reads the row a
-// second time (from cache for any realistic V). The backward is one pass given the stats.
-// SIMD: GCC/Clang vector extensions, compiled twice on x86-64 (generic and AVX2+FMA),
-// picked at run time.
+// with one rescale per block, 2 exps per element); JS's needs the normalizers first: it
+// keeps the row's exps in a per-thread buffer and ends with one log per element (2 exps +
+// 1 log). The backward is one pass given the stats (KL: 2 exps, JS: 2 exps + 1 log).
+// These loops are exp-bound, so the exp/log are hand-vectorized and data for later is
+// software-prefetched. SIMD: GCC/Clang vector extensions, compiled per target on x86-64
+// (generic and AVX2+FMA with 8 lanes, AVX-512 with 16), picked at run time.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <vector>
+
 
 #include "common/parallel.h"
 #include "mlx/allocator.h"
@@ -26,171 +31,16 @@ namespace {
 
 #define MT_INLINE inline __attribute__((always_inline))
 
-constexpr int W = 8; // lanes
-constexpr int kBlock = 512; // elements per block (a multiple of W)
-typedef float vf __attribute__((vector_size(W * 4)));
-typedef int32_t vi __attribute__((vector_size(W * 4)));
+constexpr int kBlock = 512; // elements per block (a multiple of the lane count)
 constexpr float kInf = std::numeric_limits<float>::infinity();
-constexpr float kLn2 = 0.693147180559945309f;
 
-MT_INLINE vf splat(float x) {
-  return vf{} + x;
-}
-MT_INLINE vf vload(const float* p) {
-  vf v;
-  std::memcpy(&v, p, sizeof(vf));
-  return v;
-}
-MT_INLINE void vstore(float* p, vf v) {
-  std::memcpy(p, &v, sizeof(vf));
-}
-MT_INLINE vf vsel(vi m, vf a, vf b) {
-  return m ? a : b;
-}
-MT_INLINE vf vmax(vf a, vf b) {
-  return vsel(a > b, a, b);
-}
-MT_INLINE vf vmin(vf a, vf b) {
-  return vsel(a < b, a, b);
-}
-MT_INLINE float hsum(vf v) {
-  float s = 0.f;
-  for (int i = 0; i < W; ++i) {
-    s += v[i];
-  }
-  return s;
-}
-MT_INLINE float hmax(vf v) {
-  float m = v[0];
-  for (int i = 1; i < W; ++i) {
-    m = v[i] > m ? v[i] : m;
-  }
-  return m;
-}
-
-// exp(x) for float32, ~1 ulp; 0 below -86 (and for -inf), NaN stays NaN. Range reduction
-// x = n ln2 + r, |r| <= ln2/2, and a degree-6 polynomial for e^r (Cephes coefficients).
-MT_INLINE vf vexp(vf x) {
-  vf xc = vmin(vmax(x, splat(-86.f)), splat(88.f)); // NaN becomes -86: restored below
-  const float magic = 12582912.f; // 1.5 * 2^23: adding it rounds to an integer
-  vf t = xc * 1.44269504088896341f + magic;
-  vf n = t - magic;
-  vi ni = (vi)t - (vi)splat(magic);
-  vf r = xc - n * 0.693359375f - n * -2.12194440e-4f;
-  vf p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  vf y = p * r * r + r + 1.f;
-  y = (vf)((vi)y + (ni << 23));
-  y = vsel(x < -86.f, splat(0.f), y);
-  return vsel(x != x, x, y);
-}
-
-// log(y) for y in [1, 2]: 2 atanh(t), t = (y - 1) / (y + 1) in [0, 1/3]; abs error < 1e-8.
-MT_INLINE vf vlog_1_2(vf y) {
-  vf t = (y - 1.f) / (y + 1.f);
-  vf t2 = t * t;
-  vf s = splat(1.f / 15);
-  s = s * t2 + 1.f / 13;
-  s = s * t2 + 1.f / 11;
-  s = s * t2 + 1.f / 9;
-  s = s * t2 + 1.f / 7;
-  s = s * t2 + 1.f / 5;
-  s = s * t2 + 1.f / 3;
-  s = s * t2 + 1.f;
-  return 2.f * t * s;
-}
-
-// ------------------------------------------------------------------ dtype conversions
-MT_INLINE float to_float(float x) {
-  return x;
-}
-MT_INLINE float to_float(mx::bfloat16_t x) {
-  uint16_t h;
-  std::memcpy(&h, &x, 2);
-  uint32_t u = uint32_t(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-MT_INLINE float to_float(mx::float16_t x) {
-  // Exponent rebias, with subnormals renormalized by a float subtraction.
-  uint16_t h;
-  std::memcpy(&h, &x, 2);
-  uint32_t o = uint32_t(h & 0x7fff) << 13;
-  uint32_t e = o & (0x7c00u << 13);
-  o += (127 - 15) << 23;
-  float f;
-  if (e == (0x7c00u << 13)) { // inf / nan
-    o += (128 - 16) << 23;
-    std::memcpy(&f, &o, 4);
-  } else if (e == 0) { // zero / subnormal
-    o += 1 << 23;
-    std::memcpy(&f, &o, 4);
-    f -= 6.103515625e-05f; // 2^-14
-  } else {
-    std::memcpy(&f, &o, 4);
-  }
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  u |= uint32_t(h & 0x8000) << 16;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-MT_INLINE void from_float(float f, float* o) {
-  *o = f;
-}
-MT_INLINE void from_float(float f, mx::bfloat16_t* o) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  uint16_t h = (u & 0x7fffffff) > 0x7f800000
-      ? uint16_t((u >> 16) | 0x40)
-      : uint16_t((u + 0x7fff + ((u >> 16) & 1)) >> 16); // round to nearest even
-  std::memcpy(o, &h, 2);
-}
-MT_INLINE void from_float(float f, mx::float16_t* o) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  uint32_t sign = (u >> 16) & 0x8000;
-  u &= 0x7fffffff;
-  uint16_t h;
-  if (u >= 0x47800000) { // overflow to inf, or inf / nan
-    h = u > 0x7f800000 ? 0x7e00 : 0x7c00;
-  } else if (u < 0x38800000) { // half subnormal: let a float addition round it
-    float g;
-    std::memcpy(&g, &u, 4);
-    g += 0.5f;
-    uint32_t gu;
-    std::memcpy(&gu, &g, 4);
-    h = uint16_t(gu - 0x3f000000);
-  } else { // normal: rebias and round to nearest even
-    u += (uint32_t(15 - 127) << 23) + 0xfff + ((u >> 13) & 1);
-    h = uint16_t(u >> 13);
-  }
-  h |= sign;
-  std::memcpy(o, &h, 2);
-}
-
-// A block of n <= kBlock elements as float32, padded with -inf to a multiple of W
-// (-inf is a masked entry: it contributes nothing anywhere).
+// Software prefetch: the exp-heavy loops leave DRAM idle, so they pull in data that is
+// read later (hardware prefetchers alone left one core at ~7 GB/s here).
 template <typename T>
-MT_INLINE const float* load_block(const T* src, int n, float* buf) {
-  if constexpr (std::is_same_v<T, float>) {
-    if (n % W == 0) {
-      return src;
-    }
-  }
-  for (int i = 0; i < n; ++i) {
-    buf[i] = to_float(src[i]);
-  }
-  for (int i = n; i % W != 0; ++i) {
-    buf[i] = -kInf;
-  }
-  return buf;
+MT_INLINE void prefetch(const T* p) {
+  __builtin_prefetch(p, 0, 3);
 }
+constexpr int kAhead = 2 * kBlock; // prefetch distance (elements) in the streaming loops
 
 template <typename T>
 struct Args {
@@ -204,190 +54,41 @@ struct Args {
   int V;
 };
 
-// ------------------------------------------------------------------ forward
-template <typename T, Divergence K>
-MT_INLINE void forward_rows(const Args<T>& a, int64_t r0, int64_t r1) {
-  alignas(32) float bq[kBlock];
-  alignas(32) float bp[kBlock];
-  const int V = a.V;
-  for (int64_t r = r0; r < r1; ++r) {
-    const T* qr = a.q + r * V;
-    const T* pr = a.p + r * V;
-    float mq = -kInf, mp = -kInf;
-    vf sq{}, sp{}, tk{};
-    for (int j = 0; j < V; j += kBlock) {
-      int n = std::min(kBlock, V - j);
-      const float* xq = load_block(qr + j, n, bq);
-      const float* xp = load_block(pr + j, n, bp);
-      int nv = (n + W - 1) / W;
-      vf vmq = splat(-kInf), vmp = splat(-kInf);
-      for (int i = 0; i < nv; ++i) {
-        vmq = vmax(vmq, vload(xq + i * W));
-        vmp = vmax(vmp, vload(xp + i * W));
-      }
-      float bmq = hmax(vmq), bmp = hmax(vmp);
-      // One rescale per block when the running maximum grows (exp(-inf) = 0 at start).
-      if (bmq > mq) {
-        sq *= std::exp(mq - bmq);
-        mq = bmq;
-      }
-      if (bmp > mp) {
-        float s = std::exp(mp - bmp);
-        sp *= s;
-        tk *= s;
-        mp = bmp;
-      }
-      float oq = mq == -kInf ? 0.f : mq, op = mp == -kInf ? 0.f : mp;
-      for (int i = 0; i < nv; ++i) {
-        vf vq = vload(xq + i * W), vp = vload(xp + i * W);
-        vf eq = vexp(vq - oq), ep = vexp(vp - op);
-        sq += eq;
-        sp += ep;
-        if constexpr (K == Divergence::KL) {
-          tk += vsel(vp > -kInf, ep * (vp - vq), splat(0.f));
-        }
-      }
-    }
-    float lsq = std::log(hsum(sq)), lsp = std::log(hsum(sp));
-    float* st = a.stats + r * kDivStats;
-    st[kMaxQ] = mq;
-    st[kLogSumQ] = lsq;
-    st[kMaxP] = mp;
-    st[kLogSumP] = lsp;
-    float div;
-    if constexpr (K == Divergence::KL) {
-      // sum P (a - b) + lse_q - lse_p, the lse difference taken term by term.
-      div = hsum(tk) / hsum(sp) + ((mq - mp) + (lsq - lsp));
-      st[kS0] = div;
-      st[kS1] = 0.f;
-    } else {
-      float lq0 = mq + lsq, lp0 = mp + lsp;
-      vf klq{}, klp{};
-      for (int j = 0; j < V; j += kBlock) {
-        int n = std::min(kBlock, V - j);
-        const float* xq = load_block(qr + j, n, bq);
-        const float* xp = load_block(pr + j, n, bp);
-        int nv = (n + W - 1) / W;
-        for (int i = 0; i < nv; ++i) {
-          vf lq = (vload(xq + i * W) - mq) - lsq;
-          vf lp = (vload(xp + i * W) - mp) - lsp;
-          vf Q = vexp(lq), P = vexp(lp);
-          vf u = lp - lq;
-          vf L = vlog_1_2(1.f + vexp(-vmax(u, -u)));
-          // lp - lm = ln2 - max(-u, 0) - L,  lq - lm = ln2 - max(u, 0) - L
-          vf dp = kLn2 - vmax(-u, splat(0.f)) - L;
-          vf dq = kLn2 - vmax(u, splat(0.f)) - L;
-          klp += vsel(lp > -kInf, P * dp, splat(0.f));
-          klq += vsel(lq > -kInf, Q * dq, splat(0.f));
-        }
-      }
-      (void)lq0;
-      (void)lp0;
-      float kq = hsum(klq), kp = hsum(klp);
-      div = 0.5f * (kq + kp);
-      st[kS0] = kq;
-      st[kS1] = kp;
-    }
-    from_float(div, a.out + r);
-  }
-}
+} // namespace
+} // namespace mlx_tuner
 
-// ------------------------------------------------------------------ backward
-template <typename T>
-MT_INLINE void store_block(T* dst, const float* src, int n) {
-  for (int i = 0; i < n; ++i) {
-    from_float(src[i], dst + i);
-  }
-}
+// The SIMD helpers and kernels below are compiled once per lane count: 16 (one zmm) for
+// AVX-512, 8 for AVX2 and the generic target (wider vectors there are split badly).
+#define MT_DIV_BODY
+#define MT_DIV_LANES 16
+#define MT_DIV_NS lanes16
+#include "backend/cpu/divergence.cpp"
+#undef MT_DIV_LANES
+#undef MT_DIV_NS
+#define MT_DIV_LANES 8
+#define MT_DIV_NS lanes8
+#include "backend/cpu/divergence.cpp"
+#undef MT_DIV_LANES
+#undef MT_DIV_NS
+#undef MT_DIV_BODY
 
-template <typename T, Divergence K, bool GQ, bool GP>
-MT_INLINE void backward_rows(const Args<T>& a, int64_t r0, int64_t r1) {
-  alignas(32) float bq[kBlock];
-  alignas(32) float bp[kBlock];
-  alignas(32) float gq[kBlock];
-  alignas(32) float gp[kBlock];
-  const int V = a.V;
-  for (int64_t r = r0; r < r1; ++r) {
-    const T* qr = a.q + r * V;
-    const T* pr = a.p + r * V;
-    const float* st = a.cstats + r * kDivStats;
-    const float mq = st[kMaxQ], lsq = st[kLogSumQ], mp = st[kMaxP], lsp = st[kLogSumP];
-    const float c = a.cot[r];
-    const float half_c = K == Divergence::JS ? 0.5f * c : c;
-    if (c == 0.f) { // e.g. a masked padding row, whose logits may be all -inf
-      for (int64_t j = 0; j < V; ++j) {
-        if constexpr (GQ) {
-          from_float(0.f, a.out + r * V + j);
-        }
-        if constexpr (GP) {
-          from_float(0.f, a.out2 + r * V + j);
-        }
-      }
-      continue;
-    }
-    for (int j = 0; j < V; j += kBlock) {
-      int n = std::min(kBlock, V - j);
-      const float* xq = load_block(qr + j, n, bq);
-      const float* xp = load_block(pr + j, n, bp);
-      int nv = (n + W - 1) / W;
-      for (int i = 0; i < nv; ++i) {
-        vf lq = (vload(xq + i * W) - mq) - lsq;
-        vf lp = (vload(xp + i * W) - mp) - lsp;
-        vf P = vexp(lp);
-        if constexpr (K == Divergence::KL) {
-          if constexpr (GQ) {
-            vstore(gq + i * W, c * (vexp(lq) - P));
-          }
-          if constexpr (GP) {
-            vf g = P * ((lp - lq) - st[kS0]);
-            vstore(gp + i * W, vsel(lp > -kInf, c * g, splat(0.f)));
-          }
-        } else {
-          vf u = lp - lq;
-          vf L = vlog_1_2(1.f + vexp(-vmax(u, -u)));
-          if constexpr (GQ) {
-            vf Q = vexp(lq);
-            vf g = Q * ((kLn2 - vmax(u, splat(0.f)) - L) - st[kS0]);
-            vstore(gq + i * W, vsel(lq > -kInf, half_c * g, splat(0.f)));
-          }
-          if constexpr (GP) {
-            vf g = P * ((kLn2 - vmax(-u, splat(0.f)) - L) - st[kS1]);
-            vstore(gp + i * W, vsel(lp > -kInf, half_c * g, splat(0.f)));
-          }
-        }
-      }
-      if constexpr (GQ) {
-        store_block(a.out + r * V + j, gq, n);
-      }
-      if constexpr (GP) {
-        store_block(a.out2 + r * V + j, gp, n);
-      }
-    }
-  }
-}
+namespace mlx_tuner {
+namespace {
 
-// Each entry point is compiled for the generic target and, on x86-64, for AVX2 + FMA;
-// the always-inline bodies above take the instruction set of their caller.
-#define MT_ENTRIES(SUFFIX, ATTR)                                                  \
-  template <typename T, Divergence K>                                             \
-  ATTR void forward_##SUFFIX(const Args<T>& a, int64_t r0, int64_t r1) {          \
-    forward_rows<T, K>(a, r0, r1);                                                \
-  }                                                                               \
-  template <typename T, Divergence K, bool GQ, bool GP>                           \
-  ATTR void backward_##SUFFIX(const Args<T>& a, int64_t r0, int64_t r1) {         \
-    backward_rows<T, K, GQ, GP>(a, r0, r1);                                       \
-  }
-
-MT_ENTRIES(generic, )
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-MT_ENTRIES(avx2, __attribute__((target("avx2,fma"))))
-bool use_avx2() {
-  static bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes;
+int isa() { // 2: AVX-512, 1: AVX2 + FMA, 0: generic
+  static int level = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")
+      ? 2
+      : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0);
+  return level;
 }
-#define MT_PICK(NAME, ...) (use_avx2() ? NAME##_avx2<__VA_ARGS__> : NAME##_generic<__VA_ARGS__>)
+#define MT_PICK(NAME, ...)                                                              \
+  (isa() == 2   ? lanes16::NAME##_avx512<__VA_ARGS__>                                   \
+       : isa() == 1 ? lanes8::NAME##_avx2<__VA_ARGS__>                                  \
+                    : lanes8::NAME##_generic<__VA_ARGS__>)
 #else
-#define MT_PICK(NAME, ...) (NAME##_generic<__VA_ARGS__>)
+#define MT_PICK(NAME, ...) (lanes8::NAME##_generic<__VA_ARGS__>)
 #endif
 
 // Rows per task: enough work per chunk that scheduling is noise.
@@ -510,3 +211,526 @@ void DivergenceBackward::eval_cpu(
 }
 
 } // namespace mlx_tuner
+
+#else // MT_DIV_BODY: one lane count
+namespace mlx_tuner {
+namespace {
+namespace MT_DIV_NS {
+
+constexpr int W = MT_DIV_LANES;
+typedef float vf __attribute__((vector_size(W * 4)));
+typedef int32_t vi __attribute__((vector_size(W * 4)));
+typedef uint32_t vu __attribute__((vector_size(W * 4)));
+typedef uint16_t vh __attribute__((vector_size(W * 2)));
+
+MT_INLINE vf splat(float x) {
+  return vf{} + x;
+}
+MT_INLINE vf vload(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof(vf));
+  return v;
+}
+MT_INLINE void vstore(float* p, vf v) {
+  std::memcpy(p, &v, sizeof(vf));
+}
+MT_INLINE vf vsel(vi m, vf a, vf b) {
+  return m ? a : b;
+}
+MT_INLINE vf vmax(vf a, vf b) {
+  return vsel(a > b, a, b);
+}
+MT_INLINE vf vmin(vf a, vf b) {
+  return vsel(a < b, a, b);
+}
+MT_INLINE float hsum(vf v) {
+  float s = 0.f;
+  for (int i = 0; i < W; ++i) {
+    s += v[i];
+  }
+  return s;
+}
+MT_INLINE float hmax(vf v) {
+  float m = v[0];
+  for (int i = 1; i < W; ++i) {
+    m = v[i] > m ? v[i] : m;
+  }
+  return m;
+}
+
+// exp(x) for float32 x <= 88 (callers pass x - max <= 0): relative error < 8e-8, 0 below
+// -87 (and for -inf), NaN stays NaN (the scale is applied by a multiplication). Range
+// reduction x = n ln2 + r, |r| <= ln2/2, then a degree-6 minimax polynomial (fitted here
+// for relative error) in Horner form.
+// I: instruction set of the caller (2 = AVX-512, whose vscalefps does the 2^n scaling with
+// underflow to 0, and vmaxps the clamp: 12 vector ops instead of 16).
+template <int I>
+MT_INLINE vf vexp(vf x) {
+#if defined(__x86_64__)
+  if constexpr (I == 2) {
+    // Inline asm, not intrinsics: this body is only ever inlined into the AVX-512 entry
+    // points, but GCC checks intrinsics against the target of this (generic) template.
+    // vmaxps returns its second source for a NaN: max(-110, x) keeps a NaN x, and -110
+    // makes -inf (anything below ~-103.3) come out as 0.
+    vf xc, y;
+    asm("vmaxps %1, %2, %0" : "=v"(xc) : "v"(x), "v"(splat(-110.f)));
+    const float magic = 12582912.f;
+    vf n = (xc * 1.44269504088896341f + magic) - magic;
+    vf r = xc - n * 0.693359375f - n * -2.12194440e-4f;
+    vf p = splat(1.3754e-3f);
+    p = p * r + 8.36891e-3f;
+    p = p * r + 4.166949e-2f;
+    p = p * r + 1.6666518e-1f;
+    p = p * r + 4.9999988e-1f;
+    p = p * r + 1.f;
+    p = p * r + 1.f;
+    asm("vscalefps %2, %1, %0" : "=v"(y) : "v"(p), "v"(n)); // p 2^n, subnormals included
+    return y;
+  }
+#endif
+  vi lo = x < -87.f;
+  vf xc = vsel(lo, splat(-87.f), x);
+  const float magic = 12582912.f; // 1.5 * 2^23: adding it rounds to an integer
+  vf t = xc * 1.44269504088896341f + magic;
+  vf n = t - magic;
+  vf r = xc - n * 0.693359375f - n * -2.12194440e-4f;
+  vf p = splat(1.3754e-3f);
+  p = p * r + 8.36891e-3f;
+  p = p * r + 4.166949e-2f;
+  p = p * r + 1.6666518e-1f;
+  p = p * r + 4.9999988e-1f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  // 2^n from the low bits of t (magic's low 9 bits are zero); n >= -126 keeps it normal.
+  vf y = p * (vf)(((vi)t + 127) << 23);
+  return vsel(lo, splat(0.f), y);
+}
+
+// Lanes of `table` picked by idx (0..W-1): vpermps with AVX-512.
+MT_INLINE vf vlookup(vf table, vi idx) {
+#if defined(__clang__)
+  vf r;
+  for (int i = 0; i < W; ++i) {
+    r[i] = table[idx[i] & (W - 1)];
+  }
+  return r;
+#else
+  return __builtin_shuffle(table, idx);
+#endif
+}
+
+// log(x) for normal x > 0 (callers mask x < FLT_MIN); absolute error < 1e-7 on (0, 2].
+// x = 2^e m, m in [1, 2); c = 1 + (k + 1/2)/16 from m's top 4 bits, so m / c = 1 + f with
+// |f| < 1/32: log x = e ln2 + log c + log1p(f), log1p by 4 Taylor terms (error < 6e-9).
+// Without AVX-512 (no vpermps over 16 lanes) the lookup is slow: I < 2 uses a table-free
+// degree-8 polynomial on f = m - 1, m in [sqrt(1/2), sqrt(2)) (Cephes logf coefficients).
+template <int I>
+MT_INLINE vf vlog(vf x) {
+  if constexpr (I < 2 || W != 16) {
+    vi b = (vi)x;
+    vi e = ((b >> 23) & 0xff) - 127;
+    vf m = (vf)((b & 0x7fffff) | 0x3f800000); // [1, 2)
+    vi big = m > 1.41421356f;
+    m = vsel(big, m * 0.5f, m);
+    vf ef = __builtin_convertvector(e - big, vf); // big is -1 where true
+    vf f = m - 1.f;
+    vf z = f * f;
+    vf p = splat(7.0376836292e-2f);
+    p = p * f - 1.1514610310e-1f;
+    p = p * f + 1.1676998740e-1f;
+    p = p * f - 1.2420140846e-1f;
+    p = p * f + 1.4249322787e-1f;
+    p = p * f - 1.6668057665e-1f;
+    p = p * f + 2.0000714765e-1f;
+    p = p * f - 2.4999993993e-1f;
+    p = p * f + 3.3333331174e-1f;
+    vf y = f * z * p - 0.5f * z + ef * -2.12194440e-4f;
+    return f + y + ef * 0.693359375f;
+  } else {
+    const vf inv_c = {0.9696969985961914f, 0.9142857193946838f, 0.8648648858070374f,
+                      0.8205128312110901f, 0.7804877758026123f, 0.7441860437393188f,
+                      0.7111111283302307f, 0.6808510422706604f, 0.6530612111091614f,
+                      0.6274510025978088f, 0.6037735939025879f, 0.581818163394928f,
+                      0.5614035129547119f, 0.5423728823661804f, 0.5245901346206665f,
+                      0.5079365372657776f};
+    const vf log_c = {0.03077162802219391f, 0.08961215615272522f, 0.14518198370933533f,
+                      0.19782572984695435f, 0.24783620238304138f, 0.2954642176628113f,
+                      0.34092655777931213f, 0.3844117224216461f, 0.42608442902565f,
+                      0.4660896956920624f, 0.5045560002326965f, 0.541597306728363f,
+                      0.5773153305053711f, 0.6118015646934509f, 0.6451380252838135f,
+                      0.6773987412452698f}; // -log(inv_c) exactly, rounded
+    vi b = (vi)x;
+    vf e = __builtin_convertvector((b >> 23) - 127, vf);
+    vi mant = b & 0x7fffff;
+    vi k = mant >> 19;
+    vf m = (vf)(mant | 0x3f800000);
+    vf f = m * vlookup(inv_c, k) - 1.f;
+    vf t = f * (1.f / 3 - 0.25f * f) - 0.5f;
+    vf y = (t * f) * f + f;
+    return (e * -2.12194440e-4f + (y + vlookup(log_c, k))) + e * 0.693359375f;
+  }
+}
+
+// ------------------------------------------------------------------ dtype conversions
+MT_INLINE float to_float(float x) {
+  return x;
+}
+MT_INLINE float to_float(mx::bfloat16_t x) {
+  uint16_t h;
+  std::memcpy(&h, &x, 2);
+  uint32_t u = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+MT_INLINE float to_float(mx::float16_t x) {
+  // Exponent rebias, with subnormals renormalized by a float subtraction.
+  uint16_t h;
+  std::memcpy(&h, &x, 2);
+  uint32_t o = uint32_t(h & 0x7fff) << 13;
+  uint32_t e = o & (0x7c00u << 13);
+  o += (127 - 15) << 23;
+  float f;
+  if (e == (0x7c00u << 13)) { // inf / nan
+    o += (128 - 16) << 23;
+    std::memcpy(&f, &o, 4);
+  } else if (e == 0) { // zero / subnormal
+    o += 1 << 23;
+    std::memcpy(&f, &o, 4);
+    f -= 6.103515625e-05f; // 2^-14
+  } else {
+    std::memcpy(&f, &o, 4);
+  }
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  u |= uint32_t(h & 0x8000) << 16;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+MT_INLINE void from_float(float f, float* o) {
+  *o = f;
+}
+MT_INLINE void from_float(float f, mx::bfloat16_t* o) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  uint16_t h = (u & 0x7fffffff) > 0x7f800000
+      ? uint16_t((u >> 16) | 0x40)
+      : uint16_t((u + 0x7fff + ((u >> 16) & 1)) >> 16); // round to nearest even
+  std::memcpy(o, &h, 2);
+}
+MT_INLINE void from_float(float f, mx::float16_t* o) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  uint32_t sign = (u >> 16) & 0x8000;
+  u &= 0x7fffffff;
+  uint16_t h;
+  if (u >= 0x47800000) { // overflow to inf, or inf / nan
+    h = u > 0x7f800000 ? 0x7e00 : 0x7c00;
+  } else if (u < 0x38800000) { // half subnormal: let a float addition round it
+    float g;
+    std::memcpy(&g, &u, 4);
+    g += 0.5f;
+    uint32_t gu;
+    std::memcpy(&gu, &g, 4);
+    h = uint16_t(gu - 0x3f000000);
+  } else { // normal: rebias and round to nearest even
+    u += (uint32_t(15 - 127) << 23) + 0xfff + ((u >> 13) & 1);
+    h = uint16_t(u >> 13);
+  }
+  h |= sign;
+  std::memcpy(o, &h, 2);
+}
+
+// A block of n <= kBlock elements as float32, padded with -inf to a multiple of W
+// (-inf is a masked entry: it contributes nothing anywhere).
+template <typename T>
+MT_INLINE const float* load_block(const T* src, int n, float* buf) {
+  int i0 = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    if (n % W == 0) {
+      return src;
+    }
+  } else if constexpr (std::is_same_v<T, mx::bfloat16_t>) {
+    // bf16 is the top half of a float32: widen and shift (vpmovzxwd + vpslld).
+    for (; i0 + W <= n; i0 += W) {
+      vh h;
+      std::memcpy(&h, src + i0, sizeof(vh));
+      vi u = __builtin_convertvector(h, vi) << 16;
+      vstore(buf + i0, (vf)u);
+    }
+  }
+  for (int i = i0; i < n; ++i) {
+    buf[i] = to_float(src[i]);
+  }
+  for (int i = n; i % W != 0; ++i) {
+    buf[i] = -kInf;
+  }
+  return buf;
+}
+
+
+// ------------------------------------------------------------------ forward
+// JS: (1) row maxima, (2) e = exp(x - max) kept in a per-thread row buffer (L2-sized for
+// any vocabulary) with their sums, (3) Q = e_q / S_q, P = e_p / S_p, lm = log((P + Q) / 2):
+// two exps and one log per element. Terms are kept where Q (P) != 0: -inf logits drop out,
+// NaN ones stay NaN; lm of a subnormal M is inexact but then weighted by Q < 2^-125.
+
+// The block of `src` at offset j converted by an earlier load_block(src, n, buf): float32
+// reads its source again (only a short tail was copied), half types read the copy.
+template <typename T>
+MT_INLINE const float* cached_block(const T* src, int n, float* buf) {
+  if constexpr (std::is_same_v<T, float>) {
+    return load_block(src, n, buf);
+  } else {
+    return buf;
+  }
+}
+
+template <typename T, int I>
+MT_INLINE void js_forward_rows(const Args<T>& a, int64_t r0, int64_t r1) {
+  const int V = a.V;
+  const int Vp = (V + W - 1) / W * W;
+  // Per thread: exp(q - max), exp(p - max), and (half types) q, p as float32, one row each.
+  thread_local std::vector<float> buf;
+  if (buf.size() < size_t(4 * Vp)) {
+    buf.resize(4 * Vp);
+  }
+  float* eq_row = buf.data();
+  float* ep_row = eq_row + Vp;
+  float* q_row = ep_row + Vp;
+  float* p_row = q_row + Vp;
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* qr = a.q + r * V;
+    const T* pr = a.p + r * V;
+    vf vmq = splat(-kInf), vmp = splat(-kInf);
+    for (int j = 0; j < V; j += kBlock) {
+      int n = std::min(kBlock, V - j);
+      const float* xq = load_block(qr + j, n, q_row + j);
+      const float* xp = load_block(pr + j, n, p_row + j);
+      for (int i = 0; i < n; i += W) {
+        vmq = vmax(vmq, vload(xq + i));
+        vmp = vmax(vmp, vload(xp + i));
+      }
+    }
+    const float mq = hmax(vmq), mp = hmax(vmp);
+    const float oq = mq == -kInf ? 0.f : mq, op = mp == -kInf ? 0.f : mp;
+    vf sq{}, sp{};
+    for (int j = 0; j < V; j += kBlock) {
+      int n = std::min(kBlock, V - j);
+      const float* xq = cached_block(qr + j, n, q_row + j);
+      const float* xp = cached_block(pr + j, n, p_row + j);
+      for (int i = 0; i < n; i += W) {
+        prefetch(qr + V + j + i); // the next row: its first pass is pure loads
+        prefetch(pr + V + j + i);
+        vf eq = vexp<I>(vload(xq + i) - oq), ep = vexp<I>(vload(xp + i) - op);
+        sq += eq;
+        sp += ep;
+        vstore(eq_row + j + i, eq);
+        vstore(ep_row + j + i, ep);
+      }
+    }
+    const float Sq = hsum(sq), Sp = hsum(sp);
+    const float lsq = std::log(Sq), lsp = std::log(Sp);
+    // A fully masked row has S = 0: Q = 0 there, while a NaN logit still gives NaN.
+    const float iq = Sq > 0.f ? 1.f / Sq : 0.f, ip = Sp > 0.f ? 1.f / Sp : 0.f;
+    vf klq{}, klp{};
+    for (int j = 0; j < V; j += kBlock) {
+      int n = std::min(kBlock, V - j);
+      const float* xq = cached_block(qr + j, n, q_row + j);
+      const float* xp = cached_block(pr + j, n, p_row + j);
+      for (int i = 0; i < n; i += W) {
+        vf Q = vload(eq_row + j + i) * iq, P = vload(ep_row + j + i) * ip;
+        vf lm = vlog<I>((P + Q) * 0.5f);
+        vf lq = (vload(xq + i) - mq) - lsq, lp = (vload(xp + i) - mp) - lsp;
+        klq += vsel(Q != 0.f, Q * (lq - lm), splat(0.f));
+        klp += vsel(P != 0.f, P * (lp - lm), splat(0.f));
+      }
+    }
+    float kq = hsum(klq), kp = hsum(klp);
+    float* st = a.stats + r * kDivStats;
+    st[kMaxQ] = mq;
+    st[kLogSumQ] = lsq;
+    st[kMaxP] = mp;
+    st[kLogSumP] = lsp;
+    st[kS0] = kq;
+    st[kS1] = kp;
+    from_float(0.5f * (kq + kp), a.out + r);
+  }
+}
+
+template <typename T, Divergence K, int I>
+MT_INLINE void forward_rows(const Args<T>& a, int64_t r0, int64_t r1) {
+  if constexpr (K == Divergence::JS) {
+    js_forward_rows<T, I>(a, r0, r1);
+    return;
+  }
+  alignas(32) float bq[kBlock];
+  alignas(32) float bp[kBlock];
+  const int V = a.V;
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* qr = a.q + r * V;
+    const T* pr = a.p + r * V;
+    float mq = -kInf, mp = -kInf;
+    vf sq{}, sp{}, tk{};
+    for (int j = 0; j < V; j += kBlock) {
+      int n = std::min(kBlock, V - j);
+      const float* xq = load_block(qr + j, n, bq);
+      const float* xp = load_block(pr + j, n, bp);
+      int nv = (n + W - 1) / W;
+      vf vmq = splat(-kInf), vmp = splat(-kInf);
+      for (int i = 0; i < nv; ++i) {
+        vmq = vmax(vmq, vload(xq + i * W));
+        vmp = vmax(vmp, vload(xp + i * W));
+      }
+      float bmq = hmax(vmq), bmp = hmax(vmp);
+      // One rescale per block when the running maximum grows (exp(-inf) = 0 at start).
+      if (bmq > mq) {
+        sq *= std::exp(mq - bmq);
+        mq = bmq;
+      }
+      if (bmp > mp) {
+        float s = std::exp(mp - bmp);
+        sp *= s;
+        tk *= s;
+        mp = bmp;
+      }
+      float oq = mq == -kInf ? 0.f : mq, op = mp == -kInf ? 0.f : mp;
+      for (int i = 0; i < nv; ++i) {
+        vf vq = vload(xq + i * W), vp = vload(xp + i * W);
+        prefetch(qr + j + kAhead + i * W);
+        prefetch(pr + j + kAhead + i * W);
+        vf eq = vexp<I>(vq - oq), ep = vexp<I>(vp - op);
+        sq += eq;
+        sp += ep;
+        tk += vsel(vp > -kInf, ep * (vp - vq), splat(0.f));
+      }
+    }
+    float lsq = std::log(hsum(sq)), lsp = std::log(hsum(sp));
+    float* st = a.stats + r * kDivStats;
+    st[kMaxQ] = mq;
+    st[kLogSumQ] = lsq;
+    st[kMaxP] = mp;
+    st[kLogSumP] = lsp;
+    float div;
+    {
+      // sum P (a - b) + lse_q - lse_p, the lse difference taken term by term.
+      div = hsum(tk) / hsum(sp) + ((mq - mp) + (lsq - lsp));
+      st[kS0] = div;
+      st[kS1] = 0.f;
+    }
+    from_float(div, a.out + r);
+  }
+}
+
+// ------------------------------------------------------------------ backward
+template <typename T>
+MT_INLINE void store_block(T* dst, const float* src, int n) {
+  int i0 = 0;
+  if constexpr (std::is_same_v<T, mx::bfloat16_t>) {
+    for (; i0 + W <= n; i0 += W) { // round to nearest even; NaN stays a (quiet) NaN
+      vu u = (vu)vload(src + i0);
+      vu r = (u + 0x7fff + ((u >> 16) & 1)) >> 16;
+      vi nan = (vi)(u & 0x7fffffff) > 0x7f800000;
+      r = nan ? (u >> 16) | 0x40 : r;
+      vh h = __builtin_convertvector(r, vh);
+      std::memcpy(dst + i0, &h, sizeof(vh));
+    }
+  }
+  for (int i = i0; i < n; ++i) {
+    from_float(src[i], dst + i);
+  }
+}
+
+template <typename T, Divergence K, bool GQ, bool GP, int I>
+MT_INLINE void backward_rows(const Args<T>& a, int64_t r0, int64_t r1) {
+  alignas(32) float bq[kBlock];
+  alignas(32) float bp[kBlock];
+  alignas(32) float gq[kBlock];
+  alignas(32) float gp[kBlock];
+  const int V = a.V;
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* qr = a.q + r * V;
+    const T* pr = a.p + r * V;
+    const float* st = a.cstats + r * kDivStats;
+    const float mq = st[kMaxQ], lsq = st[kLogSumQ], mp = st[kMaxP], lsp = st[kLogSumP];
+    // A fully masked row (max = -inf) gets lq = -inf everywhere, so Q = 0, not NaN.
+    const float oq = mq == -kInf ? 0.f : mq, lq_off = mq == -kInf ? kInf : lsq;
+    const float op = mp == -kInf ? 0.f : mp, lp_off = mp == -kInf ? kInf : lsp;
+    const float c = a.cot[r];
+    const float half_c = K == Divergence::JS ? 0.5f * c : c;
+    if (c == 0.f) { // e.g. a masked padding row, whose logits may be all -inf
+      for (int64_t j = 0; j < V; ++j) {
+        if constexpr (GQ) {
+          from_float(0.f, a.out + r * V + j);
+        }
+        if constexpr (GP) {
+          from_float(0.f, a.out2 + r * V + j);
+        }
+      }
+      continue;
+    }
+    for (int j = 0; j < V; j += kBlock) {
+      int n = std::min(kBlock, V - j);
+      const float* xq = load_block(qr + j, n, bq);
+      const float* xp = load_block(pr + j, n, bp);
+      int nv = (n + W - 1) / W;
+      for (int i = 0; i < nv; ++i) {
+        prefetch(qr + j + kAhead + i * W);
+        prefetch(pr + j + kAhead + i * W);
+        vf lq = (vload(xq + i * W) - oq) - lq_off;
+        vf lp = (vload(xp + i * W) - op) - lp_off;
+        vf P = vexp<I>(lp);
+        if constexpr (K == Divergence::KL) {
+          if constexpr (GQ) {
+            vstore(gq + i * W, c * (vexp<I>(lq) - P));
+          }
+          if constexpr (GP) {
+            vf g = P * ((lp - lq) - st[kS0]);
+            vstore(gp + i * W, vsel(lp > -kInf, c * g, splat(0.f)));
+          }
+        } else {
+          // Masks as in the forward: Q (P) != 0 only for finite (or NaN) logits.
+          vf Q = vexp<I>(lq);
+          vf lm = vlog<I>((P + Q) * 0.5f);
+          if constexpr (GQ) {
+            vf g = Q * ((lq - lm) - st[kS0]);
+            vstore(gq + i * W, vsel(Q != 0.f, half_c * g, splat(0.f)));
+          }
+          if constexpr (GP) {
+            vf g = P * ((lp - lm) - st[kS1]);
+            vstore(gp + i * W, vsel(P != 0.f, half_c * g, splat(0.f)));
+          }
+        }
+      }
+      if constexpr (GQ) {
+        store_block(a.out + r * V + j, gq, n);
+      }
+      if constexpr (GP) {
+        store_block(a.out2 + r * V + j, gp, n);
+      }
+    }
+  }
+}
+
+// Each entry point is compiled for the generic target and, on x86-64, for AVX2 + FMA;
+// the always-inline bodies above take the instruction set of their caller.
+#define MT_ENTRIES(SUFFIX, ATTR, I)                                                  \
+  template <typename T, Divergence K>                                             \
+  ATTR void forward_##SUFFIX(const Args<T>& a, int64_t r0, int64_t r1) {          \
+    forward_rows<T, K, I>(a, r0, r1);                                                \
+  }                                                                               \
+  template <typename T, Divergence K, bool GQ, bool GP>                           \
+  ATTR void backward_##SUFFIX(const Args<T>& a, int64_t r0, int64_t r1) {         \
+    backward_rows<T, K, GQ, GP, I>(a, r0, r1);                                       \
+  }
+
+MT_ENTRIES(generic, , 0)
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+MT_ENTRIES(avx2, __attribute__((target("avx2,fma"))), 1)
+MT_ENTRIES(avx512, __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma"))), 2)
+#endif
+
+} // namespace MT_DIV_NS
+} // namespace
+} // namespace mlx_tuner
+#endif // MT_DIV_BODY
