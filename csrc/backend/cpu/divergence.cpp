@@ -11,6 +11,9 @@
 // software-prefetched. SIMD: GCC/Clang vector extensions, compiled per target on x86-64
 // (generic and AVX2+FMA with 8 lanes, AVX-512 with 16), picked at run time.
 #include <cmath>
+#include <algorithm>
+#include <string>
+#include <cstdlib>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -76,11 +79,23 @@ namespace mlx_tuner {
 namespace {
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-int isa() { // 2: AVX-512, 1: AVX2 + FMA, 0: generic
-  static int level = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")
-      ? 2
-      : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0);
+// 2: AVX-512, 1: AVX2 + FMA, 0: generic. MLX_TUNER_CPU_ISA=generic|avx2 caps it, so the
+// tests can run every build on one machine (tests/ops/test_divergence_isa.py).
+int isa() {
+  static int level = [] {
+    int have = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+            __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")
+        ? 2
+        : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0);
+    const char* cap = std::getenv("MLX_TUNER_CPU_ISA");
+    if (cap != nullptr && std::string(cap) == "generic") {
+      return 0;
+    }
+    if (cap != nullptr && std::string(cap) == "avx2") {
+      return std::min(have, 1);
+    }
+    return have;
+  }();
   return level;
 }
 #define MT_PICK(NAME, ...)                                                              \
