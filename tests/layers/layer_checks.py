@@ -78,3 +78,20 @@ def assert_same(ours, theirs, oracle, dtype, what):
         assert err <= 2e-5 * scale, f"{what}: max error {err:.3g} vs mlx-lm"
     else:
         assert_close_to_oracle(ours, theirs, to_f64(oracle), dtype, what)
+
+
+def adapter_pair(ours_module, theirs_module, cls_name, base, r=4, **kw):
+    """(ours, theirs): the same adapter class from both libraries over one base, with
+    mlx-lm's randomized adapter parameters copied into ours."""
+    theirs = randomize_adapter(getattr(theirs_module, cls_name).from_base(base, r=r, **kw))
+    ours = copy_adapter(theirs, getattr(ours_module, cls_name).from_base(base, r=r, **kw))
+    return ours, theirs
+
+
+def as_f32(base):
+    """The same base with float32 floating arrays (quantized ints untouched): the oracle."""
+    out = type(base).__new__(type(base))
+    out.__dict__.update(base.__dict__)
+    dict.update(out, {k: (v.astype(mx.float32) if isinstance(v, mx.array) and
+                          mx.issubdtype(v.dtype, mx.floating) else v) for k, v in base.items()})
+    return out

@@ -8,7 +8,7 @@ import inspect
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
-from layer_checks import (QUANT, assert_same, copy_adapter, make_base, randomize_adapter,
+from layer_checks import (QUANT, adapter_pair, as_f32, assert_same, copy_adapter, make_base, randomize_adapter,
                           value_and_grads)
 from mlx_lm.tuner import dora as mlx_dora
 
@@ -21,17 +21,7 @@ QUANT_ID = lambda q: "dense" if q is None else f"{q[0]}{q[2]}"  # noqa: E731
 
 
 def pair(cls_name, base, r=4, **kw):
-    theirs = randomize_adapter(getattr(mlx_dora, cls_name).from_base(base, r=r, **kw))
-    ours = copy_adapter(theirs, getattr(dora, cls_name).from_base(base, r=r, **kw))
-    return ours, theirs
-
-
-def f32_copy(base):
-    out = type(base).__new__(type(base))
-    out.__dict__.update(base.__dict__)
-    dict.update(out, {k: (v.astype(mx.float32) if isinstance(v, mx.array) and
-                          mx.issubdtype(v.dtype, mx.floating) else v) for k, v in base.items()})
-    return out
+    return adapter_pair(dora, mlx_dora, cls_name, base, r=r, **kw)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -45,7 +35,7 @@ def test_dora_linear_matches_mlx_lm(device, dtype, quant, bias, shape):
     x = mx.random.normal((*shape, 128)).astype(dtype)
     o, og = value_and_grads(ours, x)
     t, tg = value_and_grads(theirs, x)
-    oracle = copy_adapter(theirs, mlx_dora.DoRALinear.from_base(f32_copy(base), r=4))
+    oracle = copy_adapter(theirs, mlx_dora.DoRALinear.from_base(as_f32(base), r=4))
     r, rg = value_and_grads(oracle, x.astype(mx.float32))
     assert_same(o, t, r, dtype, "output")
     assert set(og) == {"lora_a", "lora_b", "m", "x"}
@@ -145,7 +135,7 @@ def test_dora_linear_fuse(quant, bias):
 def test_dora_embedding_matches_mlx_lm(device, dtype):
     base = make_base("embedding", 70, 64, False, None, dtype)
     ours, theirs = pair("DoRAEmbedding", base)
-    oracle = copy_adapter(theirs, mlx_dora.DoRAEmbedding.from_base(f32_copy(base), r=4))
+    oracle = copy_adapter(theirs, mlx_dora.DoRAEmbedding.from_base(as_f32(base), r=4))
     ids = mx.random.randint(0, 70, (3, 9))
     o, og = value_and_grads(ours, ids)
     t, tg = value_and_grads(theirs, ids)

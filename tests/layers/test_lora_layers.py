@@ -8,7 +8,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from layer_checks import (QUANT, assert_same, copy_adapter, make_base, randomize_adapter,
+from layer_checks import (QUANT, adapter_pair, as_f32, assert_same, copy_adapter, make_base, randomize_adapter,
                           value_and_grads)
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 from mlx_lm.tuner import lora as mlx_lora
@@ -21,18 +21,7 @@ BASE_IDS = ["dense"] + [f"{m}{b}g{g}" for m, g, b in QUANT]
 
 
 def pair(cls_name, base, r=4, **kw):
-    theirs = randomize_adapter(getattr(mlx_lora, cls_name).from_base(base, r=r, **kw))
-    ours = copy_adapter(theirs, getattr(lora, cls_name).from_base(base, r=r, **kw))
-    return ours, theirs
-
-
-def as_f32(base):
-    """The same base with float32 floating arrays (quantized ints untouched): the oracle."""
-    out = type(base).__new__(type(base))
-    out.__dict__.update(base.__dict__)
-    dict.update(out, {k: (v.astype(mx.float32) if isinstance(v, mx.array) and
-                          mx.issubdtype(v.dtype, mx.floating) else v) for k, v in base.items()})
-    return out
+    return adapter_pair(lora, mlx_lora, cls_name, base, r=r, **kw)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
