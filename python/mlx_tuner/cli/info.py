@@ -28,4 +28,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {op:22s} fused kernels on: {have}")
         for dev, why in entry["missing"].items():
             print(f"  {'':22s}   {dev}: {why}")
+        if "note" in entry:
+            print(f"  {'':22s}   note: {entry['note']}")
     return 0

@@ -38,6 +38,10 @@ CUDA_LEFT_OUT_WHY = {
 
 OP_NOTES: dict[str, str] = {
     "qlora_linear": _QLORA_NOTE,
+    # What a "gpu" kernel covers where it is not the whole op:
+    "lora_linear": "Metal: fused forward, backward composed from MLX ops",
+    "dora_linear": "GPU: MLX's GEMMs composed around the fused row-norm kernel (no fused "
+    "GEMM epilogue yet); quantized bases run the reference on GPUs",
 }
 
 
