@@ -1,0 +1,198 @@
+// cuBLASLt GEMMs for the kernel families (see gemm.cuh). cuBLASLt is column-major: a
+// row-major matrix is its transpose, so C^T = op(B)^T op(A)^T is computed with the
+// operands swapped.
+#include <cublasLt.h>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <map>
+#include <mutex>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+
+#include "backend/cuda/gemm.cuh"
+
+namespace mlx_tuner::cuda {
+
+namespace {
+
+void check_lt(cublasStatus_t st, const char* what) {
+  if (st != CUBLAS_STATUS_SUCCESS) {
+    throw std::runtime_error(std::string("[mlx_tuner gemm] ") + what +
+                             " failed: cublas status " + std::to_string(static_cast<int>(st)));
+  }
+}
+
+cudaDataType_t cuda_type(mx::Dtype t) {
+  if (t == mx::float32) return CUDA_R_32F;
+  if (t == mx::float16) return CUDA_R_16F;
+  if (t == mx::bfloat16) return CUDA_R_16BF;
+  throw std::invalid_argument("[mlx_tuner gemm] float32, float16 or bfloat16 expected");
+}
+
+constexpr size_t kWorkspace = 32u << 20; // cuBLASLt's recommendation for Hopper
+
+struct Plan {
+  cublasLtMatmulDesc_t desc = nullptr;
+  cublasLtMatrixLayout_t la = nullptr, lb = nullptr, lc = nullptr;
+  cublasLtMatmulAlgo_t algo{};
+  size_t workspace = 0;
+};
+
+using Key = std::tuple<int, bool, bool, int, int, int, int, int, int, int, int, int, bool>;
+
+struct Plans {
+  std::mutex mu;
+  std::map<int, cublasLtHandle_t> handles;
+  std::map<Key, Plan> plans;
+};
+
+Plans& plans() {
+  static Plans* p = new Plans; // never destroyed: cuBLAS may be gone at exit
+  return *p;
+}
+
+int code(mx::Dtype t) {
+  return t == mx::float32 ? 0 : t == mx::float16 ? 1 : 2;
+}
+
+// Builds the plan of `g` (with strides resolved) for `handle`. Caller holds the mutex.
+Plan make_plan(cublasLtHandle_t handle, const Gemm& g, int lda, int ldb, int ldc, bool bias) {
+  Plan p;
+  check_lt(cublasLtMatmulDescCreate(&p.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F), "MatmulDescCreate");
+  cublasOperation_t op_b = g.tb ? CUBLAS_OP_T : CUBLAS_OP_N; // first cuBLAS operand: B
+  cublasOperation_t op_a = g.ta ? CUBLAS_OP_T : CUBLAS_OP_N;
+  cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_b, sizeof(op_b));
+  cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_a, sizeof(op_a));
+  if (bias) {
+    auto epi = CUBLASLT_EPILOGUE_BIAS;
+    cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof(epi));
+  }
+  check_lt(cublasLtMatrixLayoutCreate(&p.lb, cuda_type(g.b_type), g.tb ? g.k : g.n,
+                                      g.tb ? g.n : g.k, ldb), "LayoutCreate");
+  check_lt(cublasLtMatrixLayoutCreate(&p.la, cuda_type(g.a_type), g.ta ? g.m : g.k,
+                                      g.ta ? g.k : g.m, lda), "LayoutCreate");
+  check_lt(cublasLtMatrixLayoutCreate(&p.lc, cuda_type(g.c_type), g.n, g.m, ldc), "LayoutCreate");
+  cublasLtMatmulPreference_t pref;
+  check_lt(cublasLtMatmulPreferenceCreate(&pref), "PreferenceCreate");
+  size_t ws = kWorkspace;
+  cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws,
+                                       sizeof(ws));
+  cublasLtMatmulHeuristicResult_t heur{};
+  int found = 0;
+  auto st = cublasLtMatmulAlgoGetHeuristic(handle, p.desc, p.lb, p.la, p.lc, p.lc, pref, 1,
+                                           &heur, &found);
+  cublasLtMatmulPreferenceDestroy(pref);
+  check_lt(st, "AlgoGetHeuristic");
+  if (found == 0) {
+    throw std::runtime_error("[mlx_tuner gemm] cuBLASLt found no algorithm for a GEMM");
+  }
+  p.algo = heur.algo;
+  p.workspace = heur.workspaceSize;
+  return p;
+}
+
+} // namespace
+
+mx::array scratch(mx::cu::CommandEncoder& enc, mx::Shape shape, mx::Dtype dtype) {
+  size_t nbytes = mx::size_of(dtype);
+  for (auto d : shape) nbytes *= d;
+  mx::array a(malloc_device(std::max<size_t>(nbytes, 1), enc), std::move(shape), dtype);
+  enc.add_temporary(a);
+  return a;
+}
+
+void reads_writes(mx::cu::CommandEncoder& enc, std::initializer_list<const mx::array*> in,
+                  std::initializer_list<const mx::array*> out) {
+  for (auto* a : in) if (a) enc.set_input_array(*a);
+  for (auto* a : out) enc.set_output_array(*a);
+}
+
+void gemm(mx::cu::CommandEncoder& enc, const Gemm& g, float alpha, const mx::array& a_arr,
+          const mx::array& b_arr, float beta, mx::array& c_arr, const mx::array* bias_arr) {
+  if (g.m == 0 || g.n == 0) {
+    return;
+  }
+  int lda = g.lda ? g.lda : (g.ta ? g.m : g.k);
+  int ldb = g.ldb ? g.ldb : (g.tb ? g.k : g.n);
+  int ldc = g.ldc ? g.ldc : g.n;
+  auto esz = [](const mx::array& x) { return mx::size_of(x.dtype()); };
+  const char* a = gpu_ptr<char>(a_arr) + g.a_off * esz(a_arr);
+  const char* b = gpu_ptr<char>(b_arr) + g.b_off * esz(b_arr);
+  char* c = gpu_ptr<char>(c_arr) + g.c_off * esz(c_arr);
+  const void* bias = bias_arr ? gpu_ptr<void>(*bias_arr) : nullptr;
+  int device = enc.device().cuda_device();
+  auto& ps = plans();
+  std::lock_guard<std::mutex> lk(ps.mu);
+  auto& handle = ps.handles[device];
+  if (handle == nullptr) {
+    check_lt(cublasLtCreate(&handle), "cublasLtCreate");
+  }
+  Key key{device, g.ta, g.tb, g.m, g.n, g.k, code(g.a_type), code(g.b_type), code(g.c_type),
+          lda, ldb, ldc, bias != nullptr};
+  auto it = ps.plans.find(key);
+  if (it == ps.plans.end()) {
+    it = ps.plans.emplace(key, make_plan(handle, g, lda, ldb, ldc, bias != nullptr)).first;
+  }
+  const Plan& p = it->second;
+  if (bias != nullptr) {
+    cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias,
+                                   sizeof(bias));
+  }
+  std::optional<mx::array> ws_arr;
+  void* workspace = nullptr;
+  if (p.workspace > 0) {
+    ws_arr = scratch(enc, {int(p.workspace)}, mx::uint8);
+    workspace = gpu_ptr<void>(*ws_arr);
+  }
+  reads_writes(enc, {&a_arr, &b_arr, bias_arr, beta != 0.0f ? &c_arr : nullptr}, {&c_arr});
+  auto capture = enc.capture_context();
+  check_lt(cublasLtMatmul(handle, p.desc, &alpha, b, p.lb, a, p.la, &beta, c, p.lc, c, p.lc,
+                          &p.algo, workspace, p.workspace, enc.stream()),
+           "cublasLtMatmul");
+}
+
+namespace {
+
+template <typename In, typename Out>
+__global__ void convert_kernel(const In* src, Out* dst, long long n) {
+  long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+  for (; i < n; i += (long long)gridDim.x * blockDim.x) {
+    dst[i] = static_cast<Out>(static_cast<float>(src[i]));
+  }
+}
+
+template <typename T>
+void convert_typed(mx::cu::CommandEncoder& enc, const mx::array& src, mx::array& dst) {
+  long long n = src.size();
+  if (n == 0) return;
+  reads_writes(enc, {&src}, {&dst});
+  dim3 grid(unsigned(std::min<long long>((n + 255) / 256, 4096))), block(256);
+  T* out = gpu_ptr<T>(dst);
+  if (src.dtype() == mx::float32) {
+    launch(enc, reinterpret_cast<const void*>(&convert_kernel<float, T>), grid, block, 0,
+           gpu_ptr<float>(src), out, n);
+  } else if (src.dtype() == mx::float16) {
+    launch(enc, reinterpret_cast<const void*>(&convert_kernel<__half, T>), grid, block, 0,
+           gpu_ptr<__half>(src), out, n);
+  } else {
+    launch(enc, reinterpret_cast<const void*>(&convert_kernel<__nv_bfloat16, T>), grid, block,
+           0, gpu_ptr<__nv_bfloat16>(src), out, n);
+  }
+}
+
+} // namespace
+
+mx::array as_dtype(mx::cu::CommandEncoder& enc, const mx::array& src, mx::Dtype to) {
+  if (src.dtype() == to) return src;
+  auto dst = scratch(enc, src.shape(), to);
+  if (to == mx::float32) convert_typed<float>(enc, src, dst);
+  else if (to == mx::float16) convert_typed<__half>(enc, src, dst);
+  else convert_typed<__nv_bfloat16>(enc, src, dst);
+  return dst;
+}
+
+} // namespace mlx_tuner::cuda
