@@ -7,6 +7,8 @@
 #include <stdexcept>
 
 #include "common/checks.h"
+#include "ops/lora.h"
+#include "ops/qlora.h"
 #include "mlx/ops.h"
 
 namespace mlx_tuner {
@@ -37,9 +39,10 @@ mx::array f32c(const mx::array& a, mx::StreamOrDevice s) {
   return mx::contiguous(mx::astype(a, mx::float32, s), false, s);
 }
 
-// The GPU path (validated inputs): the same low-rank identity composed from MLX's GEMMs
-// (cuBLAS / MLX Metal GEMMs) and the DoRARowSqNorm kernel; MLX differentiates it. Dtypes
-// follow mlx-lm's maths. A, the only operand multiplied with W, is cast to W's dtype so that
+// The GPU path (validated inputs): the norms from the low-rank identity (MLX's GEMMs and
+// the DoRARowSqNorm kernel), the adapted product from the fused LoRA / QLoRA primitive,
+// then the m / n column scale; MLX differentiates the composition. Dtypes follow mlx-lm's
+// maths. A, the only operand multiplied with W, is cast to W's dtype so that
 // no out x in float32 copy of W is made.
 mx::array compose_gpu(
     const mx::array& x,
@@ -58,8 +61,6 @@ mx::array compose_gpu(
     mx::StreamOrDevice s) {
   auto c = weight_sq_norm ? mx::astype(*weight_sq_norm, mx::float32, s)
                           : dora_weight_sq_norm(weight, scales, biases, group_size, bits, s);
-  mx::array y = scales ? mx::quantized_matmul(x, weight, *scales, *biases, true, group_size, bits, "affine", s)
-                       : mx::matmul(x, mx::transpose(weight, s), s);
   auto a_f = mx::astype(lora_a, mx::float32, s);
   auto b_f = mx::astype(lora_b, mx::float32, s);
   mx::array pt = scales  // (W A)^T, r x out
@@ -72,9 +73,33 @@ mx::array compose_gpu(
   auto n2 = mx::add(c, mx::add(mx::multiply(mx::array(2 * scale), cross, s),
                                mx::multiply(mx::array(scale * scale), quad, s), s), s);
   auto n = mx::stop_gradient(mx::sqrt(mx::maximum(n2, mx::array(0.0f), s), s), s);
-  const auto& xd = x_dropped ? *x_dropped : x;
-  auto z = mx::matmul(mx::matmul(xd, lora_a, s), lora_b, s);
-  auto out = mx::add(y, mx::astype(mx::multiply(mx::array(scale), z, s), x.dtype(), s), s);
+  // x W^T + s (x_d A) B: the fused LoRA / QLoRA primitive where this build has its kernel
+  // (one pass, no (N, out) float32 temporary); else MLX's GEMMs.
+  bool gpu = mx::to_stream(s).device == mx::Device::gpu;
+#if defined(MLX_TUNER_LORA_GPU)
+  bool fused_dense = true;
+#else
+  bool fused_dense = !gpu;
+#endif
+#if defined(MLX_TUNER_QLORA_GPU)
+  bool fused_quant = true;
+#else
+  bool fused_quant = !gpu;
+#endif
+  mx::array out = mx::array(0.0f);
+  if (scales && fused_quant) {
+    out = qlora_linear(x, weight, *scales, *biases, lora_a, lora_b, scale, std::nullopt,
+                       x_dropped, group_size, bits, s);
+  } else if (!scales && fused_dense) {
+    out = lora_linear(x, weight, lora_a, lora_b, scale, std::nullopt, x_dropped, s);
+  } else {
+    mx::array y = scales
+        ? mx::quantized_matmul(x, weight, *scales, *biases, true, group_size, bits, "affine", s)
+        : mx::matmul(x, mx::transpose(weight, s), s);
+    const auto& xd = x_dropped ? *x_dropped : x;
+    auto z = mx::matmul(mx::matmul(xd, lora_a, s), lora_b, s);
+    out = mx::add(y, mx::astype(mx::multiply(mx::array(scale), z, s), x.dtype(), s), s);
+  }
   out = mx::multiply(mx::astype(mx::divide(magnitude, n, s), x.dtype(), s), out, s);
   return bias ? mx::add(out, *bias, s) : out;
 }

@@ -115,9 +115,10 @@ def dora_linear(x, weight, lora_a, lora_b, magnitude, scale, bias=None, *, x_dro
     _check("dora_linear", x, weight, lora_a, lora_b, magnitude, scale, bias, x_dropped, scales,
            bits, biases, group_size, mode, weight_sq_norm)
     ext = _extension.kernel_for("dora", stream)
-    if scales is not None and _extension.device_of(stream) == mx.gpu:
-        # On the GPU the quantized path composes MLX ops and measured 2x slower than
-        # mlx-lm's own (BENCHMARKS.md): run the reference there until a fused kernel exists.
+    if (scales is not None and _extension.device_of(stream) == mx.gpu
+            and _extension.kernel_for("qlora", stream) is None):
+        # Without the QLoRA GPU kernel the quantized path composes MLX ops, measured 2x
+        # slower than mlx-lm's own (BENCHMARKS.md): run the reference there.
         ext = None
     if ext is None or x.size == 0 or (scales is not None and mode != "affine"):
         return dora_linear_reference(x, weight, lora_a, lora_b, magnitude, scale, bias,
