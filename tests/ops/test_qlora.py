@@ -9,7 +9,7 @@ import pytest
 from tests.conftest import DTYPES, assert_close_to_oracle, to_f64
 
 from mlx_tuner import ops
-from mlx_tuner.ops import qlora_linear, qlora_linear_reference
+from mlx_tuner.ops import _extension, qlora_linear, qlora_linear_reference
 
 BITS = [2, 3, 4, 5, 6, 8]
 GROUPS = [32, 64, 128]
@@ -93,35 +93,41 @@ def test_kernel_is_compiled_for_cpu():
     assert "affine" in info["note"]
 
 
+def test_kernel_is_compiled_for_gpu():
+    if not mx.is_available(mx.gpu) or getattr(_extension.extension(), "gpu_backend", "cpu") == "cpu":
+        pytest.skip("no GPU backend in this MLX or this build")
+    assert "gpu" in ops.backend_info()["ops"]["qlora_linear"]["kernels"]
+
+
 @pytest.mark.parametrize("group_size", GROUPS)
 @pytest.mark.parametrize("bits", BITS)
-def test_every_bits_and_group_size(bits, group_size):
+def test_every_bits_and_group_size(device, bits, group_size):
     a, q = make((5,), 37, 256, 8, bits=bits, group_size=group_size)
     check_all(a, q, mx.float32)
 
 
 @pytest.mark.parametrize("bits", [3, 4, 6])
-def test_every_bits_compiled(bits):
+def test_every_bits_compiled(device, bits):
     a, q = make((2, 3), 29, 128, 4, bits=bits, group_size=32)
     check_all(a, q, mx.float32, compile_=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(1,), (7,), (2, 3), (0,), (3, 0)], ids=str)
-def test_dtypes_and_shapes(dtype, shape):
+def test_dtypes_and_shapes(device, dtype, shape):
     a, q = make(shape, 19, 192, 4, bits=5, group_size=64, dtype=dtype)
     check_all(a, q, dtype)
 
 
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16], ids=str)
-def test_float32_adapter_on_half_base(dtype):
+def test_float32_adapter_on_half_base(device, dtype):
     # mlx-lm's layout: model (x, scales) in half precision, lora_a / lora_b in float32.
     a, q = make((6,), 33, 128, 8, dtype=dtype, lora_dtype=mx.float32)
     check_all(a, q, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_x_dropped_and_no_bias(dtype):
+def test_x_dropped_and_no_bias(device, dtype):
     a, q = make((4, 5), 21, 256, 8, bits=3, group_size=128, dtype=dtype, bias=False,
                 dropped=True)
     check_all(a, q, dtype)
@@ -129,15 +135,42 @@ def test_x_dropped_and_no_bias(dtype):
     check_all(a, q, dtype, compile_=True)
 
 
-def test_larger_than_one_panel():
-    # More rows and columns than one dequantized panel (4 MiB), so panels are stitched.
+def test_larger_than_one_panel(device):
+    # More rows and columns than one dequantized panel (CPU: 4 MiB; GPU: a quarter of the
+    # dense weight), so panels are stitched, the last one partial.
     a, q = make((33,), 1100, 1024, 16, bits=4, group_size=64)
     check_all(a, q, mx.float32)
     a, q = make((9,), 3000, 512, 4, bits=6, group_size=128, dtype=mx.bfloat16)
     check_all(a, q, mx.bfloat16)
 
 
-def test_grad_in_any_argnum_order():
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("group_size", GROUPS)
+@pytest.mark.parametrize("bits", BITS)
+def test_gpu_blocks(monkeypatch, bits, group_size, dtype):
+    """The CUDA kernel dequantizes W in blocks of rows (forward) and columns (dx): blocks
+    of 128 make several, the last one partial, and reuse the two alternating buffers."""
+    if not mx.is_available(mx.gpu):
+        pytest.skip("no GPU")
+    monkeypatch.setenv("MLX_TUNER_QLORA_CHUNK_ROWS", "128")
+    k = 384 if group_size == 128 else 320  # dx: 3 column blocks (128, 128, 64 when 320)
+    a, q = make((3, 5), 300, k, 8, bits=bits, group_size=group_size, dtype=dtype,
+                lora_dtype=mx.float32, bias=bits != 4, dropped=bits % 2 == 1)
+    prev = mx.default_device()
+    mx.set_default_device(mx.gpu)
+    try:
+        check_all(a, q, dtype)
+    finally:
+        mx.set_default_device(prev)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_rank_zero_adapter(device, bias):
+    a, q = make((4,), 40, 128, 0, bias=bias)
+    check_all(a, q, mx.float32)
+
+
+def test_grad_in_any_argnum_order(device):
     a, q = make((3,), 17, 64, 2, group_size=32)
 
     def f(B, x):
@@ -203,8 +236,6 @@ def test_errors(change, match):
 
 def test_cxx_op_validates_too():
     # The binding is public: it must refuse bad input on its own, not crash.
-    from mlx_tuner.ops import _extension
-
     ext = _extension.extension()
     a, q = make((3,), 32, 128, 4)
     with pytest.raises(ValueError, match=r"\[qlora_linear\] lora_b must have shape \(4, 32\)"):

@@ -1,32 +1,43 @@
-// CUDA kernels of QLoRA (maths in ops/qlora.h).
+// CUDA kernels of QLoRA (maths in ops/qlora.h). The big products are the shared cuBLASLt
+// GEMM (gemm.cuh) on blocks of W dequantized into a scratch buffer of dtype T (x's);
+// W is never dequantized whole.
 //
-// qlora_gemm: C = X · op(W) (+ alpha L·R + bias), W dequantized tile by tile into shared
-//   memory (never whole), tensor cores (wmma, fp32 accumulate) for bf16/f16, fp32 FMA
-//   for float32. Forward: op(W) = Wᵀ (reduce over in_dims), L·R = xa·B. Backward dx:
-//   op(W) = W (reduce over out_dims), L·R = g·Aᵀ. The LoRA pair is added in the epilogue
-//   in fp32 from shared-memory tiles of L and R.
-// lora_skinny: the rank-r products xa = x_d A, g = s dy Bᵀ, dA = x_dᵀ g, dB = s xaᵀ dy,
-//   dx_d = g Aᵀ, one generic strided kernel (fp32 accumulate).
-// A first, correct version: 64x64x32 tiles, no cp.async pipeline yet (GPU.md: measured
-// on the H200 only).
+//   forward  y = s xa B (+ bias), written first (xa = x_d A, float32, saved); then per
+//            block of R rows of W:   dequant W[r0:r0+R, :] -> Wc;  y[:, r0:r0+R] += x Wcᵀ
+//   dx       dx = g Aᵀ first (x_d is x; g = s dy Bᵀ); then per block of C columns of W:
+//            dequant W[:, c0:c0+C] -> Wc;  dx[:, c0:c0+C] += dy Wc
+// Every block writes its own columns of the output, so each element is rounded to T once
+// after the rank-r term. Two buffers alternate: the dequant of block c+1 may run beside
+// the GEMM of block c. MLX orders its graph's nodes only by the last writer of each
+// buffer a node registers, never by readers, so the dequant of block c+1 also registers
+// the output as read: it then waits for the GEMM of block c-1, the last reader of its
+// buffer. The rank-r products (xa, g, dA, dB, dx_d) are cuBLASLt GEMMs as in lora.cu.
+// x, x_d, scales, biases, bias arrive in T; A, B and xa in float32.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <mma.h>
 
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <optional>
 #include <stdexcept>
 #include <type_traits>
 
-#include "backend/cuda/common.cuh"
+#include "backend/cuda/gemm.cuh"
 #include "ops/qlora.h"
 
 namespace mlx_tuner {
 
 namespace {
 
-using namespace nvcuda;
+using cuda::as_dtype;
+using cuda::gemm;
+using cuda::reads_writes;
+using cuda::scratch;
 
-constexpr int BM = 64, BN = 64, BK = 32, NT = 128; // block tile, 4 warps (2 x 2)
-constexpr int RC = 16; // rank chunk of the LoRA epilogue
+// A dequantized block is at most a quarter of the dense weight and at most kBlockBytes.
+constexpr size_t kBlockBytes = size_t(16) << 20;
+constexpr int kThreads = 256;
 
 template <typename T>
 __device__ inline float to_f(T v) {
@@ -40,6 +51,7 @@ template <>
 __device__ inline float to_f(__half v) {
   return __half2float(v);
 }
+
 template <typename T>
 __device__ inline T from_f(float v) {
   if constexpr (std::is_same_v<T, __nv_bfloat16>) {
@@ -51,342 +63,355 @@ __device__ inline T from_f(float v) {
   }
 }
 
-// 8 consecutive codes starting at an element index that is a multiple of 8: BITS bytes
-// of the row's little-endian bit stream (csrc/common/quant.h).
-template <int BITS>
-__device__ inline uint64_t load8(const uint8_t* p) {
-  if constexpr (BITS == 8) {
-    return *reinterpret_cast<const uint64_t*>(p);
-  } else if constexpr (BITS == 4) {
-    return *reinterpret_cast<const uint32_t*>(p);
-  } else if constexpr (BITS == 2) {
-    return *reinterpret_cast<const uint16_t*>(p);
+// Two values of a 16-bit T in one word, the first in the low half (memory order).
+template <typename T>
+__device__ inline uint32_t pack2(float lo, float hi) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
   } else {
-    uint64_t v = 0;
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+}
+
+// The BITS words that pack 32 consecutive codes. VEC: 8- or 16-byte loads, legal because
+// the row and the run start at multiples of BITS words from a 16-byte-aligned base.
+template <int BITS, bool VEC>
+__device__ inline void load_run(const uint32_t* src, uint32_t (&w)[BITS]) {
+  if constexpr (VEC && BITS % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < BITS / 4; ++i) {
+      uint4 v = reinterpret_cast<const uint4*>(src)[i];
+      w[4 * i] = v.x, w[4 * i + 1] = v.y, w[4 * i + 2] = v.z, w[4 * i + 3] = v.w;
+    }
+  } else if constexpr (VEC && BITS % 2 == 0) {
+#pragma unroll
+    for (int i = 0; i < BITS / 2; ++i) {
+      uint2 v = reinterpret_cast<const uint2*>(src)[i];
+      w[2 * i] = v.x, w[2 * i + 1] = v.y;
+    }
+  } else {
 #pragma unroll
     for (int i = 0; i < BITS; ++i) {
-      v |= uint64_t(p[i]) << (8 * i);
-    }
-    return v;
-  }
-}
-
-// Dequantizes W[r0 .. r0+R, c0 .. c0+C) into smem tile[R][LD] (zeros outside W).
-template <typename T, int BITS, int R, int C, int LD>
-__device__ inline void dequant_tile(
-    T* tile, const uint8_t* w, const T* scales, const T* biases, int rows, int cols,
-    int group_size, int r0, int c0) {
-  const long row_bytes = long(cols) * BITS / 8;
-  const int groups = cols / group_size;
-  for (int chunk = threadIdx.x; chunk < R * C / 8; chunk += NT) {
-    int rr = chunk / (C / 8), cc = (chunk % (C / 8)) * 8;
-    int row = r0 + rr, col = c0 + cc;
-    T* o = tile + rr * LD + cc;
-    if (row < rows && col < cols) {
-      uint64_t v = load8<BITS>(w + row * row_bytes + long(col) * BITS / 8);
-      float s = to_f(scales[long(row) * groups + col / group_size]);
-      float b = to_f(biases[long(row) * groups + col / group_size]);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        o[i] = from_f<T>(s * float((v >> (i * BITS)) & ((1u << BITS) - 1)) + b);
-      }
-    } else {
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        o[i] = from_f<T>(0.0f);
-      }
+      w[i] = src[i];
     }
   }
 }
 
-// out (m x n_out) = X (m x kred) · op(W) + alpha · L (m x r) · R (r x n_out) + bias.
-// FWD: op(W)[t, j] = W[j, t], W is (n_out, kred). Else op(W)[t, j] = W[t, j], W (kred, n_out).
-// R[q, j] = lora_r[q * rs_q + j * rs_j]. L may be null (no LoRA term).
-template <typename T, int BITS, bool FWD>
-__global__ void __launch_bounds__(NT) qlora_gemm(
-    const T* x, const uint8_t* w, const T* scales, const T* biases, int m, int n_out,
-    int kred, int group_size, const float* lora_l, const float* lora_r, int r, long rs_q,
-    long rs_j, float alpha, const T* bias, T* out) {
-  constexpr int XLD = BK + 8; // pads keep wmma ldm a multiple of 16 bytes
-  constexpr int WLD = FWD ? BK + 8 : BN + 8;
-  constexpr int WSZ = FWD ? BN * WLD : BK * WLD;
-  constexpr int CLD = BN + 4;
-  constexpr int TILES = (BM * XLD + WSZ) * sizeof(T);
-  constexpr int EPI = (BM * CLD + BM * RC + RC * BN) * sizeof(float);
-  __shared__ __align__(32) unsigned char smem[TILES > EPI ? TILES : EPI];
-  T* xs = reinterpret_cast<T*>(smem);
-  T* ws = xs + BM * XLD;
-  float* cs = reinterpret_cast<float*>(smem);
-  float* ls = cs + BM * CLD;
-  float* rsm = ls + BM * RC;
-
-  const int m0 = blockIdx.y * BM, j0 = blockIdx.x * BN;
-  const int wrows = FWD ? n_out : kred, wcols = FWD ? kred : n_out;
-  constexpr bool kTensor = !std::is_same_v<T, float>;
-  const int warp = threadIdx.x / 32, wm = warp / 2, wn = warp % 2;
-  using AccFrag = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
-  AccFrag acc[2][2];
-  float facc[4][8] = {};
-  if constexpr (kTensor) {
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-      for (int j = 0; j < 2; ++j)
-        wmma::fill_fragment(acc[i][j], 0.0f);
+// out[i, j] = dequant(W)[i, c0 + j] for i < rows, j < cols, row stride cols. wq, scales and
+// biases point at the block's first row. One thread dequantizes a run of 32 elements:
+// BITS packed words (element t of a row takes bits [t*BITS, (t+1)*BITS) of the row's
+// little-endian bit stream, csrc/common/quant.h), all in one group (group_size >= 32).
+template <typename T, int BITS, bool VEC>
+__global__ void __launch_bounds__(kThreads) dequant_block(
+    const uint32_t* wq, const T* scales, const T* biases, T* out, int rows, int cols,
+    int c0, int row_words, int groups, int group_size) {
+  const int runs = cols / 32;
+  const long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+  if (idx >= (long long)rows * runs) {
+    return;
   }
-  for (int t0 = 0; t0 < kred; t0 += BK) {
-    for (int e = threadIdx.x; e < BM * BK; e += NT) { // X tile, zero-filled at the edges
-      int rr = e / BK, cc = e % BK, row = m0 + rr, col = t0 + cc;
-      xs[rr * XLD + cc] = (row < m && col < kred) ? x[long(row) * kred + col] : from_f<T>(0.f);
+  const int row = int(idx / runs), run = int(idx % runs);
+  const int col = c0 + run * 32;
+  uint32_t w[BITS];
+  load_run<BITS, VEC>(wq + (long long)row * row_words + (long long)(col / 32) * BITS, w);
+  const long long sg = (long long)row * groups + col / group_size;
+  const float s = to_f(scales[sg]), b = to_f(biases[sg]);
+  constexpr uint32_t mask = (1u << BITS) - 1;
+  float v[32];
+#pragma unroll
+  for (int t = 0; t < 32; ++t) {
+    const int bit = t * BITS, wi = bit / 32, off = bit % 32;
+    uint32_t q = w[wi] >> off;
+    if (off + BITS > 32) {
+      q |= w[wi + 1] << (32 - off);
     }
-    if constexpr (FWD) {
-      dequant_tile<T, BITS, BN, BK, WLD>(ws, w, scales, biases, wrows, wcols, group_size, j0, t0);
-    } else {
-      dequant_tile<T, BITS, BK, BN, WLD>(ws, w, scales, biases, wrows, wcols, group_size, t0, j0);
-    }
-    __syncthreads();
-    if constexpr (kTensor) {
-      using Tw = std::conditional_t<std::is_same_v<T, __half>, half, __nv_bfloat16>;
-      using BLayout = std::conditional_t<FWD, wmma::col_major, wmma::row_major>;
-#pragma unroll
-      for (int kk = 0; kk < BK; kk += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, Tw, wmma::row_major> fa[2];
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, Tw, BLayout> fb[2];
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          wmma::load_matrix_sync(fa[i], reinterpret_cast<Tw*>(xs + (wm * 32 + i * 16) * XLD + kk), XLD);
-          const T* bp = FWD ? ws + (wn * 32 + i * 16) * WLD + kk : ws + kk * WLD + wn * 32 + i * 16;
-          wmma::load_matrix_sync(fb[i], reinterpret_cast<const Tw*>(bp), WLD);
-        }
-#pragma unroll
-        for (int i = 0; i < 2; ++i)
-#pragma unroll
-          for (int j = 0; j < 2; ++j)
-            wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
-      }
-    } else { // float32: 4 x 8 outputs per thread
-      const int ty = threadIdx.x / 8, tx = threadIdx.x % 8;
-#pragma unroll 4
-      for (int t = 0; t < BK; ++t) {
-        float a[4], b[8];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) a[i] = to_f(xs[(ty * 4 + i) * XLD + t]);
-#pragma unroll
-        for (int c = 0; c < 8; ++c) {
-          int j = tx + 8 * c;
-          b[c] = to_f(FWD ? ws[j * WLD + t] : ws[t * WLD + j]);
-        }
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-#pragma unroll
-          for (int c = 0; c < 8; ++c) facc[i][c] += a[i] * b[c];
-      }
-    }
-    __syncthreads();
+    v[t] = fmaf(s, float(q & mask), b);
   }
-  // Epilogue: accumulators -> smem (fp32), then + alpha L R + bias, converted once.
-  if constexpr (kTensor) {
+  uint4* dst = reinterpret_cast<uint4*>(out + (long long)row * cols + run * 32);
+  if constexpr (sizeof(T) == 4) {
 #pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-      for (int j = 0; j < 2; ++j)
-        wmma::store_matrix_sync(cs + (wm * 32 + i * 16) * CLD + wn * 32 + j * 16, acc[i][j], CLD,
-                                wmma::mem_row_major);
+    for (int i = 0; i < 8; ++i) {
+      dst[i] = make_uint4(__float_as_uint(v[4 * i]), __float_as_uint(v[4 * i + 1]),
+                          __float_as_uint(v[4 * i + 2]), __float_as_uint(v[4 * i + 3]));
+    }
   } else {
-    const int ty = threadIdx.x / 8, tx = threadIdx.x % 8;
 #pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-      for (int c = 0; c < 8; ++c) cs[(ty * 4 + i) * CLD + tx + 8 * c] = facc[i][c];
-  }
-  __syncthreads();
-  const int rows_here = min(BM, m - m0), cols_here = min(BN, n_out - j0);
-  if (lora_l != nullptr) {
-    for (int q0 = 0; q0 < r; q0 += RC) {
-      for (int e = threadIdx.x; e < BM * RC; e += NT) {
-        int rr = e / RC, q = q0 + e % RC;
-        ls[e] = (rr < rows_here && q < r) ? lora_l[long(m0 + rr) * r + q] : 0.f;
-      }
-      for (int e = threadIdx.x; e < RC * BN; e += NT) {
-        int q = q0 + e / BN, j = e % BN;
-        rsm[e] = (q < r && j < cols_here) ? alpha * lora_r[q * rs_q + (j0 + j) * rs_j] : 0.f;
-      }
-      __syncthreads();
-      for (int e = threadIdx.x; e < BM * BN; e += NT) {
-        int rr = e / BN, j = e % BN;
-        float v = 0.f;
-#pragma unroll
-        for (int q = 0; q < RC; ++q) v += ls[rr * RC + q] * rsm[q * BN + j];
-        cs[rr * CLD + j] += v;
-      }
-      __syncthreads();
-    }
-  }
-  for (int e = threadIdx.x; e < BM * BN; e += NT) {
-    int rr = e / BN, j = e % BN;
-    if (rr < rows_here && j < cols_here) {
-      float v = cs[rr * CLD + j] + (bias ? to_f(bias[j0 + j]) : 0.f);
-      out[long(m0 + rr) * n_out + j0 + j] = from_f<T>(v);
+    for (int i = 0; i < 4; ++i) {
+      dst[i] = make_uint4(pack2<T>(v[8 * i], v[8 * i + 1]), pack2<T>(v[8 * i + 2], v[8 * i + 3]),
+                          pack2<T>(v[8 * i + 4], v[8 * i + 5]),
+                          pack2<T>(v[8 * i + 6], v[8 * i + 7]));
     }
   }
 }
 
-// out[i * os_i + q * os_q] = alpha Σ_t P[i * ps_i + t * ps_t] Q[t * qs_t + q * qs_q].
-constexpr int SI = 64, SQ = 16, ST = 32;
-template <typename P, typename O>
-__global__ void __launch_bounds__(NT) lora_skinny(
-    const P* p, long ps_i, long ps_t, const float* qm, long qs_t, long qs_q, O* out,
-    long os_i, long os_q, int ni, int nq, int nt, float alpha) {
-  __shared__ float pt[SI][ST + 1];
-  __shared__ float qt[ST][SQ];
-  const int i0 = blockIdx.x * SI, q0 = blockIdx.y * SQ;
-  const int il = threadIdx.x % SI, qh = threadIdx.x / SI; // 8 q per thread
-  float acc[SQ / 2] = {};
-  for (int t0 = 0; t0 < nt; t0 += ST) {
-    for (int e = threadIdx.x; e < SI * ST; e += NT) {
-      int ii = e % SI, tt = e / SI, i = i0 + ii, t = t0 + tt;
-      pt[ii][tt] = (i < ni && t < nt) ? to_f(p[i * ps_i + t * ps_t]) : 0.f;
-    }
-    for (int e = threadIdx.x; e < ST * SQ; e += NT) {
-      int tt = e / SQ, qq = e % SQ, t = t0 + tt, q = q0 + qq;
-      qt[tt][qq] = (t < nt && q < nq) ? qm[t * qs_t + q * qs_q] : 0.f;
-    }
-    __syncthreads();
-#pragma unroll 8
-    for (int tt = 0; tt < ST; ++tt) {
-      float a = pt[il][tt];
-#pragma unroll
-      for (int c = 0; c < SQ / 2; ++c) acc[c] += a * qt[tt][qh * (SQ / 2) + c];
-    }
-    __syncthreads();
+// y[i] = bias[i % n] (or 0 without bias) for i < total.
+template <typename T>
+__global__ void fill_rows(T* y, const T* bias, long long total, int n) {
+  long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+  for (; i < total; i += (long long)gridDim.x * blockDim.x) {
+    y[i] = bias ? bias[i % n] : from_f<T>(0.0f);
   }
-  int i = i0 + il;
-  if (i < ni) {
-#pragma unroll
-    for (int c = 0; c < SQ / 2; ++c) {
-      int q = q0 + qh * (SQ / 2) + c;
-      if (q < nq) out[i * os_i + q * os_q] = from_f<O>(alpha * acc[c]);
-    }
-  }
-}
-
-template <typename P, typename O>
-void skinny(mx::cu::CommandEncoder& enc, const P* p, long ps_i, long ps_t, const float* q,
-            long qs_t, long qs_q, O* out, long os_i, long os_q, int ni, int nq, int nt,
-            float alpha) {
-  if (ni == 0 || nq == 0) {
-    return;
-  }
-  dim3 grid((ni + SI - 1) / SI, (nq + SQ - 1) / SQ);
-  cuda::launch(enc, reinterpret_cast<const void*>(&lora_skinny<P, O>), grid, dim3(NT), 0u,
-               p, ps_i, ps_t, q, qs_t, qs_q, out, os_i, os_q, ni, nq, nt, alpha);
-}
-
-template <typename T, int BITS, bool FWD>
-void gemm(mx::cu::CommandEncoder& enc, const T* x, const mx::array& w, const mx::array& sc,
-          const mx::array& bi, int m, int n_out, int kred, int group_size, const float* l,
-          const float* rr, int r, long rs_q, long rs_j, float alpha, const T* bias, T* out) {
-  if (m == 0 || n_out == 0) {
-    return;
-  }
-  dim3 grid((n_out + BN - 1) / BN, (m + BM - 1) / BM);
-  cuda::launch(enc, reinterpret_cast<const void*>(&qlora_gemm<T, BITS, FWD>), grid, dim3(NT),
-               0u, x, mx::gpu_ptr<uint8_t>(w), mx::gpu_ptr<T>(sc), mx::gpu_ptr<T>(bi), m,
-               n_out, kred, group_size, l, rr, r, rs_q, rs_j, alpha, bias, out);
 }
 
 template <typename F>
-void dispatch_types(mx::Dtype dt, int bits, F&& f) {
-  auto with_bits = [&]<typename T>() {
-    switch (bits) {
-      case 2: f.template operator()<T, 2>(); break;
-      case 3: f.template operator()<T, 3>(); break;
-      case 4: f.template operator()<T, 4>(); break;
-      case 5: f.template operator()<T, 5>(); break;
-      case 6: f.template operator()<T, 6>(); break;
-      case 8: f.template operator()<T, 8>(); break;
-      default: throw std::invalid_argument("[qlora_linear] unsupported bits");
-    }
-  };
-  if (dt == mx::float32) {
-    with_bits.template operator()<float>();
-  } else if (dt == mx::float16) {
-    with_bits.template operator()<__half>();
+void dispatch_type(mx::Dtype t, F&& f) {
+  if (t == mx::float32) {
+    f.template operator()<float>();
+  } else if (t == mx::float16) {
+    f.template operator()<__half>();
+  } else if (t == mx::bfloat16) {
+    f.template operator()<__nv_bfloat16>();
   } else {
-    with_bits.template operator()<__nv_bfloat16>();
+    throw std::invalid_argument("[qlora_linear] float32, float16 or bfloat16 expected");
   }
+}
+
+// y = broadcast bias over the rows (zeros without bias); y's last dim is the bias's.
+void fill(mx::cu::CommandEncoder& enc, mx::array& y, const mx::array* bias) {
+  long long total = y.size();
+  if (total == 0) {
+    return;
+  }
+  int n = y.shape(-1);
+  reads_writes(enc, {bias}, {&y});
+  dim3 grid(unsigned(std::min<long long>((total + kThreads - 1) / kThreads, 4096)));
+  dispatch_type(y.dtype(), [&]<typename T>() {
+    T* yp = mx::gpu_ptr<T>(y);
+    const T* bp = bias ? mx::gpu_ptr<T>(*bias) : nullptr;
+    cuda::launch(enc, reinterpret_cast<const void*>(&fill_rows<T>), grid, dim3(kThreads), 0u,
+                 yp, bp, total, n);
+  });
+}
+
+// The quantized weight (out x in) and the block dequantizer over it.
+struct Quantized {
+  const mx::array& wq;
+  const mx::array& scales; // in T
+  const mx::array& biases;
+  int out, in, bits, group_size;
+
+  // buf[0:rows, 0:cols] = dequant(W)[r0:r0+rows, c0:c0+cols]; `after` (the GEMMs' output,
+  // or null for a fresh buffer) is registered as read so that this node waits for the
+  // last GEMM that read `buf`.
+  void dequant(mx::cu::CommandEncoder& enc, mx::array& buf, int r0, int rows, int c0,
+               int cols, const mx::array* after) const {
+    // Non-const: the encoder passes kernel arguments by (non-const) address.
+    int row_words = in / 32 * bits, groups = in / group_size, gs = group_size;
+    const uint32_t* w = mx::gpu_ptr<uint32_t>(wq) + (long long)r0 * row_words;
+    const bool vec = reinterpret_cast<uintptr_t>(w) % 16 == 0;
+    const long long runs = (long long)rows * (cols / 32);
+    if (runs == 0) {
+      return;
+    }
+    reads_writes(enc, {&wq, &scales, &biases, after}, {&buf});
+    dim3 grid(unsigned((runs + kThreads - 1) / kThreads));
+    dispatch_type(buf.dtype(), [&]<typename T>() {
+      const T* s = mx::gpu_ptr<T>(scales) + (long long)r0 * groups;
+      const T* b = mx::gpu_ptr<T>(biases) + (long long)r0 * groups;
+      T* o = mx::gpu_ptr<T>(buf);
+      auto go = [&]<int BITS>() {
+        const void* k = vec ? reinterpret_cast<const void*>(&dequant_block<T, BITS, true>)
+                            : reinterpret_cast<const void*>(&dequant_block<T, BITS, false>);
+        cuda::launch(enc, k, grid, dim3(kThreads), 0u, w, s, b, o, rows, cols, c0, row_words,
+                     groups, gs);
+      };
+      switch (bits) {
+        case 2: go.template operator()<2>(); break;
+        case 3: go.template operator()<3>(); break;
+        case 4: go.template operator()<4>(); break;
+        case 5: go.template operator()<5>(); break;
+        case 6: go.template operator()<6>(); break;
+        case 8: go.template operator()<8>(); break;
+        default: throw std::invalid_argument("[qlora_linear] bits must be 2, 3, 4, 5, 6 or 8");
+      }
+    });
+  }
+};
+
+// Block length (rows of W for the forward, columns for dx) given the other side `width`:
+// at most a quarter of the dense weight and kBlockBytes, a multiple of kAlign (the last
+// block may be shorter). MLX_TUNER_QLORA_CHUNK_ROWS overrides it (tests), rounded up to a
+// multiple of kAlign. kAlign keeps the GEMMs' output offsets at 256 bytes, the alignment
+// cuBLASLt's heuristic assumes by default, and the columns whole runs of 32 codes.
+constexpr int kAlign = 128;
+
+int block_len(int len, int width, size_t esz) {
+  int b = 0;
+  if (const char* e = std::getenv("MLX_TUNER_QLORA_CHUNK_ROWS"); e && std::atoi(e) > 0) {
+    b = (std::atoi(e) + kAlign - 1) / kAlign * kAlign;
+  } else {
+    size_t line = size_t(width) * esz;
+    size_t cap = std::min(kBlockBytes, size_t(len) * line / 4);
+    b = int(std::max<size_t>(kAlign, cap / line / kAlign * kAlign));
+  }
+  return std::min(b, len);
+}
+
+int leading_rows(const mx::array& x) {
+  long long m = 1;
+  for (int d = 0; d + 1 < int(x.ndim()); ++d) {
+    m *= x.shape(d);
+  }
+  return int(m);
 }
 
 } // namespace
 
 void QLoRA::eval_gpu(const std::vector<mx::array>& in, std::vector<mx::array>& outs) {
   auto& enc = mx::cu::get_command_encoder(stream());
-  for (auto& a : in) {
-    enc.set_input_array(a);
-  }
-  for (auto& o : outs) {
-    cuda::alloc_output(o, enc);
-  }
-  const auto &x = in[0], &w = in[1];
-  const int n = w.shape(0), k = x.shape(-1), r = in[4].shape(1);
-  const int m = k == 0 ? 0 : x.size() / k;
+  const auto& x = in[0];
   const auto& xd = p_.has_xd ? in[6] : x;
   const mx::array* bias = p_.has_bias ? &in[p_.has_xd ? 7 : 6] : nullptr;
-  const float* a = mx::gpu_ptr<float>(in[4]);
-  const float* b = mx::gpu_ptr<float>(in[5]);
-  float* xa = mx::gpu_ptr<float>(outs[1]);
-  dispatch_types(x.dtype(), p_.bits, [&]<typename T, int BITS>() {
-    skinny<T, float>(enc, mx::gpu_ptr<T>(xd), k, 1, a, r, 1, xa, r, 1, m, r, k, 1.0f);
-    gemm<T, BITS, true>(enc, mx::gpu_ptr<T>(x), w, in[2], in[3], m, n, k, p_.group_size,
-                        r > 0 ? xa : nullptr, b, r, n, 1, p_.scale,
-                        bias ? mx::gpu_ptr<T>(*bias) : nullptr, mx::gpu_ptr<T>(outs[0]));
-  });
+  auto& y = outs[0];
+  auto& xa = outs[1];
+  cuda::alloc_output(y, enc);
+  cuda::alloc_output(xa, enc);
+  const int out = in[1].shape(0), k = x.shape(-1), r = in[4].shape(1), m = leading_rows(x);
+  if (m == 0) {
+    return;
+  }
+  const auto T = x.dtype();
+  auto sc = as_dtype(enc, in[2], T);
+  auto bi = as_dtype(enc, in[3], T);
+  std::optional<mx::array> bias_t;
+  if (bias) {
+    bias_t = as_dtype(enc, *bias, T);
+    bias = &*bias_t;
+  }
+  // The rank-r term (+ bias) first; the base GEMMs accumulate into it (beta = 1).
+  float beta = 1.0f;
+  if (r > 0 && k > 0) {
+    auto a_t = as_dtype(enc, in[4], T);
+    auto b_t = as_dtype(enc, in[5], T);
+    gemm(enc, {false, false, m, r, k, T, T, mx::float32}, 1.0f, xd, a_t, 0.0f, xa);
+    auto xa_t = as_dtype(enc, xa, T);
+    gemm(enc, {false, false, m, out, r, T, T, T}, p_.scale, xa_t, b_t, 0.0f, y, bias);
+  } else {
+    fill(enc, xa, nullptr); // x_d A over an empty input dimension
+    if (bias || k == 0) {
+      fill(enc, y, bias);
+    } else {
+      beta = 0.0f;
+    }
+  }
+  if (k == 0 || out == 0) {
+    return;
+  }
+  // Blocks of R rows of W: y[:, r0:r0+R] += x Wcᵀ.
+  Quantized q{in[1], sc, bi, out, k, p_.bits, p_.group_size};
+  const int R = block_len(out, k, mx::size_of(T));
+  const int nb = (out + R - 1) / R;
+  std::vector<mx::array> bufs;
+  for (int i = 0; i < std::min(nb, 2); ++i) {
+    bufs.push_back(scratch(enc, {R, k}, T));
+  }
+  q.dequant(enc, bufs[0], 0, R, 0, k, nullptr);
+  for (int c = 0; c < nb; ++c) {
+    const int r0 = c * R, rc = std::min(R, out - r0);
+    if (c + 1 < nb) { // its buffer was last read by the GEMM of block c - 1
+      const int r1 = r0 + R;
+      q.dequant(enc, bufs[(c + 1) % 2], r1, std::min(R, out - r1), 0, k, c > 0 ? &y : nullptr);
+    }
+    cuda::Gemm g{false, true, m, rc, k, T, T, T};
+    g.ldc = out;
+    g.c_off = size_t(r0);
+    gemm(enc, g, 1.0f, x, bufs[c % 2], beta, y);
+  }
 }
 
 void QLoRAVJP::eval_gpu(const std::vector<mx::array>& in, std::vector<mx::array>& outs) {
   auto& enc = mx::cu::get_command_encoder(stream());
-  for (auto& a : in) {
-    enc.set_input_array(a);
-  }
+  const auto& xd = in[6];
+  const auto& xa = in[7];
   for (auto& o : outs) {
     cuda::alloc_output(o, enc);
   }
-  const auto &dy = in[0], &w = in[1], &xd = in[6];
-  const int n = w.shape(0), k = xd.shape(-1), r = in[4].shape(1);
-  const int m = k == 0 ? 0 : xd.size() / k;
-  const float* a = mx::gpu_ptr<float>(in[4]);
-  const float* b = mx::gpu_ptr<float>(in[5]);
-  const float* xa = mx::gpu_ptr<float>(in[7]);
-  int o = 0;
-  mx::array* dx = g_.dx ? &outs[o++] : nullptr;
-  mx::array* dxd = g_.dxd ? &outs[o++] : nullptr;
-  mx::array* da = g_.da ? &outs[o++] : nullptr;
-  mx::array* db = g_.db ? &outs[o++] : nullptr;
-  // g = s dy Bᵀ (m x r, fp32), a temporary of this call.
-  mx::array g({m, r}, mx::float32, nullptr, {});
-  g.set_data(cuda::malloc_device(g.nbytes(), enc));
-  enc.add_temporary(g);
-  float* gp = mx::gpu_ptr<float>(g);
-  dispatch_types(dy.dtype(), p_.bits, [&]<typename T, int BITS>() {
-    const T* dyp = mx::gpu_ptr<T>(dy);
-    skinny<T, float>(enc, dyp, n, 1, b, 1, n, gp, r, 1, m, r, n, p_.scale);
-    if (da) { // dA[k, q] = Σ_m x_d[m, k] g[m, q]
-      skinny<T, float>(enc, mx::gpu_ptr<T>(xd), 1, k, gp, r, 1, mx::gpu_ptr<float>(*da), r,
-                       1, k, r, m, 1.0f);
+  size_t o = 0;
+  auto take = [&](bool on) -> mx::array* { return on ? &outs[o++] : nullptr; };
+  mx::array* dx = take(g_.dx);
+  mx::array* dxd = take(g_.dxd);
+  mx::array* da = take(g_.da);
+  mx::array* db = take(g_.db);
+  const int out = in[1].shape(0), k = xd.shape(-1), r = in[4].shape(1);
+  const int m = leading_rows(xd);
+  if (m == 0) { // sums over no rows are zeros
+    for (auto* z : {da, db}) {
+      if (z) {
+        fill(enc, *z, nullptr);
+      }
     }
-    if (db) { // dB[q, n] = s Σ_m dy[m, n] xa[m, q]
-      skinny<T, float>(enc, dyp, 1, n, xa, r, 1, mx::gpu_ptr<float>(*db), 1, n, n, r, m,
-                       p_.scale);
+    return;
+  }
+  const auto T = xd.dtype();
+  auto dy = as_dtype(enc, in[0], T);
+  // g = s dy Bᵀ (float32 accumulate, T for the next products); zero when out or r is 0.
+  const bool have_g = r > 0 && out > 0;
+  const bool lora_dx = dx && !p_.has_xd && have_g;
+  std::optional<mx::array> g_t, a_t;
+  if (have_g && (da || dxd || lora_dx)) {
+    auto b_t = as_dtype(enc, in[5], T);
+    auto g = scratch(enc, {m, r}, mx::float32);
+    gemm(enc, {false, true, m, r, out, T, T, mx::float32}, p_.scale, dy, b_t, 0.0f, g);
+    g_t = as_dtype(enc, g, T);
+    if (lora_dx || dxd) {
+      a_t = as_dtype(enc, in[4], T);
     }
-    if (dxd) { // dx_d[m, k] = Σ_q g[m, q] A[k, q]
-      skinny<float, T>(enc, gp, r, 1, a, 1, r, mx::gpu_ptr<T>(*dxd), k, 1, m, k, r, 1.0f);
+  }
+  if (dxd) { // dx_d = g Aᵀ
+    if (have_g) {
+      gemm(enc, {false, true, m, k, r, T, T, T}, 1.0f, *g_t, *a_t, 0.0f, *dxd);
+    } else {
+      fill(enc, *dxd, nullptr);
     }
-    if (dx) { // dy W (+ g Aᵀ), R[q, j] = A[j, q]
-      gemm<T, BITS, false>(enc, dyp, w, in[2], in[3], m, k, n, p_.group_size,
-                           (!p_.has_xd && r > 0) ? gp : nullptr, a, r, 1, r, 1.0f, nullptr,
-                           mx::gpu_ptr<T>(*dx));
+  }
+  if (da) { // dA = x_dᵀ g, in A's dtype (float32)
+    if (have_g) {
+      gemm(enc, {true, false, k, r, m, T, T, da->dtype()}, 1.0f, xd, *g_t, 0.0f, *da);
+    } else {
+      fill(enc, *da, nullptr);
     }
-  });
+  }
+  if (db && have_g) { // dB = s xaᵀ dy (empty when r or out is 0)
+    auto xa_t = as_dtype(enc, xa, T);
+    gemm(enc, {true, false, r, out, m, T, T, db->dtype()}, p_.scale, xa_t, dy, 0.0f, *db);
+  }
+  if (!dx || k == 0) {
+    return;
+  }
+  // dx = g Aᵀ first (x_d is x), then blocks of C columns of W: dx[:, c0:c0+C] += dy Wc.
+  float beta = 1.0f;
+  if (lora_dx) {
+    gemm(enc, {false, true, m, k, r, T, T, T}, 1.0f, *g_t, *a_t, 0.0f, *dx);
+  } else if (out == 0) {
+    fill(enc, *dx, nullptr);
+    return;
+  } else {
+    beta = 0.0f;
+  }
+  auto sc = as_dtype(enc, in[2], T);
+  auto bi = as_dtype(enc, in[3], T);
+  Quantized q{in[1], sc, bi, out, k, p_.bits, p_.group_size};
+  const int C = block_len(k, out, mx::size_of(T));
+  const int nb = (k + C - 1) / C;
+  std::vector<mx::array> bufs;
+  for (int i = 0; i < std::min(nb, 2); ++i) {
+    bufs.push_back(scratch(enc, {out, C}, T));
+  }
+  q.dequant(enc, bufs[0], 0, out, 0, C, nullptr);
+  for (int c = 0; c < nb; ++c) {
+    const int c0 = c * C, cc = std::min(C, k - c0);
+    if (c + 1 < nb) { // its buffer was last read by the GEMM of block c - 1
+      const int c1 = c0 + C;
+      q.dequant(enc, bufs[(c + 1) % 2], 0, out, c1, std::min(C, k - c1), c > 0 ? dx : nullptr);
+    }
+    cuda::Gemm g{false, false, m, cc, out, T, T, T};
+    g.ldb = cc; // the block buffer holds out x cc
+    g.ldc = k;
+    g.c_off = size_t(c0);
+    gemm(enc, g, 1.0f, dy, bufs[c % 2], beta, *dx);
+  }
 }
 
 } // namespace mlx_tuner

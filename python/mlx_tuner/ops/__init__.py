@@ -30,8 +30,6 @@ FUSED_OPS: dict[str, str] = {
 # op -> what backend_info() adds as "note": limits of a kernel beyond its devices.
 # Why a family's CUDA kernel is left out of the default CUDA build (CMakeLists.txt).
 CUDA_LEFT_OUT_WHY = {
-    "qlora": "on the H200 it ran 2x slower than MLX's quantized_matmul path (BENCHMARKS.md) "
-    "and gave NaN in one bf16 training run; the op runs its reference there",
     "cross_entropy": "on the H200 it failed correctness tests and ran ~50x slower than the "
     "materialized reference (BENCHMARKS.md); the op runs its reference there",
 }
