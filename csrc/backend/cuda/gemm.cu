@@ -8,7 +8,6 @@
 
 #include <map>
 #include <mutex>
-#include <optional>
 #include <stdexcept>
 #include <string>
 #include <tuple>
@@ -48,6 +47,7 @@ struct Plans {
   std::mutex mu;
   std::map<int, cublasLtHandle_t> handles;
   std::map<Key, Plan> plans;
+  std::map<const mx::cu::CommandEncoder*, mx::array*> workspaces; // never freed
 };
 
 Plans& plans() {
@@ -108,7 +108,7 @@ mx::array scratch(mx::cu::CommandEncoder& enc, mx::Shape shape, mx::Dtype dtype)
 void reads_writes(mx::cu::CommandEncoder& enc, std::initializer_list<const mx::array*> in,
                   std::initializer_list<const mx::array*> out) {
   for (auto* a : in) if (a) enc.set_input_array(*a);
-  for (auto* a : out) enc.set_output_array(*a);
+  for (auto* a : out) if (a) enc.set_output_array(*a);
 }
 
 void gemm(mx::cu::CommandEncoder& enc, const Gemm& g, float alpha, const mx::array& a_arr,
@@ -142,13 +142,22 @@ void gemm(mx::cu::CommandEncoder& enc, const Gemm& g, float alpha, const mx::arr
     cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias,
                                    sizeof(bias));
   }
-  std::optional<mx::array> ws_arr;
+  // One workspace per encoder (stream), kept for the process: a scratch per call would
+  // stay allocated until the graph has run, which for blockwise ops (many GEMMs per
+  // graph) adds up to gigabytes. Registering it as written orders our GEMMs one after
+  // another on it.
+  const mx::array* ws_arr = nullptr;
   void* workspace = nullptr;
   if (p.workspace > 0) {
-    ws_arr = scratch(enc, {int(p.workspace)}, mx::uint8);
-    workspace = gpu_ptr<void>(*ws_arr);
+    auto& ws = ps.workspaces[&enc];
+    if (ws == nullptr) {
+      ws = new mx::array(malloc_device(kWorkspace, enc), {int(kWorkspace)}, mx::uint8);
+    }
+    ws_arr = ws;
+    workspace = gpu_ptr<void>(*ws);
   }
-  reads_writes(enc, {&a_arr, &b_arr, bias_arr, beta != 0.0f ? &c_arr : nullptr}, {&c_arr});
+  reads_writes(enc, {&a_arr, &b_arr, bias_arr, beta != 0.0f ? &c_arr : nullptr},
+               {&c_arr, ws_arr});
   auto capture = enc.capture_context();
   check_lt(cublasLtMatmul(handle, p.desc, &alpha, b, p.lb, a, p.la, &beta, c, p.lc, c, p.lc,
                           &p.algo, workspace, p.workspace, enc.stream()),
