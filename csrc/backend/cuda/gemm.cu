@@ -33,7 +33,7 @@ cudaDataType_t cuda_type(mx::Dtype t) {
   throw std::invalid_argument("[mlx_tuner gemm] float32, float16 or bfloat16 expected");
 }
 
-constexpr size_t kWorkspace = 32u << 20; // cuBLASLt's recommendation for Hopper
+constexpr size_t kWorkspace = kGemmWorkspaceBytes;
 
 struct Plan {
   cublasLtMatmulDesc_t desc = nullptr;
@@ -112,7 +112,8 @@ void reads_writes(mx::cu::CommandEncoder& enc, std::initializer_list<const mx::a
 }
 
 void gemm(mx::cu::CommandEncoder& enc, const Gemm& g, float alpha, const mx::array& a_arr,
-          const mx::array& b_arr, float beta, mx::array& c_arr, const mx::array* bias_arr) {
+          const mx::array& b_arr, float beta, mx::array& c_arr, const mx::array* bias_arr,
+          const mx::array* ws_given) {
   if (g.m == 0 || g.n == 0) {
     return;
   }
@@ -145,7 +146,12 @@ void gemm(mx::cu::CommandEncoder& enc, const Gemm& g, float alpha, const mx::arr
   std::optional<mx::array> ws_arr;
   void* workspace = nullptr;
   if (p.workspace > 0) {
-    ws_arr = scratch(enc, {int(p.workspace)}, mx::uint8);
+    if (ws_given != nullptr && ws_given->nbytes() >= p.workspace) {
+      ws_arr = *ws_given;
+      enc.set_output_array(*ws_given); // after the GEMMs that used it before
+    } else {
+      ws_arr = scratch(enc, {int(p.workspace)}, mx::uint8);
+    }
     workspace = gpu_ptr<void>(*ws_arr);
   }
   reads_writes(enc, {&a_arr, &b_arr, bias_arr, beta != 0.0f ? &c_arr : nullptr}, {&c_arr});

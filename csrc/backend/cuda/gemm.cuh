@@ -21,10 +21,16 @@ struct Gemm {
   size_t a_off = 0, b_off = 0, c_off = 0;
 };
 
+// The most workspace a GEMM asks for (cuBLASLt's recommendation for Hopper).
+constexpr size_t kGemmWorkspaceBytes = 32u << 20;
+
 // Plans (descriptors, layouts, the heuristic's algorithm) are cached per shape, types
 // and strides: the heuristic costs tens of microseconds of host time per call.
+// workspace: a caller's buffer of kGemmWorkspaceBytes bytes shared by many GEMMs (each
+// registers it as written, so they run one after another); else one per call.
 void gemm(mx::cu::CommandEncoder& enc, const Gemm& g, float alpha, const mx::array& a,
-          const mx::array& b, float beta, mx::array& c, const mx::array* bias = nullptr);
+          const mx::array& b, float beta, mx::array& c, const mx::array* bias = nullptr,
+          const mx::array* workspace = nullptr);
 
 // A device buffer of `shape` x `dtype` that lives until the encoder's graph has run.
 mx::array scratch(mx::cu::CommandEncoder& enc, mx::Shape shape, mx::Dtype dtype);
