@@ -5,10 +5,10 @@
 // row blocks stay 256-byte aligned for cuBLASLt; the float32 logit chunk is ~128 MiB at
 // most). Per chunk, cuBLASLt computes Z = h · W[v0 : v0 + Vc]ᵀ (T inputs, float32 out),
 // then one memory-bound kernel reads Z (adding the bias):
-//   forward : merges each row's (max, Σ exp) of the chunk into the running state and picks
+//   forward : merges each row's (max, Σ exp) of the chunk into the running state, picks
 //             the target logit; after the last chunk lse = m + log s, loss = lse − z_y.
-//   backward: G = g (softmax − onehot) in T (a zero row for ignored tokens and g = 0), then
-//             dh += G · W_c (float32 accumulator), dW[v0 : v0 + Vc] = Gᵀ · h, db_c = 1ᵀ · G.
+//   backward: G = g (softmax − onehot) in T (zero rows for ignored tokens and g = 0),
+//             dh += G · W_c (float32 accumulator), dW[v0 : v0 + Vc] = Gᵀ h, db_c = 1ᵀ G.
 // One Z (and G) buffer serves every chunk. MLX orders graph nodes by the last writer of
 // each registered buffer, not by readers: the kernels register Z as written, and each
 // backward chunk's first GEMM registers the previous chunk's gradient outputs, so no
@@ -34,7 +34,7 @@ using cu::gemm;
 using cu::scratch;
 
 constexpr int kThreads = 256; // threads per block of every kernel here
-constexpr int kGradCols = 4 * kThreads; // columns of a row per block of the gradient kernel
+constexpr int kGradCols = 4 * kThreads; // columns per block of the gradient kernel
 constexpr int kChunkAlign = 256; // chunk widths are multiples of this
 constexpr size_t kChunkBytes = size_t(128) << 20; // the float32 logit chunk, at most
 
@@ -80,11 +80,15 @@ __device__ inline void push(Lse& a, float x) {
   }
 }
 
+__device__ inline Lse shfl_xor(Lse a, int o) {
+  return {__shfl_xor_sync(0xffffffffu, a.m, o), __shfl_xor_sync(0xffffffffu, a.s, o)};
+}
+
 // The merge over the block's threads, valid in thread 0.
 __device__ Lse block_merge(Lse a) {
   __shared__ Lse part[kThreads / 32];
   for (int o = 16; o > 0; o /= 2) {
-    a = merge(a, {__shfl_xor_sync(0xffffffffu, a.m, o), __shfl_xor_sync(0xffffffffu, a.s, o)});
+    a = merge(a, shfl_xor(a, o));
   }
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (lane == 0) {
@@ -94,7 +98,7 @@ __device__ Lse block_merge(Lse a) {
   if (warp == 0) {
     a = lane < kThreads / 32 ? part[lane] : Lse{-INFINITY, 0.0f};
     for (int o = kThreads / 64; o > 0; o /= 2) {
-      a = merge(a, {__shfl_xor_sync(0xffffffffu, a.m, o), __shfl_xor_sync(0xffffffffu, a.s, o)});
+      a = merge(a, shfl_xor(a, o));
     }
   }
   return a;
@@ -105,8 +109,8 @@ __device__ Lse block_merge(Lse a) {
 // until the last chunk writes lse and the loss. z = nullptr means logits 0 (d = 0).
 template <typename T>
 __global__ void lce_chunk_forward(const float* z, const T* bias, const int32_t* y, int N,
-                                  int vc, int v0, int V, int first, int last, float* state,
-                                  float* loss, float* lse) {
+                                  int vc, int v0, int V, int first, int last,
+                                  float* state, float* loss, float* lse) {
   const int n = blockIdx.x;
   const float* row = z ? z + size_t(n) * vc : nullptr;
   const T* b = bias ? bias + v0 : nullptr;
@@ -231,8 +235,8 @@ void run(mx::cu::CommandEncoder& enc, const void* kernel, dim3 grid, Args... arg
 }
 
 dim3 grid_for(long long n) {
-  return dim3(unsigned(std::max<long long>(1, std::min<long long>((n + kThreads - 1) / kThreads,
-                                                                   4096))));
+  long long blocks = std::min<long long>((n + kThreads - 1) / kThreads, 4096);
+  return dim3(unsigned(std::max<long long>(1, blocks)));
 }
 
 // Registers what the next node reads and writes (null entries skipped).
@@ -257,7 +261,8 @@ void fill(mx::cu::CommandEncoder& enc, mx::array& x, float value) {
     return;
   }
   track(enc, {}, {&x});
-  run(enc, reinterpret_cast<const void*>(&lce_fill<T>), grid_for(n), gpu_ptr<T>(x), n, value);
+  run(enc, reinterpret_cast<const void*>(&lce_fill<T>), grid_for(n), gpu_ptr<T>(x), n,
+      value);
 }
 
 template <typename In, typename Out>
@@ -329,8 +334,9 @@ void forward(const LinearCrossEntropy& p, const std::vector<mx::array>& in,
   const T* bp = bias ? gpu_ptr<T>(*bias) : nullptr;
   for (int v0 = 0; v0 < V; v0 += vmax) {
     const int vc = std::min(vmax, V - v0);
+    const size_t off = size_t(v0) * d; // of W's (and dW's) rows v0 :
     if (d > 0) {
-      gemm(enc, gemm_of(false, true, N, vc, d, dt, mx::float32, size_t(v0) * d), 1.0f, h, w,
+      gemm(enc, gemm_of(false, true, N, vc, d, dt, mx::float32, off), 1.0f, h, w,
            0.0f, z, nullptr, &ws);
     }
     // z is registered as written: the next chunk's GEMM waits for this read.
@@ -387,28 +393,29 @@ void backward(const LinearCrossEntropyVJP& p, const std::vector<mx::array>& in,
   const T* bp = bias ? gpu_ptr<T>(*bias) : nullptr;
   for (int v0 = 0; v0 < V; v0 += vmax) {
     const int vc = std::min(vmax, V - v0);
+    const size_t off = size_t(v0) * d; // of W's (and dW's) rows v0 :
     if (d > 0) {
       // After the previous chunk's gradient GEMMs, which read G (and Z for float32).
       track(enc, {acc, dw, db}, {});
-      gemm(enc, gemm_of(false, true, N, vc, d, dt, mx::float32, size_t(v0) * d), 1.0f, h, w,
+      gemm(enc, gemm_of(false, true, N, vc, d, dt, mx::float32, off), 1.0f, h, w,
            0.0f, z, nullptr, &ws);
     }
     track(enc, {&y, &lse, &g, bias, acc, dw, db}, {&z, &G});
     const unsigned col_blocks = unsigned((vc + kGradCols - 1) / kGradCols);
-    run(enc, reinterpret_cast<const void*>(&lce_chunk_grad<T>), dim3(N, col_blocks), zp, bp,
-        gpu_ptr<int32_t>(y), gpu_ptr<float>(lse), gpu_ptr<float>(g), vc, v0, V,
+    run(enc, reinterpret_cast<const void*>(&lce_chunk_grad<T>), dim3(N, col_blocks), zp,
+        bp, gpu_ptr<int32_t>(y), gpu_ptr<float>(lse), gpu_ptr<float>(g), vc, v0, V,
         gpu_ptr<T>(G));
     if (acc) { // dh (+)= G · W[v0 : v0 + vc]
-      gemm(enc, gemm_of(false, false, N, d, vc, dt, mx::float32, size_t(v0) * d), 1.0f, G, w,
+      gemm(enc, gemm_of(false, false, N, d, vc, dt, mx::float32, off), 1.0f, G, w,
            v0 == 0 ? 0.0f : 1.0f, *dh_acc, nullptr, &ws);
     }
     if (dw) { // dW[v0 : v0 + vc] = Gᵀ · h
-      gemm(enc, gemm_of(true, false, vc, d, N, dt, dt, 0, size_t(v0) * d), 1.0f, G, h, 0.0f,
+      gemm(enc, gemm_of(true, false, vc, d, N, dt, dt, 0, off), 1.0f, G, h, 0.0f,
            *dw, nullptr, &ws);
     }
     if (db) { // db[v0 : v0 + vc] = 1ᵀ · G
-      gemm(enc, gemm_of(false, false, 1, vc, N, dt, dt, 0, size_t(v0)), 1.0f, *ones, G, 0.0f,
-           *db, nullptr, &ws);
+      gemm(enc, gemm_of(false, false, 1, vc, N, dt, dt, 0, size_t(v0)), 1.0f, *ones, G,
+           0.0f, *db, nullptr, &ws);
     }
   }
   if (dh && !f32) {
