@@ -76,16 +76,21 @@ def test_loss_and_grads_match_oracle(device, shape, dtype, compiled):
         assert_close_to_oracle(f, r, ref, dtype, what)
 
 
-def test_fused_path_does_not_fall_back(monkeypatch):
-    assert "cpu" in ops.backend_info()["ops"]["linear_cross_entropy"]["kernels"]
+def test_fused_path_does_not_fall_back(device, monkeypatch):
+    # Every build has the CPU kernel; one built against a GPU flavour of MLX has the GPU's.
+    info = ops.backend_info()
+    if device == mx.gpu and info["extension"]["gpu_backend"] is None:
+        pytest.skip("this build has no GPU backend")
+    assert ("gpu" if device == mx.gpu else "cpu") in info["ops"]["linear_cross_entropy"]["kernels"]
 
     def boom(*a, **k):
         raise AssertionError("the reference ran")
 
     monkeypatch.setattr(ce_mod, "linear_cross_entropy_reference", boom)
     h, w, b, y = _inputs((4,), 8, 50, mx.float32)
-    with mx.stream(mx.cpu):
-        mx.eval(lce(h, w, y, b), mx.grad(lambda h: lce(h, w, y, b).sum())(h))
+    with mx.stream(device):
+        mx.eval(lce(h, w, y, b), mx.grad(lambda h, w, b: lce(h, w, y, b).sum(),
+                                         argnums=(0, 1, 2))(h, w, b))
 
 
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
@@ -312,21 +317,59 @@ def test_memory_does_not_grow_with_the_logits():
     assert fused < logits_bytes / 10, (fused, logits_bytes)
 
 
-@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16], ids=["float16", "bfloat16"])
-def test_cuda_tensor_core_and_simt_kernels_agree(device, dtype, monkeypatch):
-    # float16/bfloat16 run on tensor cores on CUDA; MLX_TUNER_CE_CUDA_SIMT=1 runs the SIMT
-    # kernels instead: both must meet the oracle.
-    if device != mx.gpu or mx.metal.is_available():
-        pytest.skip("CUDA only")
-    h, w, b, y = _inputs((3, 45), 72, 1000, dtype)
-    g = mx.random.uniform(shape=(3, 45))
-    rloss, rgrads = _loss_and_grads(lce_ref, h, w, b, y, g)
+@pytest.mark.parametrize("grads", ["dh", "all"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=["float32", "bfloat16"])
+def test_vocabulary_chunks(device, dtype, bias, grads, monkeypatch):
+    # MLX_TUNER_CE_CHUNK=256: the CUDA kernels walk V = 1000 in 4 chunks, the last one partial
+    # (232 columns); the CPU kernels ignore it. Ignored targets, g = 0 rows, -inf logits.
+    monkeypatch.setenv("MLX_TUNER_CE_CHUNK", "256")
+    lead, d, V = (3, 13), 40, 1000
+    h, w, b, y = _inputs(lead, d, V, dtype, bias=bias)
+    if bias:  # banned vocabulary entries (never targets)
+        b = mx.where(mx.arange(V) % 7 == 3, -mx.inf, b).astype(dtype)
+        y = mx.where(y % 7 == 3, y - 1, y)
+    y = mx.where(mx.arange(13)[None] % 5 == 2, -100, y)
+    y = mx.where(mx.arange(13)[None] == 7, V, y)
+    g = mx.where(mx.arange(13)[None] % 6 == 0, 0.0, mx.random.uniform(shape=lead))
+    argnums = (0,) if grads == "dh" else ((0, 1, 2) if bias else (0, 1))
+
+    def run(fn):
+        def f(*params):
+            out = fn(params[0], params[1], y, params[2] if bias else None)
+            return (out.astype(mx.float32) * g).sum(), out
+        params = (h, w, b) if bias else (h, w)
+        (_, loss), gr = mx.value_and_grad(f, argnums=argnums)(*params)
+        return loss, gr if isinstance(gr, (tuple, list)) else (gr,)
+
+    loss, gr = run(lce)
+    rloss, rgr = run(lce_ref)
     o = oracle(h, w, b, y, g)
-    for simt in ("0", "1"):
-        monkeypatch.setenv("MLX_TUNER_CE_CUDA_SIMT", simt)
-        loss, grads = _loss_and_grads(lce, h, w, b, y, g)
-        for what, f, r, ref in zip(("loss", "dh", "dW", "db"), (loss, *grads), (rloss, *rgrads), o):
-            assert_close_to_oracle(f, r, ref, dtype, f"{what} (simt={simt})")
+    names = ("loss", "dh", "dW", "db")[: 1 + len(argnums)]
+    for what, f, r, ref in zip(names, (loss, *gr), (rloss, *rgr), o):
+        assert f.dtype == dtype, what
+        assert_close_to_oracle(f, r, ref, dtype, what)
+
+
+@pytest.mark.parametrize("V", [200, 512, 513])
+def test_large_logits_and_chunk_edges(device, V, monkeypatch):
+    # Logits in the hundreds (exp would overflow without the running max); V below, at and
+    # one past a chunk multiple (the last chunk one column wide); h a view at an odd offset.
+    # The gradients go through exp(z − lse) with lse rounded at |z| ~ 300: a relative bound.
+    monkeypatch.setenv("MLX_TUNER_CE_CHUNK", "256")
+    d = 24
+    h = (mx.random.normal((30, d)) * 20.0)[1:]
+    w = mx.random.normal((V, d))
+    b = mx.random.normal((V,)) * 50.0
+    y = mx.random.randint(0, V, (29,))
+    g = mx.random.uniform(shape=(29,))
+    loss, grads = _loss_and_grads(lce, h, w, b, y, g)
+    rloss, _ = _loss_and_grads(lce_ref, h, w, b, y, g)
+    o = oracle(h, w, b, y, g)
+    assert_close_to_oracle(loss, rloss, o[0], mx.float32, "loss")
+    for what, f, ref in zip(("dh", "dW", "db"), grads, o[1:]):
+        err = np.max(np.abs(to_f64(f) - ref))
+        assert err <= 2e-4 * max(1.0, np.max(np.abs(ref))), (what, err)
 
 
 def test_minus_inf_bias_bans_tokens(device):

@@ -29,17 +29,14 @@ FUSED_OPS: dict[str, str] = {
 
 # op -> what backend_info() adds as "note": limits of a kernel beyond its devices.
 # Why a family's CUDA kernel is left out of the default CUDA build (CMakeLists.txt).
-CUDA_LEFT_OUT_WHY = {
-    "cross_entropy": "on the H200 it failed correctness tests and ran ~50x slower than the "
-    "materialized reference (BENCHMARKS.md); the op runs its reference there",
-}
+CUDA_LEFT_OUT_WHY: dict[str, str] = {}  # none left out by default
 
 OP_NOTES: dict[str, str] = {
     "qlora_linear": _QLORA_NOTE,
     # What a "gpu" kernel covers where it is not the whole op:
     "lora_linear": "Metal: fused forward, backward composed from MLX ops",
-    "dora_linear": "GPU: MLX's GEMMs composed around the fused row-norm kernel (no fused "
-    "GEMM epilogue yet); quantized bases run the reference on GPUs",
+    "dora_linear": "GPU: the fused LoRA / QLoRA primitive and the fused row-norm kernel, "
+    "then the m/n column scale as an MLX op (no fused GEMM epilogue yet)",
 }
 
 
