@@ -1,0 +1,61 @@
+"""Quick GPU cross-check of the fused ops against their references (a diagnostic).
+
+    python bench/probe_correct.py
+Prints the largest relative error of each output and gradient, fused vs reference, for
+a few shapes of dora_linear, qlora_linear and linear_cross_entropy on the default device.
+"""
+import os
+
+os.environ.setdefault("MLX_TUNER_QLORA_CHUNK_ROWS", "128")
+os.environ.setdefault("MLX_TUNER_CE_CHUNK", "256")
+import mlx.core as mx
+
+from mlx_tuner import ops
+
+
+def rel(a, b):
+    a, b = a.astype(mx.float32), b.astype(mx.float32)
+    return (mx.abs(a - b).max() / (mx.abs(b).max() + 1e-12)).item()
+
+
+def compare(name, fused, ref, args, argnums):
+    for label, f in (("fused", fused), ("ref", ref)):
+        pass
+    gf = mx.value_and_grad(lambda *p: (fused(*p).astype(mx.float32) ** 2).sum(), argnums)(*args)
+    gr = mx.value_and_grad(lambda *p: (ref(*p).astype(mx.float32) ** 2).sum(), argnums)(*args)
+    errs = [rel(gf[0], gr[0])] + [rel(a, b) for a, b in zip(gf[1], gr[1])]
+    print(f"{name}: loss {errs[0]:.2e}  grads " + " ".join(f"{e:.2e}" for e in errs[1:]),
+          flush=True)
+
+
+k = mx.random.split(mx.random.key(1), 6)
+for dt in (mx.float32, mx.bfloat16):
+    n, din, dout, r = 96, 384, 448, 8
+    x = mx.random.normal((n, din), key=k[0]).astype(dt)
+    w = (mx.random.normal((dout, din), key=k[1]) / din**0.5).astype(dt)
+    a = mx.random.normal((din, r), key=k[2]) / din**0.5
+    b = mx.random.normal((r, dout), key=k[3]) * 0.1
+    m = mx.random.uniform(0.5, 1.5, (dout,), key=k[4])
+    c = ops.dora_weight_sq_norm(w)
+    compare(f"dora dense {dt}", lambda x, a, b, m: ops.dora_linear(x, w, a, b, m, 2.0, weight_sq_norm=c),
+            lambda x, a, b, m: ops.dora_linear_reference(x, w, a, b, m, 2.0), (x, a, b, m), [0, 1, 2, 3])
+    compare(f"lora {dt}", lambda x, a, b: ops.lora_linear(x, w, a, b, 2.0),
+            lambda x, a, b: ops.lora_linear_reference(x, w, a, b, 2.0), (x, a, b), [0, 1, 2])
+    for bits, gs in ((4, 64), (3, 32), (8, 128)):
+        wq, sc, bi = mx.quantize(w, group_size=gs, bits=bits)
+        kw = dict(group_size=gs, bits=bits)
+        compare(f"qlora q{bits} g{gs} {dt}",
+                lambda x, a, b: ops.qlora_linear(x, wq, sc, bi, a, b, 2.0, **kw),
+                lambda x, a, b: ops.qlora_linear_reference(x, wq, sc, bi, a, b, 2.0, **kw),
+                (x, a, b), [0, 1, 2])
+    wq, sc, bi = mx.quantize(w, group_size=64, bits=4)
+    compare(f"qdora q4 {dt}",
+            lambda x, a, b, m: ops.dora_linear(x, wq, a, b, m, 2.0, scales=sc, biases=bi),
+            lambda x, a, b, m: ops.dora_linear_reference(x, wq, a, b, m, 2.0, scales=sc, biases=bi),
+            (x, a, b, m), [0, 1, 2, 3])
+    V, d = 1000, 64  # noqa
+    h = mx.random.normal((n, d), key=k[5]).astype(dt)
+    wh = (mx.random.normal((V, d), key=k[1]) * 0.2).astype(dt)
+    t = mx.random.randint(0, V, (n,), key=k[2])
+    compare(f"linear_ce {dt}", lambda h, wh: ops.linear_cross_entropy(h, wh, t),
+            lambda h, wh: ops.linear_cross_entropy_reference(h, wh, t), (h, wh), [0, 1])
