@@ -68,25 +68,6 @@ void free_device(mx::allocator::Buffer b) {
   delete buf;
 }
 
-// The default memory pool returns freed memory to the driver at every synchronisation
-// (release threshold 0), so each step would map its buffers afresh: tens of
-// microseconds per allocation, measured as the gap between our kernels on the H200.
-// Keep freed blocks in the pool for reuse, as MLX's own allocator keeps its cache.
-void keep_pool_memory(int device) {
-  static std::mutex mu;
-  static std::unordered_map<int, bool> done;
-  std::lock_guard<std::mutex> lock(mu);
-  if (done[device]) {
-    return;
-  }
-  done[device] = true;
-  cudaMemPool_t pool;
-  if (cudaDeviceGetDefaultMemPool(&pool, device) == cudaSuccess) {
-    uint64_t keep = UINT64_MAX;
-    cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep);
-  }
-}
-
 } // namespace
 
 mx::allocator::Data malloc_device(size_t nbytes, mx::cu::CommandEncoder& enc) {
@@ -94,7 +75,6 @@ mx::allocator::Data malloc_device(size_t nbytes, mx::cu::CommandEncoder& enc) {
   int device = enc.device().cuda_device();
   if (nbytes > 0) {
     enc.device().make_current();
-    keep_pool_memory(device);
     check(cudaMallocAsync(&ptr, nbytes, enc.stream()), "cudaMallocAsync");
   }
   auto* buf = new mx::cu::CudaBuffer{ptr, nbytes, device};
