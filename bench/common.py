@@ -32,12 +32,16 @@ def device_label() -> str:
 
 
 def commit() -> str:
+    """The commit measured: MLX_TUNER_COMMIT when set (bench/device-run sets it from
+    `.commit`, since the device's copy of the tree may carry a stale .git), else git's."""
+    if os.environ.get("MLX_TUNER_COMMIT", "unknown") != "unknown":
+        return os.environ["MLX_TUNER_COMMIT"]
     try:
         return subprocess.check_output(
             ["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL,
             cwd=os.path.dirname(__file__)).strip()
     except Exception:
-        return os.environ.get("MLX_TUNER_COMMIT", "unknown")
+        return "unknown"
 
 
 def sync(out) -> None:
