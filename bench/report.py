@@ -71,7 +71,9 @@ def tables(paths: list[str]) -> str:
         first = groups[keys[0]]
         any_row = next(iter(first.values()))["extra_info"]
         out.append(f"### {device}\n")
-        out.append(f"mlx {any_row.get('mlx')}, commit {any_row.get('commit')}; ceilings measured "
+        commits = sorted({r["extra_info"].get("commit", "?") for k in keys
+                          for r in groups[k].values()})
+        out.append(f"mlx {any_row.get('mlx')}, commit {', '.join(commits)}; ceilings measured "
                    f"in the same run: GEMM {any_row.get('ceiling_gemm_flops', 0) / 1e12:.2f} "
                    f"TFLOP/s, copy {any_row.get('ceiling_copy_bytes_per_s', 0) / 1e9:.0f} GB/s "
                    "(bytes read + written). Training rows: the time is the whole run, "
