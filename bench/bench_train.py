@@ -161,7 +161,7 @@ def test_train(benchmark, method, provider, tmp_path):
     CURVES[(method, provider)] = out["curve"]
     annotate(benchmark, op=f"train_{method}", provider=provider, mode="fwd+bwd+update", dtype=DTYPE,
              shape={**SHAPE, "batch": BATCH, "seq": SEQ, "iters": ITERS, "config": CONFIG}, peak_bytes=int(out["peak"]),
-             tokens_per_second=out["tps"])
+             tokens_per_second=out["tps"], losses=[float(v) for v in out["curve"]])
     print(f"\n{method:6s} {provider:9s} {out['tps']:9.1f} tokens/s  peak {out['peak'] / 2**20:7.1f} MiB  "
           f"loss {out['curve'][0]:.3f} -> {out['curve'][-1]:.3f}")
     other = CURVES.get((method, "reference" if provider == "fused" else "fused"))

@@ -98,7 +98,9 @@ def peak_memory(fn) -> int:
         extra.reset_cuda_extra_peak()
         extra_before = extra.cuda_extra_memory()[0]
     sync(fn())
-    peak = mx.get_peak_memory() - before
+    # Clamped at 0: buffers freed during fn() (inputs converted and dropped, say) can leave
+    # the peak under what was live before, and "less than nothing" is not an extra cost.
+    peak = max(0, mx.get_peak_memory() - before)
     if extra is not None:
         peak += extra.cuda_extra_memory()[1] - extra_before
     return int(peak)
