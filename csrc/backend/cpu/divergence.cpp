@@ -484,6 +484,275 @@ MT_INLINE const float* load_block(const T* src, int n, float* buf) {
 }
 
 
+
+// ------------------------------------------------------------------ half types (JS)
+// bf16 / f16 inputs only need float32 work to ~1e-5 relative: exp by a degree-4
+// polynomial (relative error 5.5e-6) with a one-constant reduction, log with three
+// terms of log1p (absolute error < 3e-7), and the bf16 widening done two vectors at a
+// time. float32 inputs keep the accurate paths above.
+
+// NaN-preserving lower clamp: z < lo becomes lo, NaN stays NaN.
+template <int I>
+MT_INLINE vf clamp_lo(vf z, float lo) {
+#if defined(__x86_64__)
+  if constexpr (I == 2) {
+    vf r;
+    asm("vmaxps %1, %2, %0" : "=v"(r) : "v"(z), "v"(splat(lo))); // NaN: returns z
+    return r;
+  }
+#endif
+  return vsel(z < lo, splat(lo), z);
+}
+
+// exp(z) for z <= 0; zc is set to z clamped below (-110 with AVX-512, -87 otherwise), so
+// that exp(z) * zc is 0 (not NaN) for z = -inf. exp is 0 below the clamp, NaN stays NaN.
+template <int I>
+MT_INLINE vf vexp_half(vf z, vf& zc) {
+  const float magic = 12582912.f;
+  zc = clamp_lo<I>(z, I == 2 ? -110.f : -87.f);
+  vf t = zc * 1.44269504088896341f + magic;
+  vf n = t - magic;
+  vf r = n * -0.693147180559945f + zc;
+  vf p = splat(4.13201e-2f);
+  p = p * r + 1.6753502e-1f;
+  p = p * r + 5.0004673e-1f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+#if defined(__x86_64__)
+  if constexpr (I == 2) {
+    vf y;
+    asm("vscalefps %2, %1, %0" : "=v"(y) : "v"(p), "v"(n));
+    return y;
+  }
+#endif
+  vf y = p * (vf)(((vi)t + 127) << 23);
+  return vsel(z < -87.f, splat(0.f), y);
+}
+
+// log(x) for x >= FLT_MIN (callers clamp), NaN stays NaN.
+template <int I>
+MT_INLINE vf vlog_half(vf x) {
+#if defined(__x86_64__)
+  if constexpr (I == 2 && W == 16) {
+    const vf inv_c = {0.9696969985961914f, 0.9142857193946838f, 0.8648648858070374f,
+                      0.8205128312110901f, 0.7804877758026123f, 0.7441860437393188f,
+                      0.7111111283302307f, 0.6808510422706604f, 0.6530612111091614f,
+                      0.6274510025978088f, 0.6037735939025879f, 0.581818163394928f,
+                      0.5614035129547119f, 0.5423728823661804f, 0.5245901346206665f,
+                      0.5079365372657776f};
+    const vf log_c = {0.03077162802219391f, 0.08961215615272522f, 0.14518198370933533f,
+                      0.19782572984695435f, 0.24783620238304138f, 0.2954642176628113f,
+                      0.34092655777931213f, 0.3844117224216461f, 0.42608442902565f,
+                      0.4660896956920624f, 0.5045560002326965f, 0.541597306728363f,
+                      0.5773153305053711f, 0.6118015646934509f, 0.6451380252838135f,
+                      0.6773987412452698f};
+    vf e, m;
+    asm("vgetexpps %1, %0" : "=v"(e) : "v"(x));
+    asm("vgetmantps $0, %1, %0" : "=v"(m) : "v"(x)); // [1, 2)
+    vi k = (vi)x >> 19; // vpermps reads the low 4 bits: the mantissa's top 4
+    vf f = m * vlookup(inv_c, k) - 1.f;
+    vf y = (f * f) * (f * (1.f / 3) - 0.5f) + f;
+    return (y + vlookup(log_c, k)) + e * 0.693147180559945f;
+  }
+#endif
+  return vlog<I>(x);
+}
+
+// 2W consecutive half elements as two float32 vectors. bf16: the even and the odd
+// elements (one shift, one and); f16: the two halves. The forward only needs q and p in
+// the same order; the backward's store_pair puts them back.
+template <typename T, int I>
+MT_INLINE void load_pair(const T* src, vf& a, vf& b) {
+  if constexpr (std::is_same_v<T, mx::bfloat16_t>) {
+    vu u;
+    std::memcpy(&u, src, sizeof(vu));
+    a = (vf)(u << 16);
+    b = (vf)(u & 0xffff0000u);
+  } else {
+    vh h[2];
+    std::memcpy(h, src, sizeof(h));
+    vf r[2];
+    for (int k = 0; k < 2; ++k) {
+#if defined(__x86_64__)
+      if constexpr (I == 2) {
+        asm("vcvtph2ps %1, %0" : "=v"(r[k]) : "v"(h[k]));
+        continue;
+      }
+#endif
+      vu x = __builtin_convertvector(h[k], vu);
+      vu o = (x & 0x7fff) << 13;
+      vf f = (vf)o * 0x1p112f; // rebias; subnormal halves come out exact
+      f = (vf)(((x & 0x7c00) == 0x7c00) ? (o | 0x7f800000u) : (vu)f); // inf, NaN
+      r[k] = (vf)((vu)f | ((x & 0x8000) << 16));
+    }
+    a = r[0];
+    b = r[1];
+  }
+}
+
+// load_pair of elements [j, j + 2W) of a row of V, padded with -inf past V.
+template <typename T, int I>
+MT_INLINE void load_pair_at(const T* row, int j, int V, vf& a, vf& b) {
+  if (j + 2 * W <= V) {
+    load_pair<T, I>(row + j, a, b);
+    return;
+  }
+  const uint16_t ninf = std::is_same_v<T, mx::bfloat16_t> ? 0xff80 : 0xfc00;
+  uint16_t tmp[2 * W];
+  for (int i = 0; i < 2 * W; ++i) {
+    tmp[i] = ninf;
+  }
+  std::memcpy(tmp, row + j, (V - j) * sizeof(T));
+  load_pair<T, I>(reinterpret_cast<const T*>(tmp), a, b);
+}
+
+// The inverse of load_pair for at most n elements; rounds to nearest even.
+template <typename T, int I>
+MT_INLINE void store_pair(T* dst, vf a, vf b, int n) {
+  uint16_t tmp[2 * W];
+  uint16_t* out = n >= 2 * W ? reinterpret_cast<uint16_t*>(dst) : tmp;
+  if constexpr (std::is_same_v<T, mx::bfloat16_t>) {
+    // NaNs here come from arithmetic or from bf16 inputs: their low 16 bits are zero,
+    // so the rounding add cannot carry them into infinity.
+    vu ua = (vu)a, ub = (vu)b;
+    ua = (ua + 0x7fff + ((ua >> 16) & 1)) >> 16;
+    ub = (ub + 0x7fff + ((ub >> 16) & 1)) & 0xffff0000u;
+    vu u = ua | ub;
+    std::memcpy(out, &u, sizeof(vu));
+  } else {
+    float f[2 * W];
+    vstore(f, a);
+    vstore(f + W, b);
+#if defined(__x86_64__)
+    if constexpr (I == 2) {
+      vh h[2];
+      asm("vcvtps2ph $0, %1, %0" : "=v"(h[0]) : "v"(a));
+      asm("vcvtps2ph $0, %1, %0" : "=v"(h[1]) : "v"(b));
+      std::memcpy(out, h, sizeof(h));
+    } else
+#endif
+    {
+      for (int i = 0; i < 2 * W; ++i) {
+        from_float(f[i], reinterpret_cast<T*>(out + i));
+      }
+    }
+  }
+  if (n < 2 * W) {
+    std::memcpy(dst, tmp, n * sizeof(T));
+  }
+}
+
+// JS forward for half types: (1) maxima, (2) e = exp(x - max) into a per-thread row
+// buffer, with S = sum e and T = sum e (x - max), (3) A = sum e lm with lm = log M,
+// M = (P + Q) / 2, so KLq = sum Q lq - sum Q lm = T_q / S_q - log S_q - A_q / S_q: two
+// exps and one log per element pair, and the third pass reads only the buffer.
+template <typename T, int I>
+MT_INLINE void js_forward_rows_half(const Args<T>& a, int64_t r0, int64_t r1) {
+  const int V = a.V;
+  const int Vp = (V + 2 * W - 1) / (2 * W) * (2 * W);
+  thread_local std::vector<float> buf;
+  if (buf.size() < size_t(2 * Vp)) {
+    buf.resize(2 * Vp);
+  }
+  float* eq_row = buf.data();
+  float* ep_row = eq_row + Vp;
+  constexpr float kTiny = std::numeric_limits<float>::min();
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* qr = a.q + r * V;
+    const T* pr = a.p + r * V;
+    vf vmq = splat(-kInf), vmp = splat(-kInf);
+    for (int j = 0; j < V; j += 2 * W) {
+      vf q0, q1, p0, p1;
+      load_pair_at<T, I>(qr, j, V, q0, q1);
+      load_pair_at<T, I>(pr, j, V, p0, p1);
+      vmq = vmax(vmq, vmax(q0, q1));
+      vmp = vmax(vmp, vmax(p0, p1));
+    }
+    const float mq = hmax(vmq), mp = hmax(vmp);
+    const float oq = mq == -kInf ? 0.f : mq, op = mp == -kInf ? 0.f : mp;
+    vf sq{}, sp{}, tq{}, tp{};
+    for (int j = 0; j < V; j += 2 * W) {
+      prefetch(qr + V + j); // the next row: its first pass is pure loads
+      prefetch(pr + V + j);
+      vf x[4], z;
+      load_pair_at<T, I>(qr, j, V, x[0], x[1]);
+      load_pair_at<T, I>(pr, j, V, x[2], x[3]);
+      for (int k = 0; k < 4; ++k) {
+        vf e = vexp_half<I>(x[k] - (k < 2 ? oq : op), z);
+        vstore((k < 2 ? eq_row : ep_row) + j + (k & 1) * W, e);
+        (k < 2 ? sq : sp) += e;
+        (k < 2 ? tq : tp) += e * z;
+      }
+    }
+    const float Sq = hsum(sq), Sp = hsum(sp);
+    const float lsq = std::log(Sq), lsp = std::log(Sp);
+    // A fully masked row has S = 0: Q = 0 there, while a NaN logit still gives NaN.
+    const float iq = Sq > 0.f ? 1.f / Sq : 0.f, ip = Sp > 0.f ? 1.f / Sp : 0.f;
+    const float hq = 0.5f * iq, hp = 0.5f * ip;
+    vf aq{}, ap{};
+    for (int j = 0; j < Vp; j += W) {
+      vf eq = vload(eq_row + j), ep = vload(ep_row + j);
+      vf lm = vlog_half<I>(clamp_lo<I>(eq * hq + ep * hp, kTiny));
+      aq += eq * lm;
+      ap += ep * lm;
+    }
+    const float kq = Sq > 0.f ? (hsum(tq) - hsum(aq)) * iq - lsq : 0.f;
+    const float kp = Sp > 0.f ? (hsum(tp) - hsum(ap)) * ip - lsp : 0.f;
+    float* st = a.stats + r * kDivStats;
+    st[kMaxQ] = mq;
+    st[kLogSumQ] = lsq;
+    st[kMaxP] = mp;
+    st[kLogSumP] = lsp;
+    st[kS0] = kq;
+    st[kS1] = kp;
+    from_float(0.5f * (kq + kp), a.out + r);
+  }
+}
+
+// JS backward for half types, one pass: Q, P, lm as in the forward, then
+// dq = c/2 Q (lq - lm - KLq), dp = c/2 P (lp - lm - KLp). A clamped lq keeps Q = 0 entries
+// (-inf logits) at 0 without a mask.
+template <typename T, bool GQ, bool GP, int I>
+MT_INLINE void js_backward_rows_half(const Args<T>& a, int64_t r0, int64_t r1) {
+  const int V = a.V;
+  constexpr float kTiny = std::numeric_limits<float>::min();
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* qr = a.q + r * V;
+    const T* pr = a.p + r * V;
+    const float* st = a.cstats + r * kDivStats;
+    const float mq = st[kMaxQ], lsq = st[kLogSumQ], mp = st[kMaxP], lsp = st[kLogSumP];
+    const float oq = mq == -kInf ? 0.f : mq, lq_off = mq == -kInf ? kInf : lsq;
+    const float op = mp == -kInf ? 0.f : mp, lp_off = mp == -kInf ? kInf : lsp;
+    const float hc = 0.5f * a.cot[r];
+    const float kq = st[kS0], kp = st[kS1];
+    for (int j = 0; j < V; j += 2 * W) {
+      prefetch(qr + j + kAhead);
+      prefetch(pr + j + kAhead);
+      vf xq[2], xp[2], g[2][2];
+      load_pair_at<T, I>(qr, j, V, xq[0], xq[1]);
+      load_pair_at<T, I>(pr, j, V, xp[0], xp[1]);
+      for (int k = 0; k < 2; ++k) {
+        vf lq, lp;
+        vf Q = vexp_half<I>((xq[k] - oq) - lq_off, lq);
+        vf P = vexp_half<I>((xp[k] - op) - lp_off, lp);
+        vf lm = vlog_half<I>(clamp_lo<I>((P + Q) * 0.5f, kTiny));
+        if constexpr (GQ) {
+          g[0][k] = (Q * hc) * ((lq - lm) - kq);
+        }
+        if constexpr (GP) {
+          g[1][k] = (P * hc) * ((lp - lm) - kp);
+        }
+      }
+      if constexpr (GQ) {
+        store_pair<T, I>(a.out + r * V + j, g[0][0], g[0][1], V - j);
+      }
+      if constexpr (GP) {
+        store_pair<T, I>(a.out2 + r * V + j, g[1][0], g[1][1], V - j);
+      }
+    }
+  }
+}
+
 // ------------------------------------------------------------------ forward
 // JS: (1) row maxima, (2) e = exp(x - max) kept in a per-thread row buffer (L2-sized for
 // any vocabulary) with their sums, (3) Q = e_q / S_q, P = e_p / S_p, lm = log((P + Q) / 2):
@@ -576,7 +845,11 @@ MT_INLINE void js_forward_rows(const Args<T>& a, int64_t r0, int64_t r1) {
 template <typename T, Divergence K, int I>
 MT_INLINE void forward_rows(const Args<T>& a, int64_t r0, int64_t r1) {
   if constexpr (K == Divergence::JS) {
-    js_forward_rows<T, I>(a, r0, r1);
+    if constexpr (std::is_same_v<T, float>) {
+      js_forward_rows<T, I>(a, r0, r1);
+    } else {
+      js_forward_rows_half<T, I>(a, r0, r1);
+    }
     return;
   }
   alignas(32) float bq[kBlock];
@@ -682,6 +955,10 @@ MT_INLINE void backward_rows(const Args<T>& a, int64_t r0, int64_t r1) {
           from_float(0.f, a.out2 + r * V + j);
         }
       }
+      continue;
+    }
+    if constexpr (K == Divergence::JS && !std::is_same_v<T, float>) {
+      js_backward_rows_half<T, GQ, GP, I>(a, r, r + 1);
       continue;
     }
     for (int j = 0; j < V; j += kBlock) {
