@@ -657,32 +657,49 @@ MT_INLINE void js_forward_rows_half(const Args<T>& a, int64_t r0, int64_t r1) {
   float* eq_row = buf.data();
   float* ep_row = eq_row + Vp;
   constexpr float kTiny = std::numeric_limits<float>::min();
+  // Maxima of row r, found while row r - 1 was in its exp pass (memory loads interleaved
+  // with the exp arithmetic), or by a pass of their own for a chunk's first row.
+  vf vmq = splat(-kInf), vmp = splat(-kInf);
+  for (int j = 0; j < V; j += 2 * W) {
+    vf q0, q1, p0, p1;
+    load_pair_at<T, I>(a.q + r0 * V, j, V, q0, q1);
+    load_pair_at<T, I>(a.p + r0 * V, j, V, p0, p1);
+    vmq = vmax(vmq, vmax(q0, q1));
+    vmp = vmax(vmp, vmax(p0, p1));
+  }
   for (int64_t r = r0; r < r1; ++r) {
     const T* qr = a.q + r * V;
     const T* pr = a.p + r * V;
-    vf vmq = splat(-kInf), vmp = splat(-kInf);
-    for (int j = 0; j < V; j += 2 * W) {
-      vf q0, q1, p0, p1;
-      load_pair_at<T, I>(qr, j, V, q0, q1);
-      load_pair_at<T, I>(pr, j, V, p0, p1);
-      vmq = vmax(vmq, vmax(q0, q1));
-      vmp = vmax(vmp, vmax(p0, p1));
-    }
     const float mq = hmax(vmq), mp = hmax(vmp);
     const float oq = mq == -kInf ? 0.f : mq, op = mp == -kInf ? 0.f : mp;
     vf sq{}, sp{}, tq{}, tp{};
-    for (int j = 0; j < V; j += 2 * W) {
-      prefetch(qr + V + j); // the next row: its first pass is pure loads
-      prefetch(pr + V + j);
-      vf x[4], z;
-      load_pair_at<T, I>(qr, j, V, x[0], x[1]);
-      load_pair_at<T, I>(pr, j, V, x[2], x[3]);
-      for (int k = 0; k < 4; ++k) {
-        vf e = vexp_half<I>(x[k] - (k < 2 ? oq : op), z);
-        vstore((k < 2 ? eq_row : ep_row) + j + (k & 1) * W, e);
-        (k < 2 ? sq : sp) += e;
-        (k < 2 ? tq : tp) += e * z;
+    vmq = splat(-kInf);
+    vmp = splat(-kInf);
+    auto exp_pass = [&](auto next) {
+      for (int j = 0; j < V; j += 2 * W) {
+        vf x[4], z;
+        if constexpr (decltype(next)::value) {
+          prefetch(qr + V + j + kAhead);
+          prefetch(pr + V + j + kAhead);
+          load_pair_at<T, I>(qr + V, j, V, x[0], x[1]);
+          load_pair_at<T, I>(pr + V, j, V, x[2], x[3]);
+          vmq = vmax(vmq, vmax(x[0], x[1]));
+          vmp = vmax(vmp, vmax(x[2], x[3]));
+        }
+        load_pair_at<T, I>(qr, j, V, x[0], x[1]);
+        load_pair_at<T, I>(pr, j, V, x[2], x[3]);
+        for (int k = 0; k < 4; ++k) {
+          vf e = vexp_half<I>(x[k] - (k < 2 ? oq : op), z);
+          vstore((k < 2 ? eq_row : ep_row) + j + (k & 1) * W, e);
+          (k < 2 ? sq : sp) += e;
+          (k < 2 ? tq : tp) += e * z;
+        }
       }
+    };
+    if (r + 1 < r1) {
+      exp_pass(std::true_type{});
+    } else {
+      exp_pass(std::false_type{});
     }
     const float Sq = hsum(sq), Sp = hsum(sp);
     const float lsq = std::log(Sq), lsp = std::log(Sp);
