@@ -486,10 +486,10 @@ MT_INLINE const float* load_block(const T* src, int n, float* buf) {
 
 
 // ------------------------------------------------------------------ half types (JS)
-// bf16 / f16 inputs only need float32 work to ~1e-5 relative: exp by a degree-4
-// polynomial (relative error 5.5e-6) with a one-constant reduction, log with three
-// terms of log1p (absolute error < 3e-7), and the bf16 widening done two vectors at a
-// time. float32 inputs keep the accurate paths above.
+// bf16 / f16 inputs need float32 work only well below their own rounding (2^-9, 2^-12):
+// exp by a degree-3 (bf16) or 4 (f16) polynomial with a one-constant reduction, log by a
+// 32-entry table and two terms of log1p (absolute error < 1.5e-6), and the bf16 widening
+// done two vectors at a time. float32 inputs keep the accurate paths above.
 
 // NaN-preserving lower clamp: z < lo becomes lo, NaN stays NaN.
 template <int I>
@@ -506,16 +506,24 @@ MT_INLINE vf clamp_lo(vf z, float lo) {
 
 // exp(z) for z <= 0; zc is set to z clamped below (-110 with AVX-512, -87 otherwise), so
 // that exp(z) * zc is 0 (not NaN) for z = -inf. exp is 0 below the clamp, NaN stays NaN.
-template <int I>
+// D3: a degree-3 polynomial (relative error 1.3e-4, 30x below bf16's half ulp) instead of
+// degree 4 (5.5e-6, for float16).
+template <int I, bool D3>
 MT_INLINE vf vexp_half(vf z, vf& zc) {
   const float magic = 12582912.f;
   zc = clamp_lo<I>(z, I == 2 ? -110.f : -87.f);
   vf t = zc * 1.44269504088896341f + magic;
   vf n = t - magic;
   vf r = n * -0.693147180559945f + zc;
-  vf p = splat(4.13201e-2f);
-  p = p * r + 1.6753502e-1f;
-  p = p * r + 5.0004673e-1f;
+  vf p;
+  if constexpr (D3) {
+    p = splat(1.6662821e-1f);
+    p = p * r + 5.039402e-1f;
+  } else {
+    p = splat(4.13201e-2f);
+    p = p * r + 1.6753502e-1f;
+    p = p * r + 5.0004673e-1f;
+  }
   p = p * r + 1.f;
   p = p * r + 1.f;
 #if defined(__x86_64__)
@@ -529,30 +537,55 @@ MT_INLINE vf vexp_half(vf z, vf& zc) {
   return vsel(z < -87.f, splat(0.f), y);
 }
 
-// log(x) for x >= FLT_MIN (callers clamp), NaN stays NaN.
+// Lanes of the 32-entry table {lo, hi} picked by idx (low 5 bits): vpermt2ps.
+MT_INLINE vf vlookup32(vf lo, vf hi, vi idx) {
+#if defined(__clang__)
+  vf r;
+  for (int i = 0; i < W; ++i) {
+    int k = idx[i] & (2 * W - 1);
+    r[i] = k < W ? lo[k] : hi[k - W];
+  }
+  return r;
+#else
+  return __builtin_shuffle(lo, hi, idx);
+#endif
+}
+
+// log(x) for x >= FLT_MIN (callers add FLT_MIN), NaN stays NaN; absolute error < 1.5e-6.
+// AVX-512: x = 2^e m, c = 1 + (k + 1/2)/32 from m's top 5 bits, m / c = 1 + f, |f| < 1/64,
+// log1p(f) by two terms.
 template <int I>
 MT_INLINE vf vlog_half(vf x) {
 #if defined(__x86_64__)
   if constexpr (I == 2 && W == 16) {
-    const vf inv_c = {0.9696969985961914f, 0.9142857193946838f, 0.8648648858070374f,
-                      0.8205128312110901f, 0.7804877758026123f, 0.7441860437393188f,
-                      0.7111111283302307f, 0.6808510422706604f, 0.6530612111091614f,
-                      0.6274510025978088f, 0.6037735939025879f, 0.581818163394928f,
-                      0.5614035129547119f, 0.5423728823661804f, 0.5245901346206665f,
-                      0.5079365372657776f};
-    const vf log_c = {0.03077162802219391f, 0.08961215615272522f, 0.14518198370933533f,
-                      0.19782572984695435f, 0.24783620238304138f, 0.2954642176628113f,
-                      0.34092655777931213f, 0.3844117224216461f, 0.42608442902565f,
-                      0.4660896956920624f, 0.5045560002326965f, 0.541597306728363f,
-                      0.5773153305053711f, 0.6118015646934509f, 0.6451380252838135f,
-                      0.6773987412452698f};
+    const vf inv_lo = {0.9846153855323792f, 0.9552238583564758f, 0.9275362491607666f,
+                       0.9014084339141846f, 0.8767123222351074f, 0.8533333539962769f,
+                       0.8311688303947449f, 0.8101266026496887f, 0.790123462677002f,
+                       0.7710843086242676f, 0.7529411911964417f, 0.7356321811676025f,
+                       0.7191011309623718f, 0.7032967209815979f, 0.6881720423698425f,
+                       0.6736842393875122f};
+    const vf inv_hi = {0.6597937941551208f, 0.6464646458625793f, 0.6336633563041687f,
+                       0.6213592290878296f, 0.6095238327980042f, 0.5981308221817017f,
+                       0.5871559381484985f, 0.5765765905380249f, 0.5663716793060303f,
+                       0.5565217137336731f, 0.5470085740089417f, 0.5378151535987854f,
+                       0.5289255976676941f, 0.5203251838684082f, 0.5120000243186951f,
+                       0.5039370059967041f};
+    const vf log_lo = {0.015504186f, 0.0458095595f, 0.0752234012f, 0.10379681f,
+                       0.131576359f, 0.158605009f, 0.184922338f, 0.210564747f,
+                       0.235566065f, 0.259957552f, 0.283768147f, 0.307025045f,
+                       0.32975328f, 0.351976395f, 0.373716414f, 0.394993752f};
+    const vf log_hi = {0.41582793f, 0.436236769f, 0.456237435f, 0.475845903f,
+                       0.495077223f, 0.513945758f, 0.532464862f, 0.55064708f,
+                       0.568504751f, 0.58604908f, 0.603290796f, 0.620240331f,
+                       0.636907518f, 0.653301299f, 0.669430614f, 0.685303986f};
+    // -log(inv_c) of the rounded inv_c
     vf e, m;
     asm("vgetexpps %1, %0" : "=v"(e) : "v"(x));
     asm("vgetmantps $0, %1, %0" : "=v"(m) : "v"(x)); // [1, 2)
-    vi k = (vi)x >> 19; // vpermps reads the low 4 bits: the mantissa's top 4
-    vf f = m * vlookup(inv_c, k) - 1.f;
-    vf y = (f * f) * (f * (1.f / 3) - 0.5f) + f;
-    return (y + vlookup(log_c, k)) + e * 0.693147180559945f;
+    vi k = (vi)x >> 18; // vpermt2ps reads the low 5 bits: the mantissa's top 5
+    vf f = m * vlookup32(inv_lo, inv_hi, k) - 1.f;
+    vf y = (f * -0.5f) * f + f;
+    return (y + vlookup32(log_lo, log_hi, k)) + e * 0.693147180559945f;
   }
 #endif
   return vlog<I>(x);
@@ -648,6 +681,7 @@ MT_INLINE void store_pair(T* dst, vf a, vf b, int n) {
 // exps and one log per element pair, and the third pass reads only the buffer.
 template <typename T, int I>
 MT_INLINE void js_forward_rows_half(const Args<T>& a, int64_t r0, int64_t r1) {
+  constexpr bool kD3 = std::is_same_v<T, mx::bfloat16_t>;
   const int V = a.V;
   const int Vp = (V + 2 * W - 1) / (2 * W) * (2 * W);
   thread_local std::vector<float> buf;
@@ -689,7 +723,7 @@ MT_INLINE void js_forward_rows_half(const Args<T>& a, int64_t r0, int64_t r1) {
         load_pair_at<T, I>(qr, j, V, x[0], x[1]);
         load_pair_at<T, I>(pr, j, V, x[2], x[3]);
         for (int k = 0; k < 4; ++k) {
-          vf e = vexp_half<I>(x[k] - (k < 2 ? oq : op), z);
+          vf e = vexp_half<I, kD3>(x[k] - (k < 2 ? oq : op), z);
           vstore((k < 2 ? eq_row : ep_row) + j + (k & 1) * W, e);
           (k < 2 ? sq : sp) += e;
           (k < 2 ? tq : tp) += e * z;
@@ -709,7 +743,7 @@ MT_INLINE void js_forward_rows_half(const Args<T>& a, int64_t r0, int64_t r1) {
     vf aq{}, ap{};
     for (int j = 0; j < Vp; j += W) {
       vf eq = vload(eq_row + j), ep = vload(ep_row + j);
-      vf lm = vlog_half<I>(clamp_lo<I>(eq * hq + ep * hp, kTiny));
+      vf lm = vlog_half<I>(eq * hq + (ep * hp + kTiny)); // M > 0 for log
       aq += eq * lm;
       ap += ep * lm;
     }
@@ -731,6 +765,7 @@ MT_INLINE void js_forward_rows_half(const Args<T>& a, int64_t r0, int64_t r1) {
 // (-inf logits) at 0 without a mask.
 template <typename T, bool GQ, bool GP, int I>
 MT_INLINE void js_backward_rows_half(const Args<T>& a, int64_t r0, int64_t r1) {
+  constexpr bool kD3 = std::is_same_v<T, mx::bfloat16_t>;
   const int V = a.V;
   constexpr float kTiny = std::numeric_limits<float>::min();
   for (int64_t r = r0; r < r1; ++r) {
@@ -750,9 +785,9 @@ MT_INLINE void js_backward_rows_half(const Args<T>& a, int64_t r0, int64_t r1) {
       load_pair_at<T, I>(pr, j, V, xp[0], xp[1]);
       for (int k = 0; k < 2; ++k) {
         vf lq, lp;
-        vf Q = vexp_half<I>((xq[k] - oq) - lq_off, lq);
-        vf P = vexp_half<I>((xp[k] - op) - lp_off, lp);
-        vf lm = vlog_half<I>(clamp_lo<I>((P + Q) * 0.5f, kTiny));
+        vf Q = vexp_half<I, kD3>((xq[k] - oq) - lq_off, lq);
+        vf P = vexp_half<I, kD3>((xp[k] - op) - lp_off, lp);
+        vf lm = vlog_half<I>((P + Q) * 0.5f + kTiny); // M > 0 for log
         if constexpr (GQ) {
           g[0][k] = (Q * hc) * ((lq - lm) - kq);
         }
