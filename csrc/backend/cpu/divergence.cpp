@@ -36,6 +36,7 @@ namespace {
 
 constexpr int kBlock = 512; // elements per block (a multiple of the lane count)
 constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr float kLn2 = 0.693147180559945f;
 
 // Software prefetch: the exp-heavy loops leave DRAM idle, so they pull in data that is
 // read later (hardware prefetchers alone left one core at ~7 GB/s here).
@@ -487,8 +488,8 @@ MT_INLINE const float* load_block(const T* src, int n, float* buf) {
 
 // ------------------------------------------------------------------ half types (JS)
 // bf16 / f16 inputs need float32 work only well below their own rounding (2^-9, 2^-12):
-// exp by a degree-3 (bf16) or 4 (f16) polynomial with a one-constant reduction, log by a
-// 32-entry table and two terms of log1p (absolute error < 1.5e-6), and the bf16 widening
+// exp by a degree-4 polynomial with a one-constant reduction, log by a
+// 32-entry table and three terms of log1p (absolute error < 3e-7), and the bf16 widening
 // done two vectors at a time. float32 inputs keep the accurate paths above.
 
 // NaN-preserving lower clamp: z < lo becomes lo, NaN stays NaN.
@@ -504,26 +505,20 @@ MT_INLINE vf clamp_lo(vf z, float lo) {
   return vsel(z < lo, splat(lo), z);
 }
 
-// exp(z) for z <= 0; zc is set to z clamped below (-110 with AVX-512, -87 otherwise), so
-// that exp(z) * zc is 0 (not NaN) for z = -inf. exp is 0 below the clamp, NaN stays NaN.
-// D3: a degree-3 polynomial (relative error 1.3e-4, 30x below bf16's half ulp) instead of
-// degree 4 (5.5e-6, for float16).
-template <int I, bool D3>
+// exp(z) for z <= 0 with relative error < 5.5e-6 (degree-4 polynomial; JS of nearly equal
+// distributions is about the mean of this error, so not less); zc is set to z clamped
+// below (-110 with AVX-512, -87 otherwise), so that exp(z) * zc is 0 (not NaN) for
+// z = -inf. exp is 0 below the clamp, NaN stays NaN.
+template <int I>
 MT_INLINE vf vexp_half(vf z, vf& zc) {
   const float magic = 12582912.f;
   zc = clamp_lo<I>(z, I == 2 ? -110.f : -87.f);
   vf t = zc * 1.44269504088896341f + magic;
   vf n = t - magic;
-  vf r = n * -0.693147180559945f + zc;
-  vf p;
-  if constexpr (D3) {
-    p = splat(1.6662821e-1f);
-    p = p * r + 5.039402e-1f;
-  } else {
-    p = splat(4.13201e-2f);
-    p = p * r + 1.6753502e-1f;
-    p = p * r + 5.0004673e-1f;
-  }
+  vf r = n * -kLn2 + zc;
+  vf p = splat(4.13201e-2f);
+  p = p * r + 1.6753502e-1f;
+  p = p * r + 5.0004673e-1f;
   p = p * r + 1.f;
   p = p * r + 1.f;
 #if defined(__x86_64__)
@@ -551,9 +546,9 @@ MT_INLINE vf vlookup32(vf lo, vf hi, vi idx) {
 #endif
 }
 
-// log(x) for x >= FLT_MIN (callers add FLT_MIN), NaN stays NaN; absolute error < 1.5e-6.
+// log(x) for x >= FLT_MIN (callers add FLT_MIN), NaN stays NaN; absolute error < 3e-7.
 // AVX-512: x = 2^e m, c = 1 + (k + 1/2)/32 from m's top 5 bits, m / c = 1 + f, |f| < 1/64,
-// log1p(f) by two terms.
+// log1p(f) by three terms.
 template <int I>
 MT_INLINE vf vlog_half(vf x) {
 #if defined(__x86_64__)
@@ -584,7 +579,7 @@ MT_INLINE vf vlog_half(vf x) {
     asm("vgetmantps $0, %1, %0" : "=v"(m) : "v"(x)); // [1, 2)
     vi k = (vi)x >> 18; // vpermt2ps reads the low 5 bits: the mantissa's top 5
     vf f = m * vlookup32(inv_lo, inv_hi, k) - 1.f;
-    vf y = (f * -0.5f) * f + f;
+    vf y = (f * f) * (f * (1.f / 3) - 0.5f) + f;
     return (y + vlookup32(log_lo, log_hi, k)) + e * 0.693147180559945f;
   }
 #endif
@@ -675,21 +670,21 @@ MT_INLINE void store_pair(T* dst, vf a, vf b, int n) {
   }
 }
 
-// JS forward for half types: (1) maxima, (2) e = exp(x - max) into a per-thread row
-// buffer, with S = sum e and T = sum e (x - max), (3) A = sum e lm with lm = log M,
-// M = (P + Q) / 2, so KLq = sum Q lq - sum Q lm = T_q / S_q - log S_q - A_q / S_q: two
-// exps and one log per element pair, and the third pass reads only the buffer.
+// JS forward for half types: (1) maxima, (2) z = x - max (clamped) and e = exp(z) into
+// per-thread row buffers, with S = sum e, (3) with L = log(e_q / 2 + e_p S_q / (2 S_p))
+// = lm + log S_q, KLq = sum e_q (z_q - L) / S_q and KLp = sum e_p (z_p - L) / S_p
+// + log S_q - log S_p. Two exps and one log per element pair; each term is a difference
+// taken per element, so KL stays accurate as P -> Q (sums of Q lq and Q lm would cancel).
 template <typename T, int I>
 MT_INLINE void js_forward_rows_half(const Args<T>& a, int64_t r0, int64_t r1) {
-  constexpr bool kD3 = std::is_same_v<T, mx::bfloat16_t>;
   const int V = a.V;
   const int Vp = (V + 2 * W - 1) / (2 * W) * (2 * W);
   thread_local std::vector<float> buf;
   if (buf.size() < size_t(2 * Vp)) {
     buf.resize(2 * Vp);
   }
-  float* eq_row = buf.data();
-  float* ep_row = eq_row + Vp;
+  // Chunk c of 2W elements holds e_q, e_p (2W each) at 4W c.
+  float* row = buf.data();
   constexpr float kTiny = std::numeric_limits<float>::min();
   // Maxima of row r, found while row r - 1 was in its exp pass (memory loads interleaved
   // with the exp arithmetic), or by a pass of their own for a chunk's first row.
@@ -706,7 +701,7 @@ MT_INLINE void js_forward_rows_half(const Args<T>& a, int64_t r0, int64_t r1) {
     const T* pr = a.p + r * V;
     const float mq = hmax(vmq), mp = hmax(vmp);
     const float oq = mq == -kInf ? 0.f : mq, op = mp == -kInf ? 0.f : mp;
-    vf sq{}, sp{}, tq{}, tp{};
+    vf sq{}, sp{};
     vmq = splat(-kInf);
     vmp = splat(-kInf);
     auto exp_pass = [&](auto next) {
@@ -723,10 +718,9 @@ MT_INLINE void js_forward_rows_half(const Args<T>& a, int64_t r0, int64_t r1) {
         load_pair_at<T, I>(qr, j, V, x[0], x[1]);
         load_pair_at<T, I>(pr, j, V, x[2], x[3]);
         for (int k = 0; k < 4; ++k) {
-          vf e = vexp_half<I, kD3>(x[k] - (k < 2 ? oq : op), z);
-          vstore((k < 2 ? eq_row : ep_row) + j + (k & 1) * W, e);
+          vf e = vexp_half<I>(x[k] - (k < 2 ? oq : op), z);
+          vstore(row + 2 * j + k * W, e);
           (k < 2 ? sq : sp) += e;
-          (k < 2 ? tq : tp) += e * z;
         }
       }
     };
@@ -737,18 +731,30 @@ MT_INLINE void js_forward_rows_half(const Args<T>& a, int64_t r0, int64_t r1) {
     }
     const float Sq = hsum(sq), Sp = hsum(sp);
     const float lsq = std::log(Sq), lsp = std::log(Sp);
-    // A fully masked row has S = 0: Q = 0 there, while a NaN logit still gives NaN.
-    const float iq = Sq > 0.f ? 1.f / Sq : 0.f, ip = Sp > 0.f ? 1.f / Sp : 0.f;
-    const float hq = 0.5f * iq, hp = 0.5f * ip;
-    vf aq{}, ap{};
-    for (int j = 0; j < Vp; j += W) {
-      vf eq = vload(eq_row + j), ep = vload(ep_row + j);
-      vf lm = vlog_half<I>(eq * hq + (ep * hp + kTiny)); // M > 0 for log
-      aq += eq * lm;
-      ap += ep * lm;
+    // A fully masked row (S = 0) has Q = 0, so M = P / 2 and the other KL is log 2.
+    float kq = Sp > 0.f ? kLn2 : 0.f, kp = Sq > 0.f ? kLn2 : 0.f;
+    if (Sq > 0.f && Sp > 0.f) {
+      const float g = 0.5f * (Sq / Sp);
+      vf aq{}, ap{};
+      for (int j = 0; j < V; j += 2 * W) {
+        vf x[4], zq, zp; // z again from the (cached) input: cheaper than storing it
+        load_pair_at<T, I>(qr, j, V, x[0], x[1]);
+        load_pair_at<T, I>(pr, j, V, x[2], x[3]);
+        for (int k = 0; k < 2; ++k) {
+          const float* c = row + 2 * j + k * W;
+          vf eq = vload(c), ep = vload(c + 2 * W);
+          vf L = vlog_half<I>(eq * 0.5f + (ep * g + kTiny)); // > 0 for log
+          zq = clamp_lo<I>(x[k] - oq, -110.f);
+          zp = clamp_lo<I>(x[2 + k] - op, -110.f);
+          aq += eq * (zq - L);
+          ap += ep * (zp - L);
+        }
+      }
+      kq = hsum(aq) / Sq;
+      kp = hsum(ap) / Sp + (lsq - lsp);
+    } else if (!(Sq >= 0.f && Sp >= 0.f)) { // NaN
+      kq = kp = std::numeric_limits<float>::quiet_NaN();
     }
-    const float kq = Sq > 0.f ? (hsum(tq) - hsum(aq)) * iq - lsq : 0.f;
-    const float kp = Sp > 0.f ? (hsum(tp) - hsum(ap)) * ip - lsp : 0.f;
     float* st = a.stats + r * kDivStats;
     st[kMaxQ] = mq;
     st[kLogSumQ] = lsq;
@@ -765,7 +771,6 @@ MT_INLINE void js_forward_rows_half(const Args<T>& a, int64_t r0, int64_t r1) {
 // (-inf logits) at 0 without a mask.
 template <typename T, bool GQ, bool GP, int I>
 MT_INLINE void js_backward_rows_half(const Args<T>& a, int64_t r0, int64_t r1) {
-  constexpr bool kD3 = std::is_same_v<T, mx::bfloat16_t>;
   const int V = a.V;
   constexpr float kTiny = std::numeric_limits<float>::min();
   for (int64_t r = r0; r < r1; ++r) {
@@ -785,8 +790,8 @@ MT_INLINE void js_backward_rows_half(const Args<T>& a, int64_t r0, int64_t r1) {
       load_pair_at<T, I>(pr, j, V, xp[0], xp[1]);
       for (int k = 0; k < 2; ++k) {
         vf lq, lp;
-        vf Q = vexp_half<I, kD3>((xq[k] - oq) - lq_off, lq);
-        vf P = vexp_half<I, kD3>((xp[k] - op) - lp_off, lp);
+        vf Q = vexp_half<I>((xq[k] - oq) - lq_off, lq);
+        vf P = vexp_half<I>((xp[k] - op) - lp_off, lp);
         vf lm = vlog_half<I>((P + Q) * 0.5f + kTiny); // M > 0 for log
         if constexpr (GQ) {
           g[0][k] = (Q * hc) * ((lq - lm) - kq);
