@@ -509,18 +509,25 @@ MT_INLINE vf clamp_lo(vf z, float lo) {
 // distributions is about the mean of this error, so not less); zc is set to z clamped
 // below (-110 with AVX-512, -87 otherwise), so that exp(z) * zc is 0 (not NaN) for
 // z = -inf. exp is 0 below the clamp, NaN stays NaN.
-template <int I>
+// HALF: exp(z) / 2 (the factor is folded into the polynomial). !CLAMP (AVX-512 only): no
+// clamp, so z = -inf gives NaN; zc = z.
+template <int I, bool CLAMP = true, bool HALF = false>
 MT_INLINE vf vexp_half(vf z, vf& zc) {
   const float magic = 12582912.f;
-  zc = clamp_lo<I>(z, I == 2 ? -110.f : -87.f);
+  const float h = HALF ? 0.5f : 1.f;
+  if constexpr (CLAMP) {
+    zc = clamp_lo<I>(z, I == 2 ? -110.f : -87.f);
+  } else {
+    zc = z;
+  }
   vf t = zc * 1.44269504088896341f + magic;
   vf n = t - magic;
   vf r = n * -kLn2 + zc;
-  vf p = splat(4.13201e-2f);
-  p = p * r + 1.6753502e-1f;
-  p = p * r + 5.0004673e-1f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
+  vf p = splat(4.13201e-2f * h);
+  p = p * r + 1.6753502e-1f * h;
+  p = p * r + 5.0004673e-1f * h;
+  p = p * r + h;
+  p = p * r + h;
 #if defined(__x86_64__)
   if constexpr (I == 2) {
     vf y;
@@ -528,6 +535,7 @@ MT_INLINE vf vexp_half(vf z, vf& zc) {
     return y;
   }
 #endif
+  static_assert(CLAMP || I == 2, "the unclamped exp needs vscalefps");
   vf y = p * (vf)(((vi)t + 127) << 23);
   return vsel(z < -87.f, splat(0.f), y);
 }
@@ -670,11 +678,71 @@ MT_INLINE void store_pair(T* dst, vf a, vf b, int n) {
   }
 }
 
-// JS forward for half types: (1) maxima, (2) z = x - max (clamped) and e = exp(z) into
-// per-thread row buffers, with S = sum e, (3) with L = log(e_q / 2 + e_p S_q / (2 S_p))
-// = lm + log S_q, KLq = sum e_q (z_q - L) / S_q and KLp = sum e_p (z_p - L) / S_p
-// + log S_q - log S_p. Two exps and one log per element pair; each term is a difference
-// taken per element, so KL stays accurate as P -> Q (sums of Q lq and Q lm would cancel).
+// JS forward for half types: (1) maxima, (2) e = exp(z), z = x - max, into a per-thread
+// row buffer, with S = sum e, (3) with L = log(e_q / 2 + e_p S_q / (2 S_p)) = lm + log S_q,
+// KLq = sum e_q (z_q - L) / S_q and KLp = sum e_p (z_p - L) / S_p + log S_q - log S_p, z
+// recomputed from the input (cheaper than storing it). Two exps and one log per element
+// pair; each term is a difference taken per element, so KL stays accurate as P -> Q.
+// With AVX-512 a row is first tried without clamping z: -inf logits (or e = 0 on both
+// sides) make a NaN there, and only such rows are redone with the clamps.
+
+// The exp pass: stores e / 2 and returns S / 2; NEXT also finds the maxima of the row
+// after (loads interleaved with the exp arithmetic).
+template <typename T, int I, bool SAFE, bool NEXT>
+MT_INLINE void js_exp_pass(const T* qr, const T* pr, int V, float oq, float op, float* row,
+                           float& Sq, float& Sp, vf& vmq, vf& vmp) {
+  vf sq{}, sp{};
+  for (int j = 0; j < V; j += 2 * W) {
+    vf x[4], z;
+    if constexpr (NEXT) {
+      prefetch(qr + V + j + kAhead);
+      prefetch(pr + V + j + kAhead);
+      load_pair_at<T, I>(qr + V, j, V, x[0], x[1]);
+      load_pair_at<T, I>(pr + V, j, V, x[2], x[3]);
+      vmq = vmax(vmq, vmax(x[0], x[1]));
+      vmp = vmax(vmp, vmax(x[2], x[3]));
+    }
+    load_pair_at<T, I>(qr, j, V, x[0], x[1]);
+    load_pair_at<T, I>(pr, j, V, x[2], x[3]);
+    for (int k = 0; k < 4; ++k) {
+      vf e = vexp_half<I, SAFE, true>(x[k] - (k < 2 ? oq : op), z);
+      vstore(row + 2 * j + k * W, e);
+      (k < 2 ? sq : sp) += e;
+    }
+  }
+  Sq = hsum(sq);
+  Sp = hsum(sp);
+}
+
+// The log pass: sums of e (z - L) / 2 for q and p, given g = S_q / S_p.
+template <typename T, int I, bool SAFE>
+MT_INLINE void js_log_pass(const T* qr, const T* pr, int V, float oq, float op, float g,
+                           const float* row, float& Aq, float& Ap) {
+  constexpr float kTiny = std::numeric_limits<float>::min();
+  vf aq{}, ap{};
+  for (int j = 0; j < V; j += 2 * W) {
+    vf x[4];
+    load_pair_at<T, I>(qr, j, V, x[0], x[1]);
+    load_pair_at<T, I>(pr, j, V, x[2], x[3]);
+    for (int k = 0; k < 2; ++k) {
+      const float* c = row + 2 * j + k * W;
+      vf hq = vload(c), hp = vload(c + 2 * W);
+      vf zq = x[k] - oq, zp = x[2 + k] - op, L;
+      if constexpr (SAFE) {
+        L = vlog_half<I>(hp * g + (hq + kTiny)); // > 0 for log
+        zq = clamp_lo<I>(zq, -110.f); // e = 0 there: e * (z - L) = 0
+        zp = clamp_lo<I>(zp, -110.f);
+      } else {
+        L = vlog_half<I>(hp * g + hq);
+      }
+      aq += hq * (zq - L);
+      ap += hp * (zp - L);
+    }
+  }
+  Aq = hsum(aq);
+  Ap = hsum(ap);
+}
+
 template <typename T, int I>
 MT_INLINE void js_forward_rows_half(const Args<T>& a, int64_t r0, int64_t r1) {
   const int V = a.V;
@@ -683,11 +751,10 @@ MT_INLINE void js_forward_rows_half(const Args<T>& a, int64_t r0, int64_t r1) {
   if (buf.size() < size_t(2 * Vp)) {
     buf.resize(2 * Vp);
   }
-  // Chunk c of 2W elements holds e_q, e_p (2W each) at 4W c.
+  // Chunk c of 2W elements holds e_q / 2, e_p / 2 (2W each) at 4W c.
   float* row = buf.data();
-  constexpr float kTiny = std::numeric_limits<float>::min();
-  // Maxima of row r, found while row r - 1 was in its exp pass (memory loads interleaved
-  // with the exp arithmetic), or by a pass of their own for a chunk's first row.
+  // Maxima of row r, found during the exp pass of row r - 1, or by a pass of their own
+  // for a chunk's first row.
   vf vmq = splat(-kInf), vmp = splat(-kInf);
   for (int j = 0; j < V; j += 2 * W) {
     vf q0, q1, p0, p1;
@@ -701,57 +768,35 @@ MT_INLINE void js_forward_rows_half(const Args<T>& a, int64_t r0, int64_t r1) {
     const T* pr = a.p + r * V;
     const float mq = hmax(vmq), mp = hmax(vmp);
     const float oq = mq == -kInf ? 0.f : mq, op = mp == -kInf ? 0.f : mp;
-    vf sq{}, sp{};
     vmq = splat(-kInf);
     vmp = splat(-kInf);
-    auto exp_pass = [&](auto next) {
-      for (int j = 0; j < V; j += 2 * W) {
-        vf x[4], z;
-        if constexpr (decltype(next)::value) {
-          prefetch(qr + V + j + kAhead);
-          prefetch(pr + V + j + kAhead);
-          load_pair_at<T, I>(qr + V, j, V, x[0], x[1]);
-          load_pair_at<T, I>(pr + V, j, V, x[2], x[3]);
-          vmq = vmax(vmq, vmax(x[0], x[1]));
-          vmp = vmax(vmp, vmax(x[2], x[3]));
-        }
-        load_pair_at<T, I>(qr, j, V, x[0], x[1]);
-        load_pair_at<T, I>(pr, j, V, x[2], x[3]);
-        for (int k = 0; k < 4; ++k) {
-          vf e = vexp_half<I>(x[k] - (k < 2 ? oq : op), z);
-          vstore(row + 2 * j + k * W, e);
-          (k < 2 ? sq : sp) += e;
-        }
-      }
-    };
+    constexpr bool kFast = I == 2; // the generic exp needs its clamp
+    float Sq, Sp, Aq = 0.f, Ap = 0.f;
     if (r + 1 < r1) {
-      exp_pass(std::true_type{});
+      js_exp_pass<T, I, !kFast, true>(qr, pr, V, oq, op, row, Sq, Sp, vmq, vmp);
     } else {
-      exp_pass(std::false_type{});
+      js_exp_pass<T, I, !kFast, false>(qr, pr, V, oq, op, row, Sq, Sp, vmq, vmp);
     }
-    const float Sq = hsum(sq), Sp = hsum(sp);
+    bool ok = Sq > 0.f && Sp > 0.f;
+    if (ok) {
+      js_log_pass<T, I, !kFast>(qr, pr, V, oq, op, Sq / Sp, row, Aq, Ap);
+      ok = Aq == Aq && Ap == Ap;
+    }
+    if (kFast && !ok) {
+      vf unused;
+      js_exp_pass<T, I, true, false>(qr, pr, V, oq, op, row, Sq, Sp, unused, unused);
+      if (Sq > 0.f && Sp > 0.f) {
+        js_log_pass<T, I, true>(qr, pr, V, oq, op, Sq / Sp, row, Aq, Ap);
+      }
+    }
+    Sq *= 2.f; // the buffer and the sums hold e / 2
+    Sp *= 2.f;
     const float lsq = std::log(Sq), lsp = std::log(Sp);
     // A fully masked row (S = 0) has Q = 0, so M = P / 2 and the other KL is log 2.
     float kq = Sp > 0.f ? kLn2 : 0.f, kp = Sq > 0.f ? kLn2 : 0.f;
     if (Sq > 0.f && Sp > 0.f) {
-      const float g = 0.5f * (Sq / Sp);
-      vf aq{}, ap{};
-      for (int j = 0; j < V; j += 2 * W) {
-        vf x[4], zq, zp; // z again from the (cached) input: cheaper than storing it
-        load_pair_at<T, I>(qr, j, V, x[0], x[1]);
-        load_pair_at<T, I>(pr, j, V, x[2], x[3]);
-        for (int k = 0; k < 2; ++k) {
-          const float* c = row + 2 * j + k * W;
-          vf eq = vload(c), ep = vload(c + 2 * W);
-          vf L = vlog_half<I>(eq * 0.5f + (ep * g + kTiny)); // > 0 for log
-          zq = clamp_lo<I>(x[k] - oq, -110.f);
-          zp = clamp_lo<I>(x[2 + k] - op, -110.f);
-          aq += eq * (zq - L);
-          ap += ep * (zp - L);
-        }
-      }
-      kq = hsum(aq) / Sq;
-      kp = hsum(ap) / Sp + (lsq - lsp);
+      kq = 2.f * Aq / Sq;
+      kp = 2.f * Ap / Sp + (lsq - lsp);
     } else if (!(Sq >= 0.f && Sp >= 0.f)) { // NaN
       kq = kp = std::numeric_limits<float>::quiet_NaN();
     }
