@@ -694,9 +694,9 @@ MT_INLINE void js_exp_pass(const T* qr, const T* pr, int V, float oq, float op, 
   vf sq{}, sp{};
   for (int j = 0; j < V; j += 2 * W) {
     vf x[4], z;
+    prefetch(qr + V + j); // the next row (prefetches do not fault past the end)
+    prefetch(pr + V + j);
     if constexpr (NEXT) {
-      prefetch(qr + V + j + kAhead);
-      prefetch(pr + V + j + kAhead);
       load_pair_at<T, I>(qr + V, j, V, x[0], x[1]);
       load_pair_at<T, I>(pr + V, j, V, x[2], x[3]);
       vmq = vmax(vmq, vmax(x[0], x[1]));
@@ -753,38 +753,64 @@ MT_INLINE void js_forward_rows_half(const Args<T>& a, int64_t r0, int64_t r1) {
   }
   // Chunk c of 2W elements holds e_q / 2, e_p / 2 (2W each) at 4W c.
   float* row = buf.data();
-  // Maxima of row r, found during the exp pass of row r - 1, or by a pass of their own
-  // for a chunk's first row.
+  auto row_max = [&](const T* qr, const T* pr, int n, float& mq, float& mp) {
+    vf vq = splat(-kInf), vp = splat(-kInf);
+    for (int j = 0; j < n; j += 2 * W) {
+      vf q0, q1, p0, p1;
+      load_pair_at<T, I>(qr, j, n, q0, q1);
+      load_pair_at<T, I>(pr, j, n, p0, p1);
+      vq = vmax(vq, vmax(q0, q1));
+      vp = vmax(vp, vmax(p0, p1));
+    }
+    mq = hmax(vq);
+    mp = hmax(vp);
+  };
+  // Generic / AVX2: the maxima of row r, found during the exp pass of row r - 1, or by a
+  // pass of their own for a chunk's first row.
   vf vmq = splat(-kInf), vmp = splat(-kInf);
-  for (int j = 0; j < V; j += 2 * W) {
-    vf q0, q1, p0, p1;
-    load_pair_at<T, I>(a.q + r0 * V, j, V, q0, q1);
-    load_pair_at<T, I>(a.p + r0 * V, j, V, p0, p1);
-    vmq = vmax(vmq, vmax(q0, q1));
-    vmp = vmax(vmp, vmax(p0, p1));
+  constexpr bool kFast = I == 2;
+  if constexpr (!kFast) {
+    float mq, mp;
+    row_max(a.q + r0 * V, a.p + r0 * V, V, mq, mp);
+    vmq = splat(mq);
+    vmp = splat(mp);
   }
   for (int64_t r = r0; r < r1; ++r) {
     const T* qr = a.q + r * V;
     const T* pr = a.p + r * V;
-    const float mq = hmax(vmq), mp = hmax(vmp);
-    const float oq = mq == -kInf ? 0.f : mq, op = mp == -kInf ? 0.f : mp;
-    vmq = splat(-kInf);
-    vmp = splat(-kInf);
-    constexpr bool kFast = I == 2; // the generic exp needs its clamp
-    float Sq, Sp, Aq = 0.f, Ap = 0.f;
-    if (r + 1 < r1) {
-      js_exp_pass<T, I, !kFast, true>(qr, pr, V, oq, op, row, Sq, Sp, vmq, vmp);
+    float mq, mp, Sq = 0.f, Sp = 0.f, Aq = 0.f, Ap = 0.f;
+    bool ok = false;
+    if constexpr (kFast) {
+      // AVX-512: the offsets are the maxima of a sample (the row's first elements), which
+      // serve as well as the row maxima unless exp overflows; that, -inf logits and
+      // e = 0 on both sides make S or A inf / NaN, and only such rows are redone with the
+      // row maxima and the clamps.
+      row_max(qr, pr, std::min(V, 8 * W), mq, mp);
+      if (mq > -kInf && mp > -kInf) {
+        js_exp_pass<T, I, false, false>(qr, pr, V, mq, mp, row, Sq, Sp, vmq, vmp);
+        ok = Sq > 0.f && Sp > 0.f && Sq < kInf && Sp < kInf;
+      }
+      if (ok) {
+        js_log_pass<T, I, false>(qr, pr, V, mq, mp, Sq / Sp, row, Aq, Ap);
+        ok = Aq == Aq && Ap == Ap;
+      }
+      if (!ok) {
+        row_max(qr, pr, V, mq, mp);
+      }
     } else {
-      js_exp_pass<T, I, !kFast, false>(qr, pr, V, oq, op, row, Sq, Sp, vmq, vmp);
+      mq = hmax(vmq);
+      mp = hmax(vmp);
+      vmq = splat(-kInf);
+      vmp = splat(-kInf);
     }
-    bool ok = Sq > 0.f && Sp > 0.f;
-    if (ok) {
-      js_log_pass<T, I, !kFast>(qr, pr, V, oq, op, Sq / Sp, row, Aq, Ap);
-      ok = Aq == Aq && Ap == Ap;
-    }
-    if (kFast && !ok) {
-      vf unused;
-      js_exp_pass<T, I, true, false>(qr, pr, V, oq, op, row, Sq, Sp, unused, unused);
+    if (!ok) {
+      const float oq = mq == -kInf ? 0.f : mq, op = mp == -kInf ? 0.f : mp;
+      if (!kFast && r + 1 < r1) {
+        js_exp_pass<T, I, true, true>(qr, pr, V, oq, op, row, Sq, Sp, vmq, vmp);
+      } else {
+        vf unused;
+        js_exp_pass<T, I, true, false>(qr, pr, V, oq, op, row, Sq, Sp, unused, unused);
+      }
       if (Sq > 0.f && Sp > 0.f) {
         js_log_pass<T, I, true>(qr, pr, V, oq, op, Sq / Sp, row, Aq, Ap);
       }
@@ -792,14 +818,16 @@ MT_INLINE void js_forward_rows_half(const Args<T>& a, int64_t r0, int64_t r1) {
     Sq *= 2.f; // the buffer and the sums hold e / 2
     Sp *= 2.f;
     const float lsq = std::log(Sq), lsp = std::log(Sp);
-    // A fully masked row (S = 0) has Q = 0, so M = P / 2 and the other KL is log 2.
-    float kq = Sp > 0.f ? kLn2 : 0.f, kp = Sq > 0.f ? kLn2 : 0.f;
+    // A fully masked row (S_q = 0) has Q = 0, so M = P / 2: KLq = 0, KLp = log 2.
+    float kq = Sq > 0.f ? kLn2 : 0.f, kp = Sp > 0.f ? kLn2 : 0.f;
     if (Sq > 0.f && Sp > 0.f) {
       kq = 2.f * Aq / Sq;
       kp = 2.f * Ap / Sp + (lsq - lsp);
     } else if (!(Sq >= 0.f && Sp >= 0.f)) { // NaN
       kq = kp = std::numeric_limits<float>::quiet_NaN();
     }
+    // The backward only needs an offset for x with lsq = log sum exp(x - offset): the
+    // sample maximum serves.
     float* st = a.stats + r * kDivStats;
     st[kMaxQ] = mq;
     st[kLogSumQ] = lsq;
