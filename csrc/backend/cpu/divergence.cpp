@@ -8,7 +8,7 @@
 // keeps the row's exps in a per-thread buffer and ends with one log per element (2 exps +
 // 1 log). The backward is one pass given the stats (KL: 2 exps, JS: 2 exps + 1 log).
 // These loops are exp-bound, so the exp/log are hand-vectorized and data for later is
-// software-prefetched. SIMD: GCC/Clang vector extensions, compiled per target on x86-64
+// software-prefetched. JS on bf16 / f16 has its own, cheaper path (see "half types"). SIMD: GCC/Clang vector extensions, compiled per target on x86-64
 // (generic and AVX2+FMA with 8 lanes, AVX-512 with 16), picked at run time.
 #include <cmath>
 #include <algorithm>
@@ -683,8 +683,8 @@ MT_INLINE void store_pair(T* dst, vf a, vf b, int n) {
 // KLq = sum e_q (z_q - L) / S_q and KLp = sum e_p (z_p - L) / S_p + log S_q - log S_p, z
 // recomputed from the input (cheaper than storing it). Two exps and one log per element
 // pair; each term is a difference taken per element, so KL stays accurate as P -> Q.
-// With AVX-512 a row is first tried without clamping z: -inf logits (or e = 0 on both
-// sides) make a NaN there, and only such rows are redone with the clamps.
+// With AVX-512 a row is first tried with a sample's maxima as offsets and without
+// clamping z; the rows where that overflows or meets -inf logits are redone exactly.
 
 // The exp pass: stores e / 2 and returns S / 2; NEXT also finds the maxima of the row
 // after (loads interleaved with the exp arithmetic).
