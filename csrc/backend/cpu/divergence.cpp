@@ -8,7 +8,7 @@
 // keeps the row's exps in a per-thread buffer and ends with one log per element (2 exps +
 // 1 log). The backward is one pass given the stats (KL: 2 exps, JS: 2 exps + 1 log).
 // These loops are exp-bound, so the exp/log are hand-vectorized and data for later is
-// software-prefetched. SIMD: GCC/Clang vector extensions, compiled per target on x86-64
+// software-prefetched. JS on bf16 / f16 has its own, cheaper path (see "half types"). SIMD: GCC/Clang vector extensions, compiled per target on x86-64
 // (generic and AVX2+FMA with 8 lanes, AVX-512 with 16), picked at run time.
 #include <cmath>
 #include <algorithm>
@@ -36,6 +36,7 @@ namespace {
 
 constexpr int kBlock = 512; // elements per block (a multiple of the lane count)
 constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr float kLn2 = 0.693147180559945f;
 
 // Software prefetch: the exp-heavy loops leave DRAM idle, so they pull in data that is
 // read later (hardware prefetchers alone left one core at ~7 GB/s here).
@@ -484,6 +485,404 @@ MT_INLINE const float* load_block(const T* src, int n, float* buf) {
 }
 
 
+
+// ------------------------------------------------------------------ half types (JS)
+// bf16 / f16 inputs need float32 work only well below their own rounding (2^-9, 2^-12):
+// exp by a degree-4 polynomial with a one-constant reduction, log by a
+// 32-entry table and three terms of log1p (absolute error < 3e-7), and the bf16 widening
+// done two vectors at a time. float32 inputs keep the accurate paths above.
+
+// NaN-preserving lower clamp: z < lo becomes lo, NaN stays NaN.
+template <int I>
+MT_INLINE vf clamp_lo(vf z, float lo) {
+#if defined(__x86_64__)
+  if constexpr (I == 2) {
+    vf r;
+    asm("vmaxps %1, %2, %0" : "=v"(r) : "v"(z), "v"(splat(lo))); // NaN: returns z
+    return r;
+  }
+#endif
+  return vsel(z < lo, splat(lo), z);
+}
+
+// exp(z) for z <= 0 with relative error < 5.5e-6 (degree-4 polynomial; JS of nearly equal
+// distributions is about the mean of this error, so not less); zc is set to z clamped
+// below (-110 with AVX-512, -87 otherwise), so that exp(z) * zc is 0 (not NaN) for
+// z = -inf. exp is 0 below the clamp, NaN stays NaN.
+// HALF: exp(z) / 2 (the factor is folded into the polynomial). !CLAMP (AVX-512 only): no
+// clamp, so z = -inf gives NaN; zc = z.
+template <int I, bool CLAMP = true, bool HALF = false>
+MT_INLINE vf vexp_half(vf z, vf& zc) {
+  const float magic = 12582912.f;
+  const float h = HALF ? 0.5f : 1.f;
+  if constexpr (CLAMP) {
+    zc = clamp_lo<I>(z, I == 2 ? -110.f : -87.f);
+  } else {
+    zc = z;
+  }
+  vf t = zc * 1.44269504088896341f + magic;
+  vf n = t - magic;
+  vf r = n * -kLn2 + zc;
+  vf p = splat(4.13201e-2f * h);
+  p = p * r + 1.6753502e-1f * h;
+  p = p * r + 5.0004673e-1f * h;
+  p = p * r + h;
+  p = p * r + h;
+#if defined(__x86_64__)
+  if constexpr (I == 2) {
+    vf y;
+    asm("vscalefps %2, %1, %0" : "=v"(y) : "v"(p), "v"(n));
+    return y;
+  }
+#endif
+  static_assert(CLAMP || I == 2, "the unclamped exp needs vscalefps");
+  vf y = p * (vf)(((vi)t + 127) << 23);
+  return vsel(z < -87.f, splat(0.f), y);
+}
+
+// Lanes of the 32-entry table {lo, hi} picked by idx (low 5 bits): vpermt2ps.
+MT_INLINE vf vlookup32(vf lo, vf hi, vi idx) {
+#if defined(__clang__)
+  vf r;
+  for (int i = 0; i < W; ++i) {
+    int k = idx[i] & (2 * W - 1);
+    r[i] = k < W ? lo[k] : hi[k - W];
+  }
+  return r;
+#else
+  return __builtin_shuffle(lo, hi, idx);
+#endif
+}
+
+// log(x) for x >= FLT_MIN (callers add FLT_MIN), NaN stays NaN; absolute error < 3e-7.
+// AVX-512: x = 2^e m, c = 1 + (k + 1/2)/32 from m's top 5 bits, m / c = 1 + f, |f| < 1/64,
+// log1p(f) by three terms.
+template <int I>
+MT_INLINE vf vlog_half(vf x) {
+#if defined(__x86_64__)
+  if constexpr (I == 2 && W == 16) {
+    const vf inv_lo = {0.9846153855323792f, 0.9552238583564758f, 0.9275362491607666f,
+                       0.9014084339141846f, 0.8767123222351074f, 0.8533333539962769f,
+                       0.8311688303947449f, 0.8101266026496887f, 0.790123462677002f,
+                       0.7710843086242676f, 0.7529411911964417f, 0.7356321811676025f,
+                       0.7191011309623718f, 0.7032967209815979f, 0.6881720423698425f,
+                       0.6736842393875122f};
+    const vf inv_hi = {0.6597937941551208f, 0.6464646458625793f, 0.6336633563041687f,
+                       0.6213592290878296f, 0.6095238327980042f, 0.5981308221817017f,
+                       0.5871559381484985f, 0.5765765905380249f, 0.5663716793060303f,
+                       0.5565217137336731f, 0.5470085740089417f, 0.5378151535987854f,
+                       0.5289255976676941f, 0.5203251838684082f, 0.5120000243186951f,
+                       0.5039370059967041f};
+    const vf log_lo = {0.015504186f, 0.0458095595f, 0.0752234012f, 0.10379681f,
+                       0.131576359f, 0.158605009f, 0.184922338f, 0.210564747f,
+                       0.235566065f, 0.259957552f, 0.283768147f, 0.307025045f,
+                       0.32975328f, 0.351976395f, 0.373716414f, 0.394993752f};
+    const vf log_hi = {0.41582793f, 0.436236769f, 0.456237435f, 0.475845903f,
+                       0.495077223f, 0.513945758f, 0.532464862f, 0.55064708f,
+                       0.568504751f, 0.58604908f, 0.603290796f, 0.620240331f,
+                       0.636907518f, 0.653301299f, 0.669430614f, 0.685303986f};
+    // -log(inv_c) of the rounded inv_c
+    vf e, m;
+    asm("vgetexpps %1, %0" : "=v"(e) : "v"(x));
+    asm("vgetmantps $0, %1, %0" : "=v"(m) : "v"(x)); // [1, 2)
+    vi k = (vi)x >> 18; // vpermt2ps reads the low 5 bits: the mantissa's top 5
+    vf f = m * vlookup32(inv_lo, inv_hi, k) - 1.f;
+    vf y = (f * f) * (f * (1.f / 3) - 0.5f) + f;
+    return (y + vlookup32(log_lo, log_hi, k)) + e * 0.693147180559945f;
+  }
+#endif
+  return vlog<I>(x);
+}
+
+// 2W consecutive half elements as two float32 vectors. bf16: the even and the odd
+// elements (one shift, one and); f16: the two halves. The forward only needs q and p in
+// the same order; the backward's store_pair puts them back.
+template <typename T, int I>
+MT_INLINE void load_pair(const T* src, vf& a, vf& b) {
+  if constexpr (std::is_same_v<T, mx::bfloat16_t>) {
+    vu u;
+    std::memcpy(&u, src, sizeof(vu));
+    a = (vf)(u << 16);
+    b = (vf)(u & 0xffff0000u);
+  } else {
+    vh h[2];
+    std::memcpy(h, src, sizeof(h));
+    vf r[2];
+    for (int k = 0; k < 2; ++k) {
+#if defined(__x86_64__)
+      if constexpr (I == 2) {
+        asm("vcvtph2ps %1, %0" : "=v"(r[k]) : "v"(h[k]));
+        continue;
+      }
+#endif
+      vu x = __builtin_convertvector(h[k], vu);
+      vu o = (x & 0x7fff) << 13;
+      vf f = (vf)o * 0x1p112f; // rebias; subnormal halves come out exact
+      f = (vf)(((x & 0x7c00) == 0x7c00) ? (o | 0x7f800000u) : (vu)f); // inf, NaN
+      r[k] = (vf)((vu)f | ((x & 0x8000) << 16));
+    }
+    a = r[0];
+    b = r[1];
+  }
+}
+
+// load_pair of elements [j, j + 2W) of a row of V, padded with -inf past V.
+template <typename T, int I>
+MT_INLINE void load_pair_at(const T* row, int j, int V, vf& a, vf& b) {
+  if (j + 2 * W <= V) {
+    load_pair<T, I>(row + j, a, b);
+    return;
+  }
+  const uint16_t ninf = std::is_same_v<T, mx::bfloat16_t> ? 0xff80 : 0xfc00;
+  uint16_t tmp[2 * W];
+  for (int i = 0; i < 2 * W; ++i) {
+    tmp[i] = ninf;
+  }
+  std::memcpy(tmp, row + j, (V - j) * sizeof(T));
+  load_pair<T, I>(reinterpret_cast<const T*>(tmp), a, b);
+}
+
+// The inverse of load_pair for at most n elements; rounds to nearest even.
+template <typename T, int I>
+MT_INLINE void store_pair(T* dst, vf a, vf b, int n) {
+  uint16_t tmp[2 * W];
+  uint16_t* out = n >= 2 * W ? reinterpret_cast<uint16_t*>(dst) : tmp;
+  if constexpr (std::is_same_v<T, mx::bfloat16_t>) {
+    // NaNs here come from arithmetic or from bf16 inputs: their low 16 bits are zero,
+    // so the rounding add cannot carry them into infinity.
+    vu ua = (vu)a, ub = (vu)b;
+    ua = (ua + 0x7fff + ((ua >> 16) & 1)) >> 16;
+    ub = (ub + 0x7fff + ((ub >> 16) & 1)) & 0xffff0000u;
+    vu u = ua | ub;
+    std::memcpy(out, &u, sizeof(vu));
+  } else {
+    float f[2 * W];
+    vstore(f, a);
+    vstore(f + W, b);
+#if defined(__x86_64__)
+    if constexpr (I == 2) {
+      vh h[2];
+      asm("vcvtps2ph $0, %1, %0" : "=v"(h[0]) : "v"(a));
+      asm("vcvtps2ph $0, %1, %0" : "=v"(h[1]) : "v"(b));
+      std::memcpy(out, h, sizeof(h));
+    } else
+#endif
+    {
+      for (int i = 0; i < 2 * W; ++i) {
+        from_float(f[i], reinterpret_cast<T*>(out + i));
+      }
+    }
+  }
+  if (n < 2 * W) {
+    std::memcpy(dst, tmp, n * sizeof(T));
+  }
+}
+
+// JS forward for half types: (1) maxima, (2) e = exp(z), z = x - max, into a per-thread
+// row buffer, with S = sum e, (3) with L = log(e_q / 2 + e_p S_q / (2 S_p)) = lm + log S_q,
+// KLq = sum e_q (z_q - L) / S_q and KLp = sum e_p (z_p - L) / S_p + log S_q - log S_p, z
+// recomputed from the input (cheaper than storing it). Two exps and one log per element
+// pair; each term is a difference taken per element, so KL stays accurate as P -> Q.
+// With AVX-512 a row is first tried with a sample's maxima as offsets and without
+// clamping z; the rows where that overflows or meets -inf logits are redone exactly.
+
+// The exp pass: stores e / 2 and returns S / 2; NEXT also finds the maxima of the row
+// after (loads interleaved with the exp arithmetic).
+template <typename T, int I, bool SAFE, bool NEXT>
+MT_INLINE void js_exp_pass(const T* qr, const T* pr, int V, float oq, float op, float* row,
+                           float& Sq, float& Sp, vf& vmq, vf& vmp) {
+  vf sq{}, sp{};
+  for (int j = 0; j < V; j += 2 * W) {
+    vf x[4], z;
+    prefetch(qr + V + j); // the next row (prefetches do not fault past the end)
+    prefetch(pr + V + j);
+    if constexpr (NEXT) {
+      load_pair_at<T, I>(qr + V, j, V, x[0], x[1]);
+      load_pair_at<T, I>(pr + V, j, V, x[2], x[3]);
+      vmq = vmax(vmq, vmax(x[0], x[1]));
+      vmp = vmax(vmp, vmax(x[2], x[3]));
+    }
+    load_pair_at<T, I>(qr, j, V, x[0], x[1]);
+    load_pair_at<T, I>(pr, j, V, x[2], x[3]);
+    for (int k = 0; k < 4; ++k) {
+      vf e = vexp_half<I, SAFE, true>(x[k] - (k < 2 ? oq : op), z);
+      vstore(row + 2 * j + k * W, e);
+      (k < 2 ? sq : sp) += e;
+    }
+  }
+  Sq = hsum(sq);
+  Sp = hsum(sp);
+}
+
+// The log pass: sums of e (z - L) / 2 for q and p, given g = S_q / S_p.
+template <typename T, int I, bool SAFE>
+MT_INLINE void js_log_pass(const T* qr, const T* pr, int V, float oq, float op, float g,
+                           const float* row, float& Aq, float& Ap) {
+  constexpr float kTiny = std::numeric_limits<float>::min();
+  vf aq{}, ap{};
+  for (int j = 0; j < V; j += 2 * W) {
+    vf x[4];
+    load_pair_at<T, I>(qr, j, V, x[0], x[1]);
+    load_pair_at<T, I>(pr, j, V, x[2], x[3]);
+    for (int k = 0; k < 2; ++k) {
+      const float* c = row + 2 * j + k * W;
+      vf hq = vload(c), hp = vload(c + 2 * W);
+      vf zq = x[k] - oq, zp = x[2 + k] - op, L;
+      if constexpr (SAFE) {
+        L = vlog_half<I>(hp * g + (hq + kTiny)); // > 0 for log
+        zq = clamp_lo<I>(zq, -110.f); // e = 0 there: e * (z - L) = 0
+        zp = clamp_lo<I>(zp, -110.f);
+      } else {
+        L = vlog_half<I>(hp * g + hq);
+      }
+      aq += hq * (zq - L);
+      ap += hp * (zp - L);
+    }
+  }
+  Aq = hsum(aq);
+  Ap = hsum(ap);
+}
+
+template <typename T, int I>
+MT_INLINE void js_forward_rows_half(const Args<T>& a, int64_t r0, int64_t r1) {
+  const int V = a.V;
+  const int Vp = (V + 2 * W - 1) / (2 * W) * (2 * W);
+  thread_local std::vector<float> buf;
+  if (buf.size() < size_t(2 * Vp)) {
+    buf.resize(2 * Vp);
+  }
+  // Chunk c of 2W elements holds e_q / 2, e_p / 2 (2W each) at 4W c.
+  float* row = buf.data();
+  auto row_max = [&](const T* qr, const T* pr, int n, float& mq, float& mp) {
+    vf vq = splat(-kInf), vp = splat(-kInf);
+    for (int j = 0; j < n; j += 2 * W) {
+      vf q0, q1, p0, p1;
+      load_pair_at<T, I>(qr, j, n, q0, q1);
+      load_pair_at<T, I>(pr, j, n, p0, p1);
+      vq = vmax(vq, vmax(q0, q1));
+      vp = vmax(vp, vmax(p0, p1));
+    }
+    mq = hmax(vq);
+    mp = hmax(vp);
+  };
+  // Generic / AVX2: the maxima of row r, found during the exp pass of row r - 1, or by a
+  // pass of their own for a chunk's first row.
+  vf vmq = splat(-kInf), vmp = splat(-kInf);
+  constexpr bool kFast = I == 2;
+  if constexpr (!kFast) {
+    float mq, mp;
+    row_max(a.q + r0 * V, a.p + r0 * V, V, mq, mp);
+    vmq = splat(mq);
+    vmp = splat(mp);
+  }
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* qr = a.q + r * V;
+    const T* pr = a.p + r * V;
+    float mq, mp, Sq = 0.f, Sp = 0.f, Aq = 0.f, Ap = 0.f;
+    bool ok = false;
+    if constexpr (kFast) {
+      // AVX-512: the offsets are the maxima of a sample (the row's first elements), which
+      // serve as well as the row maxima unless exp overflows; that, -inf logits and
+      // e = 0 on both sides make S or A inf / NaN, and only such rows are redone with the
+      // row maxima and the clamps.
+      row_max(qr, pr, std::min(V, 8 * W), mq, mp);
+      if (mq > -kInf && mp > -kInf) {
+        js_exp_pass<T, I, false, false>(qr, pr, V, mq, mp, row, Sq, Sp, vmq, vmp);
+        ok = Sq > 0.f && Sp > 0.f && Sq < kInf && Sp < kInf;
+      }
+      if (ok) {
+        js_log_pass<T, I, false>(qr, pr, V, mq, mp, Sq / Sp, row, Aq, Ap);
+        ok = Aq == Aq && Ap == Ap;
+      }
+      if (!ok) {
+        row_max(qr, pr, V, mq, mp);
+      }
+    } else {
+      mq = hmax(vmq);
+      mp = hmax(vmp);
+      vmq = splat(-kInf);
+      vmp = splat(-kInf);
+    }
+    if (!ok) {
+      const float oq = mq == -kInf ? 0.f : mq, op = mp == -kInf ? 0.f : mp;
+      if (!kFast && r + 1 < r1) {
+        js_exp_pass<T, I, true, true>(qr, pr, V, oq, op, row, Sq, Sp, vmq, vmp);
+      } else {
+        vf unused;
+        js_exp_pass<T, I, true, false>(qr, pr, V, oq, op, row, Sq, Sp, unused, unused);
+      }
+      if (Sq > 0.f && Sp > 0.f) {
+        js_log_pass<T, I, true>(qr, pr, V, oq, op, Sq / Sp, row, Aq, Ap);
+      }
+    }
+    Sq *= 2.f; // the buffer and the sums hold e / 2
+    Sp *= 2.f;
+    const float lsq = std::log(Sq), lsp = std::log(Sp);
+    // A fully masked row (S_q = 0) has Q = 0, so M = P / 2: KLq = 0, KLp = log 2.
+    float kq = Sq > 0.f ? kLn2 : 0.f, kp = Sp > 0.f ? kLn2 : 0.f;
+    if (Sq > 0.f && Sp > 0.f) {
+      kq = 2.f * Aq / Sq;
+      kp = 2.f * Ap / Sp + (lsq - lsp);
+    } else if (!(Sq >= 0.f && Sp >= 0.f)) { // NaN
+      kq = kp = std::numeric_limits<float>::quiet_NaN();
+    }
+    // The backward only needs an offset for x with lsq = log sum exp(x - offset): the
+    // sample maximum serves.
+    float* st = a.stats + r * kDivStats;
+    st[kMaxQ] = mq;
+    st[kLogSumQ] = lsq;
+    st[kMaxP] = mp;
+    st[kLogSumP] = lsp;
+    st[kS0] = kq;
+    st[kS1] = kp;
+    from_float(0.5f * (kq + kp), a.out + r);
+  }
+}
+
+// JS backward for half types, one pass: Q, P, lm as in the forward, then
+// dq = c/2 Q (lq - lm - KLq), dp = c/2 P (lp - lm - KLp). A clamped lq keeps Q = 0 entries
+// (-inf logits) at 0 without a mask.
+template <typename T, bool GQ, bool GP, int I>
+MT_INLINE void js_backward_rows_half(const Args<T>& a, int64_t r0, int64_t r1) {
+  const int V = a.V;
+  constexpr float kTiny = std::numeric_limits<float>::min();
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* qr = a.q + r * V;
+    const T* pr = a.p + r * V;
+    const float* st = a.cstats + r * kDivStats;
+    const float mq = st[kMaxQ], lsq = st[kLogSumQ], mp = st[kMaxP], lsp = st[kLogSumP];
+    const float oq = mq == -kInf ? 0.f : mq, lq_off = mq == -kInf ? kInf : lsq;
+    const float op = mp == -kInf ? 0.f : mp, lp_off = mp == -kInf ? kInf : lsp;
+    const float hc = 0.5f * a.cot[r];
+    const float kq = st[kS0], kp = st[kS1];
+    for (int j = 0; j < V; j += 2 * W) {
+      prefetch(qr + j + kAhead);
+      prefetch(pr + j + kAhead);
+      vf xq[2], xp[2], g[2][2];
+      load_pair_at<T, I>(qr, j, V, xq[0], xq[1]);
+      load_pair_at<T, I>(pr, j, V, xp[0], xp[1]);
+      for (int k = 0; k < 2; ++k) {
+        vf lq, lp;
+        vf Q = vexp_half<I>((xq[k] - oq) - lq_off, lq);
+        vf P = vexp_half<I>((xp[k] - op) - lp_off, lp);
+        vf lm = vlog_half<I>((P + Q) * 0.5f + kTiny); // M > 0 for log
+        if constexpr (GQ) {
+          g[0][k] = (Q * hc) * ((lq - lm) - kq);
+        }
+        if constexpr (GP) {
+          g[1][k] = (P * hc) * ((lp - lm) - kp);
+        }
+      }
+      if constexpr (GQ) {
+        store_pair<T, I>(a.out + r * V + j, g[0][0], g[0][1], V - j);
+      }
+      if constexpr (GP) {
+        store_pair<T, I>(a.out2 + r * V + j, g[1][0], g[1][1], V - j);
+      }
+    }
+  }
+}
+
 // ------------------------------------------------------------------ forward
 // JS: (1) row maxima, (2) e = exp(x - max) kept in a per-thread row buffer (L2-sized for
 // any vocabulary) with their sums, (3) Q = e_q / S_q, P = e_p / S_p, lm = log((P + Q) / 2):
@@ -576,7 +975,11 @@ MT_INLINE void js_forward_rows(const Args<T>& a, int64_t r0, int64_t r1) {
 template <typename T, Divergence K, int I>
 MT_INLINE void forward_rows(const Args<T>& a, int64_t r0, int64_t r1) {
   if constexpr (K == Divergence::JS) {
-    js_forward_rows<T, I>(a, r0, r1);
+    if constexpr (std::is_same_v<T, float>) {
+      js_forward_rows<T, I>(a, r0, r1);
+    } else {
+      js_forward_rows_half<T, I>(a, r0, r1);
+    }
     return;
   }
   alignas(32) float bq[kBlock];
@@ -682,6 +1085,10 @@ MT_INLINE void backward_rows(const Args<T>& a, int64_t r0, int64_t r1) {
           from_float(0.f, a.out2 + r * V + j);
         }
       }
+      continue;
+    }
+    if constexpr (K == Divergence::JS && !std::is_same_v<T, float>) {
+      js_backward_rows_half<T, GQ, GP, I>(a, r, r + 1);
       continue;
     }
     for (int j = 0; j < V; j += kBlock) {
