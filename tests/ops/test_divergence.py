@@ -133,6 +133,42 @@ def test_masked_vocabulary(device, op, dtype):
         check_all(op, q2, p2, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("masked", ["q", "p"])
+def test_js_fully_masked_row(device, dtype, masked):
+    # One input's row is all -inf (no mass): JS = ln(2) / 2, the other argument's gradient
+    # is 0 there, and the neighbouring rows are untouched. Also at large V, where the
+    # AVX-512 half-precision path first guesses its offsets and redoes failed rows.
+    for v in (300, 40013):
+        q, p = _inputs((3, v), dtype)
+        full_q, full_p = q, p
+        if masked == "q":
+            q = mx.concatenate([q[:1], mx.full((1, v), -mx.inf, dtype), q[2:]])
+        else:
+            p = mx.concatenate([p[:1], mx.full((1, v), -mx.inf, dtype), p[2:]])
+        out = ops.js_div(q, p)
+        gq, gp = mx.grad(lambda a, b: ops.js_div(a, b).astype(mx.float32).sum(), [0, 1])(q, p)
+        assert abs(out[1].item() - np.log(2) / 2) < 2e-3
+        other = gp if masked == "q" else gq
+        assert np.all(np.isfinite(to_f64(gq))) and np.all(np.isfinite(to_f64(gp)))
+        assert np.abs(to_f64(other[1])).max() < 1e-5
+        ref = ops.js_div(full_q, full_p)
+        np.testing.assert_allclose(to_f64(out[0::2]), to_f64(ref[0::2]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("op", ["kl", "js"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_wide_spread_large_vocabulary(device, op, dtype):
+    # Logits far above the first entries of the row (the AVX-512 half-precision JS guesses
+    # its offsets from them) and a wide spread: the redo path must give the oracle's values.
+    q, p = _inputs((4, 40013), dtype, scale=3.0)
+    # exp(120) overflows float32 unless the true maximum is the offset
+    bump_q = mx.zeros((4, 40013)).at[:, 30000:30010].add(120.0)
+    bump_p = mx.zeros((4, 40013)).at[:, 20000:20005].add(100.0)
+    check_all(op, (q.astype(mx.float32) + bump_q).astype(dtype),
+              (p.astype(mx.float32) + bump_p).astype(dtype), dtype)
+
+
 @pytest.mark.parametrize("op", ["kl", "js"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_huge_logits(device, op, dtype):
