@@ -11,6 +11,9 @@
 // stats[r] = {max_q, log sum exp(b - max_q), max_p, log sum exp(a - max_p), s0, s1}
 // with s0 = KL (KL) or KLq (JS), s1 = 0 (KL) or KLp (JS). Keeping max and log-sum apart
 // keeps lp - lq exact for huge logits: (a - b) + (max_q - max_p) + (logS_q - logS_p).
+// The "max" slots hold the offset the sums were taken from: the row maximum, except in
+// the CPU's AVX-512 half-precision JS, which may keep a sampled maximum that did not
+// overflow (csrc/backend/cpu/divergence.cpp); the backward only needs an offset.
 // Header shared with nvcc: never include mlx/ops.h here (GPU.md).
 #pragma once
 
