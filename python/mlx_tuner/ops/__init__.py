@@ -37,6 +37,9 @@ OP_NOTES: dict[str, str] = {
     "lora_linear": "Metal: fused forward, backward composed from MLX ops",
     "dora_linear": "GPU: the fused LoRA / QLoRA primitive and the fused row-norm kernel, "
     "then the m/n column scale as an MLX op (no fused GEMM epilogue yet)",
+    "linear_cross_entropy": "CUDA: chunked over the vocabulary on cuBLASLt; on the H200 it "
+    "held 1/12 of the materialized path's memory but took about 2x its time "
+    "(BENCHMARKS.md); the trainer's fused=False / MLX_TUNER_FUSED_CE=0 turns it off",
 }
 
 
