@@ -93,7 +93,7 @@ def lora_switch_linear(x, weight, lora_a, lora_b, indices, scale, bias=None, *,
                        sorted_indices=False, x_dropped=None, scales=None, biases=None,
                        group_size=64, bits=4, mode="affine", stream=None):
     """Fused LoRA switch layer (falls back to ``lora_switch_linear_reference`` without a
-    kernel: on GPUs, for quantized bases, for an empty batch).
+    kernel: on GPUs and for quantized bases).
 
     On the CPU one primitive groups the (token, slot) pairs by expert and runs per-expert
     BLAS GEMMs (saving x_d A^T for the backward); its vjp is a second fused primitive that
@@ -102,7 +102,7 @@ def lora_switch_linear(x, weight, lora_a, lora_b, indices, scale, bias=None, *,
     _check(x, weight, lora_a, lora_b, indices, scale, bias, x_dropped, scales, biases,
            group_size, bits, mode)
     ext = _extension.kernel_for("lora_switch", stream) if scales is None else None
-    if ext is None or x.size == 0 or indices.size == 0:
+    if ext is None:  # (the CPU kernel takes an empty batch too)
         return lora_switch_linear_reference(
             x, weight, lora_a, lora_b, indices, scale, bias, sorted_indices=sorted_indices,
             x_dropped=x_dropped, scales=scales, biases=biases, group_size=group_size,
