@@ -27,6 +27,9 @@ MLX_TUNER_FAMILY(dora)
 #ifdef MLX_TUNER_HAS_CROSS_ENTROPY
 MLX_TUNER_FAMILY(cross_entropy)
 #endif
+#ifdef MLX_TUNER_HAS_LORA_SWITCH
+MLX_TUNER_FAMILY(lora_switch)
+#endif
 
 #ifdef MLX_TUNER_CUDA
 namespace mlx_tuner::cuda {
@@ -66,5 +69,8 @@ NB_MODULE(_ext, m) {
 #endif
 #ifdef MLX_TUNER_HAS_CROSS_ENTROPY
   mlx_tuner::bindings::init_cross_entropy(families);
+#endif
+#ifdef MLX_TUNER_HAS_LORA_SWITCH
+  mlx_tuner::bindings::init_lora_switch(families);
 #endif
 }

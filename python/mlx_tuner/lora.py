@@ -61,6 +61,28 @@ def linear_call(x, base, lora_a, lora_b, scale, x_dropped, method="__call__"):
     return y + (scale * ((xd @ lora_a) @ lora_b)).astype(x.dtype)
 
 
+def switch_call(x, indices, base, lora_a, lora_b, scale, x_dropped, sorted_indices=False):
+    """base(x, indices) + scale * the per-expert low-rank update, through the fused op."""
+    bias = base.get("bias")
+    if _runs_as(base, SwitchLinear, "__call__"):
+        return ops.lora_switch_linear(x, base.weight, lora_a, lora_b, indices, scale, bias,
+                                      sorted_indices=sorted_indices, x_dropped=x_dropped)
+    if (_runs_as(base, QuantizedSwitchLinear, "__call__")
+            and getattr(base, "global_scale", None) is None):
+        return ops.lora_switch_linear(x, base.weight, lora_a, lora_b, indices, scale, bias,
+                                      sorted_indices=sorted_indices, x_dropped=x_dropped,
+                                      scales=base.scales, biases=base.get("biases"),
+                                      **quantization_of(base))
+    # A switch layer whose forward we do not know: keep it and add the update.
+    xd = x if x_dropped is None else x_dropped
+    y = base(x, indices, sorted_indices=sorted_indices)
+    z = mx.gather_mm(xd, lora_a.swapaxes(-1, -2), rhs_indices=indices,
+                     sorted_indices=sorted_indices)
+    z = mx.gather_mm(z, lora_b.swapaxes(-1, -2), rhs_indices=indices,
+                     sorted_indices=sorted_indices)
+    return y + (scale * z).astype(x.dtype)
+
+
 def _uniform_init(fan_in: int, shape: tuple) -> mx.array:
     bound = 1 / math.sqrt(fan_in)
     return mx.random.uniform(low=-bound, high=bound, shape=shape)
@@ -115,7 +137,7 @@ class LoRALinear(nn.Module):
 class LoRASwitchLinear(nn.Module):
     """LoRA over a mixture-of-experts switch layer: one (A, B) pair per expert.
 
-    Computed with mx.gather_mm as mlx-lm does (no fused op for experts yet).
+    Calls ``ops.lora_switch_linear`` (dense or affine-quantized base).
     lora_a is (experts, r, in) and lora_b (experts, out, r), mlx-lm's layout.
     """
 
@@ -137,12 +159,8 @@ class LoRASwitchLinear(nn.Module):
         self.num_experts = num_experts
 
     def __call__(self, x, indices, sorted_indices=False):
-        y = self.linear(x, indices, sorted_indices=sorted_indices)
-        z = mx.gather_mm(self.dropout(x), self.lora_a.swapaxes(-1, -2), rhs_indices=indices,
-                         sorted_indices=sorted_indices)
-        z = mx.gather_mm(z, self.lora_b.swapaxes(-1, -2), rhs_indices=indices,
-                         sorted_indices=sorted_indices)
-        return y + (self.scale * z).astype(x.dtype)
+        return switch_call(x, indices, self.linear, self.lora_a, self.lora_b, self.scale,
+                           dropped(self.dropout, x), sorted_indices)
 
     def fuse(self, dequantize: bool = False):
         base = self.linear

@@ -140,9 +140,10 @@ def test_lora_switch_linear(quant, bias):
     call = lambda m, x: m(x, idx)  # noqa: E731
     o, og = value_and_grads(ours, x, call)
     t, tg = value_and_grads(theirs, x, call)
-    assert mx.allclose(o, t, atol=1e-5).item()
+    # The fused op sums in another order than gather_mm: float32 rounding, scaled.
+    assert_same(o, t, None, mx.float32, "output")
     for k in tg:
-        assert mx.allclose(og[k], tg[k], atol=1e-5).item(), k
+        assert_same(og[k], tg[k], None, mx.float32, k)
     fused, ref = ours.fuse(), theirs.fuse()
     assert type(fused) is type(ref)
     assert isinstance(fused, QuantizedSwitchLinear if quant else SwitchLinear)

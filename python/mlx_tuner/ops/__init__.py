@@ -14,6 +14,9 @@ from .cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 from .divergence import js_div, js_div_reference, kl_div, kl_div_reference
 from .dora import dora_linear, dora_linear_reference, dora_weight_sq_norm
 from .lora import lora_linear, lora_linear_reference
+from .lora_switch import BACKEND_NOTE as _LORA_SWITCH_NOTE
+from .lora_switch import GPU_MISSING as _LORA_SWITCH_GPU
+from .lora_switch import lora_switch_linear, lora_switch_linear_reference
 from .qlora import BACKEND_NOTE as _QLORA_NOTE
 from .qlora import qlora_linear, qlora_linear_reference
 
@@ -25,14 +28,21 @@ FUSED_OPS: dict[str, str] = {
     "qlora_linear": "qlora",
     "dora_linear": "dora",
     "linear_cross_entropy": "cross_entropy",
+    "lora_switch_linear": "lora_switch",
 }
 
 # op -> what backend_info() adds as "note": limits of a kernel beyond its devices.
 # Why a family's CUDA kernel is left out of the default CUDA build (CMakeLists.txt).
 CUDA_LEFT_OUT_WHY: dict[str, str] = {}  # none left out by default
 
+# op -> {device: why} for devices no build of the op's family has a kernel for.
+NO_KERNEL_WHY: dict[str, dict[str, str]] = {
+    "lora_switch_linear": {"gpu": _LORA_SWITCH_GPU},
+}
+
 OP_NOTES: dict[str, str] = {
     "qlora_linear": _QLORA_NOTE,
+    "lora_switch_linear": _LORA_SWITCH_NOTE,
     # What a "gpu" kernel covers where it is not the whole op:
     "lora_linear": "Metal: fused forward, backward composed from MLX ops",
     "dora_linear": "GPU: the fused LoRA / QLoRA primitive and the fused row-norm kernel, "
@@ -79,6 +89,8 @@ def backend_info() -> dict:
             elif dev == "gpu" and family in getattr(ext, "cuda_left_out", "").split(","):
                 missing[dev] = (f"the '{family}' CUDA kernel is left out of this build "
                                 f"(MLX_TUNER_CUDA_DISABLED): {CUDA_LEFT_OUT_WHY.get(family, '')}")
+            elif dev in NO_KERNEL_WHY.get(op, {}):
+                missing[dev] = NO_KERNEL_WHY[op][dev]
             elif dev == "gpu" and gpu is None:
                 missing[dev] = "this build has no GPU backend (MLX without Metal or CUDA)"
             else:
@@ -104,6 +116,8 @@ __all__ = [
     "linear_cross_entropy_reference",
     "lora_linear",
     "lora_linear_reference",
+    "lora_switch_linear",
+    "lora_switch_linear_reference",
     "qlora_linear",
     "qlora_linear_reference",
 ]

@@ -1,0 +1,276 @@
+// CPU kernels of the fused LoRA switch layer (maths in csrc/ops/lora_switch.h). The
+// (token, slot) pairs are grouped by expert with a counting sort; per expert, the pairs'
+// rows are gathered (widened to float32) into one contiguous block and every product is
+// one BLAS GEMM on that block, so the work runs at GEMM speed whatever the routing.
+// Experts run one after another: each GEMM uses all of the BLAS's threads.
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "backend/cpu/f32_tiles.h"
+#include "common/blas.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "ops/lora_switch.h"
+
+namespace mlx_tuner {
+
+namespace {
+
+using cpu::F32Out;
+using cpu::Scratch;
+
+// sgemm that also accepts empty inner dimensions (r = 0, in = 0): C = beta C.
+void gemm(bool ta, bool tb, int m, int n, int k, float alpha, const float* a, int lda,
+          const float* b, int ldb, float beta, float* c, int ldc) {
+  if (m == 0 || n == 0) {
+    return;
+  }
+  if (k == 0) {
+    for (int64_t i = 0; i < int64_t(m) * n; ++i) c[i] = beta == 0.0f ? 0.0f : beta * c[i];
+    return;
+  }
+  sgemm(ta, tb, m, n, k, alpha, a, std::max(lda, 1), b, std::max(ldb, 1), beta, c,
+        std::max(ldc, 1));
+}
+
+void alloc(mx::array& a) {
+  a.set_data(mx::allocator::malloc(a.nbytes()));
+}
+
+// The pairs grouped by expert: expert e owns order[offsets[e] .. offsets[e + 1]); pairs
+// whose index is outside [0, experts) are listed in `invalid`.
+struct Groups {
+  std::vector<int> offsets, order, invalid;
+  int max_count = 0;
+};
+
+Groups group_by_expert(const int32_t* rhs, int pairs, int experts) {
+  Groups g;
+  g.offsets.assign(experts + 1, 0);
+  for (int p = 0; p < pairs; ++p) {
+    int e = rhs[p];
+    if (e >= 0 && e < experts) {
+      ++g.offsets[e + 1];
+    } else {
+      g.invalid.push_back(p);
+    }
+  }
+  for (int e = 0; e < experts; ++e) {
+    g.max_count = std::max(g.max_count, g.offsets[e + 1]);
+    g.offsets[e + 1] += g.offsets[e];
+  }
+  g.order.resize(g.offsets[experts]);
+  std::vector<int> next(g.offsets.begin(), g.offsets.end() - 1);
+  for (int p = 0; p < pairs; ++p) {
+    int e = rhs[p];
+    if (e >= 0 && e < experts) g.order[next[e]++] = p;
+  }
+  return g;
+}
+
+// Matrix `idx` of a contiguous (count, rows, cols) array as float32: the array's memory
+// when it is float32, else widened into `buf`.
+const float* matrix_f32(const mx::array& a, int64_t idx, int64_t size, Scratch& buf) {
+  const char* src = a.data<char>() + idx * size * a.itemsize();
+  if (a.dtype() == mx::float32) {
+    return reinterpret_cast<const float*>(src);
+  }
+  if (buf.size() < size) buf.reset(size);
+  cpu::widen_par(src, a.dtype(), buf.get(), size);
+  return buf.get();
+}
+
+// dst block i (block floats) = float32 of src block blocks[i] (a contiguous array).
+void gather_blocks(const mx::array& src, const int* pairs, const int32_t* block_of, int n,
+                   int64_t block, float* dst) {
+  const char* base = src.data<char>();
+  size_t esz = src.itemsize();
+  cpu::between_gemms_for(n, 8, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      int64_t b = block_of ? block_of[pairs[i]] : pairs[i];
+      cpu::widen(base + b * block * esz, src.dtype(), dst + i * block, block);
+    }
+  });
+}
+
+} // namespace
+
+void LoRASwitchLinear::eval_cpu(
+    const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  auto& y = outputs[0];
+  auto& xa = outputs[1];
+  alloc(y);
+  alloc(xa);
+  auto& enc = mx::cpu::get_command_encoder(stream());
+  for (auto& in : inputs) enc.set_input_array(in);
+  enc.set_output_array(y);
+  enc.set_output_array(xa);
+  int xd_idx = has_bias_ ? 7 : 6;
+  enc.dispatch([x = inputs[0], w = inputs[1], a = inputs[2], b = inputs[3], lhs = inputs[4],
+                rhs = inputs[5], bias = has_bias_ ? std::optional(inputs[6]) : std::nullopt,
+                xd = has_xd_ ? std::optional(inputs[xd_idx]) : std::nullopt, y, xa,
+                s = scale_]() mutable {
+    int pairs = lhs.shape(0), mm = x.shape(1);
+    int experts = w.shape(0), out = w.shape(1), in = w.shape(2), r = a.shape(1);
+    const int32_t* lhs_p = lhs.data<int32_t>();
+    Groups gr = group_by_expert(rhs.data<int32_t>(), pairs, experts);
+    int64_t rows = int64_t(gr.max_count) * mm;
+    Scratch xg(rows * in), xdg(xd ? rows * in : 0), yg(rows * out), xag(rows * r);
+    Scratch wbuf, abuf, bbuf, biasbuf;
+    float* xa_p = xa.data<float>();
+    char* y_p = y.data<char>();
+    size_t ysz = y.itemsize();
+    for (int e = 0; e < experts; ++e) {
+      int n = gr.offsets[e + 1] - gr.offsets[e];
+      if (n == 0) continue;
+      const int* ps = gr.order.data() + gr.offsets[e];
+      int m = n * mm;
+      gather_blocks(x, ps, lhs_p, n, int64_t(mm) * in, xg.get());
+      if (xd) gather_blocks(*xd, ps, lhs_p, n, int64_t(mm) * in, xdg.get());
+      const float* we = matrix_f32(w, e, int64_t(out) * in, wbuf);
+      const float* ae = matrix_f32(a, e, int64_t(r) * in, abuf);
+      const float* be = matrix_f32(b, e, int64_t(out) * r, bbuf);
+      // xa = x_d A_e^T (saved for the backward)
+      gemm(false, true, m, r, in, 1.0f, xd ? xdg.get() : xg.get(), in, ae, in, 0.0f,
+           xag.get(), r);
+      float beta = 0.0f;
+      if (bias) {
+        const float* bias_e = matrix_f32(*bias, e, out, biasbuf);
+        for (int i = 0; i < m; ++i) std::memcpy(yg.get() + int64_t(i) * out, bias_e, out * 4);
+        beta = 1.0f;
+      }
+      // y = x W_e^T (+ bias_e), then y += s xa B_e^T into the same block
+      gemm(false, true, m, out, in, 1.0f, xg.get(), in, we, in, beta, yg.get(), out);
+      gemm(false, true, m, out, r, s, xag.get(), r, be, r, 1.0f, yg.get(), out);
+      cpu::between_gemms_for(n, 8, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+          int64_t p = ps[i];
+          std::memcpy(xa_p + p * mm * r, xag.get() + i * mm * r, int64_t(mm) * r * 4);
+          cpu::narrow(yg.get() + i * mm * out, y_p + p * mm * out * ysz, y.dtype(),
+                      int64_t(mm) * out);
+        }
+      });
+    }
+    // An expert index out of range: NaN outputs, never memory outside the weights.
+    std::vector<float> nan_row(int64_t(mm) * out, std::numeric_limits<float>::quiet_NaN());
+    for (int p : gr.invalid) {
+      std::memset(xa_p + int64_t(p) * mm * r, 0, int64_t(mm) * r * 4);
+      cpu::narrow(nan_row.data(), y_p + int64_t(p) * mm * out * ysz, y.dtype(),
+                  int64_t(mm) * out);
+    }
+  });
+}
+
+void LoRASwitchLinearVJP::eval_cpu(
+    const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  for (auto& o : outputs) alloc(o);
+  auto& enc = mx::cpu::get_command_encoder(stream());
+  for (auto& in : inputs) enc.set_input_array(in);
+  for (auto& o : outputs) enc.set_output_array(o);
+  size_t k = 0;
+  using Opt = std::optional<mx::array>;
+  auto take = [&](bool on) -> Opt { return on ? Opt(outputs[k++]) : std::nullopt; };
+  Opt dx = take(grads_.x);
+  Opt dw = take(grads_.weight);
+  Opt da = take(grads_.lora_a);
+  Opt db = take(grads_.lora_b);
+  Opt dbias = take(grads_.bias);
+  Opt dxd = take(grads_.x_dropped);
+  enc.dispatch([x = inputs[0], w = inputs[1], a = inputs[2], b = inputs[3], lhs = inputs[4],
+                rhs = inputs[5], xa = inputs[6], dy = inputs[7],
+                xd = has_xd_ ? std::optional(inputs[8]) : std::nullopt, dx, dw, da, db, dbias,
+                dxd, s = scale_]() mutable {
+    int pairs = lhs.shape(0), mm = x.shape(1);
+    int experts = w.shape(0), out = w.shape(1), in = w.shape(2), r = a.shape(1);
+    const int32_t* lhs_p = lhs.data<int32_t>();
+    Groups gr = group_by_expert(rhs.data<int32_t>(), pairs, experts);
+    // LoRA part of the input gradient: into dx, or into dx_d when dropout was applied.
+    bool lora_into_dx = dx && !xd;
+    bool need_g = da || dxd || lora_into_dx;
+    // Accumulators (zeroed: experts without pairs get zero gradients).
+    std::optional<F32Out> dx_acc, dw_acc, da_acc, db_acc, dbias_acc, dxd_acc;
+    if (dx) dx_acc.emplace(*dx, true);
+    if (dw) dw_acc.emplace(*dw, true);
+    if (da) da_acc.emplace(*da, true);
+    if (db) db_acc.emplace(*db, true);
+    if (dbias) dbias_acc.emplace(*dbias, true);
+    if (dxd) dxd_acc.emplace(*dxd, true);
+    int64_t rows = int64_t(gr.max_count) * mm;
+    Scratch dyg(rows * out), xg(dw || (da && !xd) ? rows * in : 0),
+        xdg(da && xd ? rows * in : 0), xag(db ? rows * r : 0), g(need_g ? rows * r : 0),
+        tmp(dx || dxd ? rows * in : 0);
+    Scratch wbuf, abuf, bbuf;
+    const float* xa_p = xa.data<float>();
+
+    // dst[lhs[p]] += block i of tmp, for the expert's pairs (sequential: blocks may repeat)
+    auto scatter_add = [&](float* dst, const int* ps, int n) {
+      int64_t block = int64_t(mm) * in;
+      cpu::between_gemms_for(block, 1024, [&](int64_t j0, int64_t j1) {
+        for (int i = 0; i < n; ++i) {
+          float* d = dst + lhs_p[ps[i]] * block;
+          const float* t = tmp.get() + i * block;
+          for (int64_t j = j0; j < j1; ++j) d[j] += t[j];
+        }
+      });
+    };
+
+    for (int e = 0; e < experts; ++e) {
+      int n = gr.offsets[e + 1] - gr.offsets[e];
+      if (n == 0) continue;
+      const int* ps = gr.order.data() + gr.offsets[e];
+      int m = n * mm;
+      gather_blocks(dy, ps, nullptr, n, int64_t(mm) * out, dyg.get());
+      if (!xg.empty()) gather_blocks(x, ps, lhs_p, n, int64_t(mm) * in, xg.get());
+      if (!xdg.empty()) gather_blocks(*xd, ps, lhs_p, n, int64_t(mm) * in, xdg.get());
+      if (!xag.empty()) {
+        for (int i = 0; i < n; ++i) {
+          std::memcpy(xag.get() + int64_t(i) * mm * r, xa_p + int64_t(ps[i]) * mm * r,
+                      int64_t(mm) * r * 4);
+        }
+      }
+      const float* ae = (lora_into_dx || dxd) ? matrix_f32(a, e, int64_t(r) * in, abuf) : nullptr;
+      if (need_g) { // g = dy B_e
+        const float* be = matrix_f32(b, e, int64_t(out) * r, bbuf);
+        gemm(false, false, m, r, out, 1.0f, dyg.get(), out, be, r, 0.0f, g.get(), r);
+      }
+      if (dx) {
+        const float* we = matrix_f32(w, e, int64_t(out) * in, wbuf);
+        gemm(false, false, m, in, out, 1.0f, dyg.get(), out, we, in, 0.0f, tmp.get(), in);
+        if (lora_into_dx) {
+          gemm(false, false, m, in, r, s, g.get(), r, ae, in, 1.0f, tmp.get(), in);
+        }
+        scatter_add(dx_acc->get(), ps, n);
+      }
+      if (dxd) {
+        gemm(false, false, m, in, r, s, g.get(), r, ae, in, 0.0f, tmp.get(), in);
+        scatter_add(dxd_acc->get(), ps, n);
+      }
+      if (da) { // dA_e = s g^T x_d
+        const float* xdp = xd ? xdg.get() : xg.get();
+        gemm(true, false, r, in, m, s, g.get(), r, xdp, in, 0.0f,
+             da_acc->get() + int64_t(e) * r * in, in);
+      }
+      if (db) { // dB_e = s dy^T xa
+        gemm(true, false, out, r, m, s, dyg.get(), out, xag.get(), r, 0.0f,
+             db_acc->get() + int64_t(e) * out * r, r);
+      }
+      if (dw) { // dW_e = dy^T x
+        gemm(true, false, out, in, m, 1.0f, dyg.get(), out, xg.get(), in, 0.0f,
+             dw_acc->get() + int64_t(e) * out * in, in);
+      }
+      if (dbias) {
+        float* acc = dbias_acc->get() + int64_t(e) * out;
+        for (int i = 0; i < m; ++i) {
+          const float* row = dyg.get() + int64_t(i) * out;
+          for (int j = 0; j < out; ++j) acc[j] += row[j];
+        }
+      }
+    }
+    for (auto* acc : {&dx_acc, &dw_acc, &da_acc, &db_acc, &dbias_acc, &dxd_acc}) {
+      if (*acc) (*acc)->finish();
+    }
+  });
+}
+
+} // namespace mlx_tuner

@@ -1,0 +1,231 @@
+// The fused LoRA switch op: validate, broadcast the index arrays into flat (lhs, rhs)
+// pair lists, make contiguous, then build the forward primitive; its vjp builds the
+// fused backward primitive. Maths in lora_switch.h.
+#include "ops/lora_switch.h"
+
+#include <algorithm>
+#include <numeric>
+#include <sstream>
+#include <stdexcept>
+
+#include "common/checks.h"
+#include "mlx/ops.h"
+
+namespace mlx_tuner {
+
+namespace {
+
+void fail(const std::string& msg) {
+  throw std::invalid_argument("[lora_switch_linear] " + msg);
+}
+
+void check_float(const char* name, const mx::array& a) {
+  if (a.dtype() != mx::float32 && a.dtype() != mx::float16 && a.dtype() != mx::bfloat16) {
+    std::ostringstream o;
+    o << name << " must be float32, float16 or bfloat16 but got " << a.dtype() << ".";
+    fail(o.str());
+  }
+}
+
+void check_shape(const char* name, const mx::array& a, const mx::Shape& expected) {
+  if (a.shape() != expected) {
+    fail(std::string(name) + " must have shape " + shape_str(expected) + " but got " +
+         shape_str(a.shape()) + ".");
+  }
+}
+
+void check_ndim(const char* name, const mx::array& a, int ndim) {
+  if (static_cast<int>(a.ndim()) != ndim) {
+    fail(std::string(name) + " must have " + std::to_string(ndim) +
+         " dimensions but got shape " + shape_str(a.shape()) + ".");
+  }
+}
+
+} // namespace
+
+mx::array lora_switch_linear(
+    const mx::array& x,
+    const mx::array& weight,
+    const mx::array& lora_a,
+    const mx::array& lora_b,
+    const mx::array& indices,
+    float scale,
+    const std::optional<mx::array>& bias,
+    const std::optional<mx::array>& x_dropped,
+    mx::StreamOrDevice s_) {
+  auto s = mx::to_stream(s_);
+  if (x.ndim() < 2) {
+    fail("x must have at least 2 dimensions but got shape " + shape_str(x.shape()) + ".");
+  }
+  check_ndim("weight", weight, 3);
+  int experts = weight.shape(0), out_dims = weight.shape(1), in_dims = weight.shape(2);
+  if (x.shape(-1) != in_dims) {
+    fail("x must have last dimension " + std::to_string(in_dims) + " (weight is " +
+         shape_str(weight.shape()) + ") but got shape " + shape_str(x.shape()) + ".");
+  }
+  check_ndim("lora_a", lora_a, 3);
+  int r = lora_a.shape(1);
+  check_shape("lora_a", lora_a, {experts, r, in_dims});
+  check_shape("lora_b", lora_b, {experts, out_dims, r});
+  check_float("x", x);
+  check_float("weight", weight);
+  check_float("lora_a", lora_a);
+  check_float("lora_b", lora_b);
+  if (!mx::issubdtype(indices.dtype(), mx::integer)) {
+    std::ostringstream o;
+    o << "indices must be an integer array but got " << indices.dtype() << ".";
+    fail(o.str());
+  }
+  if (bias) {
+    check_float("bias", *bias);
+    check_shape("bias", *bias, {experts, out_dims});
+  }
+  if (x_dropped) {
+    check_float("x_dropped", *x_dropped);
+    check_shape("x_dropped", *x_dropped, x.shape());
+  }
+  mx::Shape x_batch(x.shape().begin(), x.shape().end() - 2);
+  mx::Shape batch;
+  try {
+    batch = mx::broadcast_shapes(x_batch, indices.shape());
+  } catch (const std::invalid_argument&) {
+    fail("indices must broadcast with x's batch dimensions " + shape_str(x_batch) +
+         " but got shape " + shape_str(indices.shape()) + ".");
+  }
+
+  auto out_dtype = mx::promote_types(x.dtype(), weight.dtype());
+  if (bias) {
+    out_dtype = mx::promote_types(out_dtype, bias->dtype());
+  }
+  int n_blocks = std::accumulate(x_batch.begin(), x_batch.end(), 1, std::multiplies<int>());
+  int m = x.shape(-2);
+  int pairs = std::accumulate(batch.begin(), batch.end(), 1, std::multiplies<int>());
+  // Pair p reads x block lhs[p] and expert rhs[p]: gather_mm's broadcasting, made explicit.
+  auto lhs = mx::reshape(mx::arange(n_blocks, mx::int32, s), x_batch, s);
+  lhs = mx::contiguous(mx::reshape(mx::broadcast_to(lhs, batch, s), {pairs}, s), false, s);
+  auto rhs = mx::broadcast_to(mx::astype(indices, mx::int32, s), batch, s);
+  rhs = mx::contiguous(mx::reshape(rhs, {pairs}, s), false, s);
+  mx::Shape flat = {n_blocks, m, in_dims};
+  auto prep = [&](const mx::array& a) { return mx::contiguous(a, false, s); };
+  std::vector<mx::array> inputs = {prep(mx::reshape(x, flat, s)), prep(weight), prep(lora_a),
+                                   prep(lora_b), lhs, rhs};
+  if (bias) {
+    inputs.push_back(prep(*bias));
+  }
+  if (x_dropped) {
+    inputs.push_back(prep(mx::reshape(*x_dropped, flat, s)));
+  }
+  auto outs = mx::array::make_arrays(
+      {{pairs, m, out_dims}, {pairs, m, r}},
+      {out_dtype, mx::float32},
+      std::make_shared<LoRASwitchLinear>(s, scale, bias.has_value(), x_dropped.has_value()),
+      inputs);
+  auto out_shape = batch;
+  out_shape.push_back(m);
+  out_shape.push_back(out_dims);
+  return mx::reshape(outs[0], out_shape, s);
+}
+
+std::vector<mx::Shape> LoRASwitchLinear::output_shapes(const std::vector<mx::array>& inputs) {
+  int pairs = inputs[4].shape(0), m = inputs[0].shape(1);
+  return {{pairs, m, inputs[1].shape(1)}, {pairs, m, inputs[2].shape(1)}};
+}
+
+bool LoRASwitchLinear::is_equivalent(const mx::Primitive& other) const {
+  auto& o = static_cast<const LoRASwitchLinear&>(other);
+  return scale_ == o.scale_ && has_bias_ == o.has_bias_ && has_xd_ == o.has_xd_;
+}
+
+std::vector<mx::array> LoRASwitchLinear::vjp(
+    const std::vector<mx::array>& primals,
+    const std::vector<mx::array>& cotangents,
+    const std::vector<int>& argnums,
+    const std::vector<mx::array>& outputs) {
+  // xa (outputs[1]) is internal: its cotangent is never anything but zeros.
+  auto s = stream();
+  int bias_idx = has_bias_ ? 6 : -1;
+  int xd_idx = has_xd_ ? (has_bias_ ? 7 : 6) : -1;
+  LoRASwitchGrads want;
+  for (int a : argnums) {
+    if (a == 4 || a == 5) {
+      throw std::invalid_argument(
+          "[lora_switch_linear] cannot compute the gradient with respect to indices; "
+          "use mx.stop_gradient on indices.");
+    }
+    want.x |= a == 0;
+    want.weight |= a == 1;
+    want.lora_a |= a == 2;
+    want.lora_b |= a == 3;
+    want.bias |= a == bias_idx;
+    want.x_dropped |= a == xd_idx;
+  }
+  auto dy = mx::contiguous(mx::astype(cotangents[0], outputs[0].dtype(), s), false, s);
+  std::vector<mx::array> inputs = {primals[0], primals[1], primals[2], primals[3],
+                                   primals[4], primals[5], outputs[1], dy};
+  if (has_xd_) {
+    inputs.push_back(primals[xd_idx]);
+  }
+  std::vector<mx::Shape> shapes;
+  std::vector<mx::Dtype> dtypes;
+  auto add = [&](bool on, const mx::array& p) {
+    if (on) {
+      shapes.push_back(p.shape());
+      dtypes.push_back(p.dtype());
+    }
+  };
+  add(want.x, primals[0]);
+  add(want.weight, primals[1]);
+  add(want.lora_a, primals[2]);
+  add(want.lora_b, primals[3]);
+  if (has_bias_) add(want.bias, primals[bias_idx]);
+  if (has_xd_) add(want.x_dropped, primals[xd_idx]);
+  auto grads = mx::array::make_arrays(
+      shapes, dtypes, std::make_shared<LoRASwitchLinearVJP>(s, scale_, has_xd_, want), inputs);
+  // argnums order -> position among the outputs (which come in LoRASwitchGrads order)
+  std::vector<int> order = {0, 1, 2, 3, bias_idx, xd_idx};
+  std::vector<mx::array> out;
+  for (int a : argnums) {
+    int k = 0;
+    for (int i : order) {
+      if (i == a) break;
+      bool on = i >= 0 && std::find(argnums.begin(), argnums.end(), i) != argnums.end();
+      k += on ? 1 : 0;
+    }
+    out.push_back(grads[k]);
+  }
+  return out;
+}
+
+std::vector<mx::Shape> LoRASwitchLinearVJP::output_shapes(
+    const std::vector<mx::array>& inputs) {
+  std::vector<mx::Shape> shapes;
+  if (grads_.x) shapes.push_back(inputs[0].shape());
+  if (grads_.weight) shapes.push_back(inputs[1].shape());
+  if (grads_.lora_a) shapes.push_back(inputs[2].shape());
+  if (grads_.lora_b) shapes.push_back(inputs[3].shape());
+  if (grads_.bias) shapes.push_back({inputs[1].shape(0), inputs[1].shape(1)});
+  if (grads_.x_dropped) shapes.push_back(inputs[0].shape());
+  return shapes;
+}
+
+bool LoRASwitchLinearVJP::is_equivalent(const mx::Primitive& other) const {
+  auto& o = static_cast<const LoRASwitchLinearVJP&>(other);
+  return scale_ == o.scale_ && has_xd_ == o.has_xd_ && grads_ == o.grads_;
+}
+
+#if !defined(MLX_TUNER_LORA_SWITCH_GPU) // no GPU kernel of this family in any build
+// mlx_tuner.ops.lora_switch_linear runs the reference on GPU streams; reaching these
+// means the extension's op was called directly with a GPU stream.
+void LoRASwitchLinear::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+  throw std::runtime_error(
+      "[lora_switch_linear] no GPU kernel: use mlx_tuner.ops.lora_switch_linear, which runs "
+      "mlx-lm's gather_mm maths on the GPU");
+}
+void LoRASwitchLinearVJP::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+  throw std::runtime_error(
+      "[lora_switch_linear] no GPU kernel: use mlx_tuner.ops.lora_switch_linear, which runs "
+      "mlx-lm's gather_mm maths on the GPU");
+}
+#endif
+
+} // namespace mlx_tuner
