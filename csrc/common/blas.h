@@ -10,6 +10,11 @@
 #define MLX_TUNER_CBLAS(name) scipy_cblas_##name
 #endif
 
+#if defined(MLX_TUNER_SCIPY_OPENBLAS)
+extern "C" int scipy_openblas_get_num_threads(void);
+extern "C" void scipy_openblas_set_num_threads(int);
+#endif
+
 namespace mlx_tuner {
 
 // C[m, n] = alpha * op(A) op(B) + beta * C, row-major, leading dimensions explicit.
@@ -46,5 +51,23 @@ inline void sgemm(
    c,
    ldc);
 }
+
+// While alive, BLAS calls run on the calling thread only (OpenBLAS; Accelerate is left
+// alone), for kernels whose own threads each call BLAS. The old count comes back after.
+struct BlasSingleThread {
+#if defined(MLX_TUNER_SCIPY_OPENBLAS)
+  int prev = scipy_openblas_get_num_threads();
+  BlasSingleThread() {
+    if (prev != 1) {
+      scipy_openblas_set_num_threads(1);
+    }
+  }
+  ~BlasSingleThread() {
+    if (prev != 1) {
+      scipy_openblas_set_num_threads(prev);
+    }
+  }
+#endif
+};
 
 } // namespace mlx_tuner

@@ -239,6 +239,29 @@ def test_compiled_value_and_grad(device, dt, dropped):
             assert float(mx.abs(gi.astype(f32) - ri.astype(f32)).max()) <= tol
 
 
+@pytest.mark.parametrize("dropped", [False, True])
+@pytest.mark.parametrize("routing", ["balanced", "skewed"])
+def test_concurrent_and_sequential_experts(device, routing, dropped):
+    """Many pairs over several experts: balanced routing runs the experts concurrently on
+    the CPU (tokens' k slots in different experts, some twice in one expert, all add into
+    one dx block), skewed routing (one expert holds most pairs) runs them in turn."""
+    case = ((48, 1, 1, 40), (48, 4), 8, 24, 6)
+    args, idx = make(case, f32, f32, seed=3, bias=True, dropped=dropped)
+    if routing == "skewed":
+        idx = mx.where(mx.arange(idx.size).reshape(idx.shape) % 8 == 0, idx, 0)
+    idx = idx.astype(mx.uint32)
+    dy = mx.random.normal((48, 4, 1, 24), key=mx.random.key(5))
+    argnums = [i for i, t in enumerate(args) if t is not None]
+    got_y = call(lora_switch_linear, args, idx, 0.5)
+    got = vjp(lora_switch_linear, args, idx, 0.5, argnums, dy)
+    ref_y = call(lora_switch_linear_reference, args, idx, 0.5)
+    ref = vjp(lora_switch_linear_reference, args, idx, 0.5, argnums, dy)
+    assert_close_to_oracle(got_y, ref_y, oracle(args, idx, 0.5), f32, what="y")
+    want = oracle(args, idx, 0.5, dy)
+    for name in got:
+        assert_close_to_oracle(got[name], ref[name], want[name], f32, what=f"d{name}")
+
+
 def test_experts_without_tokens_get_zero_gradients(device):
     args, _ = make(((6, 1, 1, 16), (6, 2), 8, 12, 4), f32, f32, bias=True, dropped=False)
     idx = mx.array([[1, 3]] * 6, dtype=mx.uint32)

@@ -166,23 +166,9 @@ struct Head {
   }
 };
 
-// Our threads split the tokens and each calls a single-threaded BLAS: OpenBLAS's own
-// threads, woken for every small GEMM, ran up to 100x slower on a loaded machine.
-struct BlasSingleThread {
-#if defined(MLX_TUNER_SCIPY_OPENBLAS)
-  int prev = scipy_openblas_get_num_threads();
-  BlasSingleThread() {
-    if (prev != 1) {
-      scipy_openblas_set_num_threads(1);
-    }
-  }
-  ~BlasSingleThread() {
-    if (prev != 1) {
-      scipy_openblas_set_num_threads(prev);
-    }
-  }
-#endif
-};
+// Our threads split the tokens and each calls a single-threaded BLAS (BlasSingleThread):
+// OpenBLAS's own threads, woken for every small GEMM, ran up to 100x slower on a loaded
+// machine.
 
 // tile[nb, vb] = h[n0 : n0 + nb] · W_blockᵀ + b[v0 : v0 + vb]
 template <typename T>

@@ -14,30 +14,13 @@
 #include "mlx/backend/cpu/encoder.h"
 #include "ops/dora.h"
 
-#if defined(MLX_TUNER_SCIPY_OPENBLAS)
-extern "C" int scipy_openblas_get_num_threads(void);
-extern "C" void scipy_openblas_set_num_threads(int);
-#endif
-
 namespace mlx_tuner {
 
 namespace {
 
-// Our pool splits the work across panels / row blocks and calls a single-threaded BLAS:
-// OpenBLAS's own threads spin-wait and slowed these kernels ~4x on a loaded 2-core box.
-// Its thread count is restored on exit, so other families keep their setting.
-struct SingleThreadedBlas {
-#if defined(MLX_TUNER_SCIPY_OPENBLAS)
-  int saved = scipy_openblas_get_num_threads();
-  SingleThreadedBlas() {
-    if (saved != 1) scipy_openblas_set_num_threads(1);
-  }
-  ~SingleThreadedBlas() {
-    if (saved != 1) scipy_openblas_set_num_threads(saved);
-  }
-#endif
-};
-
+// Our pool splits the work across panels / row blocks and calls a single-threaded BLAS
+// (BlasSingleThread): OpenBLAS's own threads spin-wait and slowed these kernels ~4x on a
+// loaded 2-core box.
 // float32 scratch from MLX's allocator, so that mx.get_peak_memory() counts it.
 class Scratch {
  public:
@@ -380,7 +363,7 @@ void dispatch(mx::Stream st, const std::vector<mx::array>& in, std::vector<mx::a
 
 void DoRALinear::eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& outs) {
   dispatch(stream(), in, outs, [cfg = cfg_](auto& i, auto& o) {
-    SingleThreadedBlas one;
+    BlasSingleThread one;
     forward(cfg, i, o);
   });
 }
@@ -407,7 +390,7 @@ void DoRARowSqNorm::eval_cpu(const std::vector<mx::array>& in, mx::array& out) {
 
 void DoRALinearVJP::eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& outs) {
   dispatch(stream(), in, outs, [cfg = cfg_, want = want_](auto& i, auto& o) {
-    SingleThreadedBlas one;
+    BlasSingleThread one;
     backward(cfg, want, i, o);
   });
 }

@@ -2,14 +2,18 @@
 // (token, slot) pairs are grouped by expert with a counting sort; per expert, the pairs'
 // rows are gathered (widened to float32) into one contiguous block and every product is
 // one BLAS GEMM on that block, so the work runs at GEMM speed whatever the routing.
-// Experts run one after another: each GEMM uses all of the BLAS's threads.
+// Experts run concurrently, largest first, each on one of our threads with a
+// single-threaded BLAS; when one expert holds more than a thread's share of the rows they
+// run one after another instead, each GEMM on all of the BLAS's threads.
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <limits>
 #include <vector>
 
 #include "backend/cpu/f32_tiles.h"
 #include "common/blas.h"
+#include "common/parallel.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "ops/lora_switch.h"
 
@@ -69,6 +73,45 @@ Groups group_by_expert(const int32_t* rhs, int pairs, int experts) {
   return g;
 }
 
+// The experts with pairs, largest first, and whether to run them concurrently: only when
+// no expert holds more than a thread's share of the pairs (else threads would idle).
+struct Plan {
+  std::vector<int> experts;
+  bool parallel = false;
+  int slots = 1; // scratch sets: one per concurrent task
+};
+
+Plan plan_experts(const Groups& g) {
+  Plan p;
+  int count = static_cast<int>(g.offsets.size()) - 1;
+  for (int e = 0; e < count; ++e) {
+    if (g.offsets[e + 1] > g.offsets[e]) p.experts.push_back(e);
+  }
+  auto size = [&](int e) { return g.offsets[e + 1] - g.offsets[e]; };
+  std::stable_sort(p.experts.begin(), p.experts.end(),
+                   [&](int a, int b) { return size(a) > size(b); });
+  int threads = std::min<int>(num_threads(), p.experts.size());
+  p.parallel = threads > 1 && int64_t(g.max_count) * threads <= int64_t(g.order.size());
+  p.slots = p.parallel ? threads : 1;
+  return p;
+}
+
+// Calls fn(e, slot) once per planned expert; concurrent calls get distinct slots.
+template <typename F>
+void for_experts(const Plan& p, F&& fn) {
+  if (!p.parallel) {
+    for (int e : p.experts) fn(e, 0);
+    return;
+  }
+  BlasSingleThread single;
+  std::atomic<size_t> next{0};
+  parallel_for(p.slots, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      for (size_t i; (i = next.fetch_add(1)) < p.experts.size();) fn(p.experts[i], int(t));
+    }
+  });
+}
+
 // Matrix `idx` of a contiguous (count, rows, cols) array as float32: the array's memory
 // when it is float32, else widened into `buf`.
 const float* matrix_f32(const mx::array& a, int64_t idx, int64_t size, Scratch& buf) {
@@ -115,43 +158,53 @@ void LoRASwitchLinear::eval_cpu(
     int experts = w.shape(0), out = w.shape(1), in = w.shape(2), r = a.shape(1);
     const int32_t* lhs_p = lhs.data<int32_t>();
     Groups gr = group_by_expert(rhs.data<int32_t>(), pairs, experts);
+    Plan plan = plan_experts(gr);
     int64_t rows = int64_t(gr.max_count) * mm;
-    Scratch xg(rows * in), xdg(xd ? rows * in : 0), yg(rows * out), xag(rows * r);
-    Scratch wbuf, abuf, bbuf, biasbuf;
+    struct Bufs {
+      Scratch xg, xdg, yg, xag, wbuf, abuf, bbuf, biasbuf;
+    };
+    std::vector<Bufs> bufs(plan.slots);
+    for (auto& bf : bufs) {
+      bf.xg.reset(rows * in);
+      if (xd) bf.xdg.reset(rows * in);
+      bf.yg.reset(rows * out);
+      bf.xag.reset(rows * r);
+    }
     float* xa_p = xa.data<float>();
     char* y_p = y.data<char>();
     size_t ysz = y.itemsize();
-    for (int e = 0; e < experts; ++e) {
+    for_experts(plan, [&](int e, int slot) {
+      Bufs& bf = bufs[slot];
       int n = gr.offsets[e + 1] - gr.offsets[e];
-      if (n == 0) continue;
       const int* ps = gr.order.data() + gr.offsets[e];
       int m = n * mm;
-      gather_blocks(x, ps, lhs_p, n, int64_t(mm) * in, xg.get());
-      if (xd) gather_blocks(*xd, ps, lhs_p, n, int64_t(mm) * in, xdg.get());
-      const float* we = matrix_f32(w, e, int64_t(out) * in, wbuf);
-      const float* ae = matrix_f32(a, e, int64_t(r) * in, abuf);
-      const float* be = matrix_f32(b, e, int64_t(out) * r, bbuf);
+      float *xg = bf.xg.get(), *xdg = bf.xdg.get(), *yg = bf.yg.get(), *xag = bf.xag.get();
+      gather_blocks(x, ps, lhs_p, n, int64_t(mm) * in, xg);
+      if (xd) gather_blocks(*xd, ps, lhs_p, n, int64_t(mm) * in, xdg);
+      const float* we = matrix_f32(w, e, int64_t(out) * in, bf.wbuf);
+      const float* ae = matrix_f32(a, e, int64_t(r) * in, bf.abuf);
+      const float* be = matrix_f32(b, e, int64_t(out) * r, bf.bbuf);
       // xa = x_d A_e^T (saved for the backward)
-      gemm(false, true, m, r, in, 1.0f, xd ? xdg.get() : xg.get(), in, ae, in, 0.0f,
-           xag.get(), r);
+      gemm(false, true, m, r, in, 1.0f, xd ? xdg : xg, in, ae, in, 0.0f, xag, r);
       float beta = 0.0f;
       if (bias) {
-        const float* bias_e = matrix_f32(*bias, e, out, biasbuf);
-        for (int i = 0; i < m; ++i) std::memcpy(yg.get() + int64_t(i) * out, bias_e, out * 4);
+        const float* bias_e = matrix_f32(*bias, e, out, bf.biasbuf);
+        for (int i = 0; i < m; ++i) std::memcpy(yg + int64_t(i) * out, bias_e, out * 4);
         beta = 1.0f;
       }
       // y = x W_e^T (+ bias_e), then y += s xa B_e^T into the same block
-      gemm(false, true, m, out, in, 1.0f, xg.get(), in, we, in, beta, yg.get(), out);
-      gemm(false, true, m, out, r, s, xag.get(), r, be, r, 1.0f, yg.get(), out);
+      gemm(false, true, m, out, in, 1.0f, xg, in, we, in, beta, yg, out);
+      gemm(false, true, m, out, r, s, xag, r, be, r, 1.0f, yg, out);
+      // every pair is one expert's: its rows of y and xa have a single writer
       cpu::between_gemms_for(n, 8, [&](int64_t i0, int64_t i1) {
         for (int64_t i = i0; i < i1; ++i) {
           int64_t p = ps[i];
-          std::memcpy(xa_p + p * mm * r, xag.get() + i * mm * r, int64_t(mm) * r * 4);
-          cpu::narrow(yg.get() + i * mm * out, y_p + p * mm * out * ysz, y.dtype(),
+          std::memcpy(xa_p + p * mm * r, xag + i * mm * r, int64_t(mm) * r * 4);
+          cpu::narrow(yg + i * mm * out, y_p + p * mm * out * ysz, y.dtype(),
                       int64_t(mm) * out);
         }
       });
-    }
+    });
     // An expert index out of range: NaN outputs, never memory outside the weights.
     std::vector<float> nan_row(int64_t(mm) * out, std::numeric_limits<float>::quiet_NaN());
     for (int p : gr.invalid) {
@@ -196,77 +249,124 @@ void LoRASwitchLinearVJP::eval_cpu(
     if (db) db_acc.emplace(*db, true);
     if (dbias) dbias_acc.emplace(*dbias, true);
     if (dxd) dxd_acc.emplace(*dxd, true);
-    int64_t rows = int64_t(gr.max_count) * mm;
-    Scratch dyg(rows * out), xg(dw || (da && !xd) ? rows * in : 0),
-        xdg(da && xd ? rows * in : 0), xag(db ? rows * r : 0), g(need_g ? rows * r : 0),
-        tmp(dx || dxd ? rows * in : 0);
-    Scratch wbuf, abuf, bbuf;
+    Plan plan = plan_experts(gr);
+    int64_t rows = int64_t(gr.max_count) * mm, block = int64_t(mm) * in;
+    struct Bufs {
+      Scratch dyg, xg, xdg, xag, g, tmp, wbuf, abuf, bbuf;
+    };
+    std::vector<Bufs> bufs(plan.slots);
+    for (auto& bf : bufs) {
+      bf.dyg.reset(rows * out);
+      if (dw || (da && !xd)) bf.xg.reset(rows * in);
+      if (da && xd) bf.xdg.reset(rows * in);
+      if (db) bf.xag.reset(rows * r);
+      if (need_g) bf.g.reset(rows * r);
+      if (dx || dxd) bf.tmp.reset(rows * in);
+    }
     const float* xa_p = xa.data<float>();
 
-    // dst[lhs[p]] += block i of tmp, for the expert's pairs (sequential: blocks may repeat)
-    auto scatter_add = [&](float* dst, const int* ps, int n) {
-      int64_t block = int64_t(mm) * in;
+    // The input gradients of pair p go to block lhs[p], which other pairs (other experts)
+    // may share. Concurrent experts then write each pair's block apart, and the blocks are
+    // summed in pair order afterwards; else they are added straight in.
+    bool shared = false;
+    if (plan.parallel && (dx || dxd)) {
+      std::vector<char> seen(x.shape(0), 0);
+      for (int p : gr.order) {
+        if (seen[lhs_p[p]]++) {
+          shared = true;
+          break;
+        }
+      }
+    }
+    Scratch dx_pairs(shared && dx ? int64_t(pairs) * block : 0),
+        dxd_pairs(shared && dxd ? int64_t(pairs) * block : 0);
+    auto put = [&](float* acc, Scratch& per_pair, const float* t, const int* ps, int n) {
+      if (!per_pair.empty()) {
+        cpu::between_gemms_for(n, 4, [&](int64_t i0, int64_t i1) {
+          for (int64_t i = i0; i < i1; ++i) {
+            std::memcpy(per_pair.get() + int64_t(ps[i]) * block, t + i * block, block * 4);
+          }
+        });
+        return;
+      }
+      // pairs in order (an expert may list a block twice), columns split across threads
       cpu::between_gemms_for(block, 1024, [&](int64_t j0, int64_t j1) {
         for (int i = 0; i < n; ++i) {
-          float* d = dst + lhs_p[ps[i]] * block;
-          const float* t = tmp.get() + i * block;
+          float* d = acc + int64_t(lhs_p[ps[i]]) * block;
+          const float* src = t + int64_t(i) * block;
+          for (int64_t j = j0; j < j1; ++j) d[j] += src[j];
+        }
+      });
+    };
+    auto reduce = [&](float* acc, Scratch& per_pair) {
+      if (per_pair.empty()) return;
+      parallel_for(block, 1024, [&](int64_t j0, int64_t j1) {
+        for (int p = 0; p < pairs; ++p) {
+          int e = rhs.data<int32_t>()[p];
+          if (e < 0 || e >= experts) continue;
+          float* d = acc + int64_t(lhs_p[p]) * block;
+          const float* t = per_pair.get() + int64_t(p) * block;
           for (int64_t j = j0; j < j1; ++j) d[j] += t[j];
         }
       });
     };
 
-    for (int e = 0; e < experts; ++e) {
+    for_experts(plan, [&](int e, int slot) {
+      Bufs& bf = bufs[slot];
       int n = gr.offsets[e + 1] - gr.offsets[e];
-      if (n == 0) continue;
       const int* ps = gr.order.data() + gr.offsets[e];
       int m = n * mm;
-      gather_blocks(dy, ps, nullptr, n, int64_t(mm) * out, dyg.get());
-      if (!xg.empty()) gather_blocks(x, ps, lhs_p, n, int64_t(mm) * in, xg.get());
-      if (!xdg.empty()) gather_blocks(*xd, ps, lhs_p, n, int64_t(mm) * in, xdg.get());
-      if (!xag.empty()) {
+      float *dyg = bf.dyg.get(), *xg = bf.xg.get(), *xdg = bf.xdg.get(), *xag = bf.xag.get(),
+            *g = bf.g.get(), *tmp = bf.tmp.get();
+      gather_blocks(dy, ps, nullptr, n, int64_t(mm) * out, dyg);
+      if (xg) gather_blocks(x, ps, lhs_p, n, block, xg);
+      if (xdg) gather_blocks(*xd, ps, lhs_p, n, block, xdg);
+      if (xag) {
         for (int i = 0; i < n; ++i) {
-          std::memcpy(xag.get() + int64_t(i) * mm * r, xa_p + int64_t(ps[i]) * mm * r,
+          std::memcpy(xag + int64_t(i) * mm * r, xa_p + int64_t(ps[i]) * mm * r,
                       int64_t(mm) * r * 4);
         }
       }
-      const float* ae = (lora_into_dx || dxd) ? matrix_f32(a, e, int64_t(r) * in, abuf) : nullptr;
+      const float* ae =
+          (lora_into_dx || dxd) ? matrix_f32(a, e, int64_t(r) * in, bf.abuf) : nullptr;
       if (need_g) { // g = dy B_e
-        const float* be = matrix_f32(b, e, int64_t(out) * r, bbuf);
-        gemm(false, false, m, r, out, 1.0f, dyg.get(), out, be, r, 0.0f, g.get(), r);
+        const float* be = matrix_f32(b, e, int64_t(out) * r, bf.bbuf);
+        gemm(false, false, m, r, out, 1.0f, dyg, out, be, r, 0.0f, g, r);
       }
       if (dx) {
-        const float* we = matrix_f32(w, e, int64_t(out) * in, wbuf);
-        gemm(false, false, m, in, out, 1.0f, dyg.get(), out, we, in, 0.0f, tmp.get(), in);
+        const float* we = matrix_f32(w, e, int64_t(out) * in, bf.wbuf);
+        gemm(false, false, m, in, out, 1.0f, dyg, out, we, in, 0.0f, tmp, in);
         if (lora_into_dx) {
-          gemm(false, false, m, in, r, s, g.get(), r, ae, in, 1.0f, tmp.get(), in);
+          gemm(false, false, m, in, r, s, g, r, ae, in, 1.0f, tmp, in);
         }
-        scatter_add(dx_acc->get(), ps, n);
+        put(dx_acc->get(), dx_pairs, tmp, ps, n);
       }
       if (dxd) {
-        gemm(false, false, m, in, r, s, g.get(), r, ae, in, 0.0f, tmp.get(), in);
-        scatter_add(dxd_acc->get(), ps, n);
+        gemm(false, false, m, in, r, s, g, r, ae, in, 0.0f, tmp, in);
+        put(dxd_acc->get(), dxd_pairs, tmp, ps, n);
       }
       if (da) { // dA_e = s g^T x_d
-        const float* xdp = xd ? xdg.get() : xg.get();
-        gemm(true, false, r, in, m, s, g.get(), r, xdp, in, 0.0f,
+        gemm(true, false, r, in, m, s, g, r, xd ? xdg : xg, in, 0.0f,
              da_acc->get() + int64_t(e) * r * in, in);
       }
       if (db) { // dB_e = s dy^T xa
-        gemm(true, false, out, r, m, s, dyg.get(), out, xag.get(), r, 0.0f,
+        gemm(true, false, out, r, m, s, dyg, out, xag, r, 0.0f,
              db_acc->get() + int64_t(e) * out * r, r);
       }
       if (dw) { // dW_e = dy^T x
-        gemm(true, false, out, in, m, 1.0f, dyg.get(), out, xg.get(), in, 0.0f,
+        gemm(true, false, out, in, m, 1.0f, dyg, out, xg, in, 0.0f,
              dw_acc->get() + int64_t(e) * out * in, in);
       }
       if (dbias) {
         float* acc = dbias_acc->get() + int64_t(e) * out;
         for (int i = 0; i < m; ++i) {
-          const float* row = dyg.get() + int64_t(i) * out;
+          const float* row = dyg + int64_t(i) * out;
           for (int j = 0; j < out; ++j) acc[j] += row[j];
         }
       }
-    }
+    });
+    if (dx) reduce(dx_acc->get(), dx_pairs);
+    if (dxd) reduce(dxd_acc->get(), dxd_pairs);
     for (auto* acc : {&dx_acc, &dw_acc, &da_acc, &db_acc, &dbias_acc, &dxd_acc}) {
       if (*acc) (*acc)->finish();
     }
