@@ -8,7 +8,9 @@ providers: "reference" (lora_switch_linear_reference: mlx-lm's gather_mm maths) 
 as mlx-lm's SwitchGLU does for a training batch: the (token, slot) pairs sorted by expert,
 x (N k, 1, in), indices (N k,), sorted_indices=True. Each row carries FLOP/s and, on the
 CPU, the BLAS float32 GEMM of the same total size (N k, in) x (in, out) timed right after.
-MLX's CPU gather_mm runs float32 only, so the CPU rows are float32.
+MLX's CPU gather_mm runs float32 only, so the CPU rows are float32. Bases: "dense" and
+"q4g64" (mx.quantize'd at 4 bits, group size 64: mlx-lm's QuantizedSwitchLinear, whose
+reference is gather_qmm).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ else:  # Qwen3-30B-A3B's expert shapes, 32 of its 128 experts, a few hundred tok
 DTYPES = [mx.bfloat16] if GPU else [mx.float32]
 PROVIDERS = ["reference", "fused"]
 MODES = ["forward", "forward+backward"]
+BASES = ["dense", "q4g64"]
 
 
 def flops(mode, pairs, din, dout, r):
@@ -45,11 +48,11 @@ def flops(mode, pairs, din, dout, r):
     return fwd if mode == "forward" else fwd + base + 2 * lora
 
 
-def make_fn(provider, mode, x, w, a, b, idx, scale):
+def make_fn(provider, mode, x, w, a, b, idx, scale, quant):
     op = lora_switch_linear if provider == "fused" else lora_switch_linear_reference
 
     def f(x, a, b):
-        return op(x, w, a, b, idx, scale, sorted_indices=True)
+        return op(x, w, a, b, idx, scale, sorted_indices=True, **quant)
 
     if mode == "forward":
         return lambda: f(x, a, b)
@@ -61,7 +64,8 @@ def make_fn(provider, mode, x, w, a, b, idx, scale):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s[0])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_lora_switch_linear(benchmark, provider, mode, shape, dtype):
+@pytest.mark.parametrize("base", BASES)
+def test_lora_switch_linear(benchmark, base, provider, mode, shape, dtype):
     name, n, experts, k, din, dout, r = shape
     keys = mx.random.split(mx.random.key(0), 5)
     x = mx.random.normal((n, din), key=keys[0]).astype(dtype)
@@ -74,8 +78,12 @@ def test_lora_switch_linear(benchmark, provider, mode, shape, dtype):
     order = mx.argsort(flat)
     idx = flat[order].astype(mx.uint32)
     xs = x[order // k][:, None, :]  # (N k, 1, in)
-    mx.eval(xs, w, a, b, idx)
-    fn = make_fn(provider, mode, xs, w, a, b, idx, 2.0)
+    quant = {}
+    if base == "q4g64":
+        wq, scales, biases = mx.quantize(w, 64, 4)
+        w, quant = wq, dict(scales=scales, biases=biases, group_size=64, bits=4)
+    mx.eval(xs, w, a, b, idx, *quant.values())
+    fn = make_fn(provider, mode, xs, w, a, b, idx, 2.0, quant)
     slow = provider != "fused" and not GPU
     run(benchmark, fn, rounds=3 if slow else 10, warmup=1 if slow else 3)
     pairs = n * k
@@ -87,7 +95,7 @@ def test_lora_switch_linear(benchmark, provider, mode, shape, dtype):
         blas = blas_gemm_flops(pairs, din, dout)
         extra = {"blas_same_shape_flops": blas, "fraction_of_blas_same_shape": achieved / blas}
     annotate(benchmark, op="lora_switch_linear", provider=provider, mode=mode, dtype=dtype,
-             shape={"layer": name, "N": n, "experts": experts, "k": k, "in": din,
+             shape={"base": base, "layer": name, "N": n, "experts": experts, "k": k, "in": din,
                     "out": dout, "r": r}, flops=work, flops_per_s=achieved,
              fraction_of_gemm_ceiling=achieved / ceil, **extra)
 

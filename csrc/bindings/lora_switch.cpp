@@ -24,9 +24,14 @@ void init_lora_switch(nb::module_& m) {
       "bias"_a = nb::none(),
       "x_dropped"_a = nb::none(),
       nb::kw_only(),
+      "scales"_a = nb::none(),
+      "biases"_a = nb::none(),
+      "group_size"_a = 64,
+      "bits"_a = 4,
       "stream"_a = nb::none(),
       "gather_mm(x, W^T, indices) + bias[indices] + scale gather_mm(gather_mm(x_dropped, "
-      "A^T), B^T), fused (see mlx_tuner.ops.lora_switch_linear).");
+      "A^T), B^T), fused; W may be affine-quantized (scales, biases, group_size, bits: "
+      "gather_qmm's base). See mlx_tuner.ops.lora_switch_linear.");
 }
 
 } // namespace mlx_tuner::bindings

@@ -9,6 +9,7 @@
 #include <stdexcept>
 
 #include "common/checks.h"
+#include "common/quant.h"
 #include "mlx/ops.h"
 
 namespace mlx_tuner {
@@ -52,13 +53,48 @@ mx::array lora_switch_linear(
     float scale,
     const std::optional<mx::array>& bias,
     const std::optional<mx::array>& x_dropped,
+    const std::optional<mx::array>& scales,
+    const std::optional<mx::array>& biases,
+    int group_size,
+    int bits,
     mx::StreamOrDevice s_) {
   auto s = mx::to_stream(s_);
   if (x.ndim() < 2) {
     fail("x must have at least 2 dimensions but got shape " + shape_str(x.shape()) + ".");
   }
   check_ndim("weight", weight, 3);
+  bool quantized = scales.has_value();
   int experts = weight.shape(0), out_dims = weight.shape(1), in_dims = weight.shape(2);
+  if (quantized) {
+    if (!quant::valid_bits(bits)) {
+      fail("bits must be one of 2, 3, 4, 5, 6, 8 but got " + std::to_string(bits) + ".");
+    }
+    if (!quant::valid_group_size(group_size)) {
+      fail("group_size must be one of 32, 64, 128 but got " + std::to_string(group_size) +
+           ".");
+    }
+    if (weight.dtype() != mx::uint32) {
+      std::ostringstream o;
+      o << "weight must be uint32 (from mx.quantize) when scales are given but got "
+        << weight.dtype() << ".";
+      fail(o.str());
+    }
+    if (!biases) {
+      fail("biases must be given with scales (an affine-quantized weight).");
+    }
+    in_dims = int(int64_t(weight.shape(2)) * 32 / bits);
+    if (int64_t(weight.shape(2)) * 32 % bits != 0 || in_dims % group_size != 0) {
+      fail("weight's last dimension " + std::to_string(weight.shape(2)) +
+           " does not hold whole groups of " + std::to_string(group_size) + " at " +
+           std::to_string(bits) + " bits.");
+    }
+    check_float("scales", *scales);
+    check_float("biases", *biases);
+    check_shape("scales", *scales, {experts, out_dims, in_dims / group_size});
+    check_shape("biases", *biases, {experts, out_dims, in_dims / group_size});
+  } else if (biases) {
+    fail("biases (of a quantized weight) were given without scales.");
+  }
   if (x.shape(-1) != in_dims) {
     fail("x must have last dimension " + std::to_string(in_dims) + " (weight is " +
          shape_str(weight.shape()) + ") but got shape " + shape_str(x.shape()) + ".");
@@ -68,7 +104,9 @@ mx::array lora_switch_linear(
   check_shape("lora_a", lora_a, {experts, r, in_dims});
   check_shape("lora_b", lora_b, {experts, out_dims, r});
   check_float("x", x);
-  check_float("weight", weight);
+  if (!quantized) {
+    check_float("weight", weight);
+  }
   check_float("lora_a", lora_a);
   check_float("lora_b", lora_b);
   if (!mx::issubdtype(indices.dtype(), mx::integer)) {
@@ -93,7 +131,9 @@ mx::array lora_switch_linear(
          " but got shape " + shape_str(indices.shape()) + ".");
   }
 
-  auto out_dtype = mx::promote_types(x.dtype(), weight.dtype());
+  // a quantized base computes in its scales' dtype (mx.quantize's), as gather_qmm does
+  auto qdtype = quantized ? mx::promote_types(scales->dtype(), biases->dtype()) : mx::float32;
+  auto out_dtype = mx::promote_types(x.dtype(), quantized ? qdtype : weight.dtype());
   if (bias) {
     out_dtype = mx::promote_types(out_dtype, bias->dtype());
   }
@@ -115,10 +155,17 @@ mx::array lora_switch_linear(
   if (x_dropped) {
     inputs.push_back(prep(mx::reshape(*x_dropped, flat, s)));
   }
+  SwitchQuant quant;
+  if (quantized) {
+    inputs.push_back(prep(mx::astype(*scales, qdtype, s)));
+    inputs.push_back(prep(mx::astype(*biases, qdtype, s)));
+    quant = {bits, group_size};
+  }
   auto outs = mx::array::make_arrays(
       {{pairs, m, out_dims}, {pairs, m, r}},
       {out_dtype, mx::float32},
-      std::make_shared<LoRASwitchLinear>(s, scale, bias.has_value(), x_dropped.has_value()),
+      std::make_shared<LoRASwitchLinear>(s, scale, bias.has_value(), x_dropped.has_value(),
+                                         quant),
       inputs);
   auto out_shape = batch;
   out_shape.push_back(m);
@@ -133,7 +180,8 @@ std::vector<mx::Shape> LoRASwitchLinear::output_shapes(const std::vector<mx::arr
 
 bool LoRASwitchLinear::is_equivalent(const mx::Primitive& other) const {
   auto& o = static_cast<const LoRASwitchLinear&>(other);
-  return scale_ == o.scale_ && has_bias_ == o.has_bias_ && has_xd_ == o.has_xd_;
+  return scale_ == o.scale_ && has_bias_ == o.has_bias_ && has_xd_ == o.has_xd_ &&
+         quant_ == o.quant_;
 }
 
 std::vector<mx::array> LoRASwitchLinear::vjp(
@@ -145,8 +193,15 @@ std::vector<mx::array> LoRASwitchLinear::vjp(
   auto s = stream();
   int bias_idx = has_bias_ ? 6 : -1;
   int xd_idx = has_xd_ ? (has_bias_ ? 7 : 6) : -1;
+  int q_idx = quant_.bits ? 6 + has_bias_ + has_xd_ : -1; // scales; biases follow
   LoRASwitchGrads want;
   for (int a : argnums) {
+    if (quant_.bits && (a == 1 || a == q_idx || a == q_idx + 1)) {
+      const char* name = a == 1 ? "weight" : a == q_idx ? "scales" : "biases";
+      throw std::invalid_argument(
+          std::string("[lora_switch_linear] gradients with respect to ") + name +
+          " are not supported: the quantized base is frozen (pass it as a constant).");
+    }
     if (a == 4 || a == 5) {
       throw std::invalid_argument(
           "[lora_switch_linear] cannot compute the gradient with respect to indices; "
@@ -165,6 +220,10 @@ std::vector<mx::array> LoRASwitchLinear::vjp(
   if (has_xd_) {
     inputs.push_back(primals[xd_idx]);
   }
+  if (quant_.bits) {
+    inputs.push_back(primals[q_idx]);
+    inputs.push_back(primals[q_idx + 1]);
+  }
   std::vector<mx::Shape> shapes;
   std::vector<mx::Dtype> dtypes;
   auto add = [&](bool on, const mx::array& p) {
@@ -180,7 +239,7 @@ std::vector<mx::array> LoRASwitchLinear::vjp(
   if (has_bias_) add(want.bias, primals[bias_idx]);
   if (has_xd_) add(want.x_dropped, primals[xd_idx]);
   auto grads = mx::array::make_arrays(
-      shapes, dtypes, std::make_shared<LoRASwitchLinearVJP>(s, scale_, has_xd_, want), inputs);
+      shapes, dtypes, std::make_shared<LoRASwitchLinearVJP>(s, scale_, has_xd_, want, quant_), inputs);
   // argnums order -> position among the outputs (which come in LoRASwitchGrads order)
   std::vector<int> order = {0, 1, 2, 3, bias_idx, xd_idx};
   std::vector<mx::array> out;
@@ -210,7 +269,8 @@ std::vector<mx::Shape> LoRASwitchLinearVJP::output_shapes(
 
 bool LoRASwitchLinearVJP::is_equivalent(const mx::Primitive& other) const {
   auto& o = static_cast<const LoRASwitchLinearVJP&>(other);
-  return scale_ == o.scale_ && has_xd_ == o.has_xd_ && grads_ == o.grads_;
+  return scale_ == o.scale_ && has_xd_ == o.has_xd_ && grads_ == o.grads_ &&
+         quant_ == o.quant_;
 }
 
 #if !defined(MLX_TUNER_LORA_SWITCH_GPU) // no GPU kernel of this family in any build

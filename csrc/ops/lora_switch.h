@@ -10,6 +10,9 @@
 //     dx[lhs[p]] += dy_p W_e + s g_p A_e       (s g_p A_e goes to dx_d when x_dropped)
 //     dA_e += s g_p^T x_d,p    dB_e += s dy_p^T xa_p
 //     dW_e += dy_p^T x_p       dbias_e += sum_rows(dy_p)   (only when asked)
+// A quantized base (mode "affine", mx.quantize's layout) gives W as uint32
+// (E, out, in * bits / 32) with scales and biases (E, out, in / group_size); the CPU kernel
+// dequantizes W_e a panel of rows at a time (never all of W) and W gets no gradient.
 // The CPU kernel groups the pairs by expert (a counting sort of rhs) and runs one GEMM
 // per expert on the gathered rows. A pair whose expert index is out of [0, E) gets NaN
 // outputs and adds nothing to any gradient.
@@ -37,14 +40,30 @@ mx::array lora_switch_linear(
     float scale,
     const std::optional<mx::array>& bias,
     const std::optional<mx::array>& x_dropped,
+    const std::optional<mx::array>& scales = std::nullopt,
+    const std::optional<mx::array>& biases = std::nullopt,
+    int group_size = 64,
+    int bits = 4,
     mx::StreamOrDevice s = {});
 
-// inputs: x (X, M, in), W, A, B, lhs (P,), rhs (P,), [bias], [x_d]
+// The base's quantization: bits == 0 for a dense base.
+struct SwitchQuant {
+  int bits = 0;
+  int group_size = 0;
+  bool operator==(const SwitchQuant&) const = default;
+};
+
+// inputs: x (X, M, in), W, A, B, lhs (P,), rhs (P,), [bias], [x_d], [scales, biases]
 // outputs: y (P, M, out), xa (P, M, r) float32
 class LoRASwitchLinear : public mx::Primitive {
  public:
-  LoRASwitchLinear(mx::Stream stream, float scale, bool has_bias, bool has_xd)
-      : mx::Primitive(stream), scale_(scale), has_bias_(has_bias), has_xd_(has_xd) {}
+  LoRASwitchLinear(mx::Stream stream, float scale, bool has_bias, bool has_xd,
+                   SwitchQuant quant = {})
+      : mx::Primitive(stream),
+        scale_(scale),
+        has_bias_(has_bias),
+        has_xd_(has_xd),
+        quant_(quant) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs)
       override;
@@ -65,6 +84,7 @@ class LoRASwitchLinear : public mx::Primitive {
   float scale_;
   bool has_bias_;
   bool has_xd_;
+  SwitchQuant quant_;
 };
 
 // Which gradients the backward computes; outputs come in this order, each present
@@ -79,12 +99,13 @@ struct LoRASwitchGrads {
   bool operator==(const LoRASwitchGrads&) const = default;
 };
 
-// inputs: x, W, A, B, lhs, rhs, xa, dy (P, M, out), [x_d]
-// outputs: the flagged gradients, in LoRASwitchGrads order
+// inputs: x, W, A, B, lhs, rhs, xa, dy (P, M, out), [x_d], [scales, biases]
+// outputs: the flagged gradients, in LoRASwitchGrads order (never W's for a quantized W)
 class LoRASwitchLinearVJP : public mx::Primitive {
  public:
-  LoRASwitchLinearVJP(mx::Stream stream, float scale, bool has_xd, LoRASwitchGrads grads)
-      : mx::Primitive(stream), scale_(scale), has_xd_(has_xd), grads_(grads) {}
+  LoRASwitchLinearVJP(mx::Stream stream, float scale, bool has_xd, LoRASwitchGrads grads,
+                      SwitchQuant quant = {})
+      : mx::Primitive(stream), scale_(scale), has_xd_(has_xd), grads_(grads), quant_(quant) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs)
       override;
@@ -100,6 +121,7 @@ class LoRASwitchLinearVJP : public mx::Primitive {
   float scale_;
   bool has_xd_;
   LoRASwitchGrads grads_;
+  SwitchQuant quant_;
 };
 
 } // namespace mlx_tuner

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import io
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -140,6 +141,10 @@ def test_lora_switch_linear(quant, bias):
     call = lambda m, x: m(x, idx)  # noqa: E731
     o, og = value_and_grads(ours, x, call)
     t, tg = value_and_grads(theirs, x, call)
+    if ops._extension.kernel_for("lora_switch", mx.default_device()) is not None:
+        dot = io.StringIO()  # dense or quantized base: the fused primitive, no gather_(q)mm
+        mx.export_to_dot(dot, call(ours, x))
+        assert "LoRASwitchLinear" in dot.getvalue() and "Gather" not in dot.getvalue()
     # The fused op sums in another order than gather_mm: float32 rounding, scaled.
     assert_same(o, t, None, mx.float32, "output")
     for k in tg:

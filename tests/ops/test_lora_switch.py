@@ -340,12 +340,188 @@ def test_gradient_of_indices_is_refused():
                                              route(x), 1.0).sum())(x)
 
 
-@pytest.mark.parametrize("quant_bias", [False, True])
-def test_quantized_base_runs_the_reference(device, quant_bias):
-    args, idx = make(((5, 1, 1, 64), (5, 2), 4, 40, 4), f32, f32, bias=quant_bias)
+# --- affine-quantized base (mlx-lm's QuantizedSwitchLinear): gather_qmm's maths ---
+
+BITS = [2, 3, 4, 5, 6, 8]
+GROUP_SIZES = [32, 64, 128]
+QCASE = ((6, 1, 1, 128), (6, 2), 5, 24, 4)  # SwitchGLU's layout; in = 128 fits every group
+
+
+def qmake(case, dt, bits, gs, seed=0, bias=True, dropped=True, sort=False):
+    """make()'s inputs with W quantized in dt (so scales are dt, as mx.quantize gives);
+    the oracle's args carry the dequantized W."""
+    args, idx = make(case, dt, f32, seed=seed, bias=bias, dropped=dropped, sort=sort)
+    wq, sc, bi = mx.quantize(args[1], gs, bits)
+    q = dict(weight=wq, scales=sc, biases=bi, group_size=gs, bits=bits)
+    dense = list(args)
+    dense[1] = mx.dequantize(wq, sc, bi, gs, bits)
+    return args, dense, q, idx
+
+
+def qcall(fn, args, q, idx, scale, sort=False):
+    x, _, a, b, bb, xd = args
+    return fn(x, q["weight"], a, b, idx, scale, bb, x_dropped=xd, sorted_indices=sort,
+              scales=q["scales"], biases=q["biases"], group_size=q["group_size"],
+              bits=q["bits"])
+
+
+def qup(args, q):
+    """float32 inputs for MLX's CPU gather_mm (see reference_in_dtype)."""
+    return up(args), {**q, "scales": q["scales"].astype(f32), "biases": q["biases"].astype(f32)}
+
+
+def qvjp(fn, args, q, idx, scale, argnums, dy):
+    def f(*prim):
+        full = list(args)
+        for i, p in zip(argnums, prim):
+            full[i] = p
+        return qcall(fn, full, q, idx, scale)
+
+    grads = mx.vjp(f, [args[i] for i in argnums], [dy])[1]
+    return {NAMES[i]: g for i, g in zip(argnums, grads)}
+
+
+def test_quantized_kernel_is_used_on_cpu():
+    if _extension.kernel_for("lora_switch", mx.cpu) is None:
+        pytest.skip("extension not built")
+    args, _, q, idx = qmake(QCASE, f32, 4, 64)
+    y = qcall(lora_switch_linear, args, q, idx, 0.5)
+    _, (dx,) = mx.vjp(lambda x: qcall(lora_switch_linear, [x, *args[1:]], q, idx, 0.5),
+                      [args[0]], [mx.ones_like(y)])
+    for out, prim in [(y, "LoRASwitchLinear"), (dx, "LoRASwitchLinearVJP")]:
+        dot = io.StringIO()
+        mx.export_to_dot(dot, out)
+        assert prim in dot.getvalue() and "GatherQMM" not in dot.getvalue()
+        assert "Dequantize" not in dot.getvalue()
+
+
+# every bits x group size in float32; half precision at a few (keeps the suite fast)
+QGRID = [(b, g, f32) for b in BITS for g in GROUP_SIZES] + [
+    (b, g, dt) for dt in (bf16, f16) for b, g in [(2, 32), (4, 64), (5, 128), (8, 64)]]
+
+
+@pytest.mark.parametrize("bits,gs,dt", QGRID, ids=lambda v: DT_IDS(v) if isinstance(v, mx.Dtype) else str(v))
+def test_quantized_forward_and_gradients(device, bits, gs, dt):
+    sort = (bits + gs) % 2 == 0  # sorted and unsorted indices across the grid
+    args, dense, q, idx = qmake(QCASE, dt, bits, gs, seed=bits * gs, sort=sort)
+    y = qcall(lora_switch_linear, args, q, idx, 1.3, sort)
+    half = half_on_cpu(args)
+    rargs, rq = qup(args, q) if half else (args, q)
+    ref_y = qcall(lora_switch_linear_reference, rargs, rq, idx, 1.3, sort).astype(y.dtype)
+    assert y.dtype == dt and y.shape == ref_y.shape
+    assert_close_to_oracle(y, ref_y, oracle(dense, idx, 1.3), dt, what="y")
+    dy = mx.random.normal(y.shape, key=mx.random.key(bits)).astype(dt)
+    argnums = [0, 2, 3, 4, 5]
+    got = qvjp(lora_switch_linear, args, q, idx, 1.3, argnums, dy)
+    ref = qvjp(lora_switch_linear_reference, rargs, rq, idx, 1.3, argnums,
+               dy.astype(f32) if half else dy)
+    want = oracle(dense, idx, 1.3, dy)
+    for name in got:
+        assert got[name].dtype == args[NAMES.index(name)].dtype, name
+        r = ref[name].astype(got[name].dtype)
+        assert_close_to_oracle(got[name], r, want[name], dt, what=f"d{name}")
+
+
+@pytest.mark.parametrize("bits,gs", [(4, 64), (3, 128)], ids=str)
+def test_quantized_without_dropout_or_bias_and_concurrent_experts(device, bits, gs):
+    """Many pairs over 8 experts (concurrent on the CPU), dx taking the LoRA term."""
+    args, dense, q, idx = qmake(((40, 1, 1, 256), (40, 4), 8, 48, 6), f32, bits, gs,
+                                bias=False, dropped=False)
+    dy = mx.random.normal((40, 4, 1, 48), key=mx.random.key(1))
+    got = qvjp(lora_switch_linear, args, q, idx, 0.5, [0, 2, 3], dy)
+    ref = qvjp(lora_switch_linear_reference, args, q, idx, 0.5, [0, 2, 3], dy)
+    want = oracle(dense, idx, 0.5, dy)
+    for name in got:
+        assert_close_to_oracle(got[name], ref[name], want[name], f32, what=f"d{name}")
+
+
+@pytest.mark.parametrize("dt", [f32, bf16], ids=DT_IDS)
+def test_quantized_compiled_value_and_grad(device, dt):
+    args, _, q, idx = qmake(((3, 4, 1, 1, 128), (3, 4, 2), 6, 40, 8), dt, 4, 32, seed=4)
+    x, _, a, b, bb, xd = args
+    rargs, rq = qup(args, q) if half_on_cpu(args) else (args, q)
+
+    def loss(fn, bb, q):
+        def f(a, b, x, xd):
+            y = qcall(fn, [x, None, a, b, bb, xd], q, idx, 1.3)
+            return (y.astype(f32) ** 2).mean()
+        return f
+
+    fused = mx.compile(mx.value_and_grad(loss(lora_switch_linear, bb, q), [0, 1, 2, 3]))
+    eager = mx.value_and_grad(loss(lora_switch_linear_reference, rargs[4], rq), [0, 1, 2, 3])
+    for _ in range(2):  # the second call runs the cached compiled graph
+        v, g = fused(a, b, x, xd)
+        vr, gr = eager(a, b, rargs[0], rargs[5])
+        assert abs(v.item() - vr.item()) <= 2e-2 * max(1.0, abs(vr.item()))
+        for gi, ri, arg in zip(g, gr, [a, b, x, xd]):
+            assert gi.dtype == arg.dtype and gi.shape == ri.shape
+            tol = {f32: 1e-4, bf16: 5e-2}[dt] * max(1.0, float(mx.abs(ri.astype(f32)).max()))
+            assert float(mx.abs(gi.astype(f32) - ri.astype(f32)).max()) <= tol
+
+
+@pytest.mark.parametrize("name", ["scales", "biases"])
+def test_quantized_base_is_frozen(name):
+    if _extension.kernel_for("lora_switch", mx.cpu) is None:
+        pytest.skip("extension not built")
+    args, _, q, idx = qmake(QCASE, f32, 4, 64)
+
+    def f(t):
+        return qcall(lora_switch_linear, args, {**q, name: t}, idx, 1.0).sum()
+
+    with pytest.raises(ValueError, match=rf"\[lora_switch_linear\] gradients with respect to "
+                       rf"{name} are not supported: the quantized base is frozen"):
+        mx.grad(f)(q[name])
+
+
+def test_quantized_cpp_op_validates_directly():
+    ext = _extension.extension()
+    if ext is None or not hasattr(ext, "lora_switch_linear"):
+        pytest.skip("extension not built")
+    args, _, q, idx = qmake(QCASE, f32, 4, 64)
+    x, _, a, b, bb, xd = args
+    call_ = lambda **kw: ext.lora_switch_linear(  # noqa: E731
+        x, q["weight"], a, b, idx, 1.0, **{**dict(scales=q["scales"], biases=q["biases"],
+                                                  group_size=64, bits=4), **kw})
+    for kw, match in [
+        (dict(scales=q["scales"][:, :, :1]), r"scales must have shape \(5, 24, 2\) but got \(5, 24, 1\)"),
+        (dict(biases=None), r"biases must be given with scales"),
+        (dict(bits=7), r"bits must be one of 2, 3, 4, 5, 6, 8 but got 7"),
+        (dict(group_size=16), r"group_size must be one of 32, 64, 128 but got 16"),
+    ]:
+        with pytest.raises(ValueError, match=r"\[lora_switch_linear\] " + match):
+            call_(**kw)
+
+
+def test_quantized_peak_memory_stays_below_a_dequantized_weight():
+    """16 experts x 1024 x 1024: a float32 copy of W would be 64 MiB; the fused forward and
+    backward dequantize per-thread panels of W_e only."""
+    if _extension.kernel_for("lora_switch", mx.cpu) is None:
+        pytest.skip("extension not built")
+    e, d, r = 16, 1024, 8
+    k = mx.random.split(mx.random.key(0), 5)
+    wq, sc, bi = mx.quantize(mx.random.normal((e, d, d), key=k[0]) / 32, 64, 4)
+    x = mx.random.normal((8, 1, 1, d), key=k[1])
+    a = mx.random.normal((e, r, d), key=k[2]) / 32
+    b = mx.random.normal((e, d, r), key=k[3])
+    idx = mx.random.randint(0, e, (8, 4), key=k[4]).astype(mx.uint32)
+    mx.eval(wq, sc, bi, x, a, b, idx)
+    f = lambda x, a, b: lora_switch_linear(x, wq, a, b, idx, 1.0, scales=sc, biases=bi,  # noqa: E731
+                                           group_size=64, bits=4).sum()
+    mx.eval(mx.value_and_grad(f, [0, 1, 2])(x, a, b))  # warm up
+    mx.synchronize()
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    mx.eval(mx.value_and_grad(f, [0, 1, 2])(x, a, b))
+    extra = mx.get_peak_memory() - base
+    assert extra < 16 * 2**20, f"peak {extra / 2**20:.1f} MiB over the inputs"
+
+
+def test_other_quantizations_run_the_reference(device):
+    args, _ = make(((5, 1, 1, 64), (5, 2), 4, 40, 4), f32, f32)
     x, w, a, b, bb, xd = args
-    wq, sc, bi = mx.quantize(w, 64, 4)
-    kw = dict(scales=sc, biases=bi, group_size=64, bits=4, x_dropped=xd)
+    wq, sc = mx.quantize(w, 32, 4, mode="mxfp4")
+    kw = dict(scales=sc, biases=None, group_size=32, bits=4, mode="mxfp4", x_dropped=xd)
+    idx = mx.array([[0, 1]] * 5, dtype=mx.uint32)
     y = lora_switch_linear(x, wq, a, b, idx, 1.1, bb, **kw)
     ref = lora_switch_linear_reference(x, wq, a, b, idx, 1.1, bb, **kw)
     assert mx.array_equal(y, ref).item()

@@ -5,6 +5,9 @@
 // Experts run concurrently, largest first, each on one of our threads with a
 // single-threaded BLAS; when one expert holds more than a thread's share of the rows they
 // run one after another instead, each GEMM on all of the BLAS's threads.
+// A quantized W_e is dequantized a panel of rows at a time into the task's float32 buffer
+// (common/quant_panel.h): y takes one GEMM per row panel, dx = dy W_e one accumulating
+// GEMM per row panel, so no copy of a whole W_e, let alone of W, is ever made.
 #include <algorithm>
 #include <atomic>
 #include <cstring>
@@ -14,6 +17,7 @@
 #include "backend/cpu/f32_tiles.h"
 #include "common/blas.h"
 #include "common/parallel.h"
+#include "common/quant_panel.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "ops/lora_switch.h"
 
@@ -137,6 +141,25 @@ void gather_blocks(const mx::array& src, const int* pairs, const int32_t* block_
   });
 }
 
+// A dequantized panel holds about this many floats (1 MiB): each concurrent task has one.
+constexpr int64_t kPanelFloats = int64_t(1) << 18;
+
+// Rows of W_e per dequantized panel.
+int panel_rows(int out, int in) {
+  return int(std::clamp<int64_t>(kPanelFloats / std::max(in, 1), 1, std::max(out, 1)));
+}
+
+// Expert e's quantized matrix; scales and biases follow W among the primitive's inputs.
+quant::QMatrix expert_qmatrix(const mx::array& w, const mx::array& scales,
+                              const mx::array& biases, const SwitchQuant& q, int e, int in) {
+  int64_t out = w.shape(1), groups = in / q.group_size;
+  int64_t soff = int64_t(e) * out * groups * scales.itemsize();
+  return {reinterpret_cast<const uint8_t*>(w.data<uint32_t>()) +
+              int64_t(e) * out * quant::row_bytes(in, q.bits),
+          scales.data<char>() + soff, biases.data<char>() + soff, scales.dtype(), in, q.bits,
+          q.group_size};
+}
+
 } // namespace
 
 void LoRASwitchLinear::eval_cpu(
@@ -150,12 +173,16 @@ void LoRASwitchLinear::eval_cpu(
   enc.set_output_array(y);
   enc.set_output_array(xa);
   int xd_idx = has_bias_ ? 7 : 6;
+  int q_idx = 6 + has_bias_ + has_xd_;
+  using Opt = std::optional<mx::array>;
   enc.dispatch([x = inputs[0], w = inputs[1], a = inputs[2], b = inputs[3], lhs = inputs[4],
-                rhs = inputs[5], bias = has_bias_ ? std::optional(inputs[6]) : std::nullopt,
-                xd = has_xd_ ? std::optional(inputs[xd_idx]) : std::nullopt, y, xa,
-                s = scale_]() mutable {
+                rhs = inputs[5], bias = has_bias_ ? Opt(inputs[6]) : std::nullopt,
+                xd = has_xd_ ? Opt(inputs[xd_idx]) : std::nullopt,
+                qs = quant_.bits ? Opt(inputs[q_idx]) : std::nullopt,
+                qb = quant_.bits ? Opt(inputs[q_idx + 1]) : std::nullopt, y, xa, s = scale_,
+                q = quant_]() mutable {
     int pairs = lhs.shape(0), mm = x.shape(1);
-    int experts = w.shape(0), out = w.shape(1), in = w.shape(2), r = a.shape(1);
+    int experts = w.shape(0), out = w.shape(1), in = x.shape(2), r = a.shape(1);
     const int32_t* lhs_p = lhs.data<int32_t>();
     Groups gr = group_by_expert(rhs.data<int32_t>(), pairs, experts);
     Plan plan = plan_experts(gr);
@@ -163,8 +190,10 @@ void LoRASwitchLinear::eval_cpu(
     struct Bufs {
       Scratch xg, xdg, yg, xag, wbuf, abuf, bbuf, biasbuf;
     };
+    int nb = panel_rows(out, in);
     std::vector<Bufs> bufs(plan.slots);
     for (auto& bf : bufs) {
+      if (q.bits) bf.wbuf.reset(int64_t(nb) * in);
       bf.xg.reset(rows * in);
       if (xd) bf.xdg.reset(rows * in);
       bf.yg.reset(rows * out);
@@ -181,7 +210,6 @@ void LoRASwitchLinear::eval_cpu(
       float *xg = bf.xg.get(), *xdg = bf.xdg.get(), *yg = bf.yg.get(), *xag = bf.xag.get();
       gather_blocks(x, ps, lhs_p, n, int64_t(mm) * in, xg);
       if (xd) gather_blocks(*xd, ps, lhs_p, n, int64_t(mm) * in, xdg);
-      const float* we = matrix_f32(w, e, int64_t(out) * in, bf.wbuf);
       const float* ae = matrix_f32(a, e, int64_t(r) * in, bf.abuf);
       const float* be = matrix_f32(b, e, int64_t(out) * r, bf.bbuf);
       // xa = x_d A_e^T (saved for the backward)
@@ -193,7 +221,17 @@ void LoRASwitchLinear::eval_cpu(
         beta = 1.0f;
       }
       // y = x W_e^T (+ bias_e), then y += s xa B_e^T into the same block
-      gemm(false, true, m, out, in, 1.0f, xg, in, we, in, beta, yg, out);
+      if (q.bits) {
+        auto qw = expert_qmatrix(w, *qs, *qb, q, e, in);
+        for (int n0 = 0; n0 < out; n0 += nb) {
+          int nw = std::min(nb, out - n0);
+          quant::dequantize_panel(qw, n0, nw, 0, in, bf.wbuf.get());
+          gemm(false, true, m, nw, in, 1.0f, xg, in, bf.wbuf.get(), in, beta, yg + n0, out);
+        }
+      } else {
+        const float* we = matrix_f32(w, e, int64_t(out) * in, bf.wbuf);
+        gemm(false, true, m, out, in, 1.0f, xg, in, we, in, beta, yg, out);
+      }
       gemm(false, true, m, out, r, s, xag, r, be, r, 1.0f, yg, out);
       // every pair is one expert's: its rows of y and xa have a single writer
       cpu::between_gemms_for(n, 8, [&](int64_t i0, int64_t i1) {
@@ -217,12 +255,12 @@ void LoRASwitchLinear::eval_cpu(
 
 void LoRASwitchLinearVJP::eval_cpu(
     const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  using Opt = std::optional<mx::array>;
   for (auto& o : outputs) alloc(o);
   auto& enc = mx::cpu::get_command_encoder(stream());
   for (auto& in : inputs) enc.set_input_array(in);
   for (auto& o : outputs) enc.set_output_array(o);
   size_t k = 0;
-  using Opt = std::optional<mx::array>;
   auto take = [&](bool on) -> Opt { return on ? Opt(outputs[k++]) : std::nullopt; };
   Opt dx = take(grads_.x);
   Opt dw = take(grads_.weight);
@@ -230,12 +268,15 @@ void LoRASwitchLinearVJP::eval_cpu(
   Opt db = take(grads_.lora_b);
   Opt dbias = take(grads_.bias);
   Opt dxd = take(grads_.x_dropped);
+  int q_idx = 8 + has_xd_;
   enc.dispatch([x = inputs[0], w = inputs[1], a = inputs[2], b = inputs[3], lhs = inputs[4],
                 rhs = inputs[5], xa = inputs[6], dy = inputs[7],
-                xd = has_xd_ ? std::optional(inputs[8]) : std::nullopt, dx, dw, da, db, dbias,
-                dxd, s = scale_]() mutable {
+                xd = has_xd_ ? Opt(inputs[8]) : std::nullopt,
+                qs = quant_.bits ? Opt(inputs[q_idx]) : std::nullopt,
+                qb = quant_.bits ? Opt(inputs[q_idx + 1]) : std::nullopt, dx, dw, da, db, dbias,
+                dxd, s = scale_, q = quant_]() mutable {
     int pairs = lhs.shape(0), mm = x.shape(1);
-    int experts = w.shape(0), out = w.shape(1), in = w.shape(2), r = a.shape(1);
+    int experts = w.shape(0), out = w.shape(1), in = x.shape(2), r = a.shape(1);
     const int32_t* lhs_p = lhs.data<int32_t>();
     Groups gr = group_by_expert(rhs.data<int32_t>(), pairs, experts);
     // LoRA part of the input gradient: into dx, or into dx_d when dropout was applied.
@@ -254,8 +295,10 @@ void LoRASwitchLinearVJP::eval_cpu(
     struct Bufs {
       Scratch dyg, xg, xdg, xag, g, tmp, wbuf, abuf, bbuf;
     };
+    int nb = panel_rows(out, in);
     std::vector<Bufs> bufs(plan.slots);
     for (auto& bf : bufs) {
+      if (dx && q.bits) bf.wbuf.reset(int64_t(nb) * in);
       bf.dyg.reset(rows * out);
       if (dw || (da && !xd)) bf.xg.reset(rows * in);
       if (da && xd) bf.xdg.reset(rows * in);
@@ -333,7 +376,23 @@ void LoRASwitchLinearVJP::eval_cpu(
         const float* be = matrix_f32(b, e, int64_t(out) * r, bf.bbuf);
         gemm(false, false, m, r, out, 1.0f, dyg, out, be, r, 0.0f, g, r);
       }
-      if (dx) {
+      if (dx && q.bits) { // tmp = [s g A_e] + sum over row panels of dy[:, panel] W_e[panel]
+        float beta = 0.0f;
+        if (lora_into_dx) {
+          gemm(false, false, m, in, r, s, g, r, ae, in, 0.0f, tmp, in);
+          beta = 1.0f;
+        } else if (out == 0) {
+          gemm(false, false, m, in, 0, 1.0f, dyg, 1, nullptr, in, 0.0f, tmp, in);
+        }
+        auto qw = expert_qmatrix(w, *qs, *qb, q, e, in);
+        for (int n0 = 0; n0 < out; n0 += nb) {
+          int nw = std::min(nb, out - n0);
+          quant::dequantize_panel(qw, n0, nw, 0, in, bf.wbuf.get());
+          gemm(false, false, m, in, nw, 1.0f, dyg + n0, out, bf.wbuf.get(), in, beta, tmp, in);
+          beta = 1.0f;
+        }
+        put(dx_acc->get(), dx_pairs, tmp, ps, n);
+      } else if (dx) {
         const float* we = matrix_f32(w, e, int64_t(out) * in, bf.wbuf);
         gemm(false, false, m, in, out, 1.0f, dyg, out, we, in, 0.0f, tmp, in);
         if (lora_into_dx) {

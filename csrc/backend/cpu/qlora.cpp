@@ -8,7 +8,7 @@
 
 #include "common/blas.h"
 #include "common/parallel.h"
-#include "common/quant.h"
+#include "common/quant_panel.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "ops/qlora.h"
 
@@ -86,36 +86,12 @@ void store_any(const float* src, int64_t ld_src, mx::array& out, int64_t col0, i
   }
 }
 
-// panel[i, :] = dequant(W)[n0 + i, k0 : k1] for i < rows, row stride k1 - k0.
-void dequantize_panel(const mx::array& w, const mx::array& scales, const mx::array& biases,
-                      const QLoRAParams& p, int64_t n0, int64_t rows, int64_t k0, int64_t k1,
-                      float* panel) {
-  const int64_t in_dims = w.shape(1) * 32 / p.bits;
-  const int64_t rb = quant::row_bytes(in_dims, p.bits);
-  const int64_t groups = in_dims / p.group_size;
-  const auto* wq = reinterpret_cast<const uint8_t*>(w.data<uint32_t>());
-  auto run = [&](auto* s, auto* b) {
-    quant::dispatch_bits(p.bits, [&]<int BITS>() {
-      parallel_for(rows, std::max<int64_t>(1, 8192 / (k1 - k0)), [&](int64_t lo, int64_t hi) {
-        for (int64_t i = lo; i < hi; ++i) {
-          int64_t n = n0 + i;
-          quant::dequantize_span<BITS>(wq + n * rb, s + n * groups, b + n * groups,
-                                       p.group_size, k0, k1, panel + i * (k1 - k0));
-        }
-      });
-    });
-  };
-  switch (scales.dtype()) {
-    case mx::float32:
-      run(scales.data<float>(), biases.data<float>());
-      break;
-    case mx::float16:
-      run(scales.data<mx::float16_t>(), biases.data<mx::float16_t>());
-      break;
-    default:
-      run(scales.data<mx::bfloat16_t>(), biases.data<mx::bfloat16_t>());
-      break;
-  }
+// W's (n, k) quantized matrix for the panel dequantizer (common/quant_panel.h).
+quant::QMatrix qmatrix(const mx::array& w, const mx::array& scales, const mx::array& biases,
+                       const QLoRAParams& p) {
+  return {reinterpret_cast<const uint8_t*>(w.data<uint32_t>()), scales.data<void>(),
+          biases.data<void>(), scales.dtype(), w.shape(1) * 32 / p.bits, p.bits,
+          p.group_size};
 }
 
 void forward(const std::vector<mx::array>& in, std::vector<mx::array>& out,
@@ -141,10 +117,11 @@ void forward(const std::vector<mx::array>& in, std::vector<mx::array>& out,
   const bool direct = y.dtype() == mx::float32; // write straight into y
   const int64_t nb = std::min<int64_t>(n, std::max<int64_t>(16, kPanelFloats / k / 16 * 16));
   Scratch panel(nb * k);
+  const quant::QMatrix qw = qmatrix(w, scales, biases, p);
   std::unique_ptr<Scratch> stage = direct ? nullptr : std::make_unique<Scratch>(m * nb);
   for (int64_t n0 = 0; n0 < n; n0 += nb) {
     const int64_t nw = std::min(nb, n - n0);
-    dequantize_panel(w, scales, biases, p, n0, nw, 0, k, panel.ptr);
+    quant::dequantize_panel(qw, n0, nw, 0, k, panel.ptr);
     float* c = direct ? y.data<float>() + n0 : stage->ptr;
     const int64_t ldc = direct ? n : nw;
     float beta = 0.0f;
@@ -214,10 +191,11 @@ void backward(const std::vector<mx::array>& in, std::vector<mx::array>& out,
     const bool direct = dx->dtype() == mx::float32;
     const int64_t kb = std::min<int64_t>(k, std::max<int64_t>(128, kPanelFloats / n / 128 * 128));
     Scratch panel(n * kb);
+    const quant::QMatrix qw = qmatrix(w, scales, biases, p);
     std::unique_ptr<Scratch> stage = direct ? nullptr : std::make_unique<Scratch>(m * kb);
     for (int64_t k0 = 0; k0 < k; k0 += kb) {
       const int64_t kw = std::min(kb, k - k0);
-      dequantize_panel(w, scales, biases, p, 0, n, k0, k0 + kw, panel.ptr);
+      quant::dequantize_panel(qw, 0, n, k0, k0 + kw, panel.ptr);
       float* c = direct ? dx->data<float>() + k0 : stage->ptr;
       const int64_t ldc = direct ? k : kw;
       float beta = 0.0f;

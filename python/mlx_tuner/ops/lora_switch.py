@@ -18,10 +18,15 @@ from ._checks import check_array, check_scalar, check_shape
 from .qlora import QUANT_MODES
 
 OP = "lora_switch_linear"
+# The affine quantizations the CPU kernel dequantizes itself.
+FUSED_BITS = (2, 3, 4, 5, 6, 8)
+FUSED_GROUP_SIZES = (32, 64, 128)
 # What backend_info() says about this op beyond which devices have a kernel.
-BACKEND_NOTE = ("CPU: dense bases fused; quantized bases (gather_qmm) run the reference. "
-                "GPU: no GPU kernel: runs mlx-lm's gather_mm maths")
-GPU_MISSING = "no GPU kernel: runs mlx-lm's gather_mm maths"
+BACKEND_NOTE = ("CPU: dense and affine-quantized bases fused (bits 2, 3, 4, 5, 6, 8; group "
+                "sizes 32, 64, 128; W_e dequantized a panel of rows at a time, never the whole "
+                "weight); other quantization modes, bits or group sizes run the reference "
+                "(gather_qmm). GPU: no GPU kernel: runs mlx-lm's gather_mm / gather_qmm maths")
+GPU_MISSING = "no GPU kernel: runs mlx-lm's gather_mm / gather_qmm maths"
 
 
 def _check(x, weight, lora_a, lora_b, indices, scale, bias, x_dropped, scales, biases,
@@ -93,15 +98,20 @@ def lora_switch_linear(x, weight, lora_a, lora_b, indices, scale, bias=None, *,
                        sorted_indices=False, x_dropped=None, scales=None, biases=None,
                        group_size=64, bits=4, mode="affine", stream=None):
     """Fused LoRA switch layer (falls back to ``lora_switch_linear_reference`` without a
-    kernel: on GPUs and for quantized bases).
+    kernel: on GPUs, and for quantized bases other than affine at ``FUSED_BITS`` x
+    ``FUSED_GROUP_SIZES``).
 
     On the CPU one primitive groups the (token, slot) pairs by expert and runs per-expert
     BLAS GEMMs (saving x_d A^T for the backward); its vjp is a second fused primitive that
-    computes only the gradients asked for. ``sorted_indices`` is only a hint there.
+    computes only the gradients asked for. ``sorted_indices`` is only a hint there. An
+    affine-quantized base is dequantized a panel of W_e's rows at a time and gets no
+    gradient (asking for one raises).
     """
     _check(x, weight, lora_a, lora_b, indices, scale, bias, x_dropped, scales, biases,
            group_size, bits, mode)
-    ext = _extension.kernel_for("lora_switch", stream) if scales is None else None
+    fusable = scales is None or (mode == "affine" and biases is not None
+                                 and bits in FUSED_BITS and group_size in FUSED_GROUP_SIZES)
+    ext = _extension.kernel_for("lora_switch", stream) if fusable else None
     if ext is None:  # (the CPU kernel takes an empty batch too)
         return lora_switch_linear_reference(
             x, weight, lora_a, lora_b, indices, scale, bias, sorted_indices=sorted_indices,
@@ -109,4 +119,5 @@ def lora_switch_linear(x, weight, lora_a, lora_b, indices, scale, bias=None, *,
             bits=bits, mode=mode)
     return ext.lora_switch_linear(x, weight, lora_a, lora_b, indices,
                                   check_scalar(OP, "scale", scale), bias, x_dropped,
-                                  stream=stream)
+                                  scales=scales, biases=biases, group_size=group_size,
+                                  bits=bits, stream=stream)
