@@ -1,7 +1,8 @@
-// Unpacking MLX's affine quantization on the CPU (shared by the qlora and dora
-// families). Layout, as mx.quantize writes it and as the tests check against
-// mx.dequantize: each row of `weight` (uint32, (out, in * bits / 32)) is a
-// little-endian bit stream in which element k occupies bits [k*bits, (k+1)*bits).
+// Unpacking MLX's affine quantization (shared by the qlora, dora and lora_switch
+// families on the CPU, and by the CUDA qlora kernel). Layout, as mx.quantize writes it
+// and as the tests check against mx.dequantize: each row of `weight` (uint32,
+// (out, in * bits / 32)) is a little-endian bit stream in which element k occupies bits
+// [k*bits, (k+1)*bits).
 // So every run of 8 elements fills exactly `bits` bytes, byte aligned, for every bits
 // in {2, 3, 4, 5, 6, 8} (3, 5, 6 straddle uint32 words, never bytes of a run of 8).
 // Element k of row n is  w = scales[n, k / group] * q + biases[n, k / group].
