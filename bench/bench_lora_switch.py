@@ -27,7 +27,7 @@ from mlx_tuner.ops import lora_switch_linear, lora_switch_linear_reference
 GPU = mx.default_device() == mx.gpu
 # (name, tokens N, experts, k, in, out, rank)
 if QUICK:
-    SHAPES = [("tiny", 32, 8, 2, 96, 80, 8)]
+    SHAPES = [("tiny", 32, 8, 2, 128, 80, 8)]
 elif GPU:
     SHAPES = [("qwen3-30b-a3b.gate_proj", 4096, 128, 8, 2048, 768, 16),
               ("qwen3-30b-a3b.down_proj", 4096, 128, 8, 768, 2048, 16)]
