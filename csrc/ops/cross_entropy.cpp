@@ -13,26 +13,7 @@ namespace mlx_tuner {
 
 namespace {
 
-constexpr const char* kOp = "[linear_cross_entropy]";
-
-[[noreturn]] void fail(const std::string& msg) {
-  throw std::invalid_argument(std::string(kOp) + " " + msg);
-}
-
-void check_float(const mx::array& a, const char* name) {
-  if (!mx::issubdtype(a.dtype(), mx::floating) || a.dtype() == mx::float64) {
-    std::ostringstream os;
-    os << name << " must be float32, float16 or bfloat16 but got " << a.dtype() << ".";
-    fail(os.str());
-  }
-}
-
-void check_shape(const mx::array& a, const mx::Shape& want, const char* name) {
-  if (a.shape() != want) {
-    fail(std::string(name) + " must have shape " + shape_str(want) + " but got " +
-         shape_str(a.shape()) + ".");
-  }
-}
+constexpr ArgCheck check{"[linear_cross_entropy]"};
 
 } // namespace
 
@@ -49,24 +30,24 @@ mx::array linear_cross_entropy(
     mx::StreamOrDevice sd) {
   auto s = mx::to_stream(sd);
   if (h_in.ndim() < 1) {
-    fail("h must have at least 1 dimension but got shape ().");
+    check.fail("h must have at least 1 dimension but got shape ().");
   }
-  check_float(h_in, "h");
+  check.floating("h", h_in);
   const int d = h_in.shape(-1);
   mx::Shape lead(h_in.shape().begin(), h_in.shape().end() - 1);
   if (!mx::issubdtype(targets_in.dtype(), mx::integer)) {
     std::ostringstream os;
     os << "targets must be an integer array but got " << targets_in.dtype() << ".";
-    fail(os.str());
+    check.fail(os.str());
   }
-  check_shape(targets_in, lead, "targets");
+  check.shape("targets", targets_in, lead);
   if (weight_in.ndim() != 2) {
-    fail("weight must have 2 dimensions (V, d) but got shape " +
+    check.fail("weight must have 2 dimensions (V, d) but got shape " +
          shape_str(weight_in.shape()) + ".");
   }
   const int V = weight_in.shape(0);
   if (V < 1) {
-    fail("weight must have at least one row (the vocabulary) but got shape " +
+    check.fail("weight must have at least one row (the vocabulary) but got shape " +
          shape_str(weight_in.shape()) + ".");
   }
 
@@ -78,27 +59,27 @@ mx::array linear_cross_entropy(
     if (weight_in.dtype() != mx::uint32) {
       std::ostringstream os;
       os << "a quantized weight must be uint32 but got " << weight_in.dtype() << ".";
-      fail(os.str());
+      check.fail(os.str());
     }
-    check_float(*scales, "scales");
+    check.floating("scales", *scales);
     if (mode == "affine") {
       if (!qbiases) {
-        fail("biases must be given with scales in the affine mode.");
+        check.fail("biases must be given with scales in the affine mode.");
       }
       if (group_size != 32 && group_size != 64 && group_size != 128) {
-        fail("group_size must be 32, 64 or 128 but got " + std::to_string(group_size) + ".");
+        check.fail("group_size must be 32, 64 or 128 but got " + std::to_string(group_size) + ".");
       }
       if (bits < 2 || bits > 8 || bits == 7) {
-        fail("bits must be 2, 3, 4, 5, 6 or 8 but got " + std::to_string(bits) + ".");
+        check.fail("bits must be 2, 3, 4, 5, 6 or 8 but got " + std::to_string(bits) + ".");
       }
       if (d % group_size != 0) {
-        fail("h's last dimension " + std::to_string(d) + " must be a multiple of group_size " +
+        check.fail("h's last dimension " + std::to_string(d) + " must be a multiple of group_size " +
              std::to_string(group_size) + ".");
       }
-      check_shape(weight_in, {V, d * bits / 32}, "weight");
-      check_shape(*scales, {V, d / group_size}, "scales");
-      check_float(*qbiases, "biases");
-      check_shape(*qbiases, {V, d / group_size}, "biases");
+      check.shape("weight", weight_in, {V, d * bits / 32});
+      check.shape("scales", *scales, {V, d / group_size});
+      check.floating("biases", *qbiases);
+      check.shape("biases", *qbiases, {V, d / group_size});
       dt = mx::promote_types(dt, scales->dtype());
       if (s.device == mx::Device::gpu) {
         // The GPU kernels take a dense head: dequantize it (V·d, never the N·V logits).
@@ -116,17 +97,17 @@ mx::array linear_cross_entropy(
       dt = mx::promote_types(dt, weight.dtype());
     }
   } else {
-    check_float(weight_in, "weight");
-    check_shape(weight_in, {V, d}, "weight");
+    check.floating("weight", weight_in);
+    check.shape("weight", weight_in, {V, d});
     dt = mx::promote_types(dt, weight_in.dtype());
   }
   if (!q.quantized && weight.shape(1) != d) {
-    fail("weight must have shape " + shape_str({V, d}) + " but got " +
+    check.fail("weight must have shape " + shape_str({V, d}) + " but got " +
          shape_str(weight.shape()) + ".");
   }
   if (bias_in) {
-    check_float(*bias_in, "bias");
-    check_shape(*bias_in, {V}, "bias");
+    check.floating("bias", *bias_in);
+    check.shape("bias", *bias_in, {V});
     dt = mx::promote_types(dt, bias_in->dtype());
   }
 
@@ -159,10 +140,10 @@ MetalLaunch metal_launch_linear_cross_entropy(
     int rows,
     const std::string& dtype) {
   if (kernel != "forward" && kernel != "backward_dh" && kernel != "backward_dw") {
-    fail("unknown Metal kernel '" + kernel + "' (forward, backward_dh, backward_dw).");
+    check.fail("unknown Metal kernel '" + kernel + "' (forward, backward_dh, backward_dw).");
   }
   if (dtype != "float32" && dtype != "float16" && dtype != "bfloat16") {
-    fail("dtype must be float32, float16 or bfloat16 but got " + dtype + ".");
+    check.fail("dtype must be float32, float16 or bfloat16 but got " + dtype + ".");
   }
   return {"lce_" + kernel + "_" + dtype,
           {static_cast<size_t>(std::max(rows, 0)), 1, 1},
@@ -195,7 +176,7 @@ std::vector<mx::array> LinearCrossEntropy::vjp(
     need_dw |= a == 1;
     need_db |= a == bias_idx;
     if (q_.quantized && (a == 1 || a >= 3 + (has_bias_ ? 1 : 0))) {
-      fail("no gradient with respect to a quantized head's weight, scales or biases "
+      check.fail("no gradient with respect to a quantized head's weight, scales or biases "
            "(freeze them, as mlx-lm's QuantizedLinear requires).");
     }
   }

@@ -16,24 +16,7 @@ namespace mlx_tuner {
 namespace {
 
 constexpr const char* kOp = "[dora_linear]";
-
-void expect_shape(const char* name, const mx::array& a, const mx::Shape& want) {
-  if (a.shape() != want) {
-    std::ostringstream o;
-    o << kOp << " " << name << " must have shape " << shape_str(want) << " but got "
-      << shape_str(a.shape()) << ".";
-    throw std::invalid_argument(o.str());
-  }
-}
-
-void expect_float(const char* name, const mx::array& a) {
-  if (!mx::issubdtype(a.dtype(), mx::floating)) {
-    std::ostringstream o;
-    o << kOp << " " << name << " must be float32, float16 or bfloat16 but got " << a.dtype()
-      << ".";
-    throw std::invalid_argument(o.str());
-  }
-}
+constexpr ArgCheck check{kOp};
 
 mx::array f32c(const mx::array& a, mx::StreamOrDevice s) {
   return mx::contiguous(mx::astype(a, mx::float32, s), false, s);
@@ -177,59 +160,53 @@ mx::array dora_linear(
   cfg.has_c = weight_sq_norm.has_value();
 
   if (x.ndim() < 1) {
-    throw std::invalid_argument(std::string(kOp) + " x must have at least 1 dimension(s) but got shape ().");
+    check.fail("x must have at least 1 dimension(s) but got shape ().");
   }
-  expect_float("x", x);
-  if (weight.ndim() != 2) {
-    throw std::invalid_argument(
-        std::string(kOp) + " weight must have 2 dimensions but got shape " + shape_str(weight.shape()) + ".");
-  }
+  check.floating("x", x);
+  check.ndim("weight", weight, 2);
   int out = weight.shape(0);
   int in = weight.shape(1);
   mx::Dtype wdtype = weight.dtype();
   if (cfg.quantized) {
     if (weight.dtype() != mx::uint32) {
-      throw std::invalid_argument(std::string(kOp) + " weight must be uint32 from mx.quantize.");
+      check.fail("weight must be uint32 from mx.quantize.");
     }
     if (!(bits == 2 || bits == 3 || bits == 4 || bits == 5 || bits == 6 || bits == 8) ||
         !(group_size == 32 || group_size == 64 || group_size == 128)) {
-      throw std::invalid_argument(std::string(kOp) + " bits must be 2-6 or 8 and group_size 32, 64 or 128.");
+      check.fail("bits must be 2-6 or 8 and group_size 32, 64 or 128.");
     }
     if (!biases) {
-      throw std::invalid_argument(std::string(kOp) + " biases must be given for mode 'affine' but got None.");
+      check.fail("biases must be given for mode 'affine' but got None.");
     }
     in = weight.shape(1) * 32 / bits;
-    expect_float("scales", *scales);
-    expect_shape("scales", *scales, {out, in / group_size});
-    expect_shape("biases", *biases, {out, in / group_size});
+    check.floating("scales", *scales);
+    check.shape("scales", *scales, {out, in / group_size});
+    check.shape("biases", *biases, {out, in / group_size});
     wdtype = scales->dtype();
   } else {
-    expect_float("weight", weight);
+    check.floating("weight", weight);
   }
   if (x.shape(-1) != in) {
     std::ostringstream o;
     o << kOp << " x must have last dimension " << in << " but got shape " << shape_str(x.shape()) << ".";
     throw std::invalid_argument(o.str());
   }
-  if (lora_a.ndim() != 2) {
-    throw std::invalid_argument(
-        std::string(kOp) + " lora_a must have 2 dimensions but got shape " + shape_str(lora_a.shape()) + ".");
-  }
+  check.ndim("lora_a", lora_a, 2);
   int r = lora_a.shape(1);
-  expect_float("lora_a", lora_a);
-  expect_float("lora_b", lora_b);
-  expect_float("magnitude", magnitude);
-  expect_shape("lora_a", lora_a, {in, r});
-  expect_shape("lora_b", lora_b, {r, out});
-  expect_shape("magnitude", magnitude, {out});
+  check.floating("lora_a", lora_a);
+  check.floating("lora_b", lora_b);
+  check.floating("magnitude", magnitude);
+  check.shape("lora_a", lora_a, {in, r});
+  check.shape("lora_b", lora_b, {r, out});
+  check.shape("magnitude", magnitude, {out});
   if (bias) {
-    expect_shape("bias", *bias, {out});
+    check.shape("bias", *bias, {out});
   }
   if (x_dropped) {
-    expect_shape("x_dropped", *x_dropped, x.shape());
+    check.shape("x_dropped", *x_dropped, x.shape());
   }
   if (weight_sq_norm) {
-    expect_shape("weight_sq_norm", *weight_sq_norm, {out});
+    check.shape("weight_sq_norm", *weight_sq_norm, {out});
   }
 
   auto stream = mx::to_stream(s);

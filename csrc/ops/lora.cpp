@@ -15,25 +15,7 @@ namespace mlx_tuner {
 
 namespace {
 
-void fail(const std::string& msg) {
-  throw std::invalid_argument("[lora_linear] " + msg);
-}
-
-void check_float(const char* name, const mx::array& a) {
-  if (a.dtype() != mx::float32 && a.dtype() != mx::float16 && a.dtype() != mx::bfloat16) {
-    std::ostringstream o;
-    o << name << " must be float32, float16 or bfloat16 but got " << a.dtype() << ".";
-    fail(o.str());
-  }
-}
-
-void check_shape(const char* name, const mx::array& a, const mx::Shape& expected) {
-  if (a.shape() != expected) {
-    fail(
-        std::string(name) + " must have shape " + shape_str(expected) + " but got " +
-        shape_str(a.shape()) + ".");
-  }
-}
+constexpr ArgCheck check{"[lora_linear]"};
 
 void check_metal_dtypes(const std::string& t, const std::string& u) {
   bool ok_t = t == "float32" || t == "float16" || t == "bfloat16";
@@ -77,34 +59,34 @@ mx::array lora_linear(
     mx::StreamOrDevice s_) {
   auto s = mx::to_stream(s_);
   if (x.ndim() < 1) {
-    fail("x must have at least 1 dimension(s) but got shape " + shape_str(x.shape()) + ".");
+    check.fail("x must have at least 1 dimension(s) but got shape " + shape_str(x.shape()) + ".");
   }
   if (weight.ndim() != 2) {
-    fail("weight must have 2 dimensions but got shape " + shape_str(weight.shape()) + ".");
+    check.fail("weight must have 2 dimensions but got shape " + shape_str(weight.shape()) + ".");
   }
   int out_dims = weight.shape(0), in_dims = weight.shape(1);
   if (x.shape(-1) != in_dims) {
-    fail(
+    check.fail(
         "x must have last dimension " + std::to_string(in_dims) + " (weight is " +
         shape_str(weight.shape()) + ") but got shape " + shape_str(x.shape()) + ".");
   }
   if (lora_a.ndim() != 2) {
-    fail("lora_a must have 2 dimensions but got shape " + shape_str(lora_a.shape()) + ".");
+    check.fail("lora_a must have 2 dimensions but got shape " + shape_str(lora_a.shape()) + ".");
   }
   int r = lora_a.shape(1);
-  check_shape("lora_a", lora_a, {in_dims, r});
-  check_shape("lora_b", lora_b, {r, out_dims});
-  check_float("x", x);
-  check_float("weight", weight);
-  check_float("lora_a", lora_a);
-  check_float("lora_b", lora_b);
+  check.shape("lora_a", lora_a, {in_dims, r});
+  check.shape("lora_b", lora_b, {r, out_dims});
+  check.floating("x", x);
+  check.floating("weight", weight);
+  check.floating("lora_a", lora_a);
+  check.floating("lora_b", lora_b);
   if (bias) {
-    check_float("bias", *bias);
-    check_shape("bias", *bias, {out_dims});
+    check.floating("bias", *bias);
+    check.shape("bias", *bias, {out_dims});
   }
   if (x_dropped) {
-    check_float("x_dropped", *x_dropped);
-    check_shape("x_dropped", *x_dropped, x.shape());
+    check.floating("x_dropped", *x_dropped);
+    check.shape("x_dropped", *x_dropped, x.shape());
   }
 
   // mlx-lm: y = x W^T (+ bias) in the promoted dtype, plus the LoRA term cast to x's.

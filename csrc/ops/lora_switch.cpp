@@ -16,31 +16,7 @@ namespace mlx_tuner {
 
 namespace {
 
-void fail(const std::string& msg) {
-  throw std::invalid_argument("[lora_switch_linear] " + msg);
-}
-
-void check_float(const char* name, const mx::array& a) {
-  if (a.dtype() != mx::float32 && a.dtype() != mx::float16 && a.dtype() != mx::bfloat16) {
-    std::ostringstream o;
-    o << name << " must be float32, float16 or bfloat16 but got " << a.dtype() << ".";
-    fail(o.str());
-  }
-}
-
-void check_shape(const char* name, const mx::array& a, const mx::Shape& expected) {
-  if (a.shape() != expected) {
-    fail(std::string(name) + " must have shape " + shape_str(expected) + " but got " +
-         shape_str(a.shape()) + ".");
-  }
-}
-
-void check_ndim(const char* name, const mx::array& a, int ndim) {
-  if (static_cast<int>(a.ndim()) != ndim) {
-    fail(std::string(name) + " must have " + std::to_string(ndim) +
-         " dimensions but got shape " + shape_str(a.shape()) + ".");
-  }
-}
+constexpr ArgCheck check{"[lora_switch_linear]"};
 
 } // namespace
 
@@ -60,74 +36,74 @@ mx::array lora_switch_linear(
     mx::StreamOrDevice s_) {
   auto s = mx::to_stream(s_);
   if (x.ndim() < 2) {
-    fail("x must have at least 2 dimensions but got shape " + shape_str(x.shape()) + ".");
+    check.fail("x must have at least 2 dimensions but got shape " + shape_str(x.shape()) + ".");
   }
-  check_ndim("weight", weight, 3);
+  check.ndim("weight", weight, 3);
   bool quantized = scales.has_value();
   int experts = weight.shape(0), out_dims = weight.shape(1), in_dims = weight.shape(2);
   if (quantized) {
     if (!quant::valid_bits(bits)) {
-      fail("bits must be one of 2, 3, 4, 5, 6, 8 but got " + std::to_string(bits) + ".");
+      check.fail("bits must be one of 2, 3, 4, 5, 6, 8 but got " + std::to_string(bits) + ".");
     }
     if (!quant::valid_group_size(group_size)) {
-      fail("group_size must be one of 32, 64, 128 but got " + std::to_string(group_size) +
+      check.fail("group_size must be one of 32, 64, 128 but got " + std::to_string(group_size) +
            ".");
     }
     if (weight.dtype() != mx::uint32) {
       std::ostringstream o;
       o << "weight must be uint32 (from mx.quantize) when scales are given but got "
         << weight.dtype() << ".";
-      fail(o.str());
+      check.fail(o.str());
     }
     if (!biases) {
-      fail("biases must be given with scales (an affine-quantized weight).");
+      check.fail("biases must be given with scales (an affine-quantized weight).");
     }
     in_dims = int(int64_t(weight.shape(2)) * 32 / bits);
     if (int64_t(weight.shape(2)) * 32 % bits != 0 || in_dims % group_size != 0) {
-      fail("weight's last dimension " + std::to_string(weight.shape(2)) +
+      check.fail("weight's last dimension " + std::to_string(weight.shape(2)) +
            " does not hold whole groups of " + std::to_string(group_size) + " at " +
            std::to_string(bits) + " bits.");
     }
-    check_float("scales", *scales);
-    check_float("biases", *biases);
-    check_shape("scales", *scales, {experts, out_dims, in_dims / group_size});
-    check_shape("biases", *biases, {experts, out_dims, in_dims / group_size});
+    check.floating("scales", *scales);
+    check.floating("biases", *biases);
+    check.shape("scales", *scales, {experts, out_dims, in_dims / group_size});
+    check.shape("biases", *biases, {experts, out_dims, in_dims / group_size});
   } else if (biases) {
-    fail("biases (of a quantized weight) were given without scales.");
+    check.fail("biases (of a quantized weight) were given without scales.");
   }
   if (x.shape(-1) != in_dims) {
-    fail("x must have last dimension " + std::to_string(in_dims) + " (weight is " +
+    check.fail("x must have last dimension " + std::to_string(in_dims) + " (weight is " +
          shape_str(weight.shape()) + ") but got shape " + shape_str(x.shape()) + ".");
   }
-  check_ndim("lora_a", lora_a, 3);
+  check.ndim("lora_a", lora_a, 3);
   int r = lora_a.shape(1);
-  check_shape("lora_a", lora_a, {experts, r, in_dims});
-  check_shape("lora_b", lora_b, {experts, out_dims, r});
-  check_float("x", x);
+  check.shape("lora_a", lora_a, {experts, r, in_dims});
+  check.shape("lora_b", lora_b, {experts, out_dims, r});
+  check.floating("x", x);
   if (!quantized) {
-    check_float("weight", weight);
+    check.floating("weight", weight);
   }
-  check_float("lora_a", lora_a);
-  check_float("lora_b", lora_b);
+  check.floating("lora_a", lora_a);
+  check.floating("lora_b", lora_b);
   if (!mx::issubdtype(indices.dtype(), mx::integer)) {
     std::ostringstream o;
     o << "indices must be an integer array but got " << indices.dtype() << ".";
-    fail(o.str());
+    check.fail(o.str());
   }
   if (bias) {
-    check_float("bias", *bias);
-    check_shape("bias", *bias, {experts, out_dims});
+    check.floating("bias", *bias);
+    check.shape("bias", *bias, {experts, out_dims});
   }
   if (x_dropped) {
-    check_float("x_dropped", *x_dropped);
-    check_shape("x_dropped", *x_dropped, x.shape());
+    check.floating("x_dropped", *x_dropped);
+    check.shape("x_dropped", *x_dropped, x.shape());
   }
   mx::Shape x_batch(x.shape().begin(), x.shape().end() - 2);
   mx::Shape batch;
   try {
     batch = mx::broadcast_shapes(x_batch, indices.shape());
   } catch (const std::invalid_argument&) {
-    fail("indices must broadcast with x's batch dimensions " + shape_str(x_batch) +
+    check.fail("indices must broadcast with x's batch dimensions " + shape_str(x_batch) +
          " but got shape " + shape_str(indices.shape()) + ".");
   }
 

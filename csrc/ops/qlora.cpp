@@ -15,26 +15,7 @@ namespace mlx_tuner {
 
 namespace {
 
-constexpr const char* kOp = "[qlora_linear]";
-
-[[noreturn]] void fail(const std::string& msg) {
-  throw std::invalid_argument(std::string(kOp) + " " + msg);
-}
-
-void check_float(const char* name, const mx::array& a) {
-  if (!mx::issubdtype(a.dtype(), mx::floating)) {
-    std::ostringstream o;
-    o << name << " must be float32, float16 or bfloat16 but got " << a.dtype() << ".";
-    fail(o.str());
-  }
-}
-
-void check_shape(const char* name, const mx::array& a, const mx::Shape& want) {
-  if (a.shape() != want) {
-    fail(std::string(name) + " must have shape " + shape_str(want) + " but got " +
-         shape_str(a.shape()) + ".");
-  }
-}
+constexpr ArgCheck check{"[qlora_linear]"};
 
 } // namespace
 
@@ -52,52 +33,52 @@ mx::array qlora_linear(
     int bits,
     mx::StreamOrDevice s) {
   if (!quant::valid_bits(bits)) {
-    fail("bits must be one of 2, 3, 4, 5, 6, 8 but got " + std::to_string(bits) + ".");
+    check.fail("bits must be one of 2, 3, 4, 5, 6, 8 but got " + std::to_string(bits) + ".");
   }
   if (!quant::valid_group_size(group_size)) {
-    fail("group_size must be 32, 64 or 128 but got " + std::to_string(group_size) + ".");
+    check.fail("group_size must be 32, 64 or 128 but got " + std::to_string(group_size) + ".");
   }
   if (weight.dtype() != mx::uint32 || weight.ndim() != 2) {
-    fail("weight must be a 2-D uint32 array from mx.quantize but got shape " +
+    check.fail("weight must be a 2-D uint32 array from mx.quantize but got shape " +
          shape_str(weight.shape()) + ".");
   }
-  check_float("x", x);
+  check.floating("x", x);
   if (x.ndim() < 1) {
-    fail("x must have at least 1 dimension(s) but got shape ().");
+    check.fail("x must have at least 1 dimension(s) but got shape ().");
   }
   int n = weight.shape(0);
   int k = weight.shape(1) * 32 / bits;
   if (x.shape(-1) != k) {
-    fail("x must have last dimension " + std::to_string(k) + " (from weight " +
+    check.fail("x must have last dimension " + std::to_string(k) + " (from weight " +
          shape_str(weight.shape()) + " at " + std::to_string(bits) +
          " bits) but got shape " + shape_str(x.shape()) + ".");
   }
   if (k % group_size != 0) {
-    fail("the input dimension " + std::to_string(k) + " must be a multiple of group_size " +
+    check.fail("the input dimension " + std::to_string(k) + " must be a multiple of group_size " +
          std::to_string(group_size) + ".");
   }
-  check_float("scales", scales);
-  check_float("biases", biases);
-  check_shape("scales", scales, {n, k / group_size});
-  check_shape("biases", biases, {n, k / group_size});
-  check_float("lora_a", lora_a);
-  check_float("lora_b", lora_b);
+  check.floating("scales", scales);
+  check.floating("biases", biases);
+  check.shape("scales", scales, {n, k / group_size});
+  check.shape("biases", biases, {n, k / group_size});
+  check.floating("lora_a", lora_a);
+  check.floating("lora_b", lora_b);
   if (lora_a.ndim() != 2) {
-    fail("lora_a must have 2 dimensions but got shape " + shape_str(lora_a.shape()) + ".");
+    check.fail("lora_a must have 2 dimensions but got shape " + shape_str(lora_a.shape()) + ".");
   }
   if (lora_a.shape(0) != k) {
-    fail("lora_a must have shape (" + std::to_string(k) + ", r) but got " +
+    check.fail("lora_a must have shape (" + std::to_string(k) + ", r) but got " +
          shape_str(lora_a.shape()) + ".");
   }
   int r = lora_a.shape(1);
-  check_shape("lora_b", lora_b, {r, n});
+  check.shape("lora_b", lora_b, {r, n});
   if (bias) {
-    check_float("bias", *bias);
-    check_shape("bias", *bias, {n});
+    check.floating("bias", *bias);
+    check.shape("bias", *bias, {n});
   }
   if (x_dropped) {
-    check_float("x_dropped", *x_dropped);
-    check_shape("x_dropped", *x_dropped, x.shape());
+    check.floating("x_dropped", *x_dropped);
+    check.shape("x_dropped", *x_dropped, x.shape());
   }
 
   // One activation dtype (what quantized_matmul + bias would give); the LoRA factors in
@@ -150,7 +131,7 @@ std::vector<mx::array> QLoRA::vjp(
   for (int a : argnums) {
     if (a >= 1 && a <= 3) {
       static const char* names[] = {"", "weight", "scales", "biases"};
-      fail(std::string("gradients with respect to ") + names[a] +
+      check.fail(std::string("gradients with respect to ") + names[a] +
            " are not supported: the quantized base is frozen (pass it as a constant).");
     }
     g.dx |= a == 0;
