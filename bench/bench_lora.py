@@ -10,13 +10,11 @@ Each row carries FLOP/s and the BLAS / device GEMM ceiling measured in the same 
 
 from __future__ import annotations
 
-import time
 
 import mlx.core as mx
-import numpy as np
 import pytest
 
-from common import QUICK, annotate, ceilings, run
+from common import QUICK, annotate, blas_gemm_flops, ceilings, run
 from mlx_tuner.ops import lora_linear, lora_linear_reference
 
 GPU = mx.default_device() == mx.gpu
@@ -89,20 +87,8 @@ def test_lora_linear(benchmark, provider, mode, shape, dtype):
     if not GPU:
         # The machine is shared: also time the BLAS float32 GEMM of this very layer
         # (x W^T) right after, the ceiling the CPU kernel is held to.
-        blas = blas_gemm_flops(x, w)
+        blas = blas_gemm_flops(x.shape[0], x.shape[1], w.shape[0])
         extra = {"blas_same_shape_flops": blas, "fraction_of_blas_same_shape": achieved / blas}
     annotate(benchmark, op="lora_linear", provider=provider, mode=mode, dtype=dtype,
              shape={"layer": name, "N": n, "in": din, "out": dout, "r": r}, flops=work,
              flops_per_s=achieved, fraction_of_gemm_ceiling=achieved / ceil, **extra)
-
-
-def blas_gemm_flops(x, w, reps=5):
-    xn = np.array(x.astype(mx.float32))
-    wt = np.ascontiguousarray(np.array(w.astype(mx.float32)).T)
-    xn @ wt
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        xn @ wt
-        ts.append(time.perf_counter() - t)
-    return 2 * xn.shape[0] * xn.shape[1] * wt.shape[1] / float(np.median(ts))

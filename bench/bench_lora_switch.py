@@ -15,13 +15,11 @@ reference is gather_qmm).
 
 from __future__ import annotations
 
-import time
 
 import mlx.core as mx
-import numpy as np
 import pytest
 
-from common import QUICK, annotate, ceilings, run
+from common import QUICK, annotate, blas_gemm_flops, ceilings, run
 from mlx_tuner.ops import lora_switch_linear, lora_switch_linear_reference
 
 GPU = mx.default_device() == mx.gpu
@@ -98,16 +96,3 @@ def test_lora_switch_linear(benchmark, base, provider, mode, shape, dtype):
              shape={"base": base, "layer": name, "N": n, "experts": experts, "k": k, "in": din,
                     "out": dout, "r": r}, flops=work, flops_per_s=achieved,
              fraction_of_gemm_ceiling=achieved / ceil, **extra)
-
-
-def blas_gemm_flops(rows, din, dout, reps=5):
-    """numpy's OpenBLAS float32 GEMM of the layer's total size: (rows, in) x (in, out)."""
-    xn = np.random.rand(rows, din).astype(np.float32)
-    wt = np.random.rand(din, dout).astype(np.float32)
-    xn @ wt
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        xn @ wt
-        ts.append(time.perf_counter() - t)
-    return 2 * rows * din * dout / float(np.median(ts))

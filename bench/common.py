@@ -159,6 +159,20 @@ def ceilings(dtype_name: str = "float32") -> dict:
     return {"gemm_flops": gemm, "copy_bytes_per_s": copy}
 
 
+def blas_gemm_flops(rows: int, din: int, dout: int, reps: int = 5) -> float:
+    """FLOP/s of numpy's OpenBLAS float32 GEMM (rows, in) x (in, out): the CPU ceiling of a
+    layer of that size, timed right after it on the shared machine."""
+    xn = np.random.rand(rows, din).astype(np.float32)
+    wt = np.random.rand(din, dout).astype(np.float32)
+    xn @ wt
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        xn @ wt
+        ts.append(time.perf_counter() - t)
+    return 2 * rows * din * dout / float(np.median(ts))
+
+
 def annotate(benchmark, *, op: str, provider: str, mode: str, dtype, shape: dict,
              flops: float = 0.0, bytes_moved: float = 0.0, peak_bytes: int | None = None,
              **extra) -> None:
