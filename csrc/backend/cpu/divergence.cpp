@@ -56,6 +56,17 @@ struct Args {
   const float* cstats; // backward input
   const float* cot; // backward: cotangent per row
   int V;
+
+  // Row r's forward stats (csrc/ops/divergence.h): offsets, log-sums, s0, s1.
+  void put_stats(int64_t r, float mq, float lsq, float mp, float lsp, float s0, float s1) const {
+    float* st = stats + r * kDivStats;
+    st[kMaxQ] = mq;
+    st[kLogSumQ] = lsq;
+    st[kMaxP] = mp;
+    st[kLogSumP] = lsp;
+    st[kS0] = s0;
+    st[kS1] = s1;
+  }
 };
 
 } // namespace
@@ -828,13 +839,7 @@ MT_INLINE void js_forward_rows_half(const Args<T>& a, int64_t r0, int64_t r1) {
     }
     // The backward only needs an offset for x with lsq = log sum exp(x - offset): the
     // sample maximum serves.
-    float* st = a.stats + r * kDivStats;
-    st[kMaxQ] = mq;
-    st[kLogSumQ] = lsq;
-    st[kMaxP] = mp;
-    st[kLogSumP] = lsp;
-    st[kS0] = kq;
-    st[kS1] = kp;
+    a.put_stats(r, mq, lsq, mp, lsp, kq, kp);
     from_float(0.5f * (kq + kp), a.out + r);
   }
 }
@@ -961,13 +966,7 @@ MT_INLINE void js_forward_rows(const Args<T>& a, int64_t r0, int64_t r1) {
       }
     }
     float kq = hsum(klq), kp = hsum(klp);
-    float* st = a.stats + r * kDivStats;
-    st[kMaxQ] = mq;
-    st[kLogSumQ] = lsq;
-    st[kMaxP] = mp;
-    st[kLogSumP] = lsp;
-    st[kS0] = kq;
-    st[kS1] = kp;
+    a.put_stats(r, mq, lsq, mp, lsp, kq, kp);
     from_float(0.5f * (kq + kp), a.out + r);
   }
 }
@@ -1024,18 +1023,9 @@ MT_INLINE void forward_rows(const Args<T>& a, int64_t r0, int64_t r1) {
       }
     }
     float lsq = std::log(hsum(sq)), lsp = std::log(hsum(sp));
-    float* st = a.stats + r * kDivStats;
-    st[kMaxQ] = mq;
-    st[kLogSumQ] = lsq;
-    st[kMaxP] = mp;
-    st[kLogSumP] = lsp;
-    float div;
-    {
-      // sum P (a - b) + lse_q - lse_p, the lse difference taken term by term.
-      div = hsum(tk) / hsum(sp) + ((mq - mp) + (lsq - lsp));
-      st[kS0] = div;
-      st[kS1] = 0.f;
-    }
+    // sum P (a - b) + lse_q - lse_p, the lse difference taken term by term.
+    float div = hsum(tk) / hsum(sp) + ((mq - mp) + (lsq - lsp));
+    a.put_stats(r, mq, lsq, mp, lsp, div, 0.f);
     from_float(div, a.out + r);
   }
 }
