@@ -35,6 +35,10 @@ MLX_TUNER_FAMILY(lora_switch)
 namespace mlx_tuner::cuda {
 std::pair<size_t, size_t> extra_memory();
 void reset_extra_peak();
+size_t cached_memory();
+void clear_cache();
+size_t set_cache_limit(size_t bytes);
+std::pair<size_t, size_t> pool_usage(bool reset_high);
 } // namespace mlx_tuner::cuda
 #endif
 
@@ -53,6 +57,14 @@ NB_MODULE(_ext, m) {
   m.def("cuda_extra_memory", &mlx_tuner::cuda::extra_memory,
         "(live bytes, peak bytes) allocated by mlx-tuner's CUDA kernels");
   m.def("reset_cuda_extra_peak", &mlx_tuner::cuda::reset_extra_peak);
+  m.def("cuda_cached_memory", &mlx_tuner::cuda::cached_memory,
+        "bytes of freed buffers mlx-tuner's CUDA kernels keep for reuse");
+  m.def("clear_cuda_cache", &mlx_tuner::cuda::clear_cache);
+  m.def("set_cuda_cache_limit", &mlx_tuner::cuda::set_cache_limit, nb::arg("bytes"),
+        "caps the freed buffers kept for reuse; returns the previous cap");
+  m.def("cuda_pool_usage", &mlx_tuner::cuda::pool_usage, nb::arg("reset_peak") = false,
+        "(bytes in use, peak bytes in use) of the device's default CUDA memory pool, which "
+        "holds MLX's device buffers and mlx-tuner's alike");
 #endif
   nb::module_ families = m; // families add their functions to the module itself
 #ifdef MLX_TUNER_HAS_DIVERGENCE

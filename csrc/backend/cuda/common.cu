@@ -1,4 +1,7 @@
 #include <atomic>
+#include <cstdlib>
+#include <map>
+#include <string>
 #include <mutex>
 #include <sstream>
 #include <stdexcept>
@@ -45,6 +48,55 @@ void count_alloc(size_t n) {
   }
 }
 
+// Freed buffers kept for reuse, as MLX's allocator keeps its own. Without it every output
+// was a fresh cudaMallocAsync, and the default pool (release threshold 0) hands its memory
+// back at each synchronize, so the next call mapped it again: a fixed cost per call that
+// dwarfed the small GEMMs. A buffer reaches free_device only once the GPU work that used
+// it is done (MLX holds arrays until their command buffer completes), so reuse is safe.
+// MLX_TUNER_CUDA_CACHE=0 turns it off; MLX_TUNER_CUDA_CACHE_MB caps it (default: 1/16
+// of the device memory); on a failed allocation the cache is emptied and the call retried.
+struct BufferCache {
+  std::mutex mu;
+  std::multimap<std::pair<int, size_t>, void*> free; // by (device, rounded size)
+  size_t bytes = 0;
+  size_t limit = 0;
+  bool on = true;
+  bool configured = false;
+};
+
+BufferCache& cache() {
+  static auto* c = new BufferCache; // never destroyed: CUDA may be gone at exit
+  return *c;
+}
+
+// Sizes are rounded so that buffers of nearly equal size share a bucket.
+size_t rounded(size_t n) {
+  constexpr size_t kSmall = size_t(64) << 10, kLarge = size_t(2) << 20;
+  size_t q = n < (size_t(32) << 20) ? kSmall : kLarge;
+  return (n + q - 1) / q * q;
+}
+
+void configure(BufferCache& c, int device) {
+  if (c.configured) return;
+  c.configured = true;
+  const char* on = std::getenv("MLX_TUNER_CUDA_CACHE");
+  c.on = on == nullptr || std::string(on) != "0";
+  const char* mb = std::getenv("MLX_TUNER_CUDA_CACHE_MB");
+  if (mb != nullptr && mb[0] != '\0') {
+    c.limit = size_t(std::atoll(mb)) << 20;
+  } else {
+    cudaDeviceProp prop{};
+    c.limit = cudaGetDeviceProperties(&prop, device) == cudaSuccess ? prop.totalGlobalMem / 16
+                                                                    : size_t(1) << 30;
+  }
+}
+
+void release_all(BufferCache& c) { // caller holds c.mu
+  for (auto& [key, ptr] : c.free) cudaFree(ptr);
+  c.free.clear();
+  c.bytes = 0;
+}
+
 void free_device(mx::allocator::Buffer b) {
   auto* buf = static_cast<mx::cu::CudaBuffer*>(b.ptr());
   if (buf == nullptr) {
@@ -53,7 +105,15 @@ void free_device(mx::allocator::Buffer b) {
   live_bytes.fetch_sub(buf->size);
   if (buf->data != nullptr) {
     if (buf->device >= 0) {
-      cudaFreeAsync(buf->data, cudaStreamPerThread);
+      auto& c = cache();
+      std::unique_lock<std::mutex> lk(c.mu);
+      if (c.on && c.bytes + buf->size <= c.limit) {
+        c.free.emplace(std::make_pair(buf->device, buf->size), buf->data);
+        c.bytes += buf->size;
+      } else {
+        lk.unlock();
+        cudaFreeAsync(buf->data, cudaStreamPerThread);
+      }
     } else {
       // A host read (Buffer::raw_ptr) moved the data to host-visible memory.
       cudaPointerAttributes attr{};
@@ -73,13 +133,76 @@ void free_device(mx::allocator::Buffer b) {
 mx::allocator::Data malloc_device(size_t nbytes, mx::cu::CommandEncoder& enc) {
   void* ptr = nullptr;
   int device = enc.device().cuda_device();
-  if (nbytes > 0) {
-    enc.device().make_current();
-    check(cudaMallocAsync(&ptr, nbytes, enc.stream()), "cudaMallocAsync");
+  size_t size = nbytes > 0 ? rounded(nbytes) : 0;
+  if (size > 0) {
+    auto& c = cache();
+    {
+      std::lock_guard<std::mutex> lk(c.mu);
+      configure(c, device);
+      auto it = c.free.find({device, size});
+      if (it != c.free.end()) {
+        ptr = it->second;
+        c.free.erase(it);
+        c.bytes -= size;
+      }
+    }
+    if (ptr == nullptr) {
+      enc.device().make_current();
+      if (cudaMallocAsync(&ptr, size, enc.stream()) != cudaSuccess) {
+        cudaGetLastError(); // out of memory: give the cached buffers back and retry once
+        std::lock_guard<std::mutex> lk(c.mu);
+        release_all(c);
+        check(cudaMallocAsync(&ptr, size, enc.stream()), "cudaMallocAsync");
+      }
+    }
   }
-  auto* buf = new mx::cu::CudaBuffer{ptr, nbytes, device};
-  count_alloc(nbytes);
+  auto* buf = new mx::cu::CudaBuffer{ptr, size, device};
+  count_alloc(size);
   return mx::allocator::Data(mx::allocator::Buffer(buf), free_device);
+}
+
+size_t cached_memory() {
+  auto& c = cache();
+  std::lock_guard<std::mutex> lk(c.mu);
+  return c.bytes;
+}
+
+void clear_cache() {
+  auto& c = cache();
+  std::lock_guard<std::mutex> lk(c.mu);
+  release_all(c);
+}
+
+size_t set_cache_limit(size_t bytes) {
+  auto& c = cache();
+  std::lock_guard<std::mutex> lk(c.mu);
+  int device = 0;
+  cudaGetDevice(&device);
+  configure(c, device);
+  size_t old = c.limit;
+  c.limit = bytes;
+  while (c.bytes > c.limit && !c.free.empty()) {
+    auto it = c.free.begin();
+    cudaFree(it->second);
+    c.bytes -= it->first.second;
+    c.free.erase(it);
+  }
+  return old;
+}
+
+std::pair<size_t, size_t> pool_usage(bool reset_high) {
+  int device = 0;
+  check(cudaGetDevice(&device), "cudaGetDevice");
+  cudaMemPool_t pool;
+  check(cudaDeviceGetDefaultMemPool(&pool, device), "cudaDeviceGetDefaultMemPool");
+  if (reset_high) {
+    cuuint64_t zero = 0;
+    check(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrUsedMemHigh, &zero), "reset UsedMemHigh");
+  }
+  cuuint64_t used = 0, high = 0;
+  check(cudaMemPoolGetAttribute(pool, cudaMemPoolAttrUsedMemCurrent, &used), "UsedMemCurrent");
+  check(cudaMemPoolGetAttribute(pool, cudaMemPoolAttrUsedMemHigh, &high), "UsedMemHigh");
+  return {size_t(used), size_t(high)};
 }
 
 std::pair<size_t, size_t> extra_memory() {

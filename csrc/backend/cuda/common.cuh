@@ -24,12 +24,22 @@ void check(cudaError_t err, const char* what);
 CUfunction kernel_handle(const void* kernel, int device);
 
 // Device memory ordered on the encoder's stream (cu::malloc_async is not exported; MLX's
-// allocator::malloc returns managed memory). MLX's memory counters do not see it.
+// allocator::malloc returns managed memory), reused from a cache of freed buffers. MLX's
+// memory counters do not see it.
 mx::allocator::Data malloc_device(size_t nbytes, mx::cu::CommandEncoder& enc);
 
 // Bytes held by malloc_device now, and the most held since reset_extra_peak().
 std::pair<size_t, size_t> extra_memory();
 void reset_extra_peak();
+
+// Freed malloc_device buffers kept for reuse (bytes), and giving them back to CUDA.
+size_t cached_memory();
+void clear_cache();
+size_t set_cache_limit(size_t bytes); // returns the previous limit
+
+// (in use now, most in use since the last reset) of the device's default memory pool,
+// which MLX's device buffers and ours both come from: one counter for both.
+std::pair<size_t, size_t> pool_usage(bool reset_high);
 
 // Allocates `out` with malloc_device and registers it as the encoder's output.
 inline void alloc_output(mx::array& out, mx::cu::CommandEncoder& enc) {
