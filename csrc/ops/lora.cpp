@@ -127,9 +127,15 @@ mx::array lora_linear(
   if (x_dropped) {
     inputs.push_back(prep(*x_dropped, true));
   }
+  // xa = x_d A, saved for the backward: float32, except for the CUDA kernels, which only
+  // ever read it in the compute dtype (one conversion less each way).
+  auto xa_dtype = mx::float32;
+#if defined(MLX_TUNER_CUDA)
+  if (gpu) xa_dtype = out_dtype;
+#endif
   auto outs = mx::array::make_arrays(
       {{flat[0], out_dims}, {flat[0], r}},
-      {out_dtype, mx::float32},
+      {out_dtype, xa_dtype},
       std::make_shared<LoRALinear>(s, scale, bias.has_value(), x_dropped.has_value()),
       inputs);
   auto out_shape = x.shape();

@@ -107,7 +107,13 @@ mx::array qlora_linear(
   QLoRAParams p{scale, group_size, bits, x_dropped.has_value(), bias.has_value()};
   auto prim = std::make_shared<QLoRA>(st, p);
   auto shapes = prim->output_shapes(inputs);
-  auto outs = mx::array::make_arrays(shapes, {dt, mx::float32}, prim, inputs);
+  // xa = x_d A, saved for the backward: float32, except for the CUDA kernels, which only
+  // ever read it in the compute dtype.
+  auto xa_dtype = mx::float32;
+#if defined(MLX_TUNER_CUDA)
+  if (st.device == mx::Device::gpu) xa_dtype = dt;
+#endif
+  auto outs = mx::array::make_arrays(shapes, {dt, xa_dtype}, prim, inputs);
   return outs[0];
 }
 

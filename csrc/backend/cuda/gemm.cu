@@ -166,31 +166,42 @@ void gemm(mx::cu::CommandEncoder& enc, const Gemm& g, float alpha, const mx::arr
 
 namespace {
 
+// Converts src0[0:n0] into dst0 and src1[0:n1] into dst1 (n1 may be 0): one launch.
 template <typename In, typename Out>
-__global__ void convert_kernel(const In* src, Out* dst, long long n) {
+__global__ void convert_kernel(const In* src0, Out* dst0, long long n0, const In* src1,
+                               Out* dst1, long long n1) {
   long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-  for (; i < n; i += (long long)gridDim.x * blockDim.x) {
-    dst[i] = static_cast<Out>(static_cast<float>(src[i]));
+  for (; i < n0 + n1; i += (long long)gridDim.x * blockDim.x) {
+    if (i < n0) dst0[i] = static_cast<Out>(static_cast<float>(src0[i]));
+    else dst1[i - n0] = static_cast<Out>(static_cast<float>(src1[i - n0]));
   }
 }
 
-template <typename T>
-void convert_typed(mx::cu::CommandEncoder& enc, const mx::array& src, mx::array& dst) {
-  long long n = src.size();
-  if (n == 0) return;
-  reads_writes(enc, {&src}, {&dst});
-  dim3 grid(unsigned(std::min<long long>((n + 255) / 256, 4096))), block(256);
-  T* out = gpu_ptr<T>(dst);
-  if (src.dtype() == mx::float32) {
-    launch(enc, reinterpret_cast<const void*>(&convert_kernel<float, T>), grid, block, 0,
-           gpu_ptr<float>(src), out, n);
-  } else if (src.dtype() == mx::float16) {
-    launch(enc, reinterpret_cast<const void*>(&convert_kernel<__half, T>), grid, block, 0,
-           gpu_ptr<__half>(src), out, n);
-  } else {
-    launch(enc, reinterpret_cast<const void*>(&convert_kernel<__nv_bfloat16, T>), grid, block,
-           0, gpu_ptr<__nv_bfloat16>(src), out, n);
-  }
+template <typename In, typename Out>
+void convert_as(mx::cu::CommandEncoder& enc, const mx::array& s0, mx::array& d0,
+                const mx::array* s1, mx::array* d1) {
+  long long n0 = s0.size(), n1 = s1 ? s1->size() : 0;
+  if (n0 + n1 == 0) return;
+  reads_writes(enc, {&s0, s1}, {&d0, d1});
+  dim3 grid(unsigned(std::min<long long>((n0 + n1 + 255) / 256, 4096))), block(256);
+  launch(enc, reinterpret_cast<const void*>(&convert_kernel<In, Out>), grid, block, 0,
+         gpu_ptr<In>(s0), gpu_ptr<Out>(d0), n0, s1 ? gpu_ptr<In>(*s1) : nullptr,
+         d1 ? gpu_ptr<Out>(*d1) : nullptr, n1);
+}
+
+template <typename Out>
+void convert_typed(mx::cu::CommandEncoder& enc, const mx::array& s0, mx::array& d0,
+                   const mx::array* s1 = nullptr, mx::array* d1 = nullptr) {
+  if (s0.dtype() == mx::float32) convert_as<float, Out>(enc, s0, d0, s1, d1);
+  else if (s0.dtype() == mx::float16) convert_as<__half, Out>(enc, s0, d0, s1, d1);
+  else convert_as<__nv_bfloat16, Out>(enc, s0, d0, s1, d1);
+}
+
+void convert(mx::cu::CommandEncoder& enc, const mx::array& s0, mx::array& d0,
+             const mx::array* s1 = nullptr, mx::array* d1 = nullptr) {
+  if (d0.dtype() == mx::float32) convert_typed<float>(enc, s0, d0, s1, d1);
+  else if (d0.dtype() == mx::float16) convert_typed<__half>(enc, s0, d0, s1, d1);
+  else convert_typed<__nv_bfloat16>(enc, s0, d0, s1, d1);
 }
 
 } // namespace
@@ -198,10 +209,19 @@ void convert_typed(mx::cu::CommandEncoder& enc, const mx::array& src, mx::array&
 mx::array as_dtype(mx::cu::CommandEncoder& enc, const mx::array& src, mx::Dtype to) {
   if (src.dtype() == to) return src;
   auto dst = scratch(enc, src.shape(), to);
-  if (to == mx::float32) convert_typed<float>(enc, src, dst);
-  else if (to == mx::float16) convert_typed<__half>(enc, src, dst);
-  else convert_typed<__nv_bfloat16>(enc, src, dst);
+  convert(enc, src, dst);
   return dst;
+}
+
+std::pair<mx::array, mx::array> as_dtype(mx::cu::CommandEncoder& enc, const mx::array& a,
+                                         const mx::array& b, mx::Dtype to) {
+  if (a.dtype() == to || b.dtype() == to || a.dtype() != b.dtype()) {
+    return {as_dtype(enc, a, to), as_dtype(enc, b, to)};
+  }
+  auto da = scratch(enc, a.shape(), to);
+  auto db = scratch(enc, b.shape(), to);
+  convert(enc, a, da, &b, &db);
+  return {da, db};
 }
 
 } // namespace mlx_tuner::cuda

@@ -38,4 +38,9 @@ void reads_writes(mx::cu::CommandEncoder& enc, std::initializer_list<const mx::a
 // `src` in dtype `to`: src itself, or a converted copy in scratch.
 mx::array as_dtype(mx::cu::CommandEncoder& enc, const mx::array& src, mx::Dtype to);
 
+// The same for two arrays, in one launch when both need converting from one dtype (the
+// LoRA pair A, B: each launch is a graph node, and the host cost per node adds up).
+std::pair<mx::array, mx::array> as_dtype(mx::cu::CommandEncoder& enc, const mx::array& a,
+                                         const mx::array& b, mx::Dtype to);
+
 } // namespace mlx_tuner::cuda

@@ -1,9 +1,10 @@
 // CUDA kernels of the fused LoRA linear (maths in csrc/ops/lora.h). The big products
 // are cuBLASLt matmuls captured into MLX's CUDA graph (the encoder's capture context);
 // the rank-r term is written first and the base GEMM accumulates into it (beta = 1), so
-// there is no (N, out) temporary and no separate add pass. Small kernels narrow the rank-r
-// operands (xa, g = dy B^T, A, B) to the compute dtype T, which cuBLASLt needs for
-// matching input types; gradients of float32 LoRA parameters come out in float32.
+// there is no (N, out) temporary and no separate add pass. cuBLASLt needs matching input
+// types: one small kernel narrows A and B to the compute dtype T, and xa = x_d A and
+// g = dy B^T are written in T directly (float32 accumulation inside the GEMM); gradients
+// of float32 LoRA parameters come out in float32.
 // x, W, bias, x_d arrive in T (the op casts them on the GPU); A, B in T or float32.
 #include "backend/cuda/gemm.cuh"
 #include "ops/lora.h"
@@ -39,10 +40,10 @@ void LoRALinear::eval_gpu(
   int n = x.shape(0), in = w.shape(1), out = w.shape(0), r = a.shape(1);
   if (n == 0) return;
   auto T = x.dtype();
-  auto a_t = as_dtype(enc, a, T);
-  auto b_t = as_dtype(enc, b, T);
-  // xa = x_d A in float32 (saved), and its T copy for the rank-r GEMM
-  gemm(enc, {false, false, n, r, in, T, T, mx::float32}, 1.0f, xd, a_t, 0.0f, xa);
+  auto [a_t, b_t] = as_dtype(enc, a, b, T);
+  // xa = x_d A, saved in T (the op gives it T's dtype on CUDA): the backward's products
+  // take it in T anyway
+  gemm(enc, {false, false, n, r, in, T, T, xa.dtype()}, 1.0f, xd, a_t, 0.0f, xa);
   auto xa_t = as_dtype(enc, xa, T);
   // y = s xa B (+ bias) first, then the base GEMM accumulates into it (beta = 1): the
   // compute-bound GEMM reads the rank-r term in its epilogue almost for free.
@@ -81,14 +82,11 @@ void LoRALinearVJP::eval_gpu(
   bool lora_into_dx = dx && !has_xd_;
   bool need_g = da || dxd || lora_into_dx;
   std::optional<mx::array> g_t, a_t;
-  if (need_g) { // g = dy B^T (float32 accumulate, T for the next products)
-    auto b_t = as_dtype(enc, b, T);
-    auto g = scratch(enc, {n, r}, mx::float32);
-    gemm(enc, {false, true, n, r, out, T, T, mx::float32}, 1.0f, dy, b_t, 0.0f, g);
-    g_t = as_dtype(enc, g, T);
-  }
-  if (lora_into_dx || dxd) {
-    a_t = as_dtype(enc, a, T);
+  if (need_g) { // g = dy B^T (float32 accumulate, stored in T for the next products)
+    auto [a_c, b_t] = as_dtype(enc, a, b, T);
+    a_t = a_c;
+    g_t = scratch(enc, {n, r}, T);
+    gemm(enc, {false, true, n, r, out, T, T, T}, 1.0f, dy, b_t, 0.0f, *g_t);
   }
   if (dx) { // dx = s g A^T first, then dy W accumulated into the same buffer
     if (lora_into_dx) {

@@ -283,9 +283,8 @@ void QLoRA::eval_gpu(const std::vector<mx::array>& in, std::vector<mx::array>& o
   // The rank-r term (+ bias) first; the base GEMMs accumulate into it (beta = 1).
   float beta = 1.0f;
   if (r > 0 && k > 0) {
-    auto a_t = as_dtype(enc, in[4], T);
-    auto b_t = as_dtype(enc, in[5], T);
-    gemm(enc, {false, false, m, r, k, T, T, mx::float32}, 1.0f, xd, a_t, 0.0f, xa);
+    auto [a_t, b_t] = as_dtype(enc, in[4], in[5], T);
+    gemm(enc, {false, false, m, r, k, T, T, xa.dtype()}, 1.0f, xd, a_t, 0.0f, xa);
     auto xa_t = as_dtype(enc, xa, T);
     gemm(enc, {false, false, m, out, r, T, T, T}, p_.scale, xa_t, b_t, 0.0f, y, bias);
   } else {
@@ -346,18 +345,16 @@ void QLoRAVJP::eval_gpu(const std::vector<mx::array>& in, std::vector<mx::array>
   }
   const auto T = xd.dtype();
   auto dy = as_dtype(enc, in[0], T);
-  // g = s dy Bᵀ (float32 accumulate, T for the next products); zero when out or r is 0.
+  // g = s dy Bᵀ (float32 accumulate, stored in T for the next products); zero when out or r
+  // is 0.
   const bool have_g = r > 0 && out > 0;
   const bool lora_dx = dx && !p_.has_xd && have_g;
   std::optional<mx::array> g_t, a_t;
   if (have_g && (da || dxd || lora_dx)) {
-    auto b_t = as_dtype(enc, in[5], T);
-    auto g = scratch(enc, {m, r}, mx::float32);
-    gemm(enc, {false, true, m, r, out, T, T, mx::float32}, p_.scale, dy, b_t, 0.0f, g);
-    g_t = as_dtype(enc, g, T);
-    if (lora_dx || dxd) {
-      a_t = as_dtype(enc, in[4], T);
-    }
+    auto [a_c, b_t] = as_dtype(enc, in[4], in[5], T);
+    a_t = a_c;
+    g_t = scratch(enc, {m, r}, T);
+    gemm(enc, {false, true, m, r, out, T, T, T}, p_.scale, dy, b_t, 0.0f, *g_t);
   }
   if (dxd) { // dx_d = g Aᵀ
     if (have_g) {
