@@ -1,6 +1,7 @@
 """DoRA linear: "reference" (mlx-lm's DoRALinear maths, building W + s B^T A^T every call),
 "fused" (mlx_tuner.ops.dora_linear) and "base" (the frozen x W^T alone), forward and
-forward+backward (grads of x, lora_a, lora_b, m), dense and 4-bit quantized, with peak
+forward+backward (grads of x, lora_a, lora_b, m from a fixed upstream gradient:
+common.layer_step), dense and 4-bit quantized, with peak
 memory.  Run: pytest bench/bench_dora.py --benchmark-json=bench/results/dora.json
 (MLX_TUNER_BENCH_QUICK=1 for tiny shapes)."""
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 
-from common import QUICK, annotate, peak_memory, run
+from common import QUICK, annotate, layer_step, peak_memory, run
 from mlx_tuner.ops import dora_linear, dora_linear_reference, dora_weight_sq_norm
 
 if QUICK:
@@ -45,7 +46,7 @@ def make_fn(provider, mode, x, w, a, b, m, kw):
             return x @ w.T
         if mode == "forward":
             return lambda: f(x)
-        return lambda: mx.vjp(f, [x], [mx.ones((x.shape[0], w.shape[0]), x.dtype)])
+        return layer_step(f, (x,), [0])
     op = FNS[provider]
     extra = {}
     if provider == "fused":  # DoRALinear caches ||W_i||^2 (W is frozen): so does the bench
@@ -57,8 +58,7 @@ def make_fn(provider, mode, x, w, a, b, m, kw):
 
     if mode == "forward":
         return lambda: fwd(x, a, b, m)
-    grad = mx.value_and_grad(lambda *p: fwd(*p).astype(mx.float32).sum(), argnums=(0, 1, 2, 3))
-    return lambda: grad(x, a, b, m)
+    return layer_step(fwd, (x, a, b, m), [0, 1, 2, 3])
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))

@@ -4,7 +4,9 @@
 
 providers: "reference" (lora_linear_reference: what mlx-lm's LoRALinear runs), "base"
 (x W^T alone, MLX's matmul) and "fused" (mlx_tuner.ops.lora_linear); modes "forward" and
-"forward+backward" (gradients for x, lora_a, lora_b: a LoRA training step, frozen base).
+"forward+backward" (the output and the gradients for x, lora_a, lora_b from a fixed
+upstream gradient: the layer's share of a LoRA training step, frozen base; the base layer
+computes dx only).
 Each row carries FLOP/s and the BLAS / device GEMM ceiling measured in the same run.
 """
 
@@ -14,7 +16,7 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 
-from common import QUICK, annotate, blas_gemm_flops, ceilings, run
+from common import QUICK, annotate, blas_gemm_flops, ceilings, layer_step, run
 from mlx_tuner.ops import lora_linear, lora_linear_reference
 
 GPU = mx.default_device() == mx.gpu
@@ -60,9 +62,7 @@ def make_fn(provider, mode, x, w, a, b, scale):
             return op(x, w, a, b, scale)
     if mode == "forward":
         return lambda: f(x, a, b)
-    argnums = [0] if provider == "base" else [0, 1, 2]
-    step = mx.value_and_grad(lambda x, a, b: f(x, a, b).astype(mx.float32).sum(), argnums)
-    return lambda: step(x, a, b)
+    return layer_step(f, (x, a, b), [0] if provider == "base" else [0, 1, 2])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])

@@ -6,7 +6,7 @@ providers: "reference" = qlora_linear_reference (what mlx-lm's LoRALinear over a
 nn.QuantizedLinear runs); "dense-base" = the unquantized base layer alone (x Wᵀ, and
 dy W for the backward): OpenBLAS float32 GEMMs on the CPU (the machine's GEMM ceiling),
 MLX's bf16 matmul on a GPU; "fused" = qlora_linear. Modes: forward, forward+backward
-(dx, dA, dB). Each row carries FLOP/s, the GEMM ceiling of the same run, peak memory and
+(dx, dA, dB from a fixed upstream gradient: common.layer_step). Each row carries FLOP/s, the GEMM ceiling of the same run, peak memory and
 the bytes of a float32 dequantized copy of W (peak_bytes far below it shows that no
 whole copy is ever made).
 """
@@ -16,7 +16,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from common import QUICK, annotate, peak_memory, run
+from common import QUICK, annotate, layer_step, peak_memory, run
 
 from mlx_tuner.ops import qlora_linear, qlora_linear_reference
 
@@ -60,17 +60,14 @@ def qlora_fn(op, mode, q, x, a, b):
 
     if mode == "forward":
         return lambda: fwd(x, a, b)
-    loss = lambda x, a, b: fwd(x, a, b).astype(mx.float32).sum()  # noqa: E731
-    step = mx.value_and_grad(loss, argnums=(0, 1, 2))
-    return lambda: step(x, a, b)
+    return layer_step(fwd, (x, a, b), [0, 1, 2])
 
 
 def dense_fn(mode, w, x):
     if ON_GPU:
         if mode == "forward":
             return lambda: x @ w.T
-        return lambda: mx.vjp(lambda x: x @ w.T, [x], [mx.ones((x.shape[0], w.shape[0]),
-                                                               x.dtype)])
+        return layer_step(lambda x: x @ w.T, (x,), [0])
     wn, xn = np.array(w.astype(mx.float32)), np.array(x.astype(mx.float32))
     dy = np.ones((xn.shape[0], wn.shape[0]), np.float32)
 

@@ -2,7 +2,9 @@
 ("fused": mlx_tuner.trainer.train with mlx-tuner's layers) against mlx-lm ("reference":
 mlx_lm.tuner.trainer.train with mlx_lm's layers) on the same model, data, seed and
 loss, in one run. The loss curves must agree; they are drawn overlaid in
-bench/results/train_loss<-config>.png.
+bench/results/train_loss<-config>.png. Peak memory: MLX's counter (plus, on CUDA, the
+peak of mlx-tuner's own allocations: an upper bound) and, on CUDA, the device pool's
+high-water mark over a few more steps with the caches off (one counter for both).
 
 MLX_TUNER_BENCH_TRAIN picks the model: "tiny" (default; the shipped dataset, CPU),
 "tinyllama" (TinyLlama-1.1B shape, random bf16 weights, batch 8 x 512 random tokens) or
@@ -14,6 +16,7 @@ last two are for the H200 (bench/device-run train).
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 import types
@@ -24,7 +27,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 import pytest
-from common import QUICK, annotate, read_peak, reset_peak, run
+from common import QUICK, cuda_ext, annotate, read_peak, reset_peak, run
 
 from mlx_tuner import tiny
 from mlx_tuner.datasets import CacheDataset, load_local_dataset
@@ -108,7 +111,7 @@ def _setup(method, provider):
     return model, CacheDataset(data)
 
 
-def _train(method, provider, tmp):
+def _train(method, provider, tmp, iters=ITERS, on_start=None):
     model, data = _setup(method, provider)
     curve, tokens = [], [0]
 
@@ -134,10 +137,12 @@ def _train(method, provider, tmp):
         # Fixed-length rows: mlx-lm's own loss trains exactly the same targets as ours.
         from mlx_lm.tuner.trainer import default_loss as loss
 
-    args = TrainingArgs(batch_size=BATCH, iters=ITERS, steps_per_report=1, steps_per_eval=10**6,
+    args = TrainingArgs(batch_size=BATCH, iters=iters, steps_per_report=1, steps_per_eval=10**6,
                         steps_per_save=10**6, adapter_file=str(tmp / f"{method}-{provider}.safetensors"), **extra)
     np.random.seed(0)  # both trainers draw their data order from numpy's global generator
     reset_peak()
+    if on_start is not None:
+        on_start()
     tic = time.perf_counter()
     train(model=model, optimizer=optim.Adam(learning_rate=1e-3), train_dataset=data, args=args,
           loss=loss, training_callback=Keep())
@@ -146,6 +151,25 @@ def _train(method, provider, tmp):
         (t0, n0), (t1, n1) = marks[4], marks[-1]
         return curve, (n1 - n0) / (t1 - t0), read_peak()
     return curve, tokens[0] / seconds, read_peak()
+
+
+def _device_peak(method, provider, tmp):
+    """Peak bytes in use on the CUDA device over a few training steps, one counter for
+    MLX's buffers and mlx-tuner's alike (the default memory pool both allocate from),
+    with both caches off so that freed buffers count as free. None off CUDA."""
+    ext = cuda_ext()
+    if ext is None or not hasattr(ext, "cuda_pool_usage"):
+        return None
+    gc.collect()
+    old_mlx, old_ours = mx.set_cache_limit(0), ext.set_cuda_cache_limit(0)
+    mx.clear_cache()
+    try:
+        _train(method, provider, tmp, iters=3, on_start=lambda: ext.cuda_pool_usage(True))
+        mx.synchronize()
+        return int(ext.cuda_pool_usage(False)[1])
+    finally:
+        mx.set_cache_limit(old_mlx)
+        ext.set_cuda_cache_limit(old_ours)
 
 
 @pytest.mark.parametrize("provider", ["reference", "fused"])
@@ -158,11 +182,14 @@ def test_train(benchmark, method, provider, tmp_path):
         return mx.array(0)
 
     run(benchmark, once, rounds=1, warmup=0)
+    device_peak = _device_peak(method, provider, tmp_path)
     CURVES[(method, provider)] = out["curve"]
     annotate(benchmark, op=f"train_{method}", provider=provider, mode="fwd+bwd+update", dtype=DTYPE,
              shape={**SHAPE, "batch": BATCH, "seq": SEQ, "iters": ITERS, "config": CONFIG}, peak_bytes=int(out["peak"]),
-             tokens_per_second=out["tps"], losses=[float(v) for v in out["curve"]])
-    print(f"\n{method:6s} {provider:9s} {out['tps']:9.1f} tokens/s  peak {out['peak'] / 2**20:7.1f} MiB  "
+             tokens_per_second=out["tps"], losses=[float(v) for v in out["curve"]],
+             device_peak_bytes=device_peak)
+    dev = f"  device peak {device_peak / 2**20:7.1f} MiB" if device_peak is not None else ""
+    print(f"\n{method:6s} {provider:9s} {out['tps']:9.1f} tokens/s  peak {out['peak'] / 2**20:7.1f} MiB{dev}  "
           f"loss {out['curve'][0]:.3f} -> {out['curve'][-1]:.3f}")
     other = CURVES.get((method, "reference" if provider == "fused" else "fused"))
     if other is not None:  # same model, data, order and loss: the curves must agree

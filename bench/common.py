@@ -61,7 +61,7 @@ def median_time(fn, *, warmup: int = 2, reps: int = 10) -> float:
     return float(np.median(ts))
 
 
-def _extra_counter():
+def cuda_ext():
     """mlx-tuner's CUDA kernels allocate outside MLX's allocator: their own counter."""
     from mlx_tuner.ops import _extension
 
@@ -72,14 +72,14 @@ def _extra_counter():
 def reset_peak() -> None:
     """Starts a peak-memory window (MLX's counter and, on CUDA, mlx-tuner's own)."""
     mx.reset_peak_memory()
-    extra = _extra_counter()
+    extra = cuda_ext()
     if extra is not None:
         extra.reset_cuda_extra_peak()
 
 
 def read_peak() -> int:
     """Peak bytes since reset_peak(): MLX's peak plus mlx-tuner's CUDA peak (upper bound)."""
-    extra = _extra_counter()
+    extra = cuda_ext()
     return int(mx.get_peak_memory() + (extra.cuda_extra_memory()[1] if extra is not None else 0))
 
 
@@ -91,7 +91,7 @@ def peak_memory(fn) -> int:
     """
     sync(fn())  # warm caches and compiled graphs
     mx.clear_cache()
-    extra = _extra_counter()
+    extra = cuda_ext()
     before = mx.get_active_memory()
     mx.reset_peak_memory()
     if extra is not None:
@@ -184,6 +184,25 @@ def annotate(benchmark, *, op: str, provider: str, mode: str, dtype, shape: dict
         device=device_label(), mlx=mx.__version__, commit=commit(), flops=flops,
         bytes=bytes_moved, peak_bytes=peak_bytes, ceiling_gemm_flops=ceil["gemm_flops"],
         ceiling_copy_bytes_per_s=ceil["copy_bytes_per_s"], **extra)
+
+
+def layer_step(f, primals, argnums):
+    """forward+backward of one layer as it runs inside a model: y = f(*primals), then the
+    gradients of `argnums` for a fixed random upstream gradient dy. A loss of the
+    benchmark's own (a cast and a sum, and their gradients) would be timed otherwise, the
+    same for every provider, and hide part of the layer's difference."""
+    primals = list(primals)
+    y = f(*primals)
+    dy = mx.random.normal(y.shape, key=mx.random.key(7)).astype(y.dtype)
+    mx.eval(dy)
+
+    def g(*sub):
+        full = list(primals)
+        for i, p in zip(argnums, sub):
+            full[i] = p
+        return [f(*full)]
+
+    return lambda: mx.vjp(g, [primals[i] for i in argnums], [dy])
 
 
 def run(benchmark, fn, *, rounds: int | None = None, warmup: int = 2):

@@ -10,7 +10,8 @@ import mlx.core as mx
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from mlx_tuner.ops import dora_linear, dora_weight_sq_norm, lora_linear
+from common import layer_step
+from mlx_tuner.ops import dora_linear, dora_weight_sq_norm, lora_linear, qlora_linear
 
 n, d, r = 4096, 4096, 16
 k = mx.random.split(mx.random.key(0), 5)
@@ -20,22 +21,26 @@ a = mx.random.normal((d, r), key=k[2]) / d**0.5
 b = mx.random.normal((r, d), key=k[3]) * 0.01
 m = mx.random.uniform(0.5, 1.5, (d,), key=k[4])
 c = dora_weight_sq_norm(w)
-mx.eval(x, w, a, b, m, c)
+wq, sc, bi = mx.quantize(w, group_size=64, bits=4)
+mx.eval(x, w, a, b, m, c, wq, sc, bi)
 
 
-def grad_of(f):
-    g = mx.value_and_grad(lambda *p: f(*p).astype(mx.float32).sum(), argnums=list(range(4)))
-    return lambda: g(x, a, b, m)
+def grad_of(f, argnums=(0, 1, 2, 3)):
+    """The layer's forward+backward from a fixed upstream gradient (as the benchmarks)."""
+    return layer_step(f, (x, a, b, m), list(argnums))
 
 
 lora = lambda xx, aa, bb, mm: lora_linear(xx, w, aa, bb, 2.0)
 dora = lambda xx, aa, bb, mm: dora_linear(xx, w, aa, bb, mm, 2.0, weight_sq_norm=c)
 base = lambda xx, aa, bb, mm: xx @ w.T
+qlora = lambda xx, aa, bb, mm: qlora_linear(xx, wq, sc, bi, aa, bb, 2.0, group_size=64, bits=4)
 CASES = {
     "base fwd": lambda: base(x, a, b, m),
-    "base fwd+bwd": grad_of(base),
+    "base fwd+bwd": grad_of(base, [0]),
     "lora fwd": lambda: lora(x, a, b, m),
-    "lora fwd+bwd": grad_of(lora),
+    "lora fwd+bwd": grad_of(lora, [0, 1, 2]),
+    "qlora fwd": lambda: qlora(x, a, b, m),
+    "qlora fwd+bwd": grad_of(qlora, [0, 1, 2]),
     "dora fwd": lambda: dora(x, a, b, m),
     "dora fwd+bwd": grad_of(dora),
 }

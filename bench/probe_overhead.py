@@ -1,0 +1,64 @@
+"""Where a fused layer's wall time goes on the GPU (a diagnostic, not a benchmark row).
+
+    python bench/probe_overhead.py [label]
+
+For the frozen base layer and the fused LoRA / QLoRA / DoRA layers (4096 tokens,
+4096 x 4096, r 16, bfloat16): the median wall time of one call evaluated alone (what the
+benchmarks time), the host time spent building its graph, and the time per call when 8
+calls share one evaluation (as the layers of a model do: host work then overlaps the
+GPU's). Run it under different environments (MLX_TUNER_CUDA_CACHE=0,
+MLX_USE_CUDA_GRAPHS=0) to see what each costs.
+"""
+import sys
+import time
+
+import mlx.core as mx
+import numpy as np
+
+from common import layer_step
+from mlx_tuner.ops import dora_linear, dora_weight_sq_norm, lora_linear, qlora_linear
+
+n, d, r = 4096, 4096, 16
+k = mx.random.split(mx.random.key(0), 5)
+x = mx.random.normal((n, d), key=k[0]).astype(mx.bfloat16)
+w = (mx.random.normal((d, d), key=k[1]) / d**0.5).astype(mx.bfloat16)
+a = mx.random.normal((d, r), key=k[2]) / d**0.5
+b = mx.random.normal((r, d), key=k[3]) * 0.01
+m = mx.random.uniform(0.5, 1.5, (d,), key=k[4])
+c = dora_weight_sq_norm(w)
+wq, sc, bi = mx.quantize(w, group_size=64, bits=4)
+mx.eval(x, w, a, b, m, c, wq, sc, bi)
+
+LAYERS = {
+    "base": (lambda x: x @ w.T, (x,), [0]),
+    "lora": (lambda x, a, b: lora_linear(x, w, a, b, 2.0), (x, a, b), [0, 1, 2]),
+    "qlora": (lambda x, a, b: qlora_linear(x, wq, sc, bi, a, b, 2.0, group_size=64, bits=4),
+              (x, a, b), [0, 1, 2]),
+    "dora": (lambda x, a, b, m: dora_linear(x, w, a, b, m, 2.0, weight_sq_norm=c),
+             (x, a, b, m), [0, 1, 2, 3]),
+}
+
+
+def timed(fn, reps=20):
+    for _ in range(3):
+        mx.eval(fn())
+    wall, build = [], []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        out = fn()
+        t1 = time.perf_counter()
+        mx.eval(out)
+        t2 = time.perf_counter()
+        wall.append(t2 - t0)
+        build.append(t1 - t0)
+    return float(np.median(wall)) * 1e6, float(np.median(build)) * 1e6
+
+
+label = sys.argv[1] if len(sys.argv) > 1 else "default"
+print(f"== {label}: wall us/call (one eval each) | host graph build us | us/call, 8 per eval")
+for name, (f, primals, argnums) in LAYERS.items():
+    for mode in ("fwd", "fwd+bwd"):
+        one = (lambda f=f, p=primals: f(*p)) if mode == "fwd" else layer_step(f, primals, argnums)
+        wall, build = timed(one)
+        batch, _ = timed(lambda one=one: [one() for _ in range(8)], reps=5)
+        print(f"   {name:6s} {mode:8s} {wall:9.1f} {build:9.1f} {batch / 8:9.1f}")
