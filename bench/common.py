@@ -205,6 +205,26 @@ def layer_step(f, primals, argnums):
     return lambda: mx.vjp(g, [primals[i] for i in argnums], [dy])
 
 
+def probe_layer(n=4096, d=4096, r=16):
+    """The GPU probes' layer: x (n, d) and W (d, d) in bfloat16, float32 LoRA A, B and
+    DoRA magnitude m, W's cached squared row norms, and W quantized to 4 bits, group 64
+    (n = d = 128 in quick mode)."""
+    if QUICK:
+        n = d = 128
+    from mlx_tuner.ops import dora_weight_sq_norm
+
+    k = mx.random.split(mx.random.key(0), 5)
+    x = mx.random.normal((n, d), key=k[0]).astype(mx.bfloat16)
+    w = (mx.random.normal((d, d), key=k[1]) / d**0.5).astype(mx.bfloat16)
+    a = mx.random.normal((d, r), key=k[2]) / d**0.5
+    b = mx.random.normal((r, d), key=k[3]) * 0.01
+    m = mx.random.uniform(0.5, 1.5, (d,), key=k[4])
+    c = dora_weight_sq_norm(w)
+    q = mx.quantize(w, group_size=64, bits=4)
+    mx.eval(x, w, a, b, m, c, q)
+    return x, w, a, b, m, c, q
+
+
 def run(benchmark, fn, *, rounds: int | None = None, warmup: int = 2):
     """Time fn() (evaluated) with pytest-benchmark; a single round in quick mode."""
     rounds = 1 if QUICK else (rounds or 10)

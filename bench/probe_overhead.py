@@ -15,19 +15,10 @@ import time
 import mlx.core as mx
 import numpy as np
 
-from common import layer_step
-from mlx_tuner.ops import dora_linear, dora_weight_sq_norm, lora_linear, qlora_linear
+from common import layer_step, probe_layer
+from mlx_tuner.ops import dora_linear, lora_linear, qlora_linear
 
-n, d, r = 4096, 4096, 16
-k = mx.random.split(mx.random.key(0), 5)
-x = mx.random.normal((n, d), key=k[0]).astype(mx.bfloat16)
-w = (mx.random.normal((d, d), key=k[1]) / d**0.5).astype(mx.bfloat16)
-a = mx.random.normal((d, r), key=k[2]) / d**0.5
-b = mx.random.normal((r, d), key=k[3]) * 0.01
-m = mx.random.uniform(0.5, 1.5, (d,), key=k[4])
-c = dora_weight_sq_norm(w)
-wq, sc, bi = mx.quantize(w, group_size=64, bits=4)
-mx.eval(x, w, a, b, m, c, wq, sc, bi)
+x, w, a, b, m, c, (wq, sc, bi) = probe_layer()
 
 LAYERS = {
     "base": (lambda x: x @ w.T, (x,), [0]),
