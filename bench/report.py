@@ -42,6 +42,14 @@ def _rate(row: dict) -> str:
     return "–"
 
 
+def _peak(ex: dict) -> str:
+    """Peak memory; for CUDA training rows also the device pool's peak (caches off)."""
+    text = _fmt_bytes(ex.get("peak_bytes"))
+    if ex.get("device_peak_bytes"):
+        text += f" (device {_fmt_bytes(ex['device_peak_bytes'])})"
+    return text
+
+
 def _shape(shape) -> str:
     if isinstance(shape, dict) and "config" in shape:  # training rows: name the model
         return f"{shape['config']} batch={shape.get('batch')}x{shape.get('seq') or 'data'}"
@@ -96,7 +104,7 @@ def tables(paths: list[str]) -> str:
                 out.append(
                     f"| {key[1]} | {key[2]} | {key[3]} | {key[4]} | {prov} | "
                     f"{_fmt_time(st['median'])} ({_fmt_time(st['iqr'])}) | {_rate(row)} | "
-                    f"{_fmt_bytes(row['extra_info'].get('peak_bytes'))} | {speed} |")
+                    f"{_peak(row['extra_info'])} | {speed} |")
         out.append("")
     out.append("Sources: " + ", ".join(f"`{s}`" for s in sources) + "\n")
     return "\n".join(out)

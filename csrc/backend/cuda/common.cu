@@ -131,6 +131,9 @@ void free_device(mx::allocator::Buffer b) {
 } // namespace
 
 mx::allocator::Data malloc_device(size_t nbytes, mx::cu::CommandEncoder& enc) {
+  if (in_gemm_batch()) { // the capture would record the allocation into the graph
+    throw std::logic_error("[mlx_tuner] a buffer allocated inside a GemmBatch");
+  }
   void* ptr = nullptr;
   int device = enc.device().cuda_device();
   size_t size = nbytes > 0 ? rounded(nbytes) : 0;

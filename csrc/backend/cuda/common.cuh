@@ -6,6 +6,7 @@
 #include <cuda.h>
 #include <cuda_runtime.h>
 
+#include <stdexcept>
 #include <utility>
 
 #include "mlx/array.h"
@@ -47,6 +48,9 @@ inline void alloc_output(mx::array& out, mx::cu::CommandEncoder& enc) {
   enc.set_output_array(out);
 }
 
+// True while a GemmBatch (gemm.cuh) captures on this thread: no launches or buffers then.
+bool in_gemm_batch();
+
 // Launches `kernel` (a __global__ function) as a node of MLX's CUDA graph. The args
 // must match the kernel's parameter types exactly: they are passed by address.
 template <typename... Args>
@@ -57,6 +61,9 @@ void launch(
     dim3 block,
     unsigned smem,
     Args&&... args) {
+  if (in_gemm_batch()) {
+    throw std::logic_error("[mlx_tuner] a kernel launched inside a GemmBatch");
+  }
   CUfunction fn = kernel_handle(kernel, enc.device().cuda_device());
   if (smem > 48 * 1024) {
     // Same underlying function as `fn` (one primary context), set through our runtime.

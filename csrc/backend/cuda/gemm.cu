@@ -95,7 +95,43 @@ Plan make_plan(cublasLtHandle_t handle, const Gemm& g, int lda, int ldb, int ldc
   return p;
 }
 
+thread_local int batch_depth = 0;
+
+// The encoder's cuBLASLt workspace, made on first use (never inside a capture).
+const mx::array& workspace(Plans& ps, mx::cu::CommandEncoder& enc) {
+  auto& ws = ps.workspaces[&enc];
+  if (ws == nullptr) {
+    ws = new mx::array(malloc_device(kWorkspace, enc), {int(kWorkspace)}, mx::uint8);
+  }
+  return *ws;
+}
+
 } // namespace
+
+GemmBatch::GemmBatch(mx::cu::CommandEncoder& enc) {
+  if (batch_depth == 0) {
+    auto& ps = plans();
+    {
+      std::lock_guard<std::mutex> lk(ps.mu);
+      workspace(ps, enc); // before the capture starts
+    }
+    capture_.emplace(enc);
+  }
+  ++batch_depth;
+}
+
+GemmBatch::~GemmBatch() {
+  capture_.reset(); // ends the capture: one node in MLX's graph
+  --batch_depth;
+}
+
+bool GemmBatch::active() {
+  return batch_depth > 0;
+}
+
+bool in_gemm_batch() {
+  return GemmBatch::active();
+}
 
 mx::array scratch(mx::cu::CommandEncoder& enc, mx::Shape shape, mx::Dtype dtype) {
   size_t nbytes = mx::size_of(dtype);
@@ -127,6 +163,15 @@ void gemm(mx::cu::CommandEncoder& enc, const Gemm& g, float alpha, const mx::arr
   int device = enc.device().cuda_device();
   auto& ps = plans();
   std::lock_guard<std::mutex> lk(ps.mu);
+  // Inside a GemmBatch the stream is capturing (thread-local mode): a first GEMM of a
+  // shape may create the handle or query the heuristic, which that mode could refuse.
+  struct Relaxed {
+    bool on = GemmBatch::active();
+    cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+    Relaxed() { if (on) cudaThreadExchangeStreamCaptureMode(&mode); }
+    ~Relaxed() { if (on) cudaThreadExchangeStreamCaptureMode(&mode); }
+  };
+  std::optional<Relaxed> relaxed(std::in_place);
   auto& handle = ps.handles[device];
   if (handle == nullptr) {
     check_lt(cublasLtCreate(&handle), "cublasLtCreate");
@@ -137,6 +182,7 @@ void gemm(mx::cu::CommandEncoder& enc, const Gemm& g, float alpha, const mx::arr
   if (it == ps.plans.end()) {
     it = ps.plans.emplace(key, make_plan(handle, g, lda, ldb, ldc, bias != nullptr)).first;
   }
+  relaxed.reset();
   const Plan& p = it->second;
   if (bias != nullptr) {
     cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias,
@@ -147,20 +193,20 @@ void gemm(mx::cu::CommandEncoder& enc, const Gemm& g, float alpha, const mx::arr
   // graph) adds up to gigabytes. Registering it as written orders our GEMMs one after
   // another on it.
   const mx::array* ws_arr = nullptr;
-  void* workspace = nullptr;
+  void* ws_ptr = nullptr;
   if (p.workspace > 0) {
-    auto& ws = ps.workspaces[&enc];
-    if (ws == nullptr) {
-      ws = new mx::array(malloc_device(kWorkspace, enc), {int(kWorkspace)}, mx::uint8);
-    }
-    ws_arr = ws;
-    workspace = gpu_ptr<void>(*ws);
+    ws_arr = &workspace(ps, enc);
+    ws_ptr = gpu_ptr<void>(*ws_arr);
   }
   reads_writes(enc, {&a_arr, &b_arr, bias_arr, beta != 0.0f ? &c_arr : nullptr},
                {&c_arr, ws_arr});
-  auto capture = enc.capture_context();
+  // Its own capture, unless a GemmBatch is capturing already.
+  std::optional<mx::cu::CommandEncoder::CaptureContext> capture;
+  if (!GemmBatch::active()) {
+    capture.emplace(enc);
+  }
   check_lt(cublasLtMatmul(handle, p.desc, &alpha, b, p.lb, a, p.la, &beta, c, p.lc, c, p.lc,
-                          &p.algo, workspace, p.workspace, enc.stream()),
+                          &p.algo, ws_ptr, p.workspace, enc.stream()),
            "cublasLtMatmul");
 }
 

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <initializer_list>
+#include <optional>
 
 #include "backend/cuda/common.cuh"
 
@@ -25,6 +26,24 @@ struct Gemm {
 // and strides: the heuristic costs tens of microseconds of host time per call.
 void gemm(mx::cu::CommandEncoder& enc, const Gemm& g, float alpha, const mx::array& a,
           const mx::array& b, float beta, mx::array& c, const mx::array* bias = nullptr);
+
+// Several GEMMs captured as ONE node of MLX's graph: each capture costs tens of
+// microseconds of host time (begin/end capture, a child graph added and keyed), which for
+// the small rank-r products is more than their GPU time. Inside a batch only gemm() may
+// run: no kernel launches and no new buffers (a capture would record the allocation);
+// make scratch and conversions first. Register nothing special: what the GEMMs register
+// orders the one node.
+class GemmBatch {
+ public:
+  explicit GemmBatch(mx::cu::CommandEncoder& enc);
+  ~GemmBatch();
+  GemmBatch(const GemmBatch&) = delete;
+  GemmBatch& operator=(const GemmBatch&) = delete;
+  static bool active(); // on this thread
+
+ private:
+  std::optional<mx::cu::CommandEncoder::CaptureContext> capture_;
+};
 
 // A device buffer of `shape` x `dtype` that lives until the encoder's graph has run.
 mx::array scratch(mx::cu::CommandEncoder& enc, mx::Shape shape, mx::Dtype dtype);

@@ -6,6 +6,8 @@
 // g = dy B^T are written in T directly (float32 accumulation inside the GEMM); gradients
 // of float32 LoRA parameters come out in float32.
 // x, W, bias, x_d arrive in T (the op casts them on the GPU); A, B in T or float32.
+#include <tuple>
+
 #include "backend/cuda/gemm.cuh"
 #include "ops/lora.h"
 
@@ -42,12 +44,12 @@ void LoRALinear::eval_gpu(
   auto T = x.dtype();
   auto [a_t, b_t] = as_dtype(enc, a, b, T);
   // xa = x_d A, saved in T (the op gives it T's dtype on CUDA): the backward's products
-  // take it in T anyway
-  gemm(enc, {false, false, n, r, in, T, T, xa.dtype()}, 1.0f, xd, a_t, 0.0f, xa);
-  auto xa_t = as_dtype(enc, xa, T);
+  // take it in T anyway.
+  cuda::GemmBatch batch(enc); // the three GEMMs as one graph node
+  gemm(enc, {false, false, n, r, in, T, T, T}, 1.0f, xd, a_t, 0.0f, xa);
   // y = s xa B (+ bias) first, then the base GEMM accumulates into it (beta = 1): the
   // compute-bound GEMM reads the rank-r term in its epilogue almost for free.
-  gemm(enc, {false, false, n, out, r, T, T, T}, scale_, xa_t, b_t, 0.0f, y, bias);
+  gemm(enc, {false, false, n, out, r, T, T, T}, scale_, xa, b_t, 0.0f, y, bias);
   gemm(enc, {false, true, n, out, in, T, T, T}, 1.0f, x, w, 1.0f, y);
 }
 
@@ -81,12 +83,14 @@ void LoRALinearVJP::eval_gpu(
   }
   bool lora_into_dx = dx && !has_xd_;
   bool need_g = da || dxd || lora_into_dx;
-  std::optional<mx::array> g_t, a_t;
-  if (need_g) { // g = dy B^T (float32 accumulate, stored in T for the next products)
-    auto [a_c, b_t] = as_dtype(enc, a, b, T);
-    a_t = a_c;
+  std::optional<mx::array> g_t, a_t, b_t;
+  if (need_g) {
+    std::tie(a_t, b_t) = as_dtype(enc, a, b, T);
     g_t = scratch(enc, {n, r}, T);
-    gemm(enc, {false, true, n, r, out, T, T, T}, 1.0f, dy, b_t, 0.0f, *g_t);
+  }
+  cuda::GemmBatch batch(enc); // every GEMM below as one graph node
+  if (need_g) { // g = dy B^T (float32 accumulate, stored in T for the next products)
+    gemm(enc, {false, true, n, r, out, T, T, T}, 1.0f, dy, *b_t, 0.0f, *g_t);
   }
   if (dx) { // dx = s g A^T first, then dy W accumulated into the same buffer
     if (lora_into_dx) {
@@ -100,9 +104,8 @@ void LoRALinearVJP::eval_gpu(
   if (da) { // dA = s x_d^T g, in A's dtype (float32 for mlx-lm's LoRA parameters)
     gemm(enc, {true, false, in, r, n, T, T, da->dtype()}, scale_, xd, *g_t, 0.0f, *da);
   }
-  if (db) { // dB = s xa^T dy
-    auto xa_t = as_dtype(enc, xa, T);
-    gemm(enc, {true, false, r, out, n, T, T, db->dtype()}, scale_, xa_t, dy, 0.0f, *db);
+  if (db) { // dB = s xa^T dy (xa is saved in T)
+    gemm(enc, {true, false, r, out, n, T, T, db->dtype()}, scale_, xa, dy, 0.0f, *db);
   }
 }
 

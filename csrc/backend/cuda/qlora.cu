@@ -23,6 +23,8 @@
 #include <stdexcept>
 #include <type_traits>
 
+#include <tuple>
+
 #include "backend/cuda/gemm.cuh"
 #include "ops/qlora.h"
 
@@ -284,9 +286,9 @@ void QLoRA::eval_gpu(const std::vector<mx::array>& in, std::vector<mx::array>& o
   float beta = 1.0f;
   if (r > 0 && k > 0) {
     auto [a_t, b_t] = as_dtype(enc, in[4], in[5], T);
-    gemm(enc, {false, false, m, r, k, T, T, xa.dtype()}, 1.0f, xd, a_t, 0.0f, xa);
-    auto xa_t = as_dtype(enc, xa, T);
-    gemm(enc, {false, false, m, out, r, T, T, T}, p_.scale, xa_t, b_t, 0.0f, y, bias);
+    cuda::GemmBatch batch(enc); // both rank-r GEMMs as one graph node
+    gemm(enc, {false, false, m, r, k, T, T, T}, 1.0f, xd, a_t, 0.0f, xa);
+    gemm(enc, {false, false, m, out, r, T, T, T}, p_.scale, xa, b_t, 0.0f, y, bias);
   } else {
     fill(enc, xa, nullptr); // x_d A over an empty input dimension
     if (bias || k == 0) {
@@ -349,44 +351,42 @@ void QLoRAVJP::eval_gpu(const std::vector<mx::array>& in, std::vector<mx::array>
   // is 0.
   const bool have_g = r > 0 && out > 0;
   const bool lora_dx = dx && !p_.has_xd && have_g;
-  std::optional<mx::array> g_t, a_t;
-  if (have_g && (da || dxd || lora_dx)) {
-    auto [a_c, b_t] = as_dtype(enc, in[4], in[5], T);
-    a_t = a_c;
+  std::optional<mx::array> g_t, a_t, b_t;
+  const bool need_g = have_g && (da || dxd || lora_dx);
+  if (need_g) {
+    std::tie(a_t, b_t) = as_dtype(enc, in[4], in[5], T);
     g_t = scratch(enc, {m, r}, T);
-    gemm(enc, {false, true, m, r, out, T, T, T}, p_.scale, dy, b_t, 0.0f, *g_t);
   }
-  if (dxd) { // dx_d = g Aᵀ
-    if (have_g) {
+  // Without g, dx_d and dA are zeros (out or r is 0); dB is empty then.
+  if (dxd && !have_g) fill(enc, *dxd, nullptr);
+  if (da && !have_g) fill(enc, *da, nullptr);
+  if (dx && k > 0 && !lora_dx && out == 0) {
+    fill(enc, *dx, nullptr);
+    return;
+  }
+  {
+    cuda::GemmBatch batch(enc); // the rank-r GEMMs as one graph node
+    if (need_g) {
+      gemm(enc, {false, true, m, r, out, T, T, T}, p_.scale, dy, *b_t, 0.0f, *g_t);
+    }
+    if (dxd && have_g) { // dx_d = g Aᵀ
       gemm(enc, {false, true, m, k, r, T, T, T}, 1.0f, *g_t, *a_t, 0.0f, *dxd);
-    } else {
-      fill(enc, *dxd, nullptr);
     }
-  }
-  if (da) { // dA = x_dᵀ g, in A's dtype (float32)
-    if (have_g) {
+    if (da && have_g) { // dA = x_dᵀ g, in A's dtype (float32)
       gemm(enc, {true, false, k, r, m, T, T, da->dtype()}, 1.0f, xd, *g_t, 0.0f, *da);
-    } else {
-      fill(enc, *da, nullptr);
     }
-  }
-  if (db && have_g) { // dB = s xaᵀ dy (empty when r or out is 0)
-    auto xa_t = as_dtype(enc, xa, T);
-    gemm(enc, {true, false, r, out, m, T, T, db->dtype()}, p_.scale, xa_t, dy, 0.0f, *db);
+    if (db && have_g) { // dB = s xaᵀ dy (xa is saved in T)
+      gemm(enc, {true, false, r, out, m, T, T, db->dtype()}, p_.scale, xa, dy, 0.0f, *db);
+    }
+    if (dx && k > 0 && lora_dx) { // dx = g Aᵀ first (x_d is x); the blocks of W add to it
+      gemm(enc, {false, true, m, k, r, T, T, T}, 1.0f, *g_t, *a_t, 0.0f, *dx);
+    }
   }
   if (!dx || k == 0) {
     return;
   }
-  // dx = g Aᵀ first (x_d is x), then blocks of C columns of W: dx[:, c0:c0+C] += dy Wc.
-  float beta = 1.0f;
-  if (lora_dx) {
-    gemm(enc, {false, true, m, k, r, T, T, T}, 1.0f, *g_t, *a_t, 0.0f, *dx);
-  } else if (out == 0) {
-    fill(enc, *dx, nullptr);
-    return;
-  } else {
-    beta = 0.0f;
-  }
+  // Blocks of C columns of W: dx[:, c0:c0+C] += dy Wc (over dx = g Aᵀ, or from zero).
+  const float beta = lora_dx ? 1.0f : 0.0f;
   auto sc = as_dtype(enc, in[2], T);
   auto bi = as_dtype(enc, in[3], T);
   Quantized q{in[1], sc, bi, out, k, p_.bits, p_.group_size};
