@@ -8,6 +8,7 @@
 
 #include "metal/divergence.h"
 #include "common/checks.h"
+#include "common/graph.h"
 #include "mlx/ops.h"
 
 namespace mlx_tuner {
@@ -61,8 +62,8 @@ mx::array divergence(
   auto stream = mx::to_stream(s);
   auto dtype = mx::promote_types(q_in.dtype(), p_in.dtype());
   // Kernels index rows densely: row-contiguous copies only where the layout needs one.
-  auto q = mx::contiguous(mx::astype(q_in, dtype, stream), false, stream);
-  auto p = mx::contiguous(mx::astype(p_in, dtype, stream), false, stream);
+  auto q = contiguous_rows(mx::astype(q_in, dtype, stream), stream);
+  auto p = contiguous_rows(mx::astype(p_in, dtype, stream), stream);
   auto out_shape = q.shape();
   out_shape.pop_back();
   auto stats_shape = out_shape;
@@ -92,7 +93,7 @@ std::vector<mx::array> DivergenceForward::vjp(
   bool gq = std::find(argnums.begin(), argnums.end(), 0) != argnums.end();
   bool gp = std::find(argnums.begin(), argnums.end(), 1) != argnums.end();
   auto s = stream();
-  auto cot = mx::contiguous(mx::astype(cotangents[0], mx::float32, s), false, s);
+  auto cot = contiguous_rows(mx::astype(cotangents[0], mx::float32, s), s);
   std::vector<mx::Shape> shapes;
   std::vector<mx::Dtype> dtypes;
   for (int i = 0; i < int(gq) + int(gp); ++i) {

@@ -6,6 +6,7 @@
 #include <stdexcept>
 
 #include "common/checks.h"
+#include "common/graph.h"
 #include "mlx/ops.h"
 #include "mlx/transforms.h"
 #define MLX_TUNER_LORA_PARAMS_ONLY
@@ -109,7 +110,7 @@ mx::array lora_linear(
     if (gpu) {
       t = mx::astype(t, out_dtype, s);
     }
-    return mx::contiguous(t, false, s);
+    return contiguous_rows(t, s);
   };
   // LoRA parameters keep float32 (their gradients stay float32) or the compute dtype.
   auto prep_lora = [&](const mx::array& a) {
@@ -117,7 +118,7 @@ mx::array lora_linear(
     if (gpu && a.dtype() != mx::float32 && a.dtype() != out_dtype) {
       t = mx::astype(t, mx::float32, s);
     }
-    return mx::contiguous(t, false, s);
+    return contiguous_rows(t, s);
   };
   std::vector<mx::array> inputs = {
       prep(x, true), prep(weight, false), prep_lora(lora_a), prep_lora(lora_b)};
@@ -200,7 +201,7 @@ std::vector<mx::array> LoRALinear::vjp(
     return composed_vjp(primals, cotangents[0], argnums, bias_idx, xd_idx);
   }
 #endif
-  auto dy = mx::contiguous(mx::astype(cotangents[0], outputs[0].dtype(), s), false, s);
+  auto dy = contiguous_rows(mx::astype(cotangents[0], outputs[0].dtype(), s), s);
   // On the GPU, dW and dbias are one plain GEMM / reduction: MLX's own are as good.
   bool gpu = s.device == mx::Device::gpu;
   LoRAGrads in_kernel = want;

@@ -9,6 +9,7 @@
 #include <stdexcept>
 
 #include "common/checks.h"
+#include "common/graph.h"
 #include "common/quant.h"
 #include "mlx/ops.h"
 
@@ -118,11 +119,11 @@ mx::array lora_switch_linear(
   int pairs = std::accumulate(batch.begin(), batch.end(), 1, std::multiplies<int>());
   // Pair p reads x block lhs[p] and expert rhs[p]: gather_mm's broadcasting, made explicit.
   auto lhs = mx::reshape(mx::arange(n_blocks, mx::int32, s), x_batch, s);
-  lhs = mx::contiguous(mx::reshape(mx::broadcast_to(lhs, batch, s), {pairs}, s), false, s);
+  lhs = contiguous_rows(mx::reshape(mx::broadcast_to(lhs, batch, s), {pairs}, s), s);
   auto rhs = mx::broadcast_to(mx::astype(indices, mx::int32, s), batch, s);
-  rhs = mx::contiguous(mx::reshape(rhs, {pairs}, s), false, s);
+  rhs = contiguous_rows(mx::reshape(rhs, {pairs}, s), s);
   mx::Shape flat = {n_blocks, m, in_dims};
-  auto prep = [&](const mx::array& a) { return mx::contiguous(a, false, s); };
+  auto prep = [&](const mx::array& a) { return contiguous_rows(a, s); };
   std::vector<mx::array> inputs = {prep(mx::reshape(x, flat, s)), prep(weight), prep(lora_a),
                                    prep(lora_b), lhs, rhs};
   if (bias) {
@@ -190,7 +191,7 @@ std::vector<mx::array> LoRASwitchLinear::vjp(
     want.bias |= a == bias_idx;
     want.x_dropped |= a == xd_idx;
   }
-  auto dy = mx::contiguous(mx::astype(cotangents[0], outputs[0].dtype(), s), false, s);
+  auto dy = contiguous_rows(mx::astype(cotangents[0], outputs[0].dtype(), s), s);
   std::vector<mx::array> inputs = {primals[0], primals[1], primals[2], primals[3],
                                    primals[4], primals[5], outputs[1], dy};
   if (has_xd_) {

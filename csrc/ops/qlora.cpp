@@ -8,6 +8,7 @@
 
 #include "common/quant.h"
 #include "common/checks.h"
+#include "common/graph.h"
 #include "mlx/ops.h"
 #include "mlx/utils.h"
 
@@ -89,11 +90,11 @@ mx::array qlora_linear(
     dt = mx::promote_types(dt, bias->dtype());
   }
   auto prep = [&](const mx::array& a, mx::Dtype t) {
-    return mx::contiguous(mx::astype(a, t, st), false, st);
+    return contiguous_rows(mx::astype(a, t, st), st);
   };
   std::vector<mx::array> inputs = {
       prep(x, dt),
-      mx::contiguous(weight, false, st),
+      contiguous_rows(weight, st),
       prep(scales, dt),
       prep(biases, dt),
       prep(lora_a, mx::float32),
@@ -146,7 +147,7 @@ std::vector<mx::array> QLoRA::vjp(
     g.dxd |= a == xd_arg;
   }
   // xa is internal: only y's cotangent flows back.
-  auto dy = mx::contiguous(cotangents[0], false, st);
+  auto dy = contiguous_rows(cotangents[0], st);
   std::vector<mx::array> grads;
   if (g.dx || g.dxd || g.da || g.db) {
     const auto& xd = p_.has_xd ? primals[6] : primals[0];
