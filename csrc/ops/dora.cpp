@@ -87,6 +87,8 @@ mx::array compose_gpu(
   return bias ? mx::add(out, *bias, s) : out;
 }
 
+constexpr ArgCheck scale_check{"[dora_scale]"};
+
 } // namespace
 
 MetalLaunch metal_launch_dora_row_sq_norm(int rows, const std::string& dtype, int bits) {
@@ -118,6 +120,81 @@ mx::array dora_weight_sq_norm(
       mx::float32,
       std::make_shared<DoRARowSqNorm>(mx::to_stream(s), scales.has_value(), group_size, bits),
       in);
+}
+
+mx::array dora_scale(
+    const mx::array& z,
+    const mx::array& sv,
+    const std::optional<mx::array>& bias,
+    mx::StreamOrDevice s) {
+  scale_check.ndim("z", z, 2);
+  scale_check.floating("z", z);
+  int cols = z.shape(1);
+  scale_check.shape("sv", sv, {cols});
+  if (sv.dtype() != mx::float32) {
+    std::ostringstream o;
+    o << "sv must be float32 but got " << sv.dtype() << ".";
+    scale_check.fail(o.str());
+  }
+  std::vector<mx::array> in = {mx::contiguous(z, false, s), mx::contiguous(sv, false, s)};
+  if (bias) {
+    scale_check.shape("bias", *bias, {cols});
+    if (bias->dtype() != z.dtype()) {
+      std::ostringstream o;
+      o << "bias must have z's dtype " << z.dtype() << " but got " << bias->dtype() << ".";
+      scale_check.fail(o.str());
+    }
+    in.push_back(mx::contiguous(*bias, false, s));
+  }
+  auto stream = mx::to_stream(s);
+  return mx::array(
+      z.shape(), z.dtype(), std::make_shared<DoRAScale>(stream, bias.has_value()), std::move(in));
+}
+
+std::vector<mx::array> DoRAScale::vjp(
+    const std::vector<mx::array>& primals,
+    const std::vector<mx::array>& cotangents,
+    const std::vector<int>& argnums,
+    const std::vector<mx::array>& outputs) {
+  auto s = stream();
+  const auto& z = primals[0];
+  DoRAScaleWant want;
+  for (int a : argnums) {
+    want.z |= a == 0;
+    want.sv |= a == 1;
+    want.bias |= has_bias_ && a == 2;
+  }
+  if (!want.z && !want.sv && !want.bias) {
+    return {};
+  }
+  auto dy = mx::contiguous(mx::astype(cotangents[0], z.dtype(), s), false, s);
+  std::vector<mx::array> in = {dy, primals[1]};
+  if (want.sv) {
+    in.push_back(z); // z is read only for dsv
+  }
+  std::vector<mx::Shape> shapes;
+  std::vector<mx::Dtype> dtypes;
+  int cols = z.shape(1);
+  if (want.z) {
+    shapes.push_back(z.shape());
+    dtypes.push_back(z.dtype());
+  }
+  if (want.sv) {
+    shapes.push_back({cols});
+    dtypes.push_back(mx::float32);
+  }
+  if (want.bias) {
+    shapes.push_back({cols});
+    dtypes.push_back(primals[2].dtype());
+  }
+  auto grads = mx::array::make_arrays(
+      std::move(shapes), dtypes, std::make_shared<DoRAScaleVJP>(s, want), std::move(in));
+  std::vector<mx::array> result;
+  for (int a : argnums) {
+    int k = a == 0 ? 0 : a == 1 ? int(want.z) : int(want.z) + int(want.sv);
+    result.push_back(grads[k]);
+  }
+  return result;
 }
 
 DoRAInputs::DoRAInputs(const DoRAConfig& cfg) {
@@ -332,6 +409,17 @@ void DoRALinearVJP::eval_gpu(const std::vector<mx::array>&, std::vector<mx::arra
 #if !defined(MLX_TUNER_DORA_GPU) // no GPU kernel of this family in this build
 void DoRARowSqNorm::eval_gpu(const std::vector<mx::array>&, mx::array&) {
   throw std::runtime_error("[dora_weight_sq_norm] this build has no GPU kernels.");
+}
+#endif
+
+#if !(defined(MLX_TUNER_CUDA) && defined(MLX_TUNER_DORA_GPU))
+// Only the CUDA build has these kernels: Metal keeps compose_gpu's MLX multiply.
+void DoRAScale::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error("[dora_scale] DoRAScale has no GPU kernel in this build (CUDA only).");
+}
+void DoRAScaleVJP::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+  throw std::runtime_error(
+      "[dora_scale] DoRAScaleVJP has no GPU kernel in this build (CUDA only).");
 }
 #endif
 
