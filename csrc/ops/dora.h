@@ -197,7 +197,7 @@ mx::array dora_weight_sq_norm(
 
 // The op: validates, promotes, flattens, builds the primitive, adds the bias. On a GPU (or
 // with compose=true, which tests use to check the GPU graph on the CPU) it composes MLX
-// GEMMs around DoRARowSqNorm instead.
+// GEMMs around DoRARowSqNorm, the fused LoRA / QLoRA primitive and (CUDA) DoRAScale instead.
 mx::array dora_linear(
     const mx::array& x,
     const mx::array& weight,
