@@ -220,6 +220,24 @@ std::vector<mx::array> DoRAScale::vjp(
   return result;
 }
 
+std::vector<mx::array> DoRAScale::jvp(
+    const std::vector<mx::array>& primals,
+    const std::vector<mx::array>& tangents,
+    const std::vector<int>& argnums) {
+  auto s = stream();
+  const auto& z = primals[0];
+  auto f32 = [&](const mx::array& a) { return mx::astype(a, mx::float32, s); };
+  std::optional<mx::array> t;
+  for (size_t i = 0; i < argnums.size(); ++i) {
+    int a = argnums[i];
+    auto term = a == 0 ? mx::multiply(f32(tangents[i]), primals[1], s)
+        : a == 1       ? mx::multiply(f32(z), tangents[i], s)
+                       : f32(tangents[i]);
+    t = t ? mx::add(*t, term, s) : mx::broadcast_to(term, z.shape(), s);
+  }
+  return {mx::astype(*t, z.dtype(), s)};
+}
+
 DoRAInputs::DoRAInputs(const DoRAConfig& cfg) {
   int i = 1;
   xd = cfg.has_xd ? i++ : 0;

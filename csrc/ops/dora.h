@@ -133,6 +133,11 @@ class DoRAScale : public mx::UnaryPrimitive {
       const std::vector<mx::array>& cotangents,
       const std::vector<int>& argnums,
       const std::vector<mx::array>& outputs) override;
+  // In MLX ops (forward-mode use is rare): dy = dz * sv + z * dsv + dbias.
+  std::vector<mx::array> jvp(
+      const std::vector<mx::array>& primals,
+      const std::vector<mx::array>& tangents,
+      const std::vector<int>& argnums) override;
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& in) override {
     return {in[0].shape()};
   }

@@ -35,11 +35,11 @@ def make(n, o, dt, bias=True):
     return z, sv, b
 
 
-def reference(z, sv, b=None):
+def reference(z, sv, bias=None):
     """The MLX-ops expression: float32 maths, one rounding to z's dtype."""
     y = z.astype(f32) * sv
-    if b is not None:
-        y = y + b.astype(f32)
+    if bias is not None:
+        y = y + bias.astype(f32)
     return y.astype(z.dtype)
 
 
@@ -118,6 +118,23 @@ def test_without_bias_gradients(device):
     _, g_r = grads(lambda z, sv, b: reference(z, sv), z, sv, None, dy, ["z", "sv"])
     for nm in ("z", "sv"):
         assert_close_to_oracle(g_f[nm], g_r[nm], g_o[nm], f16, f"d{nm}")
+
+
+@pytest.mark.parametrize("names", NAME_SETS, ids="+".join)
+def test_jvp(device, names):
+    e = ext()
+    z, sv, b = make(6, 11, f32)
+    vals = {"z": z, "sv": sv, "bias": b}
+    tans = {"z": mx.random.normal(z.shape), "sv": mx.random.normal(sv.shape),
+            "bias": mx.random.normal(b.shape)}
+
+    def wrap(fn):
+        return lambda *p: fn(**dict(vals, **dict(zip(names, p))))
+
+    args = ([vals[k] for k in names], [tans[k] for k in names])
+    _, (t_f,) = mx.jvp(wrap(lambda z, sv, bias: e._dora_scale(z, sv, bias)), *args)
+    _, (t_r,) = mx.jvp(wrap(reference), *args)
+    np.testing.assert_allclose(np.array(t_f), np.array(t_r), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dt", DTYPES, ids=lambda d: str(d).split(".")[-1])
