@@ -39,6 +39,20 @@ for dt in (mx.float32, mx.bfloat16):
     c = ops.dora_weight_sq_norm(w)
     compare(f"dora dense {dt}", lambda x, a, b, m: ops.dora_linear(x, w, a, b, m, 2.0, weight_sq_norm=c),
             lambda x, a, b, m: ops.dora_linear_reference(x, w, a, b, m, 2.0), (x, a, b, m), [0, 1, 2, 3])
+    # bias (folded into the CUDA DoRAScale kernel, its gradient a column sum) and an odd
+    # output width (not a multiple of 8: the scale kernels' scalar paths), with x_dropped
+    bias = (mx.random.normal((dout,), key=k[5]) * 0.1).astype(dt)
+    compare(f"dora dense+bias {dt}",
+            lambda x, a, b, m, bias: ops.dora_linear(x, w, a, b, m, 2.0, bias, weight_sq_norm=c),
+            lambda x, a, b, m, bias: ops.dora_linear_reference(x, w, a, b, m, 2.0, bias),
+            (x, a, b, m, bias), [0, 1, 2, 3, 4])
+    wo, bo, mo = w[:dout - 3], b[:, :dout - 3], m[:dout - 3]
+    xd = x * (mx.random.uniform(shape=x.shape, key=k[4]) > 0.3).astype(dt)
+    compare(f"dora odd out={dout - 3}+bias+x_dropped {dt}",
+            lambda x, a, b, m, bias: ops.dora_linear(x, wo, a, b, m, 2.0, bias, x_dropped=xd),
+            lambda x, a, b, m, bias: ops.dora_linear_reference(x, wo, a, b, m, 2.0, bias,
+                                                               x_dropped=xd),
+            (x, a, bo, mo, bias[:dout - 3]), [0, 1, 2, 3, 4])
     compare(f"lora {dt}", lambda x, a, b: ops.lora_linear(x, w, a, b, 2.0),
             lambda x, a, b: ops.lora_linear_reference(x, w, a, b, 2.0), (x, a, b), [0, 1, 2])
     for bits, gs in ((4, 64), (3, 32), (8, 64)):  # MLX 0.32.4 CUDA fails f32 8-bit g128 itself
@@ -49,10 +63,12 @@ for dt in (mx.float32, mx.bfloat16):
                 lambda x, a, b: ops.qlora_linear_reference(x, wq, sc, bi, a, b, 2.0, **kw),
                 (x, a, b), [0, 1, 2])
     wq, sc, bi = mx.quantize(w, group_size=64, bits=4)
-    compare(f"qdora q4 {dt}",
-            lambda x, a, b, m: ops.dora_linear(x, wq, a, b, m, 2.0, scales=sc, biases=bi),
-            lambda x, a, b, m: ops.dora_linear_reference(x, wq, a, b, m, 2.0, scales=sc, biases=bi),
-            (x, a, b, m), [0, 1, 2, 3])
+    compare(f"qdora q4+bias {dt}",
+            lambda x, a, b, m, bias: ops.dora_linear(x, wq, a, b, m, 2.0, bias, scales=sc,
+                                                     biases=bi),
+            lambda x, a, b, m, bias: ops.dora_linear_reference(x, wq, a, b, m, 2.0, bias,
+                                                               scales=sc, biases=bi),
+            (x, a, b, m, bias), [0, 1, 2, 3, 4])
     V, d = 1000, 64  # noqa
     h = mx.random.normal((n, d), key=k[5]).astype(dt)
     wh = (mx.random.normal((V, d), key=k[1]) * 0.2).astype(dt)

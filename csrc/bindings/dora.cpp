@@ -46,6 +46,15 @@ void init_dora(nb::module_& m) {
       "stream"_a = nb::none(),
       "||W_i||^2 in float32, W dense or affine-quantized, without a float32 copy of W.");
   m.def(
+      "_dora_scale",
+      &mlx_tuner::dora_scale,
+      "z"_a,
+      "sv"_a,
+      "bias"_a = nb::none(),
+      nb::kw_only(),
+      "stream"_a = nb::none(),
+      "Tests only: y = z * sv (+ bias) as the DoRAScale node of dora_linear's GPU path.");
+  m.def(
       "metal_launch_dora_row_sq_norm",
       [](int rows, const std::string& dtype, int bits) {
         auto l = mlx_tuner::metal_launch_dora_row_sq_norm(rows, dtype, bits);

@@ -24,7 +24,8 @@ mx::array f32c(const mx::array& a, mx::StreamOrDevice s) {
 
 // The GPU path (validated inputs): the norms from the low-rank identity (MLX's GEMMs and
 // the DoRARowSqNorm kernel), the adapted product from the fused LoRA / QLoRA primitive,
-// then the m / n column scale; MLX differentiates the composition. Dtypes follow mlx-lm's
+// then the m / n column scale (DoRAScale on CUDA); MLX differentiates the composition,
+// calling those primitives' own backwards. Dtypes follow mlx-lm's
 // maths. A, the only operand multiplied with W, is cast to W's dtype so that
 // no out x in float32 copy of W is made.
 mx::array compose_gpu(
@@ -58,7 +59,7 @@ mx::array compose_gpu(
   auto n = mx::stop_gradient(mx::sqrt(mx::maximum(n2, mx::array(0.0f), s), s), s);
   // x W^T + s (x_d A) B: the fused LoRA / QLoRA primitive where this build has its kernel
   // (one pass, no (N, out) float32 temporary); else MLX's GEMMs.
-  bool gpu = mx::to_stream(s).device == mx::Device::gpu;
+  [[maybe_unused]] bool gpu = mx::to_stream(s).device == mx::Device::gpu;
 #if defined(MLX_TUNER_LORA_GPU)
   bool fused_dense = true;
 #else
@@ -83,9 +84,33 @@ mx::array compose_gpu(
     auto z = mx::matmul(mx::matmul(xd, lora_a, s), lora_b, s);
     out = mx::add(y, mx::astype(mx::multiply(mx::array(scale), z, s), x.dtype(), s), s);
   }
-  out = mx::multiply(mx::astype(mx::divide(magnitude, n, s), x.dtype(), s), out, s);
-  return bias ? mx::add(out, *bias, s) : out;
+  // y = (m / n) * out (+ bias): one DoRAScale kernel each way on CUDA, where MLX's
+  // differentiated multiply cost ~200 us a step at N = out = 4096 (bf16). dm = dsv / n
+  // comes from MLX's divide on (out,) vectors.
+#if defined(MLX_TUNER_CUDA) && defined(MLX_TUNER_DORA_GPU)
+  bool fused_scale = true;
+#else
+  bool fused_scale = !gpu;
+#endif
+  if (!fused_scale) {
+    out = mx::multiply(mx::astype(mx::divide(magnitude, n, s), x.dtype(), s), out, s);
+    return bias ? mx::add(out, *bias, s) : out;
+  }
+  auto sv = mx::divide(mx::astype(magnitude, mx::float32, s), n, s);
+  int cols = out.shape(-1);
+  int rows = 1;
+  for (int i = 0; i + 1 < static_cast<int>(out.ndim()); ++i) {
+    rows *= out.shape(i);
+  }
+  // A bias of another dtype promotes the output (mlx-lm's add): added outside then.
+  bool fold_bias = bias && bias->dtype() == out.dtype();
+  auto y = dora_scale(mx::reshape(out, {rows, cols}, s), sv,
+                      fold_bias ? bias : std::nullopt, s);
+  y = mx::reshape(y, out.shape(), s);
+  return bias && !fold_bias ? mx::add(y, *bias, s) : y;
 }
+
+constexpr ArgCheck scale_check{"[dora_scale]"};
 
 } // namespace
 
@@ -118,6 +143,99 @@ mx::array dora_weight_sq_norm(
       mx::float32,
       std::make_shared<DoRARowSqNorm>(mx::to_stream(s), scales.has_value(), group_size, bits),
       in);
+}
+
+mx::array dora_scale(
+    const mx::array& z,
+    const mx::array& sv,
+    const std::optional<mx::array>& bias,
+    mx::StreamOrDevice s) {
+  scale_check.ndim("z", z, 2);
+  scale_check.floating("z", z);
+  int cols = z.shape(1);
+  scale_check.shape("sv", sv, {cols});
+  if (sv.dtype() != mx::float32) {
+    std::ostringstream o;
+    o << "sv must be float32 but got " << sv.dtype() << ".";
+    scale_check.fail(o.str());
+  }
+  std::vector<mx::array> in = {mx::contiguous(z, false, s), mx::contiguous(sv, false, s)};
+  if (bias) {
+    scale_check.shape("bias", *bias, {cols});
+    if (bias->dtype() != z.dtype()) {
+      std::ostringstream o;
+      o << "bias must have z's dtype " << z.dtype() << " but got " << bias->dtype() << ".";
+      scale_check.fail(o.str());
+    }
+    in.push_back(mx::contiguous(*bias, false, s));
+  }
+  auto stream = mx::to_stream(s);
+  return mx::array(
+      z.shape(), z.dtype(), std::make_shared<DoRAScale>(stream, bias.has_value()), std::move(in));
+}
+
+std::vector<mx::array> DoRAScale::vjp(
+    const std::vector<mx::array>& primals,
+    const std::vector<mx::array>& cotangents,
+    const std::vector<int>& argnums,
+    const std::vector<mx::array>& outputs) {
+  auto s = stream();
+  const auto& z = primals[0];
+  DoRAScaleWant want;
+  for (int a : argnums) {
+    want.z |= a == 0;
+    want.sv |= a == 1;
+    want.bias |= has_bias_ && a == 2;
+  }
+  if (!want.z && !want.sv && !want.bias) {
+    return {};
+  }
+  auto dy = mx::contiguous(mx::astype(cotangents[0], z.dtype(), s), false, s);
+  std::vector<mx::array> in = {dy, primals[1]};
+  if (want.sv) {
+    in.push_back(z); // z is read only for dsv
+  }
+  std::vector<mx::Shape> shapes;
+  std::vector<mx::Dtype> dtypes;
+  int cols = z.shape(1);
+  if (want.z) {
+    shapes.push_back(z.shape());
+    dtypes.push_back(z.dtype());
+  }
+  if (want.sv) {
+    shapes.push_back({cols});
+    dtypes.push_back(mx::float32);
+  }
+  if (want.bias) {
+    shapes.push_back({cols});
+    dtypes.push_back(primals[2].dtype());
+  }
+  auto grads = mx::array::make_arrays(
+      std::move(shapes), dtypes, std::make_shared<DoRAScaleVJP>(s, want), std::move(in));
+  std::vector<mx::array> result;
+  for (int a : argnums) {
+    int k = a == 0 ? 0 : a == 1 ? int(want.z) : int(want.z) + int(want.sv);
+    result.push_back(grads[k]);
+  }
+  return result;
+}
+
+std::vector<mx::array> DoRAScale::jvp(
+    const std::vector<mx::array>& primals,
+    const std::vector<mx::array>& tangents,
+    const std::vector<int>& argnums) {
+  auto s = stream();
+  const auto& z = primals[0];
+  auto f32 = [&](const mx::array& a) { return mx::astype(a, mx::float32, s); };
+  std::optional<mx::array> t;
+  for (size_t i = 0; i < argnums.size(); ++i) {
+    int a = argnums[i];
+    auto term = a == 0 ? mx::multiply(f32(tangents[i]), primals[1], s)
+        : a == 1       ? mx::multiply(f32(z), tangents[i], s)
+                       : f32(tangents[i]);
+    t = t ? mx::add(*t, term, s) : mx::broadcast_to(term, z.shape(), s);
+  }
+  return {mx::astype(*t, z.dtype(), s)};
 }
 
 DoRAInputs::DoRAInputs(const DoRAConfig& cfg) {
@@ -332,6 +450,17 @@ void DoRALinearVJP::eval_gpu(const std::vector<mx::array>&, std::vector<mx::arra
 #if !defined(MLX_TUNER_DORA_GPU) // no GPU kernel of this family in this build
 void DoRARowSqNorm::eval_gpu(const std::vector<mx::array>&, mx::array&) {
   throw std::runtime_error("[dora_weight_sq_norm] this build has no GPU kernels.");
+}
+#endif
+
+#if !(defined(MLX_TUNER_CUDA) && defined(MLX_TUNER_DORA_GPU))
+// Only the CUDA build has these kernels: Metal keeps compose_gpu's MLX multiply.
+void DoRAScale::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error("[dora_scale] DoRAScale has no GPU kernel in this build (CUDA only).");
+}
+void DoRAScaleVJP::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+  throw std::runtime_error(
+      "[dora_scale] DoRAScaleVJP has no GPU kernel in this build (CUDA only).");
 }
 #endif
 

@@ -97,6 +97,8 @@ class DoRARowSqNorm : public mx::UnaryPrimitive {
  public:
   DoRARowSqNorm(mx::Stream s, bool quantized, int group_size, int bits)
       : mx::UnaryPrimitive(s), quantized_(quantized), group_size_(group_size), bits_(bits) {}
+  using mx::UnaryPrimitive::eval_cpu; // the vector overloads stay visible
+  using mx::UnaryPrimitive::eval_gpu;
   void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override;
   void eval_gpu(const std::vector<mx::array>& in, mx::array& out) override;
   const char* name() const override {
@@ -115,6 +117,76 @@ class DoRARowSqNorm : public mx::UnaryPrimitive {
   int group_size_, bits_;
 };
 
+// The m / n column scale of the GPU path, one pass each way (compose_gpu):
+//   y = z * sv (+ bias)     dz = dy * sv     dsv = sum_rows dy * z     dbias = sum_rows dy
+// inputs: z (N, out) in T, sv f32 (out,), [bias (out,) in T]. output: y (N, out) in T,
+// float32 maths rounded once.
+class DoRAScale : public mx::UnaryPrimitive {
+ public:
+  DoRAScale(mx::Stream s, bool has_bias) : mx::UnaryPrimitive(s), has_bias_(has_bias) {}
+  using mx::UnaryPrimitive::eval_cpu; // the vector overloads stay visible
+  using mx::UnaryPrimitive::eval_gpu;
+  void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& in, mx::array& out) override;
+  std::vector<mx::array> vjp(
+      const std::vector<mx::array>& primals,
+      const std::vector<mx::array>& cotangents,
+      const std::vector<int>& argnums,
+      const std::vector<mx::array>& outputs) override;
+  // In MLX ops (forward-mode use is rare): dy = dz * sv + z * dsv + dbias.
+  std::vector<mx::array> jvp(
+      const std::vector<mx::array>& primals,
+      const std::vector<mx::array>& tangents,
+      const std::vector<int>& argnums) override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& in) override {
+    return {in[0].shape()};
+  }
+  const char* name() const override {
+    return "DoRAScale";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return has_bias_ == static_cast<const DoRAScale&>(other).has_bias_;
+  }
+
+ private:
+  bool has_bias_;
+};
+
+// Which gradients DoRAScaleVJP produces; its outputs come in this order.
+struct DoRAScaleWant {
+  bool z = false, sv = false, bias = false;
+  bool operator==(const DoRAScaleWant&) const = default;
+};
+
+// inputs: dy (N, out) in T, sv f32 (out,), then z only when dsv is wanted.
+// outputs (the wanted ones): dz (N, out) in T, dsv f32 (out,), dbias (out,) in T.
+class DoRAScaleVJP : public mx::Primitive {
+ public:
+  DoRAScaleVJP(mx::Stream s, DoRAScaleWant want) : mx::Primitive(s), want_(want) {}
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override;
+  void eval_gpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override;
+  const char* name() const override {
+    return "DoRAScaleVJP";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return want_ == static_cast<const DoRAScaleVJP&>(other).want_;
+  }
+  const DoRAScaleWant& want() const {
+    return want_;
+  }
+
+ private:
+  DoRAScaleWant want_;
+};
+
+// y = z * sv (+ bias) as one DoRAScale node. z (N, out) float32/float16/bfloat16, sv (out,)
+// float32, bias (out,) in z's dtype. compose_gpu's CUDA path; bound as _dora_scale for tests.
+mx::array dora_scale(
+    const mx::array& z,
+    const mx::array& sv,
+    const std::optional<mx::array>& bias,
+    mx::StreamOrDevice s = {});
+
 // The Metal dispatch of DoRARowSqNorm (host code and emulator tests): one threadgroup of
 // 256 threads per row. dtype: "float32" | "float16" | "bfloat16" (W's, or the scales');
 // bits 0 for a dense W.
@@ -130,7 +202,7 @@ mx::array dora_weight_sq_norm(
 
 // The op: validates, promotes, flattens, builds the primitive, adds the bias. On a GPU (or
 // with compose=true, which tests use to check the GPU graph on the CPU) it composes MLX
-// GEMMs around DoRARowSqNorm instead.
+// GEMMs around DoRARowSqNorm, the fused LoRA / QLoRA primitive and (CUDA) DoRAScale instead.
 mx::array dora_linear(
     const mx::array& x,
     const mx::array& weight,

@@ -171,7 +171,7 @@ def test_zero_and_tiny_magnitude_gradient(device, dt):
 @pytest.mark.parametrize("dt,pdt", [(f32, f32), (bf16, f32), (f16, f16)],
                          ids=lambda d: str(d).split(".")[-1])
 def test_gpu_composition_on_cpu(quant, dt, pdt):
-    # The graph the GPU runs (MLX GEMMs + DoRARowSqNorm), checked here on the CPU.
+    # The graph the GPU runs (MLX GEMMs, DoRARowSqNorm, LoRA primitive, DoRAScale) on the CPU.
     ext = _extension.extension()
     x, w, a, b, m, bias, kw = make((2, 3), 128, 24, 4, dt, pdt, quant=quant)
 
@@ -188,6 +188,31 @@ def test_gpu_composition_on_cpu(quant, dt, pdt):
     for nm in names:
         assert g_f[nm].dtype == g_r[nm].dtype, nm
         assert_close_to_oracle(g_f[nm], g_r[nm], g_o[nm], dt, f"d{nm}")
+
+
+@pytest.mark.parametrize("bias_dt", [bf16, f32], ids=["same", "wider"])
+def test_gpu_composition_scale_and_bias(bias_dt):
+    # The composed graph scales with DoRAScale (the CUDA path's kernel; here its CPU twin). A
+    # bias of the output's dtype goes into it; a wider one is added after it and promotes
+    # the output, as mlx-lm's add does.
+    ext = _extension.extension()
+    x, w, a, b, m, _, kw = make((5,), 64, 24, 4, bf16, f32)
+    bias = (mx.random.normal((24,)) * 0.1).astype(bias_dt)
+
+    def composed(x, w, a, b, m, s, bias, **k):
+        return ext.dora_linear(x, w, a, b, m, s, bias, compose=True, **k)
+
+    assert "DoRAScale" in _graph_names(composed(x, w, a, b, m, 2.0, bias, **kw))
+    dy = mx.random.normal((5, 24)).astype(bias_dt)
+    names = ["x", "lora_a", "lora_b", "magnitude", "bias", "x_dropped"]
+    out_f, g_f = run_both(composed, x, w, a, b, m, 2.0, bias, kw, dy, names)
+    out_r, g_r = run_both(dora_linear_reference, x, w, a, b, m, 2.0, bias, kw, dy, names)
+    y_o, g_o = oracle(x, w, a, b, m, 2.0, bias, kw, dy)
+    assert out_f.dtype == out_r.dtype == bias_dt
+    assert_close_to_oracle(out_f, out_r, y_o, bf16, "y")
+    for nm in names:
+        assert g_f[nm].dtype == g_r[nm].dtype, nm
+        assert_close_to_oracle(g_f[nm], g_r[nm], g_o[nm], bf16, f"d{nm}")
 
 
 def test_no_gradient_asked_for_params_is_not_computed():

@@ -359,7 +359,76 @@ void dispatch(mx::Stream st, const std::vector<mx::array>& in, std::vector<mx::a
   enc.dispatch([in, outs, f]() mutable { f(in, outs); });
 }
 
+// DoRAScale / DoRAScaleVJP: plain loops (they check the maths; the GPU is their user).
+template <typename T>
+void scale_forward(const std::vector<mx::array>& in, mx::array& y) {
+  int64_t cols = y.ndim() == 2 ? y.shape(1) : 0;
+  int64_t rows = cols ? y.size() / cols : 0;
+  const T* z = in[0].data<T>();
+  const float* sv = in[1].data<float>();
+  const T* b = in.size() > 2 ? in[2].data<T>() : nullptr;
+  T* yp = y.data<T>();
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t j = 0; j < cols; ++j) {
+      float v = static_cast<float>(z[i * cols + j]) * sv[j];
+      yp[i * cols + j] = static_cast<T>(b ? v + static_cast<float>(b[j]) : v);
+    }
+  }
+}
+
+template <typename T>
+void scale_backward(DoRAScaleWant want, const std::vector<mx::array>& in,
+                    std::vector<mx::array>& out) {
+  const mx::array& dy_arr = in[0];
+  int64_t cols = in[1].shape(0);
+  int64_t rows = cols ? dy_arr.size() / cols : 0;
+  const T* dy = dy_arr.data<T>();
+  const float* sv = in[1].data<float>();
+  const T* z = want.sv ? in[2].data<T>() : nullptr;
+  int k = 0;
+  T* dz = want.z ? out[k++].data<T>() : nullptr;
+  float* dsv = want.sv ? out[k++].data<float>() : nullptr;
+  mx::array* dbias = want.bias ? &out[k++] : nullptr;
+  std::vector<float> sb(want.bias ? cols : 0, 0.f);
+  if (dsv) std::fill(dsv, dsv + cols, 0.f);
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t j = 0; j < cols; ++j) {
+      float g = static_cast<float>(dy[i * cols + j]);
+      if (dz) dz[i * cols + j] = static_cast<T>(g * sv[j]);
+      if (dsv) dsv[j] += g * static_cast<float>(z[i * cols + j]);
+      if (dbias) sb[j] += g;
+    }
+  }
+  if (dbias) {
+    T* db = dbias->data<T>();
+    for (int64_t j = 0; j < cols; ++j) db[j] = static_cast<T>(sb[j]);
+  }
+}
+
+template <typename F>
+void by_dtype(mx::Dtype t, F&& f) {
+  switch (t) {
+    case mx::float32: return f.template operator()<float>();
+    case mx::float16: return f.template operator()<mx::float16_t>();
+    case mx::bfloat16: return f.template operator()<mx::bfloat16_t>();
+    default: throw std::runtime_error("[dora_scale] unsupported dtype");
+  }
+}
+
 } // namespace
+
+void DoRAScale::eval_cpu(const std::vector<mx::array>& in, mx::array& out) {
+  std::vector<mx::array> outs = {out};
+  dispatch(stream(), in, outs, [](auto& i, auto& o) {
+    by_dtype(o[0].dtype(), [&]<typename T>() { scale_forward<T>(i, o[0]); });
+  });
+}
+
+void DoRAScaleVJP::eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& outs) {
+  dispatch(stream(), in, outs, [want = want_](auto& i, auto& o) {
+    by_dtype(i[0].dtype(), [&]<typename T>() { scale_backward<T>(want, i, o); });
+  });
+}
 
 void DoRALinear::eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& outs) {
   dispatch(stream(), in, outs, [cfg = cfg_](auto& i, auto& o) {

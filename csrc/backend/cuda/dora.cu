@@ -1,10 +1,22 @@
-// CUDA kernel of the dora family: c_i = ||W_i||^2 (DoRARowSqNorm), W dense or affine-
-// quantized, one block per row, float32 accumulation. The rest of the GPU path is MLX's own
-// GEMMs (ops/dora.cpp, compose_gpu), so no out x in temporary is ever made.
+// CUDA kernels of the dora family (the rest of the GPU path is MLX's GEMMs and the fused
+// LoRA / QLoRA primitive, ops/dora.cpp compose_gpu, so no out x in temporary is made):
+// - DoRARowSqNorm: c_i = ||W_i||^2, W dense or affine-quantized, one block per row.
+// - DoRAScale: y = z * sv (+ bias), sv = m / n (float32, (out,)), elementwise over z.
+// - DoRAScaleVJP, from one pass over dy and z (z (N, out), dy likewise):
+//     dz = dy * sv     dsv_j = sum_i dy_ij z_ij     dbias_j = sum_i dy_ij
+//   Each block sums a tile of rows x columns into one float32 partial row per row tile; a
+//   second kernel adds the partial rows in a fixed order. No atomics, so the sums are the
+//   same bits on every run.
+// All maths in float32, each output rounded once.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include "backend/cuda/common.cuh"
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <type_traits>
+
+#include "backend/cuda/gemm.cuh"
 #include "ops/dora.h"
 
 namespace mlx_tuner {
@@ -21,6 +33,21 @@ __device__ float to_float(__half v) {
 }
 __device__ float to_float(__nv_bfloat16 v) {
   return __bfloat162float(v);
+}
+
+template <typename T>
+__device__ T from_float(float v);
+template <>
+__device__ float from_float<float>(float v) {
+  return v;
+}
+template <>
+__device__ __half from_float<__half>(float v) {
+  return __float2half_rn(v);
+}
+template <>
+__device__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
 }
 
 __device__ float block_sum(float v) {
@@ -102,7 +129,355 @@ void launch_quant(mx::cu::CommandEncoder& enc, const std::vector<mx::array>& in,
   }
 }
 
+// ---------------------------------------------------------------- DoRAScale
+
+// Elements per 16-byte access; the kernels take VEC = 1 where a pointer or the row length
+// does not allow it.
+template <typename T>
+constexpr int kVec = 16 / sizeof(T);
+
+// One 32-bit word of a 16-byte vector as float32 values (one float or two halves, the
+// lower address first), and back with round-to-nearest.
+template <typename T>
+__device__ void from_word(uint32_t w, float* f);
+template <>
+__device__ void from_word<float>(uint32_t w, float* f) {
+  f[0] = __uint_as_float(w);
+}
+template <>
+__device__ void from_word<__half>(uint32_t w, float* f) {
+  float2 v = __half22float2(*reinterpret_cast<const __half2*>(&w));
+  f[0] = v.x;
+  f[1] = v.y;
+}
+template <>
+__device__ void from_word<__nv_bfloat16>(uint32_t w, float* f) {
+  float2 v = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w));
+  f[0] = v.x;
+  f[1] = v.y;
+}
+
+template <typename T>
+__device__ uint32_t to_word(const float* f);
+template <>
+__device__ uint32_t to_word<float>(const float* f) {
+  return __float_as_uint(f[0]);
+}
+template <>
+__device__ uint32_t to_word<__half>(const float* f) {
+  __half2 h = __floats2half2_rn(f[0], f[1]);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+template <>
+__device__ uint32_t to_word<__nv_bfloat16>(const float* f) {
+  __nv_bfloat162 h = __floats2bfloat162_rn(f[0], f[1]);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+// VEC adjacent elements: one 16-byte access (a uint4) when VEC > 1, which needs a 16-byte
+// aligned pointer, else one T. Loading (Raw) and converting are apart so that a thread can
+// issue several loads before it waits on the first. The vector intrinsics keep each access
+// one 128-bit instruction: a plain uint4 store came out as four 4-byte ones where nvcc could
+// not prove the alignment.
+template <typename T, int VEC>
+using Raw = std::conditional_t<VEC == 1, T, uint4>;
+
+template <typename T, int VEC>
+__device__ Raw<T, VEC> load_raw(const T* __restrict__ p) {
+  static_assert(VEC == 1 || VEC * sizeof(T) == 16);
+  if constexpr (VEC == 1) {
+    return *p;
+  } else {
+    return __ldg(reinterpret_cast<const uint4*>(p));
+  }
+}
+
+template <typename T, int VEC>
+__device__ void unpack(const Raw<T, VEC>& r, float (&f)[VEC]) {
+  if constexpr (VEC == 1) {
+    f[0] = to_float(r);
+  } else {
+    constexpr int P = VEC / 4; // values per word
+    from_word<T>(r.x, f);
+    from_word<T>(r.y, f + P);
+    from_word<T>(r.z, f + 2 * P);
+    from_word<T>(r.w, f + 3 * P);
+  }
+}
+
+template <typename T, int VEC>
+__device__ void store(T* __restrict__ p, const float (&f)[VEC]) {
+  if constexpr (VEC == 1) {
+    *p = from_float<T>(f[0]);
+  } else {
+    constexpr int P = VEC / 4;
+    __stwb(reinterpret_cast<uint4*>(p), make_uint4(to_word<T>(f), to_word<T>(f + P),
+                                                   to_word<T>(f + 2 * P), to_word<T>(f + 3 * P)));
+  }
+}
+
+// y = z * sv (+ bias) over the flat (rows * cols) array, VEC elements a step (a step may
+// cross a row end: columns are tracked one by one), then the last total % VEC one by one.
+// Also dz = dy * sv when only dz is wanted (bias null).
+template <typename T, int VEC>
+__global__ void scale_cols(const T* __restrict__ z, const float* __restrict__ sv,
+                           const T* __restrict__ bias, T* __restrict__ y, long long total,
+                           int cols) {
+  long long stride = (long long)gridDim.x * blockDim.x;
+  long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  long long steps = total / VEC;
+  for (long long v = tid; v < steps; v += stride) {
+    long long e = v * VEC;
+    int c = static_cast<int>(e % cols);
+    float f[VEC];
+    unpack<T, VEC>(load_raw<T, VEC>(z + e), f);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      f[k] = bias ? f[k] * sv[c] + to_float(bias[c]) : f[k] * sv[c];
+      c = c + 1 == cols ? 0 : c + 1;
+    }
+    store<T, VEC>(y + e, f);
+  }
+  for (long long e = steps * VEC + tid; e < total; e += stride) {
+    int c = static_cast<int>(e % cols);
+    float f = to_float(z[e]) * sv[c];
+    y[e] = from_float<T>(bias ? f + to_float(bias[c]) : f);
+  }
+}
+
+// The backward's tile: kTX threads across columns (VEC adjacent columns each, one warp per
+// tile row: coalesced) x kTY threads across rows.
+constexpr int kTX = 32, kTY = 8;
+// Rows of a tile at least this many, and row tiles only as many as fill the GPU with about
+// kTargetBlocks blocks in all: the float32 partial rows stay small next to dy.
+constexpr int kMinTileRows = 64, kTargetBlocks = 1024;
+
+// One row's share of a thread: the sums, and dz = dy * sv when dz is not null.
+template <typename T, int VEC, bool WITH_Z>
+__device__ void grad_row(const Raw<T, VEC>& g_raw, const Raw<T, VEC>& z_raw,
+                         const float (&s)[VEC], T* __restrict__ dz, float (&acc_sv)[VEC],
+                         float (&acc_b)[VEC]) {
+  float g[VEC];
+  unpack<T, VEC>(g_raw, g);
+  if constexpr (WITH_Z) {
+    float zz[VEC];
+    unpack<T, VEC>(z_raw, zz);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) acc_sv[k] += g[k] * zz[k];
+  }
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) acc_b[k] += g[k];
+  if (dz) {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) g[k] *= s[k];
+    store<T, VEC>(dz, g);
+  }
+}
+
+// One block: rows [r0, r1) x columns [c_base, c_base + kTX * VEC). Writes dz (when dz is
+// not null) and the tile's column sums of dy * z (WITH_Z: part_sv, z is read only then) and
+// of dy (part_b, when not null) into row blockIdx.y of the (row_tiles x cols) partials.
+// VEC > 1 needs cols % VEC == 0 and 16-byte aligned dy, z, dz.
+template <typename T, int VEC, bool WITH_Z>
+__global__ void scale_cols_vjp(const T* __restrict__ dy, const float* __restrict__ sv,
+                               const T* __restrict__ z, T* __restrict__ dz,
+                               float* __restrict__ part_sv, float* __restrict__ part_b,
+                               int rows, int cols, int rows_per_tile) {
+  __shared__ float red[2][kTY][kTX * VEC];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const long long c_base = (long long)blockIdx.x * (kTX * VEC);
+  const long long c0 = c_base + tx * VEC; // cols % VEC == 0: all VEC columns or none
+  const long long r0 = (long long)blockIdx.y * rows_per_tile;
+  const long long r1 = min((long long)rows, r0 + rows_per_tile);
+  float acc_sv[VEC], acc_b[VEC];
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) acc_sv[k] = acc_b[k] = 0.f;
+  if (c0 < cols) {
+    float s[VEC];
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) s[k] = sv[c0 + k];
+    // Two rows a step, all their loads issued before the first use. A lone last row is
+    // loaded twice (a valid address, no branch around the loads) and counted once.
+    for (long long r = r0 + ty; r < r1; r += 2 * kTY) {
+      const bool two = r + kTY < r1;
+      const size_t off0 = (size_t)r * cols + c0;
+      const size_t off1 = two ? off0 + (size_t)kTY * cols : off0;
+      Raw<T, VEC> g0 = load_raw<T, VEC>(dy + off0), g1 = load_raw<T, VEC>(dy + off1);
+      Raw<T, VEC> z0{}, z1{};
+      if constexpr (WITH_Z) {
+        z0 = load_raw<T, VEC>(z + off0);
+        z1 = load_raw<T, VEC>(z + off1);
+      }
+      grad_row<T, VEC, WITH_Z>(g0, z0, s, dz ? dz + off0 : nullptr, acc_sv, acc_b);
+      if (two) {
+        grad_row<T, VEC, WITH_Z>(g1, z1, s, dz ? dz + off1 : nullptr, acc_sv, acc_b);
+      }
+    }
+  }
+  // Sum the kTY thread rows of each column, always in the same order.
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) {
+    red[0][ty][tx * VEC + k] = acc_sv[k];
+    red[1][ty][tx * VEC + k] = acc_b[k];
+  }
+  __syncthreads();
+  for (int c = ty * kTX + tx; c < kTX * VEC && c_base + c < cols; c += kTX * kTY) {
+    float a = 0.f, b = 0.f;
+#pragma unroll
+    for (int t = 0; t < kTY; ++t) {
+      a += red[0][t][c];
+      b += red[1][t][c];
+    }
+    size_t o = (size_t)blockIdx.y * cols + c_base + c;
+    if (WITH_Z) part_sv[o] = a;
+    if (part_b) part_b[o] = b;
+  }
+}
+
+// dsv_j / dbias_j = the row_tiles partial rows added in order (zeros when row_tiles is 0,
+// the empty batch). Null outputs are skipped.
+template <typename T>
+__global__ void sum_partials(const float* __restrict__ part_sv, const float* __restrict__ part_b,
+                             float* __restrict__ dsv, T* __restrict__ dbias, int row_tiles,
+                             int cols) {
+  long long c = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= cols) return;
+  if (dsv) {
+    float a = 0.f;
+    for (int t = 0; t < row_tiles; ++t) a += part_sv[(size_t)t * cols + c];
+    dsv[c] = a;
+  }
+  if (dbias) {
+    float b = 0.f;
+    for (int t = 0; t < row_tiles; ++t) b += part_b[(size_t)t * cols + c];
+    dbias[c] = from_float<T>(b);
+  }
+}
+
+template <typename F>
+void by_type(mx::Dtype t, F&& f) {
+  switch (t) {
+    case mx::float32: return f.template operator()<float>();
+    case mx::float16: return f.template operator()<__half>();
+    case mx::bfloat16: return f.template operator()<__nv_bfloat16>();
+    default: throw std::invalid_argument("[dora_scale] float32, float16 or bfloat16 expected");
+  }
+}
+
+bool aligned16(const void* p) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
+}
+
+long long ceil_div(long long a, long long b) {
+  return (a + b - 1) / b;
+}
+
+// out = in * sv (+ bias), elementwise (the forward, and dz alone).
+template <typename T>
+void launch_scale(mx::cu::CommandEncoder& enc, const mx::array& in, const mx::array& sv,
+                  const mx::array* bias, mx::array& out) {
+  long long total = in.size();
+  int cols = in.shape(1);
+  if (total == 0) return;
+  const T* ip = gpu_ptr<T>(in);
+  const float* sp = gpu_ptr<float>(sv);
+  const T* bp = bias ? gpu_ptr<T>(*bias) : nullptr;
+  T* op = gpu_ptr<T>(out);
+  bool vec = aligned16(ip) && aligned16(op);
+  constexpr int V = kVec<T>;
+  long long work = vec ? std::max(total / V, 1LL) : total;
+  dim3 grid(static_cast<unsigned>(std::min(ceil_div(work, kThreads), 4096LL)));
+  auto kernel = vec ? reinterpret_cast<const void*>(&scale_cols<T, V>)
+                    : reinterpret_cast<const void*>(&scale_cols<T, 1>);
+  cuda::launch(enc, kernel, grid, dim3(kThreads), 0u, ip, sp, bp, op, total, cols);
+}
+
+template <typename T>
+void launch_scale_vjp(mx::cu::CommandEncoder& enc, const mx::array& dy, const mx::array& sv,
+                      const mx::array* z, mx::array* dz, mx::array* dsv, mx::array* dbias) {
+  int rows = dy.shape(0), cols = dy.shape(1);
+  if (cols == 0) return; // every output is empty
+  std::optional<mx::array> part_sv, part_b;
+  int row_tiles = 0;
+  if (rows > 0) {
+    const T* gp = gpu_ptr<T>(dy);
+    const T* zp = dsv ? gpu_ptr<T>(*z) : nullptr;
+    T* dzp = dz ? gpu_ptr<T>(*dz) : nullptr;
+    constexpr int V = kVec<T>;
+    bool vec = cols % V == 0 && aligned16(gp) && (!zp || aligned16(zp)) &&
+        (!dzp || aligned16(dzp));
+    int tile_cols = kTX * (vec ? V : 1);
+    long long col_tiles = ceil_div(cols, tile_cols);
+    row_tiles = int(std::min(ceil_div(rows, kMinTileRows),
+                             std::max(1LL, ceil_div(kTargetBlocks, col_tiles))));
+    int rows_per_tile = int(ceil_div(rows, row_tiles));
+    row_tiles = int(ceil_div(rows, rows_per_tile)); // no empty tile
+    float* psv = nullptr;
+    float* pb = nullptr;
+    if (dsv) {
+      part_sv = cuda::scratch(enc, {row_tiles, cols}, mx::float32);
+      psv = gpu_ptr<float>(*part_sv);
+    }
+    if (dbias) {
+      part_b = cuda::scratch(enc, {row_tiles, cols}, mx::float32);
+      pb = gpu_ptr<float>(*part_b);
+    }
+    cuda::reads_writes(enc, {&dy, &sv, dsv ? z : nullptr},
+                       {dz, part_sv ? &*part_sv : nullptr, part_b ? &*part_b : nullptr});
+    // row_tiles <= kTargetBlocks keeps gridDim.y far below its 65535 limit.
+    dim3 grid(static_cast<unsigned>(col_tiles), static_cast<unsigned>(row_tiles));
+    const void* kernel = nullptr;
+    if (vec) {
+      kernel = dsv ? reinterpret_cast<const void*>(&scale_cols_vjp<T, V, true>)
+                   : reinterpret_cast<const void*>(&scale_cols_vjp<T, V, false>);
+    } else {
+      kernel = dsv ? reinterpret_cast<const void*>(&scale_cols_vjp<T, 1, true>)
+                   : reinterpret_cast<const void*>(&scale_cols_vjp<T, 1, false>);
+    }
+    const float* sp = gpu_ptr<float>(sv);
+    cuda::launch(enc, kernel, grid, dim3(kTX, kTY), 0u, gp, sp, zp, dzp, psv, pb, rows, cols,
+                 rows_per_tile);
+  }
+  cuda::reads_writes(enc, {part_sv ? &*part_sv : nullptr, part_b ? &*part_b : nullptr},
+                     {dsv, dbias});
+  const float* psv = part_sv ? gpu_ptr<float>(*part_sv) : nullptr;
+  const float* pb = part_b ? gpu_ptr<float>(*part_b) : nullptr;
+  float* dsvp = dsv ? gpu_ptr<float>(*dsv) : nullptr;
+  T* dbp = dbias ? gpu_ptr<T>(*dbias) : nullptr;
+  cuda::launch(enc, reinterpret_cast<const void*>(&sum_partials<T>),
+               dim3(unsigned(ceil_div(cols, kThreads))), dim3(kThreads), 0u, psv, pb, dsvp, dbp,
+               row_tiles, cols);
+}
+
 } // namespace
+
+void DoRAScale::eval_gpu(const std::vector<mx::array>& in, mx::array& out) {
+  auto& enc = mx::cu::get_command_encoder(stream());
+  for (auto& a : in) enc.set_input_array(a);
+  cuda::alloc_output(out, enc);
+  const mx::array* bias = has_bias_ ? &in[2] : nullptr;
+  by_type(out.dtype(), [&]<typename T>() { launch_scale<T>(enc, in[0], in[1], bias, out); });
+}
+
+void DoRAScaleVJP::eval_gpu(const std::vector<mx::array>& in, std::vector<mx::array>& outs) {
+  auto& enc = mx::cu::get_command_encoder(stream());
+  for (auto& o : outs) cuda::alloc_output(o, enc);
+  int k = 0;
+  mx::array* dz = want_.z ? &outs[k++] : nullptr;
+  mx::array* dsv = want_.sv ? &outs[k++] : nullptr;
+  mx::array* dbias = want_.bias ? &outs[k++] : nullptr;
+  const mx::array& dy = in[0];
+  const mx::array& sv = in[1];
+  const mx::array* z = want_.sv ? &in[2] : nullptr;
+  by_type(dy.dtype(), [&]<typename T>() {
+    if (!dsv && !dbias) { // dz alone: the forward's elementwise kernel
+      cuda::reads_writes(enc, {&dy, &sv}, {dz});
+      launch_scale<T>(enc, dy, sv, nullptr, *dz);
+    } else {
+      launch_scale_vjp<T>(enc, dy, sv, z, dz, dsv, dbias);
+    }
+  });
+}
 
 void DoRARowSqNorm::eval_gpu(const std::vector<mx::array>& in, mx::array& out) {
   auto& enc = mx::cu::get_command_encoder(stream());

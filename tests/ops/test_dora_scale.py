@@ -1,0 +1,242 @@
+"""DoRAScale, the m / n column scale of dora_linear's GPU path (y = z * sv + bias), and its
+one-pass backward (dz, dsv = sum_rows dy * z, dbias = sum_rows dy), checked on the CPU
+against a float64 oracle and the same maths in MLX ops."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_tuner.ops import _extension
+from tests.conftest import assert_close_to_oracle, to_f64
+
+f32, f16, bf16 = mx.float32, mx.float16, mx.bfloat16
+DTYPES = [f32, f16, bf16]
+# (N, out): odd sizes, a single row / column, empty batch
+SHAPES = [(1, 1), (1, 13), (37, 1), (37, 13), (4, 16), (64, 40), (130, 67), (0, 13), (0, 0)]
+EPS = {f32: 2.0**-23, f16: 2.0**-10, bf16: 2.0**-7}
+
+
+def ext():
+    e = _extension.extension()
+    if e is None or not hasattr(e, "_dora_scale"):
+        pytest.skip("the compiled extension is not available")
+    if mx.default_device() == mx.gpu and not (
+            e.gpu_backend == "cuda" and "gpu" in _extension.kernel_devices("dora")):
+        pytest.skip("DoRAScale has a GPU kernel only in CUDA builds (Metal composes MLX ops)")
+    return e
+
+
+def make(n, o, dt, bias=True):
+    z = (mx.random.normal((n, o)) * 3).astype(dt)
+    sv = mx.random.uniform(0.2, 2.0, (o,)) * mx.where(mx.arange(o) % 3 == 0, -1.0, 1.0)
+    b = (mx.random.normal((o,)) * 0.5).astype(dt) if bias else None
+    return z, sv, b
+
+
+def reference(z, sv, bias=None):
+    """The MLX-ops expression: float32 maths, one rounding to z's dtype."""
+    y = z.astype(f32) * sv
+    if bias is not None:
+        y = y + bias.astype(f32)
+    return y.astype(z.dtype)
+
+
+def oracle(z, sv, b, dy):
+    Z, S, DY = to_f64(z), to_f64(sv), to_f64(dy)
+    y = Z * S + (to_f64(b) if b is not None else 0)
+    return y, {"z": DY * S, "sv": (DY * Z).sum(0), "bias": DY.sum(0)}
+
+
+@pytest.mark.parametrize("n,o", SHAPES)
+@pytest.mark.parametrize("dt", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_forward_is_one_rounding(device, n, o, dt, bias):
+    z, sv, b = make(n, o, dt, bias)
+    y = ext()._dora_scale(z, sv, b)
+    assert y.dtype == dt and y.shape == (n, o)
+    y_o, _ = oracle(z, sv, b, mx.zeros_like(z))
+    # float32 maths then one rounding to dt: half an ulp of dt, plus float32's own error
+    mag = np.abs(to_f64(z) * to_f64(sv)) + (np.abs(to_f64(b)) if b is not None else 0)
+    bound = 0.5 * EPS[dt] * np.abs(y_o) + 4 * EPS[f32] * mag + (2.0**-25 if dt == f16 else 0)
+    err = np.abs(to_f64(y) - y_o)
+    assert np.all(err <= bound), float((err - bound).max())
+    assert_close_to_oracle(y, reference(z, sv, b), y_o, dt, "y")
+
+
+def grads(fn, z, sv, b, dy, names):
+    vals = {"z": z, "sv": sv, "bias": b}
+
+    def f(*p):
+        args = dict(vals, **dict(zip(names, p)))
+        return fn(args["z"], args["sv"], args["bias"])
+
+    out, vjps = mx.vjp(f, [vals[k] for k in names], [dy])
+    return out[0], dict(zip(names, vjps))
+
+
+NAME_SETS = [("z", "sv", "bias"), ("z",), ("sv",), ("bias",), ("sv", "bias"), ("z", "bias")]
+
+
+@pytest.mark.parametrize("n,o", SHAPES)
+@pytest.mark.parametrize("dt", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_gradients(device, n, o, dt):
+    e = ext()
+    z, sv, b = make(n, o, dt)
+    dy = mx.random.normal((n, o)).astype(dt)
+    names = ["z", "sv", "bias"]
+    _, g_f = grads(e._dora_scale, z, sv, b, dy, names)
+    _, g_r = grads(reference, z, sv, b, dy, names)
+    _, g_o = oracle(z, sv, b, dy)
+    for nm in names:
+        assert g_f[nm].dtype == g_r[nm].dtype, nm
+        assert g_f[nm].shape == g_r[nm].shape, nm
+        assert_close_to_oracle(g_f[nm], g_r[nm], g_o[nm], dt, f"d{nm}")
+    if n == 0:
+        assert not np.any(np.array(g_f["sv"])) and not np.any(to_f64(g_f["bias"]))
+
+
+@pytest.mark.parametrize("names", NAME_SETS, ids="+".join)
+def test_only_the_asked_gradients(device, names):
+    e = ext()
+    z, sv, b = make(37, 13, bf16)
+    dy = mx.random.normal((37, 13)).astype(bf16)
+    _, g_f = grads(e._dora_scale, z, sv, b, dy, list(names))
+    _, g_o = oracle(z, sv, b, dy)
+    _, g_r = grads(reference, z, sv, b, dy, list(names))
+    for nm in names:
+        assert_close_to_oracle(g_f[nm], g_r[nm], g_o[nm], bf16, f"d{nm}")
+
+
+def test_without_bias_gradients(device):
+    e = ext()
+    z, sv, _ = make(9, 21, f16, bias=False)
+    dy = mx.random.normal((9, 21)).astype(f16)
+    _, g_f = grads(lambda z, sv, b: e._dora_scale(z, sv), z, sv, None, dy, ["z", "sv"])
+    _, g_o = oracle(z, sv, None, dy)
+    _, g_r = grads(lambda z, sv, b: reference(z, sv), z, sv, None, dy, ["z", "sv"])
+    for nm in ("z", "sv"):
+        assert_close_to_oracle(g_f[nm], g_r[nm], g_o[nm], f16, f"d{nm}")
+
+
+@pytest.mark.parametrize("names", NAME_SETS, ids="+".join)
+def test_jvp(device, names):
+    e = ext()
+    z, sv, b = make(6, 11, f32)
+    vals = {"z": z, "sv": sv, "bias": b}
+    tans = {"z": mx.random.normal(z.shape), "sv": mx.random.normal(sv.shape),
+            "bias": mx.random.normal(b.shape)}
+
+    def wrap(fn):
+        return lambda *p: fn(**dict(vals, **dict(zip(names, p))))
+
+    args = ([vals[k] for k in names], [tans[k] for k in names])
+    _, (t_f,) = mx.jvp(wrap(lambda z, sv, bias: e._dora_scale(z, sv, bias)), *args)
+    _, (t_r,) = mx.jvp(wrap(reference), *args)
+    np.testing.assert_allclose(np.array(t_f), np.array(t_r), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dt", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_compiled_matches_eager(device, dt):
+    e = ext()
+    z, sv, b = make(37, 13, dt)
+    dy = mx.random.normal((37, 13)).astype(dt)
+
+    def step(z, sv, b, dy):
+        out, vjps = mx.vjp(lambda z, sv, b: e._dora_scale(z, sv, b), [z, sv, b], [dy])
+        return [out[0], *vjps]
+
+    eager = step(z, sv, b, dy)
+    comp = mx.compile(step)(z, sv, b, dy)
+    for a, c in zip(eager, comp):
+        assert a.dtype == c.dtype
+        np.testing.assert_array_equal(to_f64(a), to_f64(c))
+
+
+def test_non_contiguous_inputs(device):
+    e = ext()
+    zt = mx.random.normal((13, 37)).astype(bf16)
+    sv2 = mx.random.normal((26,))
+    b = mx.random.normal((13,)).astype(bf16)
+    z, sv = zt.T, sv2[::2]  # transposed z, strided sv
+    y = e._dora_scale(z, sv, b)
+    np.testing.assert_array_equal(to_f64(y), to_f64(reference(z, sv, b)))
+    # broadcast cotangent (the vjp of a sum)
+    g = mx.grad(lambda sv: e._dora_scale(z, sv, b).astype(f32).sum())(sv)
+    np.testing.assert_allclose(np.array(g), to_f64(z).sum(0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dt", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_unaligned_rows(device, dt):
+    # Row-contiguous views 3 elements into their buffer: the rows are a whole number of
+    # 16-byte vectors (32 columns) but the data is not 16-byte aligned.
+    e = ext()
+    n, o = 21, 32
+    flat = mx.random.normal((n * o + 3,)).astype(dt)
+    z = flat[3:].reshape(n, o)
+    dy = (mx.random.normal((n * o + 3,)).astype(dt))[3:].reshape(n, o)
+    sv = mx.random.normal((o + 1,))[1:]
+    b = mx.random.normal((o,)).astype(dt)
+    y, g_f = grads(e._dora_scale, z, sv, b, dy, ["z", "sv", "bias"])
+    y_r, g_r = grads(reference, z, sv, b, dy, ["z", "sv", "bias"])
+    y_o, g_o = oracle(z, sv, b, dy)
+    np.testing.assert_array_equal(to_f64(y), to_f64(y_r))
+    for nm in g_f:
+        assert_close_to_oracle(g_f[nm], g_r[nm], g_o[nm], dt, f"d{nm}")
+
+
+# Sizes that take the GPU kernels through several row and column tiles, and the cap on
+# row tiles (cols = 20 tiles of 256 bf16 columns); too slow to be worth it on the CPU.
+@pytest.mark.parametrize("n,o", [(300, 520), (4000, 5120), (1030, 4099)])
+def test_large_on_gpu(device, n, o):
+    if device != mx.gpu:
+        pytest.skip("the tiling only exists on the GPU")
+    e = ext()
+    z, sv, b = make(n, o, bf16)
+    dy = mx.random.normal((n, o)).astype(bf16)
+    names = ["z", "sv", "bias"]
+    y, g_f = grads(e._dora_scale, z, sv, b, dy, names)
+    y_r, g_r = grads(reference, z, sv, b, dy, names)
+    y_o, g_o = oracle(z, sv, b, dy)
+    assert_close_to_oracle(y, y_r, y_o, bf16, "y")
+    for nm in names:
+        assert_close_to_oracle(g_f[nm], g_r[nm], g_o[nm], bf16, f"d{nm}")
+
+
+def test_deterministic(device):
+    # The column sums add partial rows in a fixed order: the same bits on every run.
+    e = ext()
+    z, sv, b = make(2000, 264, bf16)
+    dy = mx.random.normal((2000, 264)).astype(bf16)
+    runs = [grads(e._dora_scale, z, sv, b, dy, ["sv", "bias"])[1] for _ in range(3)]
+    for r in runs[1:]:
+        for nm in ("sv", "bias"):
+            np.testing.assert_array_equal(to_f64(r[nm]), to_f64(runs[0][nm]))
+
+
+@pytest.mark.parametrize("case,match", [
+    ("z_1d", r"\[dora_scale\] z must have 2 dimensions but got shape \(13,\)"),
+    ("z_int", r"\[dora_scale\] z must be float32, float16 or bfloat16 but got int32"),
+    ("sv_shape", r"\[dora_scale\] sv must have shape \(13,\) but got \(12,\)"),
+    ("sv_dtype", r"\[dora_scale\] sv must be float32 but got float16"),
+    ("bias_shape", r"\[dora_scale\] bias must have shape \(13,\) but got \(1, 13\)"),
+    ("bias_dtype", r"\[dora_scale\] bias must have z's dtype bfloat16 but got float32"),
+])
+def test_errors(case, match):
+    e = ext()
+    z, sv, b = make(5, 13, bf16)
+    if case == "z_1d":
+        z = z[0]
+    elif case == "z_int":
+        z = z.astype(mx.int32)
+    elif case == "sv_shape":
+        sv = sv[:12]
+    elif case == "sv_dtype":
+        sv = sv.astype(f16)
+    elif case == "bias_shape":
+        b = b[None]
+    elif case == "bias_dtype":
+        b = b.astype(f32)
+    with pytest.raises(ValueError, match=match):
+        e._dora_scale(z, sv, b)
