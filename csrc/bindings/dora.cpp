@@ -55,6 +55,18 @@ void init_dora(nb::module_& m) {
       "stream"_a = nb::none(),
       "Tests only: y = z * sv (+ bias) as the DoRAScale node of dora_linear's GPU path.");
   m.def(
+      "_dora_inv_norm",
+      &mlx_tuner::dora_inv_norm,
+      "p"_a,
+      "b"_a,
+      "a"_a,
+      "c"_a,
+      "scale"_a,
+      "p_transposed"_a,
+      nb::kw_only(),
+      "stream"_a = nb::none(),
+      "Tests only: 1 / n (the DoRA row norms from the low-rank identity) as one node.");
+  m.def(
       "metal_launch_dora_row_sq_norm",
       [](int rows, const std::string& dtype, int bits) {
         auto l = mlx_tuner::metal_launch_dora_row_sq_norm(rows, dtype, bits);

@@ -7,6 +7,7 @@
 #include <stdexcept>
 
 #include "common/checks.h"
+#include "common/graph.h"
 #include "ops/lora.h"
 #include "ops/qlora.h"
 #include "mlx/ops.h"
@@ -19,7 +20,7 @@ constexpr const char* kOp = "[dora_linear]";
 constexpr ArgCheck check{kOp};
 
 mx::array f32c(const mx::array& a, mx::StreamOrDevice s) {
-  return mx::contiguous(mx::astype(a, mx::float32, s), false, s);
+  return contiguous_rows(mx::astype(a, mx::float32, s), s);
 }
 
 // The GPU path (validated inputs): the norms from the low-rank identity (MLX's GEMMs and
@@ -43,23 +44,38 @@ mx::array compose_gpu(
     int bits,
     const std::optional<mx::array>& weight_sq_norm,
     mx::StreamOrDevice s) {
+  [[maybe_unused]] bool gpu = mx::to_stream(s).device == mx::Device::gpu;
   auto c = weight_sq_norm ? mx::astype(*weight_sq_norm, mx::float32, s)
                           : dora_weight_sq_norm(weight, scales, biases, group_size, bits, s);
   auto a_f = mx::astype(lora_a, mx::float32, s);
   auto b_f = mx::astype(lora_b, mx::float32, s);
-  mx::array pt = scales  // (W A)^T, r x out
+  // W A: (W A)^T (r x out) from the quantized product, else (out x r)
+  mx::array p = scales
       ? mx::quantized_matmul(mx::astype(mx::transpose(lora_a, s), scales->dtype(), s), weight,
                              *scales, *biases, true, group_size, bits, "affine", s)
-      : mx::transpose(mx::matmul(weight, mx::astype(lora_a, weight.dtype(), s), s), s);
-  auto cross = mx::sum(mx::multiply(b_f, mx::astype(pt, mx::float32, s), s), 0, false, s);
-  auto gb = mx::matmul(mx::matmul(mx::transpose(a_f, s), a_f, s), b_f, s);
-  auto quad = mx::sum(mx::multiply(b_f, gb, s), 0, false, s);
-  auto n2 = mx::add(c, mx::add(mx::multiply(mx::array(2 * scale), cross, s),
-                               mx::multiply(mx::array(scale * scale), quad, s), s), s);
-  auto n = mx::stop_gradient(mx::sqrt(mx::maximum(n2, mx::array(0.0f), s), s), s);
+      : mx::matmul(weight, mx::astype(lora_a, weight.dtype(), s), s);
+#if defined(MLX_TUNER_CUDA) && defined(MLX_TUNER_DORA_GPU)
+  bool fused_norm = lora_a.shape(1) <= kInvNormMaxRank;
+#else
+  bool fused_norm = !gpu && lora_a.shape(1) <= kInvNormMaxRank;
+#endif
+  // sv = m / n, n treated as a constant (mlx-lm's stop_gradient)
+  mx::array sv = mx::array(0.0f);
+  if (fused_norm) {
+    auto inv_n = dora_inv_norm(p, b_f, a_f, c, scale, scales.has_value(), s);
+    sv = mx::multiply(mx::astype(magnitude, mx::float32, s), inv_n, s);
+  } else {
+    auto pt = scales ? p : mx::transpose(p, s);
+    auto cross = mx::sum(mx::multiply(b_f, mx::astype(pt, mx::float32, s), s), 0, false, s);
+    auto gb = mx::matmul(mx::matmul(mx::transpose(a_f, s), a_f, s), b_f, s);
+    auto quad = mx::sum(mx::multiply(b_f, gb, s), 0, false, s);
+    auto n2 = mx::add(c, mx::add(mx::multiply(mx::array(2 * scale), cross, s),
+                                 mx::multiply(mx::array(scale * scale), quad, s), s), s);
+    auto n = mx::stop_gradient(mx::sqrt(mx::maximum(n2, mx::array(0.0f), s), s), s);
+    sv = mx::divide(mx::astype(magnitude, mx::float32, s), n, s);
+  }
   // x W^T + s (x_d A) B: the fused LoRA / QLoRA primitive where this build has its kernel
   // (one pass, no (N, out) float32 temporary); else MLX's GEMMs.
-  [[maybe_unused]] bool gpu = mx::to_stream(s).device == mx::Device::gpu;
 #if defined(MLX_TUNER_LORA_GPU)
   bool fused_dense = true;
 #else
@@ -93,10 +109,9 @@ mx::array compose_gpu(
   bool fused_scale = !gpu;
 #endif
   if (!fused_scale) {
-    out = mx::multiply(mx::astype(mx::divide(magnitude, n, s), x.dtype(), s), out, s);
+    out = mx::multiply(mx::astype(sv, x.dtype(), s), out, s);
     return bias ? mx::add(out, *bias, s) : out;
   }
-  auto sv = mx::divide(mx::astype(magnitude, mx::float32, s), n, s);
   int cols = out.shape(-1);
   int rows = 1;
   for (int i = 0; i + 1 < static_cast<int>(out.ndim()); ++i) {
@@ -130,19 +145,53 @@ mx::array dora_weight_sq_norm(
     throw std::invalid_argument(
         "[dora_weight_sq_norm] weight must have 2 dimensions but got shape " + shape_str(weight.shape()) + ".");
   }
-  std::vector<mx::array> in = {mx::contiguous(weight, false, s)};
+  std::vector<mx::array> in = {contiguous_rows(weight, s)};
   if (scales) {
     if (!biases) {
       throw std::invalid_argument("[dora_weight_sq_norm] biases must be given with scales.");
     }
-    in.push_back(mx::contiguous(*scales, false, s));
-    in.push_back(mx::contiguous(mx::astype(*biases, scales->dtype(), s), false, s));
+    in.push_back(contiguous_rows(*scales, s));
+    in.push_back(contiguous_rows(mx::astype(*biases, scales->dtype(), s), s));
   }
   return mx::array(
       {weight.shape(0)},
       mx::float32,
       std::make_shared<DoRARowSqNorm>(mx::to_stream(s), scales.has_value(), group_size, bits),
       in);
+}
+
+mx::array dora_inv_norm(
+    const mx::array& p,
+    const mx::array& b,
+    const mx::array& a,
+    const mx::array& c,
+    float scale,
+    bool p_transposed,
+    mx::StreamOrDevice s) {
+  constexpr ArgCheck check{"[dora_inv_norm]"};
+  check.ndim("a", a, 2);
+  int r = a.shape(1), out = c.size();
+  if (r > kInvNormMaxRank) {
+    check.fail("a must have at most " + std::to_string(kInvNormMaxRank) +
+               " columns (the rank) but got shape " + shape_str(a.shape()) + ".");
+  }
+  check.shape("c", c, {out});
+  check.shape("b", b, {r, out});
+  check.shape("p", p, p_transposed ? mx::Shape{r, out} : mx::Shape{out, r});
+  check.floating("p", p);
+  for (auto [name, arr] : {std::pair{"b", &b}, {"a", &a}, {"c", &c}}) {
+    if (arr->dtype() != mx::float32) {
+      std::ostringstream o;
+      o << name << " must be float32 but got " << arr->dtype() << ".";
+      check.fail(o.str());
+    }
+  }
+  std::vector<mx::array> in = {contiguous_rows(p, s), contiguous_rows(b, s),
+                               contiguous_rows(a, s), contiguous_rows(c, s)};
+  return mx::stop_gradient(
+      mx::array({out}, mx::float32,
+                std::make_shared<DoRAInvNorm>(mx::to_stream(s), scale, p_transposed), in),
+      s);
 }
 
 mx::array dora_scale(
@@ -159,7 +208,7 @@ mx::array dora_scale(
     o << "sv must be float32 but got " << sv.dtype() << ".";
     scale_check.fail(o.str());
   }
-  std::vector<mx::array> in = {mx::contiguous(z, false, s), mx::contiguous(sv, false, s)};
+  std::vector<mx::array> in = {contiguous_rows(z, s), contiguous_rows(sv, s)};
   if (bias) {
     scale_check.shape("bias", *bias, {cols});
     if (bias->dtype() != z.dtype()) {
@@ -167,7 +216,7 @@ mx::array dora_scale(
       o << "bias must have z's dtype " << z.dtype() << " but got " << bias->dtype() << ".";
       scale_check.fail(o.str());
     }
-    in.push_back(mx::contiguous(*bias, false, s));
+    in.push_back(contiguous_rows(*bias, s));
   }
   auto stream = mx::to_stream(s);
   return mx::array(
@@ -190,7 +239,7 @@ std::vector<mx::array> DoRAScale::vjp(
   if (!want.z && !want.sv && !want.bias) {
     return {};
   }
-  auto dy = mx::contiguous(mx::astype(cotangents[0], z.dtype(), s), false, s);
+  auto dy = contiguous_rows(mx::astype(cotangents[0], z.dtype(), s), s);
   std::vector<mx::array> in = {dy, primals[1]};
   if (want.sv) {
     in.push_back(z); // z is read only for dsv
@@ -338,16 +387,16 @@ mx::array dora_linear(
     n_rows *= x.shape(i);
   }
   auto flat = [&](const mx::array& a) {
-    return mx::contiguous(mx::reshape(mx::astype(a, x.dtype(), s), {n_rows, in}, s), false, s);
+    return contiguous_rows(mx::reshape(mx::astype(a, x.dtype(), s), {n_rows, in}, s), s);
   };
   std::vector<mx::array> inputs = {flat(x)};
   if (cfg.has_xd) {
     inputs.push_back(flat(*x_dropped));
   }
-  inputs.push_back(mx::contiguous(weight, false, s));
+  inputs.push_back(contiguous_rows(weight, s));
   if (cfg.quantized) {
-    inputs.push_back(mx::contiguous(*scales, false, s));
-    inputs.push_back(mx::contiguous(mx::astype(*biases, scales->dtype(), s), false, s));
+    inputs.push_back(contiguous_rows(*scales, s));
+    inputs.push_back(contiguous_rows(mx::astype(*biases, scales->dtype(), s), s));
   }
   inputs.push_back(f32c(lora_a, s));
   inputs.push_back(f32c(lora_b, s));
@@ -394,7 +443,7 @@ std::vector<mx::array> DoRALinear::vjp(
   }
   // Only y's cotangent carries gradient: xa and n are saved values, n a stop_gradient.
   const mx::array& y = outputs[0];
-  mx::array dy = mx::contiguous(mx::astype(cotangents[0], y.dtype(), s), false, s);
+  mx::array dy = contiguous_rows(mx::astype(cotangents[0], y.dtype(), s), s);
   std::vector<mx::array> grads_out;
   bool any = false;
   for (bool w : want) any |= w;
@@ -454,7 +503,11 @@ void DoRARowSqNorm::eval_gpu(const std::vector<mx::array>&, mx::array&) {
 #endif
 
 #if !(defined(MLX_TUNER_CUDA) && defined(MLX_TUNER_DORA_GPU))
-// Only the CUDA build has these kernels: Metal keeps compose_gpu's MLX multiply.
+// Only the CUDA build has these kernels: Metal keeps compose_gpu's MLX ops.
+void DoRAInvNorm::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error(
+      "[dora_inv_norm] DoRAInvNorm has no GPU kernel in this build (CUDA only).");
+}
 void DoRAScale::eval_gpu(const std::vector<mx::array>&, mx::array&) {
   throw std::runtime_error("[dora_scale] DoRAScale has no GPU kernel in this build (CUDA only).");
 }

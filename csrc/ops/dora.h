@@ -179,6 +179,52 @@ class DoRAScaleVJP : public mx::Primitive {
   DoRAScaleWant want_;
 };
 
+// 1 / n of the GPU path in one node (it was a dozen small MLX ops and graph nodes):
+//   n_i = sqrt(max(c_i + 2 s sum_k B[k,i] P[i,k] + s^2 sum_{k,l} B[k,i] G[k,l] B[l,i], 0))
+// with P = W A (out, r) — given as Pᵀ (r, out) when p_transposed (the quantized product)
+// — and G = Aᵀ A. inputs: p (float), b f32 (r, out), a f32 (in, r), c f32 (out,).
+// output: f32 (out,). No gradient: n is a stop_gradient in DoRA. r <= kInvNormMaxRank.
+constexpr int kInvNormMaxRank = 32;
+class DoRAInvNorm : public mx::UnaryPrimitive {
+ public:
+  DoRAInvNorm(mx::Stream s, float scale, bool p_transposed)
+      : mx::UnaryPrimitive(s), scale_(scale), p_transposed_(p_transposed) {}
+  using mx::UnaryPrimitive::eval_cpu;
+  using mx::UnaryPrimitive::eval_gpu;
+  void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& in, mx::array& out) override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& in) override {
+    return {in[3].shape()};
+  }
+  const char* name() const override {
+    return "DoRAInvNorm";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const DoRAInvNorm&>(other);
+    return scale_ == o.scale_ && p_transposed_ == o.p_transposed_;
+  }
+  float scale() const {
+    return scale_;
+  }
+  bool p_transposed() const {
+    return p_transposed_;
+  }
+
+ private:
+  float scale_;
+  bool p_transposed_;
+};
+
+// The DoRAInvNorm node (a stop_gradient); bound as _dora_inv_norm for tests.
+mx::array dora_inv_norm(
+    const mx::array& p,
+    const mx::array& b,
+    const mx::array& a,
+    const mx::array& c,
+    float scale,
+    bool p_transposed,
+    mx::StreamOrDevice s = {});
+
 // y = z * sv (+ bias) as one DoRAScale node. z (N, out) float32/float16/bfloat16, sv (out,)
 // float32, bias (out,) in z's dtype. compose_gpu's CUDA path; bound as _dora_scale for tests.
 mx::array dora_scale(

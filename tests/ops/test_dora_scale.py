@@ -240,3 +240,61 @@ def test_errors(case, match):
         b = b.astype(f32)
     with pytest.raises(ValueError, match=match):
         e._dora_scale(z, sv, b)
+
+
+# ---------------------------------------------------------------- DoRAInvNorm
+def inv_norm_oracle(p, b, a, c, s, p_transposed):
+    """1 / ||W_i + s (A B)ᵀ_i|| from the low-rank identity, in float64."""
+    p64, b64, a64, c64 = (to_f64(t) for t in (p, b, a, c))
+    pm = p64.T if p_transposed else p64  # (out, r)
+    cross = np.einsum("ki,ik->i", b64, pm)
+    quad = np.einsum("ki,kl,li->i", b64, a64.T @ a64, b64)
+    with np.errstate(divide="ignore"):  # a zero row (no input dims) has n = 0: 1 / n = inf
+        return 1.0 / np.sqrt(np.maximum(c64 + 2 * s * cross + s * s * quad, 0.0))
+
+
+@pytest.mark.parametrize("dt", DTYPES, ids=str)
+@pytest.mark.parametrize("p_transposed", [False, True])
+@pytest.mark.parametrize("din,out,r", [(1, 1, 1), (70, 13, 3), (130, 67, 16), (200, 64, 32),
+                                       (0, 5, 4), (9, 0, 2)])
+def test_inv_norm_matches_the_identity(din, out, r, p_transposed, dt):
+    e = ext()
+    w = mx.random.normal((out, din))
+    a = mx.random.normal((din, r)) / max(din, 1) ** 0.5
+    b = mx.random.normal((r, out)) * 0.1
+    p = (w @ a).astype(dt)
+    c = (w * w).sum(axis=1)
+    got = e._dora_inv_norm(p.T if p_transposed else p, b, a, c, 2.0, p_transposed)
+    want = inv_norm_oracle(p.T if p_transposed else p, b, a, c, 2.0, p_transposed)
+    assert got.dtype == f32 and got.shape == (out,)
+    np.testing.assert_allclose(np.array(got), want, rtol=2e-5, atol=0)
+    # it is the norm of the adapted weight (p rounded to dt is the only approximation)
+    if out and dt == f32:
+        direct = np.linalg.norm(to_f64(w) + 2.0 * (to_f64(a) @ to_f64(b)).T, axis=1)
+        np.testing.assert_allclose(1.0 / np.array(got), direct, rtol=1e-4)
+
+
+def test_inv_norm_is_a_constant_and_compiles():
+    e = ext()
+    a, b = mx.random.normal((20, 4)), mx.random.normal((4, 7))
+    p, c = mx.random.normal((7, 4)), mx.random.uniform(1, 2, (7,))
+    f = lambda bb: (e._dora_inv_norm(p, bb, a, c, 1.5, False) * bb.sum(0)).sum()  # noqa: E731
+    g = mx.grad(f)(b)  # n is a stop_gradient: only the explicit factor's gradient remains
+    np.testing.assert_allclose(np.array(g), np.broadcast_to(np.array(
+        e._dora_inv_norm(p, b, a, c, 1.5, False)), (4, 7)), rtol=1e-6)
+    compiled = mx.compile(lambda: e._dora_inv_norm(p, b, a, c, 1.5, False))
+    np.testing.assert_array_equal(np.array(compiled()), np.array(e._dora_inv_norm(p, b, a, c, 1.5, False)))
+
+
+def test_inv_norm_errors():
+    e = ext()
+    a, b = mx.zeros((20, 4)), mx.zeros((4, 7))
+    p, c = mx.zeros((7, 4)), mx.zeros((7,))
+    with pytest.raises(ValueError, match=r"\[dora_inv_norm\] b must have shape \(4, 7\) but got \(4, 6\)"):
+        e._dora_inv_norm(p, mx.zeros((4, 6)), a, c, 1.0, False)
+    with pytest.raises(ValueError, match=r"\[dora_inv_norm\] p must have shape \(4, 7\) but got \(7, 4\)"):
+        e._dora_inv_norm(p, b, a, c, 1.0, True)
+    with pytest.raises(ValueError, match=r"\[dora_inv_norm\] a must have at most 32 columns"):
+        e._dora_inv_norm(mx.zeros((7, 33)), mx.zeros((33, 7)), mx.zeros((20, 33)), c, 1.0, False)
+    with pytest.raises(ValueError, match=r"\[dora_inv_norm\] c must be float32 but got float16"):
+        e._dora_inv_norm(p, b, a, c.astype(f16), 1.0, False)

@@ -464,4 +464,43 @@ void DoRALinearVJP::eval_cpu(const std::vector<mx::array>& in, std::vector<mx::a
   });
 }
 
+// DoRAInvNorm: plain loops (the GPU is its user; this checks the maths), float64 sums.
+void DoRAInvNorm::eval_cpu(const std::vector<mx::array>& in, mx::array& out) {
+  std::vector<mx::array> outs = {out};
+  float s = scale_;
+  bool pt = p_transposed_;
+  auto body = [s, pt](const std::vector<mx::array>& in, std::vector<mx::array>& outs) {
+    const auto& pa = in[0];
+    const float* b = in[1].data<float>();
+    const float* a = in[2].data<float>();
+    const float* c = in[3].data<float>();
+    float* y = outs[0].data<float>();
+    int64_t rows = in[2].shape(0), r = in[2].shape(1), n = in[3].size();
+    std::vector<double> g(r * r, 0.0);
+    for (int64_t j = 0; j < rows; ++j)
+      for (int64_t k = 0; k < r; ++k)
+        for (int64_t l = 0; l < r; ++l) g[k * r + l] += double(a[j * r + k]) * a[j * r + l];
+    auto pv = [&](int64_t i, int64_t k) -> double {
+      int64_t idx = pt ? k * n + i : i * r + k;
+      switch (pa.dtype()) {
+        case mx::float16: return double(static_cast<float>(pa.data<mx::float16_t>()[idx]));
+        case mx::bfloat16: return double(static_cast<float>(pa.data<mx::bfloat16_t>()[idx]));
+        default: return double(pa.data<float>()[idx]);
+      }
+    };
+    for (int64_t i = 0; i < n; ++i) {
+      double cross = 0, quad = 0;
+      for (int64_t k = 0; k < r; ++k) {
+        cross += double(b[k * n + i]) * pv(i, k);
+        double t = 0;
+        for (int64_t l = 0; l < r; ++l) t += g[k * r + l] * b[l * n + i];
+        quad += double(b[k * n + i]) * t;
+      }
+      double n2 = double(c[i]) + 2.0 * s * cross + double(s) * s * quad;
+      y[i] = static_cast<float>(1.0 / std::sqrt(std::max(n2, 0.0)));
+    }
+  };
+  dispatch(stream(), in, outs, body);
+}
+
 } // namespace mlx_tuner

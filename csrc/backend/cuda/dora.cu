@@ -1,6 +1,8 @@
 // CUDA kernels of the dora family (the rest of the GPU path is MLX's GEMMs and the fused
 // LoRA / QLoRA primitive, ops/dora.cpp compose_gpu, so no out x in temporary is made):
 // - DoRARowSqNorm: c_i = ||W_i||^2, W dense or affine-quantized, one block per row.
+// - DoRAInvNorm: 1 / n from the low-rank identity (ops/dora.h), G = Aᵀ A from partial
+//   Gram matrices over blocks of A's rows, then one thread per output column.
 // - DoRAScale: y = z * sv (+ bias), sv = m / n (float32, (out,)), elementwise over z.
 // - DoRAScaleVJP, from one pass over dy and z (z (N, out), dy likewise):
 //     dz = dy * sv     dsv_j = sum_i dy_ij z_ij     dbias_j = sum_i dy_ij
@@ -354,6 +356,49 @@ __global__ void sum_partials(const float* __restrict__ part_sv, const float* __r
   }
 }
 
+// ---------------------------------------------------------------- DoRAInvNorm
+constexpr int kGramRows = 64; // rows of A per partial Gram matrix
+
+// part[blk][k r + l] = sum over A's rows j in block blk of A[j,k] A[j,l]
+__global__ void gram_partial(const float* a, float* part, int rows, int r) {
+  const int j0 = blockIdx.x * kGramRows, j1 = min(rows, j0 + kGramRows);
+  for (int e = threadIdx.x; e < r * r; e += blockDim.x) {
+    const int k = e / r, l = e % r;
+    float acc = 0.f;
+    for (int j = j0; j < j1; ++j) acc += a[(size_t)j * r + k] * a[(size_t)j * r + l];
+    part[(size_t)blockIdx.x * r * r + e] = acc;
+  }
+}
+
+// inv_n[i] = 1 / sqrt(max(c_i + 2 s B[:,i].P[i,:] + s^2 B[:,i]ᵀ G B[:,i], 0)), one thread
+// per column; every block first sums the partial Gram matrices into shared memory.
+template <typename T>
+__global__ void inv_norm(const T* p, const float* b, const float* part, int nparts,
+                         const float* c, float* inv_n, int out, int r, float s, bool p_t) {
+  __shared__ float g[kInvNormMaxRank * kInvNormMaxRank];
+  for (int e = threadIdx.x; e < r * r; e += blockDim.x) {
+    float acc = 0.f;
+    for (int q = 0; q < nparts; ++q) acc += part[(size_t)q * r * r + e];
+    g[e] = acc;
+  }
+  __syncthreads();
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= out) return;
+  float bc[kInvNormMaxRank];
+  float cross = 0.f;
+  for (int k = 0; k < r; ++k) {
+    bc[k] = b[(size_t)k * out + i];
+    cross += bc[k] * to_float(p_t ? p[(size_t)k * out + i] : p[(size_t)i * r + k]);
+  }
+  float quad = 0.f;
+  for (int k = 0; k < r; ++k) {
+    float t = 0.f;
+    for (int l = 0; l < r; ++l) t += g[k * r + l] * bc[l];
+    quad += bc[k] * t;
+  }
+  inv_n[i] = 1.f / sqrtf(fmaxf(c[i] + 2.f * s * cross + s * s * quad, 0.f));
+}
+
 template <typename F>
 void by_type(mx::Dtype t, F&& f) {
   switch (t) {
@@ -450,6 +495,39 @@ void launch_scale_vjp(mx::cu::CommandEncoder& enc, const mx::array& dy, const mx
 }
 
 } // namespace
+
+void DoRAInvNorm::eval_gpu(const std::vector<mx::array>& in, mx::array& out) {
+  auto& enc = mx::cu::get_command_encoder(stream());
+  cuda::alloc_output(out, enc);
+  const auto& p = in[0];
+  const auto& b = in[1];
+  const auto& a = in[2];
+  const auto& c = in[3];
+  // launch() passes its arguments by address: mutable locals of the kernels' types
+  int rows = a.shape(0), r = a.shape(1), n_out = out.size();
+  if (n_out == 0) return;
+  int nparts = int(ceil_div(rows, kGramRows));
+  auto part = cuda::scratch(enc, {std::max(nparts, 1), std::max(r * r, 1)}, mx::float32);
+  float* pp = gpu_ptr<float>(part);
+  if (nparts > 0 && r > 0) {
+    cuda::reads_writes(enc, {&a}, {&part});
+    cuda::launch(enc, reinterpret_cast<const void*>(&gram_partial), dim3(unsigned(nparts)),
+                 dim3(kThreads), 0u, static_cast<const float*>(gpu_ptr<float>(a)), pp, rows, r);
+  }
+  cuda::reads_writes(enc, {&p, &b, &part, &c}, {&out});
+  const float* cp = gpu_ptr<float>(c);
+  const float* bp = gpu_ptr<float>(b);
+  const float* partp = pp;
+  float* yp = gpu_ptr<float>(out);
+  float s = scale_;
+  bool pt = p_transposed_;
+  dim3 grid(unsigned(ceil_div(n_out, kThreads)));
+  by_type(p.dtype(), [&]<typename T>() {
+    cuda::launch(enc, reinterpret_cast<const void*>(&inv_norm<T>), grid, dim3(kThreads), 0u,
+                 static_cast<const T*>(gpu_ptr<T>(p)), bp, partp, nparts, cp, yp, n_out, r, s,
+                 pt);
+  });
+}
 
 void DoRAScale::eval_gpu(const std::vector<mx::array>& in, mx::array& out) {
   auto& enc = mx::cu::get_command_encoder(stream());
