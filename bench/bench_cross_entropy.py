@@ -3,9 +3,13 @@ vs "fused" (blockwise, no logits), forward + backward, time and peak memory, sid
 
     PYTHONPATH=python pytest bench/bench_cross_entropy.py --benchmark-json=bench/results/ce.json
 
-Loss: the trainer's masked mean. Modes: "dh" (LoRA: the head is frozen) and "dh+dW" (the
-head is trained). Shapes: the GPU runs the H200 target (N=8192, d=1024, bf16); the CPU a
-size its netlib-backed reference finishes in seconds (MLX_TUNER_BENCH_CE_N / _D override).
+Loss: the trainer's masked mean. Modes: "fwd" (the loss alone, as in evaluation), "dh"
+(LoRA: the head is frozen) and "dh+dW" (the head is trained). As the trainer does, the
+fused provider passes grad_in_forward=True in the "dh" mode (dh comes from the forward: 2
+GEMMs of N·V·d on CUDA instead of 3) and not in "fwd" nor "dh+dW" (a trained head needs
+the recomputed logits anyway). Shapes: the GPU runs the H200 target (N=8192, d=1024,
+bf16); the CPU a size its netlib-backed reference finishes in seconds
+(MLX_TUNER_BENCH_CE_N / _D override).
 """
 
 from __future__ import annotations
@@ -33,25 +37,30 @@ def _case(V: int, mode: str, provider: str):
     y = mx.random.randint(0, V, (N,))
     mask = mx.arange(N) % 7 != 3  # some prompt tokens masked out, as in training
     mx.eval(h, w, y, mask)
-    argnums = (0,) if mode == "dh" else (0, 1)
-    step = mx.value_and_grad(
-        lambda h, w: fn(h, w, y, mask=mask, reduction="mean"), argnums=argnums)
-    return h, w, step
+    kw = {"grad_in_forward": True} if provider == "fused" and mode == "dh" else {}
+
+    def loss(h, w):
+        return fn(h, w, y, mask=mask, reduction="mean", **kw)
+
+    if mode == "fwd":
+        return h, w, loss
+    return h, w, mx.value_and_grad(loss, argnums=(0,) if mode == "dh" else (0, 1))
 
 
-@pytest.mark.parametrize("mode", ["dh", "dh+dW"])
+@pytest.mark.parametrize("mode", ["fwd", "dh", "dh+dW"])
 @pytest.mark.parametrize("V", VOCABS)
 @pytest.mark.parametrize("provider", list(PROVIDERS))
 def test_linear_cross_entropy(benchmark, provider, V, mode):
     h, w, step = _case(V, mode, provider)
     peak = peak_memory(lambda: step(h, w))
-    gemms = 2 if mode == "dh" else 3  # logits, dh (, dW): the work the reference does
+    gemms = {"fwd": 1, "dh": 2, "dh+dW": 3}[mode]  # logits (, dh, dW): the reference's work
     # The CUDA kernels' float32 accumulators come from cudaMallocAsync, which MLX's memory
     # counters do not see (GPU.md): add them to the measured peak by hand.
     uncounted = 0
     if GPU and provider == "fused" and not mx.metal.is_available():
-        uncounted = 4 * (N * D + (V * D if mode != "dh" else 0))
-    annotate(benchmark, op="linear_cross_entropy", provider=provider, mode=f"fwd+bwd:{mode}",
+        uncounted = 4 * ((N * D if mode != "fwd" else 0) + (V * D if mode == "dh+dW" else 0))
+    annotate(benchmark, op="linear_cross_entropy", provider=provider,
+             mode="fwd" if mode == "fwd" else f"fwd+bwd:{mode}",
              dtype=DTYPE, shape={"N": N, "d": D, "V": V}, flops=gemms * 2.0 * N * D * V,
              peak_bytes=peak + uncounted, uncounted_scratch_bytes=uncounted,
              inputs_bytes=h.nbytes + w.nbytes,

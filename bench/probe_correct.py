@@ -3,6 +3,9 @@
     python bench/probe_correct.py
 Prints the largest relative error of each output and gradient, fused vs reference, for
 a few shapes of dora_linear, qlora_linear and linear_cross_entropy on the default device.
+The "linear_ce grad_in_forward" lines give the loss and dh errors of the op with
+grad_in_forward=True (on CUDA: dh from the forward) and, in brackets, without it (the
+recompute backward): the two should be of one size.
 """
 import os
 
@@ -75,3 +78,42 @@ for dt in (mx.float32, mx.bfloat16):
     t = mx.random.randint(0, V, (n,), key=k[2])
     compare(f"linear_ce {dt}", lambda h, wh: ops.linear_cross_entropy(h, wh, t),
             lambda h, wh: ops.linear_cross_entropy_reference(h, wh, t), (h, wh), [0, 1])
+
+
+def ce_case(name, N, d, V, dt, bias=False, chunk="256", confident=False):
+    """linear_cross_entropy with grad_in_forward=True (dh from the forward) and without,
+    each against the reference: loss and dh, ignored targets (-100, V), g = 0 rows.
+    confident: h leans to its target's row (p_y near 1, dh small: no cancellation)."""
+    os.environ["MLX_TUNER_CE_CHUNK"] = chunk  # "" = the kernels' own width
+    kk = mx.random.split(mx.random.key(7), 5)
+    h = mx.random.normal((N, d), key=kk[0])
+    w = mx.random.normal((V, d), key=kk[1]) * d**-0.5 * 4
+    t = mx.random.randint(0, V, (N,), key=kk[3])
+    if confident:
+        h = h * 0.1 + w[t] * 0.8  # p_y ~ 0.99
+    h, w = h.astype(dt), w.astype(dt)
+    b = (mx.random.normal((V,), key=kk[2]) * 0.5).astype(dt) if bias else None
+    t = mx.where(mx.arange(N) % 9 == 4, -100, mx.where(mx.arange(N) % 13 == 6, V, t))
+    g = mx.where(mx.arange(N) % 11 == 0, 0.0, mx.random.uniform(shape=(N,), key=kk[4]))
+
+    def run(fn, **kw):
+        f = lambda h: (fn(h, w, t, b, **kw).astype(mx.float32) * g).sum()  # noqa: E731
+        return mx.value_and_grad(f)(h)
+
+    lr, dhr = run(ops.linear_cross_entropy_reference)
+    errs = []
+    for hint in (True, False):
+        lf, dhf = run(ops.linear_cross_entropy, grad_in_forward=hint)
+        assert dhf.dtype == dt and dhf.shape == h.shape
+        errs += [rel(lf, lr), rel(dhf, dhr)]
+    print(f"linear_ce grad_in_forward {name} {dt}: loss {errs[0]:.2e} dh {errs[1]:.2e}  "
+          f"(without: loss {errs[2]:.2e} dh {errs[3]:.2e})", flush=True)
+
+
+for dt in (mx.float32, mx.bfloat16, mx.float16):
+    ce_case("N=96 d=64 V=1000 chunk=256", 96, 64, 1000, dt)
+    ce_case("N=96 d=64 V=1000 chunk=256 bias", 96, 64, 1000, dt, bias=True)
+    ce_case("N=131 d=72 V=769 chunk=256", 131, 72, 769, dt)  # odd N, d; last chunk 1 column
+    ce_case("N=96 d=64 V=1000 chunk=256 confident", 96, 64, 1000, dt, confident=True)
+for dt in (mx.float32, mx.bfloat16):  # the kernels' own chunk width: 10 chunks, last partial
+    ce_case("N=2048 d=512 V=151936", 2048, 512, 151936, dt, chunk="")

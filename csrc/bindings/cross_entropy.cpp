@@ -25,10 +25,12 @@ void init_cross_entropy(nb::module_& m) {
       "group_size"_a = 64,
       "bits"_a = 4,
       "mode"_a = "affine",
+      "grad_in_forward"_a = false,
       "stream"_a = nb::none(),
       "Per-token cross-entropy (float32, shape targets.shape) of h·weightᵀ (+ bias) "
       "against targets, computed blockwise without storing the logits. Targets outside "
-      "[0, V) are ignored (loss 0, no gradient).");
+      "[0, V) are ignored (loss 0, no gradient). grad_in_forward (a speed hint, honored "
+      "by the CUDA kernels only) also computes dh's direction in the forward.");
   m.def(
       "metal_launch_linear_cross_entropy",
       [](const std::string& kernel, int rows, const std::string& dtype) {

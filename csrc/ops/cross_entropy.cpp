@@ -15,6 +15,13 @@ namespace {
 
 constexpr ArgCheck check{"[linear_cross_entropy]"};
 
+// Only the CUDA kernels compute dh_unit in the forward (grad_in_forward).
+#if defined(MLX_TUNER_CUDA) && defined(MLX_TUNER_CROSS_ENTROPY_GPU)
+constexpr bool kGradInForwardKernel = true;
+#else
+constexpr bool kGradInForwardKernel = false;
+#endif
+
 } // namespace
 
 mx::array linear_cross_entropy(
@@ -27,6 +34,7 @@ mx::array linear_cross_entropy(
     int group_size,
     int bits,
     const std::string& mode,
+    bool grad_in_forward,
     mx::StreamOrDevice sd) {
   auto s = mx::to_stream(sd);
   if (h_in.ndim() < 1) {
@@ -127,10 +135,19 @@ mx::array linear_cross_entropy(
     inputs.push_back(mx::contiguous(mx::astype(*bias_in, dt, s), false, s));
   }
   inputs.insert(inputs.end(), extra.begin(), extra.end());
+  // A hint: honored only where a kernel computes dh_unit (the GPU's head is dense).
+  const bool fa = grad_in_forward && kGradInForwardKernel &&
+      s.device == mx::Device::gpu && !q.quantized;
+  std::vector<mx::Shape> shapes = {{N}, {N}};
+  std::vector<mx::Dtype> dtypes = {mx::float32, mx::float32};
+  if (fa) {
+    shapes.push_back({N, d});
+    dtypes.push_back(mx::float32);
+  }
   auto outs = mx::array::make_arrays(
-      {{N}, {N}},
-      {mx::float32, mx::float32},
-      std::make_shared<LinearCrossEntropy>(s, bias_in.has_value(), q),
+      std::move(shapes),
+      std::move(dtypes),
+      std::make_shared<LinearCrossEntropy>(s, bias_in.has_value(), q, fa),
       inputs);
   return mx::reshape(outs[0], lead, s);
 }
@@ -153,12 +170,15 @@ MetalLaunch metal_launch_linear_cross_entropy(
 std::vector<mx::Shape> LinearCrossEntropy::output_shapes(
     const std::vector<mx::array>& inputs) {
   int N = inputs[0].shape(0);
+  if (grad_in_forward_) {
+    return {{N}, {N}, {N, inputs[0].shape(1)}};
+  }
   return {{N}, {N}};
 }
 
 bool LinearCrossEntropy::is_equivalent(const mx::Primitive& other) const {
   auto& o = static_cast<const LinearCrossEntropy&>(other);
-  return has_bias_ == o.has_bias_ && q_ == o.q_;
+  return has_bias_ == o.has_bias_ && q_ == o.q_ && grad_in_forward_ == o.grad_in_forward_;
 }
 
 std::vector<mx::array> LinearCrossEntropy::vjp(
@@ -166,8 +186,8 @@ std::vector<mx::array> LinearCrossEntropy::vjp(
     const std::vector<mx::array>& cotangents,
     const std::vector<int>& argnums,
     const std::vector<mx::array>& outputs) {
-  // cotangents[1] (of the auxiliary lse output) is not propagated: the op never hands
-  // lse to its callers.
+  // cotangents[1:] (of the auxiliary lse and dh_unit outputs) are not propagated: the op
+  // never hands them to its callers.
   auto s = stream();
   const int bias_idx = has_bias_ ? 3 : -1;
   bool need_dh = false, need_dw = false, need_db = false;
@@ -187,7 +207,17 @@ std::vector<mx::array> LinearCrossEntropy::vjp(
     }
     return grads_out;
   }
-  if (need_dh || need_dw || need_db) {
+  if (grad_in_forward_ && need_dh && !need_dw && !need_db) {
+    // dh = g · dh_unit, no GEMM; g of ignored tokens is dropped, as the kernels do.
+    const int V = primals[1].shape(0);
+    const auto& y = primals[2];
+    auto valid = mx::logical_and(mx::greater_equal(y, mx::array(0), s),
+                                 mx::less(y, mx::array(V), s), s);
+    auto g = mx::where(valid, mx::astype(cotangents[0], mx::float32, s),
+                       mx::array(0.0f), s);
+    grads_out = {mx::astype(mx::multiply(mx::expand_dims(g, 1, s), outputs[2], s),
+                            primals[0].dtype(), s)};
+  } else if (need_dh || need_dw || need_db) {
     std::vector<mx::array> in = {
         primals[0], primals[1], primals[2], outputs[1],
         mx::contiguous(mx::astype(cotangents[0], mx::float32, s), false, s)};

@@ -8,6 +8,9 @@
 //   G_nv = g_n (p_nv − [v = y_n])                  (0 for ignored tokens)
 //   dh   = G · W      dW = Gᵀ · h      db = Σ_n G_nv
 // The forward saves lse (N floats) for the backward, which recomputes each logit tile.
+// With grad_in_forward (CUDA only), the forward also accumulates, flash-attention style,
+//   dh_unit_n = Σ_v p_nv W_v − W_{y_n} = ∂loss_n/∂h_n      (0 for ignored tokens)
+// so that dh = g · dh_unit needs no third GEMM when only dh is asked (a frozen head).
 #pragma once
 
 #include <optional>
@@ -46,6 +49,8 @@ MetalLaunch metal_launch_linear_cross_entropy(
 // bias: (V,) or none. For a quantized head pass weight (V, d·bits/32) uint32 with
 // scales and biases (V, d / group_size); mode must be "affine" for the kernels, other
 // modes are dequantized first (the logits are still never stored).
+// grad_in_forward is a speed hint for training: where a kernel computes dh_unit in the
+// forward (CUDA, a dense head) the backward of dh costs no GEMM; elsewhere it is ignored.
 mx::array linear_cross_entropy(
     const mx::array& h,
     const mx::array& weight,
@@ -56,14 +61,23 @@ mx::array linear_cross_entropy(
     int group_size,
     int bits,
     const std::string& mode,
+    bool grad_in_forward = false,
     mx::StreamOrDevice s = {});
 
 // Inputs: h, weight, targets[, bias][, scales, qbiases].
-// Outputs: loss (N,) float32, lse (N,) float32.
+// Outputs: loss (N,) float32, lse (N,) float32 [, dh_unit (N, d) float32 when
+// grad_in_forward is honored].
 class LinearCrossEntropy : public mx::Primitive {
  public:
-  LinearCrossEntropy(mx::Stream stream, bool has_bias, QuantSpec q)
-      : mx::Primitive(stream), has_bias_(has_bias), q_(q) {}
+  LinearCrossEntropy(
+      mx::Stream stream,
+      bool has_bias,
+      QuantSpec q,
+      bool grad_in_forward = false)
+      : mx::Primitive(stream),
+        has_bias_(has_bias),
+        q_(q),
+        grad_in_forward_(grad_in_forward) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs)
       override;
@@ -86,10 +100,14 @@ class LinearCrossEntropy : public mx::Primitive {
   const QuantSpec& quant() const {
     return q_;
   }
+  bool grad_in_forward() const {
+    return grad_in_forward_;
+  }
 
  private:
   bool has_bias_;
   QuantSpec q_;
+  bool grad_in_forward_;
 };
 
 // Inputs: h, weight, targets, lse, g[, bias][, scales, qbiases].

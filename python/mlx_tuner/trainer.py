@@ -65,13 +65,16 @@ def _say(*args, file=None) -> None:
         print(*args, file=file or sys.stdout, flush=True)
 
 
-def default_loss(model, batch, lengths, mask=None, *, fused: bool | None = None):
+def default_loss(model, batch, lengths, mask=None, *, fused: bool | None = None,
+                 grad_in_forward: bool = False):
     """Mean cross-entropy over the trained targets and their count. ``lengths`` rows are
     ``(offset, length)``; ``mask`` (optional, ``(B, T-1)``) selects targets further.
 
     The loss is computed from the hidden states and the head weight without materializing
     the logits (``ops.linear_cross_entropy``) where the model's head allows; ``fused=False``
     (or MLX_TUNER_FUSED_CE=0) computes it from the logits instead. The values are the same.
+    ``grad_in_forward=True`` (``train`` passes it for its gradient step, ``evaluate`` does
+    not) lets the fused loss compute dh in the forward where that saves a GEMM.
     """
     from .ops.cross_entropy import masked_loss_sum
 
@@ -84,7 +87,7 @@ def default_loss(model, batch, lengths, mask=None, *, fused: bool | None = None)
     if fused is None:
         fused = os.environ.get("MLX_TUNER_FUSED_CE", "1") != "0"
     if fused:
-        return masked_loss_sum(model, inputs, targets, keep) / ntoks, ntoks
+        return masked_loss_sum(model, inputs, targets, keep, grad_in_forward=grad_in_forward) / ntoks, ntoks
     ce = nn.losses.cross_entropy(model(inputs), targets) * keep
     return ce.astype(mx.float32).sum() / ntoks, ntoks
 
@@ -315,7 +318,9 @@ def train(model, optimizer, train_dataset, val_dataset=None, args: TrainingArgs 
 
     last_saved = start if start else None
     with _checkpointed_layers(model, args.grad_checkpoint):
-        loss_value_and_grad = nn.value_and_grad(model, loss)
+        # The gradient step's loss computes dh in its forward (evaluate keeps `loss` as is).
+        train_loss = partial(default_loss, grad_in_forward=True) if loss is default_loss else loss
+        loss_value_and_grad = nn.value_and_grad(model, train_loss)
         state = [model.state, optimizer.state, mx.random.state]
 
         @partial(mx.compile, inputs=state, outputs=state)

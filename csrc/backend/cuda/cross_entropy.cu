@@ -13,6 +13,19 @@
 // each registered buffer, not by readers: the kernels register Z as written, and each
 // backward chunk's first GEMM registers the previous chunk's gradient outputs, so no
 // chunk overwrites Z or G while they are still being read.
+//
+// grad_in_forward (flash-attention style, 2 GEMMs per step instead of 3): per chunk,
+// after Z, one kernel per row n takes m' = max(m, max_j z_nj), α = exp(m − m') (0 when
+// m = -inf), writes P_nj = exp(z_nj − m') in T (in place in Z for float32) except at
+// the target (P = 0 there; its q = exp(z_ny − m') stays in float32), updates the sums
+// s = s α + Σ_j exp(z_nj − m') (float32, for lse), sp = sp α + Σ_j P_nj (as stored),
+// q = q α, and rescales row n of the float32 accumulator acc (N, d) by α; then acc =
+// P · W_c + (c > 0) acc. At the end, with S = sp + q (the weights then sum to 1),
+//   dh_unit_n = Σ_{v≠y} P_nv (W_v − W_y) / S = (acc_n − sp W[y_n]) / S
+// (0 for ignored tokens): no cancellation against W_y when p_y is near 1, which a
+// rounded P_y would bring. The loss comes from s, as in the plain forward. The kernel
+// registers P and acc as written, so it waits for the previous acc GEMM's read of P;
+// for float32 the next Z GEMM registers acc to wait for that read of P = Z too.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -211,6 +224,158 @@ __global__ void lce_chunk_grad(const float* z, const T* bias, const int32_t* y,
   }
 }
 
+struct MaxOp {
+  __device__ float operator()(float a, float b) const {
+    return fmaxf(a, b);
+  }
+};
+struct SumOp {
+  __device__ float operator()(float a, float b) const {
+    return a + b;
+  }
+};
+
+// The reduction of v over the block, returned to every thread. part: kThreads / 32
+// floats of shared memory; the closing barrier lets the caller reuse it at once.
+template <typename Op>
+__device__ float block_all_reduce(float v, Op op, float* part) {
+  for (int o = 16; o > 0; o /= 2) {
+    v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
+  }
+  if (threadIdx.x % 32 == 0) {
+    part[threadIdx.x / 32] = v;
+  }
+  __syncthreads();
+  v = part[0];
+  for (int w = 1; w < kThreads / 32; ++w) {
+    v = op(v, part[w]);
+  }
+  __syncthreads();
+  return v;
+}
+
+// grad_in_forward, one block per token n (maths at the top of this file): merges chunk
+// z[n, 0 : vc] (+ bias[v0 :]) into state (rows m, s, sp, q of N floats), writes P[n, :]
+// and rescales acc[n, :]. P may be z itself (T = float): each element is read, then
+// written, by one thread, and the target's logit is read before the first barrier.
+// z = P = acc = nullptr: d = 0.
+template <typename T>
+__global__ void lce_chunk_softmax(const float* z, const T* bias, const int32_t* y, int N,
+                                  int vc, int v0, int V, int d, int first, int last,
+                                  float* state, float* loss, float* lse, T* P,
+                                  float* acc) {
+  __shared__ float part[kThreads / 32];
+  const int n = blockIdx.x;
+  const float* row = z ? z + size_t(n) * vc : nullptr;
+  const T* b = bias ? bias + v0 : nullptr;
+  T* prow = P ? P + size_t(n) * vc : nullptr;
+  const bool vec = row && vc % 4 == 0; // 16-byte loads: rows start 16-byte aligned
+  const int t = y[n];
+  const bool hit = t >= v0 && t - v0 < vc;
+  float zt = 0.0f;
+  if (threadIdx.x == 0 && hit) {
+    zt = (row ? row[t - v0] : 0.0f) + (b ? to_f(b[t - v0]) : 0.0f);
+  }
+  auto logit = [&](int j, float x) { return b ? x + to_f(b[j]) : x; };
+  float cmax = -INFINITY;
+  if (vec) {
+    const float4* row4 = reinterpret_cast<const float4*>(row);
+    for (int j = threadIdx.x; j < vc / 4; j += kThreads) {
+      const float4 q = row4[j];
+      const float x[4] = {q.x, q.y, q.z, q.w};
+      for (int k = 0; k < 4; ++k) {
+        cmax = fmaxf(cmax, logit(4 * j + k, x[k]));
+      }
+    }
+  } else {
+    for (int j = threadIdx.x; j < vc; j += kThreads) {
+      cmax = fmaxf(cmax, logit(j, row ? row[j] : 0.0f));
+    }
+  }
+  cmax = block_all_reduce(cmax, MaxOp{}, part);
+  const float m_old = first ? -INFINITY : state[n];
+  const float m = fmaxf(m_old, cmax);
+  const float alpha = m_old == m ? 1.0f : (m_old == -INFINITY ? 0.0f : __expf(m_old - m));
+  // p = 0 for a -inf logit, also when m = -inf (no exp(-inf − -inf) = NaN).
+  auto prob = [&](float x) { return x == -INFINITY ? 0.0f : __expf(x - m); };
+  const int jt = t - v0; // the target's column (P = 0 there), if in this chunk
+  float s = 0.0f, sp = 0.0f;
+  if (vec) {
+    const float4* row4 = reinterpret_cast<const float4*>(row);
+    for (int j = threadIdx.x; j < vc / 4; j += kThreads) {
+      const float4 q = row4[j];
+      const float x[4] = {q.x, q.y, q.z, q.w};
+      Vec4<T> o;
+      for (int k = 0; k < 4; ++k) {
+        const float pk = prob(logit(4 * j + k, x[k]));
+        o.v[k] = from_f<T>(4 * j + k == jt ? 0.0f : pk);
+        s += pk;
+        sp += to_f(o.v[k]);
+      }
+      *reinterpret_cast<Vec4<T>*>(prow + 4 * j) = o; // vec implies P (d > 0)
+    }
+  } else {
+    for (int j = threadIdx.x; j < vc; j += kThreads) {
+      const float pj = prob(logit(j, row ? row[j] : 0.0f));
+      const T pt = from_f<T>(j == jt ? 0.0f : pj);
+      s += pj;
+      sp += to_f(pt);
+      if (prow) {
+        prow[j] = pt;
+      }
+    }
+  }
+  s = block_all_reduce(s, SumOp{}, part);
+  sp = block_all_reduce(sp, SumOp{}, part);
+  if (!first && alpha != 1.0f && acc) {
+    float* arow = acc + size_t(n) * d;
+    for (int k = threadIdx.x; k < d; k += kThreads) {
+      arow[k] *= alpha;
+    }
+  }
+  if (threadIdx.x != 0) {
+    return;
+  }
+  float qy = hit ? prob(zt) : 0.0f; // the target is in one chunk only
+  if (!first) {
+    s += state[N + n] * alpha;
+    sp += state[2 * N + n] * alpha;
+    qy += state[3 * N + n] * alpha;
+    if (!hit) {
+      zt = loss[n];
+    }
+  }
+  state[n] = m;
+  state[N + n] = s;
+  state[2 * N + n] = sp;
+  state[3 * N + n] = qy;
+  if (last) {
+    const float l = m + logf(s);
+    lse[n] = l;
+    loss[n] = (t >= 0 && t < V) ? l - zt : 0.0f;
+  } else {
+    loss[n] = zt;
+  }
+}
+
+// dh_unit = (acc − sp W[y]) / (sp + q) in place over acc (N, d), with sp = state[2N :]
+// and q = state[3N :]; a zero row for ignored tokens (and where every logit is -inf).
+template <typename T>
+__global__ void lce_dh_unit(float* acc, const float* state, const int32_t* y, const T* w,
+                            int N, int d, int V, long long total) {
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+       i += (long long)gridDim.x * blockDim.x) {
+    const long long n = i / d, k = i % d;
+    const int t = y[n];
+    const float sp = state[2 * N + n], S = sp + state[3 * N + n];
+    float v = 0.0f;
+    if (t >= 0 && t < V && S != 0.0f) {
+      v = (acc[i] - sp * to_f(w[t * (long long)d + k])) / S;
+    }
+    acc[i] = v;
+  }
+}
+
 template <typename T>
 __global__ void lce_fill(T* x, long long n, float value) {
   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
@@ -347,6 +512,64 @@ void forward(const LinearCrossEntropy& p, const std::vector<mx::array>& in,
   }
 }
 
+// grad_in_forward: loss, lse and dh_unit (out[2], the accumulator until the end) in two
+// GEMMs per chunk (maths and ordering at the top of this file).
+template <typename T>
+void forward_with_grad(const LinearCrossEntropy& p, const std::vector<mx::array>& in,
+                       std::vector<mx::array>& out, mx::cu::CommandEncoder& enc) {
+  constexpr bool f32 = std::is_same_v<T, float>;
+  const int N = in[0].shape(0), d = in[0].shape(1), V = in[1].shape(0);
+  const auto dt = in[0].dtype();
+  for (auto& o : out) {
+    cu::alloc_output(o, enc);
+  }
+  if (N == 0) {
+    return;
+  }
+  auto h = aligned<T>(enc, in[0]);
+  auto w = aligned<T>(enc, in[1]);
+  const auto& y = in[2];
+  const mx::array* bias = p.has_bias() ? &in[3] : nullptr;
+  const int vmax = chunk_width(N, V);
+  auto z = scratch(enc, {N, vmax}, mx::float32);
+  // P in T: for 16-bit T half the float32 chunk's bytes more (64 MiB within the budget).
+  auto P = f32 ? z : scratch(enc, {N, vmax}, dt);
+  auto state = scratch(enc, {4, N}, mx::float32); // m, s, sp, q
+  auto& acc = out[2];
+  const float* zp = d > 0 ? gpu_ptr<float>(z) : nullptr;
+  T* pp = d > 0 ? gpu_ptr<T>(P) : nullptr;
+  float* ap = d > 0 ? gpu_ptr<float>(acc) : nullptr;
+  const T* bp = bias ? gpu_ptr<T>(*bias) : nullptr;
+  float* st = gpu_ptr<float>(state);
+  for (int v0 = 0; v0 < V; v0 += vmax) {
+    const int vc = std::min(vmax, V - v0);
+    const size_t off = size_t(v0) * d; // of W's rows v0 :
+    const int first = v0 == 0, last = v0 + vc >= V;
+    if (d > 0) {
+      // float32: after the previous acc GEMM, which read P = Z.
+      track(enc, {f32 ? &acc : nullptr}, {});
+      gemm(enc, gemm_of(false, true, N, vc, d, dt, mx::float32, off), 1.0f, h, w,
+           0.0f, z);
+    }
+    // Z registered as written: the next Z GEMM waits for this read. acc: this waits
+    // for the previous acc GEMM (its read of P, its write of acc).
+    track(enc, {&y, bias}, {&z, &P, &acc, &state, &out[0], &out[1]});
+    run(enc, reinterpret_cast<const void*>(&lce_chunk_softmax<T>), dim3(N), zp, bp,
+        gpu_ptr<int32_t>(y), N, vc, v0, V, d, first, last, st, gpu_ptr<float>(out[0]),
+        gpu_ptr<float>(out[1]), pp, ap);
+    if (d > 0) { // acc (+)= P · W[v0 : v0 + vc]
+      gemm(enc, gemm_of(false, false, N, d, vc, dt, mx::float32, off), 1.0f, P, w,
+           first ? 0.0f : 1.0f, acc);
+    }
+  }
+  const long long total = (long long)N * d;
+  if (total > 0) {
+    track(enc, {&y, &w, &state}, {&acc});
+    run(enc, reinterpret_cast<const void*>(&lce_dh_unit<T>), grid_for(total), ap, st,
+        gpu_ptr<int32_t>(y), gpu_ptr<T>(w), N, d, V, total);
+  }
+}
+
 template <typename T>
 void backward(const LinearCrossEntropyVJP& p, const std::vector<mx::array>& in,
               std::vector<mx::array>& out, mx::cu::CommandEncoder& enc) {
@@ -429,13 +652,17 @@ void LinearCrossEntropy::eval_gpu(
   if (q_.quantized) {
     throw std::logic_error("[linear_cross_entropy] the GPU kernels take a dense head.");
   }
+  const bool fa = grad_in_forward_;
   switch (inputs[0].dtype()) {
     case mx::float32:
-      return forward<float>(*this, inputs, outputs, enc);
+      return fa ? forward_with_grad<float>(*this, inputs, outputs, enc)
+                : forward<float>(*this, inputs, outputs, enc);
     case mx::float16:
-      return forward<__half>(*this, inputs, outputs, enc);
+      return fa ? forward_with_grad<__half>(*this, inputs, outputs, enc)
+                : forward<__half>(*this, inputs, outputs, enc);
     case mx::bfloat16:
-      return forward<__nv_bfloat16>(*this, inputs, outputs, enc);
+      return fa ? forward_with_grad<__nv_bfloat16>(*this, inputs, outputs, enc)
+                : forward<__nv_bfloat16>(*this, inputs, outputs, enc);
     default:
       throw std::invalid_argument("[linear_cross_entropy] unsupported dtype.");
   }

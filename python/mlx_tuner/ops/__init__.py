@@ -49,7 +49,9 @@ OP_NOTES: dict[str, str] = {
     "then the m/n column scale as an MLX op (no fused GEMM epilogue yet)",
     "linear_cross_entropy": "CUDA: chunked over the vocabulary on cuBLASLt; on the H200 it "
     "held 1/12 of the materialized path's memory but took about 2x its time "
-    "(BENCHMARKS.md); the trainer's fused=False / MLX_TUNER_FUSED_CE=0 turns it off",
+    "(BENCHMARKS.md) with 3 GEMMs; grad_in_forward=True (the trainer's step, frozen head) "
+    "computes dh in the forward, 2 GEMMs; the trainer's fused=False / MLX_TUNER_FUSED_CE=0 "
+    "turns it off",
 }
 
 

@@ -12,6 +12,10 @@ Targets outside [0, V) (e.g. -100) are ignored: loss 0, no gradient, not counted
 
 The fused path computes the log-sum-exp blockwise over the vocabulary and recomputes each
 logit tile in the backward (Cut Cross-Entropy), so its memory is O(N·d + V·d).
+``grad_in_forward=True`` (a speed hint for training) lets the CUDA kernels also accumulate
+∂loss/∂h in the forward, flash-attention style: with a frozen head the backward then
+needs no GEMM (2 GEMMs of N·V·d per step instead of 3); an evaluation-only loss would pay
+the extra GEMM for nothing, hence off by default.
 ``model_head`` and ``hidden_states`` let a trainer call it on an mlx-lm model;
 ``default_loss`` is mlx-lm's ``tuner.trainer.default_loss`` on top of them.
 """
@@ -28,7 +32,10 @@ _OP = "linear_cross_entropy"
 _REDUCTIONS = ("none", "sum", "mean")
 
 
-def _check(h, weight, targets, bias, mask, reduction, scales) -> None:
+def _check(h, weight, targets, bias, mask, reduction, scales, grad_in_forward=False) -> None:
+    if not isinstance(grad_in_forward, bool):
+        raise ValueError(
+            f"[{_OP}] grad_in_forward must be a bool but got {type(grad_in_forward).__name__}.")
     check_array(_OP, "h", h, ndim_min=1)
     check_array(_OP, "weight", weight, ndim=2, float_only=scales is None)
     if not isinstance(targets, mx.array) or not mx.issubdtype(targets.dtype, mx.integer):
@@ -85,9 +92,11 @@ def _reduce(ce, targets, V, mask, reduction):
 
 def linear_cross_entropy_reference(h, weight, targets, bias=None, *, mask=None,
                                    reduction="none", scales=None, biases=None, group_size=64,
-                                   bits=4, mode="affine", stream=None) -> mx.array:
-    """Pure-MLX twin: materializes the logits, then mlx-lm's ``nn.losses.cross_entropy``."""
-    _check(h, weight, targets, bias, mask, reduction, scales)
+                                   bits=4, mode="affine", grad_in_forward=False,
+                                   stream=None) -> mx.array:
+    """Pure-MLX twin: materializes the logits, then mlx-lm's ``nn.losses.cross_entropy``.
+    ``grad_in_forward`` is accepted (and checked) for a signature like the fused op's."""
+    _check(h, weight, targets, bias, mask, reduction, scales, grad_in_forward)
     if targets.size == 0:  # MLX 0.32.4's CUDA matmul crashes on an empty batch
         ce = mx.zeros(targets.shape, _result_dtype(h, weight, bias, scales))
         return _reduce(ce, targets, weight.shape[0], mask, reduction)
@@ -110,19 +119,26 @@ def linear_cross_entropy_reference(h, weight, targets, bias=None, *, mask=None,
 
 def linear_cross_entropy(h, weight, targets, bias=None, *, mask=None, reduction="none",
                          scales=None, biases=None, group_size=64, bits=4, mode="affine",
-                         stream=None) -> mx.array:
+                         grad_in_forward: bool = False, stream=None) -> mx.array:
     """Fused cross-entropy of h·weightᵀ (+ bias) against targets (see the module doc).
+
+    ``grad_in_forward`` is a speed hint for a training step: where the backend has the
+    kernel (a CUDA build, a GPU stream; a quantized head is dequantized there) the forward
+    also computes ∂loss/∂h, so that a gradient of h alone (a frozen head, as in LoRA)
+    costs no GEMM in the backward; gradients of the head still recompute the logits.
+    Elsewhere (CPU, Metal, the reference) it is ignored. Values are the same either way.
 
     Runs ``linear_cross_entropy_reference`` where this build has no kernel for the device.
     """
-    _check(h, weight, targets, bias, mask, reduction, scales)
+    _check(h, weight, targets, bias, mask, reduction, scales, grad_in_forward)
     ext = _extension.kernel_for("cross_entropy", stream)
     if ext is None or targets.size == 0:  # an empty batch needs no kernel
         return linear_cross_entropy_reference(
             h, weight, targets, bias, mask=mask, reduction=reduction, scales=scales,
             biases=biases, group_size=group_size, bits=bits, mode=mode, stream=stream)
     loss = ext.linear_cross_entropy(h, weight, targets, bias, scales, biases, group_size,
-                                    bits, mode, stream)
+                                    bits, mode, grad_in_forward=grad_in_forward,
+                                    stream=stream)
     if reduction == "none":
         loss = loss.astype(_result_dtype(h, weight, bias, scales))
     return _reduce(loss, targets, weight.shape[0], mask, reduction)
@@ -175,16 +191,33 @@ def hidden_states(model, inputs: mx.array) -> mx.array:
     return model.model(inputs)
 
 
-def masked_loss_sum(model, inputs: mx.array, targets: mx.array, keep: mx.array) -> mx.array:
+def _head_frozen(model) -> bool:
+    """Whether the head that ``model_head`` found gets no gradient (no trainable weight or
+    bias), as with LoRA: then only h needs one."""
+    head = getattr(model, "lm_head", None)
+    if head is None:
+        head = model.model.embed_tokens
+    trainable = head.trainable_parameters()
+    return "weight" not in trainable and "bias" not in trainable
+
+
+def masked_loss_sum(model, inputs: mx.array, targets: mx.array, keep: mx.array, *,
+                    grad_in_forward: bool = False) -> mx.array:
     """Sum over kept targets of the cross-entropy of ``model(inputs)``, in float32: fused
-    from the hidden states where ``model_head`` knows the head, else from the logits."""
+    from the hidden states where ``model_head`` knows the head, else from the logits.
+
+    ``grad_in_forward``: the caller takes gradients (a training step). It is passed on to
+    ``linear_cross_entropy`` when the head is frozen; a trained head needs the backward's
+    recomputed logits anyway, so the forward's extra GEMM would be wasted.
+    """
     head = model_head(model)
     if head is None:
         ce = nn.losses.cross_entropy(model(inputs), targets) * keep
         return ce.astype(mx.float32).sum()
     weight, bias, quant, _ = head
+    hint = grad_in_forward and _head_frozen(model)
     ce = linear_cross_entropy(hidden_states(model, inputs), weight, targets, bias, mask=keep,
-                              reduction="sum", **(quant or {}))
+                              reduction="sum", grad_in_forward=hint, **(quant or {}))
     return ce.astype(mx.float32)
 
 
