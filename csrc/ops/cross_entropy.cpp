@@ -7,6 +7,7 @@
 #include <stdexcept>
 
 #include "common/checks.h"
+#include "common/graph.h"
 #include "mlx/ops.h"
 
 namespace mlx_tuner {
@@ -95,8 +96,8 @@ mx::array linear_cross_entropy(
             weight_in, *scales, qbiases, group_size, bits, mode, std::nullopt, dt, s);
       } else {
         q = {true, group_size, bits};
-        extra = {mx::contiguous(mx::astype(*scales, dt, s), false, s),
-                 mx::contiguous(mx::astype(*qbiases, dt, s), false, s)};
+        extra = {contiguous_rows(mx::astype(*scales, dt, s), s),
+                 contiguous_rows(mx::astype(*qbiases, dt, s), s)};
       }
     } else {
       // Other modes (mxfp4, nvfp4, mxfp8): dequantize, then the dense kernel.
@@ -123,16 +124,15 @@ mx::array linear_cross_entropy(
   for (auto n : lead) {
     N *= n;
   }
-  auto h = mx::contiguous(mx::astype(mx::reshape(h_in, {N, d}, s), dt, s), false, s);
+  auto h = contiguous_rows(mx::astype(mx::reshape(h_in, {N, d}, s), dt, s), s);
   if (!q.quantized) {
     weight = mx::astype(weight, dt, s);
   }
-  weight = mx::contiguous(weight, false, s);
-  auto targets = mx::contiguous(mx::astype(mx::reshape(targets_in, {N}, s), mx::int32, s),
-                                false, s);
+  weight = contiguous_rows(weight, s);
+  auto targets = contiguous_rows(mx::astype(mx::reshape(targets_in, {N}, s), mx::int32, s), s);
   std::vector<mx::array> inputs = {h, weight, targets};
   if (bias_in) {
-    inputs.push_back(mx::contiguous(mx::astype(*bias_in, dt, s), false, s));
+    inputs.push_back(contiguous_rows(mx::astype(*bias_in, dt, s), s));
   }
   inputs.insert(inputs.end(), extra.begin(), extra.end());
   // A hint: honored only where a kernel computes dh_unit (the GPU's head is dense).
@@ -220,7 +220,7 @@ std::vector<mx::array> LinearCrossEntropy::vjp(
   } else if (need_dh || need_dw || need_db) {
     std::vector<mx::array> in = {
         primals[0], primals[1], primals[2], outputs[1],
-        mx::contiguous(mx::astype(cotangents[0], mx::float32, s), false, s)};
+        contiguous_rows(mx::astype(cotangents[0], mx::float32, s), s)};
     in.insert(in.end(), primals.begin() + 3, primals.end());
     std::vector<mx::Shape> shapes;
     std::vector<mx::Dtype> dtypes;
