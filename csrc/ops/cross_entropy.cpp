@@ -3,7 +3,6 @@
 #include "ops/cross_entropy.h"
 
 #include <algorithm>
-#include <sstream>
 #include <stdexcept>
 
 #include "common/checks.h"
@@ -45,9 +44,7 @@ mx::array linear_cross_entropy(
   const int d = h_in.shape(-1);
   mx::Shape lead(h_in.shape().begin(), h_in.shape().end() - 1);
   if (!mx::issubdtype(targets_in.dtype(), mx::integer)) {
-    std::ostringstream os;
-    os << "targets must be an integer array but got " << targets_in.dtype() << ".";
-    check.fail(os.str());
+    check.fail("targets must be an integer array but got " + dtype_str(targets_in.dtype()) + ".");
   }
   check.shape("targets", targets_in, lead);
   if (weight_in.ndim() != 2) {
@@ -66,9 +63,8 @@ mx::array linear_cross_entropy(
   mx::Dtype dt = h_in.dtype();
   if (scales) {
     if (weight_in.dtype() != mx::uint32) {
-      std::ostringstream os;
-      os << "a quantized weight must be uint32 but got " << weight_in.dtype() << ".";
-      check.fail(os.str());
+      check.fail("a quantized weight must be uint32 but got " + dtype_str(weight_in.dtype()) +
+                 ".");
     }
     check.floating("scales", *scales);
     if (mode == "affine") {

@@ -3,7 +3,6 @@
 #include "ops/divergence.h"
 
 #include <algorithm>
-#include <sstream>
 #include <stdexcept>
 
 #include "metal/divergence.h"
@@ -17,25 +16,20 @@ namespace {
 
 void check_input(const char* op, const char* name, const mx::array& a) {
   if (a.ndim() < 1) {
-    std::ostringstream m;
-    m << "[" << op << "] " << name
-      << " must have at least 1 dimension(s) but got shape ().";
-    throw std::invalid_argument(m.str());
+    throw std::invalid_argument(std::string("[") + op + "] " + name +
+                                " must have at least 1 dimension(s) but got shape ().");
   }
   if (!mx::issubdtype(a.dtype(), mx::floating) || a.dtype() == mx::float64) {
-    std::ostringstream m;
-    m << "[" << op << "] " << name << " must be float32, float16 or bfloat16 but got "
-      << dtype_name(a.dtype()) << ".";
-    throw std::invalid_argument(m.str());
+    throw std::invalid_argument(std::string("[") + op + "] " + name +
+                                " must be float32, float16 or bfloat16 but got " +
+                                dtype_name(a.dtype()) + ".");
   }
 }
 
 } // namespace
 
 std::string dtype_name(mx::Dtype t) {
-  std::ostringstream o;
-  o << t;
-  return o.str();
+  return dtype_str(t);
 }
 
 mx::array divergence(
@@ -47,17 +41,15 @@ mx::array divergence(
   check_input(op, "logits_q", q_in);
   check_input(op, "logits_p", p_in);
   if (q_in.shape() != p_in.shape()) {
-    std::ostringstream m;
-    m << "[" << op << "] logits_p must have the shape of logits_q " << shape_str(q_in.shape())
-      << " but got " << shape_str(p_in.shape()) << ".";
-    throw std::invalid_argument(m.str());
+    throw std::invalid_argument(std::string("[") + op + "] logits_p must have the shape of logits_q " +
+                                shape_str(q_in.shape()) + " but got " + shape_str(p_in.shape()) +
+                                ".");
   }
   int V = q_in.shape(-1);
   if (V < 1) {
-    std::ostringstream m;
-    m << "[" << op << "] logits_q must have a last dimension of at least 1 but got shape "
-      << shape_str(q_in.shape()) << ".";
-    throw std::invalid_argument(m.str());
+    throw std::invalid_argument(std::string("[") + op +
+                                "] logits_q must have a last dimension of at least 1 but got shape " +
+                                shape_str(q_in.shape()) + ".");
   }
   auto stream = mx::to_stream(s);
   auto dtype = mx::promote_types(q_in.dtype(), p_in.dtype());

@@ -3,7 +3,6 @@
 // back in the backward (u = y_pre / rs), which saves both storing u and recomputing x W^T.
 #include "ops/dora.h"
 
-#include <sstream>
 #include <stdexcept>
 
 #include "common/checks.h"
@@ -181,9 +180,7 @@ mx::array dora_inv_norm(
   check.floating("p", p);
   for (auto [name, arr] : {std::pair{"b", &b}, {"a", &a}, {"c", &c}}) {
     if (arr->dtype() != mx::float32) {
-      std::ostringstream o;
-      o << name << " must be float32 but got " << arr->dtype() << ".";
-      check.fail(o.str());
+      check.fail(std::string(name) + " must be float32 but got " + dtype_str(arr->dtype()) + ".");
     }
   }
   std::vector<mx::array> in = {contiguous_rows(p, s), contiguous_rows(b, s),
@@ -204,17 +201,14 @@ mx::array dora_scale(
   int cols = z.shape(1);
   scale_check.shape("sv", sv, {cols});
   if (sv.dtype() != mx::float32) {
-    std::ostringstream o;
-    o << "sv must be float32 but got " << sv.dtype() << ".";
-    scale_check.fail(o.str());
+    scale_check.fail("sv must be float32 but got " + dtype_str(sv.dtype()) + ".");
   }
   std::vector<mx::array> in = {contiguous_rows(z, s), contiguous_rows(sv, s)};
   if (bias) {
     scale_check.shape("bias", *bias, {cols});
     if (bias->dtype() != z.dtype()) {
-      std::ostringstream o;
-      o << "bias must have z's dtype " << z.dtype() << " but got " << bias->dtype() << ".";
-      scale_check.fail(o.str());
+      scale_check.fail("bias must have z's dtype " + dtype_str(z.dtype()) + " but got " +
+                       dtype_str(bias->dtype()) + ".");
     }
     in.push_back(contiguous_rows(*bias, s));
   }
@@ -354,9 +348,8 @@ mx::array dora_linear(
     check.floating("weight", weight);
   }
   if (x.shape(-1) != in) {
-    std::ostringstream o;
-    o << kOp << " x must have last dimension " << in << " but got shape " << shape_str(x.shape()) << ".";
-    throw std::invalid_argument(o.str());
+    check.fail("x must have last dimension " + std::to_string(in) + " but got shape " +
+               shape_str(x.shape()) + ".");
   }
   check.ndim("lora_a", lora_a, 2);
   int r = lora_a.shape(1);

@@ -2,7 +2,6 @@
 // the forward primitive; its vjp builds the fused backward primitive. Maths in lora.h.
 #include "ops/lora.h"
 
-#include <sstream>
 #include <stdexcept>
 
 #include "common/checks.h"

@@ -5,7 +5,6 @@
 
 #include <algorithm>
 #include <numeric>
-#include <sstream>
 #include <stdexcept>
 
 #include "common/checks.h"
@@ -51,10 +50,8 @@ mx::array lora_switch_linear(
            ".");
     }
     if (weight.dtype() != mx::uint32) {
-      std::ostringstream o;
-      o << "weight must be uint32 (from mx.quantize) when scales are given but got "
-        << weight.dtype() << ".";
-      check.fail(o.str());
+      check.fail("weight must be uint32 (from mx.quantize) when scales are given but got " +
+                 dtype_str(weight.dtype()) + ".");
     }
     if (!biases) {
       check.fail("biases must be given with scales (an affine-quantized weight).");
@@ -87,9 +84,7 @@ mx::array lora_switch_linear(
   check.floating("lora_a", lora_a);
   check.floating("lora_b", lora_b);
   if (!mx::issubdtype(indices.dtype(), mx::integer)) {
-    std::ostringstream o;
-    o << "indices must be an integer array but got " << indices.dtype() << ".";
-    check.fail(o.str());
+    check.fail("indices must be an integer array but got " + dtype_str(indices.dtype()) + ".");
   }
   if (bias) {
     check.floating("bias", *bias);

@@ -3,7 +3,6 @@
 #include "ops/qlora.h"
 
 #include <algorithm>
-#include <sstream>
 #include <stdexcept>
 
 #include "common/quant.h"

@@ -3,7 +3,6 @@
 #include <map>
 #include <string>
 #include <mutex>
-#include <sstream>
 #include <stdexcept>
 #include <unordered_map>
 
@@ -13,9 +12,7 @@ namespace mlx_tuner::cuda {
 
 void check(cudaError_t err, const char* what) {
   if (err != cudaSuccess) {
-    std::ostringstream msg;
-    msg << "[mlx_tuner] " << what << ": " << cudaGetErrorString(err);
-    throw std::runtime_error(msg.str());
+    throw std::runtime_error(std::string("[mlx_tuner] ") + what + ": " + cudaGetErrorString(err));
   }
 }
 
