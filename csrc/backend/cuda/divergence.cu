@@ -197,6 +197,9 @@ __global__ void divergence_forward(
   if constexpr (K == Divergence::KL) {
     div = s0 = op.t / op.s + ((oq.m - op.m) + (lsq - lsp));
   } else {
+    // A fully masked input (max -inf, sum 0) has no mass: l = -inf everywhere, not NaN.
+    const float oqm = safe(oq.m), nq = oq.m == -kInf ? kInf : lsq;
+    const float opm = safe(op.m), np = op.m == -kInf ? kInf : lsp;
     float klq = 0.f, klp = 0.f;
     for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
       float xq[N], xp[N];
@@ -204,7 +207,7 @@ __global__ void divergence_forward(
       L::load(pr, int64_t(i) * N, xp);
 #pragma unroll
       for (int k = 0; k < N; ++k) {
-        float lq = (xq[k] - oq.m) - lsq, lp = (xp[k] - op.m) - lsp;
+        float lq = (xq[k] - oqm) - nq, lp = (xp[k] - opm) - np;
         float dp, dq;
         js_terms(lp - lq, dp, dq);
         klq += lq > -kInf ? __expf(lq) * dq : 0.f;
@@ -246,7 +249,13 @@ __global__ void divergence_backward(
   }
   for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
     const float* st = stats + row * kDivStats;
-    const float mq = st[kMaxQ], lsq = st[kLogSumQ], mp = st[kMaxP], lsp = st[kLogSumP];
+    float mq = st[kMaxQ], lsq = st[kLogSumQ], mp = st[kMaxP], lsp = st[kLogSumP];
+    if constexpr (K == Divergence::JS) { // a fully masked input: l = -inf (no mass), not NaN
+      lsq = mq == -kInf ? kInf : lsq;
+      lsp = mp == -kInf ? kInf : lsp;
+      mq = safe(mq);
+      mp = safe(mp);
+    }
     const float c = cot[row];
     const float hc = K == Divergence::JS ? 0.5f * c : c;
     float xq[N], xp[N], gq[N], gp[N];
