@@ -44,7 +44,6 @@ namespace cu = mlx_tuner::cuda;
 namespace cg = cooperative_groups;
 constexpr float kInf = __builtin_huge_valf();
 constexpr float kLn2 = 0.693147180559945309f;
-constexpr float kLog2e = 1.44269504088896341f;
 constexpr int kMaxWarps = 32;
 
 __device__ __forceinline__ float to_f(float x) {
@@ -259,6 +258,23 @@ __global__ void divergence_forward(
 // ------------------------------------------------------------------ JS in one read
 // (the maths is at the top of this file)
 
+// Chunks of a row of V elements whose first element sits `pad` elements past a 16-byte
+// boundary, and the chunks per CTA of a cluster of C (host and kernel agree on these).
+__host__ __device__ __forceinline__ int js_chunks(int V, int pad, int N) {
+  return (V + pad + N - 1) / N;
+}
+__host__ __device__ __forceinline__ int js_per_cta(int chunks, int C) {
+  return (chunks + C - 1) / C;
+}
+
+constexpr int kJsMaxThreads = 512;
+
+// The kernel needs Hopper (clusters). For older targets of a multi-architecture build its
+// body is a trap (the host never launches it there) and these helpers are left out.
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+
+constexpr float kLog2e = 1.44269504088896341f;
+
 __device__ __forceinline__ float ex2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
@@ -292,10 +308,11 @@ struct Sum2 {
       s += ex2((x[k] - o) * kLog2e);
     }
   }
+  // One exp: the sum with the smaller maximum is scaled to the larger one.
   __device__ __forceinline__ void merge(float m2, float s2) {
-    const float mn = fmaxf(m, m2), o = safe(mn);
-    s = s * ex2((m - o) * kLog2e) + s2 * ex2((m2 - o) * kLog2e);
-    m = mn;
+    const float hi = fmaxf(m, m2), f = ex2((fminf(m, m2) - safe(hi)) * kLog2e);
+    s = m >= m2 ? s + s2 * f : s * f + s2;
+    m = hi;
   }
   // log2 of the sum, +inf where nothing has mass (so that log2 P = -inf, not NaN).
   __device__ __forceinline__ float log2_sum() const {
@@ -307,19 +324,26 @@ struct Sum2 {
   }
 };
 
-// Block-wide merge of two states; every thread gets both results. `sm` holds
-// 4 * kMaxWarps floats and is used by this call only.
-__device__ __forceinline__ void block_merge2(Sum2& a, Sum2& b, float* sm) {
-  int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nw = blockDim.x / 32;
+// Merges two states across lanes [0, W) of a warp (all 32 lanes call it); lane 0 gets
+// the result, formed in the same order in every block.
+template <int W>
+__device__ __forceinline__ void warp_merge2(Sum2& a, Sum2& b) {
 #pragma unroll
-  for (int d = 16; d > 0; d /= 2) {
-    float am = __shfl_xor_sync(0xffffffffu, a.m, d),
-          as = __shfl_xor_sync(0xffffffffu, a.s, d);
-    float bm = __shfl_xor_sync(0xffffffffu, b.m, d),
-          bs = __shfl_xor_sync(0xffffffffu, b.s, d);
+  for (int d = W / 2; d > 0; d /= 2) {
+    float am = __shfl_xor_sync(0xffffffffu, a.m, d);
+    float as = __shfl_xor_sync(0xffffffffu, a.s, d);
+    float bm = __shfl_xor_sync(0xffffffffu, b.m, d);
+    float bs = __shfl_xor_sync(0xffffffffu, b.s, d);
     a.merge(am, as);
     b.merge(bm, bs);
   }
+}
+
+// Block-wide merge of two states; thread 0 gets the result. `sm` holds 4 * kMaxWarps
+// floats and is used by this call only.
+__device__ __forceinline__ void block_merge2(Sum2& a, Sum2& b, float* sm) {
+  int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nw = blockDim.x / 32;
+  warp_merge2<32>(a, b);
   if (lane == 0) {
     sm[warp] = a.m;
     sm[kMaxWarps + warp] = a.s;
@@ -327,17 +351,15 @@ __device__ __forceinline__ void block_merge2(Sum2& a, Sum2& b, float* sm) {
     sm[3 * kMaxWarps + warp] = b.s;
   }
   __syncthreads();
-  Sum2 ra, rb;
-  for (int w = 0; w < nw; ++w) {
-    ra.merge(sm[w], sm[kMaxWarps + w]);
-    rb.merge(sm[2 * kMaxWarps + w], sm[3 * kMaxWarps + w]);
+  if (warp == 0) {
+    a = lane < nw ? Sum2{sm[lane], sm[kMaxWarps + lane]} : Sum2{};
+    b = lane < nw ? Sum2{sm[2 * kMaxWarps + lane], sm[3 * kMaxWarps + lane]} : Sum2{};
+    warp_merge2<32>(a, b);
   }
-  a = ra;
-  b = rb;
 }
 
-// Block-wide sums of x and y; every thread gets both. `sm` holds 2 * kMaxWarps floats
-// and is used by this call only.
+// Block-wide sums of x and y; thread 0 gets them. `sm` holds 2 * kMaxWarps floats and is
+// used by this call only.
 __device__ __forceinline__ void block_sum2(float& x, float& y, float* sm) {
   int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nw = blockDim.x / 32;
 #pragma unroll
@@ -350,11 +372,11 @@ __device__ __forceinline__ void block_sum2(float& x, float& y, float* sm) {
     sm[kMaxWarps + warp] = y;
   }
   __syncthreads();
-  x = 0.f;
-  y = 0.f;
-  for (int w = 0; w < nw; ++w) {
-    x += sm[w];
-    y += sm[kMaxWarps + w];
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < nw; ++w) {
+      x += sm[w];
+      y += sm[kMaxWarps + w];
+    }
   }
 }
 
@@ -448,16 +470,7 @@ __device__ __forceinline__ void unpack(uint4 c, float (&x)[16 / sizeof(T)]) {
   }
 }
 
-// Chunks of a row of V elements whose first element sits `pad` elements past a 16-byte
-// boundary, and the chunks per CTA of a cluster of C (host and kernel agree on these).
-__host__ __device__ __forceinline__ int js_chunks(int V, int pad, int N) {
-  return (V + pad + N - 1) / N;
-}
-__host__ __device__ __forceinline__ int js_per_cta(int chunks, int C) {
-  return (chunks + C - 1) / C;
-}
-
-constexpr int kJsMaxThreads = 512;
+#endif // !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
 
 // JS forward reading q and p once: cluster of C CTAs per row (blockIdx.x / C), each CTA
 // holding chunks [rank * per, rank * per + per) of both rows in dynamic shared memory
@@ -507,8 +520,16 @@ __global__ void __launch_bounds__(kJsMaxThreads, 2)
     op.add(xp);
   }
   block_merge2(oq, op, red);
-  if constexpr (C > 1) {
-    __shared__ float part[4]; // this CTA's (max, sum) of q and of p, read by the cluster
+  __shared__ float norm[4]; // the row's (max, sum) of q and of p, for every thread
+  if constexpr (C == 1) {
+    if (tid == 0) {
+      norm[0] = oq.m;
+      norm[1] = oq.s;
+      norm[2] = op.m;
+      norm[3] = op.s;
+    }
+  } else {
+    __shared__ float part[4]; // this CTA's, read by the whole cluster
     auto cluster = cg::this_cluster();
     if (tid == 0) {
       part[0] = oq.m;
@@ -517,16 +538,25 @@ __global__ void __launch_bounds__(kJsMaxThreads, 2)
       part[3] = op.s;
     }
     cluster.sync(); // every CTA's part is written
-    // Every thread of every CTA merges the C parts in rank order: the same bits in all.
-    Sum2 gq, gp;
-    for (int r = 0; r < C; ++r) {
-      const float* rp = cluster.map_shared_rank(part, r);
-      gq.merge(rp[0], rp[1]);
-      gp.merge(rp[2], rp[3]);
+    if (tid < 32) { // lane r fetches rank r's part; every CTA merges them alike
+      Sum2 gq, gp;
+      if (tid < C) {
+        const float* rp = cluster.map_shared_rank(part, tid);
+        gq = Sum2{rp[0], rp[1]};
+        gp = Sum2{rp[2], rp[3]};
+      }
+      warp_merge2<C>(gq, gp);
+      if (tid == 0) {
+        norm[0] = gq.m;
+        norm[1] = gq.s;
+        norm[2] = gp.m;
+        norm[3] = gp.s;
+      }
     }
-    oq = gq;
-    op = gp;
   }
+  __syncthreads();
+  oq = Sum2{norm[0], norm[1]};
+  op = Sum2{norm[2], norm[3]};
   const float mq = safe(oq.m), mp = safe(op.m), lq2 = oq.log2_sum(), lp2 = op.log2_sum();
   float kq = 0.f, kp = 0.f;
   for (int j = 0; j < nj; ++j) {
