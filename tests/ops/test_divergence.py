@@ -132,12 +132,15 @@ def test_js_row_split_on_gpu(device, dtype, shape):
     check_all("js", *_inputs(shape, dtype), dtype)
 
 
+@pytest.mark.parametrize("ctas", ["2", "0"], ids=["cluster", "two-pass"])
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=str)
 @pytest.mark.parametrize("V", [32001, 151936])
-def test_js_row_split_masked_on_gpu(device, dtype, V):
+def test_js_row_split_masked_on_gpu(device, monkeypatch, ctas, dtype, V):
     # Masked entries on both sides and on either side alone, then whole rows masked on one
-    # side, across the CTAs of a cluster: finite, ln(2) / 2 for a fully masked row.
+    # side, across the CTAs of a cluster (and in the two-pass kernel): finite, ln(2) / 2
+    # for a fully masked row.
     _gpu_only(device)
+    monkeypatch.setenv("MLX_TUNER_JS_CTAS_PER_SM", ctas)
     q, p = _inputs((6, V), dtype)
     both = mx.random.uniform(shape=q.shape) < 0.3
     p_only = mx.random.uniform(shape=q.shape) < 0.2
@@ -164,6 +167,17 @@ def test_js_row_split_huge_logits_on_gpu(device, dtype):
     check_all("js", q, p, dtype)
     p2 = (q.astype(mx.float32) + mx.random.normal(q.shape)).astype(dtype)
     check_all("js", q, p2, dtype)
+
+
+@pytest.mark.parametrize("ctas", ["1", "0"])
+def test_js_forced_plans_on_gpu(device, monkeypatch, ctas):
+    # MLX_TUNER_JS_CTAS_PER_SM=1: the smallest cluster within 200 KB a CTA (C = 1 at 128 KB
+    # for bfloat16 at 32k, 4 at 151,936, 2 for float32 at 40,013); 0: the two-pass kernel.
+    _gpu_only(device)
+    monkeypatch.setenv("MLX_TUNER_JS_CTAS_PER_SM", ctas)
+    for dtype, shape in [(mx.bfloat16, (9, 32001)), (mx.bfloat16, (3, 151936)),
+                         (mx.float32, (3, 40013))]:
+        check_all("js", *_inputs(shape, dtype), dtype)
 
 
 def test_js_cluster_sizes_alternate_on_gpu(device):

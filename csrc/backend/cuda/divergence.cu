@@ -30,6 +30,7 @@
 #include <cuda_fp16.h>
 
 #include <climits>
+#include <cstdlib>
 #include <map>
 #include <mutex>
 
@@ -729,17 +730,24 @@ std::pair<int, int> smem_limits(int device) {
 // (two CTAs per SM, so that one loads while the other computes), else the smallest within
 // kJsSmemMax (one CTA per SM: still half the bytes of the two-pass kernel), else none.
 // C <= 8, the portable cluster size. The bound on a row's chunks holds for any offset.
+// MLX_TUNER_JS_CTAS_PER_SM=1 skips the first choice, 0 takes the two-pass kernel (for
+// comparisons on the GPU and for the tests).
 JsPlan js_plan(int V, int elem_bytes, int64_t rows, int device) {
   constexpr int64_t kJsSmemMax = 200 * 1024;
   constexpr int64_t kMargin = 4 * 1024; // static shared memory and the per-block reserve
-  auto [block_limit, sm_limit] = smem_limits(device);
-  if (2 * int64_t(V) * elem_bytes > 8 * kJsSmemMax) { // keeps the int sums below safe
-    return {};
+  int ctas_per_sm = 2;
+  if (const char* e = std::getenv("MLX_TUNER_JS_CTAS_PER_SM")) {
+    ctas_per_sm = std::atoi(e);
   }
+  if (ctas_per_sm <= 0 || 2 * int64_t(V) * elem_bytes > 8 * kJsSmemMax) {
+    return {}; // the size test also keeps the int sums below safe
+  }
+  auto [block_limit, sm_limit] = smem_limits(device);
   const int N = 16 / elem_bytes;
   const int chunks = js_chunks(V, N - 1, N); // pad < N
   const int64_t hard = std::min<int64_t>(kJsSmemMax, block_limit - kMargin);
-  const int64_t soft = std::min<int64_t>(hard, sm_limit / 2 - kMargin);
+  const int64_t soft =
+      ctas_per_sm >= 2 ? std::min<int64_t>(hard, sm_limit / 2 - kMargin) : hard;
   for (int64_t limit : {soft, hard}) {
     for (int c : {1, 2, 4, 8}) {
       const int per = js_per_cta(chunks, c);
