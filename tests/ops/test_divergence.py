@@ -108,6 +108,103 @@ def test_large_vocabulary(device, op, dtype):
     check_all(op, *_inputs((3, 40013), dtype), dtype)
 
 
+# The CUDA JS forward's paths (csrc/backend/cuda/divergence.cu, js_plan): the V <= 4096
+# above take one CTA per row (C = 1), 40,013 a cluster of 2 (half types) or 4 (float32);
+# here C = 2 (bfloat16 at 32k, whole 16-byte chunks and an odd V whose rows start at every
+# offset), C = 8 (151,936 in each dtype, float32 at one CTA per SM; bfloat16 at 262,147),
+# and float32 at 262,144, which does not fit in 8 CTAs' shared memory: the two-pass
+# kernel. GPU only: the CPU kernels are covered above.
+JS_GPU_SHAPES = [(mx.bfloat16, (9, 32000)), (mx.bfloat16, (9, 32001)),
+                 (mx.bfloat16, (5, 151936)), (mx.float16, (3, 151936)),
+                 (mx.float32, (3, 151936)), (mx.bfloat16, (2, 262147)),
+                 (mx.float32, (2, 262144))]
+
+
+def _gpu_only(device):
+    if device != mx.gpu:
+        pytest.skip("the CUDA JS forward's cluster sizes; the CPU kernels are tested above")
+
+
+@pytest.mark.parametrize("dtype,shape", JS_GPU_SHAPES,
+                         ids=[f"{str(d).split('.')[-1]}-{s}" for d, s in JS_GPU_SHAPES])
+def test_js_row_split_on_gpu(device, dtype, shape):
+    _gpu_only(device)
+    check_all("js", *_inputs(shape, dtype), dtype)
+
+
+@pytest.mark.parametrize("ctas", ["2", "0"], ids=["cluster", "two-pass"])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=str)
+@pytest.mark.parametrize("V", [32001, 151936])
+def test_js_row_split_masked_on_gpu(device, monkeypatch, ctas, dtype, V):
+    # Masked entries on both sides and on either side alone, then whole rows masked on one
+    # side, across the CTAs of a cluster (and in the two-pass kernel): finite, ln(2) / 2
+    # for a fully masked row.
+    _gpu_only(device)
+    monkeypatch.setenv("MLX_TUNER_JS_CTAS_PER_SM", ctas)
+    q, p = _inputs((6, V), dtype)
+    both = mx.random.uniform(shape=q.shape) < 0.3
+    p_only = mx.random.uniform(shape=q.shape) < 0.2
+    q_only = (mx.random.uniform(shape=q.shape) < 0.2) & ~p_only
+    q = mx.where(both | q_only, -mx.inf, q).astype(dtype)
+    p = mx.where(both | p_only, -mx.inf, p).astype(dtype)
+    check_all("js", q, p, dtype)
+    rows = mx.arange(6)[:, None]
+    qf = mx.where(rows == 1, -mx.inf, q).astype(dtype)
+    pf = mx.where(rows == 4, -mx.inf, p).astype(dtype)
+    out = to_f64(ops.js_div(qf, pf))
+    gq, gp = mx.grad(lambda a, b: ops.js_div(a, b).astype(mx.float32).sum(), [0, 1])(qf, pf)
+    gq, gp = to_f64(gq), to_f64(gp)
+    assert np.all(np.isfinite(out)) and np.all(np.isfinite(gq)) and np.all(np.isfinite(gp))
+    np.testing.assert_allclose(out[[1, 4]], np.log(2) / 2, atol=2e-3)
+    assert np.abs(gp[1]).max() < 1e-5 and np.abs(gq[4]).max() < 1e-5
+    np.testing.assert_array_equal(out[[0, 2, 3, 5]], to_f64(ops.js_div(q, p))[[0, 2, 3, 5]])
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=str)
+def test_js_row_split_huge_logits_on_gpu(device, dtype):
+    _gpu_only(device)
+    q, p = _inputs((3, 151936), dtype, scale=1e4)
+    check_all("js", q, p, dtype)
+    p2 = (q.astype(mx.float32) + mx.random.normal(q.shape)).astype(dtype)
+    check_all("js", q, p2, dtype)
+
+
+@pytest.mark.parametrize("ctas", ["1", "0"])
+def test_js_forced_plans_on_gpu(device, monkeypatch, ctas):
+    # MLX_TUNER_JS_CTAS_PER_SM=1: the smallest cluster within 200 KB a CTA (C = 1 at 128 KB
+    # for bfloat16 at 32k, 4 at 151,936, 2 for float32 at 40,013); 0: the two-pass kernel.
+    _gpu_only(device)
+    monkeypatch.setenv("MLX_TUNER_JS_CTAS_PER_SM", ctas)
+    for dtype, shape in [(mx.bfloat16, (9, 32001)), (mx.bfloat16, (3, 151936)),
+                         (mx.float32, (3, 40013))]:
+        check_all("js", *_inputs(shape, dtype), dtype)
+
+
+def test_js_cluster_sizes_alternate_on_gpu(device):
+    # The same graph shape with another cluster size each call: MLX updates its cached
+    # CUDA graph in place, which must carry the new cluster dimension along.
+    _gpu_only(device)
+    for V in [32000, 151936, 1000, 151936, 32000]:
+        q, p = _inputs((4, V), mx.bfloat16)
+        mx.eval(q, p)
+        out = ops.js_div(q, p)
+        mx.eval(out)
+        assert_close_to_oracle(out, ops.js_div_reference(q, p), oracle("js", q, p)[0],
+                               mx.bfloat16, what=f"js forward V={V}")
+
+
+def test_js_row_offsets_on_gpu(device):
+    # Rows that start off a 16-byte boundary (views one row into their buffers): the same
+    # offset in q and p keeps the cluster kernel, different offsets take the two-pass one.
+    _gpu_only(device)
+    V = 32001
+    a, b = _inputs((7, V), mx.bfloat16)
+    mx.eval(a, b)
+    for q, p in [(a[1:], b[1:]), (a[1:], b[:-1])]:
+        mx.eval(q, p)
+        check_all("js", q, p, mx.bfloat16)
+
+
 @pytest.mark.parametrize("op", ["kl", "js"])
 @pytest.mark.parametrize("argnums", [(0,), (1,), (1, 0)], ids=str)
 def test_requested_argnums(device, op, argnums):

@@ -51,18 +51,23 @@ inline void alloc_output(mx::array& out, mx::cu::CommandEncoder& enc) {
 // True while a GemmBatch (gemm.cuh) captures on this thread: no launches or buffers then.
 bool in_gemm_batch();
 
-// Launches `kernel` (a __global__ function) as a node of MLX's CUDA graph. The args
-// must match the kernel's parameter types exactly: they are passed by address.
+// Launches `kernel` (a __global__ function) as a node of MLX's CUDA graph, in thread
+// block clusters of `cluster` CTAs (Hopper and later; (1, 1, 1) launches no cluster).
+// The args must match the kernel's parameter types exactly: they are passed by address.
 template <typename... Args>
-void launch(
+void launch_cluster(
     mx::cu::CommandEncoder& enc,
     const void* kernel,
     dim3 grid,
     dim3 block,
+    dim3 cluster,
     unsigned smem,
     Args&&... args) {
   if (in_gemm_batch()) {
     throw std::logic_error("[mlx_tuner] a kernel launched inside a GemmBatch");
+  }
+  if (grid.x % cluster.x != 0 || grid.y % cluster.y != 0 || grid.z % cluster.z != 0) {
+    throw std::logic_error("[mlx_tuner] a grid that is not a whole number of clusters");
   }
   CUfunction fn = kernel_handle(kernel, enc.device().cuda_device());
   if (smem > 48 * 1024) {
@@ -71,7 +76,24 @@ void launch(
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
         "cudaFuncSetAttribute");
   }
-  enc.add_kernel_node_ex(fn, grid, block, dim3(1, 1, 1), smem, args...);
+  if (cluster.x * cluster.y * cluster.z > 8) { // 8 is the portable maximum
+    check(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1),
+        "cudaFuncSetAttribute");
+  }
+  enc.add_kernel_node_ex(fn, grid, block, cluster, smem, args...);
+}
+
+// launch_cluster without clusters.
+template <typename... Args>
+void launch(
+    mx::cu::CommandEncoder& enc,
+    const void* kernel,
+    dim3 grid,
+    dim3 block,
+    unsigned smem,
+    Args&&... args) {
+  launch_cluster(enc, kernel, grid, block, dim3(1, 1, 1), smem, args...);
 }
 
 } // namespace mlx_tuner::cuda

@@ -1,13 +1,38 @@
 // CUDA kernels of the KL / JS divergence (maths: csrc/ops/divergence.h).
 //
-// Forward: one block per row. KL is one pass over the row: each thread keeps online
-// (max, sum-exp) for q and p plus sum exp(a - max_p)(a - b), rescaled when its maximum
-// grows; the block merges the partial states. JS needs the normalizers before its
-// terms, so it reads the row twice. Backward: elementwise given the saved stats, a 2-D
-// grid of (chunks of a row, rows). Loads are 16-byte vectors when both rows are
-// 16-byte aligned (V * sizeof(T) % 16 == 0), scalar otherwise.
+// KL forward: one block per row, one pass: each thread keeps online (max, sum-exp) for q
+// and p plus sum exp(a - max_p)(a - b), rescaled when its maximum grows; the block merges
+// the partial states.
+//
+// JS forward: its terms need both normalizers first, so a row is read twice unless it is
+// kept on chip. One cluster of C CTAs per row (C = 1, 2, 4 or 8; js_plan) holds the row's
+// q and p in the CTAs' shared memory, each CTA a contiguous slice of 16-byte chunks, the
+// first and last of which may be partial (padded with -inf, which has no mass) so that
+// every whole chunk is one aligned 16-byte copy for any V and row offset. Each CTA folds
+// its slice into a partial (max, sum) per input as the copies land; the CTAs merge the C
+// partials through distributed shared memory; each then sums its slice's terms, and rank
+// 0 gathers the C partial sums. The work is in base 2 so that every exp and log is one
+// MUFU instruction: S = sum 2^((x - max) log2e), log2 P = (x - max) log2e - log2 S
+// (x - max first: exact near the maximum for huge logits, and no finite logit
+// overflows), and with u = log2 P - log2 Q, r = 2^-|u|, t = 1 - log2(1 + r):
+//   log2 P - log2 M = t - max(-u, 0),  log2 Q - log2 M = t - max(u, 0),
+//   the larger of P, Q = 2^max(log2 P, log2 Q) and the smaller = larger * r,
+// three MUFU per element pair. u is clamped to +-1e30 so that a -inf logit on either
+// side (or both: u = NaN) weights a finite term by 0; a NaN logit makes its sum NaN,
+// which the row's result then takes. A row too long for 8 CTAs' shared memory, or a GPU
+// before Hopper, takes the two-pass kernel (the KL kernel's, reading the row twice).
+//
+// Backward: elementwise given the saved stats, a 2-D grid of (chunks of a row, rows).
+// KL, the two-pass JS and the backward load 16-byte vectors when both rows are 16-byte
+// aligned (V * sizeof(T) % 16 == 0), scalars otherwise.
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+#include <climits>
+#include <cstdlib>
+#include <map>
+#include <mutex>
 
 #include "backend/cuda/common.cuh"
 #include "ops/divergence.h"
@@ -17,6 +42,7 @@ namespace mlx_tuner {
 namespace {
 
 namespace cu = mlx_tuner::cuda;
+namespace cg = cooperative_groups;
 constexpr float kInf = __builtin_huge_valf();
 constexpr float kLn2 = 0.693147180559945309f;
 constexpr int kMaxWarps = 32;
@@ -197,6 +223,9 @@ __global__ void divergence_forward(
   if constexpr (K == Divergence::KL) {
     div = s0 = op.t / op.s + ((oq.m - op.m) + (lsq - lsp));
   } else {
+    // A fully masked input (max -inf, sum 0) has no mass: l = -inf everywhere, not NaN.
+    const float oqm = safe(oq.m), nq = oq.m == -kInf ? kInf : lsq;
+    const float opm = safe(op.m), np = op.m == -kInf ? kInf : lsp;
     float klq = 0.f, klp = 0.f;
     for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
       float xq[N], xp[N];
@@ -204,7 +233,7 @@ __global__ void divergence_forward(
       L::load(pr, int64_t(i) * N, xp);
 #pragma unroll
       for (int k = 0; k < N; ++k) {
-        float lq = (xq[k] - oq.m) - lsq, lp = (xp[k] - op.m) - lsp;
+        float lq = (xq[k] - oqm) - nq, lp = (xp[k] - opm) - np;
         float dp, dq;
         js_terms(lp - lq, dp, dq);
         klq += lq > -kInf ? __expf(lq) * dq : 0.f;
@@ -227,6 +256,357 @@ __global__ void divergence_forward(
   }
 }
 
+// ------------------------------------------------------------------ JS in one read
+// (the maths is at the top of this file)
+
+// Chunks of a row of V elements whose first element sits `pad` elements past a 16-byte
+// boundary, and the chunks per CTA of a cluster of C (host and kernel agree on these).
+__host__ __device__ __forceinline__ int js_chunks(int V, int pad, int N) {
+  return (V + pad + N - 1) / N;
+}
+__host__ __device__ __forceinline__ int js_per_cta(int chunks, int C) {
+  return (chunks + C - 1) / C;
+}
+
+constexpr int kJsMaxThreads = 512;
+
+// The kernel needs Hopper (clusters). For older targets of a multi-architecture build its
+// body is a trap (the host never launches it there) and these helpers are left out.
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+
+constexpr float kLog2e = 1.44269504088896341f;
+
+__device__ __forceinline__ float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ float lg2(float x) {
+  float y;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Online s = sum 2^((x - m) log2e) over the elements seen, m their maximum: x - m first,
+// as __expf(x - m) does, so that no finite logit overflows.
+struct Sum2 {
+  float m = -kInf, s = 0.f;
+  template <int N>
+  __device__ __forceinline__ void add(const float (&x)[N]) {
+    float b = x[0];
+#pragma unroll
+    for (int k = 1; k < N; ++k) {
+      b = fmaxf(b, x[k]);
+    }
+    if (b > m) { // from m = -inf: s = 0 * 2^-inf
+      s *= ex2((m - b) * kLog2e);
+      m = b;
+    }
+    const float o = safe(m);
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      s += ex2((x[k] - o) * kLog2e);
+    }
+  }
+  // One exp: the sum with the smaller maximum is scaled to the larger one.
+  __device__ __forceinline__ void merge(float m2, float s2) {
+    const float hi = fmaxf(m, m2), f = ex2((fminf(m, m2) - safe(hi)) * kLog2e);
+    s = m >= m2 ? s + s2 * f : s * f + s2;
+    m = hi;
+  }
+  // log2 of the sum, +inf where nothing has mass (so that log2 P = -inf, not NaN).
+  __device__ __forceinline__ float log2_sum() const {
+    return m == -kInf ? kInf : lg2(s);
+  }
+  // The saved stat, log sum exp(x - m): -inf where nothing has mass, as before.
+  __device__ __forceinline__ float log_sum() const {
+    return kLn2 * lg2(s);
+  }
+};
+
+// Merges two states across lanes [0, W) of a warp (all 32 lanes call it); lane 0 gets
+// the result, formed in the same order in every block.
+template <int W>
+__device__ __forceinline__ void warp_merge2(Sum2& a, Sum2& b) {
+#pragma unroll
+  for (int d = W / 2; d > 0; d /= 2) {
+    float am = __shfl_xor_sync(0xffffffffu, a.m, d);
+    float as = __shfl_xor_sync(0xffffffffu, a.s, d);
+    float bm = __shfl_xor_sync(0xffffffffu, b.m, d);
+    float bs = __shfl_xor_sync(0xffffffffu, b.s, d);
+    a.merge(am, as);
+    b.merge(bm, bs);
+  }
+}
+
+// Block-wide merge of two states; thread 0 gets the result. `sm` holds 4 * kMaxWarps
+// floats and is used by this call only.
+__device__ __forceinline__ void block_merge2(Sum2& a, Sum2& b, float* sm) {
+  int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nw = blockDim.x / 32;
+  warp_merge2<32>(a, b);
+  if (lane == 0) {
+    sm[warp] = a.m;
+    sm[kMaxWarps + warp] = a.s;
+    sm[2 * kMaxWarps + warp] = b.m;
+    sm[3 * kMaxWarps + warp] = b.s;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    a = lane < nw ? Sum2{sm[lane], sm[kMaxWarps + lane]} : Sum2{};
+    b = lane < nw ? Sum2{sm[2 * kMaxWarps + lane], sm[3 * kMaxWarps + lane]} : Sum2{};
+    warp_merge2<32>(a, b);
+  }
+}
+
+// Block-wide sums of x and y; thread 0 gets them. `sm` holds 2 * kMaxWarps floats and is
+// used by this call only.
+__device__ __forceinline__ void block_sum2(float& x, float& y, float* sm) {
+  int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nw = blockDim.x / 32;
+#pragma unroll
+  for (int d = 16; d > 0; d /= 2) {
+    x += __shfl_xor_sync(0xffffffffu, x, d);
+    y += __shfl_xor_sync(0xffffffffu, y, d);
+  }
+  if (lane == 0) {
+    sm[warp] = x;
+    sm[kMaxWarps + warp] = y;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < nw; ++w) {
+      x += sm[w];
+      y += sm[kMaxWarps + w];
+    }
+  }
+}
+
+// One element pair's terms in base 2, from a = log2 Q and b = log2 P:
+// kq += Q log2(Q / M), kp += P log2(P / M). Three MUFU (see the top of this file).
+__device__ __forceinline__ void js_terms2(float a, float b, float& kq, float& kp) {
+  constexpr float kBig = 1e30f;
+  const float u = fminf(fmaxf(b - a, -kBig), kBig); // NaN (both -inf) -> -kBig
+  const float hi = ex2(fmaxf(a, b));
+  const float r = ex2(-fabsf(u));
+  const float t = 1.f - lg2(1.f + r);
+  const float lo = hi * r;
+  const bool p_big = u >= 0.f;
+  kq = fmaf(p_big ? lo : hi, t - fmaxf(u, 0.f), kq);
+  kp = fmaf(p_big ? hi : lo, t - fmaxf(-u, 0.f), kp);
+}
+
+// Asynchronous 16-byte global -> shared copies (cp.async, sm_80+), in per-thread groups.
+__device__ __forceinline__ void cp_async16(uint4* dst, const void* src) {
+  unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d),
+               "l"(__cvta_generic_to_global(src))
+               : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+
+template <int K>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(K) : "memory");
+}
+
+// Waits until at most n of this thread's groups are in flight (at most 7 when n > 7).
+__device__ __forceinline__ void cp_async_wait_pending(int n) {
+  if (n >= 7) {
+    cp_async_wait<7>();
+  } else if (n == 6) {
+    cp_async_wait<6>();
+  } else if (n == 5) {
+    cp_async_wait<5>();
+  } else if (n == 4) {
+    cp_async_wait<4>();
+  } else if (n == 3) {
+    cp_async_wait<3>();
+  } else if (n == 2) {
+    cp_async_wait<2>();
+  } else if (n == 1) {
+    cp_async_wait<1>();
+  } else {
+    cp_async_wait<0>();
+  }
+}
+
+// The 16-byte chunk of a row that starts at element e (e may be negative, and whole
+// chunks are 16-byte aligned): one asynchronous copy when whole, else element by element
+// with -inf (no mass) outside [0, V).
+template <typename T>
+__device__ __forceinline__ void load_chunk(const T* row, int e, int V, uint4* dst) {
+  constexpr int N = 16 / sizeof(T);
+  if (e >= 0 && e <= V - N) {
+    cp_async16(dst, row + e);
+  } else {
+    alignas(16) T v[N];
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      v[k] = e + k >= 0 && e + k < V ? row[e + k] : from_f<T>(-kInf);
+    }
+    *dst = *reinterpret_cast<const uint4*>(v);
+  }
+}
+
+// The elements of a chunk as float; the chunk is taken by value (one 16-byte load).
+template <typename T>
+__device__ __forceinline__ void unpack(uint4 c, float (&x)[16 / sizeof(T)]) {
+  const unsigned w[4] = {c.x, c.y, c.z, c.w};
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    if constexpr (std::is_same_v<T, float>) {
+      x[k] = __uint_as_float(w[k]);
+    } else if constexpr (std::is_same_v<T, __nv_bfloat16>) { // element 2k in the low half
+      x[2 * k] = __uint_as_float(w[k] << 16);
+      x[2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u);
+    } else {
+      x[2 * k] =
+          __half2float(__ushort_as_half(static_cast<unsigned short>(w[k] & 0xffffu)));
+      x[2 * k + 1] =
+          __half2float(__ushort_as_half(static_cast<unsigned short>(w[k] >> 16)));
+    }
+  }
+}
+
+#endif // !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+
+// JS forward reading q and p once: cluster of C CTAs per row (blockIdx.x / C), each CTA
+// holding chunks [rank * per, rank * per + per) of both rows in dynamic shared memory
+// (q's then p's, 2 * per * 16 bytes). Each thread reads back only the chunks it copied,
+// so the data needs no barrier; the cluster exchanges partial states.
+template <typename T, int C>
+__global__ void __launch_bounds__(kJsMaxThreads, 2)
+    js_forward_cluster(const T* q, const T* p, T* out, float* stats, int V) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  __trap(); // the host launches this on compute capability 9.0 and later only
+#else
+  constexpr int N = 16 / sizeof(T);
+  extern __shared__ uint4 js_rows[];
+  __shared__ float red[6 * kMaxWarps];
+  const int tid = threadIdx.x, nt = blockDim.x;
+  int rank = 0;
+  if constexpr (C > 1) {
+    if (cg::this_cluster().num_blocks() != C) {
+      __trap(); // launched with another cluster size: fail loudly, never a wrong answer
+    }
+    rank = static_cast<int>(cg::this_cluster().block_rank());
+  }
+  const int64_t row = blockIdx.x / C;
+  const T* qr = q + row * V;
+  const T* pr = p + row * V;
+  // p - q is a multiple of 16 bytes (host), so both rows have the same pad.
+  const int pad = static_cast<int>(reinterpret_cast<uintptr_t>(qr) % 16 / sizeof(T));
+  const int per = js_per_cta(js_chunks(V, pad, N), C);
+  const int lo = rank * per; // chunk c of the row starts at element c * N - pad
+  const int cnt = max(0, min(per, js_chunks(V, pad, N) - lo));
+  uint4* sq = js_rows;
+  uint4* sp = js_rows + per;
+  const int nj = tid < cnt ? (cnt - 1 - tid) / nt + 1 : 0; // this thread's chunks
+  for (int j = 0; j < nj; ++j) {
+    const int c = tid + j * nt;
+    load_chunk(qr, (lo + c) * N - pad, V, sq + c);
+    load_chunk(pr, (lo + c) * N - pad, V, sp + c);
+    cp_async_commit();
+  }
+  Sum2 oq, op;
+  for (int j = 0; j < nj; ++j) {
+    cp_async_wait_pending(nj - 1 - j); // chunk j has landed
+    float xq[N], xp[N];
+    unpack<T>(sq[tid + j * nt], xq);
+    unpack<T>(sp[tid + j * nt], xp);
+    oq.add(xq);
+    op.add(xp);
+  }
+  block_merge2(oq, op, red);
+  __shared__ float norm[4]; // the row's (max, sum) of q and of p, for every thread
+  if constexpr (C == 1) {
+    if (tid == 0) {
+      norm[0] = oq.m;
+      norm[1] = oq.s;
+      norm[2] = op.m;
+      norm[3] = op.s;
+    }
+  } else {
+    __shared__ float part[4]; // this CTA's, read by the whole cluster
+    auto cluster = cg::this_cluster();
+    if (tid == 0) {
+      part[0] = oq.m;
+      part[1] = oq.s;
+      part[2] = op.m;
+      part[3] = op.s;
+    }
+    cluster.sync(); // every CTA's part is written
+    if (tid < 32) { // lane r fetches rank r's part; every CTA merges them alike
+      Sum2 gq, gp;
+      if (tid < C) {
+        const float* rp = cluster.map_shared_rank(part, tid);
+        gq = Sum2{rp[0], rp[1]};
+        gp = Sum2{rp[2], rp[3]};
+      }
+      warp_merge2<C>(gq, gp);
+      if (tid == 0) {
+        norm[0] = gq.m;
+        norm[1] = gq.s;
+        norm[2] = gp.m;
+        norm[3] = gp.s;
+      }
+    }
+  }
+  __syncthreads();
+  oq = Sum2{norm[0], norm[1]};
+  op = Sum2{norm[2], norm[3]};
+  const float mq = safe(oq.m), mp = safe(op.m), lq2 = oq.log2_sum(), lp2 = op.log2_sum();
+  float kq = 0.f, kp = 0.f;
+  for (int j = 0; j < nj; ++j) {
+    float xq[N], xp[N];
+    unpack<T>(sq[tid + j * nt], xq);
+    unpack<T>(sp[tid + j * nt], xp);
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      js_terms2(fmaf(xq[k] - mq, kLog2e, -lq2), fmaf(xp[k] - mp, kLog2e, -lp2), kq, kp);
+    }
+  }
+  block_sum2(kq, kp, red + 4 * kMaxWarps);
+  if constexpr (C > 1) {
+    __shared__ float sums[2 * C]; // rank 0's: each CTA's (KLq, KLp) in base 2
+    auto cluster = cg::this_cluster();
+    if (tid == 0) {
+      float* dst = cluster.map_shared_rank(sums, 0);
+      dst[2 * rank] = kq;
+      dst[2 * rank + 1] = kp;
+    }
+    // After this no CTA touches another's shared memory: the others may exit.
+    cluster.sync();
+    if (rank != 0) {
+      return;
+    }
+    kq = 0.f;
+    kp = 0.f;
+    for (int r = 0; r < C; ++r) {
+      kq += sums[2 * r];
+      kp += sums[2 * r + 1];
+    }
+  }
+  if (tid == 0) {
+    // A NaN logit made its sum NaN, while the clamp in js_terms2 drops NaN terms.
+    const bool nan = isnan(oq.s) || isnan(op.s);
+    const float s0 = nan ? __int_as_float(0x7fc00000) : kLn2 * kq;
+    const float s1 = nan ? __int_as_float(0x7fc00000) : kLn2 * kp;
+    float* st = stats + row * kDivStats;
+    st[kMaxQ] = oq.m;
+    st[kLogSumQ] = oq.log_sum();
+    st[kMaxP] = op.m;
+    st[kLogSumP] = op.log_sum();
+    st[kS0] = s0;
+    st[kS1] = s1;
+    out[row] = from_f<T>(0.5f * (s0 + s1));
+  }
+#endif
+}
+
 template <typename T, Divergence K, bool VEC, bool GQ, bool GP>
 __global__ void divergence_backward(
     const T* q,
@@ -246,7 +626,13 @@ __global__ void divergence_backward(
   }
   for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
     const float* st = stats + row * kDivStats;
-    const float mq = st[kMaxQ], lsq = st[kLogSumQ], mp = st[kMaxP], lsp = st[kLogSumP];
+    float mq = st[kMaxQ], lsq = st[kLogSumQ], mp = st[kMaxP], lsp = st[kLogSumP];
+    if constexpr (K == Divergence::JS) { // a fully masked input: l = -inf, not NaN
+      lsq = mq == -kInf ? kInf : lsq;
+      lsp = mp == -kInf ? kInf : lsp;
+      mq = safe(mq);
+      mp = safe(mp);
+    }
     const float c = cot[row];
     const float hc = K == Divergence::JS ? 0.5f * c : c;
     float xq[N], xp[N], gq[N], gp[N];
@@ -314,6 +700,87 @@ void launch_forward(Divergence kind, mx::cu::CommandEncoder& enc, const T* q, co
   cu::launch(enc, reinterpret_cast<const void*>(k), grid, block, 0u, q, p, out, stats, V);
 }
 
+// How a JS forward reads its rows once: clusters of `cluster` CTAs (0: the row does not
+// fit, use the two-pass kernel), `threads` each, `smem` bytes of dynamic shared memory.
+struct JsPlan {
+  int cluster = 0;
+  int threads = 0;
+  unsigned smem = 0;
+};
+
+// Dynamic shared memory a block may opt into, and a multiprocessor's, per device.
+std::pair<int, int> smem_limits(int device) {
+  static std::mutex mu;
+  static std::map<int, std::pair<int, int>> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  if (auto it = cache.find(device); it != cache.end()) {
+    return it->second;
+  }
+  int block = 0, sm = 0;
+  cu::check(
+      cudaDeviceGetAttribute(&block, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+      "cudaDeviceGetAttribute");
+  cu::check(
+      cudaDeviceGetAttribute(&sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device),
+      "cudaDeviceGetAttribute");
+  return cache[device] = {block, sm};
+}
+
+// The smallest cluster whose CTAs each hold at most half a multiprocessor's shared memory
+// (two CTAs per SM, so that one loads while the other computes), else the smallest within
+// kJsSmemMax (one CTA per SM: still half the bytes of the two-pass kernel), else none.
+// C <= 8, the portable cluster size. The bound on a row's chunks holds for any offset.
+// MLX_TUNER_JS_CTAS_PER_SM=1 skips the first choice, 0 takes the two-pass kernel (for
+// comparisons on the GPU and for the tests).
+JsPlan js_plan(int V, int elem_bytes, int64_t rows, int device) {
+  constexpr int64_t kJsSmemMax = 200 * 1024;
+  constexpr int64_t kMargin = 4 * 1024; // static shared memory and the per-block reserve
+  int ctas_per_sm = 2;
+  if (const char* e = std::getenv("MLX_TUNER_JS_CTAS_PER_SM")) {
+    ctas_per_sm = std::atoi(e);
+  }
+  if (ctas_per_sm <= 0 || 2 * int64_t(V) * elem_bytes > 8 * kJsSmemMax) {
+    return {}; // the size test also keeps the int sums below safe
+  }
+  auto [block_limit, sm_limit] = smem_limits(device);
+  const int N = 16 / elem_bytes;
+  const int chunks = js_chunks(V, N - 1, N); // pad < N
+  const int64_t hard = std::min<int64_t>(kJsSmemMax, block_limit - kMargin);
+  const int64_t soft =
+      ctas_per_sm >= 2 ? std::min<int64_t>(hard, sm_limit / 2 - kMargin) : hard;
+  for (int64_t limit : {soft, hard}) {
+    for (int c : {1, 2, 4, 8}) {
+      const int per = js_per_cta(chunks, c);
+      const int64_t bytes = int64_t(2) * per * 16;
+      if (bytes <= limit && rows * c <= INT_MAX) {
+        // forward_threads gives at most 512 = kJsMaxThreads, the kernel's launch bound.
+        return {c, forward_threads(per), static_cast<unsigned>(bytes)};
+      }
+    }
+  }
+  return {};
+}
+
+template <typename T>
+void launch_js_cluster(
+    mx::cu::CommandEncoder& enc,
+    const JsPlan& plan,
+    const T* q,
+    const T* p,
+    T* out,
+    float* stats,
+    int V,
+    int64_t rows) {
+  const void* k =
+      plan.cluster == 1   ? reinterpret_cast<const void*>(js_forward_cluster<T, 1>)
+      : plan.cluster == 2 ? reinterpret_cast<const void*>(js_forward_cluster<T, 2>)
+      : plan.cluster == 4 ? reinterpret_cast<const void*>(js_forward_cluster<T, 4>)
+                          : reinterpret_cast<const void*>(js_forward_cluster<T, 8>);
+  dim3 grid(static_cast<unsigned>(rows * plan.cluster)), block(plan.threads);
+  cu::launch_cluster(
+      enc, k, grid, block, dim3(plan.cluster, 1, 1), plan.smem, q, p, out, stats, V);
+}
+
 template <typename T, Divergence K, bool VEC>
 void launch_backward(mx::cu::CommandEncoder& enc, bool gq, bool gp, const T* q, const T* p,
                      const float* stats, const float* cot, T* dq, T* dp, int V,
@@ -350,6 +817,14 @@ void DivergenceForward::eval_gpu(
     const T* pp = gpu_ptr<T>(p);
     T* out = gpu_ptr<T>(outputs[0]);
     float* st = gpu_ptr<float>(outputs[1]);
+    if (kind_ == Divergence::JS && enc.device().compute_capability_major() >= 9 &&
+        (reinterpret_cast<uintptr_t>(qp) - reinterpret_cast<uintptr_t>(pp)) % 16 == 0) {
+      JsPlan plan = js_plan(V, sizeof(T), rows, enc.device().cuda_device());
+      if (plan.cluster > 0) {
+        launch_js_cluster<T>(enc, plan, qp, pp, out, st, V, rows);
+        return;
+      }
+    }
     bool vec = (size_t(V) * sizeof(T)) % 16 == 0 && aligned16(qp) && aligned16(pp);
     if (vec) {
       launch_forward<T, true>(kind_, enc, qp, pp, out, st, V, rows);
