@@ -125,9 +125,15 @@ def _gpu_only(device):
         pytest.skip("the CUDA JS forward's cluster sizes; the CPU kernels are tested above")
 
 
+@pytest.fixture
+def js_cluster(monkeypatch):
+    """The one-read cluster kernel (opt-in: MLX_TUNER_JS_CTAS_PER_SM=2)."""
+    monkeypatch.setenv("MLX_TUNER_JS_CTAS_PER_SM", "2")
+
+
 @pytest.mark.parametrize("dtype,shape", JS_GPU_SHAPES,
                          ids=[f"{str(d).split('.')[-1]}-{s}" for d, s in JS_GPU_SHAPES])
-def test_js_row_split_on_gpu(device, dtype, shape):
+def test_js_row_split_on_gpu(device, js_cluster, dtype, shape):
     _gpu_only(device)
     check_all("js", *_inputs(shape, dtype), dtype)
 
@@ -161,7 +167,7 @@ def test_js_row_split_masked_on_gpu(device, monkeypatch, ctas, dtype, V):
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=str)
-def test_js_row_split_huge_logits_on_gpu(device, dtype):
+def test_js_row_split_huge_logits_on_gpu(device, js_cluster, dtype):
     _gpu_only(device)
     q, p = _inputs((3, 151936), dtype, scale=1e4)
     check_all("js", q, p, dtype)
@@ -180,7 +186,7 @@ def test_js_forced_plans_on_gpu(device, monkeypatch, ctas):
         check_all("js", *_inputs(shape, dtype), dtype)
 
 
-def test_js_cluster_sizes_alternate_on_gpu(device):
+def test_js_cluster_sizes_alternate_on_gpu(device, js_cluster):
     # The same graph shape with another cluster size each call: MLX updates its cached
     # CUDA graph in place, which must carry the new cluster dimension along.
     _gpu_only(device)
@@ -193,7 +199,7 @@ def test_js_cluster_sizes_alternate_on_gpu(device):
                                mx.bfloat16, what=f"js forward V={V}")
 
 
-def test_js_row_offsets_on_gpu(device):
+def test_js_row_offsets_on_gpu(device, js_cluster):
     # Rows that start off a 16-byte boundary (views one row into their buffers): the same
     # offset in q and p keeps the cluster kernel, different offsets take the two-pass one.
     _gpu_only(device)
