@@ -188,9 +188,13 @@ def plot_train(rows: list[dict], out: Path) -> None:
     upper, lower = fig.subfigures(2, 1) if curves else (fig, None)
     axes = upper.subplots(1, 2)
     width = 0.38
+    # The CUDA device pool's peak (one counter for MLX's buffers and mlx-tuner's) where every
+    # row has it; else MLX's peak (plus mlx-tuner's own: an upper bound).
+    device = all(r.get("device_peak_bytes") for c in cases for r in runs[c].values())
+    mem_key = "device_peak_bytes" if device else "peak_bytes"
     for ax, key, scale, unit in [
         (axes[0], "tokens_per_second", 1e3, "thousand tokens/s"),
-        (axes[1], "peak_bytes", 2**30, "peak memory (GiB)"),
+        (axes[1], mem_key, 2**30, "device peak memory (GiB)" if device else "peak memory (GiB)"),
     ]:
         for k, prov in enumerate(PROVIDERS):
             vals = [runs[c].get(prov, {}).get(key, 0) / scale for c in cases]
@@ -214,7 +218,8 @@ def plot_train(rows: list[dict], out: Path) -> None:
         ax.legend(fontsize=8, loc="upper right")
         ax.grid(axis="y", alpha=0.25)
     axes[0].set_title("steady-state throughput (ratio mlx-tuner / mlx_lm above)", fontsize=9)
-    axes[1].set_title("peak memory (ratio mlx-tuner / mlx_lm above)", fontsize=9)
+    axes[1].set_title(("device pool peak, caches off" if device else "peak memory")
+                      + " (ratio mlx-tuner / mlx_lm above)", fontsize=9)
     for ax, c in zip(lower.subplots(1, len(curves), squeeze=False)[0] if curves else [], curves):
         for prov, style in zip(PROVIDERS, ["-", "--"]):
             losses = runs[c][prov]["losses"]

@@ -45,13 +45,14 @@ OP_NOTES: dict[str, str] = {
     "lora_switch_linear": _LORA_SWITCH_NOTE,
     # What a "gpu" kernel covers where it is not the whole op:
     "lora_linear": "Metal: fused forward, backward composed from MLX ops",
-    "dora_linear": "GPU: the fused LoRA / QLoRA primitive and the fused row-norm kernel, "
-    "then the m/n column scale as an MLX op (no fused GEMM epilogue yet)",
-    "linear_cross_entropy": "CUDA: chunked over the vocabulary on cuBLASLt; on the H200 it "
-    "held 1/12 of the materialized path's memory but took about 2x its time "
-    "(BENCHMARKS.md) with 3 GEMMs; grad_in_forward=True (the trainer's step, frozen head) "
-    "computes dh in the forward, 2 GEMMs; the trainer's fused=False / MLX_TUNER_FUSED_CE=0 "
-    "turns it off",
+    "dora_linear": "GPU: the fused LoRA / QLoRA primitive and the fused row-norm kernel; on "
+    "CUDA also 1/n (DoRAInvNorm) and the m/n column scale with its one-pass backward "
+    "(DoRAScale) as kernels of ours, on Metal as MLX ops (no fused GEMM epilogue yet)",
+    "linear_cross_entropy": "CUDA: chunked over the vocabulary on cuBLASLt; "
+    "grad_in_forward=True (the trainer's step, frozen head) computes dh in the forward, 2 "
+    "GEMMs of N*V*d: on the H200 1/16 of the materialized path's memory at 1.28x its time "
+    "(BENCHMARKS.md); dW recomputes the logits (3 GEMMs); the trainer's fused=False / "
+    "MLX_TUNER_FUSED_CE=0 turns it off",
 }
 
 
@@ -103,10 +104,19 @@ def backend_info() -> dict:
     return info
 
 
+def clear_cuda_cache() -> None:
+    """Gives the device buffers mlx-tuner's CUDA kernels keep for reuse back to CUDA (as
+    ``mx.clear_cache()`` does for MLX's own). A no-op without the CUDA build."""
+    ext = _extension.extension()
+    if ext is not None and hasattr(ext, "clear_cuda_cache"):
+        ext.clear_cuda_cache()
+
+
 __all__ = [
     "FUSED_OPS",
     "OP_NOTES",
     "backend_info",
+    "clear_cuda_cache",
     "dora_linear",
     "dora_linear_reference",
     "dora_weight_sq_norm",
