@@ -7,15 +7,17 @@ For the frozen base layer and the fused LoRA / QLoRA / DoRA layers (4096 tokens,
 benchmarks time), the host time spent building its graph, and the time per call when 8
 calls share one evaluation (as the layers of a model do: host work then overlaps the
 GPU's). Run it under different environments (MLX_TUNER_CUDA_CACHE=0,
-MLX_USE_CUDA_GRAPHS=0) to see what each costs.
+MLX_USE_CUDA_GRAPHS=0) to see what each costs; with MLX_TUNER_CUDA_HOST_TIMES=1 it also
+prints the host time spent inside mlx-tuner's own eval_gpu bodies and GEMM calls per call.
 """
+import os
 import sys
 import time
 
 import mlx.core as mx
 import numpy as np
 
-from common import layer_step, probe_layer
+from common import cuda_ext, layer_step, probe_layer
 from mlx_tuner.ops import dora_linear, lora_linear, qlora_linear
 
 x, w, a, b, m, c, (wq, sc, bi) = probe_layer()
@@ -46,10 +48,18 @@ def timed(fn, reps=20):
 
 
 label = sys.argv[1] if len(sys.argv) > 1 else "default"
-print(f"== {label}: wall us/call (one eval each) | host graph build us | us/call, 8 per eval")
+ext = cuda_ext()
+host = ext is not None and os.environ.get("MLX_TUNER_CUDA_HOST_TIMES") == "1"
+print(f"== {label}: wall us/call (one eval each) | host graph build us | us/call, 8 per eval"
+      + (" | our eval_gpu host us/call (name: us)" if host else ""))
 for name, (f, primals, argnums) in LAYERS.items():
     for mode in ("fwd", "fwd+bwd"):
         one = (lambda f=f, p=primals: f(*p)) if mode == "fwd" else layer_step(f, primals, argnums)
+        if host:
+            ext.cuda_host_times(True)
         wall, build = timed(one)
+        ours = ""
+        if host:  # timed() made 23 calls
+            ours = "  " + " ".join(f"{n}: {us / 23:.1f}" for n, us, _ in ext.cuda_host_times(True))
         batch, _ = timed(lambda one=one: [one() for _ in range(8)], reps=5)
-        print(f"   {name:6s} {mode:8s} {wall:9.1f} {build:9.1f} {batch / 8:9.1f}")
+        print(f"   {name:6s} {mode:8s} {wall:9.1f} {build:9.1f} {batch / 8:9.1f}{ours}")

@@ -2,9 +2,15 @@
 // (csrc/bindings/<family>.cpp), each compiled only when that family exists.
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/pair.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
+#include <nanobind/stl/vector.h>
 
 #include <cstddef>
+#include <string>
+#include <tuple>
 #include <utility>
+#include <vector>
 
 namespace nb = nanobind;
 
@@ -39,6 +45,7 @@ size_t cached_memory();
 void clear_cache();
 size_t set_cache_limit(size_t bytes);
 std::pair<size_t, size_t> pool_usage(bool reset_high);
+std::vector<std::tuple<std::string, double, long long>> host_times(bool reset);
 } // namespace mlx_tuner::cuda
 #endif
 
@@ -62,6 +69,9 @@ NB_MODULE(_ext, m) {
   m.def("clear_cuda_cache", &mlx_tuner::cuda::clear_cache);
   m.def("set_cuda_cache_limit", &mlx_tuner::cuda::set_cache_limit, nb::arg("bytes"),
         "caps the freed buffers kept for reuse; returns the previous cap");
+  m.def("cuda_host_times", &mlx_tuner::cuda::host_times, nb::arg("reset") = false,
+        "[(name, microseconds, calls)] of host time in the CUDA primitives' eval_gpu and "
+        "GEMM calls, collected when MLX_TUNER_CUDA_HOST_TIMES=1 (a diagnostic)");
   m.def("cuda_pool_usage", &mlx_tuner::cuda::pool_usage, nb::arg("reset_peak") = false,
         "(bytes in use, peak bytes in use) of the device's default CUDA memory pool, which "
         "holds MLX's device buffers and mlx-tuner's alike");

@@ -1,4 +1,5 @@
 #include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <map>
 #include <string>
@@ -159,6 +160,55 @@ mx::allocator::Data malloc_device(size_t nbytes, mx::cu::CommandEncoder& enc) {
   auto* buf = new mx::cu::CudaBuffer{ptr, size, device};
   count_alloc(size);
   return mx::allocator::Data(mx::allocator::Buffer(buf), free_device);
+}
+
+namespace {
+
+bool host_times_on() {
+  static const bool on = [] {
+    const char* e = std::getenv("MLX_TUNER_CUDA_HOST_TIMES");
+    return e != nullptr && std::string(e) == "1";
+  }();
+  return on;
+}
+
+long long now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+struct HostTimes {
+  std::mutex mu;
+  std::map<std::string, std::pair<long long, long long>> by_name; // ns, calls
+};
+
+HostTimes& times() {
+  static auto* t = new HostTimes;
+  return *t;
+}
+
+} // namespace
+
+HostTimer::HostTimer(const char* name) : name_(name), t0_ns_(host_times_on() ? now_ns() : 0) {}
+
+HostTimer::~HostTimer() {
+  if (t0_ns_ == 0) return;
+  long long dt = now_ns() - t0_ns_;
+  auto& t = times();
+  std::lock_guard<std::mutex> lk(t.mu);
+  auto& v = t.by_name[name_];
+  v.first += dt;
+  v.second += 1;
+}
+
+std::vector<std::tuple<std::string, double, long long>> host_times(bool reset) {
+  auto& t = times();
+  std::lock_guard<std::mutex> lk(t.mu);
+  std::vector<std::tuple<std::string, double, long long>> out;
+  for (auto& [name, v] : t.by_name) out.emplace_back(name, v.first / 1e3, v.second);
+  if (reset) t.by_name.clear();
+  return out;
 }
 
 size_t cached_memory() {

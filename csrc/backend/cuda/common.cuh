@@ -7,6 +7,9 @@
 #include <cuda_runtime.h>
 
 #include <stdexcept>
+#include <string>
+#include <tuple>
+#include <vector>
 #include <utility>
 
 #include "mlx/array.h"
@@ -47,6 +50,23 @@ inline void alloc_output(mx::array& out, mx::cu::CommandEncoder& enc) {
   out.set_data(malloc_device(out.nbytes(), enc));
   enc.set_output_array(out);
 }
+
+// Host time spent in our eval_gpu bodies and GEMM calls, per name, when
+// MLX_TUNER_CUDA_HOST_TIMES=1 (a diagnostic that bench/probe_overhead.py prints): it tells
+// the host work of our primitives from MLX's graph work around them. Inclusive times.
+class HostTimer {
+ public:
+  explicit HostTimer(const char* name);
+  ~HostTimer();
+  HostTimer(const HostTimer&) = delete;
+  HostTimer& operator=(const HostTimer&) = delete;
+
+ private:
+  const char* name_;
+  long long t0_ns_;
+};
+// (name, total microseconds, calls) since the last reset.
+std::vector<std::tuple<std::string, double, long long>> host_times(bool reset);
 
 // True while a GemmBatch (gemm.cuh) captures on this thread: no launches or buffers then.
 bool in_gemm_batch();

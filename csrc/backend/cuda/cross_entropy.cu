@@ -648,6 +648,7 @@ void backward(const LinearCrossEntropyVJP& p, const std::vector<mx::array>& in,
 
 void LinearCrossEntropy::eval_gpu(
     const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  cuda::HostTimer timer("linear_cross_entropy");
   auto& enc = mx::cu::get_command_encoder(stream());
   if (q_.quantized) {
     throw std::logic_error("[linear_cross_entropy] the GPU kernels take a dense head.");
@@ -670,6 +671,7 @@ void LinearCrossEntropy::eval_gpu(
 
 void LinearCrossEntropyVJP::eval_gpu(
     const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  cuda::HostTimer timer("linear_cross_entropy_vjp");
   auto& enc = mx::cu::get_command_encoder(stream());
   if (q_.quantized) {
     throw std::logic_error("[linear_cross_entropy] the GPU kernels take a dense head.");

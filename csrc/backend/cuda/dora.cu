@@ -497,6 +497,7 @@ void launch_scale_vjp(mx::cu::CommandEncoder& enc, const mx::array& dy, const mx
 } // namespace
 
 void DoRAInvNorm::eval_gpu(const std::vector<mx::array>& in, mx::array& out) {
+  cuda::HostTimer timer("dora_inv_norm");
   auto& enc = mx::cu::get_command_encoder(stream());
   cuda::alloc_output(out, enc);
   const auto& p = in[0];
@@ -530,6 +531,7 @@ void DoRAInvNorm::eval_gpu(const std::vector<mx::array>& in, mx::array& out) {
 }
 
 void DoRAScale::eval_gpu(const std::vector<mx::array>& in, mx::array& out) {
+  cuda::HostTimer timer("dora_scale");
   auto& enc = mx::cu::get_command_encoder(stream());
   for (auto& a : in) enc.set_input_array(a);
   cuda::alloc_output(out, enc);
@@ -538,6 +540,7 @@ void DoRAScale::eval_gpu(const std::vector<mx::array>& in, mx::array& out) {
 }
 
 void DoRAScaleVJP::eval_gpu(const std::vector<mx::array>& in, std::vector<mx::array>& outs) {
+  cuda::HostTimer timer("dora_scale_vjp");
   auto& enc = mx::cu::get_command_encoder(stream());
   for (auto& o : outs) cuda::alloc_output(o, enc);
   int k = 0;

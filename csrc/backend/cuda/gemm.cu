@@ -152,6 +152,7 @@ void gemm(mx::cu::CommandEncoder& enc, const Gemm& g, float alpha, const mx::arr
   if (g.m == 0 || g.n == 0) {
     return;
   }
+  HostTimer timer("gemm");
   int lda = g.lda ? g.lda : (g.ta ? g.m : g.k);
   int ldb = g.ldb ? g.ldb : (g.tb ? g.k : g.n);
   int ldc = g.ldc ? g.ldc : g.n;

@@ -28,6 +28,7 @@ void alloc(mx::array& a, mx::cu::CommandEncoder& enc) {
 
 void LoRALinear::eval_gpu(
     const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  cuda::HostTimer timer("lora_linear");
   auto& enc = mx::cu::get_command_encoder(stream());
   const auto& x = inputs[0];
   const auto& w = inputs[1];
@@ -55,6 +56,7 @@ void LoRALinear::eval_gpu(
 
 void LoRALinearVJP::eval_gpu(
     const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  cuda::HostTimer timer("lora_linear_vjp");
   auto& enc = mx::cu::get_command_encoder(stream());
   const auto& x = inputs[0];
   const auto& w = inputs[1];

@@ -262,6 +262,7 @@ int leading_rows(const mx::array& x) {
 } // namespace
 
 void QLoRA::eval_gpu(const std::vector<mx::array>& in, std::vector<mx::array>& outs) {
+  cuda::HostTimer timer("qlora_linear");
   auto& enc = mx::cu::get_command_encoder(stream());
   const auto& x = in[0];
   const auto& xd = p_.has_xd ? in[6] : x;
@@ -323,6 +324,7 @@ void QLoRA::eval_gpu(const std::vector<mx::array>& in, std::vector<mx::array>& o
 }
 
 void QLoRAVJP::eval_gpu(const std::vector<mx::array>& in, std::vector<mx::array>& outs) {
+  cuda::HostTimer timer("qlora_linear_vjp");
   auto& enc = mx::cu::get_command_encoder(stream());
   const auto& xd = in[6];
   const auto& xa = in[7];
