@@ -1,6 +1,6 @@
 """Quick GPU cross-check of the fused ops against their references (a diagnostic).
 
-    python bench/probe_correct.py
+    python bench/probe_correct.py [substring ...]   (e.g. linear_ce: only those cases)
 Prints the largest relative error of each output and gradient, fused vs reference, for
 a few shapes of dora_linear, qlora_linear and linear_cross_entropy on the default device.
 The "linear_ce grad_in_forward" lines give the loss and dh errors of the op with
@@ -8,6 +8,7 @@ grad_in_forward=True (on CUDA: dh from the forward) and, in brackets, without it
 recompute backward): the two should be of one size.
 """
 import os
+import sys
 
 os.environ.setdefault("MLX_TUNER_QLORA_CHUNK_ROWS", "128")
 os.environ.setdefault("MLX_TUNER_CE_CHUNK", "256")
@@ -21,10 +22,15 @@ def rel(a, b):
     return (mx.abs(a - b).max() / (mx.abs(b).max() + 1e-12)).item()
 
 
+ONLY = sys.argv[1:]  # substrings of the case names to run (all when none)
+
+
 def reported(check):
-    """Runs check(name, ...); an exception is printed as that case's result, and the
-    probe goes on to the next case."""
+    """Runs check(name, ...) if the name matches ONLY; an exception is printed as that
+    case's result, and the probe goes on to the next case."""
     def run(name, *args, **kw):
+        if ONLY and not any(o in name for o in ONLY):
+            return
         try:
             check(name, *args, **kw)
         except Exception as e:  # noqa: BLE001 - a diagnostic: report and continue
