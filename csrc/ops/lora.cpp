@@ -218,18 +218,7 @@ std::vector<mx::array> LoRALinear::vjp(
     }
     std::vector<mx::Shape> shapes;
     std::vector<mx::Dtype> dtypes;
-    auto add = [&](bool on, const mx::array& p) {
-      if (on) {
-        shapes.push_back(p.shape());
-        dtypes.push_back(p.dtype());
-      }
-    };
-    add(in_kernel.x, primals[0]);
-    add(in_kernel.weight, primals[1]);
-    add(in_kernel.lora_a, primals[2]);
-    add(in_kernel.lora_b, primals[3]);
-    if (has_bias_) add(in_kernel.bias, primals[bias_idx]);
-    if (has_xd_) add(in_kernel.x_dropped, primals[xd_idx]);
+    in_kernel.output_specs(primals, bias_idx, xd_idx, shapes, dtypes);
     kernel_grads = mx::array::make_arrays(
         shapes,
         dtypes,

@@ -2,7 +2,8 @@
 //
 //   x (N, in) [leading dims flattened], W (out, in), A (in, r), B (r, out), s a float,
 //   x_d = dropout(x) (x itself when no x_dropped is given):
-//     xa = x_d A                                  (N, r), float32, saved for the backward
+//     xa = x_d A                                  (N, r), saved for the backward (float32;
+//                                                 the compute dtype for the CUDA kernels)
 //     y  = x W^T + bias + s xa B                  one output buffer; the rank-r term is
 //                                                 accumulated by the GEMM (beta = 1)
 //   backward, g = dy B^T (N, r):
@@ -43,7 +44,7 @@ MetalLaunch metal_launch_lora_xa(int n, int r, const std::string& t, const std::
 MetalLaunch metal_launch_lora_linear(
     int n, int out, const std::string& t, const std::string& u, bool has_bias);
 
-// inputs: x, W, A, B, [bias], [x_d]   outputs: y (N, out), xa (N, r) float32
+// inputs: x, W, A, B, [bias], [x_d]   outputs: y (N, out), xa (N, r) (float32; T on CUDA)
 class LoRALinear : public mx::Primitive {
  public:
   LoRALinear(mx::Stream stream, float scale, bool has_bias, bool has_xd)
@@ -100,6 +101,24 @@ struct LoRAGrads {
   bool bias = false;
   bool x_dropped = false;
   bool operator==(const LoRAGrads&) const = default;
+
+  // The flagged gradients' shapes and dtypes (those of the primals), in this order;
+  // bias_idx, xd_idx: the primals' positions, -1 when absent.
+  void output_specs(const std::vector<mx::array>& primals, int bias_idx, int xd_idx,
+                    std::vector<mx::Shape>& shapes, std::vector<mx::Dtype>& dtypes) const {
+    auto add = [&](bool on, int i) {
+      if (on && i >= 0) {
+        shapes.push_back(primals[i].shape());
+        dtypes.push_back(primals[i].dtype());
+      }
+    };
+    add(x, 0);
+    add(weight, 1);
+    add(lora_a, 2);
+    add(lora_b, 3);
+    add(bias, bias_idx);
+    add(x_dropped, xd_idx);
+  }
 };
 
 // inputs: x, W, A, B, xa, dy, [x_d]   outputs: the flagged gradients, in LoRAGrads order

@@ -166,7 +166,7 @@ std::vector<mx::array> LoRASwitchLinear::vjp(
   int bias_idx = has_bias_ ? 6 : -1;
   int xd_idx = has_xd_ ? (has_bias_ ? 7 : 6) : -1;
   int q_idx = quant_.bits ? 6 + has_bias_ + has_xd_ : -1; // scales; biases follow
-  LoRASwitchGrads want;
+  LoRAGrads want;
   for (int a : argnums) {
     if (quant_.bits && (a == 1 || a == q_idx || a == q_idx + 1)) {
       const char* name = a == 1 ? "weight" : a == q_idx ? "scales" : "biases";
@@ -198,21 +198,10 @@ std::vector<mx::array> LoRASwitchLinear::vjp(
   }
   std::vector<mx::Shape> shapes;
   std::vector<mx::Dtype> dtypes;
-  auto add = [&](bool on, const mx::array& p) {
-    if (on) {
-      shapes.push_back(p.shape());
-      dtypes.push_back(p.dtype());
-    }
-  };
-  add(want.x, primals[0]);
-  add(want.weight, primals[1]);
-  add(want.lora_a, primals[2]);
-  add(want.lora_b, primals[3]);
-  if (has_bias_) add(want.bias, primals[bias_idx]);
-  if (has_xd_) add(want.x_dropped, primals[xd_idx]);
+  want.output_specs(primals, bias_idx, xd_idx, shapes, dtypes);
   auto grads = mx::array::make_arrays(
       shapes, dtypes, std::make_shared<LoRASwitchLinearVJP>(s, scale_, has_xd_, want, quant_), inputs);
-  // argnums order -> position among the outputs (which come in LoRASwitchGrads order)
+  // argnums order -> position among the outputs (which come in LoRAGrads order)
   std::vector<int> order = {0, 1, 2, 3, bias_idx, xd_idx};
   std::vector<mx::array> out;
   for (int a : argnums) {

@@ -23,6 +23,7 @@
 #include <optional>
 
 #include "mlx/primitives.h"
+#include "ops/lora.h"
 #include "mlx/utils.h"
 
 namespace mlx_tuner {
@@ -87,23 +88,11 @@ class LoRASwitchLinear : public mx::Primitive {
   SwitchQuant quant_;
 };
 
-// Which gradients the backward computes; outputs come in this order, each present
-// only when its flag is set.
-struct LoRASwitchGrads {
-  bool x = false;
-  bool weight = false;
-  bool lora_a = false;
-  bool lora_b = false;
-  bool bias = false;
-  bool x_dropped = false;
-  bool operator==(const LoRASwitchGrads&) const = default;
-};
-
 // inputs: x, W, A, B, lhs, rhs, xa, dy (P, M, out), [x_d], [scales, biases]
-// outputs: the flagged gradients, in LoRASwitchGrads order (never W's for a quantized W)
+// outputs: the flagged gradients, in LoRAGrads order (ops/lora.h) (never W's for a quantized W)
 class LoRASwitchLinearVJP : public mx::Primitive {
  public:
-  LoRASwitchLinearVJP(mx::Stream stream, float scale, bool has_xd, LoRASwitchGrads grads,
+  LoRASwitchLinearVJP(mx::Stream stream, float scale, bool has_xd, LoRAGrads grads,
                       SwitchQuant quant = {})
       : mx::Primitive(stream), scale_(scale), has_xd_(has_xd), grads_(grads), quant_(quant) {}
 
@@ -120,7 +109,7 @@ class LoRASwitchLinearVJP : public mx::Primitive {
  private:
   float scale_;
   bool has_xd_;
-  LoRASwitchGrads grads_;
+  LoRAGrads grads_;
   SwitchQuant quant_;
 };
 
