@@ -476,22 +476,40 @@ cu::Gemm gemm_of(bool ta, bool tb, int m, int n, int k, mx::Dtype ab, mx::Dtype 
   return g;
 }
 
+// What both forwards start from: the outputs allocated, h and W 256-byte aligned, the
+// chunk width. None for an empty batch (nothing to compute).
+struct ForwardSetup {
+  int N, d, V, vmax;
+  mx::Dtype dt;
+  mx::array h, w;
+  const mx::array& y;
+  const mx::array* bias;
+};
+
 template <typename T>
-void forward(const LinearCrossEntropy& p, const std::vector<mx::array>& in,
-             std::vector<mx::array>& out, mx::cu::CommandEncoder& enc) {
+std::optional<ForwardSetup> forward_setup(const LinearCrossEntropy& p,
+                                          const std::vector<mx::array>& in,
+                                          std::vector<mx::array>& out,
+                                          mx::cu::CommandEncoder& enc) {
   const int N = in[0].shape(0), d = in[0].shape(1), V = in[1].shape(0);
-  const auto dt = in[0].dtype();
   for (auto& o : out) {
     cu::alloc_output(o, enc);
   }
   if (N == 0) {
+    return std::nullopt;
+  }
+  return ForwardSetup{N, d, V, chunk_width(N, V), in[0].dtype(), aligned<T>(enc, in[0]),
+                      aligned<T>(enc, in[1]), in[2], p.has_bias() ? &in[3] : nullptr};
+}
+
+template <typename T>
+void forward(const LinearCrossEntropy& p, const std::vector<mx::array>& in,
+             std::vector<mx::array>& out, mx::cu::CommandEncoder& enc) {
+  auto setup = forward_setup<T>(p, in, out, enc);
+  if (!setup) {
     return;
   }
-  auto h = aligned<T>(enc, in[0]);
-  auto w = aligned<T>(enc, in[1]);
-  const auto& y = in[2];
-  const mx::array* bias = p.has_bias() ? &in[3] : nullptr;
-  const int vmax = chunk_width(N, V);
+  const auto& [N, d, V, vmax, dt, h, w, y, bias] = *setup;
   auto z = scratch(enc, {N, vmax}, mx::float32);
   auto state = scratch(enc, {2, N}, mx::float32);
   const float* zp = d > 0 ? gpu_ptr<float>(z) : nullptr;
@@ -518,19 +536,11 @@ template <typename T>
 void forward_with_grad(const LinearCrossEntropy& p, const std::vector<mx::array>& in,
                        std::vector<mx::array>& out, mx::cu::CommandEncoder& enc) {
   constexpr bool f32 = std::is_same_v<T, float>;
-  const int N = in[0].shape(0), d = in[0].shape(1), V = in[1].shape(0);
-  const auto dt = in[0].dtype();
-  for (auto& o : out) {
-    cu::alloc_output(o, enc);
-  }
-  if (N == 0) {
+  auto setup = forward_setup<T>(p, in, out, enc);
+  if (!setup) {
     return;
   }
-  auto h = aligned<T>(enc, in[0]);
-  auto w = aligned<T>(enc, in[1]);
-  const auto& y = in[2];
-  const mx::array* bias = p.has_bias() ? &in[3] : nullptr;
-  const int vmax = chunk_width(N, V);
+  const auto& [N, d, V, vmax, dt, h, w, y, bias] = *setup;
   auto z = scratch(enc, {N, vmax}, mx::float32);
   // P in T: for 16-bit T half the float32 chunk's bytes more (64 MiB within the budget).
   auto P = f32 ? z : scratch(enc, {N, vmax}, dt);
