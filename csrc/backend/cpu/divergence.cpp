@@ -36,6 +36,15 @@ namespace {
 
 constexpr int kBlock = 512; // elements per block (a multiple of the lane count)
 constexpr float kInf = std::numeric_limits<float>::infinity();
+
+// exp offsets of a row side: its max, or 0 for a fully masked side (max = -inf), so that
+// exp(x - offset) is 0 there instead of NaN. With the side's log-sum, +inf when masked.
+MT_INLINE float exp_offset(float m) {
+  return m == -kInf ? 0.f : m;
+}
+MT_INLINE float log_sum_offset(float m, float log_sum) {
+  return m == -kInf ? kInf : log_sum;
+}
 constexpr float kLn2 = 0.693147180559945f;
 
 // Software prefetch: the exp-heavy loops leave DRAM idle, so they pull in data that is
@@ -815,7 +824,7 @@ MT_INLINE void js_forward_rows_half(const Args<T>& a, int64_t r0, int64_t r1) {
       vmp = splat(-kInf);
     }
     if (!ok) {
-      const float oq = mq == -kInf ? 0.f : mq, op = mp == -kInf ? 0.f : mp;
+      const float oq = exp_offset(mq), op = exp_offset(mp);
       if (!kFast && r + 1 < r1) {
         js_exp_pass<T, I, true, true>(qr, pr, V, oq, op, row, Sq, Sp, vmq, vmp);
       } else {
@@ -856,8 +865,8 @@ MT_INLINE void js_backward_rows_half(const Args<T>& a, int64_t r0, int64_t r1) {
     const T* pr = a.p + r * V;
     const float* st = a.cstats + r * kDivStats;
     const float mq = st[kMaxQ], lsq = st[kLogSumQ], mp = st[kMaxP], lsp = st[kLogSumP];
-    const float oq = mq == -kInf ? 0.f : mq, lq_off = mq == -kInf ? kInf : lsq;
-    const float op = mp == -kInf ? 0.f : mp, lp_off = mp == -kInf ? kInf : lsp;
+    const float oq = exp_offset(mq), lq_off = log_sum_offset(mq, lsq);
+    const float op = exp_offset(mp), lp_off = log_sum_offset(mp, lsp);
     const float hc = 0.5f * a.cot[r];
     const float kq = st[kS0], kp = st[kS1];
     for (int j = 0; j < V; j += 2 * W) {
@@ -932,7 +941,7 @@ MT_INLINE void js_forward_rows(const Args<T>& a, int64_t r0, int64_t r1) {
       }
     }
     const float mq = hmax(vmq), mp = hmax(vmp);
-    const float oq = mq == -kInf ? 0.f : mq, op = mp == -kInf ? 0.f : mp;
+    const float oq = exp_offset(mq), op = exp_offset(mp);
     vf sq{}, sp{};
     for (int j = 0; j < V; j += kBlock) {
       int n = std::min(kBlock, V - j);
@@ -1011,7 +1020,7 @@ MT_INLINE void forward_rows(const Args<T>& a, int64_t r0, int64_t r1) {
         tk *= s;
         mp = bmp;
       }
-      float oq = mq == -kInf ? 0.f : mq, op = mp == -kInf ? 0.f : mp;
+      float oq = exp_offset(mq), op = exp_offset(mp);
       for (int i = 0; i < nv; ++i) {
         vf vq = vload(xq + i * W), vp = vload(xp + i * W);
         prefetch(qr + j + kAhead + i * W);
@@ -1062,8 +1071,8 @@ MT_INLINE void backward_rows(const Args<T>& a, int64_t r0, int64_t r1) {
     const float* st = a.cstats + r * kDivStats;
     const float mq = st[kMaxQ], lsq = st[kLogSumQ], mp = st[kMaxP], lsp = st[kLogSumP];
     // A fully masked row (max = -inf) gets lq = -inf everywhere, so Q = 0, not NaN.
-    const float oq = mq == -kInf ? 0.f : mq, lq_off = mq == -kInf ? kInf : lsq;
-    const float op = mp == -kInf ? 0.f : mp, lp_off = mp == -kInf ? kInf : lsp;
+    const float oq = exp_offset(mq), lq_off = log_sum_offset(mq, lsq);
+    const float op = exp_offset(mp), lp_off = log_sum_offset(mp, lsp);
     const float c = a.cot[r];
     const float half_c = K == Divergence::JS ? 0.5f * c : c;
     if (c == 0.f) { // e.g. a masked padding row, whose logits may be all -inf
