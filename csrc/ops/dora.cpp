@@ -22,8 +22,9 @@ mx::array f32c(const mx::array& a, mx::StreamOrDevice s) {
   return contiguous_rows(mx::astype(a, mx::float32, s), s);
 }
 
-// The GPU path (validated inputs): the norms from the low-rank identity (MLX's GEMMs and
-// the DoRARowSqNorm kernel), the adapted product from the fused LoRA / QLoRA primitive,
+// The GPU path (validated inputs): the norms from the low-rank identity (W A by MLX's GEMM,
+// ||W_i||^2 by DoRARowSqNorm, then 1/n by DoRAInvNorm on CUDA, else MLX ops), the adapted
+// product from the fused LoRA / QLoRA primitive,
 // then the m / n column scale (DoRAScale on CUDA); MLX differentiates the composition,
 // calling those primitives' own backwards. Dtypes follow mlx-lm's
 // maths. A, the only operand multiplied with W, is cast to W's dtype so that

@@ -1,7 +1,8 @@
 // QLoRA linear on an MLX affine-quantized base, as two MLX primitives.
 //
 //   forward   y  = x Wᵀ + bias + s (x_d A) B,   W = dequant(Wq, scales, biases)
-//             xa = x_d A                         (second output, float32, kept for dB)
+//             xa = x_d A                         (second output, kept for dB: float32;
+//                                                T on CUDA)
 //   backward  g  = s dy Bᵀ                       (M, r)
 //             dx   = dy W  (+ g Aᵀ when x_d is x itself)
 //             dx_d = g Aᵀ                        (when x_d is a separate input)
@@ -32,7 +33,7 @@ struct QLoRAParams {
 };
 
 // Inputs: x, weight, scales, biases, lora_a, lora_b, [x_dropped], [bias], all float
-// inputs of one dtype, row-contiguous. Outputs: y (x dtype), xa (float32).
+// inputs of one dtype, row-contiguous. Outputs: y (x dtype), xa (float32; x dtype on CUDA).
 class QLoRA : public mx::Primitive {
  public:
   QLoRA(mx::Stream s, QLoRAParams p) : mx::Primitive(s), p_(p) {}

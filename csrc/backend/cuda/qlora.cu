@@ -2,7 +2,7 @@
 // GEMM (gemm.cuh) on blocks of W dequantized into a scratch buffer of dtype T (x's);
 // W is never dequantized whole.
 //
-//   forward  y = s xa B (+ bias), written first (xa = x_d A, float32, saved); then per
+//   forward  y = s xa B (+ bias), written first (xa = x_d A, saved in T); then per
 //            block of R rows of W:   dequant W[r0:r0+R, :] -> Wc;  y[:, r0:r0+R] += x Wcᵀ
 //   dx       dx = g Aᵀ first (x_d is x; g = s dy Bᵀ); then per block of C columns of W:
 //            dequant W[:, c0:c0+C] -> Wc;  dx[:, c0:c0+C] += dy Wc
@@ -11,8 +11,9 @@
 // the GEMM of block c. MLX orders its graph's nodes only by the last writer of each
 // buffer a node registers, never by readers, so the dequant of block c+1 also registers
 // the output as read: it then waits for the GEMM of block c-1, the last reader of its
-// buffer. The rank-r products (xa, g, dA, dB, dx_d) are cuBLASLt GEMMs as in lora.cu.
-// x, x_d, scales, biases, bias arrive in T; A, B and xa in float32.
+// buffer. The rank-r products (xa, g, dA, dB, dx_d) are cuBLASLt GEMMs as in lora.cu,
+// captured as one graph node (GemmBatch). x, x_d, scales, biases, bias arrive in T; A and
+// B in float32 (narrowed to T in one launch); xa is saved in T.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 

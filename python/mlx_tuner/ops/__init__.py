@@ -46,7 +46,7 @@ OP_NOTES: dict[str, str] = {
     # What a "gpu" kernel covers where it is not the whole op:
     "lora_linear": "Metal: fused forward, backward composed from MLX ops",
     "dora_linear": "GPU: the fused LoRA / QLoRA primitive and the fused row-norm kernel; on "
-    "CUDA also 1/n (DoRAInvNorm) and the m/n column scale with its one-pass backward "
+    "CUDA also 1/n (DoRAInvNorm, ranks up to 32; MLX ops above) and the m/n column scale with its one-pass backward "
     "(DoRAScale) as kernels of ours, on Metal as MLX ops (no fused GEMM epilogue yet)",
     "linear_cross_entropy": "CUDA: chunked over the vocabulary on cuBLASLt; "
     "grad_in_forward=True (the trainer's step, frozen head) computes dh in the forward, 2 "
