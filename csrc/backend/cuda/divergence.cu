@@ -185,7 +185,10 @@ __global__ void divergence_forward(
   const T* pr = p + row * V;
   const int nvec = V / N; // VEC implies N divides V
   Online oq, op;
-  auto fold = [&](const float (&xq)[N], const float (&xp)[N]) {
+  for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
+    float xq[N], xp[N];
+    L::load(qr, int64_t(i) * N, xq);
+    L::load(pr, int64_t(i) * N, xp);
     float bq = xq[0], bp = xp[0];
 #pragma unroll
     for (int k = 1; k < N; ++k) {
@@ -212,25 +215,6 @@ __global__ void divergence_forward(
         op.t += xp[k] > -kInf ? ep * (xp[k] - xq[k]) : 0.f;
       }
     }
-  };
-  // Two vectors of each input per step: four 16-byte loads in flight per thread before
-  // any of them is used (one step per load pair left the loads latency-bound).
-  const int bd = blockDim.x;
-  int i = threadIdx.x;
-  for (; i + bd < nvec; i += 2 * bd) {
-    float xq[N], xp[N], yq[N], yp[N];
-    L::load(qr, int64_t(i) * N, xq);
-    L::load(pr, int64_t(i) * N, xp);
-    L::load(qr, int64_t(i + bd) * N, yq);
-    L::load(pr, int64_t(i + bd) * N, yp);
-    fold(xq, xp);
-    fold(yq, yp);
-  }
-  if (i < nvec) {
-    float xq[N], xp[N];
-    L::load(qr, int64_t(i) * N, xq);
-    L::load(pr, int64_t(i) * N, xp);
-    fold(xq, xp);
   }
   block_merge(oq, sm[0]);
   block_merge(op, sm[1]);
