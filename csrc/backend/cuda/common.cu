@@ -50,7 +50,8 @@ void count_alloc(size_t n) {
 // was a fresh cudaMallocAsync, and the default pool (release threshold 0) hands its memory
 // back at each synchronize, so the next call mapped it again: a fixed cost per call that
 // dwarfed the small GEMMs. A buffer reaches free_device only once the GPU work that used
-// it is done (MLX holds arrays until their command buffer completes), so reuse is safe.
+// it is done (MLX holds a primitive's inputs and siblings until its work completes, and
+// alloc_output / scratch hold the rest), so reuse is safe.
 // MLX_TUNER_CUDA_CACHE=0 turns it off; MLX_TUNER_CUDA_CACHE_MB caps it (default: 1/16
 // of the device memory); on a failed allocation the cache is emptied and the call retried.
 struct BufferCache {
