@@ -235,15 +235,18 @@ __global__ void scale_cols(const T* __restrict__ z, const float* __restrict__ sv
     unpack<T, VEC>(load_raw<T, VEC>(z + e), f);
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
-      f[k] = bias ? f[k] * sv[c] + to_float(bias[c]) : f[k] * sv[c];
+      // No fused multiply-add: the product rounded first, as MLX's z * sv + b rounds it,
+      // so that the output matches the reference bit for bit in float32.
+      const float zs = __fmul_rn(f[k], sv[c]);
+      f[k] = bias ? __fadd_rn(zs, to_float(bias[c])) : zs;
       c = c + 1 == cols ? 0 : c + 1;
     }
     store<T, VEC>(y + e, f);
   }
   for (long long e = steps * VEC + tid; e < total; e += stride) {
     int c = static_cast<int>(e % cols);
-    float f = to_float(z[e]) * sv[c];
-    y[e] = from_float<T>(bias ? f + to_float(bias[c]) : f);
+    float f = __fmul_rn(to_float(z[e]), sv[c]);
+    y[e] = from_float<T>(bias ? __fadd_rn(f, to_float(bias[c])) : f);
   }
 }
 
