@@ -31,6 +31,8 @@ def assert_close_to_oracle(fused, same_dtype_ref, oracle, dtype, what="output"):
     scale = max(1.0, float(np.max(np.abs(o[fin]), initial=0.0)))
     err_f = float(np.max(np.abs(f[fin] - o[fin]), initial=0.0))
     err_r = float(np.max(np.abs(r[fin] - o[fin]), initial=0.0))
+    if not np.isfinite(err_r):  # MLX's ops gave NaN (seen on CUDA): the floor alone binds
+        err_r = 0.0
     bound = 2 * err_r + TOL_FLOOR[dtype] * scale
     assert err_f <= bound, f"{what}: fused error {err_f:.3g} > bound {bound:.3g} (reference error {err_r:.3g})"
 

@@ -163,6 +163,40 @@ mx::allocator::Data malloc_device(size_t nbytes, mx::cu::CommandEncoder& enc) {
   return mx::allocator::Data(mx::allocator::Buffer(buf), free_device);
 }
 
+void add_cluster_node(
+    mx::cu::CommandEncoder& enc,
+    const void* kernel,
+    dim3 grid,
+    dim3 block,
+    dim3 cluster,
+    unsigned smem,
+    void** params) {
+  enc.device().make_current();
+  cudaGraph_t child = nullptr;
+  check(cudaGraphCreate(&child, 0), "cudaGraphCreate");
+  try {
+    cudaKernelNodeParams p{};
+    p.func = const_cast<void*>(kernel);
+    p.gridDim = grid;
+    p.blockDim = block;
+    p.sharedMemBytes = smem;
+    p.kernelParams = params;
+    cudaGraphNode_t node = nullptr;
+    check(cudaGraphAddKernelNode(&node, child, nullptr, 0, &p), "cudaGraphAddKernelNode");
+    cudaLaunchAttributeValue attr{};
+    attr.clusterDim.x = cluster.x;
+    attr.clusterDim.y = cluster.y;
+    attr.clusterDim.z = cluster.z;
+    check(cudaGraphKernelNodeSetAttribute(node, cudaLaunchAttributeClusterDimension, &attr),
+          "cudaGraphKernelNodeSetAttribute");
+    enc.add_graph_node(child); // MLX clones the child graph
+  } catch (...) {
+    cudaGraphDestroy(child);
+    throw;
+  }
+  cudaGraphDestroy(child);
+}
+
 namespace {
 
 bool host_times_on() {

@@ -79,6 +79,19 @@ std::vector<std::tuple<std::string, double, long long>> host_times(bool reset);
 // True while a GemmBatch (gemm.cuh) captures on this thread: no launches or buffers then.
 bool in_gemm_batch();
 
+// A cluster launch as a one-node child graph: MLX keys a direct kernel node "K" whatever
+// its cluster shape, and updating its cached graph in place across a cluster-shape change
+// keeps the old shape (wrong results in later calls of the same graph topology); a child
+// graph's key carries the shape, as MLX does for the graphs it captures.
+void add_cluster_node(
+    mx::cu::CommandEncoder& enc,
+    const void* kernel,
+    dim3 grid,
+    dim3 block,
+    dim3 cluster,
+    unsigned smem,
+    void** params);
+
 // Launches `kernel` (a __global__ function) as a node of MLX's CUDA graph, in thread
 // block clusters of `cluster` CTAs (Hopper and later; (1, 1, 1) launches no cluster).
 // The args must match the kernel's parameter types exactly: they are passed by address.
@@ -109,7 +122,12 @@ void launch_cluster(
         cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1),
         "cudaFuncSetAttribute");
   }
-  enc.add_kernel_node_ex(fn, grid, block, cluster, smem, args...);
+  if (cluster.x * cluster.y * cluster.z == 1) {
+    enc.add_kernel_node_ex(fn, grid, block, cluster, smem, args...);
+    return;
+  }
+  void* params[] = {static_cast<void*>(&args)...};
+  add_cluster_node(enc, kernel, grid, block, cluster, smem, params);
 }
 
 // launch_cluster without clusters.
