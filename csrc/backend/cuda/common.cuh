@@ -126,7 +126,7 @@ void launch_cluster(
     enc.add_kernel_node_ex(fn, grid, block, cluster, smem, args...);
     return;
   }
-  void* params[] = {static_cast<void*>(&args)...};
+  void* params[] = {const_cast<void*>(static_cast<const void*>(&args))...};
   add_cluster_node(enc, kernel, grid, block, cluster, smem, params);
 }
 

@@ -11,7 +11,9 @@
 // every whole chunk is one aligned 16-byte copy for any V and row offset. Each CTA folds
 // its slice into a partial (max, sum) per input as the copies land; the CTAs merge the C
 // partials through distributed shared memory; each then sums its slice's terms, and rank
-// 0 gathers the C partial sums. The work is in base 2 so that every exp and log is one
+// 0 gathers the C partial sums. An opt-in persistent variant (MLX_TUNER_JS_PIPELINE=1)
+// keeps each cluster on a sequence of rows with two buffers, copying the next row while
+// it computes this one. The work is in base 2 so that every exp and log is one
 // MUFU instruction: S = sum 2^((x - max) log2e), log2 P = (x - max) log2e - log2 S
 // (x - max first: exact near the maximum for huge logits, and no finite logit
 // overflows), and with u = log2 P - log2 Q, r = 2^-|u|, t = 1 - log2(1 + r):
@@ -29,10 +31,12 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <climits>
 #include <cstdlib>
 #include <map>
 #include <mutex>
+#include <string>
 
 #include "backend/cuda/common.cuh"
 #include "ops/divergence.h"
@@ -473,55 +477,56 @@ __device__ __forceinline__ void unpack(uint4 c, float (&x)[16 / sizeof(T)]) {
 
 #endif // !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
 
-// JS forward reading q and p once: cluster of C CTAs per row (blockIdx.x / C), each CTA
-// holding chunks [rank * per, rank * per + per) of both rows in dynamic shared memory
-// (q's then p's, 2 * per * 16 bytes). Each thread reads back only the chunks it copied,
-// so the data needs no barrier; the cluster exchanges partial states.
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+
+// Where a CTA's slice of a row lies: chunk c of the row starts at element c * N - pad; the
+// CTA of rank r holds chunks [lo, lo + cnt). `per` is the row's chunks per CTA.
+struct JsSlice {
+  int pad, lo, cnt;
+};
+
 template <typename T, int C>
-__global__ void __launch_bounds__(kJsMaxThreads, 2)
-    js_forward_cluster(const T* q, const T* p, T* out, float* stats, int V) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-  __trap(); // the host launches this on compute capability 9.0 and later only
-#else
+__device__ __forceinline__ JsSlice js_slice(const T* qr, int V, int rank) {
   constexpr int N = 16 / sizeof(T);
-  extern __shared__ uint4 js_rows[];
-  __shared__ float red[6 * kMaxWarps];
-  const int tid = threadIdx.x, nt = blockDim.x;
-  int rank = 0;
-  if constexpr (C > 1) {
-    if (cg::this_cluster().num_blocks() != C) {
-      __trap(); // launched with another cluster size: fail loudly, never a wrong answer
-    }
-    rank = static_cast<int>(cg::this_cluster().block_rank());
-  }
-  const int64_t row = blockIdx.x / C;
-  const T* qr = q + row * V;
-  const T* pr = p + row * V;
   // p - q is a multiple of 16 bytes (host), so both rows have the same pad.
   const int pad = static_cast<int>(reinterpret_cast<uintptr_t>(qr) % 16 / sizeof(T));
-  const int per = js_per_cta(js_chunks(V, pad, N), C);
-  const int lo = rank * per; // chunk c of the row starts at element c * N - pad
-  const int cnt = max(0, min(per, js_chunks(V, pad, N) - lo));
-  uint4* sq = js_rows;
-  uint4* sp = js_rows + per;
-  const int nj = tid < cnt ? (cnt - 1 - tid) / nt + 1 : 0; // this thread's chunks
-  for (int j = 0; j < nj; ++j) {
-    const int c = tid + j * nt;
-    load_chunk(qr, (lo + c) * N - pad, V, sq + c);
-    load_chunk(pr, (lo + c) * N - pad, V, sp + c);
-    cp_async_commit();
+  const int chunks = js_chunks(V, pad, N);
+  const int per = js_per_cta(chunks, C);
+  const int lo = rank * per;
+  return {pad, lo, max(0, min(per, chunks - lo))};
+}
+
+// This thread's copies of its chunks (c = tid, tid + nt, ...) of the slice into sq / sp;
+// with `group_each` one cp.async group per chunk (the caller waits chunk by chunk), else
+// one group for them all.
+template <typename T>
+__device__ __forceinline__ void js_load_slice(const T* qr, const T* pr, int V, JsSlice sl,
+                                              uint4* sq, uint4* sp, bool group_each) {
+  constexpr int N = 16 / sizeof(T);
+  for (int c = threadIdx.x; c < sl.cnt; c += blockDim.x) {
+    load_chunk(qr, (sl.lo + c) * N - sl.pad, V, sq + c);
+    load_chunk(pr, (sl.lo + c) * N - sl.pad, V, sp + c);
+    if (group_each) {
+      cp_async_commit();
+    }
   }
-  Sum2 oq, op;
-  for (int j = 0; j < nj; ++j) {
-    cp_async_wait_pending(nj - 1 - j); // chunk j has landed
-    float xq[N], xp[N];
-    unpack<T>(sq[tid + j * nt], xq);
-    unpack<T>(sp[tid + j * nt], xp);
-    oq.add(xq);
-    op.add(xp);
+  if (!group_each) {
+    cp_async_commit(); // possibly empty: every thread commits one group per row
   }
+}
+
+// A row's JS from its folded slice partials (oq, op): the cluster merges the normalizers,
+// each CTA sums its slice's terms, rank 0 gathers them and writes out / stats. Every CTA
+// of the cluster calls it for the same row; `red`, `norm`, `part` and `sums` are the
+// CTA's shared scratch. On return no CTA touches another's shared memory for this row.
+template <typename T, int C>
+__device__ __forceinline__ void js_finish_row(Sum2 oq, Sum2 op, const uint4* sq,
+                                              const uint4* sp, int cnt, int rank, int64_t row,
+                                              T* out, float* stats, float* red, float* norm,
+                                              float* part, float* sums) {
+  constexpr int N = 16 / sizeof(T);
+  const int tid = threadIdx.x, nt = blockDim.x;
   block_merge2(oq, op, red);
-  __shared__ float norm[4]; // the row's (max, sum) of q and of p, for every thread
   if constexpr (C == 1) {
     if (tid == 0) {
       norm[0] = oq.m;
@@ -530,9 +535,8 @@ __global__ void __launch_bounds__(kJsMaxThreads, 2)
       norm[3] = op.s;
     }
   } else {
-    __shared__ float part[4]; // this CTA's, read by the whole cluster
     auto cluster = cg::this_cluster();
-    if (tid == 0) {
+    if (tid == 0) { // this CTA's partial, read by the whole cluster
       part[0] = oq.m;
       part[1] = oq.s;
       part[2] = op.m;
@@ -560,10 +564,10 @@ __global__ void __launch_bounds__(kJsMaxThreads, 2)
   op = Sum2{norm[2], norm[3]};
   const float mq = safe(oq.m), mp = safe(op.m), lq2 = oq.log2_sum(), lp2 = op.log2_sum();
   float kq = 0.f, kp = 0.f;
-  for (int j = 0; j < nj; ++j) {
+  for (int c = tid; c < cnt; c += nt) {
     float xq[N], xp[N];
-    unpack<T>(sq[tid + j * nt], xq);
-    unpack<T>(sp[tid + j * nt], xp);
+    unpack<T>(sq[c], xq);
+    unpack<T>(sp[c], xp);
 #pragma unroll
     for (int k = 0; k < N; ++k) {
       js_terms2(fmaf(xq[k] - mq, kLog2e, -lq2), fmaf(xp[k] - mp, kLog2e, -lp2), kq, kp);
@@ -571,14 +575,13 @@ __global__ void __launch_bounds__(kJsMaxThreads, 2)
   }
   block_sum2(kq, kp, red + 4 * kMaxWarps);
   if constexpr (C > 1) {
-    __shared__ float sums[2 * C]; // rank 0's: each CTA's (KLq, KLp) in base 2
     auto cluster = cg::this_cluster();
-    if (tid == 0) {
+    if (tid == 0) { // rank 0's sums: each CTA's (KLq, KLp) in base 2
       float* dst = cluster.map_shared_rank(sums, 0);
       dst[2 * rank] = kq;
       dst[2 * rank + 1] = kp;
     }
-    // After this no CTA touches another's shared memory: the others may exit.
+    // After this no CTA touches another's shared memory for this row.
     cluster.sync();
     if (rank != 0) {
       return;
@@ -603,6 +606,103 @@ __global__ void __launch_bounds__(kJsMaxThreads, 2)
     st[kS0] = s0;
     st[kS1] = s1;
     out[row] = from_f<T>(0.5f * (s0 + s1));
+  }
+}
+
+template <int C>
+__device__ __forceinline__ int cluster_rank() {
+  if constexpr (C > 1) {
+    if (cg::this_cluster().num_blocks() != C) {
+      __trap(); // launched with another cluster size: fail loudly, never a wrong answer
+    }
+    return static_cast<int>(cg::this_cluster().block_rank());
+  }
+  return 0;
+}
+
+#endif // !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+
+// JS forward reading q and p once: cluster of C CTAs per row (blockIdx.x / C), each CTA
+// holding its slice of both rows in dynamic shared memory (q's chunks, then p's, `per`
+// each). Each thread reads back only the chunks it copied, so the data needs no barrier.
+template <typename T, int C>
+__global__ void __launch_bounds__(kJsMaxThreads, 2)
+    js_forward_cluster(const T* q, const T* p, T* out, float* stats, int V) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  __trap(); // the host launches this on compute capability 9.0 and later only
+#else
+  constexpr int N = 16 / sizeof(T);
+  extern __shared__ uint4 js_rows[];
+  __shared__ float red[6 * kMaxWarps], norm[4], part[4], sums[2 * C];
+  const int rank = cluster_rank<C>();
+  const int64_t row = blockIdx.x / C;
+  const T* qr = q + row * V;
+  const T* pr = p + row * V;
+  const JsSlice sl = js_slice<T, C>(qr, V, rank);
+  uint4* sq = js_rows;
+  uint4* sp = js_rows + js_per_cta(js_chunks(V, sl.pad, N), C);
+  js_load_slice(qr, pr, V, sl, sq, sp, true);
+  const int nt = blockDim.x, nj = threadIdx.x < sl.cnt ? (sl.cnt - 1 - threadIdx.x) / nt + 1 : 0;
+  Sum2 oq, op;
+  for (int j = 0; j < nj; ++j) {
+    cp_async_wait_pending(nj - 1 - j); // this thread's chunk j has landed
+    float xq[N], xp[N];
+    unpack<T>(sq[threadIdx.x + j * nt], xq);
+    unpack<T>(sp[threadIdx.x + j * nt], xp);
+    oq.add(xq);
+    op.add(xp);
+  }
+  js_finish_row<T, C>(oq, op, sq, sp, sl.cnt, rank, row, out, stats, red, norm, part, sums);
+#endif
+}
+
+// The same forward with persistent clusters (opt-in: MLX_TUNER_JS_PIPELINE=1): gridDim.x /
+// C clusters, each taking rows cluster, cluster + clusters, ..., with two buffers of
+// `stride` chunks per input: the copies of the next row are in flight while this one is
+// computed (one CTA per multiprocessor, so no other CTA hides the loads). A thread owns
+// the same chunk slots in every row, so refilling a buffer needs no barrier either.
+template <typename T, int C>
+__global__ void __launch_bounds__(kJsMaxThreads, 1)
+    js_forward_cluster_pipelined(const T* q, const T* p, T* out, float* stats, int V,
+                                 int64_t rows, int stride) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  __trap(); // the host launches this on compute capability 9.0 and later only
+#else
+  constexpr int N = 16 / sizeof(T);
+  extern __shared__ uint4 js_rows[];
+  __shared__ float red[6 * kMaxWarps], norm[4], part[4], sums[2 * C];
+  const int rank = cluster_rank<C>();
+  const int64_t first = blockIdx.x / C, step = gridDim.x / C;
+  auto buffer = [&](int64_t k) { return js_rows + (k % 2) * 2 * stride; }; // q's, then p's
+  auto slice = [&](int64_t row) { return js_slice<T, C>(q + row * V, V, rank); };
+  if (first < rows) {
+    js_load_slice(q + first * V, p + first * V, V, slice(first), buffer(0), buffer(0) + stride,
+                  false);
+  }
+  int64_t k = 0;
+  for (int64_t row = first; row < rows; row += step, ++k) {
+    const int64_t next = row + step;
+    if (next < rows) {
+      js_load_slice(q + next * V, p + next * V, V, slice(next), buffer(k + 1),
+                    buffer(k + 1) + stride, false);
+      cp_async_wait<1>(); // this row's group has landed, the next row's may not have
+    } else {
+      cp_async_wait<0>();
+    }
+    const JsSlice sl = slice(row);
+    const uint4* sq = buffer(k);
+    const uint4* sp = sq + stride;
+    Sum2 oq, op;
+    for (int c = threadIdx.x; c < sl.cnt; c += blockDim.x) {
+      float xq[N], xp[N];
+      unpack<T>(sq[c], xq);
+      unpack<T>(sp[c], xp);
+      oq.add(xq);
+      op.add(xp);
+    }
+    js_finish_row<T, C>(oq, op, sq, sp, sl.cnt, rank, row, out, stats, red, norm, part, sums);
+    // Rank 0 returns from js_finish_row last (after the cluster's final sync); the others
+    // may start the next row's copies, which touch only their own buffers.
   }
 #endif
 }
@@ -706,6 +806,7 @@ struct JsPlan {
   int cluster = 0;
   int threads = 0;
   unsigned smem = 0;
+  int stride = 0; // pipelined: chunks per input per buffer (0: one row per cluster)
 };
 
 // Dynamic shared memory a block may opt into, and a multiprocessor's, per device.
@@ -731,8 +832,11 @@ std::pair<int, int> smem_limits(int device) {
 // kJsSmemMax (one CTA per SM: still half the bytes of the two-pass kernel), else none.
 // C <= 8, the portable cluster size. The bound on a row's chunks holds for any offset.
 // MLX_TUNER_JS_CTAS_PER_SM=2 takes that plan, 1 skips its first choice, 0 (the default)
-// the two-pass kernel: the cluster kernel has not yet run on a GPU (it was written when
-// this session's H200 time was spent), so it stays opt-in until it is tested and timed.
+// the two-pass kernel. MLX_TUNER_JS_PIPELINE=1 takes the persistent kernel instead: the
+// smallest cluster whose CTAs hold two buffers of their slice within kJsSmemMax.
+// Both stay opt-in: on the H200 (2026-11-30) the one-row-per-cluster kernel passed the
+// GPU tests but was no faster than the two-pass one (3.31 vs 3.19 ms at 8192 x 151,936
+// bf16); the pipelined one has not run on a GPU yet.
 JsPlan js_plan(int V, int elem_bytes, int64_t rows, int device) {
   constexpr int64_t kJsSmemMax = 200 * 1024;
   constexpr int64_t kMargin = 4 * 1024; // static shared memory and the per-block reserve
@@ -740,13 +844,25 @@ JsPlan js_plan(int V, int elem_bytes, int64_t rows, int device) {
   if (const char* e = std::getenv("MLX_TUNER_JS_CTAS_PER_SM")) {
     ctas_per_sm = std::atoi(e);
   }
-  if (ctas_per_sm <= 0 || 2 * int64_t(V) * elem_bytes > 8 * kJsSmemMax) {
+  const char* pipe_env = std::getenv("MLX_TUNER_JS_PIPELINE");
+  const bool pipelined = pipe_env != nullptr && std::string(pipe_env) == "1";
+  if ((ctas_per_sm <= 0 && !pipelined) || 2 * int64_t(V) * elem_bytes > 8 * kJsSmemMax) {
     return {}; // the size test also keeps the int sums below safe
   }
   auto [block_limit, sm_limit] = smem_limits(device);
   const int N = 16 / elem_bytes;
   const int chunks = js_chunks(V, N - 1, N); // pad < N
   const int64_t hard = std::min<int64_t>(kJsSmemMax, block_limit - kMargin);
+  if (pipelined) {
+    for (int c : {1, 2, 4, 8}) {
+      const int per = js_per_cta(chunks, c);
+      const int64_t bytes = int64_t(4) * per * 16; // two buffers of q's and p's chunks
+      if (bytes <= hard) {
+        return {c, forward_threads(per), static_cast<unsigned>(bytes), per};
+      }
+    }
+    return {};
+  }
   const int64_t soft =
       ctas_per_sm >= 2 ? std::min<int64_t>(hard, sm_limit / 2 - kMargin) : hard;
   for (int64_t limit : {soft, hard}) {
@@ -772,14 +888,42 @@ void launch_js_cluster(
     float* stats,
     int V,
     int64_t rows) {
-  const void* k =
-      plan.cluster == 1   ? reinterpret_cast<const void*>(js_forward_cluster<T, 1>)
-      : plan.cluster == 2 ? reinterpret_cast<const void*>(js_forward_cluster<T, 2>)
-      : plan.cluster == 4 ? reinterpret_cast<const void*>(js_forward_cluster<T, 4>)
-                          : reinterpret_cast<const void*>(js_forward_cluster<T, 8>);
-  dim3 grid(static_cast<unsigned>(rows * plan.cluster)), block(plan.threads);
-  cu::launch_cluster(
-      enc, k, grid, block, dim3(plan.cluster, 1, 1), plan.smem, q, p, out, stats, V);
+  const int c = plan.cluster;
+  if (plan.stride == 0) {
+    const void* k = c == 1 ? reinterpret_cast<const void*>(js_forward_cluster<T, 1>)
+        : c == 2           ? reinterpret_cast<const void*>(js_forward_cluster<T, 2>)
+        : c == 4           ? reinterpret_cast<const void*>(js_forward_cluster<T, 4>)
+                           : reinterpret_cast<const void*>(js_forward_cluster<T, 8>);
+    dim3 grid(static_cast<unsigned>(rows * c)), block(plan.threads);
+    cu::launch_cluster(enc, k, grid, block, dim3(c, 1, 1), plan.smem, q, p, out, stats, V);
+    return;
+  }
+  const void* k = c == 1 ? reinterpret_cast<const void*>(js_forward_cluster_pipelined<T, 1>)
+      : c == 2           ? reinterpret_cast<const void*>(js_forward_cluster_pipelined<T, 2>)
+      : c == 4           ? reinterpret_cast<const void*>(js_forward_cluster_pipelined<T, 4>)
+                         : reinterpret_cast<const void*>(js_forward_cluster_pipelined<T, 8>);
+  // As many clusters as the GPU holds at once (each loops over its rows), at most one per row.
+  cu::check(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 static_cast<int>(plan.smem)),
+            "cudaFuncSetAttribute");
+  cudaLaunchConfig_t cfg{};
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = c;
+  attr.val.clusterDim.y = 1;
+  attr.val.clusterDim.z = 1;
+  cfg.gridDim = dim3(static_cast<unsigned>(c));
+  cfg.blockDim = dim3(plan.threads);
+  cfg.dynamicSmemBytes = plan.smem;
+  cfg.attrs = &attr;
+  cfg.numAttrs = 1;
+  int active = 0;
+  cu::check(cudaOccupancyMaxActiveClusters(&active, k, &cfg), "cudaOccupancyMaxActiveClusters");
+  const int64_t clusters = std::max<int64_t>(1, std::min<int64_t>(rows, active));
+  dim3 grid(static_cast<unsigned>(clusters * c)), block(plan.threads);
+  int stride = plan.stride;
+  cu::launch_cluster(enc, k, grid, block, dim3(c, 1, 1), plan.smem, q, p, out, stats, V, rows,
+                     stride);
 }
 
 template <typename T, Divergence K, bool VEC>
