@@ -48,11 +48,11 @@ std::pair<size_t, size_t> pool_usage(bool reset_high);
 // Allocates `out` with malloc_device and registers it as the encoder's output.
 // The output is also held until the encoder's work completes. MLX keeps a primitive's
 // inputs and siblings alive that long, but not its primary output: one nobody reads (the
-// value of a loss whose gradient alone is evaluated) was freed while its graph was still
-// being built, and the buffer cache handed the memory to a later node of the same graph.
+// value of a loss whose gradient alone is evaluated) could be freed while its graph was
+// still being built, and the buffer cache hand the memory to a later node of that graph.
 // MLX orders graph nodes by buffer identity (CudaBuffer*), and a cached buffer comes back
 // under a new one, so the two nodes could run concurrently and the stale write land in
-// the new output (garbage in the GPU tests of the divergence ops).
+// the new output. (A hazard read off MLX's source, not one seen in a test.)
 inline void alloc_output(mx::array& out, mx::cu::CommandEncoder& enc) {
   out.set_data(malloc_device(out.nbytes(), enc));
   enc.set_output_array(out);
