@@ -1,0 +1,98 @@
+"""Where a LoRA training step's peak memory goes (a diagnostic, not a benchmark row).
+
+    python bench/probe_memory.py [layers] [batch] [seq]
+
+For a Qwen3-0.6B-shaped model (vocabulary 151,936, tied embeddings; `layers` of its 28,
+default 2; batch x seq tokens, default 1 x 256) with rank-8 LoRA on every layer, it prints
+the peak bytes above the weights for three graphs, each with mlx-lm's loss (logits
+materialized) and with mlx-tuner's (fused, gradient in the forward):
+  hidden   the final hidden states only (the transformer's activations),
+  loss     the forward and the loss,
+  step     the loss and every LoRA gradient (what a training step evaluates).
+step - loss is what the backward adds on top of the forward; loss - hidden is what the
+loss adds. On CUDA the peak is the device pool's high-water mark with both caches off
+(MLX's buffers and mlx-tuner's alike); elsewhere MLX's own counter. bf16 on a GPU,
+float32 on the CPU. The question it answers: bench_train's Qwen3 run peaked at the same
+14.45 GB with both losses on the H200, so where is that peak?
+"""
+
+import sys
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from common import cuda_ext
+
+
+def build(layers, lora_from):
+    from mlx_lm.models import qwen3
+
+    args = qwen3.ModelArgs(model_type="qwen3", hidden_size=1024, num_hidden_layers=layers,
+                           intermediate_size=3072, num_attention_heads=16, num_key_value_heads=8,
+                           head_dim=128, vocab_size=151936, tie_word_embeddings=True,
+                           max_position_embeddings=4096, rope_theta=1e6, rms_norm_eps=1e-6)
+    mx.random.seed(0)
+    model = qwen3.Model(args)
+    if mx.default_device() == mx.gpu:
+        model.set_dtype(mx.bfloat16)
+    mx.eval(model.parameters())
+    model.freeze()
+    if lora_from == "mlx-lm":
+        from mlx_lm.tuner.utils import linear_to_lora_layers
+    else:
+        from mlx_tuner.utils import linear_to_lora_layers
+    linear_to_lora_layers(model, -1, {"rank": 8, "scale": 2.0, "dropout": 0.0})
+    mx.eval(model.parameters())
+    return model
+
+
+def peak_of(fn):
+    """Peak bytes above what is live before fn() runs (evaluated), its second run."""
+    ext = cuda_ext()
+    mx.eval(fn())  # compile and warm
+    mx.synchronize()
+    if ext is not None and hasattr(ext, "cuda_pool_usage"):
+        old_mlx, old_ours = mx.set_cache_limit(0), ext.set_cuda_cache_limit(0)
+        mx.clear_cache()
+        try:
+            before = ext.cuda_pool_usage(True)[0]
+            mx.eval(fn())
+            mx.synchronize()
+            return int(ext.cuda_pool_usage(False)[1] - before)
+        finally:
+            mx.set_cache_limit(old_mlx)
+            ext.set_cuda_cache_limit(old_ours)
+    mx.clear_cache()
+    before = mx.get_active_memory()
+    mx.reset_peak_memory()
+    mx.eval(fn())
+    return int(mx.get_peak_memory() - before)
+
+
+def main(layers=2, batch=1, seq=256):
+    from mlx_lm.tuner import trainer as lm_trainer
+    from mlx_tuner.trainer import default_loss
+
+    tokens = mx.array(np.random.default_rng(0).integers(0, 151936, (batch, seq + 1)))
+    lengths = mx.array([[0, seq + 1]] * batch)
+    print(f"== Qwen3 shape, {layers} layers, {batch} x {seq} tokens, rank-8 LoRA on every layer: "
+          f"peak MiB above the weights")
+    for name in ("mlx-lm", "mlx-tuner"):
+        model = build(layers, name)
+        if name == "mlx-lm":
+            loss = lambda: lm_trainer.default_loss(model, tokens, lengths)[0]  # noqa: E731
+        else:
+            loss = lambda: default_loss(model, tokens, lengths, grad_in_forward=True)[0]  # noqa: E731
+        step = nn.value_and_grad(model, lambda: loss())
+        row = {
+            "hidden": peak_of(lambda: model.model(tokens[:, :-1])),
+            "loss": peak_of(loss),
+            "step": peak_of(lambda: step()),
+        }
+        print(f"   {name:10s} " + "  ".join(f"{k} {v / 2**20:9.1f}" for k, v in row.items()))
+        del model, step
+
+
+if __name__ == "__main__":
+    main(*(int(a) for a in sys.argv[1:4]))
