@@ -27,7 +27,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 import pytest
-from common import QUICK, cuda_ext, annotate, read_peak, reset_peak, run
+from common import QUICK, annotate, device_pool_peak, read_peak, reset_peak, run
 
 from mlx_tuner import tiny
 from mlx_tuner.datasets import CacheDataset, load_local_dataset
@@ -157,19 +157,13 @@ def _device_peak(method, provider, tmp):
     """Peak bytes in use on the CUDA device over a few training steps, one counter for
     MLX's buffers and mlx-tuner's alike (the default memory pool both allocate from),
     with both caches off so that freed buffers count as free. None off CUDA."""
-    ext = cuda_ext()
-    if ext is None or not hasattr(ext, "cuda_pool_usage"):
-        return None
     gc.collect()
-    old_mlx, old_ours = mx.set_cache_limit(0), ext.set_cuda_cache_limit(0)
-    mx.clear_cache()
-    try:
-        _train(method, provider, tmp, iters=3, on_start=lambda: ext.cuda_pool_usage(True))
-        mx.synchronize()
-        return int(ext.cuda_pool_usage(False)[1])
-    finally:
-        mx.set_cache_limit(old_mlx)
-        ext.set_cuda_cache_limit(old_ours)
+    with device_pool_peak() as pool:
+        if pool is None:
+            return None
+        reset, high = pool
+        _train(method, provider, tmp, iters=3, on_start=reset)
+        return high()
 
 
 @pytest.mark.parametrize("provider", ["reference", "fused"])

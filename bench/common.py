@@ -13,6 +13,7 @@ import os
 import platform
 import subprocess
 import time
+from contextlib import contextmanager
 from functools import lru_cache
 
 import mlx.core as mx
@@ -81,6 +82,30 @@ def read_peak() -> int:
     """Peak bytes since reset_peak(): MLX's peak plus mlx-tuner's CUDA peak (upper bound)."""
     extra = cuda_ext()
     return int(mx.get_peak_memory() + (extra.cuda_extra_memory()[1] if extra is not None else 0))
+
+
+@contextmanager
+def device_pool_peak():
+    """On CUDA, one peak counter for MLX's buffers and mlx-tuner's alike (the default
+    memory pool both allocate from), with both caches off so that freed buffers count as
+    free. Yields (reset, high): reset() starts the window and returns the bytes in use,
+    high() the high-water mark since (after a synchronize). Yields None off CUDA."""
+    ext = cuda_ext()
+    if ext is None or not hasattr(ext, "cuda_pool_usage"):
+        yield None
+        return
+    old_mlx, old_ours = mx.set_cache_limit(0), ext.set_cuda_cache_limit(0)
+    mx.clear_cache()
+
+    def high():
+        mx.synchronize()
+        return int(ext.cuda_pool_usage(False)[1])
+
+    try:
+        yield (lambda: int(ext.cuda_pool_usage(True)[0])), high
+    finally:
+        mx.set_cache_limit(old_mlx)
+        ext.set_cuda_cache_limit(old_ours)
 
 
 def peak_memory(fn) -> int:

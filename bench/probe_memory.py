@@ -22,7 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from common import cuda_ext
+from common import device_pool_peak
 
 
 def build(layers, lora_from):
@@ -49,20 +49,14 @@ def build(layers, lora_from):
 
 def peak_of(fn):
     """Peak bytes above what is live before fn() runs (evaluated), its second run."""
-    ext = cuda_ext()
     mx.eval(fn())  # compile and warm
     mx.synchronize()
-    if ext is not None and hasattr(ext, "cuda_pool_usage"):
-        old_mlx, old_ours = mx.set_cache_limit(0), ext.set_cuda_cache_limit(0)
-        mx.clear_cache()
-        try:
-            before = ext.cuda_pool_usage(True)[0]
+    with device_pool_peak() as pool:
+        if pool is not None:
+            reset, high = pool
+            before = reset()
             mx.eval(fn())
-            mx.synchronize()
-            return int(ext.cuda_pool_usage(False)[1] - before)
-        finally:
-            mx.set_cache_limit(old_mlx)
-            ext.set_cuda_cache_limit(old_ours)
+            return high() - before
     mx.clear_cache()
     before = mx.get_active_memory()
     mx.reset_peak_memory()

@@ -119,6 +119,29 @@ struct LoRAGrads {
     add(bias, bias_idx);
     add(x_dropped, xd_idx);
   }
+
+  // A gradient primitive's outputs by name: the flagged ones in this order, empty for the
+  // rest. Copies on the CPU (its task runs after eval_cpu returns), pointers on CUDA.
+  template <typename P>
+  struct Named {
+    P x, weight, lora_a, lora_b, bias, x_dropped;
+  };
+  Named<std::optional<mx::array>> copies(const std::vector<mx::array>& outputs) const {
+    size_t k = 0;
+    return name<std::optional<mx::array>>([&](bool on) {
+      return on ? std::optional<mx::array>(outputs[k++]) : std::nullopt;
+    });
+  }
+  Named<mx::array*> pointers(std::vector<mx::array>& outputs) const {
+    size_t k = 0;
+    return name<mx::array*>([&](bool on) { return on ? &outputs[k++] : nullptr; });
+  }
+
+ private:
+  template <typename P, typename Take>
+  Named<P> name(Take take) const { // braced initialization: taken left to right
+    return {take(x), take(weight), take(lora_a), take(lora_b), take(bias), take(x_dropped)};
+  }
 };
 
 // inputs: x, W, A, B, xa, dy, [x_d]   outputs: the flagged gradients, in LoRAGrads order

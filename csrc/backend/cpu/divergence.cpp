@@ -20,6 +20,7 @@
 #include <vector>
 
 
+#include "backend/cpu/encoder.h"
 #include "common/parallel.h"
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
@@ -190,15 +191,9 @@ void DivergenceForward::eval_cpu(
     std::vector<mx::array>& outputs) {
   const auto& q = inputs[0];
   const auto& p = inputs[1];
+  auto& enc = cpu::prepare(stream(), inputs, outputs);
   auto& out = outputs[0];
   auto& stats = outputs[1];
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  stats.set_data(mx::allocator::malloc(stats.nbytes()));
-  auto& enc = mx::cpu::get_command_encoder(stream());
-  enc.set_input_array(q);
-  enc.set_input_array(p);
-  enc.set_output_array(out);
-  enc.set_output_array(stats);
   int64_t rows = out.size();
   int V = q.shape(-1);
   if (rows == 0) {
@@ -219,16 +214,7 @@ void DivergenceBackward::eval_cpu(
   const auto& p = inputs[1];
   const auto& stats = inputs[2];
   const auto& cot = inputs[3];
-  for (auto& o : outputs) {
-    o.set_data(mx::allocator::malloc(o.nbytes()));
-  }
-  auto& enc = mx::cpu::get_command_encoder(stream());
-  for (const auto& in : inputs) {
-    enc.set_input_array(in);
-  }
-  for (auto& o : outputs) {
-    enc.set_output_array(o);
-  }
+  auto& enc = cpu::prepare(stream(), inputs, outputs);
   int64_t rows = cot.size();
   int V = q.shape(-1);
   if (rows == 0) {

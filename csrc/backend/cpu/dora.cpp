@@ -9,6 +9,7 @@
 #include <memory>
 #include <vector>
 
+#include "backend/cpu/encoder.h"
 #include "common/blas.h"
 #include "common/parallel.h"
 #include "mlx/backend/cpu/encoder.h"
@@ -352,10 +353,7 @@ void backward(const DoRAConfig& cfg, const DoRAWant& want, const std::vector<mx:
 
 template <typename F>
 void dispatch(mx::Stream st, const std::vector<mx::array>& in, std::vector<mx::array>& outs, F&& f) {
-  for (auto& o : outs) o.set_data(mx::allocator::malloc(o.nbytes()));
-  auto& enc = mx::cpu::get_command_encoder(st);
-  for (auto& a : in) enc.set_input_array(a);
-  for (auto& o : outs) enc.set_output_array(o);
+  auto& enc = cpu::prepare(st, in, outs);
   enc.dispatch([in, outs, f]() mutable { f(in, outs); });
 }
 

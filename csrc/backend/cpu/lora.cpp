@@ -8,6 +8,7 @@
 #include <cstring>
 #include <vector>
 
+#include "backend/cpu/encoder.h"
 #include "backend/cpu/f32_tiles.h"
 #include "common/blas.h"
 #include "mlx/backend/cpu/encoder.h"
@@ -55,22 +56,13 @@ int64_t tile_rows(int64_t n, int64_t widest, bool all_f32) {
   return std::max<int64_t>((int64_t(1) << 22) / std::max<int64_t>(widest, 1), 256);
 }
 
-void alloc(mx::array& a) {
-  a.set_data(mx::allocator::malloc(a.nbytes()));
-}
-
 } // namespace
 
 void LoRALinear::eval_cpu(
     const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  auto& enc = cpu::prepare(stream(), inputs, outputs);
   auto& y = outputs[0];
   auto& xa = outputs[1];
-  alloc(y);
-  alloc(xa);
-  auto& enc = mx::cpu::get_command_encoder(stream());
-  for (auto& in : inputs) enc.set_input_array(in);
-  enc.set_output_array(y);
-  enc.set_output_array(xa);
   int xd_idx = has_bias_ ? 5 : 4;
   enc.dispatch([x = inputs[0], w = inputs[1], a = inputs[2], b = inputs[3],
                 bias = has_bias_ ? std::optional(inputs[4]) : std::nullopt,
@@ -121,24 +113,12 @@ void LoRALinear::eval_cpu(
 
 void LoRALinearVJP::eval_cpu(
     const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
-  for (auto& o : outputs) alloc(o);
-  auto& enc = mx::cpu::get_command_encoder(stream());
-  for (auto& in : inputs) enc.set_input_array(in);
-  for (auto& o : outputs) enc.set_output_array(o);
-  // Name the outputs in LoRAGrads order.
-  size_t k = 0;
-  // (copies: the task runs after this function returns)
-  using Opt = std::optional<mx::array>;
-  auto take = [&](bool on) -> Opt { return on ? Opt(outputs[k++]) : std::nullopt; };
-  Opt dx = take(grads_.x);
-  Opt dw = take(grads_.weight);
-  Opt da = take(grads_.lora_a);
-  Opt db = take(grads_.lora_b);
-  Opt dbias = take(grads_.bias);
-  Opt dxd = take(grads_.x_dropped);
+  auto& enc = cpu::prepare(stream(), inputs, outputs);
+  auto g = grads_.copies(outputs);
   enc.dispatch([x = inputs[0], w = inputs[1], a = inputs[2], b = inputs[3], xa = inputs[4],
                 dy = inputs[5], xd = has_xd_ ? std::optional(inputs[6]) : std::nullopt,
-                dx, dw, da, db, dbias, dxd, s = scale_]() mutable {
+                dx = g.x, dw = g.weight, da = g.lora_a, db = g.lora_b, dbias = g.bias,
+                dxd = g.x_dropped, s = scale_]() mutable {
     int64_t n = x.shape(0);
     int in = w.shape(1), out = w.shape(0), r = a.shape(1);
     // LoRA part of the input gradient: into dx, or into dx_d when dropout was applied.

@@ -14,6 +14,7 @@
 #include <limits>
 #include <vector>
 
+#include "backend/cpu/encoder.h"
 #include "backend/cpu/f32_tiles.h"
 #include "common/blas.h"
 #include "common/parallel.h"
@@ -40,10 +41,6 @@ void gemm(bool ta, bool tb, int m, int n, int k, float alpha, const float* a, in
   }
   sgemm(ta, tb, m, n, k, alpha, a, std::max(lda, 1), b, std::max(ldb, 1), beta, c,
         std::max(ldc, 1));
-}
-
-void alloc(mx::array& a) {
-  a.set_data(mx::allocator::malloc(a.nbytes()));
 }
 
 // The pairs grouped by expert: expert e owns order[offsets[e] .. offsets[e + 1]); pairs
@@ -164,14 +161,9 @@ quant::QMatrix expert_qmatrix(const mx::array& w, const mx::array& scales,
 
 void LoRASwitchLinear::eval_cpu(
     const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  auto& enc = cpu::prepare(stream(), inputs, outputs);
   auto& y = outputs[0];
   auto& xa = outputs[1];
-  alloc(y);
-  alloc(xa);
-  auto& enc = mx::cpu::get_command_encoder(stream());
-  for (auto& in : inputs) enc.set_input_array(in);
-  enc.set_output_array(y);
-  enc.set_output_array(xa);
   int xd_idx = has_bias_ ? 7 : 6;
   int q_idx = 6 + has_bias_ + has_xd_;
   using Opt = std::optional<mx::array>;
@@ -256,25 +248,16 @@ void LoRASwitchLinear::eval_cpu(
 void LoRASwitchLinearVJP::eval_cpu(
     const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
   using Opt = std::optional<mx::array>;
-  for (auto& o : outputs) alloc(o);
-  auto& enc = mx::cpu::get_command_encoder(stream());
-  for (auto& in : inputs) enc.set_input_array(in);
-  for (auto& o : outputs) enc.set_output_array(o);
-  size_t k = 0;
-  auto take = [&](bool on) -> Opt { return on ? Opt(outputs[k++]) : std::nullopt; };
-  Opt dx = take(grads_.x);
-  Opt dw = take(grads_.weight);
-  Opt da = take(grads_.lora_a);
-  Opt db = take(grads_.lora_b);
-  Opt dbias = take(grads_.bias);
-  Opt dxd = take(grads_.x_dropped);
+  auto& enc = cpu::prepare(stream(), inputs, outputs);
+  auto g = grads_.copies(outputs);
   int q_idx = 8 + has_xd_;
   enc.dispatch([x = inputs[0], w = inputs[1], a = inputs[2], b = inputs[3], lhs = inputs[4],
                 rhs = inputs[5], xa = inputs[6], dy = inputs[7],
                 xd = has_xd_ ? Opt(inputs[8]) : std::nullopt,
                 qs = quant_.bits ? Opt(inputs[q_idx]) : std::nullopt,
-                qb = quant_.bits ? Opt(inputs[q_idx + 1]) : std::nullopt, dx, dw, da, db, dbias,
-                dxd, s = scale_, q = quant_]() mutable {
+                qb = quant_.bits ? Opt(inputs[q_idx + 1]) : std::nullopt, dx = g.x,
+                dw = g.weight, da = g.lora_a, db = g.lora_b, dbias = g.bias,
+                dxd = g.x_dropped, s = scale_, q = quant_]() mutable {
     int pairs = lhs.shape(0), mm = x.shape(1);
     int experts = w.shape(0), out = w.shape(1), in = x.shape(2), r = a.shape(1);
     const int32_t* lhs_p = lhs.data<int32_t>();

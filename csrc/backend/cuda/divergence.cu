@@ -657,14 +657,14 @@ __global__ void __launch_bounds__(kJsMaxThreads, 2)
 }
 
 // The same forward with persistent clusters (opt-in: MLX_TUNER_JS_PIPELINE=1): gridDim.x /
-// C clusters, each taking rows cluster, cluster + clusters, ..., with two buffers of
-// `stride` chunks per input: the copies of the next row are in flight while this one is
+// C clusters, each taking rows cluster, cluster + clusters, ..., with two buffers holding
+// the largest slice of either input (any row offset): the copies of the next row are in flight while this one is
 // computed (one CTA per multiprocessor, so no other CTA hides the loads). A thread owns
 // the same chunk slots in every row, so refilling a buffer needs no barrier either.
 template <typename T, int C>
 __global__ void __launch_bounds__(kJsMaxThreads, 1)
     js_forward_cluster_pipelined(const T* q, const T* p, T* out, float* stats, int V,
-                                 int64_t rows, int stride) {
+                                 int64_t rows) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   __trap(); // the host launches this on compute capability 9.0 and later only
 #else
@@ -672,6 +672,7 @@ __global__ void __launch_bounds__(kJsMaxThreads, 1)
   extern __shared__ uint4 js_rows[];
   __shared__ float red[6 * kMaxWarps], norm[4], part[4], sums[2 * C];
   const int rank = cluster_rank<C>();
+  const int stride = js_per_cta(js_chunks(V, N - 1, N), C); // as the host sized the buffers
   const int64_t first = blockIdx.x / C, step = gridDim.x / C;
   auto buffer = [&](int64_t k) { return js_rows + (k % 2) * 2 * stride; }; // q's, then p's
   auto slice = [&](int64_t row) { return js_slice<T, C>(q + row * V, V, rank); };
@@ -806,7 +807,7 @@ struct JsPlan {
   int cluster = 0;
   int threads = 0;
   unsigned smem = 0;
-  int stride = 0; // pipelined: chunks per input per buffer (0: one row per cluster)
+  bool pipelined = false; // persistent clusters with two buffers (else one row per cluster)
 };
 
 // Dynamic shared memory a block may opt into, and a multiprocessor's, per device.
@@ -858,7 +859,7 @@ JsPlan js_plan(int V, int elem_bytes, int64_t rows, int device) {
       const int per = js_per_cta(chunks, c);
       const int64_t bytes = int64_t(4) * per * 16; // two buffers of q's and p's chunks
       if (bytes <= hard) {
-        return {c, forward_threads(per), static_cast<unsigned>(bytes), per};
+        return {c, forward_threads(per), static_cast<unsigned>(bytes), true};
       }
     }
     return {};
@@ -889,7 +890,7 @@ void launch_js_cluster(
     int V,
     int64_t rows) {
   const int c = plan.cluster;
-  if (plan.stride == 0) {
+  if (!plan.pipelined) {
     const void* k = c == 1 ? reinterpret_cast<const void*>(js_forward_cluster<T, 1>)
         : c == 2           ? reinterpret_cast<const void*>(js_forward_cluster<T, 2>)
         : c == 4           ? reinterpret_cast<const void*>(js_forward_cluster<T, 4>)
@@ -921,9 +922,7 @@ void launch_js_cluster(
   cu::check(cudaOccupancyMaxActiveClusters(&active, k, &cfg), "cudaOccupancyMaxActiveClusters");
   const int64_t clusters = std::max<int64_t>(1, std::min<int64_t>(rows, active));
   dim3 grid(static_cast<unsigned>(clusters * c)), block(plan.threads);
-  int stride = plan.stride;
-  cu::launch_cluster(enc, k, grid, block, dim3(c, 1, 1), plan.smem, q, p, out, stats, V, rows,
-                     stride);
+  cu::launch_cluster(enc, k, grid, block, dim3(c, 1, 1), plan.smem, q, p, out, stats, V, rows);
 }
 
 template <typename T, Divergence K, bool VEC>

@@ -65,16 +65,12 @@ void LoRALinearVJP::eval_gpu(
   const auto& xa = inputs[4];
   const auto& dy = inputs[5];
   const auto& xd = has_xd_ ? inputs[6] : x;
-  for (auto& o : outputs) alloc(o, enc);
-  size_t k = 0;
-  auto take = [&](bool on) -> mx::array* { return on ? &outputs[k++] : nullptr; };
-  mx::array* dx = take(grads_.x);
   if (grads_.weight || grads_.bias) {
     throw std::logic_error("[lora_linear] dW and dbias are plain MLX ops on the GPU");
   }
-  mx::array* da = take(grads_.lora_a);
-  mx::array* db = take(grads_.lora_b);
-  mx::array* dxd = take(grads_.x_dropped);
+  for (auto& o : outputs) alloc(o, enc);
+  auto g = grads_.pointers(outputs);
+  mx::array *dx = g.x, *da = g.lora_a, *db = g.lora_b, *dxd = g.x_dropped;
   int n = x.shape(0), in = w.shape(1), out = w.shape(0), r = a.shape(1);
   auto T = x.dtype();
   if (n == 0) { // empty batch: the parameter gradients are zeros
