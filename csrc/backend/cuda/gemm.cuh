@@ -42,7 +42,7 @@ class GemmBatch {
   static bool active(); // on this thread
 
  private:
-  std::optional<mx::cu::CommandEncoder::CaptureContext> capture_;
+  std::optional<Capture> capture_;
 };
 
 // A device buffer of `shape` x `dtype` that lives until the encoder's graph has run.
