@@ -10,7 +10,6 @@
 #include <unordered_map>
 
 #include "backend/cuda/common.cuh"
-#include "mlx/utils.h"
 
 namespace mlx_tuner::cuda {
 
@@ -168,6 +167,16 @@ mx::allocator::Data malloc_device(size_t nbytes, mx::cu::CommandEncoder& enc) {
 
 namespace {
 
+// MLX's use_cuda_graphs(), which libmlx does not export: the same variable, read the
+// same way (atoi, default on).
+bool use_cuda_graphs() {
+  static const bool on = [] {
+    const char* v = std::getenv("MLX_USE_CUDA_GRAPHS");
+    return v == nullptr || std::atoi(v) != 0;
+  }();
+  return on;
+}
+
 bool mlx_graph_key() {
   static const bool on = [] {
     const char* v = std::getenv("MLX_TUNER_CUDA_GRAPH_KEY");
@@ -243,7 +252,7 @@ void add_child_graph(mx::cu::CommandEncoder& enc, cudaGraph_t child) {
 }
 
 Capture::Capture(mx::cu::CommandEncoder& enc)
-    : enc_(enc), graphs_(mx::env::get_var("MLX_USE_CUDA_GRAPHS", 1) != 0) {
+    : enc_(enc), graphs_(use_cuda_graphs()) {
   enc.device().make_current();
   if (graphs_) {
     check(cudaStreamBeginCapture(enc.stream(), cudaStreamCaptureModeThreadLocal),
