@@ -1,7 +1,5 @@
 #include <atomic>
 #include <chrono>
-#include <cstdint>
-#include <exception>
 #include <cstdlib>
 #include <map>
 #include <string>
@@ -165,124 +163,6 @@ mx::allocator::Data malloc_device(size_t nbytes, mx::cu::CommandEncoder& enc) {
   return mx::allocator::Data(mx::allocator::Buffer(buf), free_device);
 }
 
-namespace {
-
-// MLX's use_cuda_graphs(), which libmlx does not export: the same variable, read the
-// same way (atoi, default on).
-bool use_cuda_graphs() {
-  static const bool on = [] {
-    const char* v = std::getenv("MLX_USE_CUDA_GRAPHS");
-    return v == nullptr || std::atoi(v) != 0;
-  }();
-  return on;
-}
-
-bool mlx_graph_key() {
-  static const bool on = [] {
-    const char* v = std::getenv("MLX_TUNER_CUDA_GRAPH_KEY");
-    return v != nullptr && std::string(v) == "mlx";
-  }();
-  return on;
-}
-
-// "(" + one token per node + ")"; false where a node could not be named (MLX then
-// instantiates the commit afresh, as it would anyway).
-bool graph_key(cudaGraph_t g, std::string& key) {
-  size_t n = 0;
-  check(cudaGraphGetNodes(g, nullptr, &n), "cudaGraphGetNodes");
-  std::vector<cudaGraphNode_t> nodes(n);
-  if (n > 0) {
-    check(cudaGraphGetNodes(g, nodes.data(), &n), "cudaGraphGetNodes");
-  }
-  key += "(";
-  for (auto node : nodes) {
-    cudaGraphNodeType type;
-    check(cudaGraphNodeGetType(node, &type), "cudaGraphNodeGetType");
-    switch (type) {
-      case cudaGraphNodeTypeKernel: {
-        cudaKernelNodeParams p{};
-        cudaLaunchAttributeValue c{};
-        if (cudaGraphKernelNodeGetParams(node, &p) != cudaSuccess ||
-            cudaGraphKernelNodeGetAttribute(node, cudaLaunchAttributeClusterDimension, &c) !=
-                cudaSuccess) {
-          cudaGetLastError();
-          return false;
-        }
-        key += "K" + std::to_string(reinterpret_cast<uintptr_t>(p.func)) + "/" +
-               std::to_string(c.clusterDim.x) + "x" + std::to_string(c.clusterDim.y) + "x" +
-               std::to_string(c.clusterDim.z);
-        break;
-      }
-      case cudaGraphNodeTypeGraph: {
-        cudaGraph_t sub = nullptr;
-        check(cudaGraphChildGraphNodeGetGraph(node, &sub), "cudaGraphChildGraphNodeGetGraph");
-        if (!graph_key(sub, key)) {
-          return false;
-        }
-        break;
-      }
-      case cudaGraphNodeTypeMemset: key += "M"; break;
-      case cudaGraphNodeTypeMemcpy: key += "C"; break;
-      case cudaGraphNodeTypeEmpty: key += "E"; break;
-      case cudaGraphNodeTypeWaitEvent: key += "W"; break;
-      case cudaGraphNodeTypeEventRecord: key += "R"; break;
-      default: return false;
-    }
-  }
-  // The edges too: the same nodes in another order must not match.
-  size_t e = 0;
-#if CUDART_VERSION >= 13000
-  check(cudaGraphGetEdges(g, nullptr, nullptr, nullptr, &e), "cudaGraphGetEdges");
-#else
-  check(cudaGraphGetEdges(g, nullptr, nullptr, &e), "cudaGraphGetEdges");
-#endif
-  key += ":" + std::to_string(e) + ")";
-  return true;
-}
-
-} // namespace
-
-void add_child_graph(mx::cu::CommandEncoder& enc, cudaGraph_t child) {
-  std::string key;
-  if (mlx_graph_key() || !graph_key(child, key)) {
-    enc.add_graph_node(child); // MLX's key and updatability
-    return;
-  }
-  enc.add_graph_node(child, key, true);
-}
-
-Capture::Capture(mx::cu::CommandEncoder& enc)
-    : enc_(enc), graphs_(use_cuda_graphs()) {
-  enc.device().make_current();
-  if (graphs_) {
-    check(cudaStreamBeginCapture(enc.stream(), cudaStreamCaptureModeThreadLocal),
-          "cudaStreamBeginCapture");
-  }
-}
-
-Capture::~Capture() {
-  if (!graphs_) {
-    mx::cu::CommandEncoder::CaptureContext count(enc_); // counts a node, captures nothing
-    return;
-  }
-  cudaGraph_t g = nullptr;
-  if (std::uncaught_exceptions() > 0) { // the work failed: end and drop the capture
-    if (cudaStreamEndCapture(enc_.stream(), &g) == cudaSuccess && g != nullptr) {
-      cudaGraphDestroy(g);
-    }
-    cudaGetLastError();
-    return;
-  }
-  check(cudaStreamEndCapture(enc_.stream(), &g), "cudaStreamEndCapture");
-  try {
-    add_child_graph(enc_, g); // MLX clones it
-  } catch (...) {
-    cudaGraphDestroy(g);
-    throw;
-  }
-  cudaGraphDestroy(g);
-}
-
 void add_cluster_node(
     mx::cu::CommandEncoder& enc,
     const void* kernel,
@@ -309,7 +189,7 @@ void add_cluster_node(
     attr.clusterDim.z = cluster.z;
     check(cudaGraphKernelNodeSetAttribute(node, cudaLaunchAttributeClusterDimension, &attr),
           "cudaGraphKernelNodeSetAttribute");
-    add_child_graph(enc, child); // MLX clones the child graph
+    enc.add_graph_node(child); // MLX clones the child graph
   } catch (...) {
     cudaGraphDestroy(child);
     throw;

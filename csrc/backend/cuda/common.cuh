@@ -79,29 +79,6 @@ std::vector<std::tuple<std::string, double, long long>> host_times(bool reset);
 // True while a GemmBatch (gemm.cuh) captures on this thread: no launches or buffers then.
 bool in_gemm_batch();
 
-// A captured child graph added to MLX's graph under a key that names each kernel's function
-// and full cluster shape. MLX's own key has the cluster's x only and, where a kernel's
-// cluster is > 1 in y or z (cuBLASLt's Hopper GEMMs run in 1 x 2 clusters), marks the
-// whole commit not updatable: instantiated afresh at every commit, at a host cost that
-// grows with its nodes. With our key a cache hit means the same kernels in the same
-// clusters, which CUDA updates in place. MLX_TUNER_CUDA_GRAPH_KEY=mlx restores MLX's key
-// (for side-by-side timing).
-void add_child_graph(mx::cu::CommandEncoder& enc, cudaGraph_t child);
-
-// A stream capture that ends as one add_child_graph node (MLX's CaptureContext, keyed as
-// above); with MLX_USE_CUDA_GRAPHS=0 the work runs on the stream directly.
-class Capture {
- public:
-  explicit Capture(mx::cu::CommandEncoder& enc);
-  ~Capture(); // a CUDA error here ends the process, as in MLX's CaptureContext
-  Capture(const Capture&) = delete;
-  Capture& operator=(const Capture&) = delete;
-
- private:
-  mx::cu::CommandEncoder& enc_;
-  bool graphs_;
-};
-
 // A cluster launch as a one-node child graph: MLX keys a direct kernel node "K" whatever
 // its cluster shape, and updating its cached graph in place across a cluster-shape change
 // keeps the old shape (wrong results in later calls of the same graph topology); a child

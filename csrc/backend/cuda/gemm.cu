@@ -202,7 +202,7 @@ void gemm(mx::cu::CommandEncoder& enc, const Gemm& g, float alpha, const mx::arr
   reads_writes(enc, {&a_arr, &b_arr, bias_arr, beta != 0.0f ? &c_arr : nullptr},
                {&c_arr, ws_arr});
   // Its own capture, unless a GemmBatch is capturing already.
-  std::optional<Capture> capture;
+  std::optional<mx::cu::CommandEncoder::CaptureContext> capture;
   if (!GemmBatch::active()) {
     capture.emplace(enc);
   }

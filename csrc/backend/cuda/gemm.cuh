@@ -42,7 +42,7 @@ class GemmBatch {
   static bool active(); // on this thread
 
  private:
-  std::optional<Capture> capture_;
+  std::optional<mx::cu::CommandEncoder::CaptureContext> capture_;
 };
 
 // A device buffer of `shape` x `dtype` that lives until the encoder's graph has run.
