@@ -8,7 +8,9 @@ the peak bytes above the weights for three graphs, each with mlx-lm's loss (logi
 materialized) and with mlx-tuner's (fused, gradient in the forward):
   hidden   the final hidden states only (the transformer's activations),
   loss     the forward and the loss,
-  step     the loss and every LoRA gradient (what a training step evaluates).
+  step     the loss and every LoRA gradient (what a training step evaluates),
+  compiled the trainers' step: the same under mx.compile, with Adam's update,
+  trainer  that library's own train() for 3 steps (bench_train's measurement).
 step - loss is what the backward adds on top of the forward; loss - hidden is what the
 loss adds. On CUDA the peak is the device pool's high-water mark with both caches off
 (MLX's buffers and mlx-tuner's alike); elsewhere MLX's own counter. bf16 on a GPU,
@@ -18,8 +20,11 @@ float32 on the CPU. The question it answers: bench_train's Qwen3 run peaked at t
 
 import sys
 
+from functools import partial
+
 import mlx.core as mx
 import mlx.nn as nn
+import mlx.optimizers as optim
 import numpy as np
 
 from common import device_pool_peak
@@ -64,6 +69,28 @@ def peak_of(fn):
     return int(mx.get_peak_memory() - before)
 
 
+def run_trainer(name, model, tokens, iters=3):
+    """That library's own train() for a few steps on rows of `tokens` (what bench_train
+    times), its default loss. Returns an evaluated scalar for peak_of."""
+    import tempfile
+
+    import mlx.optimizers as optim
+
+    if name == "mlx-lm":
+        from mlx_lm.tuner.trainer import TrainingArgs, train
+        extra = {}
+    else:
+        from mlx_tuner.trainer import TrainingArgs, train
+        extra = {"progress": False}
+    rows = [(r, 0) for r in tokens.tolist()] * (iters + 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArgs(batch_size=tokens.shape[0], iters=iters, steps_per_report=10**6,
+                            steps_per_eval=10**6, steps_per_save=10**6,
+                            adapter_file=f"{tmp}/adapters.safetensors", **extra)
+        train(model=model, optimizer=optim.Adam(learning_rate=1e-5), train_dataset=rows, args=args)
+    return mx.array(0)
+
+
 def main(layers=2, batch=1, seq=256):
     from mlx_lm.tuner import trainer as lm_trainer
     from mlx_tuner.trainer import default_loss
@@ -79,10 +106,22 @@ def main(layers=2, batch=1, seq=256):
         else:
             loss = lambda: default_loss(model, tokens, lengths, grad_in_forward=True)[0]  # noqa: E731
         step = nn.value_and_grad(model, lambda: loss())
+        # The trainers' step: compiled, with the model and Adam's state as its state.
+        opt = optim.Adam(learning_rate=1e-5)
+        state = [model.state, opt.state]
+
+        @partial(mx.compile, inputs=state, outputs=state)
+        def train_step():
+            value, grad = step()
+            opt.update(model, grad)
+            return value
+
         row = {
             "hidden": peak_of(lambda: model.model(tokens[:, :-1])),
             "loss": peak_of(loss),
             "step": peak_of(lambda: step()),
+            "compiled": peak_of(lambda: (train_step(), state)),
+            "trainer": peak_of(lambda: run_trainer(name, model, tokens)),
         }
         print(f"   {name:10s} " + "  ".join(f"{k} {v / 2**20:9.1f}" for k, v in row.items()))
         del model, step
