@@ -1,6 +1,6 @@
 """Where a LoRA training step's peak memory goes (a diagnostic, not a benchmark row).
 
-    python bench/probe_memory.py [layers] [batch] [seq]
+    python bench/probe_memory.py [layers] [batch] [seq] [mlx-lm,mlx-tuner]
 
 For a Qwen3-0.6B-shaped model (vocabulary 151,936, tied embeddings; `layers` of its 28,
 default 2; batch x seq tokens, default 1 x 256) with rank-8 LoRA on every layer, it prints
@@ -10,6 +10,7 @@ materialized) and with mlx-tuner's (fused, gradient in the forward):
   loss     the forward and the loss,
   step     the loss and every LoRA gradient (what a training step evaluates),
   compiled the trainers' step: the same under mx.compile, with Adam's update,
+  padded   the same with the batch an argument, padded as the trainers pad it,
   trainer  that library's own train() for 3 steps (bench_train's measurement).
 step - loss is what the backward adds on top of the forward; loss - hidden is what the
 loss adds. On CUDA the peak is the device pool's high-water mark with both caches off
@@ -91,7 +92,7 @@ def run_trainer(name, model, tokens, iters=3):
     return mx.array(0)
 
 
-def main(layers=2, batch=1, seq=256):
+def main(layers=2, batch=1, seq=256, libs=("mlx-lm", "mlx-tuner")):
     from mlx_lm.tuner import trainer as lm_trainer
     from mlx_tuner.trainer import default_loss
 
@@ -99,7 +100,7 @@ def main(layers=2, batch=1, seq=256):
     lengths = mx.array([[0, seq + 1]] * batch)
     print(f"== Qwen3 shape, {layers} layers, {batch} x {seq} tokens, rank-8 LoRA on every layer: "
           f"peak MiB above the weights")
-    for name in ("mlx-lm", "mlx-tuner"):
+    for name in libs:
         model = build(layers, name)
         if name == "mlx-lm":
             loss = lambda: lm_trainer.default_loss(model, tokens, lengths)[0]  # noqa: E731
@@ -116,11 +117,25 @@ def main(layers=2, batch=1, seq=256):
             opt.update(model, grad)
             return value
 
+        # The same with the batch as an argument, padded to a multiple of 32 as the
+        # trainers' iterate_batches pads it (the padding masked by `lengths`).
+        pad = 32 * ((seq + 1 + 31) // 32) - (seq + 1)
+        padded = mx.concatenate([tokens, mx.zeros((batch, pad), tokens.dtype)], axis=1)
+        lossfn = lm_trainer.default_loss if name == "mlx-lm" else partial(default_loss, grad_in_forward=True)
+        step_args = nn.value_and_grad(model, lossfn)
+
+        @partial(mx.compile, inputs=state, outputs=state)
+        def train_step_args(b, lens):
+            (value, _), grad = step_args(model, b, lens)
+            opt.update(model, grad)
+            return value
+
         row = {
             "hidden": peak_of(lambda: model.model(tokens[:, :-1])),
             "loss": peak_of(loss),
             "step": peak_of(lambda: step()),
             "compiled": peak_of(lambda: (train_step(), state)),
+            "padded": peak_of(lambda: (train_step_args(padded, lengths), state)),
             "trainer": peak_of(lambda: run_trainer(name, model, tokens)),
         }
         print(f"   {name:10s} " + "  ".join(f"{k} {v / 2**20:9.1f}" for k, v in row.items()))
@@ -128,4 +143,4 @@ def main(layers=2, batch=1, seq=256):
 
 
 if __name__ == "__main__":
-    main(*(int(a) for a in sys.argv[1:4]))
+    main(*(int(a) for a in sys.argv[1:4]), *([sys.argv[4].split(",")] if len(sys.argv) > 4 else []))
