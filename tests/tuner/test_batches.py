@@ -109,3 +109,19 @@ def test_span_masks_from_all_turns():
     assert got == [(2, 3, 5, 6), (4, 5, 6)]  # spans [1,3)+[4,6) and offset 3
     loss, ntoks = default_loss(lambda x: mx.zeros((*x.shape, 8)), *batch)
     assert int(ntoks) == 7
+
+
+@pytest.mark.parametrize("multiple", [32, 128])
+def test_model_inputs_are_padded_to_a_multiple(monkeypatch, multiple):
+    # The model reads width - 1 tokens: that count is the padded one (a row of 1025 tokens
+    # is read as 1024, which CUDA's fused attention backward needs), never the full row.
+    from mlx_tuner import trainer
+
+    monkeypatch.setattr(trainer, "_input_multiple", lambda: multiple)
+    for n, want in [(1, 1 + multiple), (2, 1 + multiple), (multiple + 1, multiple + 1),
+                    (multiple + 2, 2 * multiple + 1), (4 * multiple + 1, 4 * multiple + 1)]:
+        batch, lengths = next(iterate_batches(Toy([n, n]), 2, 4096))
+        assert batch.shape == (2, want), (n, batch.shape)
+        assert lengths.tolist() == [[0, n], [0, n]]
+    batch, _ = next(iterate_batches(Toy([5000, 5000]), 2, 1000))  # truncated: the cap binds
+    assert batch.shape == (2, 1000)
