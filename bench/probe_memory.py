@@ -10,7 +10,7 @@ materialized) and with mlx-tuner's (fused, gradient in the forward):
   loss     the forward and the loss,
   step     the loss and every LoRA gradient (what a training step evaluates),
   compiled the trainers' step: the same under mx.compile, with Adam's update,
-  padded   the same with the batch an argument, padded as the trainers pad it,
+  padded   the same with the batch an argument, padded as mlx-lm pads it,
   trainer  that library's own train() for 3 steps (bench_train's measurement).
 step - loss is what the backward adds on top of the forward; loss - hidden is what the
 loss adds. On CUDA the peak is the device pool's high-water mark with both caches off
@@ -117,8 +117,10 @@ def main(layers=2, batch=1, seq=256, libs=("mlx-lm", "mlx-tuner")):
             opt.update(model, grad)
             return value
 
-        # The same with the batch as an argument, padded to a multiple of 32 as the
-        # trainers' iterate_batches pads it (the padding masked by `lengths`).
+        # The same with the batch as an argument, padded as mlx-lm's iterate_batches pads
+        # it: the full row to a multiple of 32, so the model reads 32k - 1 tokens (the
+        # padding masked by `lengths`). On CUDA that length takes MLX's unfused attention
+        # backward, which mlx-tuner's trainer avoids by padding the model's input instead.
         pad = 32 * ((seq + 1 + 31) // 32) - (seq + 1)
         padded = mx.concatenate([tokens, mx.zeros((batch, pad), tokens.dtype)], axis=1)
         lossfn = lm_trainer.default_loss if name == "mlx-lm" else partial(default_loss, grad_in_forward=True)

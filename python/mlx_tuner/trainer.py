@@ -6,6 +6,10 @@ metrics.
 
 Loss mask: target ``j`` is token ``j + 1``; it is trained when ``offset <= j + 1 < length``.
 (mlx-lm's mask ends at ``<= length`` and so also trains the first padding token.)
+
+Padding: a batch's model input (all tokens but the last) is padded to a multiple of 32,
+of 128 on CUDA, where MLX's attention backward is fused only for such lengths; mlx-lm
+pads the whole row to a multiple of 32, so its model reads 32k - 1 tokens.
 """
 
 from __future__ import annotations

@@ -125,15 +125,10 @@ def _gpu_only(device):
         pytest.skip("the CUDA JS forward's cluster sizes; the CPU kernels are tested above")
 
 
-@pytest.fixture(params=["one-row", "pipelined"])
-def js_cluster(request, monkeypatch):
-    """The one-read cluster kernels (opt-in): one row per cluster
-    (MLX_TUNER_JS_CTAS_PER_SM=2), or persistent clusters that copy the next row while they
-    compute this one (MLX_TUNER_JS_PIPELINE=1)."""
-    if request.param == "one-row":
-        monkeypatch.setenv("MLX_TUNER_JS_CTAS_PER_SM", "2")
-    else:
-        monkeypatch.setenv("MLX_TUNER_JS_PIPELINE", "1")
+@pytest.fixture
+def js_cluster(monkeypatch):
+    """The one-read cluster kernel (opt-in): one row per cluster (MLX_TUNER_JS_CTAS_PER_SM=2)."""
+    monkeypatch.setenv("MLX_TUNER_JS_CTAS_PER_SM", "2")
 
 
 @pytest.mark.parametrize("dtype,shape", JS_GPU_SHAPES,
@@ -143,7 +138,7 @@ def test_js_row_split_on_gpu(device, js_cluster, dtype, shape):
     check_all("js", *_inputs(shape, dtype), dtype)
 
 
-@pytest.mark.parametrize("ctas", ["2", "0", "pipelined"], ids=["cluster", "two-pass", "pipelined"])
+@pytest.mark.parametrize("ctas", ["2", "0"], ids=["cluster", "two-pass"])
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=str)
 @pytest.mark.parametrize("V", [32001, 151936])
 def test_js_row_split_masked_on_gpu(device, monkeypatch, ctas, dtype, V):
@@ -151,10 +146,7 @@ def test_js_row_split_masked_on_gpu(device, monkeypatch, ctas, dtype, V):
     # side, across the CTAs of a cluster (and in the two-pass kernel): finite, ln(2) / 2
     # for a fully masked row.
     _gpu_only(device)
-    if ctas == "pipelined":
-        monkeypatch.setenv("MLX_TUNER_JS_PIPELINE", "1")
-    else:
-        monkeypatch.setenv("MLX_TUNER_JS_CTAS_PER_SM", ctas)
+    monkeypatch.setenv("MLX_TUNER_JS_CTAS_PER_SM", ctas)
     q, p = _inputs((6, V), dtype)
     both = mx.random.uniform(shape=q.shape) < 0.3
     p_only = mx.random.uniform(shape=q.shape) < 0.2
@@ -205,16 +197,6 @@ def test_js_cluster_sizes_alternate_on_gpu(device, js_cluster):
         mx.eval(out)
         assert_close_to_oracle(out, ops.js_div_reference(q, p), oracle("js", q, p)[0],
                                mx.bfloat16, what=f"js forward V={V}")
-
-
-@pytest.mark.parametrize("dtype,shape", [(mx.bfloat16, (300, 32001)), (mx.float16, (200, 32000)),
-                                         (mx.float32, (40, 151936))], ids=str)
-def test_js_pipelined_many_rows_on_gpu(device, monkeypatch, dtype, shape):
-    # More rows than the GPU holds clusters, so that each persistent cluster loops over
-    # rows through both buffers; an odd V gives neighbouring rows different offsets.
-    _gpu_only(device)
-    monkeypatch.setenv("MLX_TUNER_JS_PIPELINE", "1")
-    check_all("js", *_inputs(shape, dtype), dtype)
 
 
 def test_js_row_offsets_on_gpu(device, js_cluster):

@@ -11,9 +11,7 @@
 // every whole chunk is one aligned 16-byte copy for any V and row offset. Each CTA folds
 // its slice into a partial (max, sum) per input as the copies land; the CTAs merge the C
 // partials through distributed shared memory; each then sums its slice's terms, and rank
-// 0 gathers the C partial sums. An opt-in persistent variant (MLX_TUNER_JS_PIPELINE=1)
-// keeps each cluster on a sequence of rows with two buffers, copying the next row while
-// it computes this one. The work is in base 2 so that every exp and log is one
+// 0 gathers the C partial sums. The work is in base 2 so that every exp and log is one
 // MUFU instruction: S = sum 2^((x - max) log2e), log2 P = (x - max) log2e - log2 S
 // (x - max first: exact near the maximum for huge logits, and no finite logit
 // overflows), and with u = log2 P - log2 Q, r = 2^-|u|, t = 1 - log2(1 + r):
@@ -496,22 +494,16 @@ __device__ __forceinline__ JsSlice js_slice(const T* qr, int V, int rank) {
   return {pad, lo, max(0, min(per, chunks - lo))};
 }
 
-// This thread's copies of its chunks (c = tid, tid + nt, ...) of the slice into sq / sp;
-// with `group_each` one cp.async group per chunk (the caller waits chunk by chunk), else
-// one group for them all.
+// This thread's copies of its chunks (c = tid, tid + nt, ...) of the slice into sq / sp,
+// one cp.async group per chunk (the caller waits chunk by chunk).
 template <typename T>
 __device__ __forceinline__ void js_load_slice(const T* qr, const T* pr, int V, JsSlice sl,
-                                              uint4* sq, uint4* sp, bool group_each) {
+                                              uint4* sq, uint4* sp) {
   constexpr int N = 16 / sizeof(T);
   for (int c = threadIdx.x; c < sl.cnt; c += blockDim.x) {
     load_chunk(qr, (sl.lo + c) * N - sl.pad, V, sq + c);
     load_chunk(pr, (sl.lo + c) * N - sl.pad, V, sp + c);
-    if (group_each) {
-      cp_async_commit();
-    }
-  }
-  if (!group_each) {
-    cp_async_commit(); // possibly empty: every thread commits one group per row
+    cp_async_commit();
   }
 }
 
@@ -641,7 +633,7 @@ __global__ void __launch_bounds__(kJsMaxThreads, 2)
   const JsSlice sl = js_slice<T, C>(qr, V, rank);
   uint4* sq = js_rows;
   uint4* sp = js_rows + js_per_cta(js_chunks(V, sl.pad, N), C);
-  js_load_slice(qr, pr, V, sl, sq, sp, true);
+  js_load_slice(qr, pr, V, sl, sq, sp);
   const int nt = blockDim.x, nj = threadIdx.x < sl.cnt ? (sl.cnt - 1 - threadIdx.x) / nt + 1 : 0;
   Sum2 oq, op;
   for (int j = 0; j < nj; ++j) {
@@ -653,58 +645,6 @@ __global__ void __launch_bounds__(kJsMaxThreads, 2)
     op.add(xp);
   }
   js_finish_row<T, C>(oq, op, sq, sp, sl.cnt, rank, row, out, stats, red, norm, part, sums);
-#endif
-}
-
-// The same forward with persistent clusters (opt-in: MLX_TUNER_JS_PIPELINE=1): gridDim.x /
-// C clusters, each taking rows cluster, cluster + clusters, ..., with two buffers holding
-// the largest slice of either input (any row offset): the copies of the next row are in flight while this one is
-// computed (one CTA per multiprocessor, so no other CTA hides the loads). A thread owns
-// the same chunk slots in every row, so refilling a buffer needs no barrier either.
-template <typename T, int C>
-__global__ void __launch_bounds__(kJsMaxThreads, 1)
-    js_forward_cluster_pipelined(const T* q, const T* p, T* out, float* stats, int V,
-                                 int64_t rows) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-  __trap(); // the host launches this on compute capability 9.0 and later only
-#else
-  constexpr int N = 16 / sizeof(T);
-  extern __shared__ uint4 js_rows[];
-  __shared__ float red[6 * kMaxWarps], norm[4], part[4], sums[2 * C];
-  const int rank = cluster_rank<C>();
-  const int stride = js_per_cta(js_chunks(V, N - 1, N), C); // as the host sized the buffers
-  const int64_t first = blockIdx.x / C, step = gridDim.x / C;
-  auto buffer = [&](int64_t k) { return js_rows + (k % 2) * 2 * stride; }; // q's, then p's
-  auto slice = [&](int64_t row) { return js_slice<T, C>(q + row * V, V, rank); };
-  if (first < rows) {
-    js_load_slice(q + first * V, p + first * V, V, slice(first), buffer(0), buffer(0) + stride,
-                  false);
-  }
-  int64_t k = 0;
-  for (int64_t row = first; row < rows; row += step, ++k) {
-    const int64_t next = row + step;
-    if (next < rows) {
-      js_load_slice(q + next * V, p + next * V, V, slice(next), buffer(k + 1),
-                    buffer(k + 1) + stride, false);
-      cp_async_wait<1>(); // this row's group has landed, the next row's may not have
-    } else {
-      cp_async_wait<0>();
-    }
-    const JsSlice sl = slice(row);
-    const uint4* sq = buffer(k);
-    const uint4* sp = sq + stride;
-    Sum2 oq, op;
-    for (int c = threadIdx.x; c < sl.cnt; c += blockDim.x) {
-      float xq[N], xp[N];
-      unpack<T>(sq[c], xq);
-      unpack<T>(sp[c], xp);
-      oq.add(xq);
-      op.add(xp);
-    }
-    js_finish_row<T, C>(oq, op, sq, sp, sl.cnt, rank, row, out, stats, red, norm, part, sums);
-    // Rank 0 returns from js_finish_row last (after the cluster's final sync); the others
-    // may start the next row's copies, which touch only their own buffers.
-  }
 #endif
 }
 
@@ -809,7 +749,6 @@ struct JsPlan {
   int cluster = 0;
   int threads = 0;
   unsigned smem = 0;
-  bool pipelined = false; // persistent clusters with two buffers (else one row per cluster)
 };
 
 // Dynamic shared memory a block may opt into, and a multiprocessor's, per device.
@@ -835,11 +774,10 @@ std::pair<int, int> smem_limits(int device) {
 // kJsSmemMax (one CTA per SM: still half the bytes of the two-pass kernel), else none.
 // C <= 8, the portable cluster size. The bound on a row's chunks holds for any offset.
 // MLX_TUNER_JS_CTAS_PER_SM=2 takes that plan, 1 skips its first choice, 0 (the default)
-// the two-pass kernel. MLX_TUNER_JS_PIPELINE=1 takes the persistent kernel instead: the
-// smallest cluster whose CTAs hold two buffers of their slice within kJsSmemMax.
-// Both stay opt-in: on the H200 (2026-11-30) the one-row-per-cluster kernel passed the
-// GPU tests but was no faster than the two-pass one (3.31 vs 3.19 ms at 8192 x 151,936
-// bf16); the pipelined one has not run on a GPU yet.
+// the two-pass kernel. Opt-in: on the H200 (2026-11-30) it passed the GPU tests but was
+// no faster than the two-pass kernel (3.31 vs 3.19 ms at 8192 x 151,936 bf16). A
+// persistent variant (clusters looping over rows, the next row's copies in flight) was
+// slower still (4.22 ms) and was removed.
 JsPlan js_plan(int V, int elem_bytes, int64_t rows, int device) {
   constexpr int64_t kJsSmemMax = 200 * 1024;
   constexpr int64_t kMargin = 4 * 1024; // static shared memory and the per-block reserve
@@ -847,25 +785,13 @@ JsPlan js_plan(int V, int elem_bytes, int64_t rows, int device) {
   if (const char* e = std::getenv("MLX_TUNER_JS_CTAS_PER_SM")) {
     ctas_per_sm = std::atoi(e);
   }
-  const char* pipe_env = std::getenv("MLX_TUNER_JS_PIPELINE");
-  const bool pipelined = pipe_env != nullptr && std::string(pipe_env) == "1";
-  if ((ctas_per_sm <= 0 && !pipelined) || 2 * int64_t(V) * elem_bytes > 8 * kJsSmemMax) {
+  if (ctas_per_sm <= 0 || 2 * int64_t(V) * elem_bytes > 8 * kJsSmemMax) {
     return {}; // the size test also keeps the int sums below safe
   }
   auto [block_limit, sm_limit] = smem_limits(device);
   const int N = 16 / elem_bytes;
   const int chunks = js_chunks(V, N - 1, N); // pad < N
   const int64_t hard = std::min<int64_t>(kJsSmemMax, block_limit - kMargin);
-  if (pipelined) {
-    for (int c : {1, 2, 4, 8}) {
-      const int per = js_per_cta(chunks, c);
-      const int64_t bytes = int64_t(4) * per * 16; // two buffers of q's and p's chunks
-      if (bytes <= hard) {
-        return {c, forward_threads(per), static_cast<unsigned>(bytes), true};
-      }
-    }
-    return {};
-  }
   const int64_t soft =
       ctas_per_sm >= 2 ? std::min<int64_t>(hard, sm_limit / 2 - kMargin) : hard;
   for (int64_t limit : {soft, hard}) {
@@ -892,39 +818,12 @@ void launch_js_cluster(
     int V,
     int64_t rows) {
   const int c = plan.cluster;
-  if (!plan.pipelined) {
-    const void* k = c == 1 ? reinterpret_cast<const void*>(js_forward_cluster<T, 1>)
-        : c == 2           ? reinterpret_cast<const void*>(js_forward_cluster<T, 2>)
-        : c == 4           ? reinterpret_cast<const void*>(js_forward_cluster<T, 4>)
-                           : reinterpret_cast<const void*>(js_forward_cluster<T, 8>);
-    dim3 grid(static_cast<unsigned>(rows * c)), block(plan.threads);
-    cu::launch_cluster(enc, k, grid, block, dim3(c, 1, 1), plan.smem, q, p, out, stats, V);
-    return;
-  }
-  const void* k = c == 1 ? reinterpret_cast<const void*>(js_forward_cluster_pipelined<T, 1>)
-      : c == 2           ? reinterpret_cast<const void*>(js_forward_cluster_pipelined<T, 2>)
-      : c == 4           ? reinterpret_cast<const void*>(js_forward_cluster_pipelined<T, 4>)
-                         : reinterpret_cast<const void*>(js_forward_cluster_pipelined<T, 8>);
-  // As many clusters as the GPU holds at once (each loops over its rows), at most one per row.
-  cu::check(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 static_cast<int>(plan.smem)),
-            "cudaFuncSetAttribute");
-  cudaLaunchConfig_t cfg{};
-  cudaLaunchAttribute attr{};
-  attr.id = cudaLaunchAttributeClusterDimension;
-  attr.val.clusterDim.x = c;
-  attr.val.clusterDim.y = 1;
-  attr.val.clusterDim.z = 1;
-  cfg.gridDim = dim3(static_cast<unsigned>(c));
-  cfg.blockDim = dim3(plan.threads);
-  cfg.dynamicSmemBytes = plan.smem;
-  cfg.attrs = &attr;
-  cfg.numAttrs = 1;
-  int active = 0;
-  cu::check(cudaOccupancyMaxActiveClusters(&active, k, &cfg), "cudaOccupancyMaxActiveClusters");
-  const int64_t clusters = std::max<int64_t>(1, std::min<int64_t>(rows, active));
-  dim3 grid(static_cast<unsigned>(clusters * c)), block(plan.threads);
-  cu::launch_cluster(enc, k, grid, block, dim3(c, 1, 1), plan.smem, q, p, out, stats, V, rows);
+  const void* k = c == 1 ? reinterpret_cast<const void*>(js_forward_cluster<T, 1>)
+      : c == 2           ? reinterpret_cast<const void*>(js_forward_cluster<T, 2>)
+      : c == 4           ? reinterpret_cast<const void*>(js_forward_cluster<T, 4>)
+                         : reinterpret_cast<const void*>(js_forward_cluster<T, 8>);
+  dim3 grid(static_cast<unsigned>(rows * c)), block(plan.threads);
+  cu::launch_cluster(enc, k, grid, block, dim3(c, 1, 1), plan.smem, q, p, out, stats, V);
 }
 
 template <typename T, Divergence K, bool VEC>
