@@ -123,7 +123,7 @@ def _plan(dataset, batch_size: int, max_seq_length: int, comm_group) -> list[lis
 
 def _input_multiple() -> int:
     """What a batch's model input length is padded to a multiple of."""
-    cuda = mx.default_device() == mx.gpu and not mx.metal.is_available()
+    cuda = mx.default_device() == mx.gpu and mx.cuda.is_available()
     return 128 if cuda else 32
 
 
