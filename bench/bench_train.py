@@ -7,9 +7,10 @@ peak of mlx-tuner's own allocations: an upper bound) and, on CUDA, the device po
 high-water mark over a few more steps with the caches off (one counter for both).
 
 MLX_TUNER_BENCH_TRAIN picks the model: "tiny" (default; the shipped dataset, CPU),
-"tinyllama" (TinyLlama-1.1B shape, random bf16 weights, batch 8 x 512 random tokens) or
-"qwen3" (Qwen3-0.6B shape, vocabulary 151,936, tied embeddings, batch 4 x 1024); the
-last two are for the H200 (bench/device-run train).
+"tinyllama" (TinyLlama-1.1B shape, random bf16 weights, batch 8 x 512 random tokens),
+"qwen3" (Qwen3-0.6B shape, vocabulary 151,936, tied embeddings, batch 4 x 1024) or
+"llama8b" (Llama-3-8B shape, vocabulary 128,256, batch 4 x 512, 15 iterations); the last
+three are for the H200 (bench/device-run train, TRAIN_CONFIGS).
 
     PYTHONPATH=python python -m pytest bench/bench_train.py --benchmark-json=bench/results/train.json
 """
@@ -50,6 +51,11 @@ elif CONFIG == "qwen3":
                  num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936,
                  tie_word_embeddings=True, max_position_embeddings=4096, rope_theta=1e6)
     BATCH, SEQ, ITERS, DTYPE = 4, 1024, 25, mx.bfloat16
+elif CONFIG == "llama8b":
+    SHAPE = dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336,
+                 num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                 tie_word_embeddings=False, max_position_embeddings=8192, rope_theta=5e5)
+    BATCH, SEQ, ITERS, DTYPE = 4, 512, 15, mx.bfloat16
 RESULTS = Path(__file__).parent / "results"
 CURVES: dict = {}
 
