@@ -75,8 +75,6 @@ def run_trainer(name, model, tokens, iters=3):
     times), its default loss. Returns an evaluated scalar for peak_of."""
     import tempfile
 
-    import mlx.optimizers as optim
-
     if name == "mlx-lm":
         from mlx_lm.tuner.trainer import TrainingArgs, train
         extra = {}

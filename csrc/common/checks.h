@@ -62,6 +62,12 @@ struct ArgCheck {
            ".");
     }
   }
+  void dtype(const char* name, const mlx::core::array& a, mlx::core::Dtype want) const {
+    if (a.dtype() != want) {
+      fail(std::string(name) + " must be " + dtype_str(want) + " but got " + dtype_str(a.dtype()) +
+           ".");
+    }
+  }
   void shape(const char* name, const mlx::core::array& a, const mlx::core::Shape& want) const {
     if (a.shape() != want) {
       fail(std::string(name) + " must have shape " + shape_str(want) + " but got " +

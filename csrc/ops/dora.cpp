@@ -179,11 +179,9 @@ mx::array dora_inv_norm(
   check.shape("b", b, {r, out});
   check.shape("p", p, p_transposed ? mx::Shape{r, out} : mx::Shape{out, r});
   check.floating("p", p);
-  for (auto [name, arr] : {std::pair{"b", &b}, {"a", &a}, {"c", &c}}) {
-    if (arr->dtype() != mx::float32) {
-      check.fail(std::string(name) + " must be float32 but got " + dtype_str(arr->dtype()) + ".");
-    }
-  }
+  check.dtype("b", b, mx::float32);
+  check.dtype("a", a, mx::float32);
+  check.dtype("c", c, mx::float32);
   std::vector<mx::array> in = {contiguous_rows(p, s), contiguous_rows(b, s),
                                contiguous_rows(a, s), contiguous_rows(c, s)};
   return mx::stop_gradient(
@@ -201,9 +199,7 @@ mx::array dora_scale(
   scale_check.floating("z", z);
   int cols = z.shape(1);
   scale_check.shape("sv", sv, {cols});
-  if (sv.dtype() != mx::float32) {
-    scale_check.fail("sv must be float32 but got " + dtype_str(sv.dtype()) + ".");
-  }
+  scale_check.dtype("sv", sv, mx::float32);
   std::vector<mx::array> in = {contiguous_rows(z, s), contiguous_rows(sv, s)};
   if (bias) {
     scale_check.shape("bias", *bias, {cols});

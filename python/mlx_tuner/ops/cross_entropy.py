@@ -171,19 +171,23 @@ def model_head(model):
     """
     if not _plain(model) or not hasattr(model, "model"):
         return None
-    head = getattr(model, "lm_head", None)
-    if head is not None:
-        if isinstance(head, nn.QuantizedLinear):
-            return head["weight"], head.get("bias"), _quant(head), False
-        if type(head) is nn.Linear:
-            return head["weight"], head.get("bias"), None, False
-        return None
-    emb = getattr(model.model, "embed_tokens", None)
-    if isinstance(emb, nn.QuantizedEmbedding):
-        return emb["weight"], None, _quant(emb), True
-    if type(emb) is nn.Embedding:
-        return emb["weight"], None, None, True
+    head = _head_module(model)
+    if isinstance(head, nn.QuantizedLinear):
+        return head["weight"], head.get("bias"), _quant(head), False
+    if type(head) is nn.Linear:
+        return head["weight"], head.get("bias"), None, False
+    if isinstance(head, nn.QuantizedEmbedding):
+        return head["weight"], None, _quant(head), True
+    if type(head) is nn.Embedding:
+        return head["weight"], None, None, True
     return None
+
+
+def _head_module(model):
+    """The module whose weight maps hidden states to logits: ``lm_head``, else the tied
+    ``model.embed_tokens`` (None if neither)."""
+    head = getattr(model, "lm_head", None)
+    return head if head is not None else getattr(model.model, "embed_tokens", None)
 
 
 def hidden_states(model, inputs: mx.array) -> mx.array:
@@ -194,10 +198,7 @@ def hidden_states(model, inputs: mx.array) -> mx.array:
 def _head_frozen(model) -> bool:
     """Whether the head that ``model_head`` found gets no gradient (no trainable weight or
     bias), as with LoRA: then only h needs one."""
-    head = getattr(model, "lm_head", None)
-    if head is None:
-        head = model.model.embed_tokens
-    trainable = head.trainable_parameters()
+    trainable = _head_module(model).trainable_parameters()
     return "weight" not in trainable and "bias" not in trainable
 
 
