@@ -17,8 +17,10 @@ three are for the H200 (bench/device-run train, TRAIN_CONFIGS).
 
 from __future__ import annotations
 
-import gc
+import json
 import os
+import subprocess
+import sys
 import time
 import types
 from pathlib import Path
@@ -28,8 +30,8 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 import pytest
-from common import QUICK, annotate, device_pool_peak, read_peak, reset_peak, run
 
+from common import QUICK, annotate, cuda_ext, device_pool_peak, read_peak, reset_peak, run
 from mlx_tuner import tiny
 from mlx_tuner.datasets import CacheDataset, load_local_dataset
 from mlx_tuner.trainer import default_loss
@@ -161,11 +163,25 @@ def _train(method, provider, tmp, iters=ITERS, on_start=None):
 
 def _device_peak(method, provider, tmp):
     """(peak, start): the peak bytes in use on the CUDA device over a few training steps,
-    and the bytes in use when they started (the model's weights, and whatever else the
-    process still holds), one counter for MLX's buffers and mlx-tuner's alike (the
-    default memory pool both allocate from), with both caches off so that freed buffers
-    count as free. (None, None) off CUDA."""
-    gc.collect()
+    and the bytes in use when they started (the model's weights), one counter for MLX's
+    buffers and mlx-tuner's alike (the default memory pool both allocate from), with both
+    caches off so that freed buffers count as free. Measured in a fresh process: one that
+    has trained before still holds some of that run's device memory, which a later run
+    may or may not reuse. (None, None) off CUDA."""
+    if cuda_ext() is None:
+        return None, None
+    env = {**os.environ, "MLX_TUNER_BENCH_TRAIN": CONFIG}
+    done = subprocess.run([sys.executable, __file__, method, provider, str(tmp)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("DEVICE_PEAK ")]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"the device-peak run failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    peak, start = json.loads(lines[-1][len("DEVICE_PEAK "):])
+    return peak, start
+
+
+def _device_peak_here(method, provider, tmp):
+    """The measurement _device_peak runs in its fresh process."""
     start = []
     with device_pool_peak() as pool:
         if pool is None:
@@ -232,3 +248,7 @@ def _plot():
     RESULTS.mkdir(exist_ok=True)
     fig.savefig(RESULTS / ("train_loss.png" if CONFIG == "tiny" else f"train_loss-{CONFIG}.png"), dpi=100)
     plt.close(fig)
+
+
+if __name__ == "__main__":  # the fresh process of _device_peak: method provider tmp
+    print("DEVICE_PEAK " + json.dumps(_device_peak_here(sys.argv[1], sys.argv[2], Path(sys.argv[3]))))
