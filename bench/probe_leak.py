@@ -9,6 +9,7 @@ whose start grew after each mlx-tuner run in one process.
 from __future__ import annotations
 
 import gc
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -37,18 +38,43 @@ def state(tag):
         print(f"    {a.shape} {a.dtype} {a.nbytes / MiB:.1f} MiB", flush=True)
 
 
+def sdpa(length, times=3):
+    """MLX alone: the attention backward at one sequence length, a fresh graph each time."""
+    for _ in range(times):
+        q, k, v = (mx.random.normal((4, 16, length, 128)).astype(mx.bfloat16) for _ in range(3))
+
+        def f(q, k, v):
+            return mx.fast.scaled_dot_product_attention(q, k, v, scale=0.088, mask="causal").sum()
+
+        mx.eval(mx.grad(f, argnums=(0, 1, 2))(q, k, v))
+        del q, k, v
+        mx.clear_cache()
+        state(f"sdpa backward, length {length}")
+
+
 def main(methods):
     tmp = Path(tempfile.mkdtemp())
     ext = cuda_ext()
     state("start")
     for method in methods:
-        for provider in ("fused", "fused", "reference"):
+        if method == "sdpa":
+            sdpa(1024)
+            sdpa(1056)
+            continue
+        if method == "pad32":  # our trainer with mlx-lm's padding: no fused attention backward
+            import mlx_tuner.trainer as trainer
+
+            trainer._input_multiple = lambda: 32
+            continue
+        for provider in os.environ.get("LEAK_PROVIDERS", "fused fused reference").split():
             bt._train(method, provider, tmp, iters=8)
             state(f"{method} {provider} 8 iters")
             mx.clear_cache()
             if ext is not None:
                 ext.clear_cuda_cache()
             state("  caches cleared")
+        if "LEAK_PROVIDERS" in os.environ:
+            continue
         old = mx.set_cache_limit(0), (ext.set_cuda_cache_limit(0) if ext else None)
         bt._train(method, "fused", tmp, iters=8)
         state(f"{method} fused 8 iters, caches off")
@@ -58,4 +84,4 @@ def main(methods):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["lora"])
+    main(sys.argv[1:] or ["lora"])  # also "sdpa", and "pad32" before a method
