@@ -155,10 +155,28 @@ def _train(method, provider, tmp, iters=ITERS, on_start=None):
     train(model=model, optimizer=optim.Adam(learning_rate=1e-3), train_dataset=data, args=args,
           loss=loss, training_callback=Keep())
     seconds = time.perf_counter() - tic
+    peak = read_peak()
     if SEQ is not None and len(marks) > 6:  # steady state: leave out compilation and warm-up
         (t0, n0), (t1, n1) = marks[4], marks[-1]
-        return curve, (n1 - n0) / (t1 - t0), read_peak()
-    return curve, tokens[0] / seconds, read_peak()
+        return curve, (n1 - n0) / (t1 - t0), peak, _heldout_loss(model)
+    return curve, tokens[0] / seconds, peak, _heldout_loss(model)
+
+
+def _heldout_loss(model):
+    """The trained model's mean cross-entropy on BATCH rows neither run trained on, the
+    logits in float32: one yardstick for both runs. The training curves are not quite
+    that: mlx-lm's loss takes the cross-entropy of bf16 logits (its values rounded to bf16,
+    a step of 0.0625 near 10), mlx-tuner's accumulates in float32."""
+    if SEQ is not None:
+        rng = np.random.default_rng(1)
+        rows = mx.array(rng.integers(0, SHAPE["vocab_size"], (BATCH, SEQ + 1)))
+    else:
+        hf = tiny.build_tokenizer(vocab_size=512)
+        rows = mx.array([hf.encode(f"held-out row {i}: the quick brown fox jumps over the lazy dog") for i in range(BATCH)])
+    model.eval()
+    logits = model(rows[:, :-1]).astype(mx.float32)
+    ce = nn.losses.cross_entropy(logits, rows[:, 1:], reduction="mean")
+    return float(ce.item())
 
 
 def _device_peak(method, provider, tmp):
@@ -197,7 +215,7 @@ def test_train(benchmark, method, provider, tmp_path):
     out = {}
 
     def once():
-        out["curve"], out["tps"], out["peak"] = _train(method, provider, tmp_path)
+        out["curve"], out["tps"], out["peak"], out["heldout"] = _train(method, provider, tmp_path)
         return mx.array(0)
 
     run(benchmark, once, rounds=1, warmup=0)
@@ -206,20 +224,27 @@ def test_train(benchmark, method, provider, tmp_path):
     annotate(benchmark, op=f"train_{method}", provider=provider, mode="fwd+bwd+update", dtype=DTYPE,
              shape={**SHAPE, "batch": BATCH, "seq": SEQ, "iters": ITERS, "config": CONFIG}, peak_bytes=int(out["peak"]),
              tokens_per_second=out["tps"], losses=[float(v) for v in out["curve"]],
-             device_peak_bytes=device_peak, device_start_bytes=device_start)
+             device_peak_bytes=device_peak, device_start_bytes=device_start, heldout_loss=out["heldout"])
     dev = (f"  device peak {device_peak / 2**20:7.1f} MiB ({(device_peak - device_start) / 2**20:.1f} "
            f"above the start)" if device_peak is not None else "")
     print(f"\n{method:6s} {provider:9s} {out['tps']:9.1f} tokens/s  peak {out['peak'] / 2**20:7.1f} MiB{dev}  "
-          f"loss {out['curve'][0]:.3f} -> {out['curve'][-1]:.3f}")
+          f"loss {out['curve'][0]:.3f} -> {out['curve'][-1]:.3f}  held-out {out['heldout']:.4f}")
     other = CURVES.get((method, "reference" if provider == "fused" else "fused"))
     if other is not None:  # same model, data, order and loss: the curves must agree
         tol = 2e-3 if DTYPE == mx.float32 else 3e-2  # bf16 rounding differs between the paths
         np.testing.assert_allclose(out["curve"], other, rtol=tol, atol=tol)
         # On random tokens the whole decrease can be smaller than that tolerance: both
-        # runs must also learn alike (the drop from the first 3 reports to the last 5).
+        # runs must also learn alike (the drop from the first 3 reports to the last 5),
+        # where the drop stands out from the step-to-step noise (at the 8B shape 15 steps
+        # do not move the loss beyond it, and the check would compare two noise values).
         if len(other) >= 10:
             drop = [float(np.mean(c[:3]) - np.mean(c[-5:])) for c in (out["curve"], other)]
-            assert min(drop) > 0 and min(drop) >= 0.5 * max(drop), f"loss drops differ: {drop}"
+            # The drop's own noise: per-step sigma = std(diff) / sqrt(2), times sqrt(1/3 + 1/5).
+            noise = max(float(np.std(np.diff(c))) for c in (out["curve"], other)) * 0.516
+            if max(drop) > 3 * noise:
+                assert min(drop) > 0 and min(drop) >= 0.5 * max(drop), f"loss drops differ: {drop}"
+            else:
+                print(f"loss drops {drop} within step noise {noise:.4f}: not compared")
         if not QUICK:  # the smoke test leaves the recorded plot alone
             _plot()
 
