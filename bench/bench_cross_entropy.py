@@ -28,6 +28,10 @@ N = int(os.environ.get("MLX_TUNER_BENCH_CE_N", 64 if QUICK else (8192 if GPU els
 D = int(os.environ.get("MLX_TUNER_BENCH_CE_D", 64 if QUICK else (1024 if GPU else 256)))
 DTYPE = mx.bfloat16 if GPU else mx.float32
 PROVIDERS = {"reference": linear_cross_entropy_reference, "fused": linear_cross_entropy}
+# On CUDA also the opt-in bf16 logit chunks (MLX_TUNER_CE_LOGITS=compute) of the "dh" mode,
+# timed beside the float32 chunks before they become the default.
+if GPU and mx.cuda.is_available():
+    PROVIDERS["fused-bf16-logits"] = linear_cross_entropy
 
 
 def _case(V: int, mode: str, provider: str):
@@ -37,7 +41,7 @@ def _case(V: int, mode: str, provider: str):
     y = mx.random.randint(0, V, (N,))
     mask = mx.arange(N) % 7 != 3  # some prompt tokens masked out, as in training
     mx.eval(h, w, y, mask)
-    kw = {"grad_in_forward": True} if provider == "fused" and mode == "dh" else {}
+    kw = {"grad_in_forward": True} if provider.startswith("fused") and mode == "dh" else {}
 
     def loss(h, w):
         return fn(h, w, y, mask=mask, reduction="mean", **kw)
@@ -50,14 +54,18 @@ def _case(V: int, mode: str, provider: str):
 @pytest.mark.parametrize("mode", ["fwd", "dh", "dh+dW"])
 @pytest.mark.parametrize("V", VOCABS)
 @pytest.mark.parametrize("provider", list(PROVIDERS))
-def test_linear_cross_entropy(benchmark, provider, V, mode):
+def test_linear_cross_entropy(benchmark, provider, V, mode, monkeypatch):
+    if provider == "fused-bf16-logits":
+        if mode != "dh":
+            pytest.skip("the bf16 logit chunks are a setting of the gradient-in-forward path")
+        monkeypatch.setenv("MLX_TUNER_CE_LOGITS", "compute")
     h, w, step = _case(V, mode, provider)
     peak = peak_memory(lambda: step(h, w))
     gemms = {"fwd": 1, "dh": 2, "dh+dW": 3}[mode]  # logits (, dh, dW): the reference's work
     # The CUDA kernels' float32 accumulators come from cudaMallocAsync, which MLX's memory
     # counters do not see (GPU.md): add them to the measured peak by hand.
     uncounted = 0
-    if GPU and provider == "fused" and not mx.metal.is_available():
+    if GPU and provider.startswith("fused") and not mx.metal.is_available():
         uncounted = 4 * ((N * D if mode != "fwd" else 0) + (V * D if mode == "dh+dW" else 0))
     annotate(benchmark, op="linear_cross_entropy", provider=provider,
              mode="fwd" if mode == "fwd" else f"fwd+bwd:{mode}",

@@ -53,11 +53,22 @@ def _assert_same(device, dtype, got, plain, ref, want, names):
         assert_close_to_oracle(f, r, o, dtype, what)
 
 
+def _logit_chunks(device, logits, monkeypatch):
+    # MLX_TUNER_CE_LOGITS=compute (CUDA, bfloat16 inputs): the logit chunks in bfloat16,
+    # P written over them. A CUDA setting: the CPU has no chunks to keep.
+    if logits == "compute":
+        if device == mx.cpu:
+            pytest.skip("MLX_TUNER_CE_LOGITS is a setting of the CUDA kernels")
+        monkeypatch.setenv("MLX_TUNER_CE_LOGITS", "compute")
+
+
+@pytest.mark.parametrize("logits", ["float32", "compute"])
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("grads", ["dh", "all"])
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=["float32", "bfloat16"])
-def test_same_loss_and_grads(device, dtype, bias, grads, compiled, monkeypatch):
+def test_same_loss_and_grads(device, dtype, bias, grads, compiled, logits, monkeypatch):
+    _logit_chunks(device, logits, monkeypatch)
     monkeypatch.setenv("MLX_TUNER_CE_CHUNK", "256")
     h, w, b, y, g = _hard_case(dtype, bias)
     argnums = (0,) if grads == "dh" else ((0, 1, 2) if bias else (0, 1))
@@ -70,9 +81,11 @@ def test_same_loss_and_grads(device, dtype, bias, grads, compiled, monkeypatch):
                  oracle(h, w, b, y, g), names)
 
 
+@pytest.mark.parametrize("logits", ["float32", "compute"])
 @pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16],
                          ids=["float32", "float16", "bfloat16"])
-def test_mask_and_mean(device, dtype):
+def test_mask_and_mean(device, dtype, logits, monkeypatch):
+    _logit_chunks(device, logits, monkeypatch)
     # The trainer's use: a masked mean, gradient of h only.
     B, L, d, V = 3, 11, 20, 300
     h, w, _, y = _inputs((B, L), d, V, dtype, bias=False)

@@ -34,6 +34,7 @@
 #include <cstdlib>
 #include <initializer_list>
 #include <optional>
+#include <string>
 
 #include "backend/cuda/gemm.cuh"
 #include "ops/cross_entropy.h"
@@ -153,7 +154,7 @@ __global__ void lce_chunk_forward(const float* z, const T* bias, const int32_t* 
   const int t = y[n];
   float zt = first ? 0.0f : loss[n];
   if (t >= v0 && t - v0 < vc) {
-    zt = (row ? row[t - v0] : 0.0f) + (b ? to_f(b[t - v0]) : 0.0f);
+    zt = (row ? to_f(row[t - v0]) : 0.0f) + (b ? to_f(b[t - v0]) : 0.0f);
   }
   if (last) {
     const float l = a.m + logf(a.s);
@@ -174,6 +175,16 @@ template <typename T>
 struct alignas(4 * sizeof(T)) Vec4 {
   T v[4];
 };
+
+// Elements 4j .. 4j + 3 of a row as floats: one 16-byte load of float, 8 of 16-bit types
+// (rows start 4-element aligned when vc % 4 == 0).
+template <typename Z>
+__device__ inline void load4(const Z* row, int j, float x[4]) {
+  const Vec4<Z> q = reinterpret_cast<const Vec4<Z>*>(row)[j];
+  for (int k = 0; k < 4; ++k) {
+    x[k] = to_f(q.v[k]);
+  }
+}
 
 template <typename T>
 __global__ void lce_chunk_grad(const float* z, const T* bias, const int32_t* y,
@@ -259,14 +270,14 @@ __device__ float block_all_reduce(float v, Op op, float* part) {
 // and rescales acc[n, :]. P may be z itself (T = float): each element is read, then
 // written, by one thread, and the target's logit is read before the first barrier.
 // z = P = acc = nullptr: d = 0.
-template <typename T>
-__global__ void lce_chunk_softmax(const float* z, const T* bias, const int32_t* y, int N,
+template <typename T, typename Z>
+__global__ void lce_chunk_softmax(const Z* z, const T* bias, const int32_t* y, int N,
                                   int vc, int v0, int V, int d, int first, int last,
                                   float* state, float* loss, float* lse, T* P,
                                   float* acc) {
   __shared__ float part[kThreads / 32];
   const int n = blockIdx.x;
-  const float* row = z ? z + size_t(n) * vc : nullptr;
+  const Z* row = z ? z + size_t(n) * vc : nullptr;
   const T* b = bias ? bias + v0 : nullptr;
   T* prow = P ? P + size_t(n) * vc : nullptr;
   const bool vec = row && vc % 4 == 0; // 16-byte loads: rows start 16-byte aligned
@@ -274,22 +285,21 @@ __global__ void lce_chunk_softmax(const float* z, const T* bias, const int32_t* 
   const bool hit = t >= v0 && t - v0 < vc;
   float zt = 0.0f;
   if (threadIdx.x == 0 && hit) {
-    zt = (row ? row[t - v0] : 0.0f) + (b ? to_f(b[t - v0]) : 0.0f);
+    zt = (row ? to_f(row[t - v0]) : 0.0f) + (b ? to_f(b[t - v0]) : 0.0f);
   }
   auto logit = [&](int j, float x) { return b ? x + to_f(b[j]) : x; };
   float cmax = -INFINITY;
   if (vec) {
-    const float4* row4 = reinterpret_cast<const float4*>(row);
     for (int j = threadIdx.x; j < vc / 4; j += kThreads) {
-      const float4 q = row4[j];
-      const float x[4] = {q.x, q.y, q.z, q.w};
+      float x[4];
+      load4(row, j, x);
       for (int k = 0; k < 4; ++k) {
         cmax = fmaxf(cmax, logit(4 * j + k, x[k]));
       }
     }
   } else {
     for (int j = threadIdx.x; j < vc; j += kThreads) {
-      cmax = fmaxf(cmax, logit(j, row ? row[j] : 0.0f));
+      cmax = fmaxf(cmax, logit(j, row ? to_f(row[j]) : 0.0f));
     }
   }
   cmax = block_all_reduce(cmax, MaxOp{}, part);
@@ -301,10 +311,9 @@ __global__ void lce_chunk_softmax(const float* z, const T* bias, const int32_t* 
   const int jt = t - v0; // the target's column (P = 0 there), if in this chunk
   float s = 0.0f, sp = 0.0f;
   if (vec) {
-    const float4* row4 = reinterpret_cast<const float4*>(row);
     for (int j = threadIdx.x; j < vc / 4; j += kThreads) {
-      const float4 q = row4[j];
-      const float x[4] = {q.x, q.y, q.z, q.w};
+      float x[4];
+      load4(row, j, x);
       Vec4<T> o;
       for (int k = 0; k < 4; ++k) {
         const float pk = prob(logit(4 * j + k, x[k]));
@@ -316,7 +325,7 @@ __global__ void lce_chunk_softmax(const float* z, const T* bias, const int32_t* 
     }
   } else {
     for (int j = threadIdx.x; j < vc; j += kThreads) {
-      const float pj = prob(logit(j, row ? row[j] : 0.0f));
+      const float pj = prob(logit(j, row ? to_f(row[j]) : 0.0f));
       const T pt = from_f<T>(j == jt ? 0.0f : pj);
       s += pj;
       sp += to_f(pt);
@@ -454,15 +463,16 @@ mx::array aligned(mx::cu::CommandEncoder& enc, const mx::array& x) {
 }
 
 // Vocabulary columns per chunk: MLX_TUNER_CE_CHUNK (rounded up to a multiple of 256) or
-// the most that keeps the float32 chunk within kChunkBytes; at least 256, at most V.
-int chunk_width(int N, int V) {
+// the most that keeps the logit chunk (elem bytes each) within kChunkBytes; at least 256,
+// at most V.
+int chunk_width(int N, int V, size_t elem = sizeof(float)) {
   long long vc;
   const char* env = std::getenv("MLX_TUNER_CE_CHUNK");
   if (env != nullptr && env[0] != '\0') {
     vc = std::max(1LL, std::atoll(env));
     vc = (vc + kChunkAlign - 1) / kChunkAlign * kChunkAlign;
   } else {
-    vc = static_cast<long long>(kChunkBytes / (sizeof(float) * std::max(N, 1)));
+    vc = static_cast<long long>(kChunkBytes / (elem * std::max(N, 1)));
     vc = std::max<long long>(kChunkAlign, vc / kChunkAlign * kChunkAlign);
   }
   return static_cast<int>(std::min<long long>(vc, V));
@@ -530,23 +540,39 @@ void forward(const LinearCrossEntropy& p, const std::vector<mx::array>& in,
   }
 }
 
+// MLX_TUNER_CE_LOGITS=compute: grad_in_forward's logit chunks in bfloat16 when the inputs
+// are, P written over them in place: the chunk traffic of the materialized path (bf16
+// logits and their gradient, 8 bytes a logit instead of 12), the logits rounded as it
+// rounds them; the sums stay float32. Not for float16, whose range a logit can leave.
+// Opt-in until it is timed against the float32 chunks on the H200.
+bool logits_in_compute_dtype(mx::Dtype dt) {
+  const char* e = std::getenv("MLX_TUNER_CE_LOGITS");
+  return dt == mx::bfloat16 && e != nullptr && std::string(e) == "compute";
+}
+
 // grad_in_forward: loss, lse and dh_unit (out[2], the accumulator until the end) in two
-// GEMMs per chunk (maths and ordering at the top of this file).
-template <typename T>
-void forward_with_grad(const LinearCrossEntropy& p, const std::vector<mx::array>& in,
-                       std::vector<mx::array>& out, mx::cu::CommandEncoder& enc) {
-  constexpr bool f32 = std::is_same_v<T, float>;
+// GEMMs per chunk (maths and ordering at the top of this file). Z is the chunk's logit
+// type: float, or T itself (logits_in_compute_dtype), P then written over Z.
+template <typename T, typename Z>
+void forward_with_grad_as(const LinearCrossEntropy& p, const std::vector<mx::array>& in,
+                          std::vector<mx::array>& out, mx::cu::CommandEncoder& enc) {
+  // P overwrites Z when both have T's type: the next Z GEMM then waits for the acc
+  // GEMM's read of P.
+  constexpr bool in_place = std::is_same_v<T, Z>;
   auto setup = forward_setup<T>(p, in, out, enc);
   if (!setup) {
     return;
   }
-  const auto& [N, d, V, vmax, dt, h, w, y, bias] = *setup;
-  auto z = scratch(enc, {N, vmax}, mx::float32);
-  // P in T: for 16-bit T half the float32 chunk's bytes more (64 MiB within the budget).
-  auto P = f32 ? z : scratch(enc, {N, vmax}, dt);
+  const auto& [N, d, V, vmax_f32, dt, h, w, y, bias] = *setup;
+  const int vmax = in_place ? chunk_width(N, V, sizeof(Z)) : vmax_f32;
+  const mx::Dtype zdt = in_place ? dt : mx::float32;
+  auto z = scratch(enc, {N, vmax}, zdt);
+  // P in T: for 16-bit T and float Z half the float32 chunk's bytes more (64 MiB within
+  // the budget).
+  auto P = in_place ? z : scratch(enc, {N, vmax}, dt);
   auto state = scratch(enc, {4, N}, mx::float32); // m, s, sp, q
   auto& acc = out[2];
-  const float* zp = d > 0 ? gpu_ptr<float>(z) : nullptr;
+  const Z* zp = d > 0 ? gpu_ptr<Z>(z) : nullptr;
   T* pp = d > 0 ? gpu_ptr<T>(P) : nullptr;
   float* ap = d > 0 ? gpu_ptr<float>(acc) : nullptr;
   const T* bp = bias ? gpu_ptr<T>(*bias) : nullptr;
@@ -556,15 +582,14 @@ void forward_with_grad(const LinearCrossEntropy& p, const std::vector<mx::array>
     const size_t off = size_t(v0) * d; // of W's rows v0 :
     const int first = v0 == 0, last = v0 + vc >= V;
     if (d > 0) {
-      // float32: after the previous acc GEMM, which read P = Z.
-      track(enc, {f32 ? &acc : nullptr}, {});
-      gemm(enc, gemm_of(false, true, N, vc, d, dt, mx::float32, off), 1.0f, h, w,
-           0.0f, z);
+      // In place: after the previous acc GEMM, which read P = Z.
+      track(enc, {in_place ? &acc : nullptr}, {});
+      gemm(enc, gemm_of(false, true, N, vc, d, dt, zdt, off), 1.0f, h, w, 0.0f, z);
     }
     // Z registered as written: the next Z GEMM waits for this read. acc: this waits
     // for the previous acc GEMM (its read of P, its write of acc).
     track(enc, {&y, bias}, {&z, &P, &acc, &state, &out[0], &out[1]});
-    run(enc, reinterpret_cast<const void*>(&lce_chunk_softmax<T>), dim3(N), zp, bp,
+    run(enc, reinterpret_cast<const void*>(&lce_chunk_softmax<T, Z>), dim3(N), zp, bp,
         gpu_ptr<int32_t>(y), N, vc, v0, V, d, first, last, st, gpu_ptr<float>(out[0]),
         gpu_ptr<float>(out[1]), pp, ap);
     if (d > 0) { // acc (+)= P · W[v0 : v0 + vc]
@@ -578,6 +603,17 @@ void forward_with_grad(const LinearCrossEntropy& p, const std::vector<mx::array>
     run(enc, reinterpret_cast<const void*>(&lce_dh_unit<T>), grid_for(total), ap, st,
         gpu_ptr<int32_t>(y), gpu_ptr<T>(w), N, d, V, total);
   }
+}
+
+template <typename T>
+void forward_with_grad(const LinearCrossEntropy& p, const std::vector<mx::array>& in,
+                       std::vector<mx::array>& out, mx::cu::CommandEncoder& enc) {
+  if constexpr (!std::is_same_v<T, float>) {
+    if (logits_in_compute_dtype(in[0].dtype())) {
+      return forward_with_grad_as<T, T>(p, in, out, enc);
+    }
+  }
+  forward_with_grad_as<T, float>(p, in, out, enc);
 }
 
 template <typename T>
