@@ -28,10 +28,14 @@ N = int(os.environ.get("MLX_TUNER_BENCH_CE_N", 64 if QUICK else (8192 if GPU els
 D = int(os.environ.get("MLX_TUNER_BENCH_CE_D", 64 if QUICK else (1024 if GPU else 256)))
 DTYPE = mx.bfloat16 if GPU else mx.float32
 PROVIDERS = {"reference": linear_cross_entropy_reference, "fused": linear_cross_entropy}
-# On CUDA also the opt-in bf16 logit chunks (MLX_TUNER_CE_LOGITS=compute) of the "dh" mode,
-# timed beside the float32 chunks before they become the default.
+# On CUDA also the opt-in settings of the "dh" mode's chunks, timed beside the default
+# before either becomes it: bf16 logit chunks, and those in two buffers taken in turn.
+CUDA_VARIANTS = {
+    "fused-bf16-logits": {"MLX_TUNER_CE_LOGITS": "compute"},
+    "fused-bf16-logits-2buf": {"MLX_TUNER_CE_LOGITS": "compute", "MLX_TUNER_CE_BUFFERS": "2"},
+}
 if GPU and mx.cuda.is_available():
-    PROVIDERS["fused-bf16-logits"] = linear_cross_entropy
+    PROVIDERS.update({name: linear_cross_entropy for name in CUDA_VARIANTS})
 
 
 def _case(V: int, mode: str, provider: str):
@@ -55,10 +59,11 @@ def _case(V: int, mode: str, provider: str):
 @pytest.mark.parametrize("V", VOCABS)
 @pytest.mark.parametrize("provider", list(PROVIDERS))
 def test_linear_cross_entropy(benchmark, provider, V, mode, monkeypatch):
-    if provider == "fused-bf16-logits":
+    if provider in CUDA_VARIANTS:
         if mode != "dh":
-            pytest.skip("the bf16 logit chunks are a setting of the gradient-in-forward path")
-        monkeypatch.setenv("MLX_TUNER_CE_LOGITS", "compute")
+            pytest.skip("a setting of the gradient-in-forward path")
+        for key, value in CUDA_VARIANTS[provider].items():
+            monkeypatch.setenv(key, value)
     h, w, step = _case(V, mode, provider)
     peak = peak_memory(lambda: step(h, w))
     gemms = {"fwd": 1, "dh": 2, "dh+dW": 3}[mode]  # logits (, dh, dW): the reference's work

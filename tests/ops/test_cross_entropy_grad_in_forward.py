@@ -54,15 +54,19 @@ def _assert_same(device, dtype, got, plain, ref, want, names):
 
 
 def _logit_chunks(device, logits, monkeypatch):
-    # MLX_TUNER_CE_LOGITS=compute (CUDA, bfloat16 inputs): the logit chunks in bfloat16,
-    # P written over them. A CUDA setting: the CPU has no chunks to keep.
-    if logits == "compute":
-        if device == mx.cpu:
-            pytest.skip("MLX_TUNER_CE_LOGITS is a setting of the CUDA kernels")
-        monkeypatch.setenv("MLX_TUNER_CE_LOGITS", "compute")
+    # CUDA settings (the CPU has no chunks to keep): MLX_TUNER_CE_LOGITS=compute, the logit
+    # chunks in bfloat16 for bfloat16 inputs, P written over them; MLX_TUNER_CE_BUFFERS=2,
+    # two chunk buffers in turn where P overwrites the logits (and for float32 inputs).
+    if logits == "float32":
+        return
+    if device == mx.cpu:
+        pytest.skip("a setting of the CUDA kernels")
+    monkeypatch.setenv("MLX_TUNER_CE_LOGITS", "compute")
+    if logits == "two-buffers":
+        monkeypatch.setenv("MLX_TUNER_CE_BUFFERS", "2")
 
 
-@pytest.mark.parametrize("logits", ["float32", "compute"])
+@pytest.mark.parametrize("logits", ["float32", "compute", "two-buffers"])
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("grads", ["dh", "all"])
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
@@ -81,7 +85,7 @@ def test_same_loss_and_grads(device, dtype, bias, grads, compiled, logits, monke
                  oracle(h, w, b, y, g), names)
 
 
-@pytest.mark.parametrize("logits", ["float32", "compute"])
+@pytest.mark.parametrize("logits", ["float32", "compute", "two-buffers"])
 @pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16],
                          ids=["float32", "float16", "bfloat16"])
 def test_mask_and_mean(device, dtype, logits, monkeypatch):

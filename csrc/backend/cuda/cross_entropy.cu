@@ -550,49 +550,67 @@ bool logits_in_compute_dtype(mx::Dtype dt) {
   return dt == mx::bfloat16 && e != nullptr && std::string(e) == "compute";
 }
 
+// MLX_TUNER_CE_BUFFERS=2, with in-place chunks (float32 inputs, or the bf16 logits
+// above): two chunk buffers of half the bytes, so that the next chunk's logit GEMM has no
+// edge to this chunk's softmax and acc GEMM in MLX's graph and may run beside them (the
+// softmax's memory traffic under a GEMM). Opt-in until timed on the H200.
+int chunk_buffers() {
+  const char* e = std::getenv("MLX_TUNER_CE_BUFFERS");
+  return e != nullptr && std::string(e) == "2" ? 2 : 1;
+}
+
 // grad_in_forward: loss, lse and dh_unit (out[2], the accumulator until the end) in two
 // GEMMs per chunk (maths and ordering at the top of this file). Z is the chunk's logit
 // type: float, or T itself (logits_in_compute_dtype), P then written over Z.
 template <typename T, typename Z>
 void forward_with_grad_as(const LinearCrossEntropy& p, const std::vector<mx::array>& in,
                           std::vector<mx::array>& out, mx::cu::CommandEncoder& enc) {
-  // P overwrites Z when both have T's type: the next Z GEMM then waits for the acc
-  // GEMM's read of P.
+  // P overwrites Z when both have T's type: the next GEMM into the same Z buffer then
+  // waits for the acc GEMM's read of P.
   constexpr bool in_place = std::is_same_v<T, Z>;
   auto setup = forward_setup<T>(p, in, out, enc);
   if (!setup) {
     return;
   }
   const auto& [N, d, V, vmax_f32, dt, h, w, y, bias] = *setup;
-  const int vmax = in_place ? chunk_width(N, V, sizeof(Z)) : vmax_f32;
+  const int nbuf = in_place ? chunk_buffers() : 1;
+  const int vmax = in_place ? chunk_width(N, V, sizeof(Z) * nbuf) : vmax_f32;
   const mx::Dtype zdt = in_place ? dt : mx::float32;
-  auto z = scratch(enc, {N, vmax}, zdt);
+  std::vector<mx::array> zs;
+  for (int b = 0; b < nbuf; ++b) {
+    zs.push_back(scratch(enc, {N, vmax}, zdt));
+  }
   // P in T: for 16-bit T and float Z half the float32 chunk's bytes more (64 MiB within
   // the budget).
-  auto P = in_place ? z : scratch(enc, {N, vmax}, dt);
+  auto P_sep = in_place ? zs[0] : scratch(enc, {N, vmax}, dt);
   auto state = scratch(enc, {4, N}, mx::float32); // m, s, sp, q
   auto& acc = out[2];
-  const Z* zp = d > 0 ? gpu_ptr<Z>(z) : nullptr;
-  T* pp = d > 0 ? gpu_ptr<T>(P) : nullptr;
   float* ap = d > 0 ? gpu_ptr<float>(acc) : nullptr;
   const T* bp = bias ? gpu_ptr<T>(*bias) : nullptr;
   float* st = gpu_ptr<float>(state);
-  for (int v0 = 0; v0 < V; v0 += vmax) {
+  int c = 0;
+  for (int v0 = 0; v0 < V; v0 += vmax, ++c) {
+    auto& z = zs[c % nbuf];
+    auto& P = in_place ? z : P_sep;
+    const Z* zp = d > 0 ? gpu_ptr<Z>(z) : nullptr;
+    T* pp = d > 0 ? gpu_ptr<T>(P) : nullptr;
     const int vc = std::min(vmax, V - v0);
     const size_t off = size_t(v0) * d; // of W's rows v0 :
     const int first = v0 == 0, last = v0 + vc >= V;
     if (d > 0) {
-      // In place: after the previous acc GEMM, which read P = Z.
-      track(enc, {in_place ? &acc : nullptr}, {});
+      // One in-place buffer: after the previous acc GEMM, which read P = Z. Two: the
+      // acc GEMM that last read this buffer registered it as written (below).
+      track(enc, {in_place && nbuf == 1 ? &acc : nullptr}, {});
       gemm(enc, gemm_of(false, true, N, vc, d, dt, zdt, off), 1.0f, h, w, 0.0f, z);
     }
-    // Z registered as written: the next Z GEMM waits for this read. acc: this waits
-    // for the previous acc GEMM (its read of P, its write of acc).
+    // Z registered as written: the next Z GEMM into it waits for this read. acc: this
+    // waits for the previous acc GEMM (its read of P, its write of acc).
     track(enc, {&y, bias}, {&z, &P, &acc, &state, &out[0], &out[1]});
     run(enc, reinterpret_cast<const void*>(&lce_chunk_softmax<T, Z>), dim3(N), zp, bp,
         gpu_ptr<int32_t>(y), N, vc, v0, V, d, first, last, st, gpu_ptr<float>(out[0]),
         gpu_ptr<float>(out[1]), pp, ap);
     if (d > 0) { // acc (+)= P · W[v0 : v0 + vc]
+      track(enc, {}, {nbuf > 1 ? &z : nullptr});
       gemm(enc, gemm_of(false, false, N, d, vc, dt, mx::float32, off), 1.0f, P, w,
            first ? 0.0f : 1.0f, acc);
     }
