@@ -154,7 +154,7 @@ __global__ void lce_chunk_forward(const float* z, const T* bias, const int32_t* 
   const int t = y[n];
   float zt = first ? 0.0f : loss[n];
   if (t >= v0 && t - v0 < vc) {
-    zt = (row ? to_f(row[t - v0]) : 0.0f) + (b ? to_f(b[t - v0]) : 0.0f);
+    zt = (row ? row[t - v0] : 0.0f) + (b ? to_f(b[t - v0]) : 0.0f);
   }
   if (last) {
     const float l = a.m + logf(a.s);
@@ -205,8 +205,7 @@ __global__ void lce_chunk_grad(const float* z, const T* bias, const int32_t* y,
   float x[4] = {0.0f, 0.0f, 0.0f, 0.0f};
   if (gn != 0.0f && row) {
     if (vec) {
-      const float4 q = *reinterpret_cast<const float4*>(row + j0);
-      x[0] = q.x, x[1] = q.y, x[2] = q.z, x[3] = q.w;
+      load4(row, j0 / 4, x);
     } else {
       for (int k = 0; k < 4; ++k) {
         x[k] = j0 + k * step < vc ? row[j0 + k * step] : 0.0f;
@@ -267,7 +266,7 @@ __device__ float block_all_reduce(float v, Op op, float* part) {
 
 // grad_in_forward, one block per token n (maths at the top of this file): merges chunk
 // z[n, 0 : vc] (+ bias[v0 :]) into state (rows m, s, sp, q of N floats), writes P[n, :]
-// and rescales acc[n, :]. P may be z itself (T = float): each element is read, then
+// and rescales acc[n, :]. P may be z itself (Z = T): each element is read, then
 // written, by one thread, and the target's logit is read before the first barrier.
 // z = P = acc = nullptr: d = 0.
 template <typename T, typename Z>
