@@ -28,12 +28,9 @@ N = int(os.environ.get("MLX_TUNER_BENCH_CE_N", 64 if QUICK else (8192 if GPU els
 D = int(os.environ.get("MLX_TUNER_BENCH_CE_D", 64 if QUICK else (1024 if GPU else 256)))
 DTYPE = mx.bfloat16 if GPU else mx.float32
 PROVIDERS = {"reference": linear_cross_entropy_reference, "fused": linear_cross_entropy}
-# On CUDA also the opt-in settings of the "dh" mode's chunks, timed beside the default
-# before either becomes it: bf16 logit chunks, and those in two buffers taken in turn.
-CUDA_VARIANTS = {
-    "fused-bf16-logits": {"MLX_TUNER_CE_LOGITS": "compute"},
-    "fused-bf16-logits-2buf": {"MLX_TUNER_CE_LOGITS": "compute", "MLX_TUNER_CE_BUFFERS": "2"},
-}
+# On CUDA also the "dh" mode with float32 logit chunks (MLX_TUNER_CE_LOGITS=float32),
+# timed beside the default bfloat16 chunks.
+CUDA_VARIANTS = {"fused-f32-logits": {"MLX_TUNER_CE_LOGITS": "float32"}}
 if GPU and mx.cuda.is_available():
     PROVIDERS.update({name: linear_cross_entropy for name in CUDA_VARIANTS})
 

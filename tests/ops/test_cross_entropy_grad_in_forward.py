@@ -12,7 +12,6 @@ import pytest
 from mlx_tuner.ops import _extension
 from mlx_tuner.ops import linear_cross_entropy as lce
 from mlx_tuner.ops import linear_cross_entropy_reference as lce_ref
-
 from tests.conftest import assert_close_to_oracle
 from tests.ops.test_cross_entropy import _inputs, oracle
 
@@ -53,26 +52,24 @@ def _assert_same(device, dtype, got, plain, ref, want, names):
         assert_close_to_oracle(f, r, o, dtype, what)
 
 
-def _logit_chunks(device, logits, monkeypatch):
-    # CUDA settings (the CPU has no chunks to keep): MLX_TUNER_CE_LOGITS=compute, the logit
-    # chunks in bfloat16 for bfloat16 inputs, P written over them; MLX_TUNER_CE_BUFFERS=2,
-    # two chunk buffers in turn where P overwrites the logits (and for float32 inputs).
-    if logits == "float32":
+def _logit_chunks(device, dtype, logits, monkeypatch):
+    # A CUDA setting (the CPU keeps no chunks): bfloat16 inputs get bfloat16 logit chunks
+    # with P written over them, unless MLX_TUNER_CE_LOGITS=float32; other dtypes always
+    # take float32 chunks, so the setting changes nothing for them.
+    if logits == "default":
         return
-    if device == mx.cpu:
-        pytest.skip("a setting of the CUDA kernels")
-    monkeypatch.setenv("MLX_TUNER_CE_LOGITS", "compute")
-    if logits == "two-buffers":
-        monkeypatch.setenv("MLX_TUNER_CE_BUFFERS", "2")
+    if device == mx.cpu or dtype != mx.bfloat16:
+        pytest.skip("a setting of the CUDA kernels' bfloat16 path")
+    monkeypatch.setenv("MLX_TUNER_CE_LOGITS", "float32")
 
 
-@pytest.mark.parametrize("logits", ["float32", "compute", "two-buffers"])
+@pytest.mark.parametrize("logits", ["default", "float32"])
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("grads", ["dh", "all"])
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=["float32", "bfloat16"])
 def test_same_loss_and_grads(device, dtype, bias, grads, compiled, logits, monkeypatch):
-    _logit_chunks(device, logits, monkeypatch)
+    _logit_chunks(device, dtype, logits, monkeypatch)
     monkeypatch.setenv("MLX_TUNER_CE_CHUNK", "256")
     h, w, b, y, g = _hard_case(dtype, bias)
     argnums = (0,) if grads == "dh" else ((0, 1, 2) if bias else (0, 1))
@@ -85,11 +82,11 @@ def test_same_loss_and_grads(device, dtype, bias, grads, compiled, logits, monke
                  oracle(h, w, b, y, g), names)
 
 
-@pytest.mark.parametrize("logits", ["float32", "compute", "two-buffers"])
+@pytest.mark.parametrize("logits", ["default", "float32"])
 @pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16],
                          ids=["float32", "float16", "bfloat16"])
 def test_mask_and_mean(device, dtype, logits, monkeypatch):
-    _logit_chunks(device, logits, monkeypatch)
+    _logit_chunks(device, dtype, logits, monkeypatch)
     # The trainer's use: a masked mean, gradient of h only.
     B, L, d, V = 3, 11, 20, 300
     h, w, _, y = _inputs((B, L), d, V, dtype, bias=False)
