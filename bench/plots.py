@@ -182,7 +182,9 @@ def plot_train(rows: list[dict], out: Path) -> None:
     if not runs:
         print("train_h200.png: no rows in train-*-h200.json; skipped")
         return
-    cases = sorted(runs, key=lambda c: (c[0] != "tinyllama", c[0], METHODS.index(c[1])))
+    # Only pairs measured side by side: a provider's row alone has no ratio to show.
+    cases = sorted((c for c in runs if all(p in runs[c] for p in PROVIDERS)),
+                   key=lambda c: (c[0] != "tinyllama", c[0], METHODS.index(c[1])))
     curves = [c for c in cases if all(runs[c].get(p, {}).get("losses") for p in PROVIDERS)]
     fig = plt.figure(figsize=(11, 7.6 if curves else 3.8), layout="constrained")
     upper, lower = fig.subfigures(2, 1) if curves else (fig, None)
@@ -238,7 +240,8 @@ def plot_train(rows: list[dict], out: Path) -> None:
         print("train_h200.png: the training rows carry no per-iteration losses; no loss curves")
     any_row = next(iter(next(iter(runs.values())).values()))
     dtype = DTYPES.get(any_row["dtype"], any_row["dtype"])
-    fig.suptitle(f"End-to-end training on {any_row['device']}, {dtype}, random weights and tokens")
+    fig.suptitle(f"End-to-end training on {any_row['device']}, {dtype}, random weights "
+                 "(data: BENCHMARKS.md)")
     _save(fig, out / "train_h200.png")
 
 
