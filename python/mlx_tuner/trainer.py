@@ -30,6 +30,7 @@ import numpy as np
 from mlx.nn.utils import average_gradients
 from mlx.utils import tree_flatten, tree_map
 
+from .activations import lean_swiglu
 from .callbacks import TrainingCallback
 from .checkpoint import atomic_save_safetensors, atomic_write_text, restore_training_state, save_training_state
 from .datasets import CacheDataset
@@ -332,7 +333,7 @@ def train(model, optimizer, train_dataset, val_dataset=None, args: TrainingArgs 
                             data_state=stream.state() if stream else {})
 
     last_saved = start if start else None
-    with _checkpointed_layers(model, args.grad_checkpoint):
+    with _checkpointed_layers(model, args.grad_checkpoint), lean_swiglu(model):
         # The gradient step's loss computes dh in its forward (evaluate keeps `loss` as is).
         train_loss = partial(default_loss, grad_in_forward=True) if loss is default_loss else loss
         loss_value_and_grad = nn.value_and_grad(model, train_loss)
