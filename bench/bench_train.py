@@ -217,22 +217,27 @@ def _heldout_loss(model):
 
 
 def _device_peak(method, provider, tmp):
-    """(peak, start): the peak bytes in use on the CUDA device over a few training steps,
-    and the bytes in use when they started (the model's weights), one counter for MLX's
-    buffers and mlx-tuner's alike (the default memory pool both allocate from), with both
-    caches off so that freed buffers count as free. Measured in a fresh process: one that
-    has trained before still holds some of that run's device memory, which a later run
-    may or may not reuse. (None, None) off CUDA."""
+    """(peaks, start): the peak bytes in use on the CUDA device over a few training steps,
+    one per run, and the bytes in use when they started (the model's weights), one counter
+    for MLX's buffers and mlx-tuner's alike (the default memory pool both allocate from),
+    with both caches off so that freed buffers count as free. Each run is a fresh process:
+    one that has trained before still holds some of that run's device memory, which a
+    later run may or may not reuse. The peak varies by ~0.5 GB from process to process (how
+    far the host runs ahead of the GPU decides what is live at once), so
+    MLX_TUNER_BENCH_PEAK_RUNS (default 1) runs it that many times. (None, None) off CUDA."""
     if cuda_ext() is None:
         return None, None
     env = {**os.environ, "MLX_TUNER_BENCH_TRAIN": CONFIG}
-    done = subprocess.run([sys.executable, __file__, method, provider, str(tmp)], env=env,
-                          capture_output=True, text=True, timeout=600)
-    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("DEVICE_PEAK ")]
-    if done.returncode != 0 or not lines:
-        raise RuntimeError(f"the device-peak run failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    peak, start = json.loads(lines[-1][len("DEVICE_PEAK "):])
-    return peak, start
+    peaks, start = [], None
+    for _ in range(max(1, int(os.environ.get("MLX_TUNER_BENCH_PEAK_RUNS", "1")))):
+        done = subprocess.run([sys.executable, __file__, method, provider, str(tmp)], env=env,
+                              capture_output=True, text=True, timeout=600)
+        lines = [ln for ln in done.stdout.splitlines() if ln.startswith("DEVICE_PEAK ")]
+        if done.returncode != 0 or not lines:
+            raise RuntimeError(f"the device-peak run failed ({done.returncode}):\n{done.stderr[-3000:]}")
+        peak, start = json.loads(lines[-1][len("DEVICE_PEAK "):])
+        peaks.append(peak)
+    return peaks, start
 
 
 def _device_peak_here(method, provider, tmp):
@@ -256,15 +261,19 @@ def test_train(benchmark, method, provider, tmp_path):
         return mx.array(0)
 
     run(benchmark, once, rounds=1, warmup=0)
-    device_peak, device_start = _device_peak(method, provider, tmp_path)
+    device_peaks, device_start = _device_peak(method, provider, tmp_path)
+    device_peak = int(np.median(device_peaks)) if device_peaks else None
     CURVES[(method, provider)] = out["curve"]
     HELDOUT[(method, provider)] = out["heldout"]
     annotate(benchmark, op=f"train_{method}", provider=provider, mode="fwd+bwd+update", dtype=DTYPE,
              shape={**SHAPE, "batch": BATCH, "seq": SEQ, "iters": ITERS, "config": CONFIG}, peak_bytes=int(out["peak"]),
              tokens_per_second=out["tps"], losses=[float(v) for v in out["curve"]],
-             device_peak_bytes=device_peak, device_start_bytes=device_start, heldout_loss=out["heldout"])
+             device_peak_bytes=device_peak, device_peak_runs=device_peaks, device_start_bytes=device_start,
+             heldout_loss=out["heldout"])
+    spread = (f", {len(device_peaks)} runs {min(device_peaks) / 2**20:.0f}-{max(device_peaks) / 2**20:.0f}"
+              if device_peaks and len(device_peaks) > 1 else "")
     dev = (f"  device peak {device_peak / 2**20:7.1f} MiB ({(device_peak - device_start) / 2**20:.1f} "
-           f"above the start)" if device_peak is not None else "")
+           f"above the start{spread})" if device_peak is not None else "")
     print(f"\n{method:6s} {provider:9s} {out['tps']:9.1f} tokens/s  peak {out['peak'] / 2**20:7.1f} MiB{dev}  "
           f"loss {out['curve'][0]:.3f} -> {out['curve'][-1]:.3f}  held-out {out['heldout']:.4f}")
     other = CURVES.get((method, "reference" if provider == "fused" else "fused"))
