@@ -27,21 +27,19 @@ from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
-
-
-def swiglu_reference(gate: mx.array, up: mx.array) -> mx.array:
-    """mlx-lm's ``swiglu``: ``silu(gate) * up``, differentiated by MLX's autograd."""
-    return nn.silu(gate) * up
+from mlx_lm.models import activations as mlx_lm_activations
 
 
 @partial(mx.compile, shapeless=True)
-def _forward(gate, up):
+def swiglu_reference(gate: mx.array, up: mx.array) -> mx.array:
+    """mlx-lm's ``swiglu`` (compiled the same way): ``silu(gate) * up``, differentiated by
+    MLX's autograd. Also ``swiglu``'s forward."""
     return nn.silu(gate) * up
 
 
 @partial(mx.compile, shapeless=True)
 def _backward(gate, up, cotangent):
-    s = mx.sigmoid(gate.astype(mx.float32))
+    s = mx.sigmoid(gate.astype(mx.float32))  # the products promote to float32 with it
     d_up = cotangent * (gate * s)
     d_gate = cotangent * up * (s * (1 + gate * (1 - s)))  # d silu / d gate
     return d_gate.astype(gate.dtype), d_up.astype(up.dtype)
@@ -49,7 +47,7 @@ def _backward(gate, up, cotangent):
 
 @mx.custom_function
 def _swiglu(gate, up):
-    return _forward(gate, up)
+    return swiglu_reference(gate, up)
 
 
 @_swiglu.vjp
@@ -68,14 +66,6 @@ def swiglu(gate: mx.array, up: mx.array) -> mx.array:
     return _swiglu(gate, up)
 
 
-def _mlx_lm_swiglu():
-    try:
-        from mlx_lm.models import activations
-    except ImportError:
-        return None
-    return activations.swiglu
-
-
 @contextlib.contextmanager
 def lean_swiglu(model, enabled: bool | None = None):
     """Within the context, the modules that define ``model``'s layers call ``swiglu``
@@ -83,9 +73,9 @@ def lean_swiglu(model, enabled: bool | None = None):
     ``enabled=None`` reads MLX_TUNER_LEAN_SWIGLU (default off: "1" turns it on)."""
     if enabled is None:
         enabled = os.environ.get("MLX_TUNER_LEAN_SWIGLU", "0") == "1"
-    theirs = _mlx_lm_swiglu() if enabled else None
+    theirs = mlx_lm_activations.swiglu
     patched = []
-    if theirs is not None:
+    if enabled:
         names = {type(m).__module__ for m in model.modules()}
         for name in sorted(names):
             mod = sys.modules.get(name)
