@@ -74,7 +74,9 @@ for dt in (mx.float32, mx.bfloat16):
             (x, a, bo, mo, bias[:dout - 3]), [0, 1, 2, 3, 4])
     compare(f"lora {dt}", lambda x, a, b: ops.lora_linear(x, w, a, b, 2.0),
             lambda x, a, b: ops.lora_linear_reference(x, w, a, b, 2.0), (x, a, b), [0, 1, 2])
-    for bits, gs in ((4, 64), (3, 32), (8, 64)):  # MLX 0.32.4 CUDA fails f32 8-bit g128 itself
+    # Every bits x group size: bench/probe_qlora.py (reference on the CPU: MLX's GPU
+    # quantized kernels JIT-compile for minutes per case). MLX 0.32.4 CUDA fails f32 8-bit g128.
+    for bits, gs in ((4, 64), (3, 32), (8, 64)):
         wq, sc, bi = mx.quantize(w, group_size=gs, bits=bits)
         kw = dict(group_size=gs, bits=bits)
         compare(f"qlora q{bits} g{gs} {dt}",
