@@ -186,8 +186,12 @@ def plot_train(rows: list[dict], out: Path) -> None:
     cases = sorted((c for c in runs if all(p in runs[c] for p in PROVIDERS)),
                    key=lambda c: (c[0] != "tinyllama", c[0], METHODS.index(c[1])))
     curves = [c for c in cases if all(runs[c].get(p, {}).get("losses") for p in PROVIDERS)]
-    fig = plt.figure(figsize=(11, 7.6 if curves else 3.8), layout="constrained")
-    upper, lower = fig.subfigures(2, 1) if curves else (fig, None)
+    # Loss curves four to a row under the bars.
+    ncol = min(4, len(curves)) if curves else 1
+    nrow = -(-len(curves) // ncol) if curves else 0
+    fig = plt.figure(figsize=(12, 4.2 + 2.6 * nrow), layout="constrained")
+    upper, lower = (fig.subfigures(2, 1, height_ratios=[4.2, 2.6 * nrow]) if curves
+                    else (fig, None))
     axes = upper.subplots(1, 2)
     width = 0.38
     # The CUDA device pool's peak (one counter for MLX's buffers and mlx-tuner's) where every
@@ -202,7 +206,7 @@ def plot_train(rows: list[dict], out: Path) -> None:
             vals = [runs[c].get(prov, {}).get(key, 0) / scale for c in cases]
             x = [i + (k - 0.5) * width for i in range(len(cases))]
             bars = ax.bar(x, vals, width, label=PROVIDERS[prov][0], color=PROVIDERS[prov][1])
-            ax.bar_label(bars, fmt="%.1f", fontsize=7)
+            ax.bar_label(bars, fmt="%.1f", fontsize=6)
         for i, c in enumerate(cases):  # the ratio over each pair of bars
             ref, fused = (runs[c].get(p, {}).get(key) for p in PROVIDERS)
             if ref and fused:
@@ -222,7 +226,10 @@ def plot_train(rows: list[dict], out: Path) -> None:
     axes[0].set_title("steady-state throughput (ratio mlx-tuner / mlx_lm above)", fontsize=9)
     axes[1].set_title(("device pool peak, caches off" if device else "peak memory")
                       + " (ratio mlx-tuner / mlx_lm above)", fontsize=9)
-    for ax, c in zip(lower.subplots(1, len(curves), squeeze=False)[0] if curves else [], curves):
+    loss_axes = lower.subplots(nrow, ncol, squeeze=False).ravel() if curves else []
+    for ax in loss_axes[len(curves):]:
+        ax.set_visible(False)
+    for ax, c in zip(loss_axes, curves):
         for prov, style in zip(PROVIDERS, ["-", "--"]):
             losses = runs[c][prov]["losses"]
             ax.plot(
@@ -232,10 +239,10 @@ def plot_train(rows: list[dict], out: Path) -> None:
                 color=PROVIDERS[prov][1],
                 label=PROVIDERS[prov][0],
             )
-        ax.set_title(f"train loss, {c[0]} {c[1]}", fontsize=9)
-        ax.set_xlabel("iteration")
-        ax.set_ylabel("train loss")
-        ax.legend(fontsize=8)
+        ax.set_title(f"{c[0]} {c[1]}: train loss", fontsize=9)
+        ax.set_xlabel("iteration", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=7)
     if not curves:
         print("train_h200.png: the training rows carry no per-iteration losses; no loss curves")
     any_row = next(iter(next(iter(runs.values())).values()))

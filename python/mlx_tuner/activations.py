@@ -11,9 +11,13 @@ from 3.47 to 2.47 MiB; eagerly in float32 the gain is the same. Not everywhere: 
 mx.compile in float32 MLX's fusion already recomputes the two (equal memory), and a toy
 bf16 MLP without LoRA kept more under mx.compile (65.8 against 47.2 MB over 4 blocks).
 
+On the H200 (BENCHMARKS.md) the saving did not stand out from the run-to-run spread of a
+LoRA step's device peak, and it cost speed (QLoRA about 20% of its tokens/s), while a
+QLoRA step's peak did fall by 1.5 GB: so it stays opt-in.
+
 ``lean_swiglu(model)`` puts it in place of mlx-lm's ``swiglu`` in the modules that define
 the model's layers for as long as the context lasts. mlx-tuner's ``train`` does so when
-``MLX_TUNER_LEAN_SWIGLU=1``: opt-in until its effect on a GPU training step is measured.
+``MLX_TUNER_LEAN_SWIGLU=1``.
 mlx-lm's models call the function through their module's global name, so that global is
 what is swapped, and put back after.
 """
