@@ -46,6 +46,35 @@ void init_lora(nb::module_& m) {
       },
       "n"_a, "out"_a, "dtype"_a, "lora_dtype"_a, "has_bias"_a,
       "(kernel, threadgroups, threads) of the fused Metal forward GEMM.");
+  m.def(
+      "metal_launch_lora_g",
+      [=](int n, const std::string& t, const std::string& u) {
+        return launch_tuple(metal_launch_lora_g(n, t, u));
+      },
+      "n"_a, "dtype"_a, "lora_dtype"_a,
+      "(kernel, threadgroups, threads) of the Metal kernel g = dy B^T.");
+  m.def(
+      "metal_launch_lora_dx",
+      [=](int n, int in, const std::string& t, const std::string& u, bool base,
+          bool lora) {
+        return launch_tuple(metal_launch_lora_dx(n, in, t, u, base, lora));
+      },
+      "n"_a, "in_dims"_a, "dtype"_a, "lora_dtype"_a, "base"_a, "lora"_a,
+      "(kernel, threadgroups, threads) of the Metal GEMM dx = [dy W] + [s g A^T].");
+  m.def(
+      "metal_launch_lora_da",
+      [=](int in, int r, const std::string& t, const std::string& u) {
+        return launch_tuple(metal_launch_lora_da(in, r, t, u));
+      },
+      "in_dims"_a, "r"_a, "dtype"_a, "lora_dtype"_a,
+      "(kernel, threadgroups, threads) of the Metal kernel dA = s x_d^T g.");
+  m.def(
+      "metal_launch_lora_db",
+      [=](int r, int out, const std::string& t, const std::string& u) {
+        return launch_tuple(metal_launch_lora_db(r, out, t, u));
+      },
+      "r"_a, "out"_a, "dtype"_a, "lora_dtype"_a,
+      "(kernel, threadgroups, threads) of the Metal kernel dB = s xa^T dy.");
 }
 
 } // namespace mlx_tuner::bindings

@@ -7,7 +7,6 @@
 #include "common/checks.h"
 #include "common/graph.h"
 #include "mlx/ops.h"
-#include "mlx/transforms.h"
 #define MLX_TUNER_LORA_PARAMS_ONLY
 #include "metal/lora.h"
 
@@ -46,6 +45,53 @@ MetalLaunch metal_launch_lora_linear(
   return {"lora_linear_" + t + "_" + u + (has_bias ? "_bias" : "_nobias"),
           {ceil_div(out, BN), ceil_div(n, BM), 1},
           {THREADS, 1, 1}};
+}
+
+MetalLaunch metal_launch_lora_g(int n, const std::string& t, const std::string& u) {
+  using namespace mlx_tuner_lora;
+  check_metal_dtypes(t, u);
+  return {"lora_g_" + t + "_" + u, {1, ceil_div(n, G_ROWS), 1}, {32 * G_ROWS, 1, 1}};
+}
+
+MetalLaunch metal_launch_lora_dx(
+    int n, int in, const std::string& t, const std::string& u, bool base, bool lora) {
+  using namespace mlx_tuner_lora;
+  check_metal_dtypes(t, u);
+  if (!base && !lora) {
+    throw std::invalid_argument(
+        "[lora_linear] the dx kernel needs dy W, s g A^T or both");
+  }
+  // dy W alone reads no LoRA parameter: one instantiation per activation dtype.
+  auto name = !lora ? "lora_dx_base_" + t
+                    : (base ? "lora_dx_" : "lora_dxd_") + t + "_" + u;
+  return {name, {ceil_div(in, BN), ceil_div(n, BM), 1}, {THREADS, 1, 1}};
+}
+
+namespace {
+
+// A thread per element of a (p, q) parameter gradient, q across adjacent threads: as
+// many as q needs (8, 16 or 32: ranks are small), the rest of the threadgroup on p.
+MetalLaunch param_grad_launch(const std::string& kernel, int p, int q) {
+  using namespace mlx_tuner_lora;
+  int wq = q <= 8 ? 8 : (q <= 16 ? 16 : 32);
+  int wp = PG_THREADS / wq;
+  return {kernel,
+          {ceil_div(q, wq), ceil_div(p, wp), 1},
+          {static_cast<size_t>(wq), static_cast<size_t>(wp), 1}};
+}
+
+} // namespace
+
+MetalLaunch metal_launch_lora_da(
+    int in, int r, const std::string& t, const std::string& u) {
+  check_metal_dtypes(t, u);
+  return param_grad_launch("lora_da_" + t + "_" + u, in, r);
+}
+
+MetalLaunch metal_launch_lora_db(
+    int r, int out, const std::string& t, const std::string& u) {
+  check_metal_dtypes(t, u);
+  return param_grad_launch("lora_db_" + t + "_" + u, r, out);
 }
 
 mx::array lora_linear(
@@ -152,30 +198,6 @@ bool LoRALinear::is_equivalent(const mx::Primitive& other) const {
   return scale_ == o.scale_ && has_bias_ == o.has_bias_ && has_xd_ == o.has_xd_;
 }
 
-// The backward as MLX's autodiff of mlx-lm's maths: the Metal path (no fused Metal
-// backward kernel yet; MLX's Metal GEMMs do the work).
-std::vector<mx::array> LoRALinear::composed_vjp(
-    const std::vector<mx::array>& primals,
-    const mx::array& dy,
-    const std::vector<int>& argnums,
-    int bias_idx,
-    int xd_idx) {
-  auto s = stream();
-  float scale = scale_;
-  auto fn = [=](const std::vector<mx::array>& p) -> std::vector<mx::array> {
-    auto wt = mx::transpose(p[1], {1, 0}, s);
-    auto y = bias_idx >= 0 ? mx::addmm(p[bias_idx], p[0], wt, 1.0f, 1.0f, s)
-                           : mx::matmul(p[0], wt, s);
-    const auto& xd = xd_idx >= 0 ? p[xd_idx] : p[0];
-    auto z = mx::matmul(mx::matmul(xd, p[2], s), p[3], s);
-    return {mx::add(y, mx::astype(mx::multiply(mx::array(scale), z, s), p[0].dtype(), s), s)};
-  };
-  auto grads = mx::vjp(fn, primals, {dy}).second;
-  std::vector<mx::array> out;
-  for (int a : argnums) out.push_back(grads[a]);
-  return out;
-}
-
 std::vector<mx::array> LoRALinear::vjp(
     const std::vector<mx::array>& primals,
     const std::vector<mx::array>& cotangents,
@@ -195,13 +217,9 @@ std::vector<mx::array> LoRALinear::vjp(
     want.bias |= a == bias_idx;
     want.x_dropped |= a == xd_idx;
   }
-#if defined(MLX_TUNER_METAL)
-  if (s.device == mx::Device::gpu) {
-    return composed_vjp(primals, cotangents[0], argnums, bias_idx, xd_idx);
-  }
-#endif
   auto dy = contiguous_rows(mx::astype(cotangents[0], outputs[0].dtype(), s), s);
-  // On the GPU, dW and dbias are one plain GEMM / reduction: MLX's own are as good.
+  // On the GPU (CUDA and Metal), dW and dbias are one plain GEMM / reduction: MLX's own
+  // are as good. The rest is the fused LoRALinearVJP.
   bool gpu = s.device == mx::Device::gpu;
   LoRAGrads in_kernel = want;
   if (gpu) {

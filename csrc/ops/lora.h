@@ -37,12 +37,22 @@ mx::array lora_linear(
     const std::optional<mx::array>& x_dropped,
     mx::StreamOrDevice s = {});
 
-// Metal dispatch of the two forward kernels (metal/lora.h), used by the Metal host code
-// and, through the bindings, by the emulator tests. Dtypes by name ("float32", ...):
+// Metal dispatch of the kernels (metal/lora.h), used by the Metal host code and, through
+// the bindings, by the emulator tests. Dtypes by name ("float32", ...):
 // t of the activations, u of the LoRA parameter the kernel reads (t or "float32").
 MetalLaunch metal_launch_lora_xa(int n, int r, const std::string& t, const std::string& u);
 MetalLaunch metal_launch_lora_linear(
     int n, int out, const std::string& t, const std::string& u, bool has_bias);
+// The backward's: g = dy B^T (u of B); dx = dy W + s g A^T, `base` and `lora` choosing
+// the pairs (dy W alone when x_dropped is given, s g A^T alone for dx_d; u of A);
+// dA = s x_d^T g (in, r), dB = s xa^T dy (r, out) (u of A, B: their gradients' dtype).
+MetalLaunch metal_launch_lora_g(int n, const std::string& t, const std::string& u);
+MetalLaunch metal_launch_lora_dx(
+    int n, int in, const std::string& t, const std::string& u, bool base, bool lora);
+MetalLaunch metal_launch_lora_da(
+    int in, int r, const std::string& t, const std::string& u);
+MetalLaunch metal_launch_lora_db(
+    int r, int out, const std::string& t, const std::string& u);
 
 // inputs: x, W, A, B, [bias], [x_d]   outputs: y (N, out), xa (N, r) (float32; T on CUDA)
 class LoRALinear : public mx::Primitive {
@@ -79,13 +89,6 @@ class LoRALinear : public mx::Primitive {
   }
 
  private:
-  std::vector<mx::array> composed_vjp(
-      const std::vector<mx::array>& primals,
-      const mx::array& dy,
-      const std::vector<int>& argnums,
-      int bias_idx,
-      int xd_idx);
-
   float scale_;
   bool has_bias_;
   bool has_xd_;

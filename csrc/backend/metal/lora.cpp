@@ -1,7 +1,9 @@
 // Metal host code of the fused LoRA linear (macOS only; kernels in metal/lora.h, launch
 // geometry from metal_launch_lora_* in csrc/ops/lora.cpp, shared with the emulator
-// tests). The backward on Metal is composed of MLX's own GEMMs (LoRALinear::vjp), so
-// LoRALinearVJP has no Metal kernel.
+// tests). Forward: xa = x_d A, then the two-pair GEMM y = x W^T + s xa B (+ bias).
+// Backward (LoRALinearVJP): g = dy B^T, then dx = dy W + s g A^T in one GEMM (s g A^T
+// into dx_d instead when x_dropped is given), dA = s x_d^T g and dB = s xa^T dy; dW and
+// dbias stay MLX ops (LoRALinear::vjp). Only the gradients asked for are computed.
 #include <stdexcept>
 
 #include "backend/metal/common.h"
@@ -65,8 +67,94 @@ void LoRALinear::eval_gpu(
   }
 }
 
-void LoRALinearVJP::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
-  throw std::logic_error("[lora_linear] the Metal backward is composed of MLX ops");
+void LoRALinearVJP::eval_gpu(
+    const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  const auto& x = inputs[0]; // x, W, dy, x_d in the output dtype (the op casts them)
+  const auto& w = inputs[1];
+  const auto& a = inputs[2]; // A, B in that dtype or float32
+  const auto& b = inputs[3];
+  const auto& xa = inputs[4]; // float32, saved by the forward
+  const auto& dy = inputs[5];
+  const auto& xd = has_xd_ ? inputs[6] : x;
+  if (grads_.weight || grads_.bias) {
+    throw std::logic_error("[lora_linear] dW and dbias are plain MLX ops on the GPU");
+  }
+  for (auto& o : outputs) {
+    o.set_data(mx::allocator::malloc(o.nbytes()));
+  }
+  auto named = grads_.pointers(outputs);
+  mx::array *dx = named.x, *da = named.lora_a, *db = named.lora_b, *dxd = named.x_dropped;
+  int n = x.shape(0), in = w.shape(1), out = w.shape(0), r = a.shape(1);
+  auto t = dtype_name(x.dtype());
+  auto s = stream();
+  // The LoRA part of the input gradient goes to dx, or to dx_d when dropout was applied.
+  bool lora_into_dx = dx && !has_xd_;
+  bool need_g = da || dxd || lora_into_dx;
+  mx::array g({n, r}, mx::float32, nullptr, {}); // dy B^T, a temporary of this call
+  if (need_g) {
+    g.set_data(mx::allocator::malloc(g.nbytes()));
+  }
+  if (need_g && n > 0 && r > 0) {
+    auto l = metal_launch_lora_g(n, t, dtype_name(b.dtype()));
+    auto& enc = metal::begin(s, l);
+    enc.set_input_array(dy, 0);
+    enc.set_input_array(b, 1);
+    enc.set_output_array(g, 2);
+    enc.set_bytes(n, 3);
+    enc.set_bytes(out, 4);
+    enc.set_bytes(r, 5);
+    metal::dispatch(enc, l);
+  }
+  // dx = dy W (+ s g A^T), and dx_d = s g A^T: the same GEMM kernel, its pairs chosen.
+  auto input_grad = [&](mx::array& dst, bool base, bool lora) {
+    if (dst.size() == 0) {
+      return;
+    }
+    auto l = metal_launch_lora_dx(n, in, t, dtype_name(a.dtype()), base, lora);
+    auto& enc = metal::begin(s, l);
+    enc.set_input_array(dy, 0); // unread without the base pair
+    enc.set_input_array(w, 1);
+    enc.set_input_array(lora ? g : dy, 2); // unread without the LoRA pair
+    enc.set_input_array(a, 3);
+    enc.set_output_array(dst, 4);
+    enc.set_bytes(n, 5);
+    enc.set_bytes(in, 6);
+    enc.set_bytes(out, 7);
+    enc.set_bytes(r, 8);
+    enc.set_bytes(scale_, 9);
+    metal::dispatch(enc, l);
+  };
+  if (dx) {
+    input_grad(*dx, true, lora_into_dx);
+  }
+  if (dxd) {
+    input_grad(*dxd, false, true);
+  }
+  // dA = s x_d^T g and dB = s xa^T dy: sums over the N rows, so zeros for an empty batch
+  // (the kernels then read neither operand).
+  auto param_grad = [&](mx::array& dst, const MetalLaunch& l, const mx::array& lhs,
+                        const mx::array& rhs, int p, int q) {
+    auto& enc = metal::begin(s, l);
+    enc.set_input_array(lhs, 0);
+    enc.set_input_array(rhs, 1);
+    enc.set_output_array(dst, 2);
+    enc.set_bytes(n, 3);
+    enc.set_bytes(p, 4);
+    enc.set_bytes(q, 5);
+    enc.set_bytes(scale_, 6);
+    metal::dispatch(enc, l);
+  };
+  if (da && da->size() > 0) {
+    auto l = metal_launch_lora_da(in, r, t, dtype_name(da->dtype()));
+    param_grad(*da, l, xd, g, in, r);
+  }
+  if (db && db->size() > 0) {
+    auto l = metal_launch_lora_db(r, out, t, dtype_name(db->dtype()));
+    param_grad(*db, l, xa, dy, r, out);
+  }
+  if (need_g) {
+    mx::metal::get_command_encoder(s).add_temporary(std::move(g));
+  }
 }
 
 } // namespace mlx_tuner

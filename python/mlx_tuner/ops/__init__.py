@@ -44,7 +44,8 @@ OP_NOTES: dict[str, str] = {
     "qlora_linear": _QLORA_NOTE,
     "lora_switch_linear": _LORA_SWITCH_NOTE,
     # What a "gpu" kernel covers where it is not the whole op:
-    "lora_linear": "Metal: fused forward, backward composed from MLX ops",
+    "lora_linear": "GPU: fused forward and backward (dx, dA, dB, dx_d as kernels of ours); "
+    "dW and dbias, when asked for (W or the bias trained), are MLX's GEMM and sum",
     "dora_linear": "GPU: the fused LoRA / QLoRA primitive and the fused row-norm kernel; on "
     "CUDA also 1/n (DoRAInvNorm, ranks up to 32; MLX ops above) and the m/n column scale with its one-pass backward "
     "(DoRAScale) as kernels of ours, on Metal as MLX ops (no fused GEMM epilogue yet)",
