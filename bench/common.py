@@ -250,6 +250,41 @@ def probe_layer(n=4096, d=4096, r=16):
     return x, w, a, b, m, c, q
 
 
+def probe_cases() -> dict:
+    """The GPU probes' cases (probe_gpu.py, probe_host_api.py): name -> a callable that
+    builds one call's graph (the caller evaluates it), on probe_layer()'s layer."""
+    from mlx_tuner.ops import dora_linear, lora_linear, qlora_linear
+
+    x, w, a, b, m, c, (wq, sc, bi) = probe_layer()
+
+    def grad_of(f, argnums=(0, 1, 2, 3)):
+        """The layer's forward+backward from a fixed upstream gradient (as the benchmarks)."""
+        return layer_step(f, (x, a, b, m), list(argnums))
+
+    def lora(xx, aa, bb, mm):
+        return lora_linear(xx, w, aa, bb, 2.0)
+
+    def dora(xx, aa, bb, mm):
+        return dora_linear(xx, w, aa, bb, mm, 2.0, weight_sq_norm=c)
+
+    def base(xx, aa, bb, mm):
+        return xx @ w.T
+
+    def qlora(xx, aa, bb, mm):
+        return qlora_linear(xx, wq, sc, bi, aa, bb, 2.0, group_size=64, bits=4)
+
+    return {
+        "base fwd": lambda: base(x, a, b, m),
+        "base fwd+bwd": grad_of(base, [0]),
+        "lora fwd": lambda: lora(x, a, b, m),
+        "lora fwd+bwd": grad_of(lora, [0, 1, 2]),
+        "qlora fwd": lambda: qlora(x, a, b, m),
+        "qlora fwd+bwd": grad_of(qlora, [0, 1, 2]),
+        "dora fwd": lambda: dora(x, a, b, m),
+        "dora fwd+bwd": grad_of(dora),
+    }
+
+
 def run(benchmark, fn, *, rounds: int | None = None, warmup: int = 2):
     """Time fn() (evaluated) with pytest-benchmark; a single round in quick mode."""
     rounds = 1 if QUICK else (rounds or 10)

@@ -10,31 +10,9 @@ import mlx.core as mx
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from common import layer_step, probe_layer
-from mlx_tuner.ops import dora_linear, lora_linear, qlora_linear
+from common import probe_cases
 
-x, w, a, b, m, c, (wq, sc, bi) = probe_layer()
-
-
-def grad_of(f, argnums=(0, 1, 2, 3)):
-    """The layer's forward+backward from a fixed upstream gradient (as the benchmarks)."""
-    return layer_step(f, (x, a, b, m), list(argnums))
-
-
-lora = lambda xx, aa, bb, mm: lora_linear(xx, w, aa, bb, 2.0)
-dora = lambda xx, aa, bb, mm: dora_linear(xx, w, aa, bb, mm, 2.0, weight_sq_norm=c)
-base = lambda xx, aa, bb, mm: xx @ w.T
-qlora = lambda xx, aa, bb, mm: qlora_linear(xx, wq, sc, bi, aa, bb, 2.0, group_size=64, bits=4)
-CASES = {
-    "base fwd": lambda: base(x, a, b, m),
-    "base fwd+bwd": grad_of(base, [0]),
-    "lora fwd": lambda: lora(x, a, b, m),
-    "lora fwd+bwd": grad_of(lora, [0, 1, 2]),
-    "qlora fwd": lambda: qlora(x, a, b, m),
-    "qlora fwd+bwd": grad_of(qlora, [0, 1, 2]),
-    "dora fwd": lambda: dora(x, a, b, m),
-    "dora fwd+bwd": grad_of(dora),
-}
+CASES = probe_cases()
 REPS = 5
 for name, fn in CASES.items():
     for _ in range(3):
