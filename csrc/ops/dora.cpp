@@ -3,6 +3,7 @@
 // back in the backward (u = y_pre / rs), which saves both storing u and recomputing x W^T.
 #include "ops/dora.h"
 
+#include <algorithm>
 #include <stdexcept>
 
 #include "common/checks.h"
@@ -10,8 +11,12 @@
 #include "ops/lora.h"
 #include "ops/qlora.h"
 #include "mlx/ops.h"
+#define MLX_TUNER_DORA_PARAMS_ONLY
+#include "metal/dora.h"
 
 namespace mlx_tuner {
+
+static_assert(mlx_tuner_dora::MAX_RANK == kInvNormMaxRank, "metal/dora.h and ops/dora.h");
 
 namespace {
 
@@ -23,9 +28,9 @@ mx::array f32c(const mx::array& a, mx::StreamOrDevice s) {
 }
 
 // The GPU path (validated inputs): the norms from the low-rank identity (W A by MLX's GEMM,
-// ||W_i||^2 by DoRARowSqNorm, then 1/n by DoRAInvNorm on CUDA, else MLX ops), the adapted
-// product from the fused LoRA / QLoRA primitive,
-// then the m / n column scale (DoRAScale on CUDA); MLX differentiates the composition,
+// ||W_i||^2 by DoRARowSqNorm, then 1/n by DoRAInvNorm up to rank kInvNormMaxRank, else MLX
+// ops), the adapted product from the fused LoRA / QLoRA primitive,
+// then the m / n column scale (DoRAScale); MLX differentiates the composition,
 // calling those primitives' own backwards. Dtypes follow mlx-lm's
 // maths. A, the only operand multiplied with W, is cast to W's dtype so that
 // no out x in float32 copy of W is made.
@@ -54,7 +59,7 @@ mx::array compose_gpu(
       ? mx::quantized_matmul(mx::astype(mx::transpose(lora_a, s), scales->dtype(), s), weight,
                              *scales, *biases, true, group_size, bits, "affine", s)
       : mx::matmul(weight, mx::astype(lora_a, weight.dtype(), s), s);
-#if defined(MLX_TUNER_CUDA) && defined(MLX_TUNER_DORA_GPU)
+#if defined(MLX_TUNER_DORA_GPU) // a CUDA or a Metal build with this family's kernels
   bool fused_norm = lora_a.shape(1) <= kInvNormMaxRank;
 #else
   bool fused_norm = !gpu && lora_a.shape(1) <= kInvNormMaxRank;
@@ -100,10 +105,10 @@ mx::array compose_gpu(
     auto z = mx::matmul(mx::matmul(xd, lora_a, s), lora_b, s);
     out = mx::add(y, mx::astype(mx::multiply(mx::array(scale), z, s), x.dtype(), s), s);
   }
-  // y = (m / n) * out (+ bias): one DoRAScale kernel each way on CUDA, where MLX's
-  // differentiated multiply cost ~200 us a step at N = out = 4096 (bf16). dm = dsv / n
+  // y = (m / n) * out (+ bias): one DoRAScale kernel each way (CUDA and Metal); on CUDA
+  // MLX's differentiated multiply cost ~200 us a step at N = out = 4096 (bf16). dm = dsv / n
   // comes from MLX's divide on (out,) vectors.
-#if defined(MLX_TUNER_CUDA) && defined(MLX_TUNER_DORA_GPU)
+#if defined(MLX_TUNER_DORA_GPU)
   bool fused_scale = true;
 #else
   bool fused_scale = !gpu;
@@ -129,9 +134,68 @@ constexpr ArgCheck scale_check{"[dora_scale]"};
 
 } // namespace
 
+namespace {
+
+void check_metal_dtype(const std::string& dtype) {
+  if (dtype != "float32" && dtype != "float16" && dtype != "bfloat16") {
+    throw std::invalid_argument("[dora_linear] no Metal kernel for dtype " + dtype + ".");
+  }
+}
+
+size_t ceil_div(int a, int b) {
+  return static_cast<size_t>((a + b - 1) / b);
+}
+
+} // namespace
+
 MetalLaunch metal_launch_dora_row_sq_norm(int rows, const std::string& dtype, int bits) {
   std::string name = bits ? "dora_row_sq_q" + std::to_string(bits) + "_" + dtype : "dora_row_sq_" + dtype;
-  return {name, {static_cast<size_t>(rows), 1, 1}, {256, 1, 1}};
+  return {name, {static_cast<size_t>(rows), 1, 1}, {mlx_tuner_dora::ROW_THREADS, 1, 1}};
+}
+
+MetalLaunch metal_launch_dora_gram(int r) {
+  using namespace mlx_tuner_dora;
+  return {"dora_gram", {static_cast<size_t>(r), 1, 1}, {GRAM_THREADS, 1, 1}};
+}
+
+MetalLaunch metal_launch_dora_inv_norm(int out, const std::string& dtype) {
+  using namespace mlx_tuner_dora;
+  check_metal_dtype(dtype);
+  return {"dora_inv_norm_" + dtype, {ceil_div(out, NORM_THREADS), 1, 1}, {NORM_THREADS, 1, 1}};
+}
+
+MetalLaunch metal_launch_dora_scale(int rows, int cols, const std::string& dtype, bool has_bias) {
+  using namespace mlx_tuner_dora;
+  check_metal_dtype(dtype);
+  return {"dora_scale_" + dtype + (has_bias ? "_bias" : "_nobias"),
+          {ceil_div(cols, SCALE_COLS), ceil_div(rows, SCALE_ROWS), 1},
+          {SCALE_COLS, 1, 1}};
+}
+
+MetalLaunch metal_launch_dora_scale_vjp(int rows, int cols, const std::string& dtype) {
+  using namespace mlx_tuner_dora;
+  check_metal_dtype(dtype);
+  // Tiles of at least VJP_MIN_TILE_ROWS rows, only as many as make about VJP_TARGET_TILES
+  // threadgroups: the float32 partial rows stay small next to dy. No empty tile (the
+  // kernel takes ceil(rows / row tiles) rows a tile).
+  int col_tiles = static_cast<int>(ceil_div(cols, VJP_TX));
+  int row_tiles = 0;
+  if (rows > 0 && cols > 0) {
+    row_tiles = std::min(static_cast<int>(ceil_div(rows, VJP_MIN_TILE_ROWS)),
+                         std::max(1, static_cast<int>(ceil_div(VJP_TARGET_TILES, col_tiles))));
+    int per_tile = static_cast<int>(ceil_div(rows, row_tiles));
+    row_tiles = static_cast<int>(ceil_div(rows, per_tile));
+  }
+  return {"dora_scale_vjp_" + dtype,
+          {static_cast<size_t>(col_tiles), static_cast<size_t>(row_tiles), 1},
+          {VJP_TX, VJP_TY, 1}};
+}
+
+MetalLaunch metal_launch_dora_scale_colsum(int cols, const std::string& dtype) {
+  using namespace mlx_tuner_dora;
+  check_metal_dtype(dtype);
+  return {"dora_scale_colsum_" + dtype, {ceil_div(cols, COLSUM_THREADS), 1, 1},
+          {COLSUM_THREADS, 1, 1}};
 }
 
 mx::array dora_weight_sq_norm(
@@ -486,24 +550,20 @@ void DoRALinearVJP::eval_gpu(const std::vector<mx::array>&, std::vector<mx::arra
   throw std::runtime_error("[dora_linear] DoRALinearVJP has no GPU kernel (the GPU path composes).");
 }
 
-#if !defined(MLX_TUNER_DORA_GPU) // no GPU kernel of this family in this build
+#if !defined(MLX_TUNER_DORA_GPU)
+// No GPU kernel of this family in this build (CPU only; the Python op runs the reference
+// on a GPU then). The kernels: backend/cuda/dora.cu, backend/metal/dora.cpp.
 void DoRARowSqNorm::eval_gpu(const std::vector<mx::array>&, mx::array&) {
   throw std::runtime_error("[dora_weight_sq_norm] this build has no GPU kernels.");
 }
-#endif
-
-#if !(defined(MLX_TUNER_CUDA) && defined(MLX_TUNER_DORA_GPU))
-// Only the CUDA build has these kernels: Metal keeps compose_gpu's MLX ops.
 void DoRAInvNorm::eval_gpu(const std::vector<mx::array>&, mx::array&) {
-  throw std::runtime_error(
-      "[dora_inv_norm] DoRAInvNorm has no GPU kernel in this build (CUDA only).");
+  throw std::runtime_error("[dora_inv_norm] DoRAInvNorm has no GPU kernel in this build.");
 }
 void DoRAScale::eval_gpu(const std::vector<mx::array>&, mx::array&) {
-  throw std::runtime_error("[dora_scale] DoRAScale has no GPU kernel in this build (CUDA only).");
+  throw std::runtime_error("[dora_scale] DoRAScale has no GPU kernel in this build.");
 }
 void DoRAScaleVJP::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
-  throw std::runtime_error(
-      "[dora_scale] DoRAScaleVJP has no GPU kernel in this build (CUDA only).");
+  throw std::runtime_error("[dora_scale] DoRAScaleVJP has no GPU kernel in this build.");
 }
 #endif
 

@@ -90,8 +90,8 @@ class DoRALinearVJP : public mx::Primitive {
   DoRAWant want_;
 };
 
-// c_i = ||W_i||^2 in float32 (W dense, or quantized when `quantized`): the only custom
-// kernel of the GPU path, and the cached weight_sq_norm of the layers.
+// c_i = ||W_i||^2 in float32 (W dense, or quantized when `quantized`): a kernel of the GPU
+// path, and the cached weight_sq_norm of the layers.
 // inputs: W | Wq, scales, biases.  output: c f32 (out,).
 class DoRARowSqNorm : public mx::UnaryPrimitive {
  public:
@@ -226,7 +226,7 @@ mx::array dora_inv_norm(
     mx::StreamOrDevice s = {});
 
 // y = z * sv (+ bias) as one DoRAScale node. z (N, out) float32/float16/bfloat16, sv (out,)
-// float32, bias (out,) in z's dtype. compose_gpu's CUDA path; bound as _dora_scale for tests.
+// float32, bias (out,) in z's dtype. compose_gpu's GPU path; bound as _dora_scale for tests.
 mx::array dora_scale(
     const mx::array& z,
     const mx::array& sv,
@@ -238,6 +238,20 @@ mx::array dora_scale(
 // bits 0 for a dense W.
 MetalLaunch metal_launch_dora_row_sq_norm(int rows, const std::string& dtype, int bits);
 
+// The Metal dispatches of DoRAInvNorm, DoRAScale and DoRAScaleVJP (metal/dora.h); dtype as
+// above (P's for inv_norm, z's / dy's for the rest), else a ValueError.
+// G = Aᵀ A (r x r float32): a threadgroup per row of G; "dora_gram".
+MetalLaunch metal_launch_dora_gram(int r);
+// 1 / n from P, B, G, c: a thread per output column.
+MetalLaunch metal_launch_dora_inv_norm(int out, const std::string& dtype);
+// y = z * sv (+ bias) over (rows, cols), and dz = dy * sv alone (no bias).
+MetalLaunch metal_launch_dora_scale(int rows, int cols, const std::string& dtype, bool has_bias);
+// dz and the float32 partial column sums of dy * z and dy: threadgroups[1] row tiles (0 for
+// an empty batch), each writing one partial row.
+MetalLaunch metal_launch_dora_scale_vjp(int rows, int cols, const std::string& dtype);
+// dsv and dbias from the partial rows, added in order.
+MetalLaunch metal_launch_dora_scale_colsum(int cols, const std::string& dtype);
+
 mx::array dora_weight_sq_norm(
     const mx::array& weight,
     const std::optional<mx::array>& scales,
@@ -248,7 +262,8 @@ mx::array dora_weight_sq_norm(
 
 // The op: validates, promotes, flattens, builds the primitive, adds the bias. On a GPU (or
 // with compose=true, which tests use to check the GPU graph on the CPU) it composes MLX
-// GEMMs around DoRARowSqNorm, the fused LoRA / QLoRA primitive and (CUDA) DoRAScale instead.
+// GEMMs around DoRARowSqNorm, DoRAInvNorm (r <= kInvNormMaxRank), the fused LoRA / QLoRA
+// primitive and DoRAScale instead.
 mx::array dora_linear(
     const mx::array& x,
     const mx::array& weight,

@@ -46,9 +46,12 @@ OP_NOTES: dict[str, str] = {
     # What a "gpu" kernel covers where it is not the whole op:
     "lora_linear": "GPU: fused forward and backward (dx, dA, dB, dx_d as kernels of ours); "
     "dW and dbias, when asked for (W or the bias trained), are MLX's GEMM and sum",
-    "dora_linear": "GPU: the fused LoRA / QLoRA primitive and the fused row-norm kernel; on "
-    "CUDA also 1/n (DoRAInvNorm, ranks up to 32; MLX ops above) and the m/n column scale with its one-pass backward "
-    "(DoRAScale) as kernels of ours, on Metal as MLX ops (no fused GEMM epilogue yet)",
+    "dora_linear": "GPU (CUDA and Metal): the fused LoRA / QLoRA primitive, the fused "
+    "row-norm kernel, 1/n (DoRAInvNorm: G = A^T A and the low-rank norm identity, ranks up "
+    "to 32; MLX ops above) and the m/n column scale with its one-pass backward (DoRAScale) "
+    "as kernels of ours; W A is MLX's GEMM, and the scale is a pass of its own after the "
+    "GEMM (no fused GEMM epilogue). The Metal kernels are checked in the emulator, not yet "
+    "timed on a Mac",
     "linear_cross_entropy": "CUDA: chunked over the vocabulary on cuBLASLt; "
     "grad_in_forward=True (the trainer's step, frozen head) computes dh in the forward, 2 "
     "GEMMs of N*V*d, bf16 logit chunks for bf16 inputs: on the H200 1/20 of the "
