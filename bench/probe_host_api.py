@@ -27,7 +27,7 @@ CASES = probe_cases()
 
 
 def api_call(name: str) -> bool:
-    return name.startswith("cuda") or name.startswith("cu") or name.startswith("cublas")
+    return name.startswith("cu")  # cudaX, cuX (driver), cublasX
 
 
 for name, fn in CASES.items():

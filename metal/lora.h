@@ -110,14 +110,6 @@ inline void mma_tile(thread simdgroup_matrix<float, 8, 8> (&acc)[2][2],
   }
 }
 
-inline void zero_acc(thread simdgroup_matrix<float, 8, 8> (&acc)[2][2]) {
-  for (int u = 0; u < 2; ++u) {
-    for (int v = 0; v < 2; ++v) {
-      acc[u][v] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
-    }
-  }
-}
-
 // One operand pair of the GEMM: acc += (mul L) op(R) over k_total, for the BM x BN tile
 // (r0, c0). L is row-major (rows, k_total); op(R) as stage_cols reads it.
 template <typename SL, typename SR>
@@ -161,6 +153,29 @@ inline void store_tile(thread simdgroup_matrix<float, 8, 8> (&acc)[2][2],
   }
 }
 
+// The BM x BN tile tg of out (rows x cols) = l1 op(r1) + mul2 l2 op(r2) (+ bias), both
+// pairs into the same accumulators; a pair whose reduction length (k1, k2) is 0 is never
+// read. as / bs / cs: the kernel's threadgroup arrays (BM x BK, BK x BN, BM x BN).
+template <typename T, bool HAS_BIAS, typename L1, typename R1, typename L2, typename R2>
+inline void two_pair_tile(threadgroup float* as, threadgroup float* bs, threadgroup float* cs,
+                          const device L1* l1, int k1, const device R1* r1, bool t1,
+                          const device L2* l2, int k2, float mul2, const device R2* r2, bool t2,
+                          const device T* bias, device T* out, int rows, int cols, uint3 tg,
+                          uint t, uint sg) {
+  using namespace mlx_tuner_lora;
+  int r0 = int(tg.y) * BM, c0 = int(tg.x) * BN;
+  int sm = int(sg) / 2, sn = int(sg) % 2;
+  simdgroup_matrix<float, 8, 8> acc[2][2];
+  for (int u = 0; u < 2; ++u) {
+    for (int v = 0; v < 2; ++v) {
+      acc[u][v] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+    }
+  }
+  accumulate_pair(acc, as, bs, l1, rows, k1, 1.0f, r1, t1, cols, r0, c0, t, sm, sn);
+  accumulate_pair(acc, as, bs, l2, rows, k2, mul2, r2, t2, cols, r0, c0, t, sm, sn);
+  store_tile<T, HAS_BIAS>(acc, cs, out, bias, rows, cols, r0, c0, t, sm, sn);
+}
+
 // y = x W^T + s xa B (+ bias). Grid: (ceil(out / BN), ceil(N / BM)) threadgroups of
 // THREADS threads (metal_launch_lora_linear on the host computes it).
 template <typename T, typename U, bool HAS_BIAS>
@@ -183,14 +198,9 @@ template <typename T, typename U, bool HAS_BIAS>
   threadgroup float as[BM * BK];
   threadgroup float bs[BK * BN];
   threadgroup float cs[BM * BN];
-  int r0 = int(tg.y) * BM, c0 = int(tg.x) * BN;
-  int sm = int(sg) / 2, sn = int(sg) % 2;
-  simdgroup_matrix<float, 8, 8> acc[2][2];
-  zero_acc(acc);
-  // (x, W^T) over in_dims, then (s xa, B) over the rank, into the same accumulators.
-  accumulate_pair(acc, as, bs, x, n, in_dims, 1.0f, w, true, out_dims, r0, c0, t, sm, sn);
-  accumulate_pair(acc, as, bs, xa, n, r, scale, b, false, out_dims, r0, c0, t, sm, sn);
-  store_tile<T, HAS_BIAS>(acc, cs, y, bias, n, out_dims, r0, c0, t, sm, sn);
+  // (x, W^T) over in_dims, then (s xa, B) over the rank.
+  two_pair_tile<T, HAS_BIAS>(as, bs, cs, x, in_dims, w, true, xa, r, scale, b, false, bias, y,
+                             n, out_dims, tg, t, sg);
 }
 
 // g[i, j] = sum_k dy[i, k] B[j, k]: a simdgroup per row i, its lanes striding over k
@@ -262,18 +272,9 @@ template <typename T, typename U, bool BASE, bool LORA>
   threadgroup float as[BM * BK];
   threadgroup float bs[BK * BN];
   threadgroup float cs[BM * BN];
-  int r0 = int(tg.y) * BM, c0 = int(tg.x) * BN;
-  int sm = int(sg) / 2, sn = int(sg) % 2;
-  simdgroup_matrix<float, 8, 8> acc[2][2];
-  zero_acc(acc);
-  if (BASE) { // W is (out, in) row-major: op(W) = W itself
-    accumulate_pair(
-        acc, as, bs, dy, n, out_dims, 1.0f, w, false, in_dims, r0, c0, t, sm, sn);
-  }
-  if (LORA) { // A is (in, r) row-major: op(A) = A^T
-    accumulate_pair(acc, as, bs, g, n, r, scale, a, true, in_dims, r0, c0, t, sm, sn);
-  }
-  store_tile<T, false>(acc, cs, dx, dy, n, in_dims, r0, c0, t, sm, sn);
+  // W is (out, in) row-major: op(W) = W itself; A is (in, r): op(A) = A^T.
+  two_pair_tile<T, false>(as, bs, cs, dy, BASE ? out_dims : 0, w, false, g, LORA ? r : 0, scale,
+                          a, true, dy, dx, n, in_dims, tg, t, sg);
 }
 
 // out[p, q] = s sum_i L[i, p] R[i, q] over the N rows (zeros when N = 0), accumulated in

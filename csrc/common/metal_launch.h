@@ -15,4 +15,9 @@ struct MetalLaunch {
   std::array<size_t, 3> threads; // threads per threadgroup
 };
 
+// Groups of `per` that cover n items (0 when n <= 0): a launch's threadgroup count.
+inline size_t ceil_groups(long long n, long long per) {
+  return n > 0 ? static_cast<size_t>((n + per - 1) / per) : 0;
+}
+
 } // namespace mlx_tuner

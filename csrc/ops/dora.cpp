@@ -132,18 +132,10 @@ mx::array compose_gpu(
 
 constexpr ArgCheck scale_check{"[dora_scale]"};
 
-} // namespace
-
-namespace {
-
 void check_metal_dtype(const std::string& dtype) {
   if (dtype != "float32" && dtype != "float16" && dtype != "bfloat16") {
     throw std::invalid_argument("[dora_linear] no Metal kernel for dtype " + dtype + ".");
   }
-}
-
-size_t ceil_div(int a, int b) {
-  return static_cast<size_t>((a + b - 1) / b);
 }
 
 } // namespace
@@ -161,14 +153,14 @@ MetalLaunch metal_launch_dora_gram(int r) {
 MetalLaunch metal_launch_dora_inv_norm(int out, const std::string& dtype) {
   using namespace mlx_tuner_dora;
   check_metal_dtype(dtype);
-  return {"dora_inv_norm_" + dtype, {ceil_div(out, NORM_THREADS), 1, 1}, {NORM_THREADS, 1, 1}};
+  return {"dora_inv_norm_" + dtype, {ceil_groups(out, NORM_THREADS), 1, 1}, {NORM_THREADS, 1, 1}};
 }
 
 MetalLaunch metal_launch_dora_scale(int rows, int cols, const std::string& dtype, bool has_bias) {
   using namespace mlx_tuner_dora;
   check_metal_dtype(dtype);
   return {"dora_scale_" + dtype + (has_bias ? "_bias" : "_nobias"),
-          {ceil_div(cols, SCALE_COLS), ceil_div(rows, SCALE_ROWS), 1},
+          {ceil_groups(cols, SCALE_COLS), ceil_groups(rows, SCALE_ROWS), 1},
           {SCALE_COLS, 1, 1}};
 }
 
@@ -178,13 +170,13 @@ MetalLaunch metal_launch_dora_scale_vjp(int rows, int cols, const std::string& d
   // Tiles of at least VJP_MIN_TILE_ROWS rows, only as many as make about VJP_TARGET_TILES
   // threadgroups: the float32 partial rows stay small next to dy. No empty tile (the
   // kernel takes ceil(rows / row tiles) rows a tile).
-  int col_tiles = static_cast<int>(ceil_div(cols, VJP_TX));
+  int col_tiles = static_cast<int>(ceil_groups(cols, VJP_TX));
   int row_tiles = 0;
   if (rows > 0 && cols > 0) {
-    row_tiles = std::min(static_cast<int>(ceil_div(rows, VJP_MIN_TILE_ROWS)),
-                         std::max(1, static_cast<int>(ceil_div(VJP_TARGET_TILES, col_tiles))));
-    int per_tile = static_cast<int>(ceil_div(rows, row_tiles));
-    row_tiles = static_cast<int>(ceil_div(rows, per_tile));
+    row_tiles = std::min(static_cast<int>(ceil_groups(rows, VJP_MIN_TILE_ROWS)),
+                         std::max(1, static_cast<int>(ceil_groups(VJP_TARGET_TILES, col_tiles))));
+    int per_tile = static_cast<int>(ceil_groups(rows, row_tiles));
+    row_tiles = static_cast<int>(ceil_groups(rows, per_tile));
   }
   return {"dora_scale_vjp_" + dtype,
           {static_cast<size_t>(col_tiles), static_cast<size_t>(row_tiles), 1},
@@ -194,7 +186,7 @@ MetalLaunch metal_launch_dora_scale_vjp(int rows, int cols, const std::string& d
 MetalLaunch metal_launch_dora_scale_colsum(int cols, const std::string& dtype) {
   using namespace mlx_tuner_dora;
   check_metal_dtype(dtype);
-  return {"dora_scale_colsum_" + dtype, {ceil_div(cols, COLSUM_THREADS), 1, 1},
+  return {"dora_scale_colsum_" + dtype, {ceil_groups(cols, COLSUM_THREADS), 1, 1},
           {COLSUM_THREADS, 1, 1}};
 }
 

@@ -24,17 +24,13 @@ void check_metal_dtypes(const std::string& t, const std::string& u) {
   }
 }
 
-size_t ceil_div(int a, int b) {
-  return static_cast<size_t>((a + b - 1) / b);
-}
-
 } // namespace
 
 MetalLaunch metal_launch_lora_xa(int n, int r, const std::string& t, const std::string& u) {
   using namespace mlx_tuner_lora;
   check_metal_dtypes(t, u);
   return {"lora_xa_" + t + "_" + u,
-          {ceil_div(r, XA_COLS), ceil_div(n, XA_ROWS), 1},
+          {ceil_groups(r, XA_COLS), ceil_groups(n, XA_ROWS), 1},
           {XA_COLS, XA_ROWS, 1}};
 }
 
@@ -43,14 +39,14 @@ MetalLaunch metal_launch_lora_linear(
   using namespace mlx_tuner_lora;
   check_metal_dtypes(t, u);
   return {"lora_linear_" + t + "_" + u + (has_bias ? "_bias" : "_nobias"),
-          {ceil_div(out, BN), ceil_div(n, BM), 1},
+          {ceil_groups(out, BN), ceil_groups(n, BM), 1},
           {THREADS, 1, 1}};
 }
 
 MetalLaunch metal_launch_lora_g(int n, const std::string& t, const std::string& u) {
   using namespace mlx_tuner_lora;
   check_metal_dtypes(t, u);
-  return {"lora_g_" + t + "_" + u, {1, ceil_div(n, G_ROWS), 1}, {32 * G_ROWS, 1, 1}};
+  return {"lora_g_" + t + "_" + u, {1, ceil_groups(n, G_ROWS), 1}, {32 * G_ROWS, 1, 1}};
 }
 
 MetalLaunch metal_launch_lora_dx(
@@ -64,7 +60,7 @@ MetalLaunch metal_launch_lora_dx(
   // dy W alone reads no LoRA parameter: one instantiation per activation dtype.
   auto name = !lora ? "lora_dx_base_" + t
                     : (base ? "lora_dx_" : "lora_dxd_") + t + "_" + u;
-  return {name, {ceil_div(in, BN), ceil_div(n, BM), 1}, {THREADS, 1, 1}};
+  return {name, {ceil_groups(in, BN), ceil_groups(n, BM), 1}, {THREADS, 1, 1}};
 }
 
 namespace {
@@ -76,7 +72,7 @@ MetalLaunch param_grad_launch(const std::string& kernel, int p, int q) {
   int wq = q <= 8 ? 8 : (q <= 16 ? 16 : 32);
   int wp = PG_THREADS / wq;
   return {kernel,
-          {ceil_div(q, wq), ceil_div(p, wp), 1},
+          {ceil_groups(q, wq), ceil_groups(p, wp), 1},
           {static_cast<size_t>(wq), static_cast<size_t>(wp), 1}};
 }
 

@@ -214,16 +214,12 @@ std::vector<mx::Shape> QLoRAVJP::output_shapes(const std::vector<mx::array>& inp
 namespace {
 // Must match QL_BM / QL_BN / QL_THREADS and QL_SI / QL_SQ in metal/qlora.h.
 constexpr size_t kMetalTile = 32, kMetalThreads = 128, kSkinnyI = 64, kSkinnyQ = 16;
-
-size_t ceil_div(int a, size_t b) {
-  return (static_cast<size_t>(std::max(a, 0)) + b - 1) / b;
-}
 } // namespace
 
 MetalLaunch qlora_gemm_launch(bool fwd, int m, int n_out, int bits, const std::string& dtype) {
   return {
       std::string("qlora_gemm_") + (fwd ? "fwd_" : "bwd_") + dtype + "_b" + std::to_string(bits),
-      {ceil_div(n_out, kMetalTile), ceil_div(m, kMetalTile), 1},
+      {ceil_groups(n_out, kMetalTile), ceil_groups(m, kMetalTile), 1},
       {kMetalThreads, 1, 1}};
 }
 
@@ -234,7 +230,7 @@ MetalLaunch qlora_skinny_launch(
     const std::string& o_dtype) {
   return {
       "qlora_skinny_" + p_dtype + "_" + o_dtype,
-      {ceil_div(ni, kSkinnyI), ceil_div(nq, kSkinnyQ), 1},
+      {ceil_groups(ni, kSkinnyI), ceil_groups(nq, kSkinnyQ), 1},
       {kMetalThreads, 1, 1}};
 }
 

@@ -10,16 +10,11 @@
 #include <optional>
 
 #include "backend/metal/common.h"
+#include "common/checks.h"
 #include "mlx/backend/metal/device.h"
 #include "ops/dora.h"
 
 namespace mlx_tuner {
-
-namespace {
-std::string dtype_name(mx::Dtype d) {
-  return d == mx::float32 ? "float32" : (d == mx::float16 ? "float16" : "bfloat16");
-}
-} // namespace
 
 void DoRARowSqNorm::eval_gpu(const std::vector<mx::array>& in, mx::array& out) {
   out.set_data(mx::allocator::malloc(out.nbytes()));
@@ -29,7 +24,7 @@ void DoRARowSqNorm::eval_gpu(const std::vector<mx::array>& in, mx::array& out) {
   int rows = in[0].shape(0);
   int k = quantized_ ? in[0].shape(1) * 32 / bits_ : in[0].shape(1);
   auto launch = metal_launch_dora_row_sq_norm(
-      rows, dtype_name(quantized_ ? in[1].dtype() : in[0].dtype()), quantized_ ? bits_ : 0);
+      rows, dtype_str(quantized_ ? in[1].dtype() : in[0].dtype()), quantized_ ? bits_ : 0);
   auto& enc = metal::begin(stream(), launch);
   int slot = 0;
   for (auto& a : in) {
@@ -67,7 +62,7 @@ void DoRAInvNorm::eval_gpu(const std::vector<mx::array>& in, mx::array& out) {
     metal::dispatch(enc, l);
   }
   {
-    auto l = metal_launch_dora_inv_norm(n_out, dtype_name(p.dtype()));
+    auto l = metal_launch_dora_inv_norm(n_out, dtype_str(p.dtype()));
     auto& enc = metal::begin(s, l);
     enc.set_input_array(p, 0);
     enc.set_input_array(b, 1);
@@ -93,7 +88,7 @@ void scale_cols(mx::Stream s, const mx::array& in, const mx::array& sv, const mx
   if (rows == 0 || cols == 0) {
     return;
   }
-  auto l = metal_launch_dora_scale(rows, cols, dtype_name(in.dtype()), bias != nullptr);
+  auto l = metal_launch_dora_scale(rows, cols, dtype_str(in.dtype()), bias != nullptr);
   auto& enc = metal::begin(s, l);
   enc.set_input_array(in, 0);
   enc.set_input_array(sv, 1);
@@ -144,7 +139,7 @@ void DoRAScaleVJP::eval_gpu(const std::vector<mx::array>& in, std::vector<mx::ar
   if (cols == 0) { // every output is empty
     return;
   }
-  auto t = dtype_name(dy.dtype());
+  auto t = dtype_str(dy.dtype());
   auto tiles = metal_launch_dora_scale_vjp(rows, cols, t);
   int row_tiles = static_cast<int>(tiles.threadgroups[1]);
   // The partial rows of the wanted sums (row_tiles x cols, float32; one row, unread, for

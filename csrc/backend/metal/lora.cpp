@@ -3,24 +3,15 @@
 // tests). Forward: xa = x_d A, then the two-pair GEMM y = x W^T + s xa B (+ bias).
 // Backward (LoRALinearVJP): g = dy B^T, then dx = dy W + s g A^T in one GEMM (s g A^T
 // into dx_d instead when x_dropped is given), dA = s x_d^T g and dB = s xa^T dy; dW and
-// dbias stay MLX ops (LoRALinear::vjp). Only the gradients asked for are computed.
+// dbias stay MLX ops (LoRALinear::vjp). Only the gradients asked for are computed. The
+// metal_launch_* functions reject dtypes without an instantiation.
 #include <stdexcept>
 
 #include "backend/metal/common.h"
+#include "common/checks.h"
 #include "ops/lora.h"
 
 namespace mlx_tuner {
-
-namespace {
-
-std::string dtype_name(mx::Dtype d) {
-  if (d == mx::float32) return "float32";
-  if (d == mx::float16) return "float16";
-  if (d == mx::bfloat16) return "bfloat16";
-  throw std::invalid_argument("[lora_linear] float32, float16 or bfloat16 expected");
-}
-
-} // namespace
 
 void LoRALinear::eval_gpu(
     const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
@@ -37,9 +28,9 @@ void LoRALinear::eval_gpu(
   if (n == 0) {
     return;
   }
-  auto t = dtype_name(x.dtype());
+  auto t = dtype_str(x.dtype());
   {
-    auto l = metal_launch_lora_xa(n, r, t, dtype_name(a.dtype()));
+    auto l = metal_launch_lora_xa(n, r, t, dtype_str(a.dtype()));
     auto& enc = metal::begin(stream(), l);
     enc.set_input_array(xd, 0);
     enc.set_input_array(a, 1);
@@ -50,7 +41,7 @@ void LoRALinear::eval_gpu(
     metal::dispatch(enc, l);
   }
   {
-    auto l = metal_launch_lora_linear(n, out, t, dtype_name(b.dtype()), has_bias_);
+    auto l = metal_launch_lora_linear(n, out, t, dtype_str(b.dtype()), has_bias_);
     auto& enc = metal::begin(stream(), l);
     enc.set_input_array(x, 0);
     enc.set_input_array(w, 1);
@@ -85,7 +76,7 @@ void LoRALinearVJP::eval_gpu(
   auto named = grads_.pointers(outputs);
   mx::array *dx = named.x, *da = named.lora_a, *db = named.lora_b, *dxd = named.x_dropped;
   int n = x.shape(0), in = w.shape(1), out = w.shape(0), r = a.shape(1);
-  auto t = dtype_name(x.dtype());
+  auto t = dtype_str(x.dtype());
   auto s = stream();
   // The LoRA part of the input gradient goes to dx, or to dx_d when dropout was applied.
   bool lora_into_dx = dx && !has_xd_;
@@ -95,7 +86,7 @@ void LoRALinearVJP::eval_gpu(
     g.set_data(mx::allocator::malloc(g.nbytes()));
   }
   if (need_g && n > 0 && r > 0) {
-    auto l = metal_launch_lora_g(n, t, dtype_name(b.dtype()));
+    auto l = metal_launch_lora_g(n, t, dtype_str(b.dtype()));
     auto& enc = metal::begin(s, l);
     enc.set_input_array(dy, 0);
     enc.set_input_array(b, 1);
@@ -110,7 +101,7 @@ void LoRALinearVJP::eval_gpu(
     if (dst.size() == 0) {
       return;
     }
-    auto l = metal_launch_lora_dx(n, in, t, dtype_name(a.dtype()), base, lora);
+    auto l = metal_launch_lora_dx(n, in, t, dtype_str(a.dtype()), base, lora);
     auto& enc = metal::begin(s, l);
     enc.set_input_array(dy, 0); // unread without the base pair
     enc.set_input_array(w, 1);
@@ -145,11 +136,11 @@ void LoRALinearVJP::eval_gpu(
     metal::dispatch(enc, l);
   };
   if (da && da->size() > 0) {
-    auto l = metal_launch_lora_da(in, r, t, dtype_name(da->dtype()));
+    auto l = metal_launch_lora_da(in, r, t, dtype_str(da->dtype()));
     param_grad(*da, l, xd, g, in, r);
   }
   if (db && db->size() > 0) {
-    auto l = metal_launch_lora_db(r, out, t, dtype_name(db->dtype()));
+    auto l = metal_launch_lora_db(r, out, t, dtype_str(db->dtype()));
     param_grad(*db, l, xa, dy, r, out);
   }
   if (need_g) {
