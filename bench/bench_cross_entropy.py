@@ -28,9 +28,12 @@ N = int(os.environ.get("MLX_TUNER_BENCH_CE_N", 64 if QUICK else (8192 if GPU els
 D = int(os.environ.get("MLX_TUNER_BENCH_CE_D", 64 if QUICK else (1024 if GPU else 256)))
 DTYPE = mx.bfloat16 if GPU else mx.float32
 PROVIDERS = {"reference": linear_cross_entropy_reference, "fused": linear_cross_entropy}
-# On CUDA also the "dh" mode with float32 logit chunks (MLX_TUNER_CE_LOGITS=float32),
-# timed beside the default bfloat16 chunks.
-CUDA_VARIANTS = {"fused-f32-logits": {"MLX_TUNER_CE_LOGITS": "float32"}}
+# On CUDA also the "dh" mode's settings, timed beside the default (bfloat16 chunks of
+# 256 MiB, 16,384 columns at N = 8192): float32 logit chunks, and half as wide chunks.
+CUDA_VARIANTS = {
+    "fused-f32-logits": {"MLX_TUNER_CE_LOGITS": "float32"},
+    "fused-chunk8k": {"MLX_TUNER_CE_CHUNK": "8192"},
+}
 if GPU and mx.cuda.is_available():
     PROVIDERS.update({name: linear_cross_entropy for name in CUDA_VARIANTS})
 

@@ -1,0 +1,77 @@
+"""Kernel-level time of linear_cross_entropy's "dh" mode on the GPU (a diagnostic, not a
+benchmark row): the materialized reference beside the fused op and its settings.
+
+    python bench/probe_ce.py [N d V]
+Each case runs a few times under torch.profiler (CUPTI sees the kernels inside MLX's CUDA
+graphs) and prints, per case, each kernel's device time per call and the wall-clock of
+one evaluation, so the chunk loop's GEMMs and softmax can be weighed against the
+materialized path's.
+"""
+import collections
+import os
+import sys
+import time
+
+import mlx.core as mx
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from mlx_tuner.ops import linear_cross_entropy, linear_cross_entropy_reference
+
+N, D, V = (int(a) for a in sys.argv[1:4]) if len(sys.argv) > 3 else (8192, 1024, 151936)
+REPS = 5
+k = mx.random.split(mx.random.key(0), 2)
+h = (mx.random.normal((N, D), key=k[0]) * 0.5).astype(mx.bfloat16)
+w = (mx.random.normal((V, D), key=k[1]) * D**-0.5).astype(mx.bfloat16)
+y = mx.random.randint(0, V, (N,))
+mask = mx.arange(N) % 7 != 3
+mx.eval(h, w, y, mask)
+
+
+def step(fn, **kw):
+    g = mx.value_and_grad(lambda h: fn(h, w, y, mask=mask, reduction="mean", **kw))
+    return lambda: g(h)
+
+
+# name -> (callable, environment)
+CASES = {
+    "materialized": (step(linear_cross_entropy_reference), {}),
+    "fused": (step(linear_cross_entropy, grad_in_forward=True), {}),
+    "fused chunk 8192": (step(linear_cross_entropy, grad_in_forward=True),
+                         {"MLX_TUNER_CE_CHUNK": "8192"}),
+}
+ref_loss, ref_dh = CASES["materialized"][0]()
+mx.eval(ref_loss, ref_dh)
+for name, (fn, env) in CASES.items():
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    loss, dh = fn()  # the settings' result against the materialized path's
+    err = mx.abs(dh.astype(mx.float32) - ref_dh.astype(mx.float32)).max() / mx.abs(
+        ref_dh.astype(mx.float32)).max()
+    print(f"-- {name}: loss {loss.item():.6f} (materialized {ref_loss.item():.6f}), "
+          f"dh max error {err.item():.2e} of its largest")
+    for _ in range(3):
+        mx.eval(fn())
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(REPS):
+        mx.eval(fn())
+    wall = (time.perf_counter() - t0) / REPS * 1e3
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(REPS):
+            mx.eval(fn())
+        torch.cuda.synchronize()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    per = collections.defaultdict(lambda: [0.0, 0])
+    for e in prof.events():
+        if e.device_type.name == "CUDA":
+            per[e.name][0] += getattr(e, "device_time_total", None) or e.cuda_time_total
+            per[e.name][1] += 1
+    total = sum(v[0] for v in per.values()) / REPS / 1e3
+    print(f"== {name} (N {N}, d {D}, V {V}): {total:.2f} ms of kernels, {wall:.2f} ms wall")
+    for kname, (us, cnt) in sorted(per.items(), key=lambda kv: -kv[1][0])[:10]:
+        print(f"   {us / REPS / 1e3:7.3f} ms  x{cnt / REPS:5.1f}  {kname[:100]}")
