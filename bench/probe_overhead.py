@@ -65,7 +65,7 @@ def compiled(f, primals, argnums, mode):
             for i, v in zip(argnums, sub):
                 full[i] = v
             return [f(*full)]
-        return mx.vjp(g, [p[i] for i in argnums], [dy])[1]
+        return mx.vjp(g, [p[i] for i in argnums], [dy])  # outputs too, or compile drops the forward
 
     c = mx.compile(step)
     return lambda: c(*primals)
