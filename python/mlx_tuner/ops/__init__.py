@@ -54,8 +54,8 @@ OP_NOTES: dict[str, str] = {
     "timed on a Mac",
     "linear_cross_entropy": "CUDA: chunked over the vocabulary on cuBLASLt; "
     "grad_in_forward=True (the trainer's step, frozen head) computes dh in the forward, 2 "
-    "GEMMs of N*V*d, bf16 logit chunks for bf16 inputs: on the H200 1/20 of the "
-    "materialized path's memory at 1.10x its time (BENCHMARKS.md); dW recomputes the "
+    "GEMMs of N*V*d, bf16 logit chunks for bf16 inputs: on the H200 1/13 of the "
+    "materialized path's memory at 0.94-0.98x its time (BENCHMARKS.md); dW recomputes the "
     "logits (3 GEMMs); the trainer's fused=False / MLX_TUNER_FUSED_CE=0 turns it off",
 }
 
