@@ -124,59 +124,6 @@ __device__ Lse block_merge(Lse a) {
   return a;
 }
 
-// One block per token n: merges the chunk's logits z[n, 0 : vc] (+ bias[v0 :]) into the
-// running state (m = state[n], s = state[N + n]) and keeps the target's logit in loss[n]
-// until the last chunk writes lse and the loss. z = nullptr means logits 0 (d = 0).
-template <typename T>
-__global__ void lce_chunk_forward(const float* z, const T* bias, const int32_t* y, int N,
-                                  int vc, int v0, int V, int first, int last,
-                                  float* state, float* loss, float* lse) {
-  const int n = blockIdx.x;
-  const float* row = z ? z + size_t(n) * vc : nullptr;
-  const T* b = bias ? bias + v0 : nullptr;
-  Lse a{-INFINITY, 0.0f};
-  if (row && vc % 4 == 0) { // 16-byte loads: rows start 16-byte aligned
-    const float4* row4 = reinterpret_cast<const float4*>(row);
-    for (int j = threadIdx.x; j < vc / 4; j += kThreads) {
-      const float4 q = row4[j];
-      const float x[4] = {q.x, q.y, q.z, q.w};
-      for (int k = 0; k < 4; ++k) {
-        push(a, b ? x[k] + to_f(b[4 * j + k]) : x[k]);
-      }
-    }
-  } else {
-    for (int j = threadIdx.x; j < vc; j += kThreads) {
-      const float x = row ? row[j] : 0.0f;
-      push(a, b ? x + to_f(b[j]) : x);
-    }
-  }
-  a = block_merge(a);
-  if (threadIdx.x != 0) {
-    return;
-  }
-  if (!first) {
-    a = merge({state[n], state[N + n]}, a);
-  }
-  const int t = y[n];
-  float zt = first ? 0.0f : loss[n];
-  if (t >= v0 && t - v0 < vc) {
-    zt = (row ? row[t - v0] : 0.0f) + (b ? to_f(b[t - v0]) : 0.0f);
-  }
-  if (last) {
-    const float l = a.m + logf(a.s);
-    lse[n] = l;
-    loss[n] = (t >= 0 && t < V) ? l - zt : 0.0f;
-  } else {
-    state[n] = a.m;
-    state[N + n] = a.s;
-    loss[n] = zt;
-  }
-}
-
-// G[n, j] = g_n (exp(z[n, j] + bias[v0 + j] − lse_n) − [v0 + j = y_n]) in T; a zero row
-// for ignored targets and g_n = 0. Grid (N, ⌈vc / kGradCols⌉); a thread owns 4 columns
-// (adjacent when vc % 4 == 0: 16-byte loads, one 4-wide store). G may be z itself (T =
-// float): each element is read, then written, by the same thread.
 template <typename T>
 struct alignas(4 * sizeof(T)) Vec4 {
   T v[4];
@@ -192,15 +139,67 @@ __device__ inline void load4(const Z* row, int j, float x[4]) {
   }
 }
 
-template <typename T>
-__global__ void lce_chunk_grad(const float* z, const T* bias, const int32_t* y,
+// One block per token n: merges the chunk's logits z[n, 0 : vc] (+ bias[v0 :]) into the
+// running state (m = state[n], s = state[N + n]) and keeps the target's logit in loss[n]
+// until the last chunk writes lse and the loss. z = nullptr means logits 0 (d = 0).
+template <typename T, typename Z>
+__global__ void lce_chunk_forward(const Z* z, const T* bias, const int32_t* y, int N,
+                                  int vc, int v0, int V, int first, int last,
+                                  float* state, float* loss, float* lse) {
+  const int n = blockIdx.x;
+  const Z* row = z ? z + size_t(n) * vc : nullptr;
+  const T* b = bias ? bias + v0 : nullptr;
+  Lse a{-INFINITY, 0.0f};
+  if (row && vc % 4 == 0) { // vector loads: rows start 4-element aligned
+    for (int j = threadIdx.x; j < vc / 4; j += kThreads) {
+      float x[4];
+      load4(row, j, x);
+      for (int k = 0; k < 4; ++k) {
+        push(a, b ? x[k] + to_f(b[4 * j + k]) : x[k]);
+      }
+    }
+  } else {
+    for (int j = threadIdx.x; j < vc; j += kThreads) {
+      const float x = row ? to_f(row[j]) : 0.0f;
+      push(a, b ? x + to_f(b[j]) : x);
+    }
+  }
+  a = block_merge(a);
+  if (threadIdx.x != 0) {
+    return;
+  }
+  if (!first) {
+    a = merge({state[n], state[N + n]}, a);
+  }
+  const int t = y[n];
+  float zt = first ? 0.0f : loss[n];
+  if (t >= v0 && t - v0 < vc) {
+    zt = (row ? to_f(row[t - v0]) : 0.0f) + (b ? to_f(b[t - v0]) : 0.0f);
+  }
+  if (last) {
+    const float l = a.m + logf(a.s);
+    lse[n] = l;
+    loss[n] = (t >= 0 && t < V) ? l - zt : 0.0f;
+  } else {
+    state[n] = a.m;
+    state[N + n] = a.s;
+    loss[n] = zt;
+  }
+}
+
+// G[n, j] = g_n (exp(z[n, j] + bias[v0 + j] − lse_n) − [v0 + j = y_n]) in T; a zero row
+// for ignored targets and g_n = 0. Grid (N, ⌈vc / kGradCols⌉); a thread owns 4 columns
+// (adjacent when vc % 4 == 0: vector loads, one 4-wide store). G may be z itself (Z = T):
+// each element is read, then written, by the same thread.
+template <typename T, typename Z>
+__global__ void lce_chunk_grad(const Z* z, const T* bias, const int32_t* y,
                                const float* lse, const float* g, int vc, int v0, int V,
                                T* G) {
   const int n = blockIdx.x;
   const int t = y[n];
   const float gn = (t >= 0 && t < V) ? g[n] : 0.0f;
   const float l = lse[n];
-  const float* row = z ? z + size_t(n) * vc : nullptr;
+  const Z* row = z ? z + size_t(n) * vc : nullptr;
   T* out = G + size_t(n) * vc;
   const bool vec = vc % 4 == 0;
   const int j0 = blockIdx.y * kGradCols + (vec ? 4 * threadIdx.x : threadIdx.x);
@@ -214,7 +213,7 @@ __global__ void lce_chunk_grad(const float* z, const T* bias, const int32_t* y,
       load4(row, j0 / 4, x);
     } else {
       for (int k = 0; k < 4; ++k) {
-        x[k] = j0 + k * step < vc ? row[j0 + k * step] : 0.0f;
+        x[k] = j0 + k * step < vc ? to_f(row[j0 + k * step]) : 0.0f;
       }
     }
   }
@@ -539,44 +538,58 @@ std::optional<ForwardSetup> forward_setup(const LinearCrossEntropy& p,
                       aligned<T>(enc, in[1]), in[2], p.has_bias() ? &in[3] : nullptr};
 }
 
-template <typename T>
-void forward(const LinearCrossEntropy& p, const std::vector<mx::array>& in,
-             std::vector<mx::array>& out, mx::cu::CommandEncoder& enc) {
+// The logit chunks are bfloat16 when the inputs are, in every mode: the loss alone, the
+// gradient in the forward (P written over them in place) and the backward (G written
+// over them in place). That is the chunk traffic of the materialized path (bf16 logits
+// and their gradient), the logits rounded as it rounds them; the sums stay float32. On
+// the H200 (N 8192, d 1024, V 151,936) the gradient-in-forward step took 10.56 ms against
+// 12.81 for float32 chunks. Not for float16, whose range a logit can leave.
+// MLX_TUNER_CE_LOGITS=float32 keeps float32 chunks. (Two chunk buffers taken in turn, so
+// that the next logit GEMM could run beside this chunk's softmax, were slower: 11.76 ms.)
+bool logits_in_compute_dtype(mx::Dtype dt) {
+  const char* e = std::getenv("MLX_TUNER_CE_LOGITS");
+  return dt == mx::bfloat16 && !(e != nullptr && std::string(e) == "float32");
+}
+
+// The loss alone: Z is the chunk's logit type (float, or T itself).
+template <typename T, typename Z>
+void forward_as(const LinearCrossEntropy& p, const std::vector<mx::array>& in,
+                std::vector<mx::array>& out, mx::cu::CommandEncoder& enc) {
   auto setup = forward_setup<T>(p, in, out, enc);
   if (!setup) {
     return;
   }
-  const auto& [N, d, V, vmax, dt, h, w, y, bias] = *setup;
-  auto z = scratch(enc, {N, vmax}, mx::float32);
+  const auto& [N, d, V, vmax_f32, dt, h, w, y, bias] = *setup;
+  const int vmax = chunk_width(N, V, sizeof(Z)); // the same bytes as a float32 chunk
+  const mx::Dtype zdt = std::is_same_v<T, Z> ? dt : mx::float32;
+  auto z = scratch(enc, {N, vmax}, zdt);
   auto state = scratch(enc, {2, N}, mx::float32);
-  const float* zp = d > 0 ? gpu_ptr<float>(z) : nullptr;
+  const Z* zp = d > 0 ? gpu_ptr<Z>(z) : nullptr;
   const T* bp = bias ? gpu_ptr<T>(*bias) : nullptr;
   for (int v0 = 0; v0 < V; v0 += vmax) {
     const int vc = std::min(vmax, V - v0);
     const size_t off = size_t(v0) * d; // of W's (and dW's) rows v0 :
     if (d > 0) {
-      gemm(enc, gemm_of(false, true, N, vc, d, dt, mx::float32, off), 1.0f, h, w,
-           0.0f, z);
+      gemm(enc, gemm_of(false, true, N, vc, d, dt, zdt, off), 1.0f, h, w, 0.0f, z);
     }
     // z is registered as written: the next chunk's GEMM waits for this read.
     track(enc, {&y, bias}, {&z, &state, &out[0], &out[1]});
     const int first = v0 == 0, last = v0 + vc >= V;
-    run(enc, reinterpret_cast<const void*>(&lce_chunk_forward<T>), dim3(N), zp, bp,
+    run(enc, reinterpret_cast<const void*>(&lce_chunk_forward<T, Z>), dim3(N), zp, bp,
         gpu_ptr<int32_t>(y), N, vc, v0, V, first, last, gpu_ptr<float>(state),
         gpu_ptr<float>(out[0]), gpu_ptr<float>(out[1]));
   }
 }
 
-// grad_in_forward's logit chunks are bfloat16 when the inputs are, P written over them
-// in place: the chunk traffic of the materialized path (bf16 logits and their gradient,
-// 8 bytes a logit instead of 12), the logits rounded as it rounds them; the sums stay
-// float32. On the H200 (N 8192, d 1024, V 151,936) 10.56 ms against 12.81 for float32
-// chunks. Not for float16, whose range a logit can leave. MLX_TUNER_CE_LOGITS=float32
-// keeps float32 chunks. (Two chunk buffers taken in turn, so that the next logit GEMM
-// could run beside this chunk's softmax, were slower: 11.76 ms.)
-bool logits_in_compute_dtype(mx::Dtype dt) {
-  const char* e = std::getenv("MLX_TUNER_CE_LOGITS");
-  return dt == mx::bfloat16 && !(e != nullptr && std::string(e) == "float32");
+template <typename T>
+void forward(const LinearCrossEntropy& p, const std::vector<mx::array>& in,
+             std::vector<mx::array>& out, mx::cu::CommandEncoder& enc) {
+  if constexpr (!std::is_same_v<T, float>) {
+    if (logits_in_compute_dtype(in[0].dtype())) {
+      return forward_as<T, T>(p, in, out, enc);
+    }
+  }
+  forward_as<T, float>(p, in, out, enc);
 }
 
 // grad_in_forward: loss, lse and dh_unit (out[2], the accumulator until the end) in two
@@ -645,10 +658,12 @@ void forward_with_grad(const LinearCrossEntropy& p, const std::vector<mx::array>
   forward_with_grad_as<T, float>(p, in, out, enc);
 }
 
-template <typename T>
-void backward(const LinearCrossEntropyVJP& p, const std::vector<mx::array>& in,
-              std::vector<mx::array>& out, mx::cu::CommandEncoder& enc) {
+// Z is the chunk's logit type (float, or T itself: G then written over Z in place).
+template <typename T, typename Z>
+void backward_as(const LinearCrossEntropyVJP& p, const std::vector<mx::array>& in,
+                 std::vector<mx::array>& out, mx::cu::CommandEncoder& enc) {
   constexpr bool f32 = std::is_same_v<T, float>;
+  constexpr bool in_place = std::is_same_v<T, Z>;
   const int N = in[0].shape(0), d = in[0].shape(1), V = in[1].shape(0);
   const auto dt = in[0].dtype();
   int k = 0;
@@ -672,10 +687,11 @@ void backward(const LinearCrossEntropyVJP& p, const std::vector<mx::array>& in,
   const auto& lse = in[3];
   const auto& g = in[4];
   const mx::array* bias = p.has_bias() ? &in[5] : nullptr;
-  const int vmax = chunk_width(N, V);
-  auto z = scratch(enc, {N, vmax}, mx::float32);
-  // G in T; for float32 it overwrites Z in place.
-  auto G = f32 ? z : scratch(enc, {N, vmax}, dt);
+  const int vmax = chunk_width(N, V, sizeof(Z));
+  const mx::Dtype zdt = in_place ? dt : mx::float32;
+  auto z = scratch(enc, {N, vmax}, zdt);
+  // G in T; it overwrites Z in place when they share a type.
+  auto G = in_place ? z : scratch(enc, {N, vmax}, dt);
   std::optional<mx::array> dh_acc, ones;
   if (dh) {
     dh_acc = f32 ? *dh : scratch(enc, {N, d}, mx::float32);
@@ -685,20 +701,19 @@ void backward(const LinearCrossEntropyVJP& p, const std::vector<mx::array>& in,
     fill<T>(enc, *ones, 1.0f);
   }
   const mx::array* acc = dh_acc ? &*dh_acc : nullptr;
-  const float* zp = d > 0 ? gpu_ptr<float>(z) : nullptr;
+  const Z* zp = d > 0 ? gpu_ptr<Z>(z) : nullptr;
   const T* bp = bias ? gpu_ptr<T>(*bias) : nullptr;
   for (int v0 = 0; v0 < V; v0 += vmax) {
     const int vc = std::min(vmax, V - v0);
     const size_t off = size_t(v0) * d; // of W's (and dW's) rows v0 :
     if (d > 0) {
-      // After the previous chunk's gradient GEMMs, which read G (and Z for float32).
+      // After the previous chunk's gradient GEMMs, which read G (= Z in place).
       track(enc, {acc, dw, db}, {});
-      gemm(enc, gemm_of(false, true, N, vc, d, dt, mx::float32, off), 1.0f, h, w,
-           0.0f, z);
+      gemm(enc, gemm_of(false, true, N, vc, d, dt, zdt, off), 1.0f, h, w, 0.0f, z);
     }
     track(enc, {&y, &lse, &g, bias, acc, dw, db}, {&z, &G});
     const unsigned col_blocks = unsigned((vc + kGradCols - 1) / kGradCols);
-    run(enc, reinterpret_cast<const void*>(&lce_chunk_grad<T>), dim3(N, col_blocks), zp,
+    run(enc, reinterpret_cast<const void*>(&lce_chunk_grad<T, Z>), dim3(N, col_blocks), zp,
         bp, gpu_ptr<int32_t>(y), gpu_ptr<float>(lse), gpu_ptr<float>(g), vc, v0, V,
         gpu_ptr<T>(G));
     if (acc) { // dh (+)= G · W[v0 : v0 + vc]
@@ -717,6 +732,17 @@ void backward(const LinearCrossEntropyVJP& p, const std::vector<mx::array>& in,
   if (dh && !f32) {
     copy<float, T>(enc, *dh_acc, *dh);
   }
+}
+
+template <typename T>
+void backward(const LinearCrossEntropyVJP& p, const std::vector<mx::array>& in,
+              std::vector<mx::array>& out, mx::cu::CommandEncoder& enc) {
+  if constexpr (!std::is_same_v<T, float>) {
+    if (logits_in_compute_dtype(in[0].dtype())) {
+      return backward_as<T, T>(p, in, out, enc);
+    }
+  }
+  backward_as<T, float>(p, in, out, enc);
 }
 
 } // namespace
