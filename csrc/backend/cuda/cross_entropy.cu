@@ -512,10 +512,10 @@ cu::Gemm gemm_of(bool ta, bool tb, int m, int n, int k, mx::Dtype ab, mx::Dtype 
   return g;
 }
 
-// What both forwards start from: the outputs allocated, h and W 256-byte aligned, the
-// chunk width. None for an empty batch (nothing to compute).
+// What both forwards start from: the outputs allocated, h and W 256-byte aligned. None
+// for an empty batch (nothing to compute).
 struct ForwardSetup {
-  int N, d, V, vmax;
+  int N, d, V;
   mx::Dtype dt;
   mx::array h, w;
   const mx::array& y;
@@ -534,7 +534,7 @@ std::optional<ForwardSetup> forward_setup(const LinearCrossEntropy& p,
   if (N == 0) {
     return std::nullopt;
   }
-  return ForwardSetup{N, d, V, chunk_width(N, V), in[0].dtype(), aligned<T>(enc, in[0]),
+  return ForwardSetup{N, d, V, in[0].dtype(), aligned<T>(enc, in[0]),
                       aligned<T>(enc, in[1]), in[2], p.has_bias() ? &in[3] : nullptr};
 }
 
@@ -560,7 +560,7 @@ void forward_as(const LinearCrossEntropy& p, const std::vector<mx::array>& in,
   if (!setup) {
     return;
   }
-  const auto& [N, d, V, vmax_f32, dt, h, w, y, bias] = *setup;
+  const auto& [N, d, V, dt, h, w, y, bias] = *setup;
   const int vmax = chunk_width(N, V, sizeof(Z)); // the same bytes as a float32 chunk
   const mx::Dtype zdt = std::is_same_v<T, Z> ? dt : mx::float32;
   auto z = scratch(enc, {N, vmax}, zdt);
@@ -606,8 +606,9 @@ void forward_with_grad_as(const LinearCrossEntropy& p, const std::vector<mx::arr
   if (!setup) {
     return;
   }
-  const auto& [N, d, V, vmax_f32, dt, h, w, y, bias] = *setup;
-  const int vmax = in_place ? chunk_width(N, V, sizeof(Z), kChunkBytesInPlace) : vmax_f32;
+  const auto& [N, d, V, dt, h, w, y, bias] = *setup;
+  const int vmax =
+      in_place ? chunk_width(N, V, sizeof(Z), kChunkBytesInPlace) : chunk_width(N, V);
   const mx::Dtype zdt = in_place ? dt : mx::float32;
   auto z = scratch(enc, {N, vmax}, zdt);
   // P in T: for 16-bit T and float Z half the float32 chunk's bytes more (64 MiB within
