@@ -6,9 +6,10 @@ For the frozen base layer and the fused LoRA / QLoRA / DoRA layers (4096 tokens,
 4096 x 4096, r 16, bfloat16): the median wall time of one call evaluated alone (what the
 benchmarks time), the host time spent building its graph, and the time per call when 8
 calls share one evaluation (as the layers of a model do: host work then overlaps the
-GPU's), and one call under mx.compile (as the trainer's step runs). Run it under different environments (MLX_TUNER_CUDA_CACHE=0,
-MLX_USE_CUDA_GRAPHS=0) to see what each costs; with MLX_TUNER_CUDA_HOST_TIMES=1 it also
-prints the host time spent inside mlx-tuner's own eval_gpu bodies and GEMM calls per call.
+GPU's), and one call under mx.compile (as the trainer's step runs). Run it under
+different environments (MLX_TUNER_CUDA_CACHE=0, MLX_USE_CUDA_GRAPHS=0) to see what each
+costs; with MLX_TUNER_CUDA_HOST_TIMES=1 it also prints the host time spent inside
+mlx-tuner's own eval_gpu bodies and GEMM calls per call.
 """
 import os
 import sys
