@@ -582,15 +582,24 @@ void forward_as(const LinearCrossEntropy& p, const std::vector<mx::array>& in,
   }
 }
 
+// Calls f(std::type_identity<Z>{}) with the chunks' logit type Z: T itself for bfloat16
+// inputs (logits_in_compute_dtype), float otherwise.
+template <typename T, typename F>
+void with_logit_type(mx::Dtype dt, F&& f) {
+  if constexpr (!std::is_same_v<T, float>) {
+    if (logits_in_compute_dtype(dt)) {
+      return f(std::type_identity<T>{});
+    }
+  }
+  f(std::type_identity<float>{});
+}
+
 template <typename T>
 void forward(const LinearCrossEntropy& p, const std::vector<mx::array>& in,
              std::vector<mx::array>& out, mx::cu::CommandEncoder& enc) {
-  if constexpr (!std::is_same_v<T, float>) {
-    if (logits_in_compute_dtype(in[0].dtype())) {
-      return forward_as<T, T>(p, in, out, enc);
-    }
-  }
-  forward_as<T, float>(p, in, out, enc);
+  with_logit_type<T>(in[0].dtype(), [&](auto z) {
+    forward_as<T, typename decltype(z)::type>(p, in, out, enc);
+  });
 }
 
 // grad_in_forward: loss, lse and dh_unit (out[2], the accumulator until the end) in two
@@ -652,12 +661,9 @@ void forward_with_grad_as(const LinearCrossEntropy& p, const std::vector<mx::arr
 template <typename T>
 void forward_with_grad(const LinearCrossEntropy& p, const std::vector<mx::array>& in,
                        std::vector<mx::array>& out, mx::cu::CommandEncoder& enc) {
-  if constexpr (!std::is_same_v<T, float>) {
-    if (logits_in_compute_dtype(in[0].dtype())) {
-      return forward_with_grad_as<T, T>(p, in, out, enc);
-    }
-  }
-  forward_with_grad_as<T, float>(p, in, out, enc);
+  with_logit_type<T>(in[0].dtype(), [&](auto z) {
+    forward_with_grad_as<T, typename decltype(z)::type>(p, in, out, enc);
+  });
 }
 
 // Z is the chunk's logit type (float, or T itself: G then written over Z in place).
@@ -739,12 +745,9 @@ void backward_as(const LinearCrossEntropyVJP& p, const std::vector<mx::array>& i
 template <typename T>
 void backward(const LinearCrossEntropyVJP& p, const std::vector<mx::array>& in,
               std::vector<mx::array>& out, mx::cu::CommandEncoder& enc) {
-  if constexpr (!std::is_same_v<T, float>) {
-    if (logits_in_compute_dtype(in[0].dtype())) {
-      return backward_as<T, T>(p, in, out, enc);
-    }
-  }
-  backward_as<T, float>(p, in, out, enc);
+  with_logit_type<T>(in[0].dtype(), [&](auto z) {
+    backward_as<T, typename decltype(z)::type>(p, in, out, enc);
+  });
 }
 
 } // namespace
