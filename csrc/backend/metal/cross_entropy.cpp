@@ -1,23 +1,18 @@
 // Metal host code of linear_cross_entropy (macOS only; kernels: metal/cross_entropy.h).
 // A dense head only: the op dequantizes a quantized head for the GPU.
+#include <algorithm>
+
 #include "backend/metal/common.h"
-#include "mlx/allocator.h"
+#include "common/checks.h"
 #include "ops/cross_entropy.h"
 
 namespace mlx_tuner {
 
 namespace {
 
-std::string dtype_name(mx::Dtype t) {
-  return t == mx::float32 ? "float32" : (t == mx::float16 ? "float16" : "bfloat16");
-}
-
-// Float32 scratch kept alive until the command buffer completes.
-mx::array scratch(size_t n, mx::metal::CommandEncoder& enc) {
-  mx::array a({static_cast<int>(std::max<size_t>(n, 1))}, mx::float32, nullptr, {});
-  a.set_data(mx::allocator::malloc(std::max<size_t>(n, 1) * sizeof(float)));
-  enc.add_temporary(a);
-  return a;
+// Float32 scratch of n elements (at least one).
+mx::array scratch(mx::Stream s, size_t n) {
+  return metal::temporary(s, {static_cast<int>(std::max<size_t>(n, 1))}, mx::float32);
 }
 
 } // namespace
@@ -32,7 +27,7 @@ void LinearCrossEntropy::eval_gpu(
     return;
   }
   const int has_bias = has_bias_ ? 1 : 0;
-  auto launch = metal_launch_linear_cross_entropy("forward", N, dtype_name(in[0].dtype()));
+  auto launch = metal_launch_linear_cross_entropy("forward", N, dtype_str(in[0].dtype()));
   auto& enc = metal::begin(stream(), launch);
   enc.set_input_array(in[0], 0);
   enc.set_input_array(in[1], 1);
@@ -53,13 +48,13 @@ void LinearCrossEntropyVJP::eval_gpu(
   }
   const int N = in[0].shape(0), d = in[0].shape(1), V = in[1].shape(0);
   const int has_bias = has_bias_ ? 1 : 0;
-  const auto dt = dtype_name(in[0].dtype());
+  const auto dt = dtype_str(in[0].dtype());
   const mx::array& bias = has_bias_ ? in[5] : in[0];
   int k = 0;
   if (need_dh_) {
     auto launch = metal_launch_linear_cross_entropy("backward_dh", N, dt);
     auto& enc = metal::begin(stream(), launch);
-    auto acc = scratch(size_t(N) * d, enc);
+    auto acc = scratch(stream(), size_t(N) * d);
     enc.set_input_array(in[0], 0);
     enc.set_input_array(in[1], 1);
     enc.set_input_array(bias, 2);
@@ -76,7 +71,7 @@ void LinearCrossEntropyVJP::eval_gpu(
   if (need_dw_ || need_db_) {
     auto launch = metal_launch_linear_cross_entropy("backward_dw", V, dt);
     auto& enc = metal::begin(stream(), launch);
-    auto acc = scratch(need_dw_ ? size_t(V) * d : 1, enc);
+    auto acc = scratch(stream(), need_dw_ ? size_t(V) * d : 1);
     mx::array& dw = need_dw_ ? out[k++] : acc; // unwritten when not wanted
     mx::array& db = need_db_ ? out[k++] : acc;
     const int want_dw = need_dw_ ? 1 : 0, want_db = need_db_ ? 1 : 0;

@@ -50,8 +50,7 @@ void DoRAInvNorm::eval_gpu(const std::vector<mx::array>& in, mx::array& out) {
     return;
   }
   auto s = stream();
-  mx::array g({std::max(r, 1), std::max(r, 1)}, mx::float32, nullptr, {}); // Aᵀ A
-  g.set_data(mx::allocator::malloc(g.nbytes()));
+  auto g = metal::temporary(s, {std::max(r, 1), std::max(r, 1)}, mx::float32); // Aᵀ A
   if (r > 0) {
     auto l = metal_launch_dora_gram(r);
     auto& enc = metal::begin(s, l);
@@ -75,7 +74,6 @@ void DoRAInvNorm::eval_gpu(const std::vector<mx::array>& in, mx::array& out) {
     enc.set_bytes(static_cast<int>(p_transposed_), 8);
     metal::dispatch(enc, l);
   }
-  mx::metal::get_command_encoder(s).add_temporary(std::move(g));
 }
 
 namespace {
@@ -145,9 +143,7 @@ void DoRAScaleVJP::eval_gpu(const std::vector<mx::array>& in, std::vector<mx::ar
   // The partial rows of the wanted sums (row_tiles x cols, float32; one row, unread, for
   // an empty batch).
   auto partial = [&]() {
-    mx::array a({std::max(row_tiles, 1), cols}, mx::float32, nullptr, {});
-    a.set_data(mx::allocator::malloc(a.nbytes()));
-    return a;
+    return metal::temporary(s, {std::max(row_tiles, 1), cols}, mx::float32);
   };
   std::optional<mx::array> part_sv, part_b;
   if (dsv) {
@@ -184,13 +180,6 @@ void DoRAScaleVJP::eval_gpu(const std::vector<mx::array>& in, std::vector<mx::ar
     enc.set_bytes(want_sv, 6);
     enc.set_bytes(want_bias, 7);
     metal::dispatch(enc, l);
-  }
-  auto& enc = mx::metal::get_command_encoder(s);
-  if (part_sv) {
-    enc.add_temporary(std::move(*part_sv));
-  }
-  if (part_b) {
-    enc.add_temporary(std::move(*part_b));
   }
 }
 

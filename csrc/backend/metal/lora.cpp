@@ -81,10 +81,8 @@ void LoRALinearVJP::eval_gpu(
   // The LoRA part of the input gradient goes to dx, or to dx_d when dropout was applied.
   bool lora_into_dx = dx && !has_xd_;
   bool need_g = da || dxd || lora_into_dx;
-  mx::array g({n, r}, mx::float32, nullptr, {}); // dy B^T, a temporary of this call
-  if (need_g) {
-    g.set_data(mx::allocator::malloc(g.nbytes()));
-  }
+  // dy B^T, a temporary of this call (dy itself stands in, unread, when it is not needed).
+  auto g = need_g ? metal::temporary(s, {n, r}, mx::float32) : dy;
   if (need_g && n > 0 && r > 0) {
     auto l = metal_launch_lora_g(n, t, dtype_str(b.dtype()));
     auto& enc = metal::begin(s, l);
@@ -105,7 +103,7 @@ void LoRALinearVJP::eval_gpu(
     auto& enc = metal::begin(s, l);
     enc.set_input_array(dy, 0); // unread without the base pair
     enc.set_input_array(w, 1);
-    enc.set_input_array(lora ? g : dy, 2); // unread without the LoRA pair
+    enc.set_input_array(g, 2); // unread without the LoRA pair
     enc.set_input_array(a, 3);
     enc.set_output_array(dst, 4);
     enc.set_bytes(n, 5);
@@ -142,9 +140,6 @@ void LoRALinearVJP::eval_gpu(
   if (db && db->size() > 0) {
     auto l = metal_launch_lora_db(r, out, t, dtype_str(db->dtype()));
     param_grad(*db, l, xa, dy, r, out);
-  }
-  if (need_g) {
-    mx::metal::get_command_encoder(s).add_temporary(std::move(g));
   }
 }
 

@@ -2,15 +2,12 @@
 // Same schedule as the CUDA backend: xa = x_d A, then one gemm with the LoRA epilogue;
 // backward: g = s dy Bᵀ, dA, dB, dx_d by the skinny kernel, dx by the gemm.
 #include "backend/metal/common.h"
+#include "common/checks.h"
 #include "ops/qlora.h"
 
 namespace mlx_tuner {
 
 namespace {
-
-std::string dname(mx::Dtype t) {
-  return t == mx::float32 ? "float32" : (t == mx::float16 ? "float16" : "bfloat16");
-}
 
 // out[i, q] = alpha Σ_t P[i, t] Q[t, q] (strides in elements).
 void skinny(mx::Stream s, const mx::array& p, int64_t ps_i, int64_t ps_t, const mx::array& q,
@@ -19,7 +16,7 @@ void skinny(mx::Stream s, const mx::array& p, int64_t ps_i, int64_t ps_t, const 
   if (ni == 0 || nq == 0) {
     return;
   }
-  auto l = qlora_skinny_launch(ni, nq, dname(p.dtype()), dname(out.dtype()));
+  auto l = qlora_skinny_launch(ni, nq, dtype_str(p.dtype()), dtype_str(out.dtype()));
   auto& enc = metal::begin(s, l);
   enc.set_input_array(p, 0);
   enc.set_input_array(q, 1);
@@ -42,7 +39,7 @@ void gemm(mx::Stream s, bool fwd, const mx::array& x, const std::vector<mx::arra
   if (m == 0 || n_out == 0) {
     return;
   }
-  auto launch = qlora_gemm_launch(fwd, m, n_out, bits, dname(x.dtype()));
+  auto launch = qlora_gemm_launch(fwd, m, n_out, bits, dtype_str(x.dtype()));
   auto& enc = metal::begin(s, launch);
   enc.set_input_array(x, 0);
   enc.set_input_array(in[1], 1);
@@ -92,8 +89,7 @@ void QLoRAVJP::eval_gpu(const std::vector<mx::array>& in, std::vector<mx::array>
   mx::array* da = g_.da ? &outs[o++] : nullptr;
   mx::array* db = g_.db ? &outs[o++] : nullptr;
   auto s = stream();
-  mx::array g({m, r}, mx::float32, nullptr, {}); // s dy Bᵀ, a temporary of this call
-  g.set_data(mx::allocator::malloc(g.nbytes()));
+  auto g = metal::temporary(s, {m, r}, mx::float32); // s dy Bᵀ
   skinny(s, dy, n, 1, in[5], 1, n, g, r, 1, m, r, n, p_.scale);
   if (da) {
     skinny(s, xd, 1, k, g, r, 1, *da, r, 1, k, r, m, 1.0f);
@@ -108,7 +104,6 @@ void QLoRAVJP::eval_gpu(const std::vector<mx::array>& in, std::vector<mx::array>
     gemm(s, false, dy, in, p_.bits, m, k, n, p_.group_size,
          (!p_.has_xd && r > 0) ? &g : nullptr, in[4], r, 1, r, 1.0f, nullptr, *dx);
   }
-  mx::metal::get_command_encoder(s).add_temporary(std::move(g));
 }
 
 } // namespace mlx_tuner
