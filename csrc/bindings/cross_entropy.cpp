@@ -5,6 +5,7 @@
 #include <nanobind/stl/array.h>
 #include <nanobind/stl/variant.h>
 
+#include "bindings/common.h"
 #include "ops/cross_entropy.h"
 
 namespace nb = nanobind;
@@ -34,8 +35,7 @@ void init_cross_entropy(nb::module_& m) {
   m.def(
       "metal_launch_linear_cross_entropy",
       [](const std::string& kernel, int rows, const std::string& dtype) {
-        auto l = mlx_tuner::metal_launch_linear_cross_entropy(kernel, rows, dtype);
-        return nb::make_tuple(l.kernel, l.threadgroups, l.threads);
+        return launch_tuple(mlx_tuner::metal_launch_linear_cross_entropy(kernel, rows, dtype));
       },
       "kernel"_a,
       "rows"_a,

@@ -5,20 +5,13 @@
 #include <nanobind/stl/tuple.h>
 #include <nanobind/stl/variant.h>
 
+#include "bindings/common.h"
 #include "ops/divergence.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
 
 namespace mlx_tuner::bindings {
-
-namespace {
-
-nb::tuple as_tuple(const MetalLaunch& l) {
-  return nb::make_tuple(l.kernel, l.threadgroups, l.threads);
-}
-
-} // namespace
 
 void init_divergence(nb::module_& m) {
   m.def(
@@ -42,7 +35,7 @@ void init_divergence(nb::module_& m) {
     m.def(
         ("metal_launch_" + op + "_forward").c_str(),
         [kind](size_t rows, int V, const std::string& dtype) {
-          return as_tuple(metal_launch_divergence_forward(kind, rows, V, dtype));
+          return launch_tuple(metal_launch_divergence_forward(kind, rows, V, dtype));
         },
         "rows"_a,
         "V"_a,
@@ -51,7 +44,7 @@ void init_divergence(nb::module_& m) {
     m.def(
         ("metal_launch_" + op + "_backward").c_str(),
         [kind](size_t rows, int V, const std::string& dtype, bool grad_q, bool grad_p) {
-          return as_tuple(
+          return launch_tuple(
               metal_launch_divergence_backward(kind, rows, V, dtype, grad_q, grad_p));
         },
         "rows"_a,

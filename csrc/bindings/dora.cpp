@@ -6,6 +6,7 @@
 #include <nanobind/stl/tuple.h>
 #include <nanobind/stl/variant.h>
 
+#include "bindings/common.h"
 #include "ops/dora.h"
 
 namespace nb = nanobind;
@@ -69,34 +70,30 @@ void init_dora(nb::module_& m) {
   m.def(
       "metal_launch_dora_row_sq_norm",
       [](int rows, const std::string& dtype, int bits) {
-        auto l = mlx_tuner::metal_launch_dora_row_sq_norm(rows, dtype, bits);
-        return std::make_tuple(l.kernel, l.threadgroups, l.threads);
+        return launch_tuple(mlx_tuner::metal_launch_dora_row_sq_norm(rows, dtype, bits));
       },
       "rows"_a,
       "dtype"_a,
       "bits"_a = 0,
       "(kernel name, threadgroups, threads) of the Metal DoRARowSqNorm dispatch.");
   // The Metal dispatches of DoRAInvNorm / DoRAScale / DoRAScaleVJP, for the emulator tests.
-  auto as_tuple = [](const MetalLaunch& l) {
-    return std::make_tuple(l.kernel, l.threadgroups, l.threads);
-  };
   m.def(
       "metal_launch_dora_gram",
-      [as_tuple](int r) { return as_tuple(mlx_tuner::metal_launch_dora_gram(r)); },
+      [](int r) { return launch_tuple(mlx_tuner::metal_launch_dora_gram(r)); },
       "r"_a,
       "(kernel name, threadgroups, threads) of the Metal G = A^T A dispatch (DoRAInvNorm).");
   m.def(
       "metal_launch_dora_inv_norm",
-      [as_tuple](int out, const std::string& dtype) {
-        return as_tuple(mlx_tuner::metal_launch_dora_inv_norm(out, dtype));
+      [](int out, const std::string& dtype) {
+        return launch_tuple(mlx_tuner::metal_launch_dora_inv_norm(out, dtype));
       },
       "out"_a,
       "dtype"_a,
       "(kernel name, threadgroups, threads) of the Metal 1 / n dispatch (DoRAInvNorm).");
   m.def(
       "metal_launch_dora_scale",
-      [as_tuple](int rows, int cols, const std::string& dtype, bool has_bias) {
-        return as_tuple(mlx_tuner::metal_launch_dora_scale(rows, cols, dtype, has_bias));
+      [](int rows, int cols, const std::string& dtype, bool has_bias) {
+        return launch_tuple(mlx_tuner::metal_launch_dora_scale(rows, cols, dtype, has_bias));
       },
       "rows"_a,
       "cols"_a,
@@ -105,8 +102,8 @@ void init_dora(nb::module_& m) {
       "(kernel name, threadgroups, threads) of the Metal DoRAScale dispatch.");
   m.def(
       "metal_launch_dora_scale_vjp",
-      [as_tuple](int rows, int cols, const std::string& dtype) {
-        return as_tuple(mlx_tuner::metal_launch_dora_scale_vjp(rows, cols, dtype));
+      [](int rows, int cols, const std::string& dtype) {
+        return launch_tuple(mlx_tuner::metal_launch_dora_scale_vjp(rows, cols, dtype));
       },
       "rows"_a,
       "cols"_a,
@@ -114,8 +111,8 @@ void init_dora(nb::module_& m) {
       "(kernel name, threadgroups, threads) of the Metal DoRAScaleVJP tile pass.");
   m.def(
       "metal_launch_dora_scale_colsum",
-      [as_tuple](int cols, const std::string& dtype) {
-        return as_tuple(mlx_tuner::metal_launch_dora_scale_colsum(cols, dtype));
+      [](int cols, const std::string& dtype) {
+        return launch_tuple(mlx_tuner::metal_launch_dora_scale_colsum(cols, dtype));
       },
       "cols"_a,
       "dtype"_a,

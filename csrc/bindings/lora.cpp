@@ -5,6 +5,7 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/variant.h>
 
+#include "bindings/common.h"
 #include "ops/lora.h"
 
 namespace nb = nanobind;
@@ -26,36 +27,30 @@ void init_lora(nb::module_& m) {
       nb::kw_only(),
       "stream"_a = nb::none(),
       "y = x W^T + bias + scale (x_dropped A) B, fused (see mlx_tuner.ops.lora_linear).");
-  auto launch_tuple = [](const MetalLaunch& l) {
-    return nb::make_tuple(
-        l.kernel,
-        nb::make_tuple(l.threadgroups[0], l.threadgroups[1], l.threadgroups[2]),
-        nb::make_tuple(l.threads[0], l.threads[1], l.threads[2]));
-  };
   m.def(
       "metal_launch_lora_xa",
-      [=](int n, int r, const std::string& t, const std::string& u) {
+      [](int n, int r, const std::string& t, const std::string& u) {
         return launch_tuple(metal_launch_lora_xa(n, r, t, u));
       },
       "n"_a, "r"_a, "dtype"_a, "lora_dtype"_a,
       "(kernel, threadgroups, threads) of the Metal kernel xa = x_d A.");
   m.def(
       "metal_launch_lora_linear",
-      [=](int n, int out, const std::string& t, const std::string& u, bool has_bias) {
+      [](int n, int out, const std::string& t, const std::string& u, bool has_bias) {
         return launch_tuple(metal_launch_lora_linear(n, out, t, u, has_bias));
       },
       "n"_a, "out"_a, "dtype"_a, "lora_dtype"_a, "has_bias"_a,
       "(kernel, threadgroups, threads) of the fused Metal forward GEMM.");
   m.def(
       "metal_launch_lora_g",
-      [=](int n, const std::string& t, const std::string& u) {
+      [](int n, const std::string& t, const std::string& u) {
         return launch_tuple(metal_launch_lora_g(n, t, u));
       },
       "n"_a, "dtype"_a, "lora_dtype"_a,
       "(kernel, threadgroups, threads) of the Metal kernel g = dy B^T.");
   m.def(
       "metal_launch_lora_dx",
-      [=](int n, int in, const std::string& t, const std::string& u, bool base,
+      [](int n, int in, const std::string& t, const std::string& u, bool base,
           bool lora) {
         return launch_tuple(metal_launch_lora_dx(n, in, t, u, base, lora));
       },
@@ -63,14 +58,14 @@ void init_lora(nb::module_& m) {
       "(kernel, threadgroups, threads) of the Metal GEMM dx = [dy W] + [s g A^T].");
   m.def(
       "metal_launch_lora_da",
-      [=](int in, int r, const std::string& t, const std::string& u) {
+      [](int in, int r, const std::string& t, const std::string& u) {
         return launch_tuple(metal_launch_lora_da(in, r, t, u));
       },
       "in_dims"_a, "r"_a, "dtype"_a, "lora_dtype"_a,
       "(kernel, threadgroups, threads) of the Metal kernel dA = s x_d^T g.");
   m.def(
       "metal_launch_lora_db",
-      [=](int r, int out, const std::string& t, const std::string& u) {
+      [](int r, int out, const std::string& t, const std::string& u) {
         return launch_tuple(metal_launch_lora_db(r, out, t, u));
       },
       "r"_a, "out"_a, "dtype"_a, "lora_dtype"_a,

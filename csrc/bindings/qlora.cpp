@@ -7,6 +7,7 @@
 #include <nanobind/stl/tuple.h>
 #include <nanobind/stl/variant.h>
 
+#include "bindings/common.h"
 #include "ops/qlora.h"
 
 namespace nb = nanobind;
@@ -32,20 +33,17 @@ void init_qlora(nb::module_& m) {
       "bits"_a,
       "stream"_a = nb::none(),
       "y = x dequant(Wq)^T + bias + scale (x_d A) B, never dequantizing all of W.");
-  auto as_tuple = [](const MetalLaunch& l) {
-    return std::make_tuple(l.kernel, l.threadgroups, l.threads);
-  };
   m.def(
       "metal_launch_qlora_gemm",
-      [as_tuple](bool fwd, int rows, int n_out, int bits, const std::string& dtype) {
-        return as_tuple(qlora_gemm_launch(fwd, rows, n_out, bits, dtype));
+      [](bool fwd, int rows, int n_out, int bits, const std::string& dtype) {
+        return launch_tuple(qlora_gemm_launch(fwd, rows, n_out, bits, dtype));
       },
       "fwd"_a, "m"_a, "n_out"_a, "bits"_a, "dtype"_a,
       "(kernel, threadgroups, threads) of qlora_gemm for out (m, n_out).");
   m.def(
       "metal_launch_qlora_skinny",
-      [as_tuple](int ni, int nq, const std::string& p_dtype, const std::string& o_dtype) {
-        return as_tuple(qlora_skinny_launch(ni, nq, p_dtype, o_dtype));
+      [](int ni, int nq, const std::string& p_dtype, const std::string& o_dtype) {
+        return launch_tuple(qlora_skinny_launch(ni, nq, p_dtype, o_dtype));
       },
       "ni"_a, "nq"_a, "p_dtype"_a, "o_dtype"_a,
       "(kernel, threadgroups, threads) of qlora_skinny for out (ni, nq).");
