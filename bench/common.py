@@ -285,6 +285,46 @@ def probe_cases() -> dict:
     }
 
 
+def kernel_times(fn, reps: int = 5):
+    """The CUDA kernels of fn() (evaluated), per call, after 3 warm-up calls, under
+    torch.profiler (CUPTI sees the kernels inside MLX's CUDA graphs): (total us, rows of
+    (us, launches, kernel name), largest first). The GPU probes' measurement."""
+    import collections
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        mx.eval(fn())
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            mx.eval(fn())
+        torch.cuda.synchronize()
+    per = collections.defaultdict(lambda: [0.0, 0])
+    for e in prof.events():
+        if e.device_type.name == "CUDA":
+            per[e.name][0] += getattr(e, "device_time_total", None) or e.cuda_time_total
+            per[e.name][1] += 1
+    rows = sorted(((us / reps, n / reps, name) for name, (us, n) in per.items()), reverse=True)
+    return sum(r[0] for r in rows), rows
+
+
+@contextmanager
+def environ(values: dict):
+    """os.environ updated with `values` for the duration, then restored."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def run(benchmark, fn, *, rounds: int | None = None, warmup: int = 2):
     """Time fn() (evaluated) with pytest-benchmark; a single round in quick mode."""
     rounds = 1 if QUICK else (rounds or 10)

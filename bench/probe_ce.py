@@ -8,15 +8,12 @@ graphs) and prints, per case, each kernel's device time per call and the wall-cl
 one evaluation, so the chunk loop's GEMMs and softmax can be weighed against the
 materialized path's.
 """
-import collections
-import os
 import sys
 import time
 
 import mlx.core as mx
-import torch
-from torch.profiler import ProfilerActivity, profile
 
+from common import environ, kernel_times
 from mlx_tuner.ops import linear_cross_entropy, linear_cross_entropy_reference
 
 N, D, V = (int(a) for a in sys.argv[1:4]) if len(sys.argv) > 3 else (8192, 1024, 151936)
@@ -53,38 +50,23 @@ CASES = {
 refs = {name: CASES[name][0]() for name in {c[2] for c in CASES.values()}}
 mx.eval(refs)
 for name, (fn, env, against) in CASES.items():
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    loss, dh = fn()  # the settings' result against the materialized path's
-    ref_loss, ref_dh = refs[against]
-    line = f"-- {name}: loss {loss.item():.6f} (materialized {ref_loss.item():.6f})"
-    if dh is not None:
-        err = mx.abs(dh.astype(mx.float32) - ref_dh.astype(mx.float32)).max() / mx.abs(
-            ref_dh.astype(mx.float32)).max()
-        line += f", dh max error {err.item():.2e} of its largest"
-    print(line)
-    for _ in range(3):
-        mx.eval(fn())
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(REPS):
-        mx.eval(fn())
-    wall = (time.perf_counter() - t0) / REPS * 1e3
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with environ(env):
+        loss, dh = fn()  # the settings' result against the materialized path's
+        ref_loss, ref_dh = refs[against]
+        line = f"-- {name}: loss {loss.item():.6f} (materialized {ref_loss.item():.6f})"
+        if dh is not None:
+            err = mx.abs(dh.astype(mx.float32) - ref_dh.astype(mx.float32)).max() / mx.abs(
+                ref_dh.astype(mx.float32)).max()
+            line += f", dh max error {err.item():.2e} of its largest"
+        print(line)
+        for _ in range(3):
+            mx.eval(fn())
+        mx.synchronize()
+        t0 = time.perf_counter()
         for _ in range(REPS):
             mx.eval(fn())
-        torch.cuda.synchronize()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-    per = collections.defaultdict(lambda: [0.0, 0])
-    for e in prof.events():
-        if e.device_type.name == "CUDA":
-            per[e.name][0] += getattr(e, "device_time_total", None) or e.cuda_time_total
-            per[e.name][1] += 1
-    total = sum(v[0] for v in per.values()) / REPS / 1e3
-    print(f"== {name} (N {N}, d {D}, V {V}): {total:.2f} ms of kernels, {wall:.2f} ms wall")
-    for kname, (us, cnt) in sorted(per.items(), key=lambda kv: -kv[1][0])[:10]:
-        print(f"   {us / REPS / 1e3:7.3f} ms  x{cnt / REPS:5.1f}  {kname[:100]}")
+        wall = (time.perf_counter() - t0) / REPS * 1e3
+        total, rows = kernel_times(fn, REPS)
+    print(f"== {name} (N {N}, d {D}, V {V}): {total / 1e3:.2f} ms of kernels, {wall:.2f} ms wall")
+    for us, launches, kname in rows[:10]:
+        print(f"   {us / 1e3:7.3f} ms  x{launches:5.1f}  {kname[:100]}")
