@@ -28,12 +28,6 @@ Dt dt_of(const mx::array& a, const char* what) {
   }
 }
 
-__device__ inline float ld(const void* p, long i, int dt) {
-  if (dt == kF32) return static_cast<const float*>(p)[i];
-  if (dt == kF16) return __half2float(static_cast<const __half*>(p)[i]);
-  return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
-}
-
 __device__ inline void st(void* p, long i, int dt, float v) {
   if (dt == kF32) static_cast<float*>(p)[i] = v;
   else if (dt == kF16) static_cast<__half*>(p)[i] = __float2half(v);
@@ -57,52 +51,97 @@ struct alignas(4 * sizeof(T)) Quad {
   T v[4];
 };
 
+// Loads n values of a small matrix as float32, all issued before any is used: the
+// dtype branch is taken once, outside the unrolled loop, so that the loads are
+// independent (a branch per element serializes them on their latency).
+template <typename TM, int N, typename Idx>
+__device__ inline void gather_as(const void* m, float (&v)[N], Idx&& idx) {
+  const TM* p = static_cast<const TM*>(m);
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    long o = idx(i);
+    v[i] = o >= 0 ? to_f(p[o]) : 0.0f;
+  }
+}
+template <int N, typename Idx>
+__device__ inline void gather(const void* m, int dt, float (&v)[N], Idx&& idx) {
+  if (dt == kF32) gather_as<float>(m, v, idx);
+  else if (dt == kF16) gather_as<__half>(m, v, idx);
+  else gather_as<__nv_bfloat16>(m, v, idx);
+}
+
 // ---- project: c[row, j] = s sum_k x[row, k] M[k, j] ----------------------------------
 // One lane per row and eight warps per block, each warp a different slice of every
-// chunk of k (a lane reads one 128-byte run of its row per chunk: 8 loads of V
-// elements). The chunk of M sits in shared memory as float32, [k][j], and every lane of a
-// warp reads the same k at a time: broadcast reads. The eight slices' partial sums meet
-// in shared memory at the end.
-constexpr int kProjWarps = 8;
+// chunk of k (a lane reads one 64-byte run of its row per chunk: 4 loads of V
+// elements; 8 would need more registers than a thread has once the next chunk is
+// prefetched). The chunk of M sits in shared memory as float32, [k][j], and every lane of a
+// warp reads the same k at a time: broadcast reads. The next chunk's x and M are loaded
+// while this one is computed. The eight slices' partial sums meet in shared memory.
+constexpr int kProjWarps = 8, kProjThreads = kProjWarps * 32, kProjVecs = 4;
 
 template <typename T, int R, int V>
-__global__ void __launch_bounds__(kProjWarps * 32)
+__global__ void __launch_bounds__(kProjThreads)
 project_kernel(const T* x, const void* m, int mdt, long msk, long msj, void* c, int cdt,
                int n, int k, int r, float s) {
-  constexpr int KW = 8 * V;             // k per warp per chunk
+  constexpr int KW = kProjVecs * V;     // k per warp per chunk
   constexpr int KC = kProjWarps * KW;   // k per chunk
-  constexpr int SM = (KC > kProjWarps * 32 ? KC : kProjWarps * 32) * R;
+  constexpr int SM = (KC > kProjThreads ? KC : kProjThreads) * R;
+  constexpr int PER = KC * R / kProjThreads; // M values staged per thread per chunk
   __shared__ __align__(16) float sm[SM];
   int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   int row = blockIdx.x * 32 + lane;
   bool live = row < n;
   const T* xr = x + (long)(live ? row : 0) * k;
-  float acc[R];
-#pragma unroll
-  for (int j = 0; j < R; ++j) acc[j] = 0.0f;
-  for (int k0 = 0; k0 < k; k0 += KC) {
-    __syncthreads();
-    for (int i = threadIdx.x; i < KC * R; i += blockDim.x) {
-      int kk = k0 + i / R, j = i % R;
-      sm[i] = (kk < k && j < r) ? ld(m, kk * msk + j * msj, mdt) : 0.0f;
-    }
-    __syncthreads();
-    int kb = k0 + warp * KW;
-    if (!live || kb >= k) continue;
-    T xv[KW];
+  // Staging order follows M's unit stride (A: j fastest; B^T: k fastest) so that
+  // neighbouring threads read neighbouring elements.
+  bool kfast = msk == 1 && msj != 1;
+  auto m_index = [&](int k0) {
+    return [=](int p) -> long {
+      int i = p * kProjThreads + threadIdx.x;
+      int kk = kfast ? i % KC : i / R, j = kfast ? i / KC : i % R;
+      return (k0 + kk < k && j < r) ? (k0 + kk) * msk + j * msj : -1;
+    };
+  };
+  auto load_x = [&](int kb, T (&xv)[KW]) {
+    if (!live || kb >= k) return;
     if (V > 1 && kb + KW <= k) {
 #pragma unroll
-      for (int v = 0; v < 8; ++v) {
+      for (int v = 0; v < kProjVecs; ++v) {
         *reinterpret_cast<uint4*>(&xv[v * V]) = *reinterpret_cast<const uint4*>(xr + kb + v * V);
       }
     } else {
 #pragma unroll
       for (int e = 0; e < KW; ++e) xv[e] = kb + e < k ? xr[kb + e] : from_f<T>(0.0f);
     }
+  };
+  float acc[R];
+#pragma unroll
+  for (int j = 0; j < R; ++j) acc[j] = 0.0f;
+  float mv[PER];
+  T xv[KW], xn[KW];
+  gather(m, mdt, mv, m_index(0));
+  load_x(warp * KW, xn);
+  for (int k0 = 0; k0 < k; k0 += KC) {
+    __syncthreads();
+#pragma unroll
+    for (int p = 0; p < PER; ++p) {
+      int i = p * kProjThreads + threadIdx.x;
+      int kk = kfast ? i % KC : i / R, j = kfast ? i / KC : i % R;
+      sm[kk * R + j] = mv[p];
+    }
+    __syncthreads();
+#pragma unroll
+    for (int e = 0; e < KW; ++e) xv[e] = xn[e];
+    int kb = k0 + warp * KW;
+    if (k0 + KC < k) { // the next chunk's loads, in flight during this chunk's FFMAs
+      gather(m, mdt, mv, m_index(k0 + KC));
+      load_x(kb + KC, xn);
+    }
+    if (!live || kb >= k) continue;
     const float* ms = sm + warp * KW * R;
 #pragma unroll
     for (int e = 0; e < KW; ++e) {
-      float xe = to_f(xv[e]);
+      float xe = kb + e < k ? to_f(xv[e]) : 0.0f;
 #pragma unroll
       for (int j = 0; j < R; j += 4) {
         float4 w = *reinterpret_cast<const float4*>(ms + e * R + j);
@@ -117,7 +156,7 @@ project_kernel(const T* x, const void* m, int mdt, long msk, long msj, void* c, 
 #pragma unroll
   for (int j = 0; j < R; ++j) sm[(warp * R + j) * 32 + lane] = acc[j];
   __syncthreads();
-  for (int o = threadIdx.x; o < 32 * R; o += blockDim.x) {
+  for (int o = threadIdx.x; o < 32 * R; o += kProjThreads) {
     int l = o % 32, j = o / 32;
     int rr = blockIdx.x * 32 + l;
     if (rr >= n || j >= r) continue;
@@ -141,18 +180,26 @@ expand_kernel(const T* p, const void* m, int mdt, long msj, long msc, const void
   __shared__ __align__(16) float ps[kExpRows * R];
   int c0 = (blockIdx.x * kExpThreads + threadIdx.x) * 4;
   int r0 = blockIdx.y * kExpRows;
-  for (int i = threadIdx.x; i < kExpRows * R; i += kExpThreads) {
-    int rr = r0 + i / R, j = i % R;
-    ps[i] = (rr < n && j < r) ? to_f(p[(long)rr * r + j]) : 0.0f;
-  }
-  float mw[R][4], bb[4];
+  constexpr int PT = kExpRows * R / kExpThreads;
+  float pv[PT];
 #pragma unroll
-  for (int q = 0; q < 4; ++q) {
-    bool in = c0 + q < cols;
-    bb[q] = (bias != nullptr && in) ? ld(bias, c0 + q, bdt) : 0.0f;
-#pragma unroll
-    for (int j = 0; j < R; ++j) mw[j][q] = (in && j < r) ? ld(m, j * msj + (c0 + q) * msc, mdt) : 0.0f;
+  for (int q = 0; q < PT; ++q) {
+    int i = q * kExpThreads + threadIdx.x, rr = r0 + i / R, j = i % R;
+    pv[q] = (rr < n && j < r) ? to_f(p[(long)rr * r + j]) : 0.0f;
   }
+  float mv[R * 4], bb[4];
+  gather(m, mdt, mv, [=](int i) -> long {
+    int j = i / 4, q = i % 4;
+    return (c0 + q < cols && j < r) ? j * msj + (c0 + q) * msc : -1;
+  });
+  if (bias != nullptr) {
+    gather(bias, bdt, bb, [=](int q) -> long { return c0 + q < cols ? c0 + q : -1; });
+  } else {
+#pragma unroll
+    for (int q = 0; q < 4; ++q) bb[q] = 0.0f;
+  }
+#pragma unroll
+  for (int q = 0; q < PT; ++q) ps[q * kExpThreads + threadIdx.x] = pv[q];
   __syncthreads();
   if (c0 >= cols) return;
   int rows = min(kExpRows, n - r0);
@@ -160,10 +207,11 @@ expand_kernel(const T* p, const void* m, int mdt, long msj, long msc, const void
     float o[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
     for (int j = 0; j < R; j += 4) {
-      float4 pv = *reinterpret_cast<const float4*>(ps + i * R + j);
+      float4 v = *reinterpret_cast<const float4*>(ps + i * R + j);
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
-        o[q] += pv.x * mw[j][q] + pv.y * mw[j + 1][q] + pv.z * mw[j + 2][q] + pv.w * mw[j + 3][q];
+        o[q] += v.x * mv[j * 4 + q] + v.y * mv[(j + 1) * 4 + q] + v.z * mv[(j + 2) * 4 + q] +
+                v.w * mv[(j + 3) * 4 + q];
       }
     }
     T* yr = y + (long)(r0 + i) * cols + c0;
@@ -179,11 +227,12 @@ expand_kernel(const T* p, const void* m, int mdt, long msj, long msc, const void
 }
 
 // ---- reduce: d[i, j] = s sum_row x[row, i] g[row, j] ----------------------------------
-// Pass 1: a block owns 4 columns of x per thread (512 per block) and one slice of the
-// rows; g's rows sit in shared memory as float32 (broadcast reads); the block writes its
-// partial sums, part[slice][i][j] (float32, j padded to R). Pass 2 sums the slices in a
-// fixed order (no atomics: the same inputs give the same bits) and writes d.
-constexpr int kRedThreads = 128, kRedRows = 64, kRedUnroll = 8;
+// Pass 1: a block owns 4 columns of x per thread (512 per block) and one slice of at most
+// kRedRows rows, whose g sits in shared memory as float32 (broadcast reads); the next 8
+// rows of x are loaded while 8 are computed. The block writes its partial sums,
+// part[slice][i][j] (float32, j padded to R). Pass 2 sums the slices in a fixed order
+// (no atomics: the same inputs give the same bits) and writes d.
+constexpr int kRedThreads = 128, kRedRows = 256, kRedUnroll = 8;
 
 struct RedJob {
   const void* x;
@@ -206,53 +255,59 @@ reduce_kernel(RedJobs jobs, int n, int r, int slice_rows, bool vec) {
   int c0 = (blockIdx.x * kRedThreads + threadIdx.x) * 4;
   if (blockIdx.x * kRedThreads * 4 >= k) return; // the other job is wider: whole block idle
   __shared__ __align__(16) float gs[kRedRows * R];
+  int row_begin = blockIdx.y * slice_rows, rows = min(slice_rows, n - row_begin);
+  for (int i = threadIdx.x; i < rows * R; i += kRedThreads) {
+    int j = i % R;
+    gs[i] = j < r ? to_f(g[(long)(row_begin + i / R) * r + j]) : 0.0f;
+  }
+  __syncthreads();
+  if (c0 >= k) return;
+  bool quad = vec && c0 + 4 <= k;
+  auto load = [&](int i0, Quad<T> (&v)[kRedUnroll]) {
+#pragma unroll
+    for (int u = 0; u < kRedUnroll; ++u) {
+      const T* xr = x + (long)(row_begin + i0 + u) * k + c0;
+      if (i0 + u >= rows) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) v[u].v[q] = from_f<T>(0.0f);
+      } else if (quad) {
+        v[u] = *reinterpret_cast<const Quad<T>*>(xr);
+      } else {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) v[u].v[q] = c0 + q < k ? xr[q] : from_f<T>(0.0f);
+      }
+    }
+  };
   float acc[4][R];
 #pragma unroll
   for (int q = 0; q < 4; ++q)
 #pragma unroll
     for (int j = 0; j < R; ++j) acc[q][j] = 0.0f;
-  int row_begin = blockIdx.y * slice_rows, row_end = min(n, row_begin + slice_rows);
-  for (int r0 = row_begin; r0 < row_end; r0 += kRedRows) {
-    int rows = min(kRedRows, row_end - r0);
-    __syncthreads();
-    for (int i = threadIdx.x; i < kRedRows * R; i += kRedThreads) {
-      int j = i % R;
-      gs[i] = (i / R < rows && j < r) ? to_f(g[(long)(r0 + i / R) * r + j]) : 0.0f;
-    }
-    __syncthreads();
-    if (c0 >= k) continue;
-    for (int i0 = 0; i0 < rows; i0 += kRedUnroll) {
-      float xv[kRedUnroll][4];
+  Quad<T> cur[kRedUnroll], nxt[kRedUnroll];
+  load(0, nxt);
+  for (int i0 = 0; i0 < rows; i0 += kRedUnroll) {
 #pragma unroll
-      for (int u = 0; u < kRedUnroll; ++u) {
-        const T* xr = x + (long)(r0 + i0 + u) * k + c0;
-        bool in = i0 + u < rows;
-        if (vec && in && c0 + 4 <= k) {
-          Quad<T> qv = *reinterpret_cast<const Quad<T>*>(xr);
+    for (int u = 0; u < kRedUnroll; ++u) cur[u] = nxt[u];
+    if (i0 + kRedUnroll < rows) load(i0 + kRedUnroll, nxt);
 #pragma unroll
-          for (int q = 0; q < 4; ++q) xv[u][q] = to_f(qv.v[q]);
-        } else {
+    for (int u = 0; u < kRedUnroll; ++u) {
+      float xv[4];
 #pragma unroll
-          for (int q = 0; q < 4; ++q) xv[u][q] = (in && c0 + q < k) ? to_f(xr[q]) : 0.0f;
-        }
-      }
+      for (int q = 0; q < 4; ++q) xv[q] = to_f(cur[u].v[q]);
+      int i = min(i0 + u, rows - 1); // rows past the end hold zeros in cur
 #pragma unroll
-      for (int u = 0; u < kRedUnroll; ++u) {
+      for (int j = 0; j < R; j += 4) {
+        float4 gv = *reinterpret_cast<const float4*>(gs + i * R + j);
 #pragma unroll
-        for (int j = 0; j < R; j += 4) {
-          float4 gv = *reinterpret_cast<const float4*>(gs + (i0 + u) * R + j);
-#pragma unroll
-          for (int q = 0; q < 4; ++q) {
-            acc[q][j] += xv[u][q] * gv.x;
-            acc[q][j + 1] += xv[u][q] * gv.y;
-            acc[q][j + 2] += xv[u][q] * gv.z;
-            acc[q][j + 3] += xv[u][q] * gv.w;
-          }
+        for (int q = 0; q < 4; ++q) {
+          acc[q][j] += xv[q] * gv.x;
+          acc[q][j + 1] += xv[q] * gv.y;
+          acc[q][j + 2] += xv[q] * gv.z;
+          acc[q][j + 3] += xv[q] * gv.w;
         }
       }
     }
   }
-  if (c0 >= k) return;
   float* out = job.part + ((long)blockIdx.y * k + c0) * R;
 #pragma unroll
   for (int q = 0; q < 4; ++q) {
@@ -395,13 +450,12 @@ void lowrank_reduce(mx::cu::CommandEncoder& enc, std::initializer_list<ReduceJob
     return;
   }
   int col_blocks = (max_k + 4 * kRedThreads - 1) / (4 * kRedThreads);
-  // About three blocks per multiprocessor over both jobs; a slice is a whole number of
-  // the g tiles (kRedRows rows) so that no block idles on a short tail.
+  // About three blocks per multiprocessor over both jobs, each a slice of at most
+  // kRedRows rows (its g must fit in shared memory).
   int want = std::max(1, 3 * sm_count(enc) / (col_blocks * int(jobs.size())));
-  int tiles = (n + kRedRows - 1) / kRedRows;
-  int slices = std::min(want, tiles);
-  int slice_rows = ((tiles + slices - 1) / slices) * kRedRows;
-  slices = (n + slice_rows - 1) / slice_rows;
+  int slice_rows = (n + want - 1) / want;
+  slice_rows = std::min(kRedRows, (slice_rows + kRedUnroll - 1) / kRedUnroll * kRedUnroll);
+  int slices = (n + slice_rows - 1) / slice_rows;
   with_r(r, [&](auto rc) {
     constexpr int R = decltype(rc)::value;
     RedJobs rj{};
