@@ -44,9 +44,11 @@ void LoRALinear::eval_gpu(
   int n = x.shape(0), in = w.shape(1), out = w.shape(0), r = a.shape(1);
   if (n == 0) return;
   auto T = x.dtype();
-  if (cuda::lowrank_fits(r)) { // the rank-r products as two plain kernel nodes
-    cuda::lowrank_project(enc, xd, {a, r, 1}, r, 1.0f, xa);
-    cuda::lowrank_expand(enc, xa, {b, out, 1}, scale_, bias, y);
+  if (cuda::lowrank_fits(r, T, {in, out}, {&xd})) { // the rank-r products as kernels of ours
+    // A (in, r) and B (r, out) packed for them in one launch.
+    auto m = cuda::lowrank_pack(enc, T, {{a, r, 1, in, r, true}, {b, out, 1, r, out, false}});
+    cuda::lowrank_project(enc, xd, m[0], r, 1.0f, xa);
+    cuda::lowrank_expand(enc, xa, m[1], scale_, bias, y);
     gemm(enc, {false, true, n, out, in, T, T, T}, 1.0f, x, w, 1.0f, y);
     return;
   }
@@ -88,17 +90,23 @@ void LoRALinearVJP::eval_gpu(
   }
   bool lora_into_dx = dx && !has_xd_;
   bool need_g = da || dxd || lora_into_dx;
-  if (cuda::lowrank_fits(r)) { // rank-r products as kernels of ours, dx's GEMM alone captured
+  if (cuda::lowrank_fits(r, T, {in, out}, {&dy})) { // rank-r products as kernels of ours
     std::optional<mx::array> g_t;
-    if (need_g) { // g = dy B^T: B^T's element (o, j) is B[j, o]
+    std::vector<mx::array> m;
+    if (need_g) { // g = dy B^T, B^T (out, r) and A^T (r, in) packed in one launch
+      if (lora_into_dx || dxd) {
+        m = cuda::lowrank_pack(enc, T, {{b, 1, out, out, r, true}, {a, 1, r, r, in, false}});
+      } else {
+        m = cuda::lowrank_pack(enc, T, {{b, 1, out, out, r, true}});
+      }
       g_t = scratch(enc, {n, r}, T);
-      cuda::lowrank_project(enc, dy, {b, 1, out}, r, 1.0f, *g_t);
+      cuda::lowrank_project(enc, dy, m[0], r, 1.0f, *g_t);
     }
-    if (dx) { // dx = s g A^T first (A^T's element (j, i) is A[i, j]), then dy W into it
-      if (lora_into_dx) cuda::lowrank_expand(enc, *g_t, {a, 1, r}, scale_, nullptr, *dx);
+    if (dx) { // dx = s g A^T first, then dy W accumulated into it
+      if (lora_into_dx) cuda::lowrank_expand(enc, *g_t, m[1], scale_, nullptr, *dx);
       gemm(enc, {false, false, n, in, out, T, T, T}, 1.0f, dy, w, lora_into_dx ? 1.0f : 0.0f, *dx);
     }
-    if (dxd) cuda::lowrank_expand(enc, *g_t, {a, 1, r}, scale_, nullptr, *dxd);
+    if (dxd) cuda::lowrank_expand(enc, *g_t, m[1], scale_, nullptr, *dxd);
     if (da && db) { // dA = s x_d^T g (in, r); dB = s xa^T dy (r, out): one pair of launches
       cuda::lowrank_reduce(enc, {{xd, *g_t, *da, r, 1, scale_}, {dy, xa, *db, 1, out, scale_}});
     } else if (da) {

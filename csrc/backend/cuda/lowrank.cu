@@ -1,11 +1,15 @@
-// The rank-r products of the LoRA family (lowrank.cuh): project (x M), expand (p M into a
-// wide output) and reduce (x^T g over the rows). Each is FFMA with float32 accumulation,
-// bound by the one wide operand it streams (x, dy or y: n * width elements); the small
-// matrices are turned into float32 once per block, in shared memory or registers.
+// The rank-r products of the LoRA family (lowrank.cuh) on the tensor cores: mma.sync
+// m16n8k16 (float16 or bfloat16 operands, float32 accumulators), operands loaded straight
+// from global memory into the fragment layout of the PTX ISA (for the 16 x 16 A tile,
+// lane = 4 * gid + tig holds rows gid and gid + 8, columns 2 tig, 2 tig + 1 and the same
+// plus 8; for the 16 x 8 B tile, rows 2 tig, 2 tig + 1 (+ 8) of column gid; for C,
+// rows gid and gid + 8, columns 2 tig, 2 tig + 1). Each kernel streams its one wide
+// operand (x, dy or y: n * width elements) once.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 
 #include "backend/cuda/gemm.cuh"
@@ -15,8 +19,8 @@ namespace mlx_tuner::cuda {
 
 namespace {
 
-// The dtypes a small matrix or an output may have, chosen at run time: they are read or
-// written a few times per block, not per multiply.
+// The dtypes a LoRA matrix or an output may have, chosen at run time: the pack and
+// finish kernels touch each element once.
 enum Dt : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
 
 Dt dt_of(const mx::array& a, const char* what) {
@@ -28,211 +32,195 @@ Dt dt_of(const mx::array& a, const char* what) {
   }
 }
 
+__device__ inline float ld(const void* p, long i, int dt) {
+  if (dt == kF32) return static_cast<const float*>(p)[i];
+  if (dt == kF16) return __half2float(static_cast<const __half*>(p)[i]);
+  return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+}
+
 __device__ inline void st(void* p, long i, int dt, float v) {
   if (dt == kF32) static_cast<float*>(p)[i] = v;
   else if (dt == kF16) static_cast<__half*>(p)[i] = __float2half(v);
   else static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16(v);
 }
 
-__device__ inline float to_f(float v) { return v; }
 __device__ inline float to_f(__half v) { return __half2float(v); }
 __device__ inline float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 template <typename T>
-__device__ inline T from_f(float v) { return static_cast<T>(v); }
+__device__ inline T from_f(float v);
 template <>
 __device__ inline __half from_f<__half>(float v) { return __float2half(v); }
 template <>
 __device__ inline __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
 
-// Four consecutive elements, loaded or stored as one vector when aligned.
+// Two 16-bit values as one register, the lower index in the low half (mma's order).
 template <typename T>
-struct alignas(4 * sizeof(T)) Quad {
-  T v[4];
+__device__ inline uint32_t pack2(T lo, T hi) {
+  return uint32_t(*reinterpret_cast<const uint16_t*>(&lo)) |
+         (uint32_t(*reinterpret_cast<const uint16_t*>(&hi)) << 16);
+}
+
+__device__ inline uint32_t ld32(const void* p) { return *static_cast<const uint32_t*>(p); }
+
+// c += a b for a 16 x 16 A, a 16 x 8 B, in float32.
+template <typename T>
+__device__ inline void mma(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]);
+template <>
+__device__ inline void mma<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4],
+                                          const uint32_t (&b)[2]) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+template <>
+__device__ inline void mma<__half>(float (&c)[4], const uint32_t (&a)[4],
+                                   const uint32_t (&b)[2]) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+constexpr int kWarps = 8, kThreads = kWarps * 32;
+
+// ---- pack: dst[u][v] = src[u * su + v * sv] (zero past ulim, vlim), in T -------------
+struct PackJob {
+  const void* src;
+  int sdt;
+  long su, sv;
+  int ulim, vlim;
+  void* dst;
+  int U, V;
+};
+struct PackJobs {
+  PackJob j[2];
 };
 
-// Loads n values of a small matrix as float32, all issued before any is used: the
-// dtype branch is taken once, outside the unrolled loop, so that the loads are
-// independent (a branch per element serializes them on their latency).
-template <typename TM, int N, typename Idx>
-__device__ inline void gather_as(const void* m, float (&v)[N], Idx&& idx) {
-  const TM* p = static_cast<const TM*>(m);
-#pragma unroll
-  for (int i = 0; i < N; ++i) {
-    long o = idx(i);
-    v[i] = o >= 0 ? to_f(p[o]) : 0.0f;
+template <typename T>
+__global__ void pack_kernel(PackJobs jobs) {
+  // A select, not an index: a dynamic index would copy the parameters to local memory.
+  const PackJob job = blockIdx.y == 0 ? jobs.j[0] : jobs.j[1];
+  long total = (long)job.U * job.V;
+  for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < total;
+       i += (long)gridDim.x * blockDim.x) {
+    int u = int(i / job.V), v = int(i % job.V);
+    float val = (u < job.ulim && v < job.vlim) ? ld(job.src, u * job.su + v * job.sv, job.sdt) : 0.0f;
+    static_cast<T*>(job.dst)[i] = from_f<T>(val);
   }
-}
-template <int N, typename Idx>
-__device__ inline void gather(const void* m, int dt, float (&v)[N], Idx&& idx) {
-  if (dt == kF32) gather_as<float>(m, v, idx);
-  else if (dt == kF16) gather_as<__half>(m, v, idx);
-  else gather_as<__nv_bfloat16>(m, v, idx);
 }
 
 // ---- project: c[row, j] = s sum_k x[row, k] M[k, j] ----------------------------------
-// One lane per row and eight warps per block, each warp a different slice of every
-// chunk of k (a lane reads one 64-byte run of its row per chunk: 4 loads of V
-// elements; 8 would need more registers than a thread has once the next chunk is
-// prefetched). The chunk of M sits in shared memory as float32, [k][j], and every lane of a
-// warp reads the same k at a time: broadcast reads. The next chunk's x and M are loaded
-// while this one is computed. The eight slices' partial sums meet in shared memory.
-constexpr int kProjWarps = 8, kProjThreads = kProjWarps * 32, kProjVecs = 4;
-
-template <typename T, int R, int V>
-__global__ void __launch_bounds__(kProjThreads)
-project_kernel(const T* x, const void* m, int mdt, long msk, long msj, void* c, int cdt,
-               int n, int k, int r, float s) {
-  constexpr int KW = kProjVecs * V;     // k per warp per chunk
-  constexpr int KC = kProjWarps * KW;   // k per chunk
-  constexpr int SM = (KC > kProjThreads ? KC : kProjThreads) * R;
-  constexpr int PER = KC * R / kProjThreads; // M values staged per thread per chunk
-  __shared__ __align__(16) float sm[SM];
-  int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  int row = blockIdx.x * 32 + lane;
-  bool live = row < n;
-  const T* xr = x + (long)(live ? row : 0) * k;
-  // Staging order follows M's unit stride (A: j fastest; B^T: k fastest) so that
-  // neighbouring threads read neighbouring elements.
-  bool kfast = msk == 1 && msj != 1;
-  auto m_index = [&](int k0) {
-    return [=](int p) -> long {
-      int i = p * kProjThreads + threadIdx.x;
-      int kk = kfast ? i % KC : i / R, j = kfast ? i / KC : i % R;
-      return (k0 + kk < k && j < r) ? (k0 + kk) * msk + j * msj : -1;
-    };
-  };
-  auto load_x = [&](int kb, T (&xv)[KW]) {
-    if (!live || kb >= k) return;
-    if (V > 1 && kb + KW <= k) {
+// A block owns one 16-row tile; its eight warps split k, each accumulating the tile's
+// 16 x 16 (NT = 2) or 16 x 8 (NT = 1, r <= 8) product with M packed as [16][k], and
+// the eight partial tiles meet in shared memory.
+template <typename T, int NT>
+__global__ void __launch_bounds__(kThreads)
+project_kernel(const T* x, const T* pk, void* c, int cdt, int n, int k, int r, float s) {
+  int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane / 4, tig = lane % 4;
+  int row0 = blockIdx.x * 16;
+  int steps = k / 16;
+  int s0 = int((long)steps * warp / kWarps), s1 = int((long)steps * (warp + 1) / kWarps);
+  bool va = row0 + gid < n, vb = row0 + gid + 8 < n;
+  const T* xa = x + (long)(va ? row0 + gid : 0) * k + 2 * tig;
+  const T* xb = x + (long)(vb ? row0 + gid + 8 : 0) * k + 2 * tig;
+  const T* p0 = pk + (long)gid * k + 2 * tig;
+  const T* p1 = pk + (long)(gid + 8) * k + 2 * tig;
+  float acc[NT][4];
 #pragma unroll
-      for (int v = 0; v < kProjVecs; ++v) {
-        *reinterpret_cast<uint4*>(&xv[v * V]) = *reinterpret_cast<const uint4*>(xr + kb + v * V);
-      }
-    } else {
+  for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-      for (int e = 0; e < KW; ++e) xv[e] = kb + e < k ? xr[kb + e] : from_f<T>(0.0f);
-    }
-  };
-  float acc[R];
-#pragma unroll
-  for (int j = 0; j < R; ++j) acc[j] = 0.0f;
-  float mv[PER];
-  T xv[KW], xn[KW];
-  gather(m, mdt, mv, m_index(0));
-  load_x(warp * KW, xn);
-  for (int k0 = 0; k0 < k; k0 += KC) {
-    __syncthreads();
-#pragma unroll
-    for (int p = 0; p < PER; ++p) {
-      int i = p * kProjThreads + threadIdx.x;
-      int kk = kfast ? i % KC : i / R, j = kfast ? i / KC : i % R;
-      sm[kk * R + j] = mv[p];
-    }
-    __syncthreads();
-#pragma unroll
-    for (int e = 0; e < KW; ++e) xv[e] = xn[e];
-    int kb = k0 + warp * KW;
-    if (k0 + KC < k) { // the next chunk's loads, in flight during this chunk's FFMAs
-      gather(m, mdt, mv, m_index(k0 + KC));
-      load_x(kb + KC, xn);
-    }
-    if (!live || kb >= k) continue;
-    const float* ms = sm + warp * KW * R;
-#pragma unroll
-    for (int e = 0; e < KW; ++e) {
-      float xe = kb + e < k ? to_f(xv[e]) : 0.0f;
-#pragma unroll
-      for (int j = 0; j < R; j += 4) {
-        float4 w = *reinterpret_cast<const float4*>(ms + e * R + j);
-        acc[j] += xe * w.x;
-        acc[j + 1] += xe * w.y;
-        acc[j + 2] += xe * w.z;
-        acc[j + 3] += xe * w.w;
-      }
+    for (int q = 0; q < 4; ++q) acc[nt][q] = 0.0f;
+#pragma unroll 4
+  for (int step = s0; step < s1; ++step) {
+    int kk = step * 16;
+    uint32_t a[4];
+    a[0] = va ? ld32(xa + kk) : 0u;
+    a[1] = vb ? ld32(xb + kk) : 0u;
+    a[2] = va ? ld32(xa + kk + 8) : 0u;
+    a[3] = vb ? ld32(xb + kk + 8) : 0u;
+    uint32_t b0[2] = {ld32(p0 + kk), ld32(p0 + kk + 8)};
+    mma<T>(acc[0], a, b0);
+    if constexpr (NT == 2) {
+      uint32_t b1[2] = {ld32(p1 + kk), ld32(p1 + kk + 8)};
+      mma<T>(acc[1], a, b1);
     }
   }
-  __syncthreads();
+  __shared__ float red[kWarps][NT * 4][32];
 #pragma unroll
-  for (int j = 0; j < R; ++j) sm[(warp * R + j) * 32 + lane] = acc[j];
-  __syncthreads();
-  for (int o = threadIdx.x; o < 32 * R; o += kProjThreads) {
-    int l = o % 32, j = o / 32;
-    int rr = blockIdx.x * 32 + l;
-    if (rr >= n || j >= r) continue;
-    float sum = 0.0f;
+  for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-    for (int w = 0; w < kProjWarps; ++w) sum += sm[(w * R + j) * 32 + l];
-    st(c, (long)rr * r + j, cdt, s * sum);
+    for (int q = 0; q < 4; ++q) red[warp][nt * 4 + q][lane] = acc[nt][q];
+  __syncthreads();
+  if (warp != 0) return;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      float sum = 0.0f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) sum += red[w][nt * 4 + q][lane];
+      int row = row0 + gid + (q >= 2 ? 8 : 0), j = nt * 8 + 2 * tig + (q & 1);
+      if (row < n && j < r) st(c, (long)row * r + j, cdt, s * sum);
+    }
   }
 }
 
 // ---- expand: y[row, col] = s sum_j p[row, j] M[j, col] (+ bias[col]) -----------------
-// Each thread owns 4 consecutive columns and keeps their M (R x 4, float32) in registers;
-// a block walks 64 rows of p (in shared memory as float32: broadcast reads) and writes
-// each row's 4 outputs as one vector.
-constexpr int kExpThreads = 256, kExpRows = 64;
+// A warp owns one 16-row tile of p (one A fragment: r <= 16 is a single k step) and
+// kExpCols columns, M packed as [cols][16]; each 16 x 8 result goes out as pairs.
+constexpr int kExpCols = 128;
 
-template <typename T, int R>
-__global__ void __launch_bounds__(kExpThreads)
-expand_kernel(const T* p, const void* m, int mdt, long msj, long msc, const void* bias,
-              int bdt, T* y, int n, int cols, int r, float s, bool vec) {
-  __shared__ __align__(16) float ps[kExpRows * R];
-  int c0 = (blockIdx.x * kExpThreads + threadIdx.x) * 4;
-  int r0 = blockIdx.y * kExpRows;
-  constexpr int PT = kExpRows * R / kExpThreads;
-  float pv[PT];
-#pragma unroll
-  for (int q = 0; q < PT; ++q) {
-    int i = q * kExpThreads + threadIdx.x, rr = r0 + i / R, j = i % R;
-    pv[q] = (rr < n && j < r) ? to_f(p[(long)rr * r + j]) : 0.0f;
-  }
-  float mv[R * 4], bb[4];
-  gather(m, mdt, mv, [=](int i) -> long {
-    int j = i / 4, q = i % 4;
-    return (c0 + q < cols && j < r) ? j * msj + (c0 + q) * msc : -1;
-  });
-  if (bias != nullptr) {
-    gather(bias, bdt, bb, [=](int q) -> long { return c0 + q < cols ? c0 + q : -1; });
-  } else {
-#pragma unroll
-    for (int q = 0; q < 4; ++q) bb[q] = 0.0f;
-  }
-#pragma unroll
-  for (int q = 0; q < PT; ++q) ps[q * kExpThreads + threadIdx.x] = pv[q];
-  __syncthreads();
-  if (c0 >= cols) return;
-  int rows = min(kExpRows, n - r0);
-  for (int i = 0; i < rows; ++i) {
-    float o[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-    for (int j = 0; j < R; j += 4) {
-      float4 v = *reinterpret_cast<const float4*>(ps + i * R + j);
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        o[q] += v.x * mv[j * 4 + q] + v.y * mv[(j + 1) * 4 + q] + v.z * mv[(j + 2) * 4 + q] +
-                v.w * mv[(j + 3) * 4 + q];
-      }
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+expand_kernel(const T* p, const T* pe, const T* bias, T* y, int n, int cols, int r, float s) {
+  int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane / 4, tig = lane % 4;
+  int groups = (cols + kExpCols - 1) / kExpCols;
+  long wid = (long)blockIdx.x * kWarps + warp;
+  int row0 = int(wid / groups) * 16, cg = int(wid % groups);
+  if (row0 >= n) return;
+  auto P = [&](int row, int j) -> T {
+    return (row < n && j < r) ? p[(long)row * r + j] : from_f<T>(0.0f);
+  };
+  int ra = row0 + gid, rb = row0 + gid + 8;
+  uint32_t a[4] = {pack2(P(ra, 2 * tig), P(ra, 2 * tig + 1)),
+                   pack2(P(rb, 2 * tig), P(rb, 2 * tig + 1)),
+                   pack2(P(ra, 2 * tig + 8), P(ra, 2 * tig + 9)),
+                   pack2(P(rb, 2 * tig + 8), P(rb, 2 * tig + 9))};
+  T* ya = y + (long)(ra < n ? ra : 0) * cols;
+  T* yb = y + (long)(rb < n ? rb : 0) * cols;
+  int c_end = min(cols, (cg + 1) * kExpCols);
+#pragma unroll 4
+  for (int c0 = cg * kExpCols; c0 < c_end; c0 += 8) {
+    const T* pr = pe + (long)(c0 + gid) * 16 + 2 * tig;
+    uint32_t b[2] = {ld32(pr), ld32(pr + 8)};
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    mma<T>(acc, a, b);
+    int col = c0 + 2 * tig;
+    float b0 = 0.0f, b1 = 0.0f;
+    if (bias != nullptr) {
+      b0 = to_f(bias[col]);
+      b1 = to_f(bias[col + 1]);
     }
-    T* yr = y + (long)(r0 + i) * cols + c0;
-    if (vec && c0 + 4 <= cols) {
-      Quad<T> qv;
-#pragma unroll
-      for (int q = 0; q < 4; ++q) qv.v[q] = from_f<T>(s * o[q] + bb[q]);
-      *reinterpret_cast<Quad<T>*>(yr) = qv;
-    } else {
-      for (int q = 0; q < 4 && c0 + q < cols; ++q) yr[q] = from_f<T>(s * o[q] + bb[q]);
+    if (ra < n) {
+      *reinterpret_cast<uint32_t*>(ya + col) =
+          pack2(from_f<T>(s * acc[0] + b0), from_f<T>(s * acc[1] + b1));
+    }
+    if (rb < n) {
+      *reinterpret_cast<uint32_t*>(yb + col) =
+          pack2(from_f<T>(s * acc[2] + b0), from_f<T>(s * acc[3] + b1));
     }
   }
 }
 
 // ---- reduce: d[i, j] = s sum_row x[row, i] g[row, j] ----------------------------------
-// Pass 1: a block owns 4 columns of x per thread (512 per block) and one slice of at most
-// kRedRows rows, whose g sits in shared memory as float32 (broadcast reads); the next 8
-// rows of x are loaded while 8 are computed. The block writes its partial sums,
-// part[slice][i][j] (float32, j padded to R). Pass 2 sums the slices in a fixed order
-// (no atomics: the same inputs give the same bits) and writes d.
-constexpr int kRedThreads = 128, kRedRows = 256, kRedUnroll = 8;
+// As d^T = g^T x: A = a 16-row step of g transposed (16 j x 16 rows), B = the same rows
+// of x (16 rows x 8 columns). A warp owns kRedCols columns of x and one slice of the
+// rows, loads the next step's fragments while this step's products run, and writes its
+// partial sums part[slice][i][j] (float32, j padded to 16). finish_kernel sums the
+// slices in a fixed order (no atomics: the same inputs give the same bits) and writes d.
+constexpr int kRedCols = 64, kRedTiles = kRedCols / 8;
 
 struct RedJob {
   const void* x;
@@ -244,78 +232,60 @@ struct RedJobs {
   RedJob j[2];
 };
 
-template <typename T, int R>
-__global__ void __launch_bounds__(kRedThreads)
-reduce_kernel(RedJobs jobs, int n, int r, int slice_rows, bool vec) {
-  // A select, not an index: a dynamic index would copy the parameters to local memory.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+reduce_kernel(RedJobs jobs, int n, int r, int slice_rows) {
   const RedJob job = blockIdx.z == 0 ? jobs.j[0] : jobs.j[1];
   const T* x = static_cast<const T*>(job.x);
-  const T* g = static_cast<const T*>(job.g);
-  int k = job.k;
-  int c0 = (blockIdx.x * kRedThreads + threadIdx.x) * 4;
-  if (blockIdx.x * kRedThreads * 4 >= k) return; // the other job is wider: whole block idle
-  __shared__ __align__(16) float gs[kRedRows * R];
-  int row_begin = blockIdx.y * slice_rows, rows = min(slice_rows, n - row_begin);
-  for (int i = threadIdx.x; i < rows * R; i += kRedThreads) {
-    int j = i % R;
-    gs[i] = j < r ? to_f(g[(long)(row_begin + i / R) * r + j]) : 0.0f;
-  }
-  __syncthreads();
-  if (c0 >= k) return;
-  bool quad = vec && c0 + 4 <= k;
-  auto load = [&](int i0, Quad<T> (&v)[kRedUnroll]) {
+  const T* gm = static_cast<const T*>(job.g);
+  const int k = job.k;
+  int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane / 4, tig = lane % 4;
+  int c_begin = (blockIdx.x * kWarps + warp) * kRedCols;
+  if (c_begin >= k) return;
+  int row_begin = blockIdx.y * slice_rows, row_end = min(n, row_begin + slice_rows);
+  const T zero = from_f<T>(0.0f);
+  auto G = [&](int row, int j) -> T {
+    return (row < row_end && j < r) ? gm[(long)row * r + j] : zero;
+  };
+  auto X = [&](int row, int col) -> T {
+    return (row < row_end && col < k) ? x[(long)row * k + col] : zero;
+  };
+  auto load = [&](int n0, uint32_t (&a)[4], uint32_t (&b)[kRedTiles][2]) {
+    int r0 = n0 + 2 * tig, r1 = r0 + 1, r8 = r0 + 8, r9 = r0 + 9;
+    a[0] = pack2(G(r0, gid), G(r1, gid));
+    a[1] = pack2(G(r0, gid + 8), G(r1, gid + 8));
+    a[2] = pack2(G(r8, gid), G(r9, gid));
+    a[3] = pack2(G(r8, gid + 8), G(r9, gid + 8));
 #pragma unroll
-    for (int u = 0; u < kRedUnroll; ++u) {
-      const T* xr = x + (long)(row_begin + i0 + u) * k + c0;
-      if (i0 + u >= rows) {
-#pragma unroll
-        for (int q = 0; q < 4; ++q) v[u].v[q] = from_f<T>(0.0f);
-      } else if (quad) {
-        v[u] = *reinterpret_cast<const Quad<T>*>(xr);
-      } else {
-#pragma unroll
-        for (int q = 0; q < 4; ++q) v[u].v[q] = c0 + q < k ? xr[q] : from_f<T>(0.0f);
-      }
+    for (int nt = 0; nt < kRedTiles; ++nt) {
+      int col = c_begin + nt * 8 + gid;
+      b[nt][0] = pack2(X(r0, col), X(r1, col));
+      b[nt][1] = pack2(X(r8, col), X(r9, col));
     }
   };
-  float acc[4][R];
+  float acc[kRedTiles][4];
 #pragma unroll
-  for (int q = 0; q < 4; ++q)
+  for (int nt = 0; nt < kRedTiles; ++nt)
 #pragma unroll
-    for (int j = 0; j < R; ++j) acc[q][j] = 0.0f;
-  Quad<T> cur[kRedUnroll], nxt[kRedUnroll];
-  load(0, nxt);
-  for (int i0 = 0; i0 < rows; i0 += kRedUnroll) {
+    for (int q = 0; q < 4; ++q) acc[nt][q] = 0.0f;
+  uint32_t a[4], b[kRedTiles][2], an[4], bn[kRedTiles][2];
+  load(row_begin, an, bn);
+  for (int n0 = row_begin; n0 < row_end; n0 += 16) {
 #pragma unroll
-    for (int u = 0; u < kRedUnroll; ++u) cur[u] = nxt[u];
-    if (i0 + kRedUnroll < rows) load(i0 + kRedUnroll, nxt);
+    for (int q = 0; q < 4; ++q) a[q] = an[q];
 #pragma unroll
-    for (int u = 0; u < kRedUnroll; ++u) {
-      float xv[4];
+    for (int nt = 0; nt < kRedTiles; ++nt) b[nt][0] = bn[nt][0], b[nt][1] = bn[nt][1];
+    if (n0 + 16 < row_end) load(n0 + 16, an, bn);
 #pragma unroll
-      for (int q = 0; q < 4; ++q) xv[q] = to_f(cur[u].v[q]);
-      int i = min(i0 + u, rows - 1); // rows past the end hold zeros in cur
-#pragma unroll
-      for (int j = 0; j < R; j += 4) {
-        float4 gv = *reinterpret_cast<const float4*>(gs + i * R + j);
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          acc[q][j] += xv[q] * gv.x;
-          acc[q][j + 1] += xv[q] * gv.y;
-          acc[q][j + 2] += xv[q] * gv.z;
-          acc[q][j + 3] += xv[q] * gv.w;
-        }
-      }
-    }
+    for (int nt = 0; nt < kRedTiles; ++nt) mma<T>(acc[nt], a, b[nt]);
   }
-  float* out = job.part + ((long)blockIdx.y * k + c0) * R;
+  float* out = job.part + (long)blockIdx.y * k * 16;
 #pragma unroll
-  for (int q = 0; q < 4; ++q) {
-    if (c0 + q >= k) break;
+  for (int nt = 0; nt < kRedTiles; ++nt) {
 #pragma unroll
-    for (int j = 0; j < R; j += 4) {
-      *reinterpret_cast<float4*>(out + q * R + j) =
-          make_float4(acc[q][j], acc[q][j + 1], acc[q][j + 2], acc[q][j + 3]);
+    for (int q = 0; q < 4; ++q) {
+      int j = gid + (q >= 2 ? 8 : 0), col = c_begin + nt * 8 + 2 * tig + (q & 1);
+      if (col < k) out[(long)col * 16 + j] = acc[nt][q];
     }
   }
 }
@@ -331,14 +301,13 @@ struct FinJobs {
   FinJob j[2];
 };
 
-template <int R>
 __global__ void finish_kernel(FinJobs jobs, int r, int slices) {
   const FinJob job = blockIdx.y == 0 ? jobs.j[0] : jobs.j[1];
   long idx = blockIdx.x * (long)blockDim.x + threadIdx.x;
   if (idx >= (long)job.k * r) return;
   int i = int(idx / r), j = int(idx % r);
   float sum = 0.0f;
-  for (int sl = 0; sl < slices; ++sl) sum += job.part[((long)sl * job.k + i) * R + j];
+  for (int sl = 0; sl < slices; ++sl) sum += job.part[((long)sl * job.k + i) * 16 + j];
   st(job.d, i * job.di + j * job.dj, job.dt, job.s * sum);
 }
 
@@ -360,71 +329,88 @@ int rows(const mx::array& a) {
   return int(r);
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 template <typename F>
 void with_t(mx::Dtype t, F&& f) {
-  if (t == mx::float32) f(float{});
-  else if (t == mx::float16) f(__half{});
+  if (t == mx::float16) f(__half{});
   else if (t == mx::bfloat16) f(__nv_bfloat16{});
-  else throw std::invalid_argument("[lowrank] the compute dtype must be a float dtype");
-}
-
-template <typename F>
-void with_r(int r, F&& f) {
-  if (r <= 8) f(std::integral_constant<int, 8>{});
-  else f(std::integral_constant<int, 16>{});
+  else throw std::logic_error("[lowrank] the compute dtype must be float16 or bfloat16");
 }
 
 } // namespace
 
-bool lowrank_fits(int r) {
+bool lowrank_fits(int r, mx::Dtype t, std::initializer_list<int> widths,
+                  std::initializer_list<const mx::array*> projected) {
   static bool on = [] {
     const char* v = std::getenv("MLX_TUNER_LOWRANK");
     return !(v && v[0] == '0');
   }();
-  return on && r >= 1 && r <= kLowRankMax;
+  if (!on || r < 1 || r > kLowRankMax || (t != mx::float16 && t != mx::bfloat16)) return false;
+  for (int w : widths) {
+    if (w <= 0 || w % 16 != 0) return false;
+  }
+  for (auto* a : projected) { // a view may start at any element
+    if (reinterpret_cast<uintptr_t>(gpu_ptr<void>(*a)) % 4 != 0) return false;
+  }
+  return true;
 }
 
-void lowrank_project(mx::cu::CommandEncoder& enc, const mx::array& x, Small m, int r, float s,
-                     mx::array& c) {
+std::vector<mx::array> lowrank_pack(mx::cu::CommandEncoder& enc, mx::Dtype t,
+                                    std::initializer_list<LowRankMatrix> ms) {
+  if (ms.size() == 0 || ms.size() > 2) throw std::logic_error("[lowrank] pack takes 1 or 2 matrices");
+  std::vector<mx::array> out;
+  PackJobs pj{};
+  long most = 0;
+  int i = 0;
+  for (auto& m : ms) {
+    // Both are M transposed, its rank side padded to 16: project's M (k, r) becomes
+    // [16][k], expand's M (r, cols) becomes [cols][16]; dst[u][v] = M[v][u].
+    int U = m.for_project ? 16 : m.cols, V = m.for_project ? m.rows : 16;
+    out.push_back(scratch(enc, {U, V}, t));
+    pj.j[i++] = {gpu_ptr<void>(m.m), dt_of(m.m, "a LoRA matrix"), m.sj, m.si, m.cols, m.rows,
+                 gpu_ptr<void>(out.back()), U, V};
+    most = std::max(most, (long)U * V);
+  }
+  for (auto& m : ms) enc.set_input_array(m.m);
+  for (auto& o : out) enc.set_output_array(o);
+  with_t(t, [&](auto tt) {
+    using T = decltype(tt);
+    unsigned blocks = unsigned(std::min<long>((most + 255) / 256, 1024));
+    launch(enc, reinterpret_cast<const void*>(&pack_kernel<T>), dim3(blocks, unsigned(ms.size())),
+           dim3(256), 0, pj);
+  });
+  return out;
+}
+
+void lowrank_project(mx::cu::CommandEncoder& enc, const mx::array& x, const mx::array& pk,
+                     int r, float s, mx::array& c) {
   int n = rows(x), k = width(x);
-  if (n == 0 || r == 0) return;
-  reads_writes(enc, {&x, &m.m}, {&c});
-  int mdt = dt_of(m.m, "the small matrix"), cdt = dt_of(c, "the output");
-  with_t(x.dtype(), [&](auto t) {
-    using T = decltype(t);
-    constexpr int V = 16 / sizeof(T);
-    bool vec = aligned16(gpu_ptr<T>(x)) && (long)k * sizeof(T) % 16 == 0;
-    with_r(r, [&](auto rc) {
-      constexpr int R = decltype(rc)::value;
-      const void* kern = vec ? reinterpret_cast<const void*>(&project_kernel<T, R, V>)
-                             : reinterpret_cast<const void*>(&project_kernel<T, R, 1>);
-      launch(enc, kern, dim3((n + 31) / 32), dim3(kProjWarps * 32), 0, gpu_ptr<T>(x),
-             static_cast<const void*>(gpu_ptr<void>(m.m)), mdt, m.si, m.sj,
-             gpu_ptr<void>(c), cdt, n, k, r, s);
-    });
+  if (n == 0) return;
+  reads_writes(enc, {&x, &pk}, {&c});
+  int cdt = dt_of(c, "the output");
+  with_t(x.dtype(), [&](auto tt) {
+    using T = decltype(tt);
+    const void* kern = r <= 8 ? reinterpret_cast<const void*>(&project_kernel<T, 1>)
+                              : reinterpret_cast<const void*>(&project_kernel<T, 2>);
+    launch(enc, kern, dim3((n + 15) / 16), dim3(kThreads), 0, gpu_ptr<T>(x), gpu_ptr<T>(pk),
+           gpu_ptr<void>(c), cdt, n, k, r, s);
   });
 }
 
-void lowrank_expand(mx::cu::CommandEncoder& enc, const mx::array& p, Small m, float s,
-                    const mx::array* bias, mx::array& y) {
+void lowrank_expand(mx::cu::CommandEncoder& enc, const mx::array& p, const mx::array& pe,
+                    float s, const mx::array* bias, mx::array& y) {
   int n = rows(y), cols = width(y), r = width(p);
   if (n == 0 || cols == 0) return;
-  reads_writes(enc, {&p, &m.m, bias}, {&y});
-  int mdt = dt_of(m.m, "the small matrix");
-  int bdt = bias ? dt_of(*bias, "bias") : kF32;
-  const void* bptr = bias ? gpu_ptr<void>(*bias) : nullptr;
-  with_t(y.dtype(), [&](auto t) {
-    using T = decltype(t);
-    bool vec = cols % 4 == 0 && reinterpret_cast<uintptr_t>(gpu_ptr<T>(y)) % (4 * sizeof(T)) == 0;
-    with_r(r, [&](auto rc) {
-      constexpr int R = decltype(rc)::value;
-      dim3 grid((cols + 4 * kExpThreads - 1) / (4 * kExpThreads), (n + kExpRows - 1) / kExpRows);
-      launch(enc, reinterpret_cast<const void*>(&expand_kernel<T, R>), grid, dim3(kExpThreads),
-             0, static_cast<const T*>(gpu_ptr<T>(p)), static_cast<const void*>(gpu_ptr<void>(m.m)),
-             mdt, m.si, m.sj, bptr, bdt, gpu_ptr<T>(y), n, cols, r, s, vec);
-    });
+  if (bias && bias->dtype() != y.dtype()) {
+    throw std::logic_error("[lowrank] the bias must be in the output's dtype");
+  }
+  reads_writes(enc, {&p, &pe, bias}, {&y});
+  with_t(y.dtype(), [&](auto tt) {
+    using T = decltype(tt);
+    long warps = (long)((n + 15) / 16) * ((cols + kExpCols - 1) / kExpCols);
+    const T* bptr = bias ? gpu_ptr<T>(*bias) : nullptr;
+    launch(enc, reinterpret_cast<const void*>(&expand_kernel<T>),
+           dim3(unsigned((warps + kWarps - 1) / kWarps)), dim3(kThreads), 0, gpu_ptr<T>(p),
+           gpu_ptr<T>(pe), bptr, gpu_ptr<T>(y), n, cols, r, s);
   });
 }
 
@@ -441,55 +427,39 @@ void lowrank_reduce(mx::cu::CommandEncoder& enc, std::initializer_list<ReduceJob
     }
     max_k = std::max(max_k, width(jb.x));
   }
-  if (max_k == 0) return;
-  if (n == 0) { // nothing to sum: zeros
-    for (auto& jb : jobs) {
-      enc.set_output_array(jb.d);
-      check(cudaMemsetAsync(gpu_ptr<void>(jb.d), 0, jb.d.nbytes(), enc.stream()), "memset");
-    }
-    return;
+  if (max_k == 0 || n == 0) {
+    throw std::logic_error("[lowrank] reduce over an empty operand (the callers handle it)");
   }
-  int col_blocks = (max_k + 4 * kRedThreads - 1) / (4 * kRedThreads);
-  // About three blocks per multiprocessor over both jobs, each a slice of at most
-  // kRedRows rows (its g must fit in shared memory).
-  int want = std::max(1, 3 * sm_count(enc) / (col_blocks * int(jobs.size())));
-  int slice_rows = (n + want - 1) / want;
-  slice_rows = std::min(kRedRows, (slice_rows + kRedUnroll - 1) / kRedUnroll * kRedUnroll);
+  // About two blocks of eight warps per multiprocessor over both jobs; a slice is a whole
+  // number of 16-row steps.
+  int col_blocks = (max_k + kWarps * kRedCols - 1) / (kWarps * kRedCols);
+  int want = std::max(1, 2 * sm_count(enc) / (col_blocks * int(jobs.size())));
+  int slice_rows = ((n + want - 1) / want + 15) / 16 * 16;
   int slices = (n + slice_rows - 1) / slice_rows;
-  with_r(r, [&](auto rc) {
-    constexpr int R = decltype(rc)::value;
-    RedJobs rj{};
-    FinJobs fj{};
-    std::vector<mx::array> parts;
-    int i = 0;
-    for (auto& jb : jobs) {
-      int k = width(jb.x);
-      parts.push_back(scratch(enc, {slices, std::max(k, 1), R}, mx::float32));
-      rj.j[i] = {gpu_ptr<void>(jb.x), gpu_ptr<void>(jb.g), gpu_ptr<float>(parts.back()), k};
-      fj.j[i] = {gpu_ptr<float>(parts.back()), gpu_ptr<void>(jb.d), k, dt_of(jb.d, "a gradient"),
-                 jb.di, jb.dj, jb.s};
-      ++i;
-    }
-    for (auto& jb : jobs) enc.set_input_array(jb.x), enc.set_input_array(jb.g);
-    for (auto& p : parts) enc.set_output_array(p);
-    bool vec = true;
-    for (auto& jb : jobs) {
-      vec = vec && width(jb.x) % 4 == 0 &&
-            reinterpret_cast<uintptr_t>(gpu_ptr<void>(jb.x)) % (4 * mx::size_of(T)) == 0;
-    }
-    with_t(T, [&](auto t) {
-      using TT = decltype(t);
-      launch(enc, reinterpret_cast<const void*>(&reduce_kernel<TT, R>),
-             dim3(col_blocks, slices, unsigned(jobs.size())), dim3(kRedThreads), 0, rj, n, r,
-             slice_rows, vec);
-    });
-    for (auto& p : parts) enc.set_input_array(p);
-    for (auto& jb : jobs) enc.set_output_array(jb.d);
-    long max_elems = (long)max_k * r;
-    launch(enc, reinterpret_cast<const void*>(&finish_kernel<R>),
-           dim3(unsigned((max_elems + 255) / 256), unsigned(jobs.size())), dim3(256), 0, fj, r,
-           slices);
+  RedJobs rj{};
+  FinJobs fj{};
+  std::vector<mx::array> parts;
+  int i = 0;
+  for (auto& jb : jobs) {
+    int k = width(jb.x);
+    parts.push_back(scratch(enc, {slices, std::max(k, 1), 16}, mx::float32));
+    rj.j[i] = {gpu_ptr<void>(jb.x), gpu_ptr<void>(jb.g), gpu_ptr<float>(parts.back()), k};
+    fj.j[i] = {gpu_ptr<float>(parts.back()), gpu_ptr<void>(jb.d), k, dt_of(jb.d, "a gradient"),
+               jb.di, jb.dj, jb.s};
+    ++i;
+  }
+  for (auto& jb : jobs) enc.set_input_array(jb.x), enc.set_input_array(jb.g);
+  for (auto& p : parts) enc.set_output_array(p);
+  with_t(T, [&](auto tt) {
+    using TT = decltype(tt);
+    launch(enc, reinterpret_cast<const void*>(&reduce_kernel<TT>),
+           dim3(col_blocks, slices, unsigned(jobs.size())), dim3(kThreads), 0, rj, n, r, slice_rows);
   });
+  for (auto& p : parts) enc.set_input_array(p);
+  for (auto& jb : jobs) enc.set_output_array(jb.d);
+  long most = (long)max_k * r;
+  launch(enc, reinterpret_cast<const void*>(&finish_kernel),
+         dim3(unsigned((most + 255) / 256), unsigned(jobs.size())), dim3(256), 0, fj, r, slices);
 }
 
 } // namespace mlx_tuner::cuda

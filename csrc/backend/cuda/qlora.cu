@@ -277,9 +277,10 @@ void QLoRA::eval_gpu(const std::vector<mx::array>& in, std::vector<mx::array>& o
   }
   // The rank-r term (+ bias) first; the base GEMMs accumulate into it (beta = 1).
   float beta = 1.0f;
-  if (r > 0 && k > 0 && cuda::lowrank_fits(r)) { // two plain kernel nodes (lowrank.cuh)
-    cuda::lowrank_project(enc, xd, {in[4], r, 1}, r, 1.0f, xa);
-    cuda::lowrank_expand(enc, xa, {in[5], out, 1}, p_.scale, bias, y);
+  if (r > 0 && k > 0 && cuda::lowrank_fits(r, T, {k, out}, {&xd})) { // kernels of ours (lowrank.cuh)
+    auto mm = cuda::lowrank_pack(enc, T, {{in[4], r, 1, k, r, true}, {in[5], out, 1, r, out, false}});
+    cuda::lowrank_project(enc, xd, mm[0], r, 1.0f, xa);
+    cuda::lowrank_expand(enc, xa, mm[1], p_.scale, bias, y);
   } else if (r > 0 && k > 0) {
     auto [a_t, b_t] = as_dtype(enc, in[4], in[5], T);
     cuda::GemmBatch batch(enc); // both rank-r GEMMs as one graph node
@@ -350,7 +351,7 @@ void QLoRAVJP::eval_gpu(const std::vector<mx::array>& in, std::vector<mx::array>
   const bool lora_dx = dx && !p_.has_xd && have_g;
   std::optional<mx::array> g_t, a_t, b_t;
   const bool need_g = have_g && (da || dxd || lora_dx);
-  const bool own = cuda::lowrank_fits(r); // the rank-r products as kernels of ours
+  const bool own = have_g && cuda::lowrank_fits(r, T, {k, out}, {&dy}); // rank-r kernels of ours
   if (need_g) {
     if (!own) std::tie(a_t, b_t) = as_dtype(enc, in[4], in[5], T);
     g_t = scratch(enc, {m, r}, T);
@@ -362,9 +363,16 @@ void QLoRAVJP::eval_gpu(const std::vector<mx::array>& in, std::vector<mx::array>
     fill(enc, *dx, nullptr);
     return;
   }
-  if (own && have_g) { // the same products as below, by lowrank.cuh's kernels
-    if (need_g) cuda::lowrank_project(enc, dy, {in[5], 1, out}, r, p_.scale, *g_t);
-    if (dxd) cuda::lowrank_expand(enc, *g_t, {in[4], 1, r}, 1.0f, nullptr, *dxd);
+  if (own) { // the same products as below, by lowrank.cuh's kernels
+    std::vector<mx::array> mm; // B^T (out, r) for g; A^T (r, k) for dx_d and dx
+    const bool need_at = dxd || (dx && k > 0 && lora_dx);
+    if (need_g && need_at) {
+      mm = cuda::lowrank_pack(enc, T, {{in[5], 1, out, out, r, true}, {in[4], 1, r, r, k, false}});
+    } else if (need_g) {
+      mm = cuda::lowrank_pack(enc, T, {{in[5], 1, out, out, r, true}});
+    }
+    if (need_g) cuda::lowrank_project(enc, dy, mm[0], r, p_.scale, *g_t);
+    if (dxd) cuda::lowrank_expand(enc, *g_t, mm[1], 1.0f, nullptr, *dxd);
     if (da && db) {
       cuda::lowrank_reduce(enc, {{xd, *g_t, *da, r, 1, 1.0f}, {dy, xa, *db, 1, out, p_.scale}});
     } else if (da) {
@@ -372,7 +380,7 @@ void QLoRAVJP::eval_gpu(const std::vector<mx::array>& in, std::vector<mx::array>
     } else if (db) {
       cuda::lowrank_reduce(enc, {{dy, xa, *db, 1, out, p_.scale}});
     }
-    if (dx && k > 0 && lora_dx) cuda::lowrank_expand(enc, *g_t, {in[4], 1, r}, 1.0f, nullptr, *dx);
+    if (dx && k > 0 && lora_dx) cuda::lowrank_expand(enc, *g_t, mm[1], 1.0f, nullptr, *dx);
   } else {
     cuda::GemmBatch batch(enc); // the rank-r GEMMs as one graph node
     if (need_g) {
