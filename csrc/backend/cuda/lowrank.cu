@@ -111,20 +111,49 @@ __global__ void pack_kernel(PackJobs jobs) {
   }
 }
 
+// Every kernel stages its wide operand through a per-warp 16 x 64 tile in shared memory
+// (rows padded to 72 elements: the fragment reads and the 16-byte row accesses are both
+// free of bank conflicts), so that global memory sees whole 128-byte row segments: one
+// lane per 16 bytes, eight lanes per row.
+constexpr int kTile = 64, kPitch = kTile + 8;
+
+// Loads rows [r0, r0 + 16) x columns [c0, c0 + 64) of a row-major (rows < r_end, width
+// w, a multiple of 8) matrix as 16-byte vectors, four per lane; zeros outside.
+template <typename T>
+__device__ inline void load_tile(const T* m, int r0, int r_end, int c0, int w, int lane,
+                                 uint4 (&v)[4]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    int e = lane + 32 * i, row = r0 + e / 8, col = c0 + (e % 8) * 8;
+    v[i] = (row < r_end && col < w) ? *reinterpret_cast<const uint4*>(m + (long)row * w + col)
+                                    : make_uint4(0, 0, 0, 0);
+  }
+}
+
+template <typename T>
+__device__ inline void store_tile(T* ts, int lane, const uint4 (&v)[4]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    int e = lane + 32 * i;
+    *reinterpret_cast<uint4*>(ts + (e / 8) * kPitch + (e % 8) * 8) = v[i];
+  }
+}
+
 // ---- project: c[row, j] = s sum_k x[row, k] M[k, j] ----------------------------------
-// A block owns one 16-row tile; its eight warps split k, each accumulating the tile's
-// 16 x 16 (NT = 2) or 16 x 8 (NT = 1, r <= 8) product with M packed as [16][k], and
-// the eight partial tiles meet in shared memory.
+// A block owns one 16-row tile; its eight warps split k in tiles of 64, each accumulating
+// the tile's 16 x 16 (NT = 2) or 16 x 8 (NT = 1, r <= 8) product with M packed as
+// [16][k]; the next x tile is loaded while this one is multiplied, and the eight partial
+// results meet in shared memory.
 template <typename T, int NT>
 __global__ void __launch_bounds__(kThreads)
 project_kernel(const T* x, const T* pk, void* c, int cdt, int n, int k, int r, float s) {
+  __shared__ __align__(16) T xs_all[kWarps][16 * kPitch];
+  __shared__ float red[kWarps][NT * 4][32];
   int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane / 4, tig = lane % 4;
+  T* xs = xs_all[warp];
   int row0 = blockIdx.x * 16;
-  int steps = k / 16;
-  int s0 = int((long)steps * warp / kWarps), s1 = int((long)steps * (warp + 1) / kWarps);
-  bool va = row0 + gid < n, vb = row0 + gid + 8 < n;
-  const T* xa = x + (long)(va ? row0 + gid : 0) * k + 2 * tig;
-  const T* xb = x + (long)(vb ? row0 + gid + 8 : 0) * k + 2 * tig;
+  int tiles = (k + kTile - 1) / kTile;
+  int t0 = int((long)tiles * warp / kWarps), t1 = int((long)tiles * (warp + 1) / kWarps);
   const T* p0 = pk + (long)gid * k + 2 * tig;
   const T* p1 = pk + (long)(gid + 8) * k + 2 * tig;
   float acc[NT][4];
@@ -132,22 +161,27 @@ project_kernel(const T* x, const T* pk, void* c, int cdt, int n, int k, int r, f
   for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
     for (int q = 0; q < 4; ++q) acc[nt][q] = 0.0f;
-#pragma unroll 4
-  for (int step = s0; step < s1; ++step) {
-    int kk = step * 16;
-    uint32_t a[4];
-    a[0] = va ? ld32(xa + kk) : 0u;
-    a[1] = vb ? ld32(xb + kk) : 0u;
-    a[2] = va ? ld32(xa + kk + 8) : 0u;
-    a[3] = vb ? ld32(xb + kk + 8) : 0u;
-    uint32_t b0[2] = {ld32(p0 + kk), ld32(p0 + kk + 8)};
-    mma<T>(acc[0], a, b0);
-    if constexpr (NT == 2) {
-      uint32_t b1[2] = {ld32(p1 + kk), ld32(p1 + kk + 8)};
-      mma<T>(acc[1], a, b1);
+  uint4 nx[4];
+  if (t0 < t1) load_tile(x, row0, n, t0 * kTile, k, lane, nx);
+  for (int t = t0; t < t1; ++t) {
+    __syncwarp();
+    store_tile(xs, lane, nx);
+    __syncwarp();
+    if (t + 1 < t1) load_tile(x, row0, n, (t + 1) * kTile, k, lane, nx);
+#pragma unroll
+    for (int q16 = 0; q16 < kTile / 16; ++q16) {
+      int kk = t * kTile + q16 * 16;
+      if (kk >= k) break; // k is a multiple of 16, not of 64
+      const T* xa = xs + gid * kPitch + q16 * 16 + 2 * tig;
+      uint32_t a[4] = {ld32(xa), ld32(xa + 8 * kPitch), ld32(xa + 8), ld32(xa + 8 * kPitch + 8)};
+      uint32_t b0[2] = {ld32(p0 + kk), ld32(p0 + kk + 8)};
+      mma<T>(acc[0], a, b0);
+      if constexpr (NT == 2) {
+        uint32_t b1[2] = {ld32(p1 + kk), ld32(p1 + kk + 8)};
+        mma<T>(acc[1], a, b1);
+      }
     }
   }
-  __shared__ float red[kWarps][NT * 4][32];
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
@@ -169,13 +203,16 @@ project_kernel(const T* x, const T* pk, void* c, int cdt, int n, int k, int r, f
 
 // ---- expand: y[row, col] = s sum_j p[row, j] M[j, col] (+ bias[col]) -----------------
 // A warp owns one 16-row tile of p (one A fragment: r <= 16 is a single k step) and
-// kExpCols columns, M packed as [cols][16]; each 16 x 8 result goes out as pairs.
+// kExpCols columns, M packed as [cols][16]; each 16 x 64 result tile is assembled in
+// shared memory and written out as whole row segments.
 constexpr int kExpCols = 128;
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 expand_kernel(const T* p, const T* pe, const T* bias, T* y, int n, int cols, int r, float s) {
+  __shared__ __align__(16) T ys_all[kWarps][16 * kPitch];
   int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane / 4, tig = lane % 4;
+  T* ys = ys_all[warp];
   int groups = (cols + kExpCols - 1) / kExpCols;
   long wid = (long)blockIdx.x * kWarps + warp;
   int row0 = int(wid / groups) * 16, cg = int(wid % groups);
@@ -188,39 +225,48 @@ expand_kernel(const T* p, const T* pe, const T* bias, T* y, int n, int cols, int
                    pack2(P(rb, 2 * tig), P(rb, 2 * tig + 1)),
                    pack2(P(ra, 2 * tig + 8), P(ra, 2 * tig + 9)),
                    pack2(P(rb, 2 * tig + 8), P(rb, 2 * tig + 9))};
-  T* ya = y + (long)(ra < n ? ra : 0) * cols;
-  T* yb = y + (long)(rb < n ? rb : 0) * cols;
   int c_end = min(cols, (cg + 1) * kExpCols);
-#pragma unroll 4
-  for (int c0 = cg * kExpCols; c0 < c_end; c0 += 8) {
-    const T* pr = pe + (long)(c0 + gid) * 16 + 2 * tig;
-    uint32_t b[2] = {ld32(pr), ld32(pr + 8)};
-    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    mma<T>(acc, a, b);
-    int col = c0 + 2 * tig;
-    float b0 = 0.0f, b1 = 0.0f;
-    if (bias != nullptr) {
-      b0 = to_f(bias[col]);
-      b1 = to_f(bias[col + 1]);
-    }
-    if (ra < n) {
-      *reinterpret_cast<uint32_t*>(ya + col) =
-          pack2(from_f<T>(s * acc[0] + b0), from_f<T>(s * acc[1] + b1));
-    }
-    if (rb < n) {
-      *reinterpret_cast<uint32_t*>(yb + col) =
+  for (int c0 = cg * kExpCols; c0 < c_end; c0 += kTile) {
+#pragma unroll
+    for (int nt = 0; nt < kTile / 8; ++nt) {
+      int cb = c0 + nt * 8;
+      if (cb >= c_end) break; // cols is a multiple of 16, not of 64
+      const T* pr = pe + (long)(cb + gid) * 16 + 2 * tig;
+      uint32_t b[2] = {ld32(pr), ld32(pr + 8)};
+      float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      mma<T>(acc, a, b);
+      int col = cb + 2 * tig;
+      float b0 = 0.0f, b1 = 0.0f;
+      if (bias != nullptr) {
+        b0 = to_f(bias[col]);
+        b1 = to_f(bias[col + 1]);
+      }
+      T* yt = ys + gid * kPitch + nt * 8 + 2 * tig;
+      *reinterpret_cast<uint32_t*>(yt) = pack2(from_f<T>(s * acc[0] + b0), from_f<T>(s * acc[1] + b1));
+      *reinterpret_cast<uint32_t*>(yt + 8 * kPitch) =
           pack2(from_f<T>(s * acc[2] + b0), from_f<T>(s * acc[3] + b1));
     }
+    __syncwarp();
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      int e = lane + 32 * i, row = row0 + e / 8, col = c0 + (e % 8) * 8;
+      if (row < n && col < c_end) {
+        *reinterpret_cast<uint4*>(y + (long)row * cols + col) =
+            *reinterpret_cast<const uint4*>(ys + (e / 8) * kPitch + (e % 8) * 8);
+      }
+    }
+    __syncwarp();
   }
 }
 
 // ---- reduce: d[i, j] = s sum_row x[row, i] g[row, j] ----------------------------------
 // As d^T = g^T x: A = a 16-row step of g transposed (16 j x 16 rows), B = the same rows
-// of x (16 rows x 8 columns). A warp owns kRedCols columns of x and one slice of the
-// rows, loads the next step's fragments while this step's products run, and writes its
-// partial sums part[slice][i][j] (float32, j padded to 16). finish_kernel sums the
-// slices in a fixed order (no atomics: the same inputs give the same bits) and writes d.
-constexpr int kRedCols = 64, kRedTiles = kRedCols / 8;
+// of x (16 rows x 8 columns). A warp owns kTile columns of x and one slice of the rows;
+// each step's 16 x 64 block of x comes through shared memory (whole row segments from
+// global memory) while the next step's is loaded. The warp writes its partial sums
+// part[slice][i][j] (float32, j padded to 16); finish_kernel sums the slices in a fixed
+// order (no atomics: the same inputs give the same bits) and writes d.
+constexpr int kRedTiles = kTile / 8;
 
 struct RedJob {
   const void* x;
@@ -235,49 +281,53 @@ struct RedJobs {
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 reduce_kernel(RedJobs jobs, int n, int r, int slice_rows) {
+  __shared__ __align__(16) T xs_all[kWarps][16 * kPitch];
   const RedJob job = blockIdx.z == 0 ? jobs.j[0] : jobs.j[1];
   const T* x = static_cast<const T*>(job.x);
   const T* gm = static_cast<const T*>(job.g);
   const int k = job.k;
   int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane / 4, tig = lane % 4;
-  int c_begin = (blockIdx.x * kWarps + warp) * kRedCols;
+  T* xs = xs_all[warp];
+  int c_begin = (blockIdx.x * kWarps + warp) * kTile;
   if (c_begin >= k) return;
   int row_begin = blockIdx.y * slice_rows, row_end = min(n, row_begin + slice_rows);
   const T zero = from_f<T>(0.0f);
   auto G = [&](int row, int j) -> T {
     return (row < row_end && j < r) ? gm[(long)row * r + j] : zero;
   };
-  auto X = [&](int row, int col) -> T {
-    return (row < row_end && col < k) ? x[(long)row * k + col] : zero;
-  };
-  auto load = [&](int n0, uint32_t (&a)[4], uint32_t (&b)[kRedTiles][2]) {
+  auto load_g = [&](int n0, uint32_t (&a)[4]) {
     int r0 = n0 + 2 * tig, r1 = r0 + 1, r8 = r0 + 8, r9 = r0 + 9;
     a[0] = pack2(G(r0, gid), G(r1, gid));
     a[1] = pack2(G(r0, gid + 8), G(r1, gid + 8));
     a[2] = pack2(G(r8, gid), G(r9, gid));
     a[3] = pack2(G(r8, gid + 8), G(r9, gid + 8));
-#pragma unroll
-    for (int nt = 0; nt < kRedTiles; ++nt) {
-      int col = c_begin + nt * 8 + gid;
-      b[nt][0] = pack2(X(r0, col), X(r1, col));
-      b[nt][1] = pack2(X(r8, col), X(r9, col));
-    }
   };
   float acc[kRedTiles][4];
 #pragma unroll
   for (int nt = 0; nt < kRedTiles; ++nt)
 #pragma unroll
     for (int q = 0; q < 4; ++q) acc[nt][q] = 0.0f;
-  uint32_t a[4], b[kRedTiles][2], an[4], bn[kRedTiles][2];
-  load(row_begin, an, bn);
+  uint32_t a[4], an[4];
+  uint4 nx[4];
+  load_tile(x, row_begin, row_end, c_begin, k, lane, nx);
+  load_g(row_begin, an);
   for (int n0 = row_begin; n0 < row_end; n0 += 16) {
+    __syncwarp();
+    store_tile(xs, lane, nx);
 #pragma unroll
     for (int q = 0; q < 4; ++q) a[q] = an[q];
+    __syncwarp();
+    if (n0 + 16 < row_end) {
+      load_tile(x, n0 + 16, row_end, c_begin, k, lane, nx);
+      load_g(n0 + 16, an);
+    }
+    const T* x0 = xs + 2 * tig * kPitch + gid;
 #pragma unroll
-    for (int nt = 0; nt < kRedTiles; ++nt) b[nt][0] = bn[nt][0], b[nt][1] = bn[nt][1];
-    if (n0 + 16 < row_end) load(n0 + 16, an, bn);
-#pragma unroll
-    for (int nt = 0; nt < kRedTiles; ++nt) mma<T>(acc[nt], a, b[nt]);
+    for (int nt = 0; nt < kRedTiles; ++nt) {
+      const T* xc = x0 + nt * 8;
+      uint32_t b[2] = {pack2(xc[0], xc[kPitch]), pack2(xc[8 * kPitch], xc[9 * kPitch])};
+      mma<T>(acc[nt], a, b);
+    }
   }
   float* out = job.part + (long)blockIdx.y * k * 16;
 #pragma unroll
@@ -432,7 +482,7 @@ void lowrank_reduce(mx::cu::CommandEncoder& enc, std::initializer_list<ReduceJob
   }
   // About two blocks of eight warps per multiprocessor over both jobs; a slice is a whole
   // number of 16-row steps.
-  int col_blocks = (max_k + kWarps * kRedCols - 1) / (kWarps * kRedCols);
+  int col_blocks = (max_k + kWarps * kTile - 1) / (kWarps * kTile);
   int want = std::max(1, 2 * sm_count(enc) / (col_blocks * int(jobs.size())));
   int slice_rows = ((n + want - 1) / want + 15) / 16 * 16;
   int slices = (n + slice_rows - 1) / slice_rows;
