@@ -65,10 +65,7 @@ def project(x, pk, r, s):
             xs = np.full(16*PITCH, np.nan)
             t0, t1 = tiles*warp//W, tiles*(warp+1)//W
             acc = [[[0.0]*4 for _ in range(32)] for _ in range(NT)]
-            nx = load_tile(x, row0, n, t0*TILE, k) if t0 < t1 else None
-            for t in range(t0, t1):
-                store_tile(xs, nx)
-                if t + 1 < t1: nx = load_tile(x, row0, n, (t+1)*TILE, k)
+            def mul(t):
                 for q16 in range(TILE//16):
                     kk = t*TILE + q16*16
                     if kk >= k: break
@@ -81,6 +78,17 @@ def project(x, pk, r, s):
                         b1.append(((pk[g+8, kk+2*tt], pk[g+8, kk+2*tt+1]), (pk[g+8, kk+2*tt+8], pk[g+8, kk+2*tt+9])))
                     mma(acc[0], a, b0)
                     if NT == 2: mma(acc[1], a, b1)
+            # two tiles in flight (na, nb), as the kernel
+            na = load_tile(x, row0, n, t0*TILE, k) if t0 < t1 else None
+            nb = load_tile(x, row0, n, (t0+1)*TILE, k) if t0 + 1 < t1 else None
+            for t in range(t0, t1, 2):
+                store_tile(xs, na)
+                na = load_tile(x, row0, n, (t+2)*TILE, k) if t + 2 < t1 else None
+                mul(t)
+                if t + 1 >= t1: break
+                store_tile(xs, nb)
+                nb = load_tile(x, row0, n, (t+3)*TILE, k) if t + 3 < t1 else None
+                mul(t + 1)
             for nt in range(NT):
                 for q in range(4):
                     for lane in range(32): red[warp, nt*4+q, lane] = acc[nt][lane][q]
@@ -147,16 +155,27 @@ def reduce(x, gm, r, slice_rows, s, di, dj, dshape):
                     return a
                 acc = [[[0.0]*4 for _ in range(32)] for _ in range(8)]
                 xs = np.full(16*PITCH, np.nan)
-                nx = load_tile(x, rb, re, c_begin, k); an = load_g(rb)
-                for n0 in range(rb, re, 16):
-                    store_tile(xs, nx); a = an
-                    if n0 + 16 < re: nx = load_tile(x, n0+16, re, c_begin, k); an = load_g(n0+16)
+                def mul(a):
                     for nt in range(8):
                         b = []
                         for lane in range(32):
                             g, t = lane//4, lane % 4; xc = 2*t*PITCH + g + nt*8
                             b.append(((xs[xc], xs[xc+PITCH]), (xs[xc+8*PITCH], xs[xc+9*PITCH])))
                         mma(acc[nt], a, b)
+                # two 16-row steps in flight, as the kernel
+                na, ga = load_tile(x, rb, re, c_begin, k), load_g(rb)
+                nb = gb = None
+                if rb + 16 < re: nb, gb = load_tile(x, rb+16, re, c_begin, k), load_g(rb+16)
+                for n0 in range(rb, re, 32):
+                    store_tile(xs, na); a = ga
+                    if n0 + 32 < re: na, ga = load_tile(x, n0+32, re, c_begin, k), load_g(n0+32)
+                    else: na = ga = None
+                    mul(a)
+                    if n0 + 16 >= re: break
+                    store_tile(xs, nb); a = gb
+                    if n0 + 48 < re: nb, gb = load_tile(x, n0+48, re, c_begin, k), load_g(n0+48)
+                    else: nb = gb = None
+                    mul(a)
                 for nt in range(8):
                     for q in range(4):
                         for lane in range(32):
@@ -169,7 +188,8 @@ def reduce(x, gm, r, slice_rows, s, di, dj, dshape):
             d[i*di + j*dj] = s*part[:, i, j].sum()
     return d.reshape(dshape)
 
-for (n, din, dout, r) in [(40, 48, 80, 11), (35, 144, 16, 5), (17, 16, 208, 16)]:
+# the last shape gives warps three x tiles and slices of three and four 16-row steps
+for (n, din, dout, r, sl) in [(40, 48, 80, 11, 16), (35, 144, 16, 5, 16), (17, 16, 208, 16, 16), (100, 1552, 32, 16, 48)]:
     s = 0.7
     x = rng.standard_normal((n, din)); A = rng.standard_normal((din, r)); B = rng.standard_normal((r, dout)); bias = rng.standard_normal(dout)
     pk = pack(A, r, 1, din, r, True); pe = pack(B, dout, 1, r, dout, False)
@@ -177,7 +197,7 @@ for (n, din, dout, r) in [(40, 48, 80, 11), (35, 144, 16, 5), (17, 16, 208, 16)]
     dy = rng.standard_normal((n, dout))
     pkb = pack(B, 1, dout, dout, r, True); pea = pack(A, 1, r, r, din, False)
     g = project(dy, pkb, r, 1.0); dx = expand(g, pea, s, None, n, din)
-    dA = reduce(x, g, r, 16, s, r, 1, (din, r)); dB = reduce(dy, xa, r, 32, s, 1, dout, (r, dout))
+    dA = reduce(x, g, r, sl, s, r, 1, (din, r)); dB = reduce(dy, xa, r, 2*sl, s, 1, dout, (r, dout))
     errs = [np.abs(xa - x @ A).max(), np.abs(y - (s*(xa @ B) + bias)).max(), np.abs(g - dy @ B.T).max(),
             np.abs(dx - s*(g @ A.T)).max(), np.abs(dA - s*(x.T @ g)).max(), np.abs(dB - s*(xa.T @ dy)).max()]
     print((n, din, dout, r), ["%.1e" % e for e in errs])

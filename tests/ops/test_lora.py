@@ -31,6 +31,9 @@ SHAPES = [
     ((5, 7), 64, 48, 8),
     ((40,), 32, 80, 11),
     ((3,), 48, 16, 16),
+    # a warp with three 64-wide tiles of x, slices of several 16-row steps: the kernels'
+    # two-deep prefetch
+    ((2048,), 1600, 64, 16),
 ]
 NAMES = ["x", "weight", "lora_a", "lora_b", "bias", "x_dropped"]
 

@@ -161,13 +161,9 @@ project_kernel(const T* x, const T* pk, void* c, int cdt, int n, int k, int r, f
   for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
     for (int q = 0; q < 4; ++q) acc[nt][q] = 0.0f;
-  uint4 nx[4];
-  if (t0 < t1) load_tile(x, row0, n, t0 * kTile, k, lane, nx);
-  for (int t = t0; t < t1; ++t) {
-    __syncwarp();
-    store_tile(xs, lane, nx);
-    __syncwarp();
-    if (t + 1 < t1) load_tile(x, row0, n, (t + 1) * kTile, k, lane, nx);
+  // Two tiles in flight: a warp walks only a few tiles, so one load's latency per tile
+  // would be most of its time.
+  auto mul = [&](int t) {
 #pragma unroll
     for (int q16 = 0; q16 < kTile / 16; ++q16) {
       int kk = t * kTile + q16 * 16;
@@ -181,6 +177,22 @@ project_kernel(const T* x, const T* pk, void* c, int cdt, int n, int k, int r, f
         mma<T>(acc[1], a, b1);
       }
     }
+  };
+  uint4 na[4], nb[4];
+  if (t0 < t1) load_tile(x, row0, n, t0 * kTile, k, lane, na);
+  if (t0 + 1 < t1) load_tile(x, row0, n, (t0 + 1) * kTile, k, lane, nb);
+  for (int t = t0; t < t1; t += 2) {
+    __syncwarp();
+    store_tile(xs, lane, na);
+    __syncwarp();
+    if (t + 2 < t1) load_tile(x, row0, n, (t + 2) * kTile, k, lane, na);
+    mul(t);
+    if (t + 1 >= t1) break;
+    __syncwarp();
+    store_tile(xs, lane, nb);
+    __syncwarp();
+    if (t + 3 < t1) load_tile(x, row0, n, (t + 3) * kTile, k, lane, nb);
+    mul(t + 1);
   }
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt)
@@ -307,27 +319,47 @@ reduce_kernel(RedJobs jobs, int n, int r, int slice_rows) {
   for (int nt = 0; nt < kRedTiles; ++nt)
 #pragma unroll
     for (int q = 0; q < 4; ++q) acc[nt][q] = 0.0f;
-  uint32_t a[4], an[4];
-  uint4 nx[4];
-  load_tile(x, row_begin, row_end, c_begin, k, lane, nx);
-  load_g(row_begin, an);
-  for (int n0 = row_begin; n0 < row_end; n0 += 16) {
-    __syncwarp();
-    store_tile(xs, lane, nx);
-#pragma unroll
-    for (int q = 0; q < 4; ++q) a[q] = an[q];
-    __syncwarp();
-    if (n0 + 16 < row_end) {
-      load_tile(x, n0 + 16, row_end, c_begin, k, lane, nx);
-      load_g(n0 + 16, an);
-    }
-    const T* x0 = xs + 2 * tig * kPitch + gid;
+  // Two 16-row steps in flight (x tile and g fragment each), as in project.
+  const T* x0 = xs + 2 * tig * kPitch + gid;
+  auto mul = [&](const uint32_t (&a)[4]) {
 #pragma unroll
     for (int nt = 0; nt < kRedTiles; ++nt) {
       const T* xc = x0 + nt * 8;
       uint32_t b[2] = {pack2(xc[0], xc[kPitch]), pack2(xc[8 * kPitch], xc[9 * kPitch])};
       mma<T>(acc[nt], a, b);
     }
+  };
+  uint32_t ga[4], gb[4];
+  uint4 na[4], nb[4];
+  load_tile(x, row_begin, row_end, c_begin, k, lane, na);
+  load_g(row_begin, ga);
+  if (row_begin + 16 < row_end) {
+    load_tile(x, row_begin + 16, row_end, c_begin, k, lane, nb);
+    load_g(row_begin + 16, gb);
+  }
+  for (int n0 = row_begin; n0 < row_end; n0 += 32) {
+    uint32_t a[4];
+    __syncwarp();
+    store_tile(xs, lane, na);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) a[q] = ga[q];
+    __syncwarp();
+    if (n0 + 32 < row_end) {
+      load_tile(x, n0 + 32, row_end, c_begin, k, lane, na);
+      load_g(n0 + 32, ga);
+    }
+    mul(a);
+    if (n0 + 16 >= row_end) break;
+    __syncwarp();
+    store_tile(xs, lane, nb);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) a[q] = gb[q];
+    __syncwarp();
+    if (n0 + 48 < row_end) {
+      load_tile(x, n0 + 48, row_end, c_begin, k, lane, nb);
+      load_g(n0 + 48, gb);
+    }
+    mul(a);
   }
   float* out = job.part + (long)blockIdx.y * k * 16;
 #pragma unroll
@@ -356,8 +388,19 @@ __global__ void finish_kernel(FinJobs jobs, int r, int slices) {
   long idx = blockIdx.x * (long)blockDim.x + threadIdx.x;
   if (idx >= (long)job.k * r) return;
   int i = int(idx / r), j = int(idx % r);
+  // Eight loads in flight, summed in slice order (the same bits as a plain loop).
+  const float* p = job.part + (long)i * 16 + j;
+  const long step = (long)job.k * 16;
   float sum = 0.0f;
-  for (int sl = 0; sl < slices; ++sl) sum += job.part[((long)sl * job.k + i) * 16 + j];
+  int sl = 0;
+  for (; sl + 8 <= slices; sl += 8) {
+    float v[8];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) v[u] = p[(sl + u) * step];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) sum += v[u];
+  }
+  for (; sl < slices; ++sl) sum += p[sl * step];
   st(job.d, i * job.di + j * job.dj, job.dt, job.s * sum);
 }
 
