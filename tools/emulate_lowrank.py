@@ -137,15 +137,19 @@ def expand(p, pe, s, bias, n, cols):
     return y
 
 def reduce(x, gm, r, slice_rows, s, di, dj, dshape):
+    # a block: one 64-column strip, one slice of rows split among its warps in 16-row
+    # steps; the warps' sums added in warp order; one partial per block
+    assert slice_rows % (16*W) == 0
     n, k = x.shape
-    col_blocks = (k + W*TILE - 1)//(W*TILE); slices = (n + slice_rows - 1)//slice_rows
+    col_blocks = (k + TILE - 1)//TILE; slices = (n + slice_rows - 1)//slice_rows
     part = np.full((slices, k, 16), np.nan)
+    sub = slice_rows//W
     for by in range(slices):
         for bx in range(col_blocks):
+            c_begin = bx*TILE
+            accs = []
             for warp in range(W):
-                c_begin = (bx*W + warp)*TILE
-                if c_begin >= k: continue
-                rb, re = by*slice_rows, min(n, by*slice_rows + slice_rows)
+                re = min(n, by*slice_rows + (warp+1)*sub); rb = min(re, by*slice_rows + warp*sub)
                 G = lambda row, j: gm[row, j] if (row < re and j < r) else 0.0
                 def load_g(n0):
                     a = []
@@ -163,8 +167,8 @@ def reduce(x, gm, r, slice_rows, s, di, dj, dshape):
                             b.append(((xs[xc], xs[xc+PITCH]), (xs[xc+8*PITCH], xs[xc+9*PITCH])))
                         mma(acc[nt], a, b)
                 # two 16-row steps in flight, as the kernel
-                na, ga = load_tile(x, rb, re, c_begin, k), load_g(rb)
-                nb = gb = None
+                na = ga = nb = gb = None
+                if rb < re: na, ga = load_tile(x, rb, re, c_begin, k), load_g(rb)
                 if rb + 16 < re: nb, gb = load_tile(x, rb+16, re, c_begin, k), load_g(rb+16)
                 for n0 in range(rb, re, 32):
                     store_tile(xs, na); a = ga
@@ -176,20 +180,28 @@ def reduce(x, gm, r, slice_rows, s, di, dj, dshape):
                     if n0 + 48 < re: nb, gb = load_tile(x, n0+48, re, c_begin, k), load_g(n0+48)
                     else: nb = gb = None
                     mul(a)
-                for nt in range(8):
-                    for q in range(4):
-                        for lane in range(32):
-                            g, t = lane//4, lane % 4
-                            j = g + (8 if q >= 2 else 0); col = c_begin + nt*8 + 2*t + (q & 1)
-                            if col < k: part[by, col, j] = acc[nt][lane][q]
+                accs.append(acc)
+            for half in range(2):
+                red = np.zeros((W, 16, 32))
+                for warp in range(W):
+                    for u in range(4):
+                        for q in range(4):
+                            for lane in range(32): red[warp, u*4+q, lane] = accs[warp][half*4+u][lane][q]
+                for e in range(16*32):
+                    v, ln = e//32, e % 32; u, q = v//4, v % 4
+                    tot = 0.0
+                    for w in range(W): tot += red[w, v, ln]
+                    j = ln//4 + (8 if q >= 2 else 0); col = c_begin + (half*4+u)*8 + 2*(ln % 4) + (q & 1)
+                    if col < k: part[by, col, j] = tot
     d = np.zeros(dshape).reshape(-1)
     for i in range(k):
         for j in range(r):
             d[i*di + j*dj] = s*part[:, i, j].sum()
     return d.reshape(dshape)
 
-# the last shape gives warps three x tiles and slices of three and four 16-row steps
-for (n, din, dout, r, sl) in [(40, 48, 80, 11, 16), (35, 144, 16, 5, 16), (17, 16, 208, 16, 16), (100, 1552, 32, 16, 48)]:
+# (100, 1552, ...) gives project's warps three x tiles; (800, ...) gives reduce's warps
+# three and six 16-row steps in slices of 384 and 768 rows, the last slice partial
+for (n, din, dout, r, sl) in [(40, 48, 80, 11, 128), (35, 144, 16, 5, 128), (17, 16, 208, 16, 128), (100, 1552, 32, 16, 128), (800, 32, 48, 8, 384)]:
     s = 0.7
     x = rng.standard_normal((n, din)); A = rng.standard_normal((din, r)); B = rng.standard_normal((r, dout)); bias = rng.standard_normal(dout)
     pk = pack(A, r, 1, din, r, True); pe = pack(B, dout, 1, r, dout, False)

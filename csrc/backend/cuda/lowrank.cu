@@ -273,11 +273,14 @@ expand_kernel(const T* p, const T* pe, const T* bias, T* y, int n, int cols, int
 
 // ---- reduce: d[i, j] = s sum_row x[row, i] g[row, j] ----------------------------------
 // As d^T = g^T x: A = a 16-row step of g transposed (16 j x 16 rows), B = the same rows
-// of x (16 rows x 8 columns). A warp owns kTile columns of x and one slice of the rows;
-// each step's 16 x 64 block of x comes through shared memory (whole row segments from
-// global memory) while the next step's is loaded. The warp writes its partial sums
+// of x (16 rows x 8 columns). A block owns kTile columns of x and one slice of the rows,
+// which its eight warps split in 16-row steps; each step's 16 x 64 block of x comes
+// through shared memory (whole row segments from global memory) while the next is loaded.
+// The warps' sums meet in shared memory in a fixed order and the block writes one partial
 // part[slice][i][j] (float32, j padded to 16); finish_kernel sums the slices in a fixed
-// order (no atomics: the same inputs give the same bits) and writes d.
+// order (no atomics: the same inputs give the same bits) and writes d. One partial per
+// block, not per warp: the partials live until the graph completes, and a training
+// step's graph holds every layer's.
 constexpr int kRedTiles = kTile / 8;
 
 struct RedJob {
@@ -294,15 +297,19 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
 reduce_kernel(RedJobs jobs, int n, int r, int slice_rows) {
   __shared__ __align__(16) T xs_all[kWarps][16 * kPitch];
+  __shared__ float red[kWarps][kRedTiles / 2 * 4][32];
   const RedJob job = blockIdx.z == 0 ? jobs.j[0] : jobs.j[1];
   const T* x = static_cast<const T*>(job.x);
   const T* gm = static_cast<const T*>(job.g);
   const int k = job.k;
   int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane / 4, tig = lane % 4;
   T* xs = xs_all[warp];
-  int c_begin = (blockIdx.x * kWarps + warp) * kTile;
-  if (c_begin >= k) return;
-  int row_begin = blockIdx.y * slice_rows, row_end = min(n, row_begin + slice_rows);
+  int c_begin = blockIdx.x * kTile;
+  if (c_begin >= k) return; // the whole block: no barrier is left waiting
+  // slice_rows is a multiple of 16 * kWarps: each warp gets whole 16-row steps.
+  int sub = slice_rows / kWarps;
+  int row_end = min(n, blockIdx.y * slice_rows + (warp + 1) * sub);
+  int row_begin = min(row_end, blockIdx.y * slice_rows + warp * sub);
   const T zero = from_f<T>(0.0f);
   auto G = [&](int row, int j) -> T {
     return (row < row_end && j < r) ? gm[(long)row * r + j] : zero;
@@ -331,8 +338,10 @@ reduce_kernel(RedJobs jobs, int n, int r, int slice_rows) {
   };
   uint32_t ga[4], gb[4];
   uint4 na[4], nb[4];
-  load_tile(x, row_begin, row_end, c_begin, k, lane, na);
-  load_g(row_begin, ga);
+  if (row_begin < row_end) {
+    load_tile(x, row_begin, row_end, c_begin, k, lane, na);
+    load_g(row_begin, ga);
+  }
   if (row_begin + 16 < row_end) {
     load_tile(x, row_begin + 16, row_end, c_begin, k, lane, nb);
     load_g(row_begin + 16, gb);
@@ -361,14 +370,27 @@ reduce_kernel(RedJobs jobs, int n, int r, int slice_rows) {
     }
     mul(a);
   }
+  // The eight warps' sums, half the column tiles at a time (16 KB of shared memory),
+  // warp 0's first: thread t sums values t and t + 256 of the half.
   float* out = job.part + (long)blockIdx.y * k * 16;
 #pragma unroll
-  for (int nt = 0; nt < kRedTiles; ++nt) {
+  for (int half = 0; half < 2; ++half) {
 #pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      int j = gid + (q >= 2 ? 8 : 0), col = c_begin + nt * 8 + 2 * tig + (q & 1);
-      if (col < k) out[(long)col * 16 + j] = acc[nt][q];
+    for (int u = 0; u < kRedTiles / 2; ++u)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) red[warp][u * 4 + q][lane] = acc[half * kRedTiles / 2 + u][q];
+    __syncthreads();
+#pragma unroll
+    for (int e = threadIdx.x; e < kRedTiles / 2 * 4 * 32; e += kThreads) {
+      int v = e / 32, ln = e % 32, u = v / 4, q = v % 4;
+      float sum = 0.0f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) sum += red[w][v][ln];
+      int j = ln / 4 + (q >= 2 ? 8 : 0);
+      int col = c_begin + (half * kRedTiles / 2 + u) * 8 + 2 * (ln % 4) + (q & 1);
+      if (col < k) out[(long)col * 16 + j] = sum;
     }
+    __syncthreads();
   }
 }
 
@@ -523,11 +545,12 @@ void lowrank_reduce(mx::cu::CommandEncoder& enc, std::initializer_list<ReduceJob
   if (max_k == 0 || n == 0) {
     throw std::logic_error("[lowrank] reduce over an empty operand (the callers handle it)");
   }
-  // About two blocks of eight warps per multiprocessor over both jobs; a slice is a whole
-  // number of 16-row steps.
-  int col_blocks = (max_k + kWarps * kTile - 1) / (kWarps * kTile);
+  // About two blocks per multiprocessor over both jobs; a slice is a whole number of
+  // 16-row steps for each of a block's warps.
+  int col_blocks = (max_k + kTile - 1) / kTile;
   int want = std::max(1, 2 * sm_count(enc) / (col_blocks * int(jobs.size())));
-  int slice_rows = ((n + want - 1) / want + 15) / 16 * 16;
+  constexpr int kSliceStep = 16 * kWarps;
+  int slice_rows = ((n + want - 1) / want + kSliceStep - 1) / kSliceStep * kSliceStep;
   int slices = (n + slice_rows - 1) / slice_rows;
   RedJobs rj{};
   FinJobs fj{};
