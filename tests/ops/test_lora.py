@@ -26,6 +26,14 @@ SHAPES = [
     ((), 19, 23, 3),  # x is 1-D
     ((0,), 16, 8, 4),  # empty batch
     ((3, 0), 12, 10, 2),
+    # widths that are multiples of 16 and r <= 16: the CUDA build's own rank-r kernels
+    # (float16 / bfloat16), with a partial 16-row tile and r below 8 and 16
+    ((5, 7), 64, 48, 8),
+    ((40,), 32, 80, 11),
+    ((3,), 48, 16, 16),
+    # a warp with three 64-wide tiles of x, slices of several 16-row steps: the kernels'
+    # two-deep prefetch
+    ((2048,), 1600, 64, 16),
 ]
 NAMES = ["x", "weight", "lora_a", "lora_b", "bias", "x_dropped"]
 
@@ -144,9 +152,10 @@ def test_all_gradients(device, dt, lora_dt, shape, bias, dropped):
 SUBSETS = [s for k in range(1, 7) for s in itertools.combinations(range(6), k)]
 
 
+@pytest.mark.parametrize("widths", [(21, 19), (32, 48)], ids=str)  # (32, 48): CUDA's own kernels
 @pytest.mark.parametrize("argnums", SUBSETS[1::3] + [(0,), (1,), (2,), (3,), (4,), (5,)], ids=str)
-def test_argnums_subsets(device, argnums):
-    args = make((2, 5), 21, 19, 5, bf16, f32, seed=2)
+def test_argnums_subsets(device, argnums, widths):
+    args = make((2, 5), *widths, 5, bf16, f32, seed=2)
     scale = 2.0
     y = call(lora_linear_reference, args, scale)
     dy = mx.random.normal(y.shape, key=mx.random.key(3)).astype(y.dtype)

@@ -9,6 +9,7 @@
 #include <tuple>
 
 #include "backend/cuda/gemm.cuh"
+#include "backend/cuda/lowrank.cuh"
 #include "ops/lora.h"
 
 namespace mlx_tuner {
@@ -43,6 +44,14 @@ void LoRALinear::eval_gpu(
   int n = x.shape(0), in = w.shape(1), out = w.shape(0), r = a.shape(1);
   if (n == 0) return;
   auto T = x.dtype();
+  if (cuda::lowrank_fits(r, T, {in, out}, {&xd})) { // the rank-r products as kernels of ours
+    // A (in, r) and B (r, out) packed for them in one launch.
+    auto m = cuda::lowrank_pack(enc, T, {{a, r, 1, in, r, true}, {b, out, 1, r, out, false}});
+    cuda::lowrank_project(enc, xd, m[0], r, 1.0f, xa);
+    cuda::lowrank_expand(enc, xa, m[1], scale_, bias, y);
+    gemm(enc, {false, true, n, out, in, T, T, T}, 1.0f, x, w, 1.0f, y);
+    return;
+  }
   auto [a_t, b_t] = as_dtype(enc, a, b, T);
   // xa = x_d A, saved in T (the op gives it T's dtype on CUDA): the backward's products
   // take it in T anyway.
@@ -81,6 +90,32 @@ void LoRALinearVJP::eval_gpu(
   }
   bool lora_into_dx = dx && !has_xd_;
   bool need_g = da || dxd || lora_into_dx;
+  if (cuda::lowrank_fits(r, T, {in, out}, {&dy})) { // rank-r products as kernels of ours
+    std::optional<mx::array> g_t;
+    std::vector<mx::array> m;
+    if (need_g) { // g = dy B^T, B^T (out, r) and A^T (r, in) packed in one launch
+      if (lora_into_dx || dxd) {
+        m = cuda::lowrank_pack(enc, T, {{b, 1, out, out, r, true}, {a, 1, r, r, in, false}});
+      } else {
+        m = cuda::lowrank_pack(enc, T, {{b, 1, out, out, r, true}});
+      }
+      g_t = scratch(enc, {n, r}, T);
+      cuda::lowrank_project(enc, dy, m[0], r, 1.0f, *g_t);
+    }
+    if (dx) { // dx = s g A^T first, then dy W accumulated into it
+      if (lora_into_dx) cuda::lowrank_expand(enc, *g_t, m[1], scale_, nullptr, *dx);
+      gemm(enc, {false, false, n, in, out, T, T, T}, 1.0f, dy, w, lora_into_dx ? 1.0f : 0.0f, *dx);
+    }
+    if (dxd) cuda::lowrank_expand(enc, *g_t, m[1], scale_, nullptr, *dxd);
+    if (da && db) { // dA = s x_d^T g (in, r); dB = s xa^T dy (r, out): one pair of launches
+      cuda::lowrank_reduce(enc, {{xd, *g_t, *da, r, 1, scale_}, {dy, xa, *db, 1, out, scale_}});
+    } else if (da) {
+      cuda::lowrank_reduce(enc, {{xd, *g_t, *da, r, 1, scale_}});
+    } else if (db) {
+      cuda::lowrank_reduce(enc, {{dy, xa, *db, 1, out, scale_}});
+    }
+    return;
+  }
   std::optional<mx::array> g_t, a_t, b_t;
   if (need_g) {
     std::tie(a_t, b_t) = as_dtype(enc, a, b, T);

@@ -27,6 +27,7 @@
 #include <tuple>
 
 #include "backend/cuda/gemm.cuh"
+#include "backend/cuda/lowrank.cuh"
 #include "ops/qlora.h"
 
 namespace mlx_tuner {
@@ -276,7 +277,11 @@ void QLoRA::eval_gpu(const std::vector<mx::array>& in, std::vector<mx::array>& o
   }
   // The rank-r term (+ bias) first; the base GEMMs accumulate into it (beta = 1).
   float beta = 1.0f;
-  if (r > 0 && k > 0) {
+  if (r > 0 && k > 0 && cuda::lowrank_fits(r, T, {k, out}, {&xd})) { // kernels of ours (lowrank.cuh)
+    auto mm = cuda::lowrank_pack(enc, T, {{in[4], r, 1, k, r, true}, {in[5], out, 1, r, out, false}});
+    cuda::lowrank_project(enc, xd, mm[0], r, 1.0f, xa);
+    cuda::lowrank_expand(enc, xa, mm[1], p_.scale, bias, y);
+  } else if (r > 0 && k > 0) {
     auto [a_t, b_t] = as_dtype(enc, in[4], in[5], T);
     cuda::GemmBatch batch(enc); // both rank-r GEMMs as one graph node
     gemm(enc, {false, false, m, r, k, T, T, T}, 1.0f, xd, a_t, 0.0f, xa);
@@ -346,8 +351,9 @@ void QLoRAVJP::eval_gpu(const std::vector<mx::array>& in, std::vector<mx::array>
   const bool lora_dx = dx && !p_.has_xd && have_g;
   std::optional<mx::array> g_t, a_t, b_t;
   const bool need_g = have_g && (da || dxd || lora_dx);
+  const bool own = have_g && cuda::lowrank_fits(r, T, {k, out}, {&dy}); // rank-r kernels of ours
   if (need_g) {
-    std::tie(a_t, b_t) = as_dtype(enc, in[4], in[5], T);
+    if (!own) std::tie(a_t, b_t) = as_dtype(enc, in[4], in[5], T);
     g_t = scratch(enc, {m, r}, T);
   }
   // Without g, dx_d and dA are zeros (out or r is 0); dB is empty then.
@@ -357,7 +363,25 @@ void QLoRAVJP::eval_gpu(const std::vector<mx::array>& in, std::vector<mx::array>
     fill(enc, *dx, nullptr);
     return;
   }
-  {
+  if (own) { // the same products as below, by lowrank.cuh's kernels
+    std::vector<mx::array> mm; // B^T (out, r) for g; A^T (r, k) for dx_d and dx
+    const bool need_at = dxd || (dx && k > 0 && lora_dx);
+    if (need_g && need_at) {
+      mm = cuda::lowrank_pack(enc, T, {{in[5], 1, out, out, r, true}, {in[4], 1, r, r, k, false}});
+    } else if (need_g) {
+      mm = cuda::lowrank_pack(enc, T, {{in[5], 1, out, out, r, true}});
+    }
+    if (need_g) cuda::lowrank_project(enc, dy, mm[0], r, p_.scale, *g_t);
+    if (dxd) cuda::lowrank_expand(enc, *g_t, mm[1], 1.0f, nullptr, *dxd);
+    if (da && db) {
+      cuda::lowrank_reduce(enc, {{xd, *g_t, *da, r, 1, 1.0f}, {dy, xa, *db, 1, out, p_.scale}});
+    } else if (da) {
+      cuda::lowrank_reduce(enc, {{xd, *g_t, *da, r, 1, 1.0f}});
+    } else if (db) {
+      cuda::lowrank_reduce(enc, {{dy, xa, *db, 1, out, p_.scale}});
+    }
+    if (dx && k > 0 && lora_dx) cuda::lowrank_expand(enc, *g_t, mm[1], 1.0f, nullptr, *dx);
+  } else {
     cuda::GemmBatch batch(enc); // the rank-r GEMMs as one graph node
     if (need_g) {
       gemm(enc, {false, true, m, r, out, T, T, T}, p_.scale, dy, *b_t, 0.0f, *g_t);

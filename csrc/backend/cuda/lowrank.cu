@@ -1,0 +1,581 @@
+// The rank-r products of the LoRA family (lowrank.cuh) on the tensor cores: mma.sync
+// m16n8k16 (float16 or bfloat16 operands, float32 accumulators), operands loaded straight
+// from global memory into the fragment layout of the PTX ISA (for the 16 x 16 A tile,
+// lane = 4 * gid + tig holds rows gid and gid + 8, columns 2 tig, 2 tig + 1 and the same
+// plus 8; for the 16 x 8 B tile, rows 2 tig, 2 tig + 1 (+ 8) of column gid; for C,
+// rows gid and gid + 8, columns 2 tig, 2 tig + 1). Each kernel streams its one wide
+// operand (x, dy or y: n * width elements) once.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+
+#include "backend/cuda/gemm.cuh"
+#include "backend/cuda/lowrank.cuh"
+
+namespace mlx_tuner::cuda {
+
+namespace {
+
+// The dtypes a LoRA matrix or an output may have, chosen at run time: the pack and
+// finish kernels touch each element once.
+enum Dt : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
+
+Dt dt_of(const mx::array& a, const char* what) {
+  switch (a.dtype()) {
+    case mx::float32: return kF32;
+    case mx::float16: return kF16;
+    case mx::bfloat16: return kBF16;
+    default: throw std::invalid_argument(std::string("[lowrank] ") + what + " must be a float dtype");
+  }
+}
+
+__device__ inline float ld(const void* p, long i, int dt) {
+  if (dt == kF32) return static_cast<const float*>(p)[i];
+  if (dt == kF16) return __half2float(static_cast<const __half*>(p)[i]);
+  return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+}
+
+__device__ inline void st(void* p, long i, int dt, float v) {
+  if (dt == kF32) static_cast<float*>(p)[i] = v;
+  else if (dt == kF16) static_cast<__half*>(p)[i] = __float2half(v);
+  else static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16(v);
+}
+
+__device__ inline float to_f(__half v) { return __half2float(v); }
+__device__ inline float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ inline T from_f(float v);
+template <>
+__device__ inline __half from_f<__half>(float v) { return __float2half(v); }
+template <>
+__device__ inline __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
+
+// Two 16-bit values as one register, the lower index in the low half (mma's order).
+template <typename T>
+__device__ inline uint32_t pack2(T lo, T hi) {
+  return uint32_t(*reinterpret_cast<const uint16_t*>(&lo)) |
+         (uint32_t(*reinterpret_cast<const uint16_t*>(&hi)) << 16);
+}
+
+__device__ inline uint32_t ld32(const void* p) { return *static_cast<const uint32_t*>(p); }
+
+// c += a b for a 16 x 16 A, a 16 x 8 B, in float32.
+template <typename T>
+__device__ inline void mma(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]);
+template <>
+__device__ inline void mma<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4],
+                                          const uint32_t (&b)[2]) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+template <>
+__device__ inline void mma<__half>(float (&c)[4], const uint32_t (&a)[4],
+                                   const uint32_t (&b)[2]) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+constexpr int kWarps = 8, kThreads = kWarps * 32;
+
+// ---- pack: dst[u][v] = src[u * su + v * sv] (zero past ulim, vlim), in T -------------
+struct PackJob {
+  const void* src;
+  int sdt;
+  long su, sv;
+  int ulim, vlim;
+  void* dst;
+  int U, V;
+};
+struct PackJobs {
+  PackJob j[2];
+};
+
+template <typename T>
+__global__ void pack_kernel(PackJobs jobs) {
+  // A select, not an index: a dynamic index would copy the parameters to local memory.
+  const PackJob job = blockIdx.y == 0 ? jobs.j[0] : jobs.j[1];
+  long total = (long)job.U * job.V;
+  for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < total;
+       i += (long)gridDim.x * blockDim.x) {
+    int u = int(i / job.V), v = int(i % job.V);
+    float val = (u < job.ulim && v < job.vlim) ? ld(job.src, u * job.su + v * job.sv, job.sdt) : 0.0f;
+    static_cast<T*>(job.dst)[i] = from_f<T>(val);
+  }
+}
+
+// Every kernel stages its wide operand through a per-warp 16 x 64 tile in shared memory
+// (rows padded to 72 elements: the fragment reads and the 16-byte row accesses are both
+// free of bank conflicts), so that global memory sees whole 128-byte row segments: one
+// lane per 16 bytes, eight lanes per row.
+constexpr int kTile = 64, kPitch = kTile + 8;
+
+// Loads rows [r0, r0 + 16) x columns [c0, c0 + 64) of a row-major (rows < r_end, width
+// w, a multiple of 8) matrix as 16-byte vectors, four per lane; zeros outside.
+template <typename T>
+__device__ inline void load_tile(const T* m, int r0, int r_end, int c0, int w, int lane,
+                                 uint4 (&v)[4]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    int e = lane + 32 * i, row = r0 + e / 8, col = c0 + (e % 8) * 8;
+    v[i] = (row < r_end && col < w) ? *reinterpret_cast<const uint4*>(m + (long)row * w + col)
+                                    : make_uint4(0, 0, 0, 0);
+  }
+}
+
+template <typename T>
+__device__ inline void store_tile(T* ts, int lane, const uint4 (&v)[4]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    int e = lane + 32 * i;
+    *reinterpret_cast<uint4*>(ts + (e / 8) * kPitch + (e % 8) * 8) = v[i];
+  }
+}
+
+// ---- project: c[row, j] = s sum_k x[row, k] M[k, j] ----------------------------------
+// A block owns one 16-row tile; its eight warps split k in tiles of 64, each accumulating
+// the tile's 16 x 16 (NT = 2) or 16 x 8 (NT = 1, r <= 8) product with M packed as
+// [16][k]; the next x tile is loaded while this one is multiplied, and the eight partial
+// results meet in shared memory.
+template <typename T, int NT>
+__global__ void __launch_bounds__(kThreads)
+project_kernel(const T* x, const T* pk, void* c, int cdt, int n, int k, int r, float s) {
+  __shared__ __align__(16) T xs_all[kWarps][16 * kPitch];
+  __shared__ float red[kWarps][NT * 4][32];
+  int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane / 4, tig = lane % 4;
+  T* xs = xs_all[warp];
+  int row0 = blockIdx.x * 16;
+  int tiles = (k + kTile - 1) / kTile;
+  int t0 = int((long)tiles * warp / kWarps), t1 = int((long)tiles * (warp + 1) / kWarps);
+  const T* p0 = pk + (long)gid * k + 2 * tig;
+  const T* p1 = pk + (long)(gid + 8) * k + 2 * tig;
+  float acc[NT][4];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) acc[nt][q] = 0.0f;
+  // Two tiles in flight: a warp walks only a few tiles, so one load's latency per tile
+  // would be most of its time.
+  auto mul = [&](int t) {
+#pragma unroll
+    for (int q16 = 0; q16 < kTile / 16; ++q16) {
+      int kk = t * kTile + q16 * 16;
+      if (kk >= k) break; // k is a multiple of 16, not of 64
+      const T* xa = xs + gid * kPitch + q16 * 16 + 2 * tig;
+      uint32_t a[4] = {ld32(xa), ld32(xa + 8 * kPitch), ld32(xa + 8), ld32(xa + 8 * kPitch + 8)};
+      uint32_t b0[2] = {ld32(p0 + kk), ld32(p0 + kk + 8)};
+      mma<T>(acc[0], a, b0);
+      if constexpr (NT == 2) {
+        uint32_t b1[2] = {ld32(p1 + kk), ld32(p1 + kk + 8)};
+        mma<T>(acc[1], a, b1);
+      }
+    }
+  };
+  uint4 na[4], nb[4];
+  if (t0 < t1) load_tile(x, row0, n, t0 * kTile, k, lane, na);
+  if (t0 + 1 < t1) load_tile(x, row0, n, (t0 + 1) * kTile, k, lane, nb);
+  for (int t = t0; t < t1; t += 2) {
+    __syncwarp();
+    store_tile(xs, lane, na);
+    __syncwarp();
+    if (t + 2 < t1) load_tile(x, row0, n, (t + 2) * kTile, k, lane, na);
+    mul(t);
+    if (t + 1 >= t1) break;
+    __syncwarp();
+    store_tile(xs, lane, nb);
+    __syncwarp();
+    if (t + 3 < t1) load_tile(x, row0, n, (t + 3) * kTile, k, lane, nb);
+    mul(t + 1);
+  }
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) red[warp][nt * 4 + q][lane] = acc[nt][q];
+  __syncthreads();
+  if (warp != 0) return;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      float sum = 0.0f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) sum += red[w][nt * 4 + q][lane];
+      int row = row0 + gid + (q >= 2 ? 8 : 0), j = nt * 8 + 2 * tig + (q & 1);
+      if (row < n && j < r) st(c, (long)row * r + j, cdt, s * sum);
+    }
+  }
+}
+
+// ---- expand: y[row, col] = s sum_j p[row, j] M[j, col] (+ bias[col]) -----------------
+// A warp owns one 16-row tile of p (one A fragment: r <= 16 is a single k step) and
+// kExpCols columns, M packed as [cols][16]; each 16 x 64 result tile is assembled in
+// shared memory and written out as whole row segments.
+constexpr int kExpCols = 128;
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+expand_kernel(const T* p, const T* pe, const T* bias, T* y, int n, int cols, int r, float s) {
+  __shared__ __align__(16) T ys_all[kWarps][16 * kPitch];
+  int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane / 4, tig = lane % 4;
+  T* ys = ys_all[warp];
+  int groups = (cols + kExpCols - 1) / kExpCols;
+  long wid = (long)blockIdx.x * kWarps + warp;
+  int row0 = int(wid / groups) * 16, cg = int(wid % groups);
+  if (row0 >= n) return;
+  auto P = [&](int row, int j) -> T {
+    return (row < n && j < r) ? p[(long)row * r + j] : from_f<T>(0.0f);
+  };
+  int ra = row0 + gid, rb = row0 + gid + 8;
+  uint32_t a[4] = {pack2(P(ra, 2 * tig), P(ra, 2 * tig + 1)),
+                   pack2(P(rb, 2 * tig), P(rb, 2 * tig + 1)),
+                   pack2(P(ra, 2 * tig + 8), P(ra, 2 * tig + 9)),
+                   pack2(P(rb, 2 * tig + 8), P(rb, 2 * tig + 9))};
+  int c_end = min(cols, (cg + 1) * kExpCols);
+  for (int c0 = cg * kExpCols; c0 < c_end; c0 += kTile) {
+#pragma unroll
+    for (int nt = 0; nt < kTile / 8; ++nt) {
+      int cb = c0 + nt * 8;
+      if (cb >= c_end) break; // cols is a multiple of 16, not of 64
+      const T* pr = pe + (long)(cb + gid) * 16 + 2 * tig;
+      uint32_t b[2] = {ld32(pr), ld32(pr + 8)};
+      float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      mma<T>(acc, a, b);
+      int col = cb + 2 * tig;
+      float b0 = 0.0f, b1 = 0.0f;
+      if (bias != nullptr) {
+        b0 = to_f(bias[col]);
+        b1 = to_f(bias[col + 1]);
+      }
+      T* yt = ys + gid * kPitch + nt * 8 + 2 * tig;
+      *reinterpret_cast<uint32_t*>(yt) = pack2(from_f<T>(s * acc[0] + b0), from_f<T>(s * acc[1] + b1));
+      *reinterpret_cast<uint32_t*>(yt + 8 * kPitch) =
+          pack2(from_f<T>(s * acc[2] + b0), from_f<T>(s * acc[3] + b1));
+    }
+    __syncwarp();
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      int e = lane + 32 * i, row = row0 + e / 8, col = c0 + (e % 8) * 8;
+      if (row < n && col < c_end) {
+        *reinterpret_cast<uint4*>(y + (long)row * cols + col) =
+            *reinterpret_cast<const uint4*>(ys + (e / 8) * kPitch + (e % 8) * 8);
+      }
+    }
+    __syncwarp();
+  }
+}
+
+// ---- reduce: d[i, j] = s sum_row x[row, i] g[row, j] ----------------------------------
+// As d^T = g^T x: A = a 16-row step of g transposed (16 j x 16 rows), B = the same rows
+// of x (16 rows x 8 columns). A block owns kTile columns of x and one slice of the rows,
+// which its eight warps split in 16-row steps; each step's 16 x 64 block of x comes
+// through shared memory (whole row segments from global memory) while the next is loaded.
+// The warps' sums meet in shared memory in a fixed order and the block writes one partial
+// part[slice][i][j] (float32, j padded to 16); finish_kernel sums the slices in a fixed
+// order (no atomics: the same inputs give the same bits) and writes d. One partial per
+// block, not per warp: the partials live until the graph completes, and a training
+// step's graph holds every layer's.
+constexpr int kRedTiles = kTile / 8;
+
+struct RedJob {
+  const void* x;
+  const void* g;
+  float* part;
+  int k;
+};
+struct RedJobs {
+  RedJob j[2];
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+reduce_kernel(RedJobs jobs, int n, int r, int slice_rows) {
+  __shared__ __align__(16) T xs_all[kWarps][16 * kPitch];
+  __shared__ float red[kWarps][kRedTiles / 2 * 4][32];
+  const RedJob job = blockIdx.z == 0 ? jobs.j[0] : jobs.j[1];
+  const T* x = static_cast<const T*>(job.x);
+  const T* gm = static_cast<const T*>(job.g);
+  const int k = job.k;
+  int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane / 4, tig = lane % 4;
+  T* xs = xs_all[warp];
+  int c_begin = blockIdx.x * kTile;
+  if (c_begin >= k) return; // the whole block: no barrier is left waiting
+  // slice_rows is a multiple of 16 * kWarps: each warp gets whole 16-row steps.
+  int sub = slice_rows / kWarps;
+  int row_end = min(n, blockIdx.y * slice_rows + (warp + 1) * sub);
+  int row_begin = min(row_end, blockIdx.y * slice_rows + warp * sub);
+  const T zero = from_f<T>(0.0f);
+  auto G = [&](int row, int j) -> T {
+    return (row < row_end && j < r) ? gm[(long)row * r + j] : zero;
+  };
+  auto load_g = [&](int n0, uint32_t (&a)[4]) {
+    int r0 = n0 + 2 * tig, r1 = r0 + 1, r8 = r0 + 8, r9 = r0 + 9;
+    a[0] = pack2(G(r0, gid), G(r1, gid));
+    a[1] = pack2(G(r0, gid + 8), G(r1, gid + 8));
+    a[2] = pack2(G(r8, gid), G(r9, gid));
+    a[3] = pack2(G(r8, gid + 8), G(r9, gid + 8));
+  };
+  float acc[kRedTiles][4];
+#pragma unroll
+  for (int nt = 0; nt < kRedTiles; ++nt)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) acc[nt][q] = 0.0f;
+  // Two 16-row steps in flight (x tile and g fragment each), as in project.
+  const T* x0 = xs + 2 * tig * kPitch + gid;
+  auto mul = [&](const uint32_t (&a)[4]) {
+#pragma unroll
+    for (int nt = 0; nt < kRedTiles; ++nt) {
+      const T* xc = x0 + nt * 8;
+      uint32_t b[2] = {pack2(xc[0], xc[kPitch]), pack2(xc[8 * kPitch], xc[9 * kPitch])};
+      mma<T>(acc[nt], a, b);
+    }
+  };
+  uint32_t ga[4], gb[4];
+  uint4 na[4], nb[4];
+  if (row_begin < row_end) {
+    load_tile(x, row_begin, row_end, c_begin, k, lane, na);
+    load_g(row_begin, ga);
+  }
+  if (row_begin + 16 < row_end) {
+    load_tile(x, row_begin + 16, row_end, c_begin, k, lane, nb);
+    load_g(row_begin + 16, gb);
+  }
+  for (int n0 = row_begin; n0 < row_end; n0 += 32) {
+    uint32_t a[4];
+    __syncwarp();
+    store_tile(xs, lane, na);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) a[q] = ga[q];
+    __syncwarp();
+    if (n0 + 32 < row_end) {
+      load_tile(x, n0 + 32, row_end, c_begin, k, lane, na);
+      load_g(n0 + 32, ga);
+    }
+    mul(a);
+    if (n0 + 16 >= row_end) break;
+    __syncwarp();
+    store_tile(xs, lane, nb);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) a[q] = gb[q];
+    __syncwarp();
+    if (n0 + 48 < row_end) {
+      load_tile(x, n0 + 48, row_end, c_begin, k, lane, nb);
+      load_g(n0 + 48, gb);
+    }
+    mul(a);
+  }
+  // The eight warps' sums, half the column tiles at a time (16 KB of shared memory),
+  // warp 0's first: thread t sums values t and t + 256 of the half.
+  float* out = job.part + (long)blockIdx.y * k * 16;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+#pragma unroll
+    for (int u = 0; u < kRedTiles / 2; ++u)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) red[warp][u * 4 + q][lane] = acc[half * kRedTiles / 2 + u][q];
+    __syncthreads();
+#pragma unroll
+    for (int e = threadIdx.x; e < kRedTiles / 2 * 4 * 32; e += kThreads) {
+      int v = e / 32, ln = e % 32, u = v / 4, q = v % 4;
+      float sum = 0.0f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) sum += red[w][v][ln];
+      int j = ln / 4 + (q >= 2 ? 8 : 0);
+      int col = c_begin + (half * kRedTiles / 2 + u) * 8 + 2 * (ln % 4) + (q & 1);
+      if (col < k) out[(long)col * 16 + j] = sum;
+    }
+    __syncthreads();
+  }
+}
+
+struct FinJob {
+  const float* part;
+  void* d;
+  int k, dt;
+  long di, dj;
+  float s;
+};
+struct FinJobs {
+  FinJob j[2];
+};
+
+__global__ void finish_kernel(FinJobs jobs, int r, int slices) {
+  const FinJob job = blockIdx.y == 0 ? jobs.j[0] : jobs.j[1];
+  long idx = blockIdx.x * (long)blockDim.x + threadIdx.x;
+  if (idx >= (long)job.k * r) return;
+  int i = int(idx / r), j = int(idx % r);
+  // Eight loads in flight, summed in slice order (the same bits as a plain loop).
+  const float* p = job.part + (long)i * 16 + j;
+  const long step = (long)job.k * 16;
+  float sum = 0.0f;
+  int sl = 0;
+  for (; sl + 8 <= slices; sl += 8) {
+    float v[8];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) v[u] = p[(sl + u) * step];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) sum += v[u];
+  }
+  for (; sl < slices; ++sl) sum += p[sl * step];
+  st(job.d, i * job.di + j * job.dj, job.dt, job.s * sum);
+}
+
+int sm_count(mx::cu::CommandEncoder& enc) {
+  static int count = [&] {
+    int c = 0;
+    check(cudaDeviceGetAttribute(&c, cudaDevAttrMultiProcessorCount, enc.device().cuda_device()),
+          "cudaDeviceGetAttribute");
+    return c;
+  }();
+  return count;
+}
+
+// A packed row-major array as (rows, width): its last dimension is the width.
+int width(const mx::array& a) { return a.ndim() ? a.shape(-1) : 1; }
+int rows(const mx::array& a) {
+  long r = 1;
+  for (int i = 0; i + 1 < int(a.ndim()); ++i) r *= a.shape(i);
+  return int(r);
+}
+
+template <typename F>
+void with_t(mx::Dtype t, F&& f) {
+  if (t == mx::float16) f(__half{});
+  else if (t == mx::bfloat16) f(__nv_bfloat16{});
+  else throw std::logic_error("[lowrank] the compute dtype must be float16 or bfloat16");
+}
+
+} // namespace
+
+bool lowrank_fits(int r, mx::Dtype t, std::initializer_list<int> widths,
+                  std::initializer_list<const mx::array*> projected) {
+  static bool on = [] {
+    const char* v = std::getenv("MLX_TUNER_LOWRANK");
+    return !(v && v[0] == '0');
+  }();
+  if (!on || r < 1 || r > kLowRankMax || (t != mx::float16 && t != mx::bfloat16)) return false;
+  for (int w : widths) {
+    if (w <= 0 || w % 16 != 0) return false;
+  }
+  for (auto* a : projected) { // a view may start at any element
+    if (reinterpret_cast<uintptr_t>(gpu_ptr<void>(*a)) % 4 != 0) return false;
+  }
+  return true;
+}
+
+std::vector<mx::array> lowrank_pack(mx::cu::CommandEncoder& enc, mx::Dtype t,
+                                    std::initializer_list<LowRankMatrix> ms) {
+  if (ms.size() == 0 || ms.size() > 2) throw std::logic_error("[lowrank] pack takes 1 or 2 matrices");
+  std::vector<mx::array> out;
+  PackJobs pj{};
+  long most = 0;
+  int i = 0;
+  for (auto& m : ms) {
+    // Both are M transposed, its rank side padded to 16: project's M (k, r) becomes
+    // [16][k], expand's M (r, cols) becomes [cols][16]; dst[u][v] = M[v][u].
+    int U = m.for_project ? 16 : m.cols, V = m.for_project ? m.rows : 16;
+    out.push_back(scratch(enc, {U, V}, t));
+    pj.j[i++] = {gpu_ptr<void>(m.m), dt_of(m.m, "a LoRA matrix"), m.sj, m.si, m.cols, m.rows,
+                 gpu_ptr<void>(out.back()), U, V};
+    most = std::max(most, (long)U * V);
+  }
+  for (auto& m : ms) enc.set_input_array(m.m);
+  for (auto& o : out) enc.set_output_array(o);
+  with_t(t, [&](auto tt) {
+    using T = decltype(tt);
+    unsigned blocks = unsigned(std::min<long>((most + 255) / 256, 1024));
+    launch(enc, reinterpret_cast<const void*>(&pack_kernel<T>), dim3(blocks, unsigned(ms.size())),
+           dim3(256), 0, pj);
+  });
+  return out;
+}
+
+void lowrank_project(mx::cu::CommandEncoder& enc, const mx::array& x, const mx::array& pk,
+                     int r, float s, mx::array& c) {
+  int n = rows(x), k = width(x);
+  if (n == 0) return;
+  reads_writes(enc, {&x, &pk}, {&c});
+  int cdt = dt_of(c, "the output");
+  with_t(x.dtype(), [&](auto tt) {
+    using T = decltype(tt);
+    const void* kern = r <= 8 ? reinterpret_cast<const void*>(&project_kernel<T, 1>)
+                              : reinterpret_cast<const void*>(&project_kernel<T, 2>);
+    launch(enc, kern, dim3((n + 15) / 16), dim3(kThreads), 0, gpu_ptr<T>(x), gpu_ptr<T>(pk),
+           gpu_ptr<void>(c), cdt, n, k, r, s);
+  });
+}
+
+void lowrank_expand(mx::cu::CommandEncoder& enc, const mx::array& p, const mx::array& pe,
+                    float s, const mx::array* bias, mx::array& y) {
+  int n = rows(y), cols = width(y), r = width(p);
+  if (n == 0 || cols == 0) return;
+  if (bias && bias->dtype() != y.dtype()) {
+    throw std::logic_error("[lowrank] the bias must be in the output's dtype");
+  }
+  reads_writes(enc, {&p, &pe, bias}, {&y});
+  with_t(y.dtype(), [&](auto tt) {
+    using T = decltype(tt);
+    long warps = (long)((n + 15) / 16) * ((cols + kExpCols - 1) / kExpCols);
+    const T* bptr = bias ? gpu_ptr<T>(*bias) : nullptr;
+    launch(enc, reinterpret_cast<const void*>(&expand_kernel<T>),
+           dim3(unsigned((warps + kWarps - 1) / kWarps)), dim3(kThreads), 0, gpu_ptr<T>(p),
+           gpu_ptr<T>(pe), bptr, gpu_ptr<T>(y), n, cols, r, s);
+  });
+}
+
+void lowrank_reduce(mx::cu::CommandEncoder& enc, std::initializer_list<ReduceJob> jobs) {
+  if (jobs.size() == 0) return;
+  if (jobs.size() > 2) throw std::logic_error("[lowrank] at most two reduce jobs a launch");
+  const ReduceJob& first = *jobs.begin();
+  int n = rows(first.x), r = width(first.g);
+  auto T = first.x.dtype();
+  int max_k = 0;
+  for (auto& jb : jobs) {
+    if (rows(jb.x) != n || width(jb.g) != r || jb.x.dtype() != T || jb.g.dtype() != T) {
+      throw std::logic_error("[lowrank] reduce jobs of one launch must share n, r and dtype");
+    }
+    max_k = std::max(max_k, width(jb.x));
+  }
+  if (max_k == 0 || n == 0) {
+    throw std::logic_error("[lowrank] reduce over an empty operand (the callers handle it)");
+  }
+  // About two blocks per multiprocessor over both jobs; a slice is a whole number of
+  // 16-row steps for each of a block's warps.
+  int col_blocks = (max_k + kTile - 1) / kTile;
+  int want = std::max(1, 2 * sm_count(enc) / (col_blocks * int(jobs.size())));
+  constexpr int kSliceStep = 16 * kWarps;
+  int slice_rows = ((n + want - 1) / want + kSliceStep - 1) / kSliceStep * kSliceStep;
+  int slices = (n + slice_rows - 1) / slice_rows;
+  RedJobs rj{};
+  FinJobs fj{};
+  std::vector<mx::array> parts;
+  int i = 0;
+  for (auto& jb : jobs) {
+    int k = width(jb.x);
+    parts.push_back(scratch(enc, {slices, std::max(k, 1), 16}, mx::float32));
+    rj.j[i] = {gpu_ptr<void>(jb.x), gpu_ptr<void>(jb.g), gpu_ptr<float>(parts.back()), k};
+    fj.j[i] = {gpu_ptr<float>(parts.back()), gpu_ptr<void>(jb.d), k, dt_of(jb.d, "a gradient"),
+               jb.di, jb.dj, jb.s};
+    ++i;
+  }
+  for (auto& jb : jobs) enc.set_input_array(jb.x), enc.set_input_array(jb.g);
+  for (auto& p : parts) enc.set_output_array(p);
+  with_t(T, [&](auto tt) {
+    using TT = decltype(tt);
+    launch(enc, reinterpret_cast<const void*>(&reduce_kernel<TT>),
+           dim3(col_blocks, slices, unsigned(jobs.size())), dim3(kThreads), 0, rj, n, r, slice_rows);
+  });
+  for (auto& p : parts) enc.set_input_array(p);
+  for (auto& jb : jobs) enc.set_output_array(jb.d);
+  long most = (long)max_k * r;
+  launch(enc, reinterpret_cast<const void*>(&finish_kernel),
+         dim3(unsigned((most + 255) / 256), unsigned(jobs.size())), dim3(256), 0, fj, r, slices);
+}
+
+} // namespace mlx_tuner::cuda

@@ -1,0 +1,65 @@
+// The rank-r products of the LoRA family on CUDA (lora, qlora; dora through lora), as
+// kernels of our own on the tensor cores (mma.sync m16n8k16, float32 accumulation):
+// each is one plain kernel node of MLX's graph, where a cuBLASLt GEMM is a captured child
+// graph that costs tens of microseconds of host and graph-launch time. Ranks 1 to
+// kLowRankMax, float16 and bfloat16, widths that are multiples of 16 (lowrank_fits);
+// everything else keeps the callers' cuBLASLt GEMMs.
+//
+// Shapes: x (n, k), p (n, r) and y (n, cols) are packed row-major in the compute dtype T.
+// A LoRA matrix (A or B, or its transpose) M is read through strides in its own dtype:
+// element (i, j) at M[i * si + j * sj]. lowrank_pack turns it, once per primitive, into
+// the layout the kernels read (T, zero-padded to rank 16).
+#pragma once
+
+#include <initializer_list>
+#include <vector>
+
+#include "backend/cuda/common.cuh"
+
+namespace mlx_tuner::cuda {
+
+constexpr int kLowRankMax = 16;
+
+// Whether the kernels below take this product: rank r in [1, kLowRankMax], compute dtype
+// float16 or bfloat16, every width a multiple of 16, and the arrays that lowrank_project
+// reads (its x) 4-byte aligned (it loads element pairs). MLX_TUNER_LOWRANK=0 sends every
+// product to the callers' cuBLASLt path (to time one against the other).
+bool lowrank_fits(int r, mx::Dtype t, std::initializer_list<int> widths,
+                  std::initializer_list<const mx::array*> projected);
+
+// M (rows, cols) with element (i, j) at m[i * si + j * sj]. For lowrank_project M is
+// (k, r); for lowrank_expand it is (r, cols).
+struct LowRankMatrix {
+  const mx::array& m;
+  long si, sj;
+  int rows, cols;
+  bool for_project;
+};
+
+// Packed copies in dtype t, in one launch: [16][k] for a project operand, [cols][16] for
+// an expand operand.
+std::vector<mx::array> lowrank_pack(mx::cu::CommandEncoder& enc, mx::Dtype t,
+                                    std::initializer_list<LowRankMatrix> ms);
+
+// c (n, r) = s * x (n, k) M (k, r), in c's dtype; pk = M packed for project.
+void lowrank_project(mx::cu::CommandEncoder& enc, const mx::array& x, const mx::array& pk,
+                     int r, float s, mx::array& c);
+
+// y (n, cols) = s * p (n, r) M (r, cols) (+ bias (cols,) in T); pe = M packed for expand.
+void lowrank_expand(mx::cu::CommandEncoder& enc, const mx::array& p, const mx::array& pe,
+                    float s, const mx::array* bias, mx::array& y);
+
+// d (k, r) = s * x^T g for x (n, k), g (n, r) (both in T), element (i, j) written at
+// d[i * di + j * dj] in d's dtype: the LoRA parameter gradients. Up to two jobs share one
+// pair of launches (partial sums over slices of the rows, then their sum in a fixed
+// order: the same inputs give the same bits).
+struct ReduceJob {
+  const mx::array& x;
+  const mx::array& g;
+  mx::array& d;
+  long di, dj;
+  float s;
+};
+void lowrank_reduce(mx::cu::CommandEncoder& enc, std::initializer_list<ReduceJob> jobs);
+
+} // namespace mlx_tuner::cuda
