@@ -213,3 +213,5 @@ for (n, din, dout, r, sl) in [(40, 48, 80, 11, 128), (35, 144, 16, 5, 128), (17,
     errs = [np.abs(xa - x @ A).max(), np.abs(y - (s*(xa @ B) + bias)).max(), np.abs(g - dy @ B.T).max(),
             np.abs(dx - s*(g @ A.T)).max(), np.abs(dA - s*(x.T @ g)).max(), np.abs(dB - s*(xa.T @ dy)).max()]
     print((n, din, dout, r), ["%.1e" % e for e in errs])
+    # float64 throughout: anything above rounding is an indexing or staging error
+    assert max(errs) < 1e-9, f"lowrank emulation disagrees for {(n, din, dout, r)}: {errs}"

@@ -258,6 +258,34 @@ def test_noncontiguous_inputs(device):
     assert_close_to_oracle(y, call(lora_linear_reference, args, 1.0), oracle(args, 1.0), f32)
 
 
+@pytest.mark.parametrize("offset", [2, 4, 8], ids=lambda o: f"offset{o}")
+def test_views_at_any_offset(device, offset):
+    """x, x_dropped and dy as contiguous views that start `offset` bf16 elements (4, 8,
+    16 bytes) into a buffer: widths that are multiples of 16 take the CUDA build's own
+    rank-r kernels, which read rows by 16-byte vectors, so a misaligned view must go to
+    the other path, not fault or read the wrong rows."""
+    n, din, dout, r = 24, 32, 48, 8
+    x, w, a, b, bb, xd = make((n,), din, dout, r, bf16, f32, seed=11)
+
+    def at(t, key):
+        buf = mx.random.normal((t.size + offset,), key=mx.random.key(key)).astype(t.dtype)
+        buf[offset:] = t.reshape(-1)
+        return buf[offset:].reshape(t.shape)
+
+    args = [at(x, 12), w, a, b, bb, at(xd, 13)]
+    assert mx.array_equal(args[0], x) and mx.array_equal(args[5], xd)
+    scale = 0.6
+    y = call(lora_linear, args, scale)
+    assert_close_to_oracle(y, call(lora_linear_reference, args, scale), oracle(args, scale), bf16)
+    dy = at(mx.random.normal((n, dout), key=mx.random.key(14)).astype(bf16), 15)
+    argnums = [0, 2, 3, 5]
+    got = vjp(lora_linear, args, scale, argnums, dy)
+    ref = vjp(lora_linear_reference, args, scale, argnums, dy)
+    want = oracle(args, scale, dy)
+    for name in got:
+        assert_close_to_oracle(got[name], ref[name], want[name], bf16, what=f"d{name}")
+
+
 def test_training_step_reduces_loss(device):
     """A few SGD steps on the LoRA parameters through the fused op fit a target."""
     x, w, a, b, _, _ = make((64,), 32, 16, 4, f32, f32, seed=8)

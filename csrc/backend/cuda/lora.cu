@@ -90,7 +90,7 @@ void LoRALinearVJP::eval_gpu(
   }
   bool lora_into_dx = dx && !has_xd_;
   bool need_g = da || dxd || lora_into_dx;
-  if (cuda::lowrank_fits(r, T, {in, out}, {&dy})) { // rank-r products as kernels of ours
+  if (cuda::lowrank_fits(r, T, {in, out}, {&dy, &xd})) { // rank-r products as kernels of ours
     std::optional<mx::array> g_t;
     std::vector<mx::array> m;
     if (need_g) { // g = dy B^T, B^T (out, r) and A^T (r, in) packed in one launch

@@ -463,8 +463,8 @@ bool lowrank_fits(int r, mx::Dtype t, std::initializer_list<int> widths,
   for (int w : widths) {
     if (w <= 0 || w % 16 != 0) return false;
   }
-  for (auto* a : projected) { // a view may start at any element
-    if (reinterpret_cast<uintptr_t>(gpu_ptr<void>(*a)) % 4 != 0) return false;
+  for (auto* a : projected) { // a view may start at any element; rows are read by 16 bytes
+    if (reinterpret_cast<uintptr_t>(gpu_ptr<void>(*a)) % 16 != 0) return false;
   }
   return true;
 }

@@ -21,8 +21,9 @@ namespace mlx_tuner::cuda {
 constexpr int kLowRankMax = 16;
 
 // Whether the kernels below take this product: rank r in [1, kLowRankMax], compute dtype
-// float16 or bfloat16, every width a multiple of 16, and the arrays that lowrank_project
-// reads (its x) 4-byte aligned (it loads element pairs). MLX_TUNER_LOWRANK=0 sends every
+// float16 or bfloat16, every width a multiple of 16, and the wide arrays the kernels read
+// by 16-byte vectors (project's x, reduce's x) 16-byte aligned: a view may start
+// anywhere, and its rows then do too. MLX_TUNER_LOWRANK=0 sends every
 // product to the callers' cuBLASLt path (to time one against the other).
 bool lowrank_fits(int r, mx::Dtype t, std::initializer_list<int> widths,
                   std::initializer_list<const mx::array*> projected);

@@ -351,7 +351,7 @@ void QLoRAVJP::eval_gpu(const std::vector<mx::array>& in, std::vector<mx::array>
   const bool lora_dx = dx && !p_.has_xd && have_g;
   std::optional<mx::array> g_t, a_t, b_t;
   const bool need_g = have_g && (da || dxd || lora_dx);
-  const bool own = have_g && cuda::lowrank_fits(r, T, {k, out}, {&dy}); // rank-r kernels of ours
+  const bool own = have_g && cuda::lowrank_fits(r, T, {k, out}, {&dy, &xd}); // rank-r kernels of ours
   if (need_g) {
     if (!own) std::tie(a_t, b_t) = as_dtype(enc, in[4], in[5], T);
     g_t = scratch(enc, {m, r}, T);

@@ -45,7 +45,10 @@ OP_NOTES: dict[str, str] = {
     "lora_switch_linear": _LORA_SWITCH_NOTE,
     # What a "gpu" kernel covers where it is not the whole op:
     "lora_linear": "GPU: fused forward and backward (dx, dA, dB, dx_d as kernels of ours); "
-    "dW and dbias, when asked for (W or the bias trained), are MLX's GEMM and sum",
+    "on CUDA the rank-r products are tensor-core kernels of ours for r <= 16, float16 / "
+    "bfloat16 and widths that are multiples of 16 (MLX_TUNER_LOWRANK=0: cuBLASLt), "
+    "cuBLASLt GEMMs otherwise; dW and dbias, when asked for (W or the bias trained), are "
+    "MLX's GEMM and sum",
     "dora_linear": "GPU (CUDA and Metal): the fused LoRA / QLoRA primitive, the fused "
     "row-norm kernel, 1/n (DoRAInvNorm: G = A^T A and the low-rank norm identity, ranks up "
     "to 32; MLX ops above) and the m/n column scale with its one-pass backward (DoRAScale) "
