@@ -10,7 +10,7 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 
-from common import QUICK, annotate, layer_step, peak_memory, run
+from common import QUICK, annotate, layer_step, paired, peak_memory, run
 from mlx_tuner.ops import dora_linear, dora_linear_reference, dora_weight_sq_norm
 
 if QUICK:
@@ -77,3 +77,22 @@ def test_dora(benchmark, provider, mode, quant, dtype, shape):
              shape=dict(n=n, k=k, o=o, r=r, quant="q4" if quant else "dense"), flops=flops,
              peak_bytes=peak)
     run(benchmark, fn, rounds=3 if provider == "reference" and not QUICK else None)
+
+
+# Issue 7's targets (DoRA forward+backward <= 1.3x, QDoRA <= 1.6x the frozen dense base
+# layer) as one side-by-side row each: base and fused alternate round by round
+# (common.paired). GPU and quick mode only.
+@pytest.mark.skipif(mx.default_device() != mx.gpu and not QUICK,
+                    reason="the per-layer ratio targets are the GPU's")
+@pytest.mark.parametrize("quant", [False, True], ids=["dense", "q4"])
+@pytest.mark.parametrize("mode", ["forward", "forward_backward"])
+def test_dora_paired(benchmark, mode, quant):
+    n, k, o, r = SHAPES[0]
+    dense_args = inputs(n, k, o, r, mx.bfloat16, False)
+    args = inputs(n, k, o, r, mx.bfloat16, True) if quant else dense_args
+    fns = {"dense-base": make_fn("base", mode, *dense_args),
+           "fused": make_fn("fused", mode, *args)}
+    extra = paired(benchmark, fns)
+    annotate(benchmark, op="dora_linear", provider="paired fused/dense-base", mode=mode,
+             dtype=mx.bfloat16, shape=dict(n=n, k=k, o=o, r=r, quant="q4" if quant else "dense"),
+             **extra)

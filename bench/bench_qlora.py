@@ -16,7 +16,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from common import QUICK, annotate, layer_step, peak_memory, run
+from common import QUICK, annotate, layer_step, paired, peak_memory, run
 
 from mlx_tuner.ops import qlora_linear, qlora_linear_reference
 
@@ -100,3 +100,17 @@ def test_qlora(benchmark, dtype, provider, mode):
              dequantized_weight_bytes=SHAPE["n"] * SHAPE["k"] * 4)
     t = benchmark.stats.stats.median
     benchmark.extra_info["flops_per_s"] = fl / t
+
+
+# Issue 6's targets (fused <= 1.5x the dense bf16 base layer) as one side-by-side row:
+# the two alternate round by round (common.paired). GPU and quick mode only: on the CPU
+# the dense base is numpy's float32 GEMM, not a layer to race.
+@pytest.mark.skipif(not (ON_GPU or QUICK), reason="the per-layer ratio targets are the GPU's")
+@pytest.mark.parametrize("mode", MODES)
+def test_qlora_paired(benchmark, mode):
+    w, q, x, a, b = make(mx.bfloat16)
+    dense = (lambda: x @ w.T) if mode == "forward" else layer_step(lambda x: x @ w.T, (x,), [0])
+    fns = {"dense-base": dense, "fused": qlora_fn(qlora_linear, mode, q, x, a, b)}
+    extra = paired(benchmark, fns)
+    annotate(benchmark, op="qlora_linear", provider="paired fused/dense-base", mode=mode,
+             dtype=mx.bfloat16, shape=dict(SHAPE), bits=BITS, group_size=GROUP, **extra)

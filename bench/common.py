@@ -325,6 +325,42 @@ def environ(values: dict):
                 os.environ[key] = value
 
 
+def paired(benchmark, fns: dict, *, rounds: int | None = None, warmup: int = 3) -> dict:
+    """Time the providers of `fns` side by side: each round runs every one once
+    (evaluated), in reverse order every other round, so that the machine's drift (clocks,
+    the host, other tenants) falls on all of them alike; on the H200 the same base layer
+    measured 263-422 us in separate benchmark rows of one session. The benchmark's own
+    time is a whole round. Returns the extra_info of the row: each provider's median and
+    IQR, and for every provider after the first the median of its per-round time ratios
+    to the first (the base)."""
+    rounds = 1 if QUICK else (rounds or 30)
+    names = list(fns)
+    times: dict[str, list] = {n: [] for n in names}
+    for _ in range(0 if QUICK else warmup):
+        for n in names:
+            sync(fns[n]())
+    count = [0]
+
+    def one_round():
+        order = names if count[0] % 2 == 0 else names[::-1]
+        count[0] += 1
+        for n in order:
+            t = time.perf_counter()
+            sync(fns[n]())
+            times[n].append(time.perf_counter() - t)
+
+    benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=0, iterations=1)
+    out = {"paired_rounds": rounds, "paired_base": names[0]}
+    for n in names:
+        q1, med, q3 = np.percentile(times[n], [25, 50, 75])
+        out[f"paired_{n}_median_s"] = float(med)
+        out[f"paired_{n}_iqr_s"] = float(q3 - q1)
+    base = np.array(times[names[0]])
+    for n in names[1:]:
+        out[f"paired_{n}_ratio"] = float(np.median(np.array(times[n]) / base))
+    return out
+
+
 def run(benchmark, fn, *, rounds: int | None = None, warmup: int = 2):
     """Time fn() (evaluated) with pytest-benchmark; a single round in quick mode."""
     rounds = 1 if QUICK else (rounds or 10)

@@ -60,6 +60,7 @@ def _shape(shape) -> str:
 
 def tables(paths: list[str]) -> str:
     groups: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    pairs: list[dict] = []
     sources = []
     for p in paths:
         data = json.loads(Path(p).read_text())
@@ -70,6 +71,9 @@ def tables(paths: list[str]) -> str:
                 continue
             key = (ex.get("device", "?"), ex["op"], ex.get("mode", ""), ex.get("dtype", ""),
                    _shape(ex.get("shape")))
+            if "paired_base" in ex:  # a side-by-side pair: a table of its own
+                pairs.append(row)
+                continue
             groups[key][ex.get("provider", "?")] = row
     out = []
     by_device: dict[str, list] = defaultdict(list)
@@ -105,6 +109,23 @@ def tables(paths: list[str]) -> str:
                     f"| {key[1]} | {key[2]} | {key[3]} | {key[4]} | {prov} | "
                     f"{_fmt_time(st['median'])} ({_fmt_time(st['iqr'])}) | {_rate(row)} | "
                     f"{_peak(row['extra_info'])} | {speed} |")
+        out.append("")
+    if pairs:
+        out.append("### Side by side (base and fused alternate round by round: `common.paired`)\n")
+        out.append("| device | op | mode | shape | base median (IQR) | fused median (IQR) "
+                   "| fused / base (median of the per-round ratios) | rounds | commit |")
+        out.append("|---|---|---|---|---|---|---|---|---|")
+        for row in sorted(pairs, key=lambda r: (r["extra_info"].get("device", ""),
+                                                r["extra_info"]["op"], r["extra_info"]["mode"],
+                                                _shape(r["extra_info"].get("shape")))):
+            ex = row["extra_info"]
+            base = ex["paired_base"]
+            med = lambda n: (f"{_fmt_time(ex[f'paired_{n}_median_s'])} "
+                             f"({_fmt_time(ex[f'paired_{n}_iqr_s'])})")
+            out.append(f"| {ex.get('device', '?')} | {ex['op']} | {ex['mode']} | "
+                       f"{_shape(ex.get('shape'))} | {med(base)} | {med('fused')} | "
+                       f"{ex['paired_fused_ratio']:.2f}× | {ex['paired_rounds']} | "
+                       f"{ex.get('commit', '?')} |")
         out.append("")
     out.append("Sources: " + ", ".join(f"`{s}`" for s in sources) + "\n")
     return "\n".join(out)
