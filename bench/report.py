@@ -58,6 +58,11 @@ def _shape(shape) -> str:
     return str(shape)
 
 
+def _paired_time(ex: dict, name: str) -> str:
+    return (f"{_fmt_time(ex[f'paired_{name}_median_s'])} "
+            f"({_fmt_time(ex[f'paired_{name}_iqr_s'])})")
+
+
 def tables(paths: list[str]) -> str:
     groups: dict[tuple, dict[str, dict]] = defaultdict(dict)
     pairs: list[dict] = []
@@ -120,10 +125,9 @@ def tables(paths: list[str]) -> str:
                                                 _shape(r["extra_info"].get("shape")))):
             ex = row["extra_info"]
             base = ex["paired_base"]
-            med = lambda n: (f"{_fmt_time(ex[f'paired_{n}_median_s'])} "
-                             f"({_fmt_time(ex[f'paired_{n}_iqr_s'])})")
             out.append(f"| {ex.get('device', '?')} | {ex['op']} | {ex['mode']} | "
-                       f"{_shape(ex.get('shape'))} | {med(base)} | {med('fused')} | "
+                       f"{_shape(ex.get('shape'))} | {_paired_time(ex, base)} | "
+                       f"{_paired_time(ex, 'fused')} | "
                        f"{ex['paired_fused_ratio']:.2f}× | {ex['paired_rounds']} | "
                        f"{ex.get('commit', '?')} |")
         out.append("")

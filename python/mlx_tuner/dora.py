@@ -2,7 +2,8 @@
 
 y = (m / ||W + s (A B)^T||_rows) * (x W^T + s (dropout(x) A) B) + bias, the row norms a
 constant in the backward (mlx-lm's choice). ``m`` starts as the row norms of the base
-weight, so a fresh layer equals its base. Beyond mlx-lm: quantized embeddings.
+weight, so a fresh layer equals its base. Beyond mlx-lm: quantized embeddings, and DoRA
+over mixture-of-experts switch layers (``DoRASwitchLinear``).
 """
 
 from __future__ import annotations
@@ -12,9 +13,17 @@ import inspect
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 from . import ops
-from .lora import _input_dims, _uniform_init, dequantized_weight, dropped, quantization_of
+from .lora import (
+    _input_dims,
+    _uniform_init,
+    dequantized_weight,
+    dropped,
+    fused_switch,
+    quantization_of,
+)
 
 
 @functools.lru_cache(maxsize=16)
@@ -151,3 +160,108 @@ class DoRAEmbedding(nn.Module):
         if isinstance(base, nn.QuantizedEmbedding) and not dequantize:
             fused = nn.QuantizedEmbedding.from_embedding(fused, **quantization_of(base))
         return fused
+
+
+class DoRASwitchLinear(nn.Module):
+    """DoRA over a mixture-of-experts switch layer (dense or quantized): per expert e,
+    y = (m_e / ||W_e + s B_e A_e||_rows) * (x W_e^T + s (dropout(x) A_e^T) B_e^T) + bias_e.
+
+    mlx-lm has no such layer. Its parameters extend ``LoRASwitchLinear``'s (lora_a
+    (experts, r, in), lora_b (experts, out, r)) with m (experts, out), the norms of the
+    base experts' rows at the start. The low-rank term goes through the fused
+    ``ops.lora_switch_linear``; the norms come from the low-rank identity
+    ||W_i + s (B A)_i||^2 = ||W_i||^2 + 2 s B_i . P_i + s^2 B_i G B_i^T with P = W A^T
+    (experts x out x r, a quantized product for a quantized base) and G = A A^T, in
+    float32 and treated as constants in the backward (as DoRALinear's): no
+    experts x out x in array is built.
+    """
+
+    @staticmethod
+    def from_base(linear: nn.Module, r: int = 8, dropout: float = 0.0, scale: float = 20.0):
+        layer = DoRASwitchLinear(linear.input_dims, linear.output_dims, linear.num_experts,
+                                 r=r, dropout=dropout, scale=scale)
+        layer.set_linear(linear)
+        return layer
+
+    def __init__(self, input_dims: int, output_dims: int, num_experts: int, r: int = 8,
+                 dropout: float = 0.0, scale: float = 20.0, bias: bool = False):
+        super().__init__()
+        self.set_linear(SwitchLinear(input_dims, output_dims, num_experts, bias=bias))
+        self.dropout = nn.Dropout(p=dropout)
+        self.scale = scale
+        self.lora_a = _uniform_init(input_dims, (num_experts, r, input_dims))
+        self.lora_b = mx.zeros((num_experts, output_dims, r))
+        self.num_experts = num_experts
+
+    def set_linear(self, linear: nn.Module):
+        """Set the base switch layer and reset ``m`` to its experts' row norms."""
+        if not isinstance(linear, (SwitchLinear, QuantizedSwitchLinear)):
+            raise TypeError("DoRASwitchLinear: linear must be a SwitchLinear or "
+                            f"QuantizedSwitchLinear, got {type(linear).__name__}")
+        self.linear = linear
+        self.m = mx.sqrt(self._weight_sq_norm(linear))
+        object.__setattr__(self, "_sq_norm_cache", None)
+
+    @staticmethod
+    def _weight_sq_norm(linear):
+        # One expert at a time: a dequantized copy of every expert at once would be the
+        # experts x out x in array this layer exists to avoid.
+        rows = []
+        for e in range(linear.weight.shape[0]):
+            if isinstance(linear, QuantizedSwitchLinear):
+                w = mx.dequantize(linear.weight[e], linear.scales[e],
+                                  None if linear.get("biases") is None else linear.biases[e],
+                                  **quantization_of(linear))
+            else:
+                w = linear.weight[e]
+            w = w.astype(mx.float32)
+            rows.append(mx.sum(w * w, axis=-1))
+        return mx.stop_gradient(mx.stack(rows))
+
+    def _cached_sq_norm(self):
+        weight = self.linear.weight
+        cache = self._sq_norm_cache
+        if cache is None or cache[0] is not weight:
+            cache = (weight, self._weight_sq_norm(self.linear))
+            object.__setattr__(self, "_sq_norm_cache", cache)
+        return cache[1]
+
+    def _inv_norm(self):
+        """1 / ||W_e + s B_e A_e||_rows, (experts, out), float32, a constant."""
+        base, s = self.linear, self.scale
+        a = mx.stop_gradient(self.lora_a).astype(mx.float32)  # (E, r, in)
+        b = mx.stop_gradient(self.lora_b).astype(mx.float32)  # (E, out, r)
+        if isinstance(base, QuantizedSwitchLinear):
+            pt = mx.quantized_matmul(a.astype(base.scales.dtype), base.weight, base.scales,
+                                     base.get("biases"), transpose=True,
+                                     **quantization_of(base))  # (E, r, out) = (W A^T)^T
+            p = pt.swapaxes(-1, -2).astype(mx.float32)
+        else:
+            p = (base.weight @ a.astype(base.weight.dtype).swapaxes(-1, -2)).astype(mx.float32)
+        g = a @ a.swapaxes(-1, -2)  # (E, r, r)
+        cross = mx.sum(b * p, axis=-1)
+        quad = mx.sum((b @ g) * b, axis=-1)
+        n2 = self._cached_sq_norm() + 2 * s * cross + s * s * quad
+        return mx.stop_gradient(mx.rsqrt(mx.maximum(n2, 1e-30)))
+
+    def __call__(self, x, indices, sorted_indices=False):
+        base = self.linear
+        kwargs = {}
+        if isinstance(base, QuantizedSwitchLinear):
+            kwargs = dict(scales=base.scales, biases=base.get("biases"), **quantization_of(base))
+        z = ops.lora_switch_linear(x, base.weight, self.lora_a, self.lora_b, indices,
+                                   self.scale, None, sorted_indices=sorted_indices,
+                                   x_dropped=dropped(self.dropout, x), **kwargs)
+        # m / n per (token, slot): z is (..., slots, 1, out), as gather_mm lays it out
+        sv = (self.m.astype(mx.float32) * self._inv_norm())[indices]
+        y = mx.expand_dims(sv, -2).astype(z.dtype) * z
+        if "bias" in base:
+            y = y + mx.expand_dims(base.bias[indices], -2)
+        return y
+
+    def fuse(self, dequantize: bool = False):
+        weight = dequantized_weight(self.linear)
+        adapted = weight + ((self.scale * self.lora_b) @ self.lora_a).astype(weight.dtype)
+        norm = mx.linalg.norm(adapted.astype(mx.float32), axis=-1)
+        folded = ((self.m / norm)[..., None] * adapted).astype(weight.dtype)
+        return fused_switch(self.linear, folded, dequantize)

@@ -83,6 +83,20 @@ def switch_call(x, indices, base, lora_a, lora_b, scale, x_dropped, sorted_indic
     return y + (scale * z).astype(x.dtype)
 
 
+def fused_switch(base: nn.Module, weight: mx.array, dequantize: bool) -> nn.Module:
+    """A SwitchLinear holding ``weight`` (experts, out, in) and ``base``'s bias,
+    re-quantized like ``base`` unless ``dequantize``: a switch adapter's ``fuse``."""
+    experts, out_dims, in_dims = weight.shape
+    has_bias = "bias" in base
+    fused = SwitchLinear(in_dims, out_dims, experts, bias=has_bias)
+    fused.weight = weight
+    if has_bias:
+        fused.bias = base.bias
+    if isinstance(base, QuantizedSwitchLinear) and not dequantize:
+        fused = fused.to_quantized(**quantization_of(base))
+    return fused
+
+
 def _uniform_init(fan_in: int, shape: tuple) -> mx.array:
     bound = 1 / math.sqrt(fan_in)
     return mx.random.uniform(low=-bound, high=bound, shape=shape)
@@ -163,18 +177,9 @@ class LoRASwitchLinear(nn.Module):
                            dropped(self.dropout, x), sorted_indices)
 
     def fuse(self, dequantize: bool = False):
-        base = self.linear
-        weight = dequantized_weight(base)
-        experts, out_dims, in_dims = weight.shape
-        has_bias = "bias" in base
-        fused = SwitchLinear(in_dims, out_dims, experts, bias=has_bias)
+        weight = dequantized_weight(self.linear)
         delta = (self.scale * self.lora_b) @ self.lora_a  # (experts, out, in)
-        fused.weight = weight + delta.astype(weight.dtype)
-        if has_bias:
-            fused.bias = base.bias
-        if isinstance(base, QuantizedSwitchLinear) and not dequantize:
-            fused = fused.to_quantized(**quantization_of(base))
-        return fused
+        return fused_switch(self.linear, weight + delta.astype(weight.dtype), dequantize)
 
 
 class LoRAEmbedding(nn.Module):

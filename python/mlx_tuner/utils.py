@@ -14,7 +14,7 @@ import mlx.optimizers as opt
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
-from .dora import DoRAEmbedding, DoRALinear
+from .dora import DoRAEmbedding, DoRALinear, DoRASwitchLinear
 from .lora import LoRAEmbedding, LoRALinear, LoRASwitchLinear
 
 ADAPTER_LEAVES = ("lora_a", "lora_b", "m")
@@ -42,10 +42,8 @@ def build_schedule(schedule_config: dict):
 def _adapter_class(layer: nn.Module, use_dora: bool):
     if isinstance(layer, _LINEAR):
         return DoRALinear if use_dora else LoRALinear
-    if isinstance(layer, _SWITCH):
-        if use_dora:
-            raise ValueError(f"{type(layer).__name__} doesn't support DoRA yet.")
-        return LoRASwitchLinear
+    if isinstance(layer, _SWITCH):  # DoRA here is mlx-tuner's own (mlx-lm refuses it)
+        return DoRASwitchLinear if use_dora else LoRASwitchLinear
     if isinstance(layer, _EMBEDDING):
         return DoRAEmbedding if use_dora else LoRAEmbedding
     raise ValueError(f"Can't convert layer of type {type(layer).__name__} to LoRA")
@@ -141,7 +139,7 @@ def remove_lora_layers(model: nn.Module) -> nn.Module:
     """Put every adapter layer's base layer back in its place (the update is dropped)."""
     from mlx_lm.tuner import dora as mlx_dora, lora as mlx_lora
 
-    wrapped = (LoRALinear, LoRASwitchLinear, DoRALinear, mlx_lora.LoRALinear,
+    wrapped = (LoRALinear, LoRASwitchLinear, DoRALinear, DoRASwitchLinear, mlx_lora.LoRALinear,
                mlx_lora.LoRASwitchLinear, mlx_dora.DoRALinear)
     tables = (LoRAEmbedding, DoRAEmbedding, mlx_lora.LoRAEmbedding, mlx_dora.DoRAEmbedding)
     bases = [(name, m.linear if isinstance(m, wrapped) else m.embedding)

@@ -108,9 +108,21 @@ def test_num_layers_too_large():
         utils.linear_to_lora_layers(model, 1, {"rank": 4, "alpha": 16, "dropout": 0.0})
 
 
-def test_dora_on_switch_layers_is_refused():
-    with pytest.raises(ValueError, match="SwitchLinear doesn't support DoRA"):
-        utils.linear_to_lora_layers(tiny_mixtral(), 1, LORA, use_dora=True)
+def test_dora_on_switch_layers():
+    """mlx-lm refuses DoRA on MoE switch layers; mlx-tuner converts them to
+    DoRASwitchLinear (m per expert and row), and a fresh model computes what it did."""
+    model = tiny_mixtral()
+    tokens = mx.array([[1, 5, 9, 2, 7]])
+    before = model(tokens)
+    utils.linear_to_lora_layers(model, 1, LORA, use_dora=True)
+    names, shapes = adapters_of(model)
+    switch = [k for k, cls in names if cls == "DoRASwitchLinear"]
+    assert switch and all(".block_sparse_moe.switch_mlp." in k for k in switch)
+    assert all(shape[0] == 4 for k, shape in shapes  # tiny_mixtral's 4 experts
+               if k.rsplit(".", 1)[0] in switch)
+    assert mx.allclose(model(tokens), before, atol=1e-5)
+    utils.remove_lora_layers(model)
+    assert not adapters_of(model)[0]
 
 
 def write_adapters(path, model, num_layers, config, fine_tune_type="lora", weights=None):
@@ -133,10 +145,11 @@ def trained(model, num_layers=2, use_dora=False):
     return model
 
 
-def test_load_adapters_roundtrip(tmp_path):
-    src = trained(tiny_llama(), use_dora=True)
+@pytest.mark.parametrize("make_model", [tiny_llama, tiny_mixtral])  # mixtral: DoRASwitchLinear
+def test_load_adapters_roundtrip(tmp_path, make_model):
+    src = trained(make_model(), use_dora=True)
     write_adapters(tmp_path, src, 2, LORA, "dora")
-    dst = utils.load_adapters(tiny_llama(), str(tmp_path))
+    dst = utils.load_adapters(make_model(), str(tmp_path))
     x = mx.array([[1, 2, 3, 4]])
     assert mx.allclose(src(x), dst(x), atol=1e-5).item()
 
