@@ -5,7 +5,11 @@ shared-memory staging without a GPU. Keep it in step with the kernels.
 
     python tools/emulate_lowrank.py
 """
+# ruff: noqa: E701, E702, E731, B023
+# (terse on purpose: one line per lane formula, as in the kernels; the lambdas are
+# called inside the loop that binds their variables)
 import numpy as np
+
 rng = np.random.default_rng(0)
 
 def mma(acc, a, b):
@@ -212,6 +216,6 @@ for (n, din, dout, r, sl) in [(40, 48, 80, 11, 128), (35, 144, 16, 5, 128), (17,
     dA = reduce(x, g, r, sl, s, r, 1, (din, r)); dB = reduce(dy, xa, r, 2*sl, s, 1, dout, (r, dout))
     errs = [np.abs(xa - x @ A).max(), np.abs(y - (s*(xa @ B) + bias)).max(), np.abs(g - dy @ B.T).max(),
             np.abs(dx - s*(g @ A.T)).max(), np.abs(dA - s*(x.T @ g)).max(), np.abs(dB - s*(xa.T @ dy)).max()]
-    print((n, din, dout, r), ["%.1e" % e for e in errs])
+    print((n, din, dout, r), [f"{e:.1e}" for e in errs])
     # float64 throughout: anything above rounding is an indexing or staging error
     assert max(errs) < 1e-9, f"lowrank emulation disagrees for {(n, din, dout, r)}: {errs}"
