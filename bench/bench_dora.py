@@ -86,13 +86,14 @@ def test_dora(benchmark, provider, mode, quant, dtype, shape):
                     reason="the per-layer ratio targets are the GPU's")
 @pytest.mark.parametrize("quant", [False, True], ids=["dense", "q4"])
 @pytest.mark.parametrize("mode", ["forward", "forward_backward"])
-def test_dora_paired(benchmark, mode, quant):
+@pytest.mark.parametrize("per_eval", [1, 8], ids=lambda k: f"x{k}")  # calls per evaluation
+def test_dora_paired(benchmark, per_eval, mode, quant):
     n, k, o, r = SHAPES[0]
     dense_args = inputs(n, k, o, r, mx.bfloat16, False)
     args = inputs(n, k, o, r, mx.bfloat16, True) if quant else dense_args
     fns = {"dense-base": make_fn("base", mode, *dense_args),
            "fused": make_fn("fused", mode, *args)}
-    extra = paired(benchmark, fns)
+    extra = paired(benchmark, fns, per_eval=per_eval)
     annotate(benchmark, op="dora_linear", provider="paired fused/dense-base", mode=mode,
              dtype=mx.bfloat16, shape=dict(n=n, k=k, o=o, r=r, quant="q4" if quant else "dense"),
              **extra)

@@ -104,11 +104,12 @@ def test_lora_linear(benchmark, provider, mode, shape, dtype):
 # mode only: on the CPU the targets are against the BLAS GEMM (the rows above).
 @pytest.mark.skipif(not (GPU or QUICK), reason="the per-layer ratio targets are the GPU's")
 @pytest.mark.parametrize("mode", MODES)
-def test_lora_linear_paired(benchmark, mode):
+@pytest.mark.parametrize("per_eval", [1, 8], ids=lambda k: f"x{k}")  # calls per evaluation
+def test_lora_linear_paired(benchmark, per_eval, mode):
     name, n, din, dout, r = SHAPES[0]
     x, w, a, b = layer_inputs(n, din, dout, r, mx.bfloat16)
     fns = {p: make_fn(p, mode, x, w, a, b, 2.0) for p in ("base", "fused")}
-    extra = paired(benchmark, fns)
+    extra = paired(benchmark, fns, per_eval=per_eval)
     annotate(benchmark, op="lora_linear", provider="paired fused/base", mode=mode,
              dtype=mx.bfloat16, shape={"layer": name, "N": n, "in": din, "out": dout, "r": r},
              **extra)

@@ -107,10 +107,11 @@ def test_qlora(benchmark, dtype, provider, mode):
 # the dense base is numpy's float32 GEMM, not a layer to race.
 @pytest.mark.skipif(not (ON_GPU or QUICK), reason="the per-layer ratio targets are the GPU's")
 @pytest.mark.parametrize("mode", MODES)
-def test_qlora_paired(benchmark, mode):
+@pytest.mark.parametrize("per_eval", [1, 8], ids=lambda k: f"x{k}")  # calls per evaluation
+def test_qlora_paired(benchmark, per_eval, mode):
     w, q, x, a, b = make(mx.bfloat16)
     dense = (lambda: x @ w.T) if mode == "forward" else layer_step(lambda x: x @ w.T, (x,), [0])
     fns = {"dense-base": dense, "fused": qlora_fn(qlora_linear, mode, q, x, a, b)}
-    extra = paired(benchmark, fns)
+    extra = paired(benchmark, fns, per_eval=per_eval)
     annotate(benchmark, op="qlora_linear", provider="paired fused/dense-base", mode=mode,
              dtype=mx.bfloat16, shape=dict(SHAPE), bits=BITS, group_size=GROUP, **extra)

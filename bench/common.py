@@ -325,20 +325,27 @@ def environ(values: dict):
                 os.environ[key] = value
 
 
-def paired(benchmark, fns: dict, *, rounds: int | None = None, warmup: int = 3) -> dict:
+def paired(benchmark, fns: dict, *, rounds: int | None = None, warmup: int = 3,
+           per_eval: int = 1) -> dict:
     """Time the providers of `fns` side by side: each round runs every one once
     (evaluated), in reverse order every other round, so that the machine's drift (clocks,
     the host, other tenants) falls on all of them alike; on the H200 the same base layer
-    measured 263-422 us in separate benchmark rows of one session. The benchmark's own
-    time is a whole round. Returns the extra_info of the row: each provider's median and
-    IQR, and for every provider after the first the median of its per-round time ratios
-    to the first (the base)."""
+    measured 263-422 us in separate benchmark rows of one session. With per_eval = k, a
+    run is k calls evaluated together and its time is divided by k: a layer as it runs
+    inside a training step's graph, where one synchronization serves many layers. The
+    benchmark's own time is a whole round. Returns the extra_info of the row: each
+    provider's median and IQR per call, and for every provider after the first the median
+    of its per-round time ratios to the first (the base)."""
     rounds = 1 if QUICK else (rounds or 30)
     names = list(fns)
     times: dict[str, list] = {n: [] for n in names}
+
+    def run_one(n):
+        sync([fns[n]() for _ in range(per_eval)])
+
     for _ in range(0 if QUICK else warmup):
         for n in names:
-            sync(fns[n]())
+            run_one(n)
     count = [0]
 
     def one_round():
@@ -346,11 +353,11 @@ def paired(benchmark, fns: dict, *, rounds: int | None = None, warmup: int = 3) 
         count[0] += 1
         for n in order:
             t = time.perf_counter()
-            sync(fns[n]())
-            times[n].append(time.perf_counter() - t)
+            run_one(n)
+            times[n].append((time.perf_counter() - t) / per_eval)
 
     benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=0, iterations=1)
-    out = {"paired_rounds": rounds, "paired_base": names[0]}
+    out = {"paired_rounds": rounds, "paired_base": names[0], "paired_per_eval": per_eval}
     for n in names:
         q1, med, q3 = np.percentile(times[n], [25, 50, 75])
         out[f"paired_{n}_median_s"] = float(med)

@@ -117,16 +117,19 @@ def tables(paths: list[str]) -> str:
         out.append("")
     if pairs:
         out.append("### Side by side (base and fused alternate round by round: `common.paired`)\n")
-        out.append("| device | op | mode | shape | base median (IQR) | fused median (IQR) "
-                   "| fused / base (median of the per-round ratios) | rounds | commit |")
-        out.append("|---|---|---|---|---|---|---|---|---|")
+        out.append("| device | op | mode | shape | calls per evaluation | base median (IQR) "
+                   "| fused median (IQR) | fused / base (median of the per-round ratios) "
+                   "| rounds | commit |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|")
         for row in sorted(pairs, key=lambda r: (r["extra_info"].get("device", ""),
                                                 r["extra_info"]["op"], r["extra_info"]["mode"],
-                                                _shape(r["extra_info"].get("shape")))):
+                                                _shape(r["extra_info"].get("shape")),
+                                                r["extra_info"].get("paired_per_eval", 1))):
             ex = row["extra_info"]
             base = ex["paired_base"]
             out.append(f"| {ex.get('device', '?')} | {ex['op']} | {ex['mode']} | "
-                       f"{_shape(ex.get('shape'))} | {_paired_time(ex, base)} | "
+                       f"{_shape(ex.get('shape'))} | {ex.get('paired_per_eval', 1)} | "
+                       f"{_paired_time(ex, base)} | "
                        f"{_paired_time(ex, 'fused')} | "
                        f"{ex['paired_fused_ratio']:.2f}× | {ex['paired_rounds']} | "
                        f"{ex.get('commit', '?')} |")
