@@ -204,30 +204,33 @@ class DoRASwitchLinear(nn.Module):
             raise TypeError("DoRASwitchLinear: linear must be a SwitchLinear or "
                             f"QuantizedSwitchLinear, got {type(linear).__name__}")
         self.linear = linear
-        self.m = mx.sqrt(self._weight_sq_norm(linear))
-        object.__setattr__(self, "_sq_norm_cache", None)
+        sq = self._expert_sq_norms(linear)
+        self.m = mx.sqrt(sq)
+        # (weight, ||W_e,i||^2) cached outside the parameter tree, keyed by the weight array.
+        object.__setattr__(self, "_sq_norm_cache", (linear.weight, sq))
 
     @staticmethod
-    def _weight_sq_norm(linear):
-        # One expert at a time: a dequantized copy of every expert at once would be the
-        # experts x out x in array this layer exists to avoid.
+    def _expert_sq_norms(linear):
+        """||W_e,i||^2 in float32, (experts, out): ops.dora_weight_sq_norm one expert at a
+        time, so that no dequantized or float32 copy of every expert at once is made."""
+        quant = isinstance(linear, QuantizedSwitchLinear)
         rows = []
         for e in range(linear.weight.shape[0]):
-            if isinstance(linear, QuantizedSwitchLinear):
-                w = mx.dequantize(linear.weight[e], linear.scales[e],
-                                  None if linear.get("biases") is None else linear.biases[e],
-                                  **quantization_of(linear))
+            if quant:
+                biases = linear.get("biases")
+                rows.append(ops.dora_weight_sq_norm(
+                    linear.weight[e], linear.scales[e], None if biases is None else biases[e],
+                    **quantization_of(linear)))
             else:
-                w = linear.weight[e]
-            w = w.astype(mx.float32)
-            rows.append(mx.sum(w * w, axis=-1))
+                rows.append(ops.dora_weight_sq_norm(linear.weight[e]))
         return mx.stop_gradient(mx.stack(rows))
 
-    def _cached_sq_norm(self):
+    def _sq_norms(self):
+        """The cached ||W_e,i||^2, recomputed only when the base weight array changes."""
         weight = self.linear.weight
         cache = self._sq_norm_cache
-        if cache is None or cache[0] is not weight:
-            cache = (weight, self._weight_sq_norm(self.linear))
+        if cache[0] is not weight:
+            cache = (weight, self._expert_sq_norms(self.linear))
             object.__setattr__(self, "_sq_norm_cache", cache)
         return cache[1]
 
@@ -246,7 +249,7 @@ class DoRASwitchLinear(nn.Module):
         g = a @ a.swapaxes(-1, -2)  # (E, r, r)
         cross = mx.sum(b * p, axis=-1)
         quad = mx.sum((b @ g) * b, axis=-1)
-        n2 = self._cached_sq_norm() + 2 * s * cross + s * s * quad
+        n2 = self._sq_norms() + 2 * s * cross + s * s * quad
         return mx.stop_gradient(mx.rsqrt(mx.maximum(n2, 1e-30)))
 
     def __call__(self, x, indices, sorted_indices=False):
