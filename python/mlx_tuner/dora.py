@@ -176,9 +176,9 @@ class DoRASwitchLinear(nn.Module):
     experts x out x in array is built.
 
     W A^T is MLX's batched matmul, which on a Linux CPU runs MLX's reference BLAS: there
-    it is most of a step (204 of 264 ms forward+backward for 32 experts of 2048 -> 768,
-    r 8, 2048 token-slots, on 2 cores; the LoRA switch layer alone: 42 ms). GPUs and
-    Apple's Accelerate do not pay that.
+    it is most of a step (205 of 256 ms forward+backward for 32 experts of 2048 -> 768,
+    r 8, 2048 token-slots, on 2 cores; the LoRA switch layer alone: 38 ms;
+    bench/probe_dora_switch.py). GPUs and Apple's Accelerate do not pay that.
     """
 
     @staticmethod
