@@ -6,6 +6,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <array>
+#include <cstdint>
 #include <map>
 #include <mutex>
 #include <stdexcept>
@@ -41,7 +43,9 @@ struct Plan {
   size_t workspace = 0;
 };
 
-using Key = std::tuple<int, bool, bool, int, int, int, int, int, int, int, int, int, bool>;
+// The last three: the alignments (bytes, at most 256) of the A, B and C pointers.
+using Key =
+    std::tuple<int, bool, bool, int, int, int, int, int, int, int, int, int, bool, int, int, int>;
 
 struct Plans {
   std::mutex mu;
@@ -59,8 +63,19 @@ int code(mx::Dtype t) {
   return t == mx::float32 ? 0 : t == mx::float16 ? 1 : 2;
 }
 
+// The largest power of two (at most 256, cuBLASLt's default assumption) dividing `p`.
+int alignment(const void* p) {
+  auto v = reinterpret_cast<uintptr_t>(p);
+  int a = 1;
+  while (a < 256 && (v & uintptr_t(a)) == 0) a *= 2;
+  return a;
+}
+
 // Builds the plan of `g` (with strides resolved) for `handle`. Caller holds the mutex.
-Plan make_plan(cublasLtHandle_t handle, const Gemm& g, int lda, int ldb, int ldc, bool bias) {
+// `align` holds the alignments of A, B and C: a view that starts a few bytes into
+// its buffer must get an algorithm that does not assume more (else cuBLASLt refuses it).
+Plan make_plan(cublasLtHandle_t handle, const Gemm& g, int lda, int ldb, int ldc, bool bias,
+               const std::array<uint32_t, 3>& align) {
   Plan p;
   check_lt(cublasLtMatmulDescCreate(&p.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F), "MatmulDescCreate");
   cublasOperation_t op_b = g.tb ? CUBLAS_OP_T : CUBLAS_OP_N; // first cuBLAS operand: B
@@ -81,6 +96,15 @@ Plan make_plan(cublasLtHandle_t handle, const Gemm& g, int lda, int ldb, int ldc
   size_t ws = kWorkspace;
   cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws,
                                        sizeof(ws));
+  // cuBLASLt's A is our B (operands swapped, see the top of the file).
+  const std::pair<cublasLtMatmulPreferenceAttributes_t, uint32_t> aligns[] = {
+      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, align[1]},
+      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, align[0]},
+      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, align[2]},
+      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, align[2]}};
+  for (auto& [attr, bytes] : aligns) {
+    cublasLtMatmulPreferenceSetAttribute(pref, attr, &bytes, sizeof(bytes));
+  }
   cublasLtMatmulHeuristicResult_t heur{};
   int found = 0;
   auto st = cublasLtMatmulAlgoGetHeuristic(handle, p.desc, p.lb, p.la, p.lc, p.lc, pref, 1,
@@ -177,11 +201,13 @@ void gemm(mx::cu::CommandEncoder& enc, const Gemm& g, float alpha, const mx::arr
   if (handle == nullptr) {
     check_lt(cublasLtCreate(&handle), "cublasLtCreate");
   }
+  std::array<uint32_t, 3> align{uint32_t(alignment(a)), uint32_t(alignment(b)),
+                                uint32_t(alignment(c))};
   Key key{device, g.ta, g.tb, g.m, g.n, g.k, code(g.a_type), code(g.b_type), code(g.c_type),
-          lda, ldb, ldc, bias != nullptr};
+          lda, ldb, ldc, bias != nullptr, align[0], align[1], align[2]};
   auto it = ps.plans.find(key);
   if (it == ps.plans.end()) {
-    it = ps.plans.emplace(key, make_plan(handle, g, lda, ldb, ldc, bias != nullptr)).first;
+    it = ps.plans.emplace(key, make_plan(handle, g, lda, ldb, ldc, bias != nullptr, align)).first;
   }
   relaxed.reset();
   const Plan& p = it->second;
