@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -49,6 +51,21 @@ def assert_close_to_oracle(fused, same_dtype_ref, oracle, dtype, what="output"):
 
 # Devices the suite runs on: the CPU always, the GPU (Metal or CUDA) when MLX has one.
 DEVICES = [mx.cpu] + ([mx.gpu] if mx.is_available(mx.gpu) else [])
+
+
+@contextlib.contextmanager
+def on_cpu():
+    """Runs what is inside on the CPU: the references and float64 oracles of the GPU
+    tests, whose fused op under test still runs on the GPU. MLX's CUDA backend compiles a
+    kernel for every new shape and dtype (its quantized matmuls in minutes), which made the
+    QLoRA and DoRA GPU test files longer than a device call; the CPU reference is the same
+    maths in the same dtype, so it still measures that dtype's rounding."""
+    prev = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    try:
+        yield
+    finally:
+        mx.set_default_device(prev)
 
 
 @pytest.fixture(params=DEVICES, ids=lambda d: "gpu" if d == mx.gpu else "cpu")
