@@ -29,10 +29,13 @@ elif GPU:
         ("llama3-8b.up_proj", 4096, 4096, 14336, 16),
         ("llama3-8b.down_proj", 4096, 14336, 4096, 16),
         ("qwen3-0.6b.up_proj", 4096, 1024, 3072, 8),
+        ("qwen3-4b.up_proj", 4096, 2560, 9728, 16),
+        ("mistral-7b.k_proj", 4096, 4096, 1024, 16),  # its q / up / down are Llama-3-8B's
     ]
 else:  # 2 shared cores and a ~5 GFLOP/s reference: a few hundred tokens only
     SHAPES = [
         ("qwen3-0.6b.up_proj", 1024, 1024, 3072, 8),
+        ("qwen3-4b.q_proj", 256, 2560, 4096, 16),
         ("llama3-8b.q_proj", 256, 4096, 4096, 16),
     ]
 DTYPES = [mx.bfloat16] if (QUICK or GPU) else [mx.bfloat16, mx.float32]
