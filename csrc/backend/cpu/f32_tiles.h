@@ -11,6 +11,10 @@
 #include <optional>
 #include <stdexcept>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "common/parallel.h"
 #include "mlx/allocator.h"
 #include "mlx/array.h"
@@ -131,8 +135,27 @@ inline void narrow_par(const float* src, void* dst, mx::Dtype dtype, int64_t n) 
   });
 }
 
+// Asks Linux for transparent huge pages over the 2 MiB-aligned interior of a fresh
+// buffer: MLX's CPU allocator caches at most 32 MB, so a larger scratch (a widened bf16
+// weight of 4096 x 2560 is 42 MB) comes fresh from the OS at every call, and faulting it
+// in 4 KiB pages cost more than widening it (16 ms of a 34 ms forward, measured on the
+// CI machine). A no-op elsewhere, for small buffers, and where THP is off.
+inline void advise_huge_pages(void* p, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  if (bytes < 2 * kHuge) return;
+  uintptr_t b = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
+  uintptr_t e = (reinterpret_cast<uintptr_t>(p) + bytes) & ~(kHuge - 1);
+  if (e > b) madvise(reinterpret_cast<void*>(b), e - b, MADV_HUGEPAGE);
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
 // float32 scratch from MLX's allocator: its buffer cache hands back recently freed
-// memory, so a kernel called every step does not page-fault fresh pages in each time.
+// memory (up to its cache limit), so a kernel called every step does not page-fault fresh
+// pages in each time; above that, huge pages make the faults few.
 class Scratch {
  public:
   Scratch() = default;
@@ -143,6 +166,7 @@ class Scratch {
     data_.reset();
     if (n > 0) {
       data_.emplace(mx::allocator::malloc(n * sizeof(float)));
+      advise_huge_pages(get(), n * sizeof(float));
     }
     size_ = n;
   }

@@ -1,0 +1,45 @@
+"""Time and minor page faults of a half-precision LoRA forward+backward on the CPU (a
+diagnostic, not a benchmark row).
+
+    cd bench && PYTHONPATH=../python python probe_cpu_faults.py [n in out r]
+
+MLX's CPU allocator caches at most 32 MB of freed memory; a float32 copy of a larger
+bf16 weight comes fresh from the OS at every call. Prints the median time of 15 calls
+and the minor page faults a call (getrusage), so a change to the scratch memory can be
+judged by both. Defaults: 256 tokens, the Qwen3-4B q_proj (2560 -> 4096), r 16.
+"""
+import resource
+import sys
+import time
+
+import mlx.core as mx
+
+from mlx_tuner.ops import lora_linear
+
+n, din, dout, r = (int(v) for v in (sys.argv[1:5] if len(sys.argv) >= 5 else (256, 2560, 4096, 16)))
+dt = mx.bfloat16
+k = mx.random.split(mx.random.key(0), 4)
+x = mx.random.normal((n, din), key=k[0]).astype(dt)
+w = (mx.random.normal((dout, din), key=k[1]) / din**0.5).astype(dt)
+a = mx.random.normal((din, r), key=k[2]) / din**0.5
+b = mx.random.normal((r, dout), key=k[3]) * 0.01
+dy = mx.ones((n, dout), dt)
+mx.eval(x, w, a, b, dy)
+
+
+def step():
+    return mx.vjp(lambda x, a, b: lora_linear(x, w, a, b, 1.0), [x, a, b], [dy])
+
+
+for _ in range(3):
+    mx.eval(step())
+faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+times = []
+for _ in range(15):
+    t = time.perf_counter()
+    mx.eval(step())
+    times.append(time.perf_counter() - t)
+faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / 15
+times.sort()
+print(f"bf16 forward+backward {n} x {din} -> {dout}, r {r}: {times[7] * 1e3:.1f} ms a call, "
+      f"{faults:.0f} minor page faults a call")
