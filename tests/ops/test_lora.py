@@ -205,13 +205,18 @@ def test_compiled_value_and_grad(device, dt, lora_dt, dropped):
             assert err <= tol
 
 
+@pytest.mark.parametrize("w_tiles", [False, True], ids=["whole_w", "w_tiles"])
 @pytest.mark.parametrize("dt,lora_dt", [(f32, f32), (bf16, f32), (f16, f16)],
                          ids=lambda d: str(d).split(".")[-1])
-def test_many_row_tiles(device, monkeypatch, dt, lora_dt):
+def test_many_row_tiles(device, monkeypatch, dt, lora_dt, w_tiles):
     """The CPU kernels walk the rows in tiles (accumulating dA, dB, dW, dbias across
     them); force tiles of 7 rows so that a small batch runs through many, with a ragged
-    last one."""
+    last one. With w_tiles, W is also widened and multiplied 8 of its 35 rows at a time
+    (y's columns in the forward, dy W's sum in the backward), as a half-precision W
+    above 8 MB is."""
     monkeypatch.setenv("MLX_TUNER_LORA_TILE_ROWS", "7")
+    if w_tiles:
+        monkeypatch.setenv("MLX_TUNER_LORA_W_TILE_ROWS", "8")
     args = make((5, 9), 26, 35, 6, dt, lora_dt, seed=11)
     scale = 0.9
     y = call(lora_linear, args, scale)

@@ -56,6 +56,22 @@ int64_t tile_rows(int64_t n, int64_t widest, bool all_f32) {
   return std::max<int64_t>((int64_t(1) << 22) / std::max<int64_t>(widest, 1), 256);
 }
 
+// Rows of W per widened tile: a half-precision W is widened into float32 tiles of at most
+// 8 MB. MLX's CPU allocator keeps at most 32 MB of freed memory for reuse, so a whole
+// widened W above that came fresh from the OS at every call and was faulted in (with the
+// x and y tiles, 8 MB tiles stay within it). A float32 W is used in place, whole.
+int64_t w_tile_rows(const mx::array& w, int out, int in) {
+  if (const char* env = std::getenv("MLX_TUNER_LORA_W_TILE_ROWS")) { // tests: many tiles
+    if (int64_t v = std::atoll(env); v > 0) {
+      return v;
+    }
+  }
+  if (w.dtype() == mx::float32) {
+    return std::max(out, 1);
+  }
+  return std::max<int64_t>(64, (int64_t(1) << 21) / std::max(in, 1));
+}
+
 } // namespace
 
 void LoRALinear::eval_cpu(
@@ -73,7 +89,9 @@ void LoRALinear::eval_cpu(
     if (n == 0) {
       return;
     }
-    F32Whole w32(w), a32(a), b32(b);
+    F32Whole a32(a), b32(b);
+    F32Rows wt(w, in);
+    const int64_t wr = w_tile_rows(w, out, in);
     std::optional<F32Whole> bias32;
     if (bias) bias32.emplace(*bias);
     bool all_f32 = x.dtype() == mx::float32 && y.dtype() == mx::float32 &&
@@ -100,8 +118,12 @@ void LoRALinear::eval_cpu(
         });
         beta = 1.0f;
       }
-      // y = x W^T (+ bias), then y += (s xa) B into the same buffer
-      gemm(false, true, m, out, in, 1.0f, xp, in, w32.get(), in, beta, yt, out);
+      // y = x W^T (+ bias), by tiles of W's rows (y's columns), then y += (s xa) B into
+      // the same buffer
+      for (int64_t j0 = 0; j0 < out; j0 += wr) {
+        int jm = static_cast<int>(std::min<int64_t>(wr, out - j0));
+        gemm(false, true, m, jm, in, 1.0f, xp, in, wt.load(j0, jm), in, beta, yt + j0, out);
+      }
       gemm(false, false, m, out, r, s, xa_t, r, b32.get(), out, 1.0f, yt, out);
       if (!ytile.empty()) {
         cpu::narrow_par(yt, static_cast<char*>(y.data<void>()) + r0 * out * y.itemsize(),
@@ -130,8 +152,9 @@ void LoRALinearVJP::eval_cpu(
       }
       return;
     }
-    std::optional<F32Whole> w32, a32, b32;
-    if (dx) w32.emplace(w);
+    std::optional<F32Whole> a32, b32;
+    F32Rows wt(w, in);
+    const int64_t wr = w_tile_rows(w, out, in);
     if (lora_into_dx || dxd) a32.emplace(a);
     if (need_g) b32.emplace(b);
     // Accumulators over row tiles (zeroed: the tiles add into them).
@@ -159,8 +182,12 @@ void LoRALinearVJP::eval_cpu(
       bool direct = dst->dtype() == mx::float32;
       float* t = direct ? dst->data<float>() + r0 * in : in_tile.get();
       float beta = 0.0f;
-      if (base) {
-        gemm(false, false, m, in, out, 1.0f, dyp, out, w32->get(), in, 0.0f, t, in);
+      if (base) { // dy W, summed over tiles of W's rows (out == 0: one empty product, zeros)
+        for (int64_t j0 = 0; j0 == 0 || j0 < out; j0 += wr) {
+          int jm = static_cast<int>(std::min<int64_t>(wr, out - j0));
+          gemm(false, false, m, in, jm, 1.0f, dyp + j0, out, wt.load(j0, jm), in,
+               j0 == 0 ? 0.0f : 1.0f, t, in);
+        }
         beta = 1.0f;
       }
       if (lora) {
