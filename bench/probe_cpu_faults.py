@@ -1,7 +1,7 @@
-"""Time and minor page faults of a half-precision LoRA forward+backward on the CPU (a
-diagnostic, not a benchmark row).
+"""Time and minor page faults of a half-precision LoRA, QLoRA or DoRA forward+backward
+on the CPU (a diagnostic, not a benchmark row).
 
-    cd bench && PYTHONPATH=../python python probe_cpu_faults.py [n in out r]
+    cd bench && PYTHONPATH=../python python probe_cpu_faults.py [lora|qlora|dora] [n in out r]
 
 MLX's CPU allocator caches at most 32 MB of freed memory; a float32 copy of a larger
 bf16 weight comes fresh from the OS at every call. Prints the median time of 15 calls
@@ -14,9 +14,11 @@ import time
 
 import mlx.core as mx
 
-from mlx_tuner.ops import lora_linear
+from mlx_tuner.ops import dora_linear, lora_linear, qlora_linear
 
-n, din, dout, r = (int(v) for v in (sys.argv[1:5] if len(sys.argv) >= 5 else (256, 2560, 4096, 16)))
+args = sys.argv[1:]
+op = args.pop(0) if args and not args[0].isdigit() else "lora"
+n, din, dout, r = (int(v) for v in (args[:4] if len(args) >= 4 else (256, 2560, 4096, 16)))
 dt = mx.bfloat16
 k = mx.random.split(mx.random.key(0), 4)
 x = mx.random.normal((n, din), key=k[0]).astype(dt)
@@ -27,8 +29,18 @@ dy = mx.ones((n, dout), dt)
 mx.eval(x, w, a, b, dy)
 
 
+if op == "qlora":
+    wq, sc, bi = mx.quantize(w, group_size=64, bits=4)
+    fn = lambda x, a, b: qlora_linear(x, wq, sc, bi, a, b, 1.0, group_size=64, bits=4)  # noqa: E731
+elif op == "dora":
+    m = mx.linalg.norm(w.astype(mx.float32), axis=1)
+    fn = lambda x, a, b: dora_linear(x, w, a, b, m, 1.0)  # noqa: E731
+else:
+    fn = lambda x, a, b: lora_linear(x, w, a, b, 1.0)  # noqa: E731
+
+
 def step():
-    return mx.vjp(lambda x, a, b: lora_linear(x, w, a, b, 1.0), [x, a, b], [dy])
+    return mx.vjp(fn, [x, a, b], [dy])
 
 
 for _ in range(3):
@@ -41,5 +53,5 @@ for _ in range(15):
     times.append(time.perf_counter() - t)
 faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / 15
 times.sort()
-print(f"bf16 forward+backward {n} x {din} -> {dout}, r {r}: {times[7] * 1e3:.1f} ms a call, "
+print(f"{op} bf16 forward+backward {n} x {din} -> {dout}, r {r}: {times[7] * 1e3:.1f} ms a call, "
       f"{faults:.0f} minor page faults a call")

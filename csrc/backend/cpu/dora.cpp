@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "backend/cpu/encoder.h"
+#include "backend/cpu/f32_tiles.h"
 #include "common/blas.h"
 #include "common/parallel.h"
 #include "mlx/backend/cpu/encoder.h"
@@ -22,29 +23,9 @@ namespace {
 // Our pool splits the work across panels / row blocks and calls a single-threaded BLAS
 // (BlasSingleThread): OpenBLAS's own threads spin-wait and slowed these kernels ~4x on a
 // loaded 2-core box.
-// float32 scratch from MLX's allocator, so that mx.get_peak_memory() counts it.
-class Scratch {
- public:
-  Scratch() = default;
-  explicit Scratch(size_t n) {
-    resize(n);
-  }
-  void resize(size_t n) {
-    if (n == n_) return;
-    data_ = n ? std::make_unique<mx::allocator::Data>(mx::allocator::malloc(n * sizeof(float))) : nullptr;
-    n_ = n;
-  }
-  float* data() {
-    return n_ ? static_cast<float*>(data_->buffer().raw_ptr()) : nullptr;
-  }
-  float& operator[](size_t i) {
-    return data()[i];
-  }
-
- private:
-  std::unique_ptr<mx::allocator::Data> data_;
-  size_t n_ = 0;
-};
+// float32 scratch from MLX's allocator (so that mx.get_peak_memory() counts it), shared
+// with the other CPU kernels.
+using cpu::Scratch;
 
 // C = alpha op(A) op(B) + beta C, also when k == 0 (then C = beta C).
 void gemm(bool ta, bool tb, int m, int n, int k, float alpha, const float* a, int lda,
@@ -94,9 +75,9 @@ const float* as_f32(const mx::array& a, Scratch& buf) {
   int64_t cols = a.ndim() ? a.shape(-1) : 1;
   int64_t rows = cols ? a.size() / cols : 0;
   parallel_for(rows, 16, [&](int64_t r0, int64_t r1) {
-    load(a, r0 * cols, (r1 - r0) * cols, buf.data() + r0 * cols);
+    load(a, r0 * cols, (r1 - r0) * cols, buf.get() + r0 * cols);
   });
-  return buf.data();
+  return buf.get();
 }
 
 // One affine-quantized row (little-endian bit stream, mx.quantize's layout) to float32.
@@ -209,7 +190,7 @@ void forward(const DoRAConfig& cfg, const std::vector<mx::array>& in, std::vecto
     std::vector<double> sq(pr);
     for (int64_t p = p0; p < p1; ++p) {
       int r0 = p * pr, nr = std::min(O, r0 + pr) - r0;
-      const float* Wp = W.panel(r0, r0 + nr, wbuf.data(), c ? nullptr : sq.data());
+      const float* Wp = W.panel(r0, r0 + nr, wbuf.get(), c ? nullptr : sq.data());
       gemm(false, false, nr, r, K, 1.f, Wp, K, A, r, 0.f, P.data(), r);
       for (int i = 0; i < nr; ++i) { // n_i^2 = c_i + 2s b.P_i + s^2 b^T G b, in float64
         int o = r0 + i;
@@ -224,10 +205,10 @@ void forward(const DoRAConfig& cfg, const std::vector<mx::array>& in, std::vecto
         n[o] = float(std::sqrt(std::max(t, 0.0)));
         rs[i] = m[o] / n[o];
       }
-      gemm(false, true, N, nr, K, 1.f, xf, K, Wp, K, 0.f, tmp.data(), nr);
-      gemm(false, false, N, nr, r, s, xa, r, B + r0, O, 1.f, tmp.data(), nr);
+      gemm(false, true, N, nr, K, 1.f, xf, K, Wp, K, 0.f, tmp.get(), nr);
+      gemm(false, false, N, nr, r, s, xa, r, B + r0, O, 1.f, tmp.get(), nr);
       for (int64_t row = 0; row < N; ++row)
-        store(tmp.data() + row * nr, rs.data(), y, row * O + r0, nr);
+        store(tmp.get() + row * nr, rs.data(), y, row * O + r0, nr);
     }
   });
 }
@@ -266,7 +247,7 @@ void backward(const DoRAConfig& cfg, const DoRAWant& want, const std::vector<mx:
     std::vector<float> yrow(O);
     for (int64_t ch = c0; ch < c1; ++ch) {
       for (int64_t row = ch * N / chunks; row < (ch + 1) * N / chunks; ++row) {
-        float* gr = g.data() + row * O;
+        float* gr = g.get() + row * O;
         load(dy, row * O, O, gr);
         if (want[kGradM]) {
           load(y, row * O, O, yrow.data());
@@ -303,8 +284,8 @@ void backward(const DoRAConfig& cfg, const DoRAWant& want, const std::vector<mx:
     }
   }
   std::vector<float> gB((size_t)N * r);
-  gemm(false, true, N, r, O, 1.f, g.data(), O, B, O, 0.f, gB.data(), r);
-  if (want[kGradB]) gemm(true, false, r, O, N, s, xa, r, g.data(), O, 0.f, out[kGradB]->data<float>(), O);
+  gemm(false, true, N, r, O, 1.f, g.get(), O, B, O, 0.f, gB.data(), r);
+  if (want[kGradB]) gemm(true, false, r, O, N, s, xa, r, g.get(), O, 0.f, out[kGradB]->data<float>(), O);
   if (want[kGradA]) {
     Scratch buf;
     const float* xdf = as_f32(cfg.has_xd ? in[idx.xd] : x, buf);
@@ -313,14 +294,14 @@ void backward(const DoRAConfig& cfg, const DoRAWant& want, const std::vector<mx:
   auto finish = [&](mx::array& dst, Scratch& f) {
     if (dst.dtype() == mx::float32) return;
     parallel_for(N, 16, [&](int64_t a, int64_t b) {
-      store(f.data() + a * K, nullptr, dst, a * K, (b - a) * K);
+      store(f.get() + a * K, nullptr, dst, a * K, (b - a) * K);
     });
   };
   if (want[kGradX]) {
     Scratch own;
     mx::array& dst = *out[kGradX];
     if (dst.dtype() != mx::float32) own.resize((size_t)N * K);
-    float* dx = dst.dtype() == mx::float32 ? dst.data<float>() : own.data();
+    float* dx = dst.dtype() == mx::float32 ? dst.data<float>() : own.get();
     int pr = panel_rows(K, O);
     // Row blocks of dx in parallel; each walks W's panels itself (a panel is converted
     // once per block: cheap next to the block's GEMM when blocks have >= 64 rows).
@@ -330,11 +311,11 @@ void backward(const DoRAConfig& cfg, const DoRAWant& want, const std::vector<mx:
       for (int64_t bl = b0; bl < b1; ++bl) {
         int64_t a = bl * N / blocks, nb = (bl + 1) * N / blocks - a;
         float* dxb = dx + a * K;
-        const float* gb = g.data() + a * O;
+        const float* gb = g.get() + a * O;
         gemm(false, true, nb, K, cfg.has_xd ? 0 : r, s, gB.data() + a * r, r, A, r, 0.f, dxb, K);
         for (int r0 = 0; r0 < O; r0 += pr) { // dx += g[:, panel] W_panel
           int nr = std::min(O, r0 + pr) - r0;
-          const float* Wp = W.panel(r0, r0 + nr, wbuf.data(), nullptr);
+          const float* Wp = W.panel(r0, r0 + nr, wbuf.get(), nullptr);
           gemm(false, false, nb, K, nr, 1.f, gb + r0, O, Wp, K, 1.f, dxb, K);
         }
       }
@@ -345,7 +326,7 @@ void backward(const DoRAConfig& cfg, const DoRAWant& want, const std::vector<mx:
     Scratch own;
     mx::array& dst = *out[kGradXd];
     if (dst.dtype() != mx::float32) own.resize((size_t)N * K);
-    float* dxd = dst.dtype() == mx::float32 ? dst.data<float>() : own.data();
+    float* dxd = dst.dtype() == mx::float32 ? dst.data<float>() : own.get();
     gemm(false, true, N, K, r, s, gB.data(), r, A, r, 0.f, dxd, K);
     finish(dst, own);
   }
@@ -449,7 +430,7 @@ void DoRARowSqNorm::eval_cpu(const std::vector<mx::array>& in, mx::array& out) {
     std::vector<double> sq(pr);
     for (int r0 = 0; r0 < rows; r0 += pr) {
       int nr = std::min(rows, r0 + pr) - r0;
-      W.panel(r0, r0 + nr, buf.data(), sq.data());
+      W.panel(r0, r0 + nr, buf.get(), sq.data());
       for (int j = 0; j < nr; ++j) c[r0 + j] = float(sq[j]);
     }
   });

@@ -170,6 +170,10 @@ class Scratch {
     }
     size_ = n;
   }
+  // Keeps the buffer when it already holds n floats.
+  void resize(int64_t n) {
+    if (n != size_) reset(n);
+  }
   float* get() const {
     return data_ ? static_cast<float*>(data_->buffer().raw_ptr()) : nullptr;
   }

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "backend/cpu/f32_tiles.h"
 #include "common/blas.h"
 #include "common/parallel.h"
 #include "common/quant_panel.h"
@@ -19,12 +20,10 @@ namespace {
 // A dequantized panel holds about this many floats (4 MiB): a slice of W, never all.
 constexpr int64_t kPanelFloats = int64_t(1) << 20;
 
-struct Scratch {
-  mx::allocator::Data data;
-  float* ptr;
-  explicit Scratch(int64_t n)
-      : data(mx::allocator::malloc(std::max<int64_t>(n, 1) * sizeof(float))),
-        ptr(static_cast<float*>(data.buffer().raw_ptr())) {}
+// float32 scratch from MLX's allocator (f32_tiles.h), at least one float so that the BLAS
+// always gets a valid pointer.
+struct Scratch : cpu::Scratch {
+  explicit Scratch(int64_t n) : cpu::Scratch(std::max<int64_t>(n, 1)) {}
 };
 
 template <typename T>
@@ -43,11 +42,11 @@ const float* as_f32(const mx::array& a, std::unique_ptr<Scratch>& tmp) {
   }
   tmp = std::make_unique<Scratch>(a.size());
   if (a.dtype() == mx::float16) {
-    convert_to_f32(a.data<mx::float16_t>(), tmp->ptr, a.size());
+    convert_to_f32(a.data<mx::float16_t>(), tmp->get(), a.size());
   } else {
-    convert_to_f32(a.data<mx::bfloat16_t>(), tmp->ptr, a.size());
+    convert_to_f32(a.data<mx::bfloat16_t>(), tmp->get(), a.size());
   }
-  return tmp->ptr;
+  return tmp->get();
 }
 
 // out[i, j0 + j] = T(src[i, j] + bias[j0 + j]) for a rows x cols block.
@@ -121,15 +120,15 @@ void forward(const std::vector<mx::array>& in, std::vector<mx::array>& out,
   std::unique_ptr<Scratch> stage = direct ? nullptr : std::make_unique<Scratch>(m * nb);
   for (int64_t n0 = 0; n0 < n; n0 += nb) {
     const int64_t nw = std::min(nb, n - n0);
-    quant::dequantize_panel(qw, n0, nw, 0, k, panel.ptr);
-    float* c = direct ? y.data<float>() + n0 : stage->ptr;
+    quant::dequantize_panel(qw, n0, nw, 0, k, panel.get());
+    float* c = direct ? y.data<float>() + n0 : stage->get();
     const int64_t ldc = direct ? n : nw;
     float beta = 0.0f;
     if (r > 0) {
       sgemm(false, false, m, nw, r, p.scale, xa, r, b + n0, n, 0.0f, c, ldc);
       beta = 1.0f;
     }
-    sgemm(false, true, m, nw, k, 1.0f, xf, k, panel.ptr, k, beta, c, ldc);
+    sgemm(false, true, m, nw, k, 1.0f, xf, k, panel.get(), k, beta, c, ldc);
     if (!direct || bias) {
       store_any(c, ldc, y, n0, n, m, nw, bias);
     }
@@ -164,10 +163,10 @@ void backward(const std::vector<mx::array>& in, std::vector<mx::array>& out,
   const float* dyf = as_f32(dy, dytmp);
   Scratch gl(m * r); // g = s dy Bᵀ
   if (r > 0) {
-    sgemm(false, true, m, r, n, p.scale, dyf, n, b, n, 0.0f, gl.ptr, r);
+    sgemm(false, true, m, r, n, p.scale, dyf, n, b, n, 0.0f, gl.get(), r);
     if (da) {
       const float* xdf = as_f32(xd, xdtmp);
-      sgemm(true, false, k, r, m, 1.0f, xdf, k, gl.ptr, r, 0.0f, da->data<float>(), r);
+      sgemm(true, false, k, r, m, 1.0f, xdf, k, gl.get(), r, 0.0f, da->data<float>(), r);
     }
     if (db) {
       sgemm(true, false, r, n, m, p.scale, xa, r, dyf, n, 0.0f, db->data<float>(), n);
@@ -176,9 +175,9 @@ void backward(const std::vector<mx::array>& in, std::vector<mx::array>& out,
   if (dxd) {
     const bool direct = dxd->dtype() == mx::float32;
     std::unique_ptr<Scratch> stage = direct ? nullptr : std::make_unique<Scratch>(m * k);
-    float* c = direct ? dxd->data<float>() : stage->ptr;
+    float* c = direct ? dxd->data<float>() : stage->get();
     if (r > 0) {
-      sgemm(false, true, m, k, r, 1.0f, gl.ptr, r, a, r, 0.0f, c, k);
+      sgemm(false, true, m, k, r, 1.0f, gl.get(), r, a, r, 0.0f, c, k);
     } else {
       std::memset(c, 0, m * k * sizeof(float));
     }
@@ -195,15 +194,15 @@ void backward(const std::vector<mx::array>& in, std::vector<mx::array>& out,
     std::unique_ptr<Scratch> stage = direct ? nullptr : std::make_unique<Scratch>(m * kb);
     for (int64_t k0 = 0; k0 < k; k0 += kb) {
       const int64_t kw = std::min(kb, k - k0);
-      quant::dequantize_panel(qw, 0, n, k0, k0 + kw, panel.ptr);
-      float* c = direct ? dx->data<float>() + k0 : stage->ptr;
+      quant::dequantize_panel(qw, 0, n, k0, k0 + kw, panel.get());
+      float* c = direct ? dx->data<float>() + k0 : stage->get();
       const int64_t ldc = direct ? k : kw;
       float beta = 0.0f;
       if (!p.has_xd && r > 0) {
-        sgemm(false, true, m, kw, r, 1.0f, gl.ptr, r, a + k0 * r, r, 0.0f, c, ldc);
+        sgemm(false, true, m, kw, r, 1.0f, gl.get(), r, a + k0 * r, r, 0.0f, c, ldc);
         beta = 1.0f;
       }
-      sgemm(false, false, m, kw, n, 1.0f, dyf, n, panel.ptr, kw, beta, c, ldc);
+      sgemm(false, false, m, kw, n, 1.0f, dyf, n, panel.get(), kw, beta, c, ldc);
       if (!direct) {
         store_any(c, ldc, *dx, k0, k, m, kw, nullptr);
       }
