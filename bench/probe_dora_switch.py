@@ -1,11 +1,13 @@
 """DoRASwitchLinear against LoRASwitchLinear on the same MoE switch layer (a diagnostic,
 not a benchmark row: mlx-lm has no DoRA for switch layers to compare with):
-forward+backward time per call, where the DoRA step's time goes (the norms' W A^T), and
+forward+backward time per call, where the DoRA step's time goes (the norms' W A^T, and
+what MLX's batched matmul would take for it), and
 a call's extra memory against one float32 copy of the adapted experts, which the naive
 form (W + s B A, then its row norms) builds.
 
     cd bench && PYTHONPATH=../python python probe_dora_switch.py
 """
+# ruff: noqa: B023  (each lambda is called inside the loop iteration that binds it)
 import time
 
 import mlx.core as mx
@@ -49,7 +51,8 @@ for cls in (LoRASwitchLinear, DoRASwitchLinear):
     print(f"{cls.__name__:18s} forward+backward {ms(step):7.1f} ms per call")
     if cls is DoRASwitchLinear:
         a = layer.lora_a
-        print(f"  of which the norms' W A^T (MLX's batched matmul) {ms(lambda: base.weight @ a.swapaxes(-1, -2)):7.1f} ms")
+        print(f"  of which the norms' W A^T {ms(lambda: layer._w_at(a)):7.1f} ms "
+              f"(MLX's batched matmul: {ms(lambda: base.weight @ a.swapaxes(-1, -2)):7.1f} ms)")
         full = E * DOUT * DIN * 4
         naive = extra_bytes(lambda: mx.linalg.norm(base.weight + 2.0 * (layer.lora_b @ a), axis=-1))
         print(f"  extra memory of a forward: {extra_bytes(lambda: layer(x, idx)) / full:.3f} of one "

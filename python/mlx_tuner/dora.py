@@ -175,10 +175,11 @@ class DoRASwitchLinear(nn.Module):
     float32 and treated as constants in the backward (as DoRALinear's): no
     experts x out x in array is built.
 
-    W A^T is MLX's batched matmul, which on a Linux CPU runs MLX's reference BLAS: there
-    it is most of a step (205 of 256 ms forward+backward for 32 experts of 2048 -> 768,
-    r 8, 2048 token-slots, on 2 cores; the LoRA switch layer alone: 38 ms;
-    bench/probe_dora_switch.py). GPUs and Apple's Accelerate do not pay that.
+    W A^T goes through the switch kernel's BLAS where it runs (the CPU; see ``_w_at``):
+    MLX's batched matmul runs MLX's reference BLAS on a Linux CPU, where it took 205 of
+    256 ms of a forward+backward (32 experts of 2048 -> 768, r 8, 2048 token-slots, 2
+    cores); through the kernel W A^T takes 21 ms and the step 94 ms against the LoRA
+    switch layer's 53 ms in the same run (bench/probe_dora_switch.py).
     """
 
     @staticmethod
@@ -234,18 +235,38 @@ class DoRASwitchLinear(nn.Module):
             object.__setattr__(self, "_sq_norm_cache", cache)
         return cache[1]
 
+    def _w_at(self, a):
+        """P = W_e A_e^T for every expert, (experts, out, r), in float32 (a constant).
+
+        Where the switch kernel runs (the CPU), as a switch layer over the E * r rows of A
+        (row k of A_e routed to expert e) with a zero adapter: its per-expert GEMMs go
+        through the BLAS, while MLX's batched matmul runs MLX's reference BLAS on a Linux
+        CPU (205 ms of a 256 ms step in bench/probe_dora_switch.py). Elsewhere MLX's
+        batched (quantized) matmul, as fast as the GPU makes it."""
+        base = self.linear
+        quant = isinstance(base, QuantizedSwitchLinear)
+        dt = base.scales.dtype if quant else base.weight.dtype
+        e, r, d = a.shape
+        if ops._extension.kernel_for("lora_switch") is not None:
+            qkw = ({"scales": base.scales, "biases": base.get("biases"), **quantization_of(base)}
+                   if quant else {})
+            rows = a.astype(dt).reshape(e * r, 1, d)
+            idx = mx.repeat(mx.arange(e, dtype=mx.uint32), r)
+            zero_a, zero_b = mx.zeros((e, 1, d), dt), mx.zeros((e, base.output_dims, 1), dt)
+            pt = ops.lora_switch_linear(rows, base.weight, zero_a, zero_b, idx, 0.0, **qkw)
+            return pt.reshape(e, r, -1).swapaxes(-1, -2).astype(mx.float32)
+        if quant:
+            pt = mx.quantized_matmul(a.astype(dt), base.weight, base.scales, base.get("biases"),
+                                     transpose=True, **quantization_of(base))  # (E, r, out)
+            return pt.swapaxes(-1, -2).astype(mx.float32)
+        return (base.weight @ a.astype(dt).swapaxes(-1, -2)).astype(mx.float32)
+
     def _inv_norm(self):
         """1 / ||W_e + s B_e A_e||_rows, (experts, out), float32, a constant."""
-        base, s = self.linear, self.scale
+        s = self.scale
         a = mx.stop_gradient(self.lora_a).astype(mx.float32)  # (E, r, in)
         b = mx.stop_gradient(self.lora_b).astype(mx.float32)  # (E, out, r)
-        if isinstance(base, QuantizedSwitchLinear):
-            pt = mx.quantized_matmul(a.astype(base.scales.dtype), base.weight, base.scales,
-                                     base.get("biases"), transpose=True,
-                                     **quantization_of(base))  # (E, r, out) = (W A^T)^T
-            p = pt.swapaxes(-1, -2).astype(mx.float32)
-        else:
-            p = (base.weight @ a.astype(base.weight.dtype).swapaxes(-1, -2)).astype(mx.float32)
+        p = self._w_at(a)  # (E, out, r)
         g = a @ a.swapaxes(-1, -2)  # (E, r, r)
         cross = mx.sum(b * p, axis=-1)
         quad = mx.sum((b @ g) * b, axis=-1)
