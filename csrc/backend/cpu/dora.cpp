@@ -6,7 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <memory>
+#include <optional>
 #include <vector>
 
 #include "backend/cpu/encoder.h"
@@ -25,6 +25,7 @@ namespace {
 // loaded 2-core box.
 // float32 scratch from MLX's allocator (so that mx.get_peak_memory() counts it), shared
 // with the other CPU kernels.
+using cpu::F32Whole;
 using cpu::Scratch;
 
 // C = alpha op(A) op(B) + beta C, also when k == 0 (then C = beta C).
@@ -68,17 +69,6 @@ void store(const float* src, const float* col_scale, mx::array& a, int64_t off, 
   }
 }
 
-// A (rows x cols) array as float32: its own data when float32, else a converted copy.
-const float* as_f32(const mx::array& a, Scratch& buf) {
-  if (a.dtype() == mx::float32) return a.data<float>();
-  buf.resize(a.size());
-  int64_t cols = a.ndim() ? a.shape(-1) : 1;
-  int64_t rows = cols ? a.size() / cols : 0;
-  parallel_for(rows, 16, [&](int64_t r0, int64_t r1) {
-    load(a, r0 * cols, (r1 - r0) * cols, buf.get() + r0 * cols);
-  });
-  return buf.get();
-}
 
 // One affine-quantized row (little-endian bit stream, mx.quantize's layout) to float32.
 template <int BITS, typename S>
@@ -173,9 +163,11 @@ void forward(const DoRAConfig& cfg, const std::vector<mx::array>& in, std::vecto
   float* n = outs[2].data<float>();
   mx::array& y = outs[0];
 
-  Scratch xbuf, xdbuf;
-  const float* xf = as_f32(x, xbuf);
-  const float* xdf = cfg.has_xd ? as_f32(in[idx.xd], xdbuf) : xf;
+  F32Whole xw(x);
+  std::optional<F32Whole> xdw;
+  if (cfg.has_xd) xdw.emplace(in[idx.xd]);
+  const float* xf = xw.get();
+  const float* xdf = xdw ? xdw->get() : xf;
   gemm(false, false, N, r, K, 1.f, xdf, K, A, r, 0.f, xa, r);
   std::vector<float> G(r * r);
   gemm(true, false, r, r, K, 1.f, A, r, A, r, 0.f, G.data(), r);
@@ -260,8 +252,7 @@ void backward(const DoRAConfig& cfg, const DoRAWant& want, const std::vector<mx:
   Weight W = weight_of(cfg, idx, in);
   if (want[kGradM]) { // dm_i = sum dy u / n_i = S_i / m_i, or u recomputed from W_i
     float* dm = out[kGradM]->data<float>();
-    Scratch xbuf;
-    const float* xf = nullptr;
+    std::optional<F32Whole> xw; // widened on the first column that needs it
     for (int i = 0; i < O; ++i) {
       if (!recompute_column(rs[i], y.dtype())) {
         double t = 0;
@@ -269,7 +260,8 @@ void backward(const DoRAConfig& cfg, const DoRAWant& want, const std::vector<mx:
         dm[i] = N ? float(t / m[i]) : 0.f;
         continue;
       }
-      if (!xf) xf = as_f32(x, xbuf);
+      if (!xw) xw.emplace(x);
+      const float* xf = xw->get();
       std::vector<float> wrow(K), yrow(1);
       W.row(i, wrow.data());
       double t = 0;
@@ -287,9 +279,8 @@ void backward(const DoRAConfig& cfg, const DoRAWant& want, const std::vector<mx:
   gemm(false, true, N, r, O, 1.f, g.get(), O, B, O, 0.f, gB.data(), r);
   if (want[kGradB]) gemm(true, false, r, O, N, s, xa, r, g.get(), O, 0.f, out[kGradB]->data<float>(), O);
   if (want[kGradA]) {
-    Scratch buf;
-    const float* xdf = as_f32(cfg.has_xd ? in[idx.xd] : x, buf);
-    gemm(true, false, K, r, N, s, xdf, K, gB.data(), r, 0.f, out[kGradA]->data<float>(), r);
+    F32Whole xdw(cfg.has_xd ? in[idx.xd] : x);
+    gemm(true, false, K, r, N, s, xdw.get(), K, gB.data(), r, 0.f, out[kGradA]->data<float>(), r);
   }
   auto finish = [&](mx::array& dst, Scratch& f) {
     if (dst.dtype() == mx::float32) return;

@@ -5,6 +5,7 @@
 // buffers come from MLX's allocator so that MLX's peak-memory counter sees them.
 #include <algorithm>
 #include <cstring>
+#include <optional>
 
 #include "backend/cpu/f32_tiles.h"
 #include "common/blas.h"
@@ -20,34 +21,10 @@ namespace {
 // A dequantized panel holds about this many floats (4 MiB): a slice of W, never all.
 constexpr int64_t kPanelFloats = int64_t(1) << 20;
 
-// float32 scratch from MLX's allocator (f32_tiles.h), at least one float so that the BLAS
-// always gets a valid pointer.
-struct Scratch : cpu::Scratch {
-  explicit Scratch(int64_t n) : cpu::Scratch(std::max<int64_t>(n, 1)) {}
-};
-
-template <typename T>
-void convert_to_f32(const T* src, float* dst, int64_t n) {
-  parallel_for(n, 1 << 16, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      dst[i] = static_cast<float>(src[i]);
-    }
-  });
-}
-
-// a as float32: its own data when it is float32, else a converted copy in `tmp`.
-const float* as_f32(const mx::array& a, std::unique_ptr<Scratch>& tmp) {
-  if (a.dtype() == mx::float32) {
-    return a.data<float>();
-  }
-  tmp = std::make_unique<Scratch>(a.size());
-  if (a.dtype() == mx::float16) {
-    convert_to_f32(a.data<mx::float16_t>(), tmp->get(), a.size());
-  } else {
-    convert_to_f32(a.data<mx::bfloat16_t>(), tmp->get(), a.size());
-  }
-  return tmp->get();
-}
+// float32 scratch from MLX's allocator, and half-precision operands widened whole
+// (f32_tiles.h).
+using cpu::F32Whole;
+using cpu::Scratch;
 
 // out[i, j0 + j] = T(src[i, j] + bias[j0 + j]) for a rows x cols block.
 template <typename T>
@@ -103,9 +80,11 @@ void forward(const std::vector<mx::array>& in, std::vector<mx::array>& out,
   if (m == 0) {
     return;
   }
-  std::unique_ptr<Scratch> xtmp, xdtmp;
-  const float* xf = as_f32(x, xtmp);
-  const float* xdf = p.has_xd ? as_f32(in[6], xdtmp) : xf;
+  F32Whole xw(x);
+  std::optional<F32Whole> xdw;
+  if (p.has_xd) xdw.emplace(in[6]);
+  const float* xf = xw.get();
+  const float* xdf = xdw ? xdw->get() : xf;
   const mx::array* bias = p.has_bias ? &in[p.has_xd ? 7 : 6] : nullptr;
   auto& y = out[0];
   float* xa = out[1].data<float>();
@@ -117,11 +96,11 @@ void forward(const std::vector<mx::array>& in, std::vector<mx::array>& out,
   const int64_t nb = std::min<int64_t>(n, std::max<int64_t>(16, kPanelFloats / k / 16 * 16));
   Scratch panel(nb * k);
   const quant::QMatrix qw = qmatrix(w, scales, biases, p);
-  std::unique_ptr<Scratch> stage = direct ? nullptr : std::make_unique<Scratch>(m * nb);
+  Scratch stage(direct ? 0 : m * nb);
   for (int64_t n0 = 0; n0 < n; n0 += nb) {
     const int64_t nw = std::min(nb, n - n0);
     quant::dequantize_panel(qw, n0, nw, 0, k, panel.get());
-    float* c = direct ? y.data<float>() + n0 : stage->get();
+    float* c = direct ? y.data<float>() + n0 : stage.get();
     const int64_t ldc = direct ? n : nw;
     float beta = 0.0f;
     if (r > 0) {
@@ -159,14 +138,14 @@ void backward(const std::vector<mx::array>& in, std::vector<mx::array>& out,
       return;
     }
   }
-  std::unique_ptr<Scratch> dytmp, xdtmp;
-  const float* dyf = as_f32(dy, dytmp);
+  F32Whole dyw(dy);
+  const float* dyf = dyw.get();
   Scratch gl(m * r); // g = s dy Bᵀ
   if (r > 0) {
     sgemm(false, true, m, r, n, p.scale, dyf, n, b, n, 0.0f, gl.get(), r);
     if (da) {
-      const float* xdf = as_f32(xd, xdtmp);
-      sgemm(true, false, k, r, m, 1.0f, xdf, k, gl.get(), r, 0.0f, da->data<float>(), r);
+      F32Whole xdw(xd);
+      sgemm(true, false, k, r, m, 1.0f, xdw.get(), k, gl.get(), r, 0.0f, da->data<float>(), r);
     }
     if (db) {
       sgemm(true, false, r, n, m, p.scale, xa, r, dyf, n, 0.0f, db->data<float>(), n);
@@ -174,8 +153,8 @@ void backward(const std::vector<mx::array>& in, std::vector<mx::array>& out,
   }
   if (dxd) {
     const bool direct = dxd->dtype() == mx::float32;
-    std::unique_ptr<Scratch> stage = direct ? nullptr : std::make_unique<Scratch>(m * k);
-    float* c = direct ? dxd->data<float>() : stage->get();
+    Scratch stage(direct ? 0 : m * k);
+    float* c = direct ? dxd->data<float>() : stage.get();
     if (r > 0) {
       sgemm(false, true, m, k, r, 1.0f, gl.get(), r, a, r, 0.0f, c, k);
     } else {
@@ -191,11 +170,11 @@ void backward(const std::vector<mx::array>& in, std::vector<mx::array>& out,
     const int64_t kb = std::min<int64_t>(k, std::max<int64_t>(128, kPanelFloats / n / 128 * 128));
     Scratch panel(n * kb);
     const quant::QMatrix qw = qmatrix(w, scales, biases, p);
-    std::unique_ptr<Scratch> stage = direct ? nullptr : std::make_unique<Scratch>(m * kb);
+    Scratch stage(direct ? 0 : m * kb);
     for (int64_t k0 = 0; k0 < k; k0 += kb) {
       const int64_t kw = std::min(kb, k - k0);
       quant::dequantize_panel(qw, 0, n, k0, k0 + kw, panel.get());
-      float* c = direct ? dx->data<float>() + k0 : stage->get();
+      float* c = direct ? dx->data<float>() + k0 : stage.get();
       const int64_t ldc = direct ? k : kw;
       float beta = 0.0f;
       if (!p.has_xd && r > 0) {
