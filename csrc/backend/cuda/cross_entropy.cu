@@ -37,6 +37,7 @@
 #include <string>
 #include <type_traits>
 
+#include "backend/cuda/dtype.cuh"
 #include "backend/cuda/gemm.cuh"
 #include "ops/cross_entropy.h"
 
@@ -58,25 +59,8 @@ constexpr size_t kChunkBytes = size_t(128) << 20; // the float32 logit chunk, at
 // accumulator is read and written 10 times instead of 19).
 constexpr size_t kChunkBytesInPlace = size_t(256) << 20;
 
-__device__ inline float to_f(float x) {
-  return x;
-}
-__device__ inline float to_f(__half x) {
-  return __half2float(x);
-}
-__device__ inline float to_f(__nv_bfloat16 x) {
-  return __bfloat162float(x);
-}
-template <typename T>
-__device__ inline T from_f(float x) {
-  if constexpr (std::is_same_v<T, float>) {
-    return x;
-  } else if constexpr (std::is_same_v<T, __half>) {
-    return __float2half(x);
-  } else {
-    return __float2bfloat16(x);
-  }
-}
+using cu::from_f;
+using cu::to_f;
 
 // A partial log-sum-exp: max m and s = Σ exp(x − m); empty: m = -inf, s = 0.
 struct Lse {

@@ -37,6 +37,7 @@
 #include <string>
 
 #include "backend/cuda/common.cuh"
+#include "backend/cuda/dtype.cuh"
 #include "ops/divergence.h"
 
 namespace mlx_tuner {
@@ -49,29 +50,8 @@ constexpr float kInf = __builtin_huge_valf();
 constexpr float kLn2 = 0.693147180559945309f;
 constexpr int kMaxWarps = 32;
 
-__device__ __forceinline__ float to_f(float x) {
-  return x;
-}
-__device__ __forceinline__ float to_f(__half x) {
-  return __half2float(x);
-}
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) {
-  return __bfloat162float(x);
-}
-template <typename T>
-__device__ __forceinline__ T from_f(float x);
-template <>
-__device__ __forceinline__ float from_f<float>(float x) {
-  return x;
-}
-template <>
-__device__ __forceinline__ __half from_f<__half>(float x) {
-  return __float2half_rn(x);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
+using cu::from_f;
+using cu::to_f;
 
 // N consecutive elements from index i of a row: one 16-byte load when VEC.
 template <typename T, bool VEC>

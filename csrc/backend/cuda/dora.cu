@@ -18,6 +18,7 @@
 #include <optional>
 #include <type_traits>
 
+#include "backend/cuda/dtype.cuh"
 #include "backend/cuda/gemm.cuh"
 #include "ops/dora.h"
 
@@ -27,30 +28,8 @@ namespace {
 
 constexpr int kThreads = 256;
 
-__device__ float to_float(float v) {
-  return v;
-}
-__device__ float to_float(__half v) {
-  return __half2float(v);
-}
-__device__ float to_float(__nv_bfloat16 v) {
-  return __bfloat162float(v);
-}
-
-template <typename T>
-__device__ T from_float(float v);
-template <>
-__device__ float from_float<float>(float v) {
-  return v;
-}
-template <>
-__device__ __half from_float<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
+using cuda::from_f;
+using cuda::to_f;
 
 __device__ float block_sum(float v) {
   __shared__ float part[kThreads / 32];
@@ -69,7 +48,7 @@ __global__ void row_sq_dense(const T* w, float* c, int in) {
   const T* row = w + static_cast<size_t>(blockIdx.x) * in;
   float acc = 0.f;
   for (int j = threadIdx.x; j < in; j += kThreads) {
-    float v = to_float(row[j]);
+    float v = to_f(row[j]);
     acc += v * v;
   }
   float t = block_sum(acc);
@@ -89,8 +68,8 @@ __global__ void row_sq_quant(
     int bit = j * BITS;
     unsigned v = qr[bit >> 3];
     if ((bit & 7) + BITS > 8) v |= unsigned(qr[(bit >> 3) + 1]) << 8;
-    float w = to_float(sr[j / gs]) * float((v >> (bit & 7)) & ((1u << BITS) - 1)) +
-        to_float(br[j / gs]);
+    float w = to_f(sr[j / gs]) * float((v >> (bit & 7)) & ((1u << BITS) - 1)) +
+        to_f(br[j / gs]);
     acc += w * w;
   }
   float t = block_sum(acc);
@@ -197,7 +176,7 @@ __device__ Raw<T, VEC> load_raw(const T* __restrict__ p) {
 template <typename T, int VEC>
 __device__ void unpack(const Raw<T, VEC>& r, float (&f)[VEC]) {
   if constexpr (VEC == 1) {
-    f[0] = to_float(r);
+    f[0] = to_f(r);
   } else {
     constexpr int P = VEC / 4; // values per word
     from_word<T>(r.x, f);
@@ -210,7 +189,7 @@ __device__ void unpack(const Raw<T, VEC>& r, float (&f)[VEC]) {
 template <typename T, int VEC>
 __device__ void store(T* __restrict__ p, const float (&f)[VEC]) {
   if constexpr (VEC == 1) {
-    *p = from_float<T>(f[0]);
+    *p = from_f<T>(f[0]);
   } else {
     constexpr int P = VEC / 4;
     __stwb(reinterpret_cast<uint4*>(p), make_uint4(to_word<T>(f), to_word<T>(f + P),
@@ -238,15 +217,15 @@ __global__ void scale_cols(const T* __restrict__ z, const float* __restrict__ sv
       // No fused multiply-add: the product rounded first, as MLX's z * sv + b rounds it,
       // so that the output matches the reference bit for bit in float32.
       const float zs = __fmul_rn(f[k], sv[c]);
-      f[k] = bias ? __fadd_rn(zs, to_float(bias[c])) : zs;
+      f[k] = bias ? __fadd_rn(zs, to_f(bias[c])) : zs;
       c = c + 1 == cols ? 0 : c + 1;
     }
     store<T, VEC>(y + e, f);
   }
   for (long long e = steps * VEC + tid; e < total; e += stride) {
     int c = static_cast<int>(e % cols);
-    float f = __fmul_rn(to_float(z[e]), sv[c]);
-    y[e] = from_float<T>(bias ? __fadd_rn(f, to_float(bias[c])) : f);
+    float f = __fmul_rn(to_f(z[e]), sv[c]);
+    y[e] = from_f<T>(bias ? __fadd_rn(f, to_f(bias[c])) : f);
   }
 }
 
@@ -355,7 +334,7 @@ __global__ void sum_partials(const float* __restrict__ part_sv, const float* __r
   if (dbias) {
     float b = 0.f;
     for (int t = 0; t < row_tiles; ++t) b += part_b[(size_t)t * cols + c];
-    dbias[c] = from_float<T>(b);
+    dbias[c] = from_f<T>(b);
   }
 }
 
@@ -391,7 +370,7 @@ __global__ void inv_norm(const T* p, const float* b, const float* part, int npar
   float cross = 0.f;
   for (int k = 0; k < r; ++k) {
     bc[k] = b[(size_t)k * out + i];
-    cross += bc[k] * to_float(p_t ? p[(size_t)k * out + i] : p[(size_t)i * r + k]);
+    cross += bc[k] * to_f(p_t ? p[(size_t)k * out + i] : p[(size_t)i * r + k]);
   }
   float quad = 0.f;
   for (int k = 0; k < r; ++k) {

@@ -11,7 +11,9 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <type_traits>
 
+#include "backend/cuda/dtype.cuh"
 #include "backend/cuda/gemm.cuh"
 #include "backend/cuda/lowrank.cuh"
 
@@ -44,16 +46,6 @@ __device__ inline void st(void* p, long i, int dt, float v) {
   else static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16(v);
 }
 
-__device__ inline float to_f(__half v) { return __half2float(v); }
-__device__ inline float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ inline T from_f(float v);
-template <>
-__device__ inline __half from_f<__half>(float v) { return __float2half(v); }
-template <>
-__device__ inline __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
-
 // Two 16-bit values as one register, the lower index in the low half (mma's order).
 template <typename T>
 __device__ inline uint32_t pack2(T lo, T hi) {
@@ -63,25 +55,22 @@ __device__ inline uint32_t pack2(T lo, T hi) {
 
 __device__ inline uint32_t ld32(const void* p) { return *static_cast<const uint32_t*>(p); }
 
-// c += a b for a 16 x 16 A, a 16 x 8 B, in float32.
+// c += a b for a 16 x 16 A, a 16 x 8 B, in float32; TY is the PTX name of T.
+#define LOWRANK_MMA(TY)                                                                    \
+  asm("mma.sync.aligned.m16n8k16.row.col.f32." TY "." TY ".f32 {%0,%1,%2,%3}, "             \
+      "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"                                            \
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                      \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]))
 template <typename T>
-__device__ inline void mma(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]);
-template <>
-__device__ inline void mma<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4],
-                                          const uint32_t (&b)[2]) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+__device__ inline void mma(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    LOWRANK_MMA("bf16");
+  } else {
+    static_assert(std::is_same_v<T, __half>, "the tensor-core kernels take fp16 or bf16");
+    LOWRANK_MMA("f16");
+  }
 }
-template <>
-__device__ inline void mma<__half>(float (&c)[4], const uint32_t (&a)[4],
-                                   const uint32_t (&b)[2]) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
+#undef LOWRANK_MMA
 
 constexpr int kWarps = 8, kThreads = kWarps * 32;
 

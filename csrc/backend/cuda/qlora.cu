@@ -26,6 +26,7 @@
 
 #include <tuple>
 
+#include "backend/cuda/dtype.cuh"
 #include "backend/cuda/gemm.cuh"
 #include "backend/cuda/lowrank.cuh"
 #include "ops/qlora.h"
@@ -43,29 +44,8 @@ using cuda::scratch;
 constexpr size_t kBlockBytes = size_t(16) << 20;
 constexpr int kThreads = 256;
 
-template <typename T>
-__device__ inline float to_f(T v) {
-  return static_cast<float>(v);
-}
-template <>
-__device__ inline float to_f(__nv_bfloat16 v) {
-  return __bfloat162float(v);
-}
-template <>
-__device__ inline float to_f(__half v) {
-  return __half2float(v);
-}
-
-template <typename T>
-__device__ inline T from_f(float v) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    return __float2bfloat16(v);
-  } else if constexpr (std::is_same_v<T, __half>) {
-    return __float2half(v);
-  } else {
-    return v;
-  }
-}
+using cuda::from_f;
+using cuda::to_f;
 
 // Two values of a 16-bit T in one word, the first in the low half (memory order).
 template <typename T>
