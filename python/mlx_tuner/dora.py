@@ -23,6 +23,7 @@ from .lora import (
     dropped,
     fused_switch,
     quantization_of,
+    switch_weight_kwargs,
 )
 
 
@@ -204,6 +205,10 @@ class DoRASwitchLinear(nn.Module):
         if not isinstance(linear, (SwitchLinear, QuantizedSwitchLinear)):
             raise TypeError("DoRASwitchLinear: linear must be a SwitchLinear or "
                             f"QuantizedSwitchLinear, got {type(linear).__name__}")
+        if getattr(linear, "global_scale", None) is not None:
+            # The fused op and the norms read scales and biases only: they would drop it.
+            raise ValueError("DoRASwitchLinear: experts quantized with a global scale "
+                             f"(mode {linear.mode!r}) are not supported; use LoRA there")
         self.linear = linear
         sq = self._expert_sq_norms(linear)
         self.m = mx.sqrt(sq)
@@ -239,21 +244,19 @@ class DoRASwitchLinear(nn.Module):
         """P = W_e A_e^T for every expert, (experts, out, r), in float32 (a constant).
 
         Where the switch kernel runs (the CPU), as a switch layer over the E * r rows of A
-        (row k of A_e routed to expert e) with a zero adapter: its per-expert GEMMs go
-        through the BLAS, while MLX's batched matmul runs MLX's reference BLAS on a Linux
-        CPU (205 ms of a 256 ms step in bench/probe_dora_switch.py). Elsewhere MLX's
-        batched (quantized) matmul, as fast as the GPU makes it."""
+        (row k of A_e routed to expert e) with a zero adapter, so that its per-expert GEMMs
+        go through the BLAS (see the class docstring). Elsewhere MLX's batched (quantized)
+        matmul, as fast as the GPU makes it."""
         base = self.linear
         quant = isinstance(base, QuantizedSwitchLinear)
         dt = base.scales.dtype if quant else base.weight.dtype
         e, r, d = a.shape
         if ops._extension.kernel_for("lora_switch") is not None:
-            qkw = ({"scales": base.scales, "biases": base.get("biases"), **quantization_of(base)}
-                   if quant else {})
             rows = a.astype(dt).reshape(e * r, 1, d)
             idx = mx.repeat(mx.arange(e, dtype=mx.uint32), r)
             zero_a, zero_b = mx.zeros((e, 1, d), dt), mx.zeros((e, base.output_dims, 1), dt)
-            pt = ops.lora_switch_linear(rows, base.weight, zero_a, zero_b, idx, 0.0, **qkw)
+            pt = ops.lora_switch_linear(rows, base.weight, zero_a, zero_b, idx, 0.0,
+                                        **switch_weight_kwargs(base))
             return pt.reshape(e, r, -1).swapaxes(-1, -2).astype(mx.float32)
         if quant:
             pt = mx.quantized_matmul(a.astype(dt), base.weight, base.scales, base.get("biases"),
@@ -275,12 +278,10 @@ class DoRASwitchLinear(nn.Module):
 
     def __call__(self, x, indices, sorted_indices=False):
         base = self.linear
-        kwargs = {}
-        if isinstance(base, QuantizedSwitchLinear):
-            kwargs = dict(scales=base.scales, biases=base.get("biases"), **quantization_of(base))
         z = ops.lora_switch_linear(x, base.weight, self.lora_a, self.lora_b, indices,
                                    self.scale, None, sorted_indices=sorted_indices,
-                                   x_dropped=dropped(self.dropout, x), **kwargs)
+                                   x_dropped=dropped(self.dropout, x),
+                                   **switch_weight_kwargs(base))
         # m / n per (token, slot): z is (..., slots, 1, out), as gather_mm lays it out
         sv = (self.m.astype(mx.float32) * self._inv_norm())[indices]
         y = mx.expand_dims(sv, -2).astype(z.dtype) * z

@@ -61,6 +61,14 @@ def linear_call(x, base, lora_a, lora_b, scale, x_dropped, method="__call__"):
     return y + (scale * ((xd @ lora_a) @ lora_b)).astype(x.dtype)
 
 
+def switch_weight_kwargs(base: nn.Module) -> dict:
+    """ops.lora_switch_linear's keyword arguments for a switch layer's weight: none for a
+    SwitchLinear; scales, biases and the quantization of a QuantizedSwitchLinear."""
+    if isinstance(base, QuantizedSwitchLinear):
+        return {"scales": base.scales, "biases": base.get("biases"), **quantization_of(base)}
+    return {}
+
+
 def switch_call(x, indices, base, lora_a, lora_b, scale, x_dropped, sorted_indices=False):
     """base(x, indices) + scale * the per-expert low-rank update, through the fused op."""
     bias = base.get("bias")
@@ -71,8 +79,7 @@ def switch_call(x, indices, base, lora_a, lora_b, scale, x_dropped, sorted_indic
             and getattr(base, "global_scale", None) is None):
         return ops.lora_switch_linear(x, base.weight, lora_a, lora_b, indices, scale, bias,
                                       sorted_indices=sorted_indices, x_dropped=x_dropped,
-                                      scales=base.scales, biases=base.get("biases"),
-                                      **quantization_of(base))
+                                      **switch_weight_kwargs(base))
     # A switch layer whose forward we do not know: keep it and add the update.
     xd = x if x_dropped is None else x_dropped
     y = base(x, indices, sorted_indices=sorted_indices)

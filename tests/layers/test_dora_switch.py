@@ -163,3 +163,8 @@ def test_set_linear_checks_its_argument():
     layer, _, _ = make()
     with pytest.raises(TypeError, match="linear must be a SwitchLinear"):
         layer.set_linear(np.zeros(3))
+    # Experts with a global scale (nvfp4): the fused op and the norms would drop it.
+    nv = QuantizedSwitchLinear(IN, OUT, E, bias=False, group_size=16, bits=4, mode="nvfp4",
+                               global_scale=True)
+    with pytest.raises(ValueError, match="global scale"):
+        DoRASwitchLinear.from_base(nv, r=R)
