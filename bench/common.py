@@ -346,11 +346,8 @@ def paired(benchmark, fns: dict, *, rounds: int | None = None, warmup: int = 3,
     for _ in range(0 if QUICK else warmup):
         for n in names:
             run_one(n)
-    count = [0]
-
     def one_round():
-        order = names if count[0] % 2 == 0 else names[::-1]
-        count[0] += 1
+        order = names if len(times[names[0]]) % 2 == 0 else names[::-1]  # rounds done so far
         for n in order:
             t = time.perf_counter()
             run_one(n)
