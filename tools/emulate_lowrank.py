@@ -67,7 +67,8 @@ def project(x, pk, r, s):
         row0 = blk*16; red = np.zeros((W, NT*4, 32))
         for warp in range(W):
             xs = np.full(16*PITCH, np.nan)
-            t0, t1 = tiles*warp//W, tiles*(warp+1)//W
+            count = (tiles - warp + W - 1)//W if tiles > warp else 0
+            tile = lambda i: warp + i*W  # the warps take the tiles in turn
             acc = [[[0.0]*4 for _ in range(32)] for _ in range(NT)]
             def mul(t):
                 for q16 in range(TILE//16):
@@ -83,16 +84,16 @@ def project(x, pk, r, s):
                     mma(acc[0], a, b0)
                     if NT == 2: mma(acc[1], a, b1)
             # two tiles in flight (na, nb), as the kernel
-            na = load_tile(x, row0, n, t0*TILE, k) if t0 < t1 else None
-            nb = load_tile(x, row0, n, (t0+1)*TILE, k) if t0 + 1 < t1 else None
-            for t in range(t0, t1, 2):
+            na = load_tile(x, row0, n, tile(0)*TILE, k) if 0 < count else None
+            nb = load_tile(x, row0, n, tile(1)*TILE, k) if 1 < count else None
+            for i in range(0, count, 2):
                 store_tile(xs, na)
-                na = load_tile(x, row0, n, (t+2)*TILE, k) if t + 2 < t1 else None
-                mul(t)
-                if t + 1 >= t1: break
+                na = load_tile(x, row0, n, tile(i+2)*TILE, k) if i + 2 < count else None
+                mul(tile(i))
+                if i + 1 >= count: break
                 store_tile(xs, nb)
-                nb = load_tile(x, row0, n, (t+3)*TILE, k) if t + 3 < t1 else None
-                mul(t + 1)
+                nb = load_tile(x, row0, n, tile(i+3)*TILE, k) if i + 3 < count else None
+                mul(tile(i + 1))
             for nt in range(NT):
                 for q in range(4):
                     for lane in range(32): red[warp, nt*4+q, lane] = acc[nt][lane][q]
@@ -105,18 +106,18 @@ def project(x, pk, r, s):
     return c
 
 def expand(p, pe, s, bias, n, cols):
-    r = p.shape[1]; y = np.full((n, cols), np.nan); CW = 128
-    groups = (cols + CW - 1)//CW
-    for wid in range(((n+15)//16)*groups):
-        row0 = (wid//groups)*16; cg = wid % groups
+    r = p.shape[1]; y = np.full((n, cols), np.nan); BC = W*128
+    spans = (cols + BC - 1)//BC
+    for blk, warp in ((b, w) for b in range(((n+15)//16)*spans) for w in range(W)):
+        row0 = (blk//spans)*16; span0 = (blk % spans)*BC
         if row0 >= n: continue
         P = lambda row, j: p[row, j] if (row < n and j < r) else 0.0
         a = []
         for lane in range(32):
             g, t = lane//4, lane % 4; ra, rb = row0+g, row0+g+8
             a.append(((P(ra, 2*t), P(ra, 2*t+1)), (P(rb, 2*t), P(rb, 2*t+1)), (P(ra, 2*t+8), P(ra, 2*t+9)), (P(rb, 2*t+8), P(rb, 2*t+9))))
-        c_end = min(cols, (cg+1)*CW)
-        for c0 in range(cg*CW, c_end, TILE):
+        c_end = min(cols, span0 + BC)
+        for c0 in range(span0 + warp*TILE, c_end, W*TILE):  # the warps take 64 columns in turn
             ys = np.full(16*PITCH, np.nan)
             for nt in range(TILE//8):
                 cb = c0 + nt*8
@@ -203,7 +204,8 @@ def reduce(x, gm, r, slice_rows, s, di, dj, dshape):
             d[i*di + j*dj] = s*part[:, i, j].sum()
     return d.reshape(dshape)
 
-# (100, 1552, ...) gives project's warps three x tiles; (800, ...) gives reduce's warps
+# (100, 1552, ...) gives project's warps three or four x tiles (taken in turn), expand's
+# blocks a whole and a partial 1024-column span; (800, ...) gives reduce's warps
 # three and six 16-row steps in slices of 384 and 768 rows, the last slice partial
 for (n, din, dout, r, sl) in [(40, 48, 80, 11, 128), (35, 144, 16, 5, 128), (17, 16, 208, 16, 128), (100, 1552, 32, 16, 128), (800, 32, 48, 8, 384)]:
     s = 0.7

@@ -129,10 +129,12 @@ __device__ inline void store_tile(T* ts, int lane, const uint4 (&v)[4]) {
 }
 
 // ---- project: c[row, j] = s sum_k x[row, k] M[k, j] ----------------------------------
-// A block owns one 16-row tile; its eight warps split k in tiles of 64, each accumulating
-// the tile's 16 x 16 (NT = 2) or 16 x 8 (NT = 1, r <= 8) product with M packed as
-// [16][k]; the next x tile is loaded while this one is multiplied, and the eight partial
-// results meet in shared memory.
+// A block owns one 16-row tile; its eight warps take the k tiles of 64 in turn (warp w
+// the tiles w, w + 8, ...: at any moment the block reads 512 adjacent columns of each
+// row, 1 KB runs, not eight 128-byte pieces 1 KB apart), each accumulating the tile's
+// 16 x 16 (NT = 2) or 16 x 8 (NT = 1, r <= 8) product with M packed as [16][k]; the next
+// x tile is loaded while this one is multiplied, and the eight partial results meet in
+// shared memory.
 template <typename T, int NT>
 __global__ void __launch_bounds__(kThreads)
 project_kernel(const T* x, const T* pk, void* c, int cdt, int n, int k, int r, float s) {
@@ -142,7 +144,8 @@ project_kernel(const T* x, const T* pk, void* c, int cdt, int n, int k, int r, f
   T* xs = xs_all[warp];
   int row0 = blockIdx.x * 16;
   int tiles = (k + kTile - 1) / kTile;
-  int t0 = int((long)tiles * warp / kWarps), t1 = int((long)tiles * (warp + 1) / kWarps);
+  int count = tiles > warp ? (tiles - warp + kWarps - 1) / kWarps : 0; // this warp's tiles
+  auto tile = [&](int i) { return warp + i * kWarps; };
   const T* p0 = pk + (long)gid * k + 2 * tig;
   const T* p1 = pk + (long)(gid + 8) * k + 2 * tig;
   float acc[NT][4];
@@ -168,20 +171,20 @@ project_kernel(const T* x, const T* pk, void* c, int cdt, int n, int k, int r, f
     }
   };
   uint4 na[4], nb[4];
-  if (t0 < t1) load_tile(x, row0, n, t0 * kTile, k, lane, na);
-  if (t0 + 1 < t1) load_tile(x, row0, n, (t0 + 1) * kTile, k, lane, nb);
-  for (int t = t0; t < t1; t += 2) {
+  if (0 < count) load_tile(x, row0, n, tile(0) * kTile, k, lane, na);
+  if (1 < count) load_tile(x, row0, n, tile(1) * kTile, k, lane, nb);
+  for (int i = 0; i < count; i += 2) {
     __syncwarp();
     store_tile(xs, lane, na);
     __syncwarp();
-    if (t + 2 < t1) load_tile(x, row0, n, (t + 2) * kTile, k, lane, na);
-    mul(t);
-    if (t + 1 >= t1) break;
+    if (i + 2 < count) load_tile(x, row0, n, tile(i + 2) * kTile, k, lane, na);
+    mul(tile(i));
+    if (i + 1 >= count) break;
     __syncwarp();
     store_tile(xs, lane, nb);
     __syncwarp();
-    if (t + 3 < t1) load_tile(x, row0, n, (t + 3) * kTile, k, lane, nb);
-    mul(t + 1);
+    if (i + 3 < count) load_tile(x, row0, n, tile(i + 3) * kTile, k, lane, nb);
+    mul(tile(i + 1));
   }
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt)
@@ -203,10 +206,11 @@ project_kernel(const T* x, const T* pk, void* c, int cdt, int n, int k, int r, f
 }
 
 // ---- expand: y[row, col] = s sum_j p[row, j] M[j, col] (+ bias[col]) -----------------
-// A warp owns one 16-row tile of p (one A fragment: r <= 16 is a single k step) and
-// kExpCols columns, M packed as [cols][16]; each 16 x 64 result tile is assembled in
-// shared memory and written out as whole row segments.
-constexpr int kExpCols = 128;
+// A block owns one 16-row tile of p (one A fragment per warp: r <= 16 is a single k step)
+// and kWarps * kExpCols columns, which its warps take 64 at a time in turn (so that the
+// block writes 512 adjacent columns of each row at once); M packed as [cols][16]; each
+// 16 x 64 result tile is assembled in shared memory and written out as whole row segments.
+constexpr int kExpCols = 128, kExpBlockCols = kWarps * kExpCols;
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
@@ -214,9 +218,8 @@ expand_kernel(const T* p, const T* pe, const T* bias, T* y, int n, int cols, int
   __shared__ __align__(16) T ys_all[kWarps][16 * kPitch];
   int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane / 4, tig = lane % 4;
   T* ys = ys_all[warp];
-  int groups = (cols + kExpCols - 1) / kExpCols;
-  long wid = (long)blockIdx.x * kWarps + warp;
-  int row0 = int(wid / groups) * 16, cg = int(wid % groups);
+  int spans = (cols + kExpBlockCols - 1) / kExpBlockCols;
+  int row0 = int(blockIdx.x / spans) * 16, span0 = int(blockIdx.x % spans) * kExpBlockCols;
   if (row0 >= n) return;
   auto P = [&](int row, int j) -> T {
     return (row < n && j < r) ? p[(long)row * r + j] : from_f<T>(0.0f);
@@ -226,8 +229,8 @@ expand_kernel(const T* p, const T* pe, const T* bias, T* y, int n, int cols, int
                    pack2(P(rb, 2 * tig), P(rb, 2 * tig + 1)),
                    pack2(P(ra, 2 * tig + 8), P(ra, 2 * tig + 9)),
                    pack2(P(rb, 2 * tig + 8), P(rb, 2 * tig + 9))};
-  int c_end = min(cols, (cg + 1) * kExpCols);
-  for (int c0 = cg * kExpCols; c0 < c_end; c0 += kTile) {
+  int c_end = min(cols, span0 + kExpBlockCols);
+  for (int c0 = span0 + warp * kTile; c0 < c_end; c0 += kWarps * kTile) {
 #pragma unroll
     for (int nt = 0; nt < kTile / 8; ++nt) {
       int cb = c0 + nt * 8;
@@ -510,10 +513,10 @@ void lowrank_expand(mx::cu::CommandEncoder& enc, const mx::array& p, const mx::a
   reads_writes(enc, {&p, &pe, bias}, {&y});
   with_t(y.dtype(), [&](auto tt) {
     using T = decltype(tt);
-    long warps = (long)((n + 15) / 16) * ((cols + kExpCols - 1) / kExpCols);
+    long blocks = (long)((n + 15) / 16) * ((cols + kExpBlockCols - 1) / kExpBlockCols);
     const T* bptr = bias ? gpu_ptr<T>(*bias) : nullptr;
     launch(enc, reinterpret_cast<const void*>(&expand_kernel<T>),
-           dim3(unsigned((warps + kWarps - 1) / kWarps)), dim3(kThreads), 0, gpu_ptr<T>(p),
+           dim3(unsigned(blocks)), dim3(kThreads), 0, gpu_ptr<T>(p),
            gpu_ptr<T>(pe), bptr, gpu_ptr<T>(y), n, cols, r, s);
   });
 }
