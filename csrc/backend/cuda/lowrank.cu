@@ -155,19 +155,28 @@ project_kernel(const T* x, const T* pk, void* c, int cdt, int n, int k, int r, f
     for (int q = 0; q < 4; ++q) acc[nt][q] = 0.0f;
   // Two tiles in flight: a warp walks only a few tiles, so one load's latency per tile
   // would be most of its time.
+  // M's fragments for a whole tile are loaded before its first product, so that their
+  // latency is paid once a tile, not once a 16-wide step. Past k (a multiple of 16, not
+  // of 64) both operands are zero: x's tile is zero-filled there.
   auto mul = [&](int t) {
+    uint32_t b[kTile / 16][NT][2];
 #pragma unroll
     for (int q16 = 0; q16 < kTile / 16; ++q16) {
       int kk = t * kTile + q16 * 16;
-      if (kk >= k) break; // k is a multiple of 16, not of 64
+      bool in = kk < k;
+      b[q16][0][0] = in ? ld32(p0 + kk) : 0u;
+      b[q16][0][1] = in ? ld32(p0 + kk + 8) : 0u;
+      if constexpr (NT == 2) {
+        b[q16][NT - 1][0] = in ? ld32(p1 + kk) : 0u;
+        b[q16][NT - 1][1] = in ? ld32(p1 + kk + 8) : 0u;
+      }
+    }
+#pragma unroll
+    for (int q16 = 0; q16 < kTile / 16; ++q16) {
       const T* xa = xs + gid * kPitch + q16 * 16 + 2 * tig;
       uint32_t a[4] = {ld32(xa), ld32(xa + 8 * kPitch), ld32(xa + 8), ld32(xa + 8 * kPitch + 8)};
-      uint32_t b0[2] = {ld32(p0 + kk), ld32(p0 + kk + 8)};
-      mma<T>(acc[0], a, b0);
-      if constexpr (NT == 2) {
-        uint32_t b1[2] = {ld32(p1 + kk), ld32(p1 + kk + 8)};
-        mma<T>(acc[1], a, b1);
-      }
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) mma<T>(acc[nt], a, b[q16][nt]);
     }
   };
   uint4 na[4], nb[4];
@@ -231,20 +240,27 @@ expand_kernel(const T* p, const T* pe, const T* bias, T* y, int n, int cols, int
                    pack2(P(rb, 2 * tig + 8), P(rb, 2 * tig + 9))};
   int c_end = min(cols, span0 + kExpBlockCols);
   for (int c0 = span0 + warp * kTile; c0 < c_end; c0 += kWarps * kTile) {
+    // The tile's M fragments and bias first (their latency paid once a tile, not once an
+    // 8-column step); past c_end (cols is a multiple of 16, not of 64) they are zero and
+    // the columns are not written.
+    uint32_t b[kTile / 8][2];
+    float bv[kTile / 8][2];
 #pragma unroll
     for (int nt = 0; nt < kTile / 8; ++nt) {
-      int cb = c0 + nt * 8;
-      if (cb >= c_end) break; // cols is a multiple of 16, not of 64
+      int cb = c0 + nt * 8, col = cb + 2 * tig;
+      bool in = cb < c_end;
       const T* pr = pe + (long)(cb + gid) * 16 + 2 * tig;
-      uint32_t b[2] = {ld32(pr), ld32(pr + 8)};
+      b[nt][0] = in ? ld32(pr) : 0u;
+      b[nt][1] = in ? ld32(pr + 8) : 0u;
+      bool hb = in && bias != nullptr;
+      bv[nt][0] = hb ? to_f(bias[col]) : 0.0f;
+      bv[nt][1] = hb ? to_f(bias[col + 1]) : 0.0f;
+    }
+#pragma unroll
+    for (int nt = 0; nt < kTile / 8; ++nt) {
       float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-      mma<T>(acc, a, b);
-      int col = cb + 2 * tig;
-      float b0 = 0.0f, b1 = 0.0f;
-      if (bias != nullptr) {
-        b0 = to_f(bias[col]);
-        b1 = to_f(bias[col + 1]);
-      }
+      mma<T>(acc, a, b[nt]);
+      float b0 = bv[nt][0], b1 = bv[nt][1];
       T* yt = ys + gid * kPitch + nt * 8 + 2 * tig;
       *reinterpret_cast<uint32_t*>(yt) = pack2(from_f<T>(s * acc[0] + b0), from_f<T>(s * acc[1] + b1));
       *reinterpret_cast<uint32_t*>(yt + 8 * kPitch) =
