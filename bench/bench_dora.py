@@ -1,7 +1,8 @@
 """DoRA linear: "reference" (mlx-lm's DoRALinear maths, building W + s B^T A^T every call),
-"fused" (mlx_tuner.ops.dora_linear) and "base" (the frozen x W^T alone), forward and
+"fused" (mlx_tuner.ops.dora_linear) and "base" (the frozen x W^T alone), forward,
 forward+backward (grads of x, lora_a, lora_b, m from a fixed upstream gradient:
-common.layer_step), dense and 4-bit quantized, with peak
+common.layer_step) and backward (those grads alone, the forward evaluated untimed first:
+common.BackwardOnly), dense and 4-bit quantized, with peak
 memory.  Run: pytest bench/bench_dora.py --benchmark-json=bench/results/dora.json
 (MLX_TUNER_BENCH_QUICK=1 for tiny shapes)."""
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 
-from common import QUICK, annotate, layer_step, paired, peak_memory, run
+from common import QUICK, BackwardOnly, annotate, layer_step, paired, peak_memory, run
 from mlx_tuner.ops import dora_linear, dora_linear_reference, dora_weight_sq_norm
 
 if QUICK:
@@ -46,7 +47,8 @@ def make_fn(provider, mode, x, w, a, b, m, kw):
             return x @ w.T
         if mode == "forward":
             return lambda: f(x)
-        return layer_step(f, (x,), [0])
+        step = layer_step(f, (x,), [0])
+        return BackwardOnly(step) if mode == "backward" else step
     op = FNS[provider]
     extra = {}
     if provider == "fused":  # DoRALinear caches ||W_i||^2 (W is frozen): so does the bench
@@ -58,19 +60,20 @@ def make_fn(provider, mode, x, w, a, b, m, kw):
 
     if mode == "forward":
         return lambda: fwd(x, a, b, m)
-    return layer_step(fwd, (x, a, b, m), [0, 1, 2, 3])
+    step = layer_step(fwd, (x, a, b, m), [0, 1, 2, 3])
+    return BackwardOnly(step) if mode == "backward" else step
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("quant", [False, True], ids=["dense", "q4"])
-@pytest.mark.parametrize("mode", ["forward", "forward_backward"])
+@pytest.mark.parametrize("mode", ["forward", "backward", "forward_backward"])
 @pytest.mark.parametrize("provider", ["reference", "fused", "base"])
 def test_dora(benchmark, provider, mode, quant, dtype, shape):
     n, k, o, r = shape
     args = inputs(n, k, o, r, dtype, quant)
     fn = make_fn(provider, mode, *args)
-    gemms = 1 if mode == "forward" else 2  # base: x W^T (+ dx = g W)
+    gemms = 2 if mode == "forward_backward" else 1  # base: x W^T, dx = g W
     flops = gemms * 2.0 * n * k * o
     peak = peak_memory(fn)
     annotate(benchmark, op="dora_linear", provider=provider, mode=mode, dtype=dtype,

@@ -3,10 +3,11 @@
     pytest bench/bench_lora.py --benchmark-json=bench/results/lora.json
 
 providers: "reference" (lora_linear_reference: what mlx-lm's LoRALinear runs), "base"
-(x W^T alone, MLX's matmul) and "fused" (mlx_tuner.ops.lora_linear); modes "forward" and
+(x W^T alone, MLX's matmul) and "fused" (mlx_tuner.ops.lora_linear); modes "forward",
 "forward+backward" (the output and the gradients for x, lora_a, lora_b from a fixed
 upstream gradient: the layer's share of a LoRA training step, frozen base; the base layer
-computes dx only).
+computes dx only) and "backward" (those gradients alone, the forward evaluated untimed
+first: common.BackwardOnly).
 Each row carries FLOP/s and the BLAS / device GEMM ceiling measured in the same run.
 """
 
@@ -16,7 +17,8 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 
-from common import QUICK, annotate, blas_gemm_flops, ceilings, layer_step, paired, run
+from common import (QUICK, BackwardOnly, annotate, blas_gemm_flops, ceilings, layer_step,
+                    paired, run)
 from mlx_tuner.ops import lora_linear, lora_linear_reference
 
 GPU = mx.default_device() == mx.gpu
@@ -40,18 +42,17 @@ else:  # 2 shared cores and a ~5 GFLOP/s reference: a few hundred tokens only
     ]
 DTYPES = [mx.bfloat16] if (QUICK or GPU) else [mx.bfloat16, mx.float32]
 PROVIDERS = ["reference", "base", "fused"]
-MODES = ["forward", "forward+backward"]
+MODES = ["forward", "backward", "forward+backward"]
+PAIRED_MODES = ["forward", "forward+backward"]  # the targets' modes
 
 
 def flops(mode, n, din, dout, r, provider):
     base = 2 * n * din * dout
     lora = 2 * n * r * (din + dout)
     fwd = base + (0 if provider == "base" else lora)
-    if mode == "forward":
-        return fwd
     # dx = dy W (+ s g A^T), g = dy B^T, dA, dB
     bwd = base + (0 if provider == "base" else 2 * lora)
-    return fwd + bwd
+    return {"forward": fwd, "backward": bwd, "forward+backward": fwd + bwd}[mode]
 
 
 def layer_inputs(n, din, dout, r, dtype):
@@ -75,7 +76,8 @@ def make_fn(provider, mode, x, w, a, b, scale):
             return op(x, w, a, b, scale)
     if mode == "forward":
         return lambda: f(x, a, b)
-    return layer_step(f, (x, a, b), [0] if provider == "base" else [0, 1, 2])
+    step = layer_step(f, (x, a, b), [0] if provider == "base" else [0, 1, 2])
+    return BackwardOnly(step) if mode == "backward" else step
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
@@ -106,7 +108,7 @@ def test_lora_linear(benchmark, provider, mode, shape, dtype):
 # side-by-side row: base and fused alternate round by round (common.paired). GPU and quick
 # mode only: on the CPU the targets are against the BLAS GEMM (the rows above).
 @pytest.mark.skipif(not (GPU or QUICK), reason="the per-layer ratio targets are the GPU's")
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", PAIRED_MODES)
 @pytest.mark.parametrize("per_eval", [1, 8], ids=lambda k: f"x{k}")  # calls per evaluation
 def test_lora_linear_paired(benchmark, per_eval, mode):
     name, n, din, dout, r = SHAPES[0]

@@ -3,8 +3,9 @@
     pytest bench/bench_lora_switch.py --benchmark-json=bench/results/lora_switch.json
 
 providers: "reference" (lora_switch_linear_reference: mlx-lm's gather_mm maths) and
-"fused" (mlx_tuner.ops.lora_switch_linear); modes "forward" and "forward+backward"
-(gradients for x, lora_a, lora_b: a LoRA training step, frozen base). Inputs are laid out
+"fused" (mlx_tuner.ops.lora_switch_linear); modes "forward", "forward+backward"
+(gradients for x, lora_a, lora_b: a LoRA training step, frozen base) and "backward"
+(those gradients alone, the forward evaluated untimed first: common.BackwardOnly). Inputs are laid out
 as mlx-lm's SwitchGLU does for a training batch: the (token, slot) pairs sorted by expert,
 x (N k, 1, in), indices (N k,), sorted_indices=True. Each row carries FLOP/s and, on the
 CPU, the BLAS float32 GEMM of the same total size (N k, in) x (in, out) timed right after.
@@ -19,7 +20,7 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 
-from common import QUICK, annotate, blas_gemm_flops, ceilings, run
+from common import QUICK, BackwardOnly, annotate, blas_gemm_flops, ceilings, run
 from mlx_tuner.ops import lora_switch_linear, lora_switch_linear_reference
 
 GPU = mx.default_device() == mx.gpu
@@ -34,7 +35,7 @@ else:  # Qwen3-30B-A3B's expert shapes, 32 of its 128 experts, a few hundred tok
               ("qwen3-30b-a3b.down_proj", 256, 32, 8, 768, 2048, 8)]
 DTYPES = [mx.bfloat16] if GPU else [mx.float32]
 PROVIDERS = ["reference", "fused"]
-MODES = ["forward", "forward+backward"]
+MODES = ["forward", "backward", "forward+backward"]
 BASES = ["dense", "q4g64"]
 
 
@@ -43,7 +44,8 @@ def flops(mode, pairs, din, dout, r):
     lora = 2 * pairs * r * (din + dout)
     fwd = base + lora
     # dx = dy W + s g A, g = dy B, dA, dB
-    return fwd if mode == "forward" else fwd + base + 2 * lora
+    bwd = base + 2 * lora
+    return {"forward": fwd, "backward": bwd, "forward+backward": fwd + bwd}[mode]
 
 
 def make_fn(provider, mode, x, w, a, b, idx, scale, quant):
@@ -55,7 +57,8 @@ def make_fn(provider, mode, x, w, a, b, idx, scale, quant):
     if mode == "forward":
         return lambda: f(x, a, b)
     step = mx.value_and_grad(lambda x, a, b: f(x, a, b).astype(mx.float32).sum(), [0, 1, 2])
-    return lambda: step(x, a, b)
+    both = lambda: step(x, a, b)  # noqa: E731
+    return BackwardOnly(both) if mode == "backward" else both
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])

@@ -6,7 +6,8 @@ providers: "reference" = qlora_linear_reference (what mlx-lm's LoRALinear over a
 nn.QuantizedLinear runs); "dense-base" = the unquantized base layer alone (x Wᵀ, and
 dy W for the backward): OpenBLAS float32 GEMMs on the CPU (the machine's GEMM ceiling),
 MLX's bf16 matmul on a GPU; "fused" = qlora_linear. Modes: forward, forward+backward
-(dx, dA, dB from a fixed upstream gradient: common.layer_step). Each row carries FLOP/s, the GEMM ceiling of the same run, peak memory and
+(dx, dA, dB from a fixed upstream gradient: common.layer_step), and backward (those
+gradients alone, the forward evaluated untimed first: common.BackwardOnly). Each row carries FLOP/s, the GEMM ceiling of the same run, peak memory and
 the bytes of a float32 dequantized copy of W (peak_bytes far below it shows that no
 whole copy is ever made).
 """
@@ -16,7 +17,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from common import QUICK, annotate, layer_step, paired, peak_memory, run
+from common import QUICK, BackwardOnly, annotate, layer_step, paired, peak_memory, run
 
 from mlx_tuner.ops import qlora_linear, qlora_linear_reference
 
@@ -31,7 +32,8 @@ else:
     SHAPE = dict(m=512, n=1024, k=1024, r=16)
 DTYPES = [mx.bfloat16] if ON_GPU else [mx.float32, mx.bfloat16]
 PROVIDERS = ["reference", "dense-base", "fused"]
-MODES = ["forward", "forward+backward"]
+MODES = ["forward", "backward", "forward+backward"]
+PAIRED_MODES = ["forward", "forward+backward"]  # the targets' modes
 
 
 def make(dtype):
@@ -49,7 +51,8 @@ def flops(mode):
     m, n, k, r = SHAPE["m"], SHAPE["n"], SHAPE["k"], SHAPE["r"]
     fwd = 2 * m * n * k + 2 * m * r * (k + n)
     # backward: dx = dy W + g Aᵀ, g = s dy Bᵀ, dA = x_dᵀ g, dB = s xaᵀ dy
-    return fwd if mode == "forward" else fwd + 2 * m * n * k + 4 * m * r * (k + n)
+    bwd = 2 * m * n * k + 4 * m * r * (k + n)
+    return {"forward": fwd, "backward": bwd, "forward+backward": fwd + bwd}[mode]
 
 
 def qlora_fn(op, mode, q, x, a, b):
@@ -60,19 +63,21 @@ def qlora_fn(op, mode, q, x, a, b):
 
     if mode == "forward":
         return lambda: fwd(x, a, b)
-    return layer_step(fwd, (x, a, b), [0, 1, 2])
+    step = layer_step(fwd, (x, a, b), [0, 1, 2])
+    return BackwardOnly(step) if mode == "backward" else step
 
 
 def dense_fn(mode, w, x):
     if ON_GPU:
         if mode == "forward":
             return lambda: x @ w.T
-        return layer_step(lambda x: x @ w.T, (x,), [0])
+        step = layer_step(lambda x: x @ w.T, (x,), [0])
+        return BackwardOnly(step) if mode == "backward" else step
     wn, xn = np.array(w.astype(mx.float32)), np.array(x.astype(mx.float32))
     dy = np.ones((xn.shape[0], wn.shape[0]), np.float32)
 
     def cpu():  # OpenBLAS through numpy: the CPU GEMM ceiling for this shape
-        y = xn @ wn.T
+        y = xn @ wn.T if mode != "backward" else None
         if mode != "forward":
             y = dy @ wn
         return mx.array(float(y[0, 0]))
@@ -87,7 +92,7 @@ def test_qlora(benchmark, dtype, provider, mode):
     w, q, x, a, b = make(dtype)
     if provider == "dense-base":
         fn = dense_fn(mode, w, x)
-        fl = 2 * SHAPE["m"] * SHAPE["n"] * SHAPE["k"] * (1 if mode == "forward" else 2)
+        fl = 2 * SHAPE["m"] * SHAPE["n"] * SHAPE["k"] * (2 if mode == "forward+backward" else 1)
     else:
         op = qlora_linear if provider == "fused" else qlora_linear_reference
         fn = qlora_fn(op, mode, q, x, a, b)
@@ -106,7 +111,7 @@ def test_qlora(benchmark, dtype, provider, mode):
 # the two alternate round by round (common.paired). GPU and quick mode only: on the CPU
 # the dense base is numpy's float32 GEMM, not a layer to race.
 @pytest.mark.skipif(not (ON_GPU or QUICK), reason="the per-layer ratio targets are the GPU's")
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", PAIRED_MODES)
 @pytest.mark.parametrize("per_eval", [1, 8], ids=lambda k: f"x{k}")  # calls per evaluation
 def test_qlora_paired(benchmark, per_eval, mode):
     w, q, x, a, b = make(mx.bfloat16)

@@ -116,13 +116,15 @@ def peak_memory(fn) -> int:
     """
     sync(fn())  # warm caches and compiled graphs
     mx.clear_cache()
+    # The backward alone: its forward is evaluated (and live) before the window opens.
+    timed = fn.timed_part() if isinstance(fn, BackwardOnly) else fn
     extra = cuda_ext()
     before = mx.get_active_memory()
     mx.reset_peak_memory()
     if extra is not None:
         extra.reset_cuda_extra_peak()
         extra_before = extra.cuda_extra_memory()[0]
-    sync(fn())
+    sync(timed())
     # Clamped at 0: buffers freed during fn() (inputs converted and dropped, say) can leave
     # the peak under what was live before, and "less than nothing" is not an extra cost.
     peak = max(0, mx.get_peak_memory() - before)
@@ -365,8 +367,34 @@ def paired(benchmark, fns: dict, *, rounds: int | None = None, warmup: int = 3,
     return out
 
 
+class BackwardOnly:
+    """The "backward" mode: the gradients alone. `step()` builds a forward+backward graph
+    and returns (outputs, gradients), as layer_step's steps and mx.value_and_grad do.
+    MLX evaluates lazily and keeps what it has computed, so once the outputs are evaluated
+    (untimed), evaluating the gradients runs only the backward's nodes: what a training
+    step spends after its forward. Called, it is the whole step (for warm-up)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def __call__(self):
+        return self.step()
+
+    def timed_part(self):
+        """Builds a fresh step, evaluates its forward; returns the backward to run."""
+        outs, grads = self.step()
+        sync(outs)
+        return lambda: grads
+
+
 def run(benchmark, fn, *, rounds: int | None = None, warmup: int = 2):
-    """Time fn() (evaluated) with pytest-benchmark; a single round in quick mode."""
+    """Time fn() (evaluated) with pytest-benchmark; a single round in quick mode. For a
+    BackwardOnly, every round's forward is evaluated before its timer starts."""
     rounds = 1 if QUICK else (rounds or 10)
-    return benchmark.pedantic(lambda: sync(fn()), rounds=rounds,
-                              warmup_rounds=0 if QUICK else warmup, iterations=1)
+    warmup = 0 if QUICK else warmup
+    if isinstance(fn, BackwardOnly):
+        return benchmark.pedantic(lambda backward: sync(backward()),
+                                  setup=lambda: ((fn.timed_part(),), {}), rounds=rounds,
+                                  warmup_rounds=warmup, iterations=1)
+    return benchmark.pedantic(lambda: sync(fn()), rounds=rounds, warmup_rounds=warmup,
+                              iterations=1)
