@@ -73,14 +73,15 @@ def project(x, pk, r, s):
             def mul(t):
                 for q16 in range(TILE//16):
                     kk = t*TILE + q16*16
-                    if kk >= k: break
+                    inside = kk < k  # past k: M's fragments are zero (x's tile is zero-filled)
+                    B = lambda row, col: pk[row, col] if inside else 0.0
                     a, b0, b1 = [], [], []
                     for lane in range(32):
                         g, tt = lane//4, lane % 4
                         xa = g*PITCH + q16*16 + 2*tt
                         a.append(((xs[xa], xs[xa+1]), (xs[xa+8*PITCH], xs[xa+8*PITCH+1]), (xs[xa+8], xs[xa+9]), (xs[xa+8*PITCH+8], xs[xa+8*PITCH+9])))
-                        b0.append(((pk[g, kk+2*tt], pk[g, kk+2*tt+1]), (pk[g, kk+2*tt+8], pk[g, kk+2*tt+9])))
-                        b1.append(((pk[g+8, kk+2*tt], pk[g+8, kk+2*tt+1]), (pk[g+8, kk+2*tt+8], pk[g+8, kk+2*tt+9])))
+                        b0.append(((B(g, kk+2*tt), B(g, kk+2*tt+1)), (B(g, kk+2*tt+8), B(g, kk+2*tt+9))))
+                        b1.append(((B(g+8, kk+2*tt), B(g+8, kk+2*tt+1)), (B(g+8, kk+2*tt+8), B(g+8, kk+2*tt+9))))
                     mma(acc[0], a, b0)
                     if NT == 2: mma(acc[1], a, b1)
             # two tiles in flight (na, nb), as the kernel
@@ -121,16 +122,18 @@ def expand(p, pe, s, bias, n, cols):
             ys = np.full(16*PITCH, np.nan)
             for nt in range(TILE//8):
                 cb = c0 + nt*8
-                if cb >= c_end: break
+                inside = cb < c_end  # past c_end: zero fragments and bias, columns not stored
+                E = lambda row, j: pe[row, j] if inside else 0.0
                 b = []
                 for lane in range(32):
                     g, t = lane//4, lane % 4
-                    b.append(((pe[cb+g, 2*t], pe[cb+g, 2*t+1]), (pe[cb+g, 2*t+8], pe[cb+g, 2*t+9])))
+                    b.append(((E(cb+g, 2*t), E(cb+g, 2*t+1)), (E(cb+g, 2*t+8), E(cb+g, 2*t+9))))
                 acc = [[0.0]*4 for _ in range(32)]
                 mma(acc, a, b)
                 for lane in range(32):
                     g, t = lane//4, lane % 4; col = cb + 2*t
-                    b0 = bias[col] if bias is not None else 0; b1 = bias[col+1] if bias is not None else 0
+                    hb = inside and bias is not None
+                    b0 = bias[col] if hb else 0; b1 = bias[col+1] if hb else 0
                     yt = g*PITCH + nt*8 + 2*t
                     ys[yt], ys[yt+1] = s*acc[lane][0]+b0, s*acc[lane][1]+b1
                     ys[yt+8*PITCH], ys[yt+8*PITCH+1] = s*acc[lane][2]+b0, s*acc[lane][3]+b1
