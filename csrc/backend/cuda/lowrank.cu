@@ -153,8 +153,6 @@ project_kernel(const T* x, const T* pk, void* c, int cdt, int n, int k, int r, f
   for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
     for (int q = 0; q < 4; ++q) acc[nt][q] = 0.0f;
-  // Two tiles in flight: a warp walks only a few tiles, so one load's latency per tile
-  // would be most of its time.
   // M's fragments for a whole tile are loaded before its first product, so that their
   // latency is paid once a tile, not once a 16-wide step. Past k (a multiple of 16, not
   // of 64) both operands are zero: x's tile is zero-filled there.
@@ -179,6 +177,8 @@ project_kernel(const T* x, const T* pk, void* c, int cdt, int n, int k, int r, f
       for (int nt = 0; nt < NT; ++nt) mma<T>(acc[nt], a, b[q16][nt]);
     }
   };
+  // Two tiles in flight: a warp walks only a few tiles, so one load's latency per tile
+  // would be most of its time.
   uint4 na[4], nb[4];
   if (0 < count) load_tile(x, row0, n, tile(0) * kTile, k, lane, na);
   if (1 < count) load_tile(x, row0, n, tile(1) * kTile, k, lane, nb);
