@@ -1,12 +1,14 @@
-"""Time and minor page faults of a half-precision LoRA, QLoRA or DoRA forward+backward
-on the CPU (a diagnostic, not a benchmark row).
+"""Time and minor page faults of a half-precision LoRA, QLoRA or DoRA forward+backward,
+or a float32 KL divergence's, on the CPU (a diagnostic, not a benchmark row).
 
     cd bench && PYTHONPATH=../python python probe_cpu_faults.py [lora|qlora|dora] [n in out r]
+    cd bench && PYTHONPATH=../python python probe_cpu_faults.py kl [rows V]
 
 MLX's CPU allocator caches at most 32 MB of freed memory; a float32 copy of a larger
 bf16 weight comes fresh from the OS at every call. Prints the median time of 15 calls
 and the minor page faults a call (getrusage), so a change to the scratch memory can be
-judged by both. Defaults: 256 tokens, the Qwen3-4B q_proj (2560 -> 4096), r 16.
+judged by both. Defaults: 256 tokens, the Qwen3-4B q_proj (2560 -> 4096), r 16; for kl
+64 x 131,072 (a 32 MiB gradient: MLX's cache keeps 31.5 MiB at 63 rows, not 32).
 """
 import resource
 import sys
@@ -14,12 +16,16 @@ import time
 
 import mlx.core as mx
 
+from mlx_tuner import losses
 from mlx_tuner.ops import dora_linear, lora_linear, qlora_linear
 
 args = sys.argv[1:]
 op = args.pop(0) if args and not args[0].isdigit() else "lora"
+if op == "kl":
+    rows, vocab = (int(v) for v in (args[:2] if len(args) >= 2 else (64, 131072)))
+    args = [rows, vocab, 1, 1]  # x is the student; the LoRA tensors below stay tiny
 n, din, dout, r = (int(v) for v in (args[:4] if len(args) >= 4 else (256, 2560, 4096, 16)))
-dt = mx.bfloat16
+dt = mx.float32 if op == "kl" else mx.bfloat16
 k = mx.random.split(mx.random.key(0), 4)
 x = mx.random.normal((n, din), key=k[0]).astype(dt)
 w = (mx.random.normal((dout, din), key=k[1]) / din**0.5).astype(dt)
@@ -43,6 +49,15 @@ def step():
     return mx.vjp(fn, [x, a, b], [dy])
 
 
+if op == "kl":  # the student x and a teacher, (n, V) each
+    teacher = mx.random.normal((n, din), key=k[1])
+    mx.eval(teacher)
+    kl_grad = mx.value_and_grad(lambda s: losses.kl_div_loss(s, teacher).sum())
+
+    def step():  # noqa: F811
+        return kl_grad(x)
+
+
 for _ in range(3):
     mx.eval(step())
 faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -53,5 +68,6 @@ for _ in range(15):
     times.append(time.perf_counter() - t)
 faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / 15
 times.sort()
-print(f"{op} bf16 forward+backward {n} x {din} -> {dout}, r {r}: {times[7] * 1e3:.1f} ms a call, "
+what = f"{n} x {din} float32" if op == "kl" else f"bf16 {n} x {din} -> {dout}, r {r}"
+print(f"{op} forward+backward {what}: {times[7] * 1e3:.1f} ms a call, "
       f"{faults:.0f} minor page faults a call")

@@ -11,10 +11,7 @@
 #include <optional>
 #include <stdexcept>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
+#include "backend/cpu/encoder.h" // advise_huge_pages
 #include "common/parallel.h"
 #include "mlx/allocator.h"
 #include "mlx/array.h"
@@ -133,24 +130,6 @@ inline void narrow_par(const float* src, void* dst, mx::Dtype dtype, int64_t n) 
   between_gemms_for(n, 1 << 14, [&](int64_t b, int64_t e) {
     narrow(src + b, static_cast<char*>(dst) + b * esz, dtype, e - b);
   });
-}
-
-// Asks Linux for transparent huge pages over the 2 MiB-aligned interior of a fresh
-// buffer: MLX's CPU allocator caches at most 32 MB, so a larger scratch (a widened bf16
-// weight of 4096 x 2560 is 42 MB) comes fresh from the OS at every call, and faulting it
-// in 4 KiB pages cost more than widening it (16 ms of a 34 ms forward, measured on the
-// CI machine). A no-op elsewhere, for small buffers, and where THP is off.
-inline void advise_huge_pages(void* p, size_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  if (bytes < 2 * kHuge) return;
-  uintptr_t b = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
-  uintptr_t e = (reinterpret_cast<uintptr_t>(p) + bytes) & ~(kHuge - 1);
-  if (e > b) madvise(reinterpret_cast<void*>(b), e - b, MADV_HUGEPAGE);
-#else
-  (void)p;
-  (void)bytes;
-#endif
 }
 
 // float32 scratch from MLX's allocator: its buffer cache hands back recently freed
