@@ -19,6 +19,10 @@
 #include <limits>
 #include <vector>
 
+#if defined(__unix__) || defined(__APPLE__)
+#include <unistd.h> // sysconf
+#endif
+
 
 #include "backend/cpu/encoder.h"
 #include "common/parallel.h"
@@ -66,6 +70,7 @@ struct Args {
   const float* cstats; // backward input
   const float* cot; // backward: cotangent per row
   int V;
+  int js_cache_max_v = 0; // float32 JS forward: the largest V whose exps it keeps in a buffer
 
   // Row r's forward stats (csrc/ops/divergence.h): offsets, log-sums, s0, s1.
   void put_stats(int64_t r, float mq, float lsq, float mp, float lsp, float s0, float s1) const {
@@ -184,6 +189,28 @@ void with_type(mx::Dtype dtype, F&& f) {
   }
 }
 
+// The float32 JS forward keeps exp(x - max) of both sides in a per-thread row buffer
+// between its last two passes. That pays while the buffer (8 V bytes) and the row's two
+// inputs (8 V bytes) stay within the L2 cache; beyond, writing and reading the buffer
+// from further out cost more than two more exps per element pair (64 x 131,072 float32
+// on the 2-core CI machine, 2 MB of L2 a core: 40.7% of the copy rate with the buffer).
+// So the largest V that keeps it is 3/4 of L2 over 16 bytes.
+// MLX_TUNER_JS_CACHE_MAX_V overrides it (the tests run both paths).
+int js_cache_max_v() {
+  if (const char* e = std::getenv("MLX_TUNER_JS_CACHE_MAX_V"); e != nullptr && *e != 0) {
+    return std::atoi(e);
+  }
+  static const int from_l2 = [] {
+    long l2 = 0;
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+    l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+    if (l2 <= 0) l2 = 1L << 20;
+    return int(l2 / 4 * 3 / 16);
+  }();
+  return from_l2;
+}
+
 } // namespace
 
 void DivergenceForward::eval_cpu(
@@ -203,6 +230,7 @@ void DivergenceForward::eval_cpu(
     using T = decltype(tag);
     Args<T> a{q.data<T>(), p.data<T>(), out.data<T>(), nullptr, stats.data<float>(),
               nullptr, nullptr, V};
+    a.js_cache_max_v = js_cache_max_v();
     enc.dispatch([a, rows, kind = kind_]() { dispatch_forward<T>(kind, a, rows); });
   });
 }
@@ -884,9 +912,10 @@ MT_INLINE void js_backward_rows_half(const Args<T>& a, int64_t r0, int64_t r1) {
 }
 
 // ------------------------------------------------------------------ forward
-// JS: (1) row maxima, (2) e = exp(x - max) kept in a per-thread row buffer (L2-sized for
-// any vocabulary) with their sums, (3) Q = e_q / S_q, P = e_p / S_p, lm = log((P + Q) / 2):
-// two exps and one log per element. Terms are kept where Q (P) != 0: -inf logits drop out,
+// JS: (1) row maxima, (2) e = exp(x - max) and their sums, e kept in a per-thread row
+// buffer while it and the row fit in L2 (Args::js_cache_max_v), (3) Q = e_q / S_q,
+// P = e_p / S_p, lm = log((P + Q) / 2): two exps and one log per element, two more where
+// (3) recomputes e. Terms are kept where Q (P) != 0: -inf logits drop out,
 // NaN ones stay NaN; lm of a subnormal M is inexact but then weighted by Q < 2^-125.
 
 // The block of `src` at offset j converted by an earlier load_block(src, n, buf): float32
@@ -900,7 +929,10 @@ MT_INLINE const float* cached_block(const T* src, int n, float* buf) {
   }
 }
 
-template <typename T, int I>
+// CACHE false (V above Args::js_cache_max_v): the exps are recomputed in (3) instead of
+// read back from the buffer, the same values in the same order, so both give the same
+// bits.
+template <typename T, int I, bool CACHE>
 MT_INLINE void js_forward_rows(const Args<T>& a, int64_t r0, int64_t r1) {
   const int V = a.V;
   const int Vp = (V + W - 1) / W * W;
@@ -939,8 +971,10 @@ MT_INLINE void js_forward_rows(const Args<T>& a, int64_t r0, int64_t r1) {
         vf eq = vexp<I>(vload(xq + i) - oq), ep = vexp<I>(vload(xp + i) - op);
         sq += eq;
         sp += ep;
-        vstore(eq_row + j + i, eq);
-        vstore(ep_row + j + i, ep);
+        if constexpr (CACHE) {
+          vstore(eq_row + j + i, eq);
+          vstore(ep_row + j + i, ep);
+        }
       }
     }
     const float Sq = hsum(sq), Sp = hsum(sp);
@@ -953,7 +987,15 @@ MT_INLINE void js_forward_rows(const Args<T>& a, int64_t r0, int64_t r1) {
       const float* xq = cached_block(qr + j, n, q_row + j);
       const float* xp = cached_block(pr + j, n, p_row + j);
       for (int i = 0; i < n; i += W) {
-        vf Q = vload(eq_row + j + i) * iq, P = vload(ep_row + j + i) * ip;
+        vf eq, ep;
+        if constexpr (CACHE) {
+          eq = vload(eq_row + j + i);
+          ep = vload(ep_row + j + i);
+        } else {
+          eq = vexp<I>(vload(xq + i) - oq);
+          ep = vexp<I>(vload(xp + i) - op);
+        }
+        vf Q = eq * iq, P = ep * ip;
         vf lm = vlog<I>((P + Q) * 0.5f);
         vf lq = (vload(xq + i) - mq) - lsq, lp = (vload(xp + i) - mp) - lsp;
         klq += vsel(Q != 0.f, Q * (lq - lm), splat(0.f));
@@ -970,7 +1012,11 @@ template <typename T, Divergence K, int I>
 MT_INLINE void forward_rows(const Args<T>& a, int64_t r0, int64_t r1) {
   if constexpr (K == Divergence::JS) {
     if constexpr (std::is_same_v<T, float>) {
-      js_forward_rows<T, I>(a, r0, r1);
+      if (a.V <= a.js_cache_max_v) {
+        js_forward_rows<T, I, true>(a, r0, r1);
+      } else {
+        js_forward_rows<T, I, false>(a, r0, r1);
+      }
     } else {
       js_forward_rows_half<T, I>(a, r0, r1);
     }
