@@ -259,26 +259,28 @@ def test_js_fully_masked_row(device, dtype, masked):
         np.testing.assert_allclose(to_f64(out[0::2]), to_f64(ref[0::2]), rtol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(3, 1), (4, 513), (5, 4096), (3, 40013)], ids=str)
-def test_js_float32_cpu_recomputed_exps_match_kept_ones(monkeypatch, shape):
-    # The float32 CPU JS forward keeps exp(x - max) in a row buffer up to an L2-sized V and
+def test_js_cpu_recomputed_exps_match_kept_ones(monkeypatch, dtype, shape):
+    # The CPU JS forward keeps exp(x - max) in a row buffer up to an L2-sized V and
     # recomputes them above (MLX_TUNER_JS_CACHE_MAX_V moves the switch): the same values
     # in the same order, so the same bits. Masked entries and a fully masked row included.
-    q0, p = _inputs(shape, mx.float32)
-    q = mx.where(mx.random.uniform(shape=shape) < 0.2, -mx.inf, q0)
-    p_masked = mx.concatenate([p[:1], mx.full((1, shape[-1]), -mx.inf), p[2:]])
+    q0, p = _inputs(shape, dtype)
+    q = mx.where(mx.random.uniform(shape=shape) < 0.2, -mx.inf, q0).astype(dtype)
+    p_masked = mx.concatenate([p[:1], mx.full((1, shape[-1]), -mx.inf, dtype), p[2:]])
     results = []
     for cap in ("1000000000", "0"):
         monkeypatch.setenv("MLX_TUNER_JS_CACHE_MAX_V", cap)
         with mx.stream(mx.cpu):
             out = ops.js_div(q, p_masked)
-            grads = mx.grad(lambda a, b: ops.js_div(a, b).sum(), [0, 1])(q, p_masked)
+            grads = mx.grad(lambda a, b: ops.js_div(a, b).astype(mx.float32).sum(),
+                            [0, 1])(q, p_masked)
             mx.eval(out, grads)
-        results.append([np.array(out), *(np.array(g) for g in grads)])
+        results.append([to_f64(out), *(to_f64(g) for g in grads)])
     for kept, recomputed in zip(*results):
         np.testing.assert_array_equal(kept, recomputed)
     with mx.stream(mx.cpu):  # and the recomputing path against the float64 oracle
-        check_all("js", q0, p, mx.float32)
+        check_all("js", q0, p, dtype)
 
 
 @pytest.mark.parametrize("op", ["kl", "js"])

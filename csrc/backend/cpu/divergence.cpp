@@ -71,6 +71,7 @@ struct Args {
   const float* cot; // backward: cotangent per row
   int V;
   int js_cache_max_v = 0; // float32 JS forward: the largest V whose exps it keeps in a buffer
+  int js_cache_max_v_half = 0; // the same for float16 / bfloat16
 
   // Row r's forward stats (csrc/ops/divergence.h): offsets, log-sums, s0, s1.
   void put_stats(int64_t r, float mq, float lsq, float mp, float lsp, float s0, float s1) const {
@@ -189,26 +190,27 @@ void with_type(mx::Dtype dtype, F&& f) {
   }
 }
 
-// The float32 JS forward keeps exp(x - max) of both sides in a per-thread row buffer
-// between its last two passes. That pays while the buffer (8 V bytes) and the row's two
-// inputs (8 V bytes) stay within the L2 cache; beyond, writing and reading the buffer
-// from further out cost more than two more exps per element pair (64 x 131,072 float32
-// on the 2-core CI machine, 2 MB of L2 a core: 40.7% of the copy rate with the buffer).
-// So the largest V that keeps it is 3/4 of L2 over 16 bytes.
+// The JS forward keeps exp(x - max) of both sides in a per-thread row buffer between its
+// last two passes. That pays while the buffer (8 V bytes) and the row's two inputs stay
+// within the L2 cache; beyond, writing and reading the buffer from further out costs more
+// than two more exps per element pair. Kept / recomputed time, alternated in one run on
+// the 2-core CI machine (2 MB of L2 a core): float32 0.72 at V = 32,000, 1.03 at 98,304,
+// 1.18-1.21 at 131,072-151,936; bfloat16 0.79 at 32,000, 1.01 at 131,072, 1.12 at
+// 151,936. So the largest V that keeps it is 3/4 of L2 over the bytes per element.
 // MLX_TUNER_JS_CACHE_MAX_V overrides it (the tests run both paths).
-int js_cache_max_v() {
+// bytes_per_v: the buffer's 8 bytes and the row's inputs' (8 for float32, 4 for halves).
+int js_cache_max_v(int bytes_per_v) {
   if (const char* e = std::getenv("MLX_TUNER_JS_CACHE_MAX_V"); e != nullptr && *e != 0) {
     return std::atoi(e);
   }
-  static const int from_l2 = [] {
-    long l2 = 0;
+  static const long l2 = [] {
+    long v = 0;
 #if defined(_SC_LEVEL2_CACHE_SIZE)
-    l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    v = sysconf(_SC_LEVEL2_CACHE_SIZE);
 #endif
-    if (l2 <= 0) l2 = 1L << 20;
-    return int(l2 / 4 * 3 / 16);
+    return v > 0 ? v : 1L << 20;
   }();
-  return from_l2;
+  return int(l2 / 4 * 3 / bytes_per_v);
 }
 
 } // namespace
@@ -230,7 +232,8 @@ void DivergenceForward::eval_cpu(
     using T = decltype(tag);
     Args<T> a{q.data<T>(), p.data<T>(), out.data<T>(), nullptr, stats.data<float>(),
               nullptr, nullptr, V};
-    a.js_cache_max_v = js_cache_max_v();
+    a.js_cache_max_v = js_cache_max_v(16);
+    a.js_cache_max_v_half = js_cache_max_v(12);
     enc.dispatch([a, rows, kind = kind_]() { dispatch_forward<T>(kind, a, rows); });
   });
 }
@@ -722,7 +725,7 @@ MT_INLINE void store_pair(T* dst, vf a, vf b, int n) {
 
 // The exp pass: stores e / 2 and returns S / 2; NEXT also finds the maxima of the row
 // after (loads interleaved with the exp arithmetic).
-template <typename T, int I, bool SAFE, bool NEXT>
+template <typename T, int I, bool SAFE, bool NEXT, bool CACHE>
 MT_INLINE void js_exp_pass(const T* qr, const T* pr, int V, float oq, float op, float* row,
                            float& Sq, float& Sp, vf& vmq, vf& vmp) {
   vf sq{}, sp{};
@@ -740,7 +743,9 @@ MT_INLINE void js_exp_pass(const T* qr, const T* pr, int V, float oq, float op, 
     load_pair_at<T, I>(pr, j, V, x[2], x[3]);
     for (int k = 0; k < 4; ++k) {
       vf e = vexp_half<I, SAFE, true>(x[k] - (k < 2 ? oq : op), z);
-      vstore(row + 2 * j + k * W, e);
+      if constexpr (CACHE) {
+        vstore(row + 2 * j + k * W, e);
+      }
       (k < 2 ? sq : sp) += e;
     }
   }
@@ -749,7 +754,8 @@ MT_INLINE void js_exp_pass(const T* qr, const T* pr, int V, float oq, float op, 
 }
 
 // The log pass: sums of e (z - L) / 2 for q and p, given g = S_q / S_p.
-template <typename T, int I, bool SAFE>
+// CACHE false: e / 2 recomputed from the input as the exp pass did (the same bits).
+template <typename T, int I, bool SAFE, bool CACHE>
 MT_INLINE void js_log_pass(const T* qr, const T* pr, int V, float oq, float op, float g,
                            const float* row, float& Aq, float& Ap) {
   constexpr float kTiny = std::numeric_limits<float>::min();
@@ -759,8 +765,16 @@ MT_INLINE void js_log_pass(const T* qr, const T* pr, int V, float oq, float op, 
     load_pair_at<T, I>(qr, j, V, x[0], x[1]);
     load_pair_at<T, I>(pr, j, V, x[2], x[3]);
     for (int k = 0; k < 2; ++k) {
-      const float* c = row + 2 * j + k * W;
-      vf hq = vload(c), hp = vload(c + 2 * W);
+      vf hq, hp;
+      if constexpr (CACHE) {
+        const float* c = row + 2 * j + k * W;
+        hq = vload(c);
+        hp = vload(c + 2 * W);
+      } else {
+        vf unused;
+        hq = vexp_half<I, SAFE, true>(x[k] - oq, unused);
+        hp = vexp_half<I, SAFE, true>(x[2 + k] - op, unused);
+      }
       vf zq = x[k] - oq, zp = x[2 + k] - op, L;
       if constexpr (SAFE) {
         L = vlog_half<I>(hp * g + (hq + kTiny)); // > 0 for log
@@ -777,7 +791,7 @@ MT_INLINE void js_log_pass(const T* qr, const T* pr, int V, float oq, float op, 
   Ap = hsum(ap);
 }
 
-template <typename T, int I>
+template <typename T, int I, bool CACHE>
 MT_INLINE void js_forward_rows_half(const Args<T>& a, int64_t r0, int64_t r1) {
   const int V = a.V;
   const int Vp = (V + 2 * W - 1) / (2 * W) * (2 * W);
@@ -821,11 +835,11 @@ MT_INLINE void js_forward_rows_half(const Args<T>& a, int64_t r0, int64_t r1) {
       // row maxima and the clamps.
       row_max(qr, pr, std::min(V, 8 * W), mq, mp);
       if (mq > -kInf && mp > -kInf) {
-        js_exp_pass<T, I, false, false>(qr, pr, V, mq, mp, row, Sq, Sp, vmq, vmp);
+        js_exp_pass<T, I, false, false, CACHE>(qr, pr, V, mq, mp, row, Sq, Sp, vmq, vmp);
         ok = Sq > 0.f && Sp > 0.f && Sq < kInf && Sp < kInf;
       }
       if (ok) {
-        js_log_pass<T, I, false>(qr, pr, V, mq, mp, Sq / Sp, row, Aq, Ap);
+        js_log_pass<T, I, false, CACHE>(qr, pr, V, mq, mp, Sq / Sp, row, Aq, Ap);
         ok = Aq == Aq && Ap == Ap;
       }
       if (!ok) {
@@ -840,13 +854,13 @@ MT_INLINE void js_forward_rows_half(const Args<T>& a, int64_t r0, int64_t r1) {
     if (!ok) {
       const float oq = exp_offset(mq), op = exp_offset(mp);
       if (!kFast && r + 1 < r1) {
-        js_exp_pass<T, I, true, true>(qr, pr, V, oq, op, row, Sq, Sp, vmq, vmp);
+        js_exp_pass<T, I, true, true, CACHE>(qr, pr, V, oq, op, row, Sq, Sp, vmq, vmp);
       } else {
         vf unused;
-        js_exp_pass<T, I, true, false>(qr, pr, V, oq, op, row, Sq, Sp, unused, unused);
+        js_exp_pass<T, I, true, false, CACHE>(qr, pr, V, oq, op, row, Sq, Sp, unused, unused);
       }
       if (Sq > 0.f && Sp > 0.f) {
-        js_log_pass<T, I, true>(qr, pr, V, oq, op, Sq / Sp, row, Aq, Ap);
+        js_log_pass<T, I, true, CACHE>(qr, pr, V, oq, op, Sq / Sp, row, Aq, Ap);
       }
     }
     Sq *= 2.f; // the buffer and the sums hold e / 2
@@ -1018,7 +1032,11 @@ MT_INLINE void forward_rows(const Args<T>& a, int64_t r0, int64_t r1) {
         js_forward_rows<T, I, false>(a, r0, r1);
       }
     } else {
-      js_forward_rows_half<T, I>(a, r0, r1);
+      if (a.V <= a.js_cache_max_v_half) {
+        js_forward_rows_half<T, I, true>(a, r0, r1);
+      } else {
+        js_forward_rows_half<T, I, false>(a, r0, r1);
+      }
     }
     return;
   }
