@@ -13,12 +13,10 @@ Each row carries FLOP/s and the BLAS / device GEMM ceiling measured in the same 
 
 from __future__ import annotations
 
-
 import mlx.core as mx
 import pytest
 
-from common import (QUICK, BackwardOnly, annotate, blas_gemm_flops, ceilings, layer_step,
-                    paired, run)
+from common import QUICK, BackwardOnly, annotate, blas_gemm_flops, ceilings, layer_step, paired, run
 from mlx_tuner.ops import lora_linear, lora_linear_reference
 
 GPU = mx.default_device() == mx.gpu

@@ -16,7 +16,6 @@ reference is gather_qmm).
 
 from __future__ import annotations
 
-
 import mlx.core as mx
 import pytest
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from common import QUICK, BackwardOnly, annotate, layer_step, paired, peak_memory, run
 
+from common import QUICK, BackwardOnly, annotate, layer_step, paired, peak_memory, run
 from mlx_tuner.ops import qlora_linear, qlora_linear_reference
 
 BITS, GROUP = 4, 64
