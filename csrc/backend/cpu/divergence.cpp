@@ -70,8 +70,7 @@ struct Args {
   const float* cstats; // backward input
   const float* cot; // backward: cotangent per row
   int V;
-  int js_cache_max_v = 0; // float32 JS forward: the largest V whose exps it keeps in a buffer
-  int js_cache_max_v_half = 0; // the same for float16 / bfloat16
+  int js_cache_max_v = 0; // JS forward: the largest V whose exps it keeps in a row buffer
 
   // Row r's forward stats (csrc/ops/divergence.h): offsets, log-sums, s0, s1.
   void put_stats(int64_t r, float mq, float lsq, float mp, float lsp, float s0, float s1) const {
@@ -198,7 +197,7 @@ void with_type(mx::Dtype dtype, F&& f) {
 // 1.18-1.21 at 131,072-151,936; bfloat16 0.79 at 32,000, 1.01 at 131,072, 1.12 at
 // 151,936. So the largest V that keeps it is 3/4 of L2 over the bytes per element.
 // MLX_TUNER_JS_CACHE_MAX_V overrides it (the tests run both paths).
-// bytes_per_v: the buffer's 8 bytes and the row's inputs' (8 for float32, 4 for halves).
+// bytes_per_v: the buffer's 8 bytes and the row's two inputs'.
 int js_cache_max_v(int bytes_per_v) {
   if (const char* e = std::getenv("MLX_TUNER_JS_CACHE_MAX_V"); e != nullptr && *e != 0) {
     return std::atoi(e);
@@ -232,8 +231,7 @@ void DivergenceForward::eval_cpu(
     using T = decltype(tag);
     Args<T> a{q.data<T>(), p.data<T>(), out.data<T>(), nullptr, stats.data<float>(),
               nullptr, nullptr, V};
-    a.js_cache_max_v = js_cache_max_v(16);
-    a.js_cache_max_v_half = js_cache_max_v(12);
+    a.js_cache_max_v = js_cache_max_v(8 + 2 * int(sizeof(T)));
     enc.dispatch([a, rows, kind = kind_]() { dispatch_forward<T>(kind, a, rows); });
   });
 }
@@ -1032,7 +1030,7 @@ MT_INLINE void forward_rows(const Args<T>& a, int64_t r0, int64_t r1) {
         js_forward_rows<T, I, false>(a, r0, r1);
       }
     } else {
-      if (a.V <= a.js_cache_max_v_half) {
+      if (a.V <= a.js_cache_max_v) {
         js_forward_rows_half<T, I, true>(a, r0, r1);
       } else {
         js_forward_rows_half<T, I, false>(a, r0, r1);
