@@ -21,41 +21,39 @@ from mlx_tuner.ops import dora_linear, lora_linear, qlora_linear
 
 args = sys.argv[1:]
 op = args.pop(0) if args and not args[0].isdigit() else "lora"
-if op == "kl":
-    rows, vocab = (int(v) for v in (args[:2] if len(args) >= 2 else (64, 131072)))
-    args = [rows, vocab, 1, 1]  # x is the student; the LoRA tensors below stay tiny
-n, din, dout, r = (int(v) for v in (args[:4] if len(args) >= 4 else (256, 2560, 4096, 16)))
-dt = mx.float32 if op == "kl" else mx.bfloat16
 k = mx.random.split(mx.random.key(0), 4)
-x = mx.random.normal((n, din), key=k[0]).astype(dt)
-w = (mx.random.normal((dout, din), key=k[1]) / din**0.5).astype(dt)
-a = mx.random.normal((din, r), key=k[2]) / din**0.5
-b = mx.random.normal((r, dout), key=k[3]) * 0.01
-dy = mx.ones((n, dout), dt)
-mx.eval(x, w, a, b, dy)
 
-
-if op == "qlora":
-    wq, sc, bi = mx.quantize(w, group_size=64, bits=4)
-    fn = lambda x, a, b: qlora_linear(x, wq, sc, bi, a, b, 1.0, group_size=64, bits=4)  # noqa: E731
-elif op == "dora":
-    m = mx.linalg.norm(w.astype(mx.float32), axis=1)
-    fn = lambda x, a, b: dora_linear(x, w, a, b, m, 1.0)  # noqa: E731
-else:
-    fn = lambda x, a, b: lora_linear(x, w, a, b, 1.0)  # noqa: E731
-
-
-def step():
-    return mx.vjp(fn, [x, a, b], [dy])
-
-
-if op == "kl":  # the student x and a teacher, (n, V) each
-    teacher = mx.random.normal((n, din), key=k[1])
-    mx.eval(teacher)
+if op == "kl":  # a student and a teacher, (rows, V) each, float32
+    n, vocab = (int(v) for v in (args[:2] if len(args) >= 2 else (64, 131072)))
+    student = mx.random.normal((n, vocab), key=k[0])
+    teacher = mx.random.normal((n, vocab), key=k[1])
+    mx.eval(student, teacher)
     kl_grad = mx.value_and_grad(lambda s: losses.kl_div_loss(s, teacher).sum())
+    what = f"{n} x {vocab} float32"
 
-    def step():  # noqa: F811
-        return kl_grad(x)
+    def step():
+        return kl_grad(student)
+else:
+    n, din, dout, r = (int(v) for v in (args[:4] if len(args) >= 4 else (256, 2560, 4096, 16)))
+    dt = mx.bfloat16
+    x = mx.random.normal((n, din), key=k[0]).astype(dt)
+    w = (mx.random.normal((dout, din), key=k[1]) / din**0.5).astype(dt)
+    a = mx.random.normal((din, r), key=k[2]) / din**0.5
+    b = mx.random.normal((r, dout), key=k[3]) * 0.01
+    dy = mx.ones((n, dout), dt)
+    mx.eval(x, w, a, b, dy)
+    what = f"bf16 {n} x {din} -> {dout}, r {r}"
+    if op == "qlora":
+        wq, sc, bi = mx.quantize(w, group_size=64, bits=4)
+        fn = lambda x, a, b: qlora_linear(x, wq, sc, bi, a, b, 1.0, group_size=64, bits=4)  # noqa: E731
+    elif op == "dora":
+        m = mx.linalg.norm(w.astype(mx.float32), axis=1)
+        fn = lambda x, a, b: dora_linear(x, w, a, b, m, 1.0)  # noqa: E731
+    else:
+        fn = lambda x, a, b: lora_linear(x, w, a, b, 1.0)  # noqa: E731
+
+    def step():
+        return mx.vjp(fn, [x, a, b], [dy])
 
 
 for _ in range(3):
@@ -68,6 +66,5 @@ for _ in range(15):
     times.append(time.perf_counter() - t)
 faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / 15
 times.sort()
-what = f"{n} x {din} float32" if op == "kl" else f"bf16 {n} x {din} -> {dout}, r {r}"
 print(f"{op} forward+backward {what}: {times[7] * 1e3:.1f} ms a call, "
       f"{faults:.0f} minor page faults a call")
