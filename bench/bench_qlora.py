@@ -77,7 +77,8 @@ def dense_fn(mode, w, x):
     dy = np.ones((xn.shape[0], wn.shape[0]), np.float32)
 
     def cpu():  # OpenBLAS through numpy: the CPU GEMM ceiling for this shape
-        y = xn @ wn.T if mode != "backward" else None
+        if mode != "backward":
+            y = xn @ wn.T
         if mode != "forward":
             y = dy @ wn
         return mx.array(float(y[0, 0]))
