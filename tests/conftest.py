@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 # MLX's CUDA backend multiplies float32 matrices in TF32 unless MLX_ENABLE_TF32=0 (read at
-# its first matmul). The float32 cases measure errors against exact float32 arithmetic
-# (the reference on the CPU, see on_cpu), so the suite turns TF32 off; with it on, the
-# parts of the fused GPU ops that are MLX matmuls (DoRA's W A for the norms) and the
-# references carry TF32's ~1e-3 relative error, as mlx-lm's layers do.
+# its first matmul). The float32 cases measure errors against exact float32 arithmetic,
+# so the suite turns TF32 off; with it on, the parts of the fused GPU ops that are MLX
+# matmuls (DoRA's W A for the norms) and the references carry TF32's ~1e-3 relative
+# error, as mlx-lm's layers do. The QLoRA and DoRA GPU tests also take their references on
+# the CPU (mx.stream(mx.cpu)): MLX's CUDA backend compiles a kernel for every new shape and
+# dtype, its quantized matmuls in minutes, which made those files longer than a device
+# call; the CPU reference is the same maths in the same dtype.
 os.environ.setdefault("MLX_ENABLE_TF32", "0")
 
 import mlx.core as mx  # noqa: E402
@@ -59,21 +61,6 @@ def assert_close_to_oracle(fused, same_dtype_ref, oracle, dtype, what="output"):
 
 # Devices the suite runs on: the CPU always, the GPU (Metal or CUDA) when MLX has one.
 DEVICES = [mx.cpu] + ([mx.gpu] if mx.is_available(mx.gpu) else [])
-
-
-@contextlib.contextmanager
-def on_cpu():
-    """Runs what is inside on the CPU: the references and float64 oracles of the GPU
-    tests, whose fused op under test still runs on the GPU. MLX's CUDA backend compiles a
-    kernel for every new shape and dtype (its quantized matmuls in minutes), which made the
-    QLoRA and DoRA GPU test files longer than a device call; the CPU reference is the same
-    maths in the same dtype, so it still measures that dtype's rounding."""
-    prev = mx.default_device()
-    mx.set_default_device(mx.cpu)
-    try:
-        yield
-    finally:
-        mx.set_default_device(prev)
 
 
 @pytest.fixture(params=DEVICES, ids=lambda d: "gpu" if d == mx.gpu else "cpu")

@@ -7,9 +7,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_tuner.ops import (_extension, dora_linear, dora_linear_reference,
-                           dora_weight_sq_norm)
-from tests.conftest import assert_close_to_oracle, on_cpu, to_f64
+from mlx_tuner.ops import _extension, dora_linear, dora_linear_reference, dora_weight_sq_norm
+from tests.conftest import assert_close_to_oracle, to_f64
 
 f32, f16, bf16 = mx.float32, mx.float16, mx.bfloat16
 # (activation/base dtype, LoRA parameter dtype); bf16 base + f32 LoRA is mlx-lm's usual mix
@@ -101,7 +100,7 @@ def check_all(x, w, a, b, m, s, bias, kw, dt, compiled=False):
     names = [nm for nm in GRAD_NAMES if (nm != "bias" or bias is not None)
              and (nm != "x_dropped" or "x_dropped" in kw)]
     out_f, g_f = run_both(dora_linear, x, w, a, b, m, s, bias, kw, dy, names, compiled)
-    with on_cpu():
+    with mx.stream(mx.cpu):  # the references on the CPU (tests/conftest.py says why)
         out_r, g_r = run_both(dora_linear_reference, x, w, a, b, m, s, bias, kw, dy, names)
         mx.eval(out_r, g_r)
         y_o, g_o = oracle(x, w, a, b, m, s, bias, kw, dy)
