@@ -34,16 +34,17 @@ Dt dt_of(const mx::array& a, const char* what) {
   }
 }
 
+// Element i of a float32 / float16 / bfloat16 buffer whose dtype is known at run time.
 __device__ inline float ld(const void* p, long i, int dt) {
   if (dt == kF32) return static_cast<const float*>(p)[i];
-  if (dt == kF16) return __half2float(static_cast<const __half*>(p)[i]);
-  return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+  if (dt == kF16) return to_f(static_cast<const __half*>(p)[i]);
+  return to_f(static_cast<const __nv_bfloat16*>(p)[i]);
 }
 
 __device__ inline void st(void* p, long i, int dt, float v) {
   if (dt == kF32) static_cast<float*>(p)[i] = v;
-  else if (dt == kF16) static_cast<__half*>(p)[i] = __float2half(v);
-  else static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16(v);
+  else if (dt == kF16) static_cast<__half*>(p)[i] = from_f<__half>(v);
+  else static_cast<__nv_bfloat16*>(p)[i] = from_f<__nv_bfloat16>(v);
 }
 
 // Two 16-bit values as one register, the lower index in the low half (mma's order).
