@@ -339,43 +339,77 @@ __global__ void sum_partials(const float* __restrict__ part_sv, const float* __r
 }
 
 // ---------------------------------------------------------------- DoRAInvNorm
-constexpr int kGramRows = 64; // rows of A per partial Gram matrix
+// Both kernels are a few microseconds of arithmetic; what they must avoid is latency:
+// chains of dependent global loads, and per-thread arrays indexed by a run-time rank
+// (those live in local memory). So A's rows are staged in shared memory by one coalesced
+// pass, the partial sums use independent accumulators, and inv_norm's loops run over a
+// compile-time rank bound R (entries past r are zeros).
+constexpr int kGramRows = 128;      // rows of A per partial Gram matrix
+constexpr int kInvNormThreads = 128; // columns per inv_norm block (4096 columns: 32 blocks)
 
 // part[blk][k r + l] = sum over A's rows j in block blk of A[j,k] A[j,l]
-__global__ void gram_partial(const float* a, float* part, int rows, int r) {
-  const int j0 = blockIdx.x * kGramRows, j1 = min(rows, j0 + kGramRows);
-  for (int e = threadIdx.x; e < r * r; e += blockDim.x) {
+__global__ void __launch_bounds__(kThreads) gram_partial(const float* a, float* part, int rows,
+                                                         int r) {
+  __shared__ float tile[kGramRows * kInvNormMaxRank];
+  const int j0 = blockIdx.x * kGramRows, nj = min(rows - j0, kGramRows);
+#pragma unroll 4
+  for (int e = threadIdx.x; e < nj * r; e += kThreads) tile[e] = a[(size_t)j0 * r + e];
+  __syncthreads();
+  for (int e = threadIdx.x; e < r * r; e += kThreads) {
     const int k = e / r, l = e % r;
-    float acc = 0.f;
-    for (int j = j0; j < j1; ++j) acc += a[(size_t)j * r + k] * a[(size_t)j * r + l];
-    part[(size_t)blockIdx.x * r * r + e] = acc;
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    int j = 0;
+    for (; j + 4 <= nj; j += 4) {
+#pragma unroll
+      for (int u = 0; u < 4; ++u) acc[u] += tile[(j + u) * r + k] * tile[(j + u) * r + l];
+    }
+    for (; j < nj; ++j) acc[0] += tile[j * r + k] * tile[j * r + l];
+    part[(size_t)blockIdx.x * r * r + e] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
   }
 }
 
 // inv_n[i] = 1 / sqrt(max(c_i + 2 s B[:,i].P[i,:] + s^2 B[:,i]ᵀ G B[:,i], 0)), one thread
-// per column; every block first sums the partial Gram matrices into shared memory.
-template <typename T>
-__global__ void inv_norm(const T* p, const float* b, const float* part, int nparts,
-                         const float* c, float* inv_n, int out, int r, float s, bool p_t) {
-  __shared__ float g[kInvNormMaxRank * kInvNormMaxRank];
-  for (int e = threadIdx.x; e < r * r; e += blockDim.x) {
-    float acc = 0.f;
-    for (int q = 0; q < nparts; ++q) acc += part[(size_t)q * r * r + e];
-    g[e] = acc;
+// per column; every block first sums the partial Gram matrices into shared memory, G
+// padded to R x R with zeros.
+template <typename T, int R>
+__global__ void __launch_bounds__(kInvNormThreads)
+    inv_norm(const T* p, const float* b, const float* part, int nparts, const float* c,
+             float* inv_n, int out, int r, float s, bool p_t) {
+  __shared__ __align__(16) float g[R * R];
+  for (int e = threadIdx.x; e < R * R; e += kInvNormThreads) {
+    const int k = e / R, l = e % R;
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    if (k < r && l < r) {
+      const float* src = part + k * r + l;
+      const size_t step = (size_t)r * r;
+      int q = 0;
+      for (; q + 4 <= nparts; q += 4) {
+#pragma unroll
+        for (int u = 0; u < 4; ++u) acc[u] += src[(q + u) * step];
+      }
+      for (; q < nparts; ++q) acc[0] += src[q * step];
+    }
+    g[e] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
   }
   __syncthreads();
-  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  const int i = blockIdx.x * kInvNormThreads + threadIdx.x;
   if (i >= out) return;
-  float bc[kInvNormMaxRank];
+  float bc[R];
   float cross = 0.f;
-  for (int k = 0; k < r; ++k) {
-    bc[k] = b[(size_t)k * out + i];
-    cross += bc[k] * to_f(p_t ? p[(size_t)k * out + i] : p[(size_t)i * r + k]);
+#pragma unroll
+  for (int k = 0; k < R; ++k) {
+    bc[k] = 0.f;
+    if (k < r) {
+      bc[k] = b[(size_t)k * out + i];
+      cross += bc[k] * to_f(p_t ? p[(size_t)k * out + i] : p[(size_t)i * r + k]);
+    }
   }
   float quad = 0.f;
-  for (int k = 0; k < r; ++k) {
+#pragma unroll
+  for (int k = 0; k < R; ++k) {
     float t = 0.f;
-    for (int l = 0; l < r; ++l) t += g[k * r + l] * bc[l];
+#pragma unroll
+    for (int l = 0; l < R; ++l) t += g[k * R + l] * bc[l];
     quad += bc[k] * t;
   }
   inv_n[i] = 1.f / sqrtf(fmaxf(c[i] + 2.f * s * cross + s * s * quad, 0.f));
@@ -504,11 +538,12 @@ void DoRAInvNorm::eval_gpu(const std::vector<mx::array>& in, mx::array& out) {
   float* yp = gpu_ptr<float>(out);
   float s = scale_;
   bool pt = p_transposed_;
-  dim3 grid(unsigned(ceil_div(n_out, kThreads)));
+  dim3 grid(unsigned(ceil_div(n_out, kInvNormThreads)));
   by_type(p.dtype(), [&]<typename T>() {
-    cuda::launch(enc, reinterpret_cast<const void*>(&inv_norm<T>), grid, dim3(kThreads), 0u,
-                 static_cast<const T*>(gpu_ptr<T>(p)), bp, partp, nparts, cp, yp, n_out, r, s,
-                 pt);
+    const void* k = r <= 16 ? reinterpret_cast<const void*>(&inv_norm<T, 16>)
+                            : reinterpret_cast<const void*>(&inv_norm<T, kInvNormMaxRank>);
+    cuda::launch(enc, k, grid, dim3(kInvNormThreads), 0u, static_cast<const T*>(gpu_ptr<T>(p)),
+                 bp, partp, nparts, cp, yp, n_out, r, s, pt);
   });
 }
 
