@@ -154,11 +154,11 @@ project_kernel(const T* x, const T* pk, void* c, int cdt, int n, int k, int r, f
   for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
     for (int q = 0; q < 4; ++q) acc[nt][q] = 0.0f;
-  // M's fragments for a whole tile are loaded before its first product, so that their
-  // latency is paid once a tile, not once a 16-wide step. Past k (a multiple of 16, not
-  // of 64) both operands are zero: x's tile is zero-filled there.
-  auto mul = [&](int t) {
-    uint32_t b[kTile / 16][NT][2];
+  // M's fragments for a tile, loaded one tile ahead of their products like x's tile (their
+  // loads waited on L2 once a tile: Nsight, thirteenth session). Past k (a multiple of 16,
+  // not of 64) both operands are zero: x's tile is zero-filled there.
+  using BFrag = uint32_t[kTile / 16][NT][2];
+  auto load_b = [&](int t, BFrag& b) {
 #pragma unroll
     for (int q16 = 0; q16 < kTile / 16; ++q16) {
       int kk = t * kTile + q16 * 16;
@@ -170,6 +170,8 @@ project_kernel(const T* x, const T* pk, void* c, int cdt, int n, int k, int r, f
         b[q16][NT - 1][1] = in ? ld32(p1 + kk + 8) : 0u;
       }
     }
+  };
+  auto mul = [&](const BFrag& b) {
 #pragma unroll
     for (int q16 = 0; q16 < kTile / 16; ++q16) {
       const T* xa = xs + gid * kPitch + q16 * 16 + 2 * tig;
@@ -181,20 +183,29 @@ project_kernel(const T* x, const T* pk, void* c, int cdt, int n, int k, int r, f
   // Two tiles in flight: a warp walks only a few tiles, so one load's latency per tile
   // would be most of its time.
   uint4 na[4], nb[4];
-  if (0 < count) load_tile(x, row0, n, tile(0) * kTile, k, lane, na);
-  if (1 < count) load_tile(x, row0, n, tile(1) * kTile, k, lane, nb);
+  BFrag ba, bb;
+  if (0 < count) {
+    load_tile(x, row0, n, tile(0) * kTile, k, lane, na);
+    load_b(tile(0), ba);
+  }
+  if (1 < count) {
+    load_tile(x, row0, n, tile(1) * kTile, k, lane, nb);
+    load_b(tile(1), bb);
+  }
   for (int i = 0; i < count; i += 2) {
     __syncwarp();
     store_tile(xs, lane, na);
     __syncwarp();
     if (i + 2 < count) load_tile(x, row0, n, tile(i + 2) * kTile, k, lane, na);
-    mul(tile(i));
+    mul(ba);
+    if (i + 2 < count) load_b(tile(i + 2), ba);
     if (i + 1 >= count) break;
     __syncwarp();
     store_tile(xs, lane, nb);
     __syncwarp();
     if (i + 3 < count) load_tile(x, row0, n, tile(i + 3) * kTile, k, lane, nb);
-    mul(tile(i + 1));
+    mul(bb);
+    if (i + 3 < count) load_b(tile(i + 3), bb);
   }
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt)
