@@ -34,6 +34,9 @@ SHAPES = [
     # a warp with three 64-wide tiles of x, slices of several 16-row steps: the kernels'
     # two-deep prefetch
     ((2048,), 1600, 64, 16),
+    # Hopper's lora_gemm (bf16): partial tiles in every dimension (128 x 256 output tiles,
+    # k tiles of 64), three column tiles
+    ((300,), 1040, 528, 16),
 ]
 NAMES = ["x", "weight", "lora_a", "lora_b", "bias", "x_dropped"]
 

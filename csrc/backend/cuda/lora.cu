@@ -1,10 +1,12 @@
-// CUDA kernels of the fused LoRA linear (maths in csrc/ops/lora.h). The big products
-// are cuBLASLt matmuls captured into MLX's CUDA graph (the encoder's capture context);
-// the rank-r term is written first and the base GEMM accumulates into it (beta = 1), so
-// there is no (N, out) temporary and no separate add pass. cuBLASLt needs matching input
-// types: one small kernel narrows A and B to the compute dtype T, and xa = x_d A and
-// g = dy B^T are written in T directly (float32 accumulation inside the GEMM); gradients
-// of float32 LoRA parameters come out in float32.
+// CUDA kernels of the fused LoRA linear (maths in csrc/ops/lora.h). On Hopper, for
+// bfloat16, y = x W^T + s xa B and dx = dy W + s g A^T are each one GEMM of ours
+// (lora_gemm.cuh) in which the rank-r term is one more k tile of the main loop. Elsewhere
+// the big products are cuBLASLt matmuls captured into MLX's CUDA graph (the encoder's
+// capture context); the rank-r term is written first and the base GEMM accumulates into it
+// (beta = 1), so there is no (N, out) temporary and no separate add pass. cuBLASLt needs
+// matching input types: one small kernel narrows A and B to the compute dtype T, and
+// xa = x_d A and g = dy B^T are written in T directly (float32 accumulation inside the
+// GEMM); gradients of float32 LoRA parameters come out in float32.
 // x, W, bias, x_d arrive in T (the op casts them on the GPU); A, B in T or float32.
 #include <tuple>
 
@@ -46,6 +48,16 @@ void LoRALinear::eval_gpu(
   auto T = x.dtype();
   if (cuda::lowrank_fits(r, T, {in, out}, {&xd})) { // the rank-r products as kernels of ours
     // A (in, r) and B (r, out) packed for them in one launch.
+    if (cuda::lora_gemm_fits(enc, T, in, out, {&x, &w, &y})) {
+      // Hopper: the rank-r term as one more k tile of our own GEMM (lora_gemm.cuh): no
+      // pass writes s xa B into y for the base GEMM to read back.
+      auto m = cuda::lowrank_pack(
+          enc, T, {{a, r, 1, in, r, true}, {b, out, 1, r, out, false, 64, scale_}});
+      auto xa_pad = cuda::scratch(enc, {n, 64}, T);
+      cuda::lowrank_project(enc, xd, m[0], r, 1.0f, xa, &xa_pad);
+      cuda::lora_gemm(enc, x, w, xa_pad, m[1], bias, y);
+      return;
+    }
     auto m = cuda::lowrank_pack(enc, T, {{a, r, 1, in, r, true}, {b, out, 1, r, out, false}});
     cuda::lowrank_project(enc, xd, m[0], r, 1.0f, xa);
     cuda::lowrank_expand(enc, xa, m[1], scale_, bias, y);
@@ -90,9 +102,32 @@ void LoRALinearVJP::eval_gpu(
   }
   bool lora_into_dx = dx && !has_xd_;
   bool need_g = da || dxd || lora_into_dx;
+  // dA = s x_d^T g (in, r); dB = s xa^T dy (r, out): one pair of launches.
+  // g is read for dA only (it is computed whenever dA is asked for).
+  auto reduce = [&](const mx::array* g) {
+    if (da && db) {
+      cuda::lowrank_reduce(enc, {{xd, *g, *da, r, 1, scale_}, {dy, xa, *db, 1, out, scale_}});
+    } else if (da) {
+      cuda::lowrank_reduce(enc, {{xd, *g, *da, r, 1, scale_}});
+    } else if (db) {
+      cuda::lowrank_reduce(enc, {{dy, xa, *db, 1, out, scale_}});
+    }
+  };
   if (cuda::lowrank_fits(r, T, {in, out}, {&dy, &xd})) { // rank-r products as kernels of ours
     std::optional<mx::array> g_t;
     std::vector<mx::array> m;
+    if (lora_into_dx && cuda::lora_gemm_fits(enc, T, in, out, {&dy, &w, dx})) {
+      // Hopper: dx = dy W + s g A^T as one GEMM of ours with the rank-r k tile (as the
+      // forward), g = dy B^T from project (also into g_pad for the GEMM).
+      m = cuda::lowrank_pack(
+          enc, T, {{b, 1, out, out, r, true}, {a, 1, r, r, in, false, 64, scale_}});
+      g_t = scratch(enc, {n, r}, T);
+      auto g_pad = scratch(enc, {n, 64}, T);
+      cuda::lowrank_project(enc, dy, m[0], r, 1.0f, *g_t, &g_pad);
+      cuda::lora_gemm(enc, dy, w, g_pad, m[1], nullptr, *dx, true);
+      reduce(&*g_t);
+      return;
+    }
     if (need_g) { // g = dy B^T, B^T (out, r) and A^T (r, in) packed in one launch
       if (lora_into_dx || dxd) {
         m = cuda::lowrank_pack(enc, T, {{b, 1, out, out, r, true}, {a, 1, r, r, in, false}});
@@ -107,13 +142,7 @@ void LoRALinearVJP::eval_gpu(
       gemm(enc, {false, false, n, in, out, T, T, T}, 1.0f, dy, w, lora_into_dx ? 1.0f : 0.0f, *dx);
     }
     if (dxd) cuda::lowrank_expand(enc, *g_t, m[1], scale_, nullptr, *dxd);
-    if (da && db) { // dA = s x_d^T g (in, r); dB = s xa^T dy (r, out): one pair of launches
-      cuda::lowrank_reduce(enc, {{xd, *g_t, *da, r, 1, scale_}, {dy, xa, *db, 1, out, scale_}});
-    } else if (da) {
-      cuda::lowrank_reduce(enc, {{xd, *g_t, *da, r, 1, scale_}});
-    } else if (db) {
-      cuda::lowrank_reduce(enc, {{dy, xa, *db, 1, out, scale_}});
-    }
+    reduce(g_t ? &*g_t : nullptr);
     return;
   }
   std::optional<mx::array> g_t, a_t, b_t;

@@ -82,7 +82,8 @@ struct PackJob {
   long su, sv;
   int ulim, vlim;
   void* dst;
-  int U, V;
+  int U, V, ld; // dst rows ld elements apart
+  float s;
 };
 struct PackJobs {
   PackJob j[2];
@@ -97,7 +98,7 @@ __global__ void pack_kernel(PackJobs jobs) {
        i += (long)gridDim.x * blockDim.x) {
     int u = int(i / job.V), v = int(i % job.V);
     float val = (u < job.ulim && v < job.vlim) ? ld(job.src, u * job.su + v * job.sv, job.sdt) : 0.0f;
-    static_cast<T*>(job.dst)[i] = from_f<T>(val);
+    static_cast<T*>(job.dst)[(long)u * job.ld + v] = from_f<T>(job.s * val);
   }
 }
 
@@ -135,10 +136,12 @@ __device__ inline void store_tile(T* ts, int lane, const uint4 (&v)[4]) {
 // row, 1 KB runs, not eight 128-byte pieces 1 KB apart), each accumulating the tile's
 // 16 x 16 (NT = 2) or 16 x 8 (NT = 1, r <= 8) product with M packed as [16][k]; the next
 // x tile is loaded while this one is multiplied, and the eight partial results meet in
-// shared memory.
+// shared memory. With pad, the result is also written in T into the first 16 columns of
+// pad (n, 64): the rank tile of lora_gemm, zero past r (its other 48 columns are never
+// multiplied).
 template <typename T, int NT>
 __global__ void __launch_bounds__(kThreads)
-project_kernel(const T* x, const T* pk, void* c, int cdt, int n, int k, int r, float s) {
+project_kernel(const T* x, const T* pk, void* c, int cdt, int n, int k, int r, float s, T* pad) {
   __shared__ __align__(16) T xs_all[kWarps][16 * kPitch];
   __shared__ float red[kWarps][NT * 4][32];
   int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane / 4, tig = lane % 4;
@@ -222,6 +225,13 @@ project_kernel(const T* x, const T* pk, void* c, int cdt, int n, int k, int r, f
       for (int w = 0; w < kWarps; ++w) sum += red[w][nt * 4 + q][lane];
       int row = row0 + gid + (q >= 2 ? 8 : 0), j = nt * 8 + 2 * tig + (q & 1);
       if (row < n && j < r) st(c, (long)row * r + j, cdt, s * sum);
+      if (pad && row < n) pad[(long)row * 64 + j] = from_f<T>(j < r ? s * sum : 0.0f);
+    }
+  }
+  if (pad && NT == 1) { // columns 8 to 15 of the GEMM's rank tile: zeros
+    for (int e = lane; e < 16 * 8; e += 32) {
+      int row = row0 + e / 8;
+      if (row < n) pad[(long)row * 64 + 8 + e % 8] = from_f<T>(0.0f);
     }
   }
 }
@@ -500,9 +510,10 @@ std::vector<mx::array> lowrank_pack(mx::cu::CommandEncoder& enc, mx::Dtype t,
     // Both are M transposed, its rank side padded to 16: project's M (k, r) becomes
     // [16][k], expand's M (r, cols) becomes [cols][16]; dst[u][v] = M[v][u].
     int U = m.for_project ? 16 : m.cols, V = m.for_project ? m.rows : 16;
-    out.push_back(scratch(enc, {U, V}, t));
+    int ld = m.for_project ? V : m.ld;
+    out.push_back(scratch(enc, {U, ld}, t));
     pj.j[i++] = {gpu_ptr<void>(m.m), dt_of(m.m, "a LoRA matrix"), m.sj, m.si, m.cols, m.rows,
-                 gpu_ptr<void>(out.back()), U, V};
+                 gpu_ptr<void>(out.back()), U, V, ld, m.s};
     most = std::max(most, (long)U * V);
   }
   for (auto& m : ms) enc.set_input_array(m.m);
@@ -517,17 +528,17 @@ std::vector<mx::array> lowrank_pack(mx::cu::CommandEncoder& enc, mx::Dtype t,
 }
 
 void lowrank_project(mx::cu::CommandEncoder& enc, const mx::array& x, const mx::array& pk,
-                     int r, float s, mx::array& c) {
+                     int r, float s, mx::array& c, mx::array* pad) {
   int n = rows(x), k = width(x);
   if (n == 0) return;
-  reads_writes(enc, {&x, &pk}, {&c});
+  reads_writes(enc, {&x, &pk}, {&c, pad});
   int cdt = dt_of(c, "the output");
   with_t(x.dtype(), [&](auto tt) {
     using T = decltype(tt);
     const void* kern = r <= 8 ? reinterpret_cast<const void*>(&project_kernel<T, 1>)
                               : reinterpret_cast<const void*>(&project_kernel<T, 2>);
     launch(enc, kern, dim3((n + 15) / 16), dim3(kThreads), 0, gpu_ptr<T>(x), gpu_ptr<T>(pk),
-           gpu_ptr<void>(c), cdt, n, k, r, s);
+           gpu_ptr<void>(c), cdt, n, k, r, s, pad ? gpu_ptr<T>(*pad) : static_cast<T*>(nullptr));
   });
 }
 

@@ -1,0 +1,103 @@
+// Host side of the LoRA forward GEMM (lora_gemm.cuh): the TMA descriptors and the launch.
+#include <cuda.h>
+
+#include <cstdlib>
+
+#include "backend/cuda/gemm.cuh"
+#include "backend/cuda/lora_gemm.cuh"
+#include "backend/cuda/lowrank.cuh"
+
+namespace mlx_tuner::cuda {
+
+namespace {
+
+using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
+                                 const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
+                                 const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
+                                 CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+// cuTensorMapEncodeTiled through the runtime's driver entry point (no -lcuda).
+EncodeTiled encode_tiled() {
+  static EncodeTiled fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q;
+    check(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q),
+          "cudaGetDriverEntryPointByVersion");
+    if (q != cudaDriverEntryPointSuccess || !f) {
+      throw std::runtime_error("[lora_gemm] cuTensorMapEncodeTiled is not available");
+    }
+    return reinterpret_cast<EncodeTiled>(f);
+  }();
+  return fn;
+}
+
+// A row-major bf16 (rows, cols) matrix read or written in boxes of 64 columns x box_rows,
+// with the 128-byte swizzle the kernel's shared-memory layouts assume.
+CUtensorMap tensor_map(const mx::array& a, int rows, int cols, int box_rows) {
+  CUtensorMap m;
+  cuuint64_t dims[2] = {cuuint64_t(cols), cuuint64_t(rows)};
+  cuuint64_t strides[1] = {cuuint64_t(cols) * 2};
+  cuuint32_t box[2] = {cuuint32_t(lora_gemm::kBK), cuuint32_t(box_rows)};
+  cuuint32_t elem[2] = {1, 1};
+  CUresult r = encode_tiled()(&m, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, gpu_ptr<void>(a), dims,
+                              strides, box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                              CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                              CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS) {
+    throw std::runtime_error("[lora_gemm] cuTensorMapEncodeTiled failed: " + std::to_string(int(r)));
+  }
+  return m;
+}
+
+bool aligned16(const mx::array& a) {
+  return reinterpret_cast<uintptr_t>(gpu_ptr<void>(a)) % 16 == 0;
+}
+
+} // namespace
+
+bool lora_gemm_fits(mx::cu::CommandEncoder& enc, mx::Dtype t, int in, int out,
+                    std::initializer_list<const mx::array*> operands) {
+  static bool on = [] {
+    const char* v = std::getenv("MLX_TUNER_LORA_GEMM");
+    return !(v && v[0] == '0');
+  }();
+  static bool hopper = [&] {
+    int major = 0, minor = 0, dev = enc.device().cuda_device();
+    check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "cudaDeviceGetAttribute");
+    check(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev), "cudaDeviceGetAttribute");
+    return major == 9 && minor == 0;
+  }();
+  if (!on || !hopper || t != mx::bfloat16 || in % 8 != 0 || out % 8 != 0) return false;
+  for (auto* a : operands) {
+    if (!aligned16(*a)) return false; // TMA reads from 16-byte aligned addresses only
+  }
+  return true;
+}
+
+void lora_gemm(mx::cu::CommandEncoder& enc, const mx::array& x, const mx::array& w,
+               const mx::array& xa_pad, const mx::array& b_pad, const mx::array* bias,
+               mx::array& y, bool w_kn) {
+  using namespace lora_gemm;
+  // Here in = K and out = N of the product: W is (out, in), or (in, out) with w_kn.
+  int n = x.size() / x.shape(-1), in = x.shape(-1), out = y.shape(-1);
+  CUtensorMap tx = tensor_map(x, n, in, kBM);
+  CUtensorMap tw = w_kn ? tensor_map(w, in, out, 64) : tensor_map(w, out, in, kBN);
+  CUtensorMap txa = tensor_map(xa_pad, n, kRankCols, kBM);
+  CUtensorMap tbp = tensor_map(b_pad, out, kRankCols, kBN);
+  CUtensorMap ty = tensor_map(y, n, out, kEpiBox);
+  Params p{n, out, in, bias ? gpu_ptr<__nv_bfloat16>(*bias) : nullptr, 1};
+  reads_writes(enc, {&x, &w, &xa_pad, &b_pad, bias}, {&y});
+  static int sms = [&] {
+    int c = 0;
+    check(cudaDeviceGetAttribute(&c, cudaDevAttrMultiProcessorCount, enc.device().cuda_device()),
+          "cudaDeviceGetAttribute");
+    return c;
+  }();
+  int tiles = ((n + kBM - 1) / kBM) * ((out + kBN - 1) / kBN);
+  const void* kern = w_kn ? reinterpret_cast<const void*>(&lora_gemm_kernel<true>)
+                         : reinterpret_cast<const void*>(&lora_gemm_kernel<false>);
+  launch(enc, kern, dim3(std::min(tiles, sms)),
+         dim3(kThreads), kSmemBytes, tx, tw, txa, tbp, ty, p);
+}
+
+} // namespace mlx_tuner::cuda

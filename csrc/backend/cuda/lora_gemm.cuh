@@ -1,0 +1,228 @@
+// The LoRA forward as one GEMM on Hopper (sm_90a): y = x W^T + xa Bp^T (+ bias), where the
+// rank-r term enters the main loop as one more k tile (xa and Bp zero-padded to 64 columns)
+// instead of a separate pass that writes s xa B into y for a beta = 1 GEMM to read back.
+// Tiles of 128 x 256, k tiles of 64 through a ring of four TMA stages (128-byte swizzle),
+// a producer warpgroup (one thread issues the copies) and two consumer warpgroups (64 rows
+// each, wgmma m64n256k16, float32 accumulators in registers), persistent over the tiles.
+// Operands bf16, K-major (x (M, K), W (N, K), xa (M, 64), Bp (N, 64)), output bf16.
+#pragma once
+
+#include <cuda.h>
+#include <cuda_bf16.h>
+
+#include <cstdint>
+#include <utility>
+
+#include <cute/arch/copy_sm90_tma.hpp>
+#include <cute/arch/mma_sm90_gmma.hpp>
+#include <cutlass/arch/reg_reconfig.h>
+
+namespace mlx_tuner::lora_gemm {
+
+constexpr int kBM = 128, kBN = 256, kBK = 64, kStages = 4, kThreads = 384;
+constexpr int kABytes = kBM * kBK * 2, kBBytes = kBN * kBK * 2, kStageBytes = kABytes + kBBytes;
+constexpr int kRankCols = 64; // xa and Bp columns: the rank, zero-padded to one k tile
+// The epilogue goes through shared memory and TMA stores (asynchronous: the warpgroup is
+// back in the main loop while the tile is written), half a tile's columns at a time: each
+// consumer writes its 64 rows x 128 columns as two 64 x 64 boxes (128-byte swizzle).
+constexpr int kEpiBox = 64, kEpiBoxBytes = kEpiBox * kEpiBox * 2, kEpiBytes = 2 * 2 * kEpiBoxBytes;
+constexpr int kSmemBytes = kStages * kStageBytes + kEpiBytes + 1024 + 2 * kStages * 8;
+
+struct Params {
+  int m, n, k;
+  const __nv_bfloat16* bias; // (n,) or null
+  int rank; // 1: add xa Bp^T (one more k tile)
+};
+
+// The body is Hopper's alone (wgmma is sm_90a only): for other targets of a multi-arch
+// build it is empty, and the host launches it on compute capability 9.0 only.
+#if defined(CUTE_ARCH_MMA_SM90A_ENABLED) && defined(CUTE_ARCH_TMA_SM90_ENABLED)
+#define MLX_TUNER_LORA_GEMM_BODY 1
+#endif
+
+#if defined(MLX_TUNER_LORA_GEMM_BODY)
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void mbar_init(uint64_t* b, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(b)), "r"(count));
+}
+__device__ __forceinline__ void mbar_expect(uint64_t* b, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(b)),
+               "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* b) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_u32(b)) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* b, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred p;\nW%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+      "@!p bra W%=;\n}" ::"r"(smem_u32(b)), "r"(parity) : "memory");
+}
+
+// A K-major operand tile in shared memory as TMA wrote it with the 128-byte swizzle: rows
+// of 128 bytes (64 bf16), groups of 8 rows 1024 bytes apart.
+__device__ __forceinline__ uint64_t smem_desc(uint32_t addr) {
+  return uint64_t((addr & 0x3FFFF) >> 4) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) |
+         (uint64_t(1) << 62);
+}
+
+// An N-major B tile (kMN): four TMA boxes of 64 k rows x 64 n (128 bytes, swizzled), 8 KB
+// apart: the leading offset steps from one 64-column box to the next, the stride offset
+// from one group of 8 k rows to the next.
+__device__ __forceinline__ uint64_t smem_desc_mn(uint32_t addr) {
+  return uint64_t((addr & 0x3FFFF) >> 4) | (uint64_t(8192 >> 4) << 16) |
+         (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
+}
+
+template <bool kMN, size_t... I>
+__device__ __forceinline__ void wgmma_256(float (&d)[128], uint64_t da, uint64_t db, bool acc,
+                                          std::index_sequence<I...>) {
+  using namespace cute::SM90::GMMA;
+  MMA_64x256x16_F32BF16BF16_SS<Major::K, kMN ? Major::MN : Major::K>::fma(
+      da, db, d[I]..., acc ? ScaleOut::One : ScaleOut::Zero);
+}
+
+// Tile t of the grid, in groups of 8 row tiles so that the CTAs working at once share
+// their x and W tiles in L2.
+__device__ __forceinline__ void tile_coords(int t, int tm, int tn, int& mb, int& nb) {
+  constexpr int kGroup = 8;
+  int per_group = kGroup * tn, g = t / per_group, first = g * kGroup;
+  int rows = min(tm - first, kGroup), in_g = t % per_group;
+  mb = first + in_g % rows;
+  nb = in_g / rows;
+}
+#endif
+
+// kMN: W is given as (K, N), N-major (the backward's dx = dy W: W (out, in) as stored);
+// else (N, K). The rank tile's Bp is (N, 64) either way.
+template <bool kMN>
+__global__ void __launch_bounds__(kThreads, 1)
+lora_gemm_kernel(const __grid_constant__ CUtensorMap tx, const __grid_constant__ CUtensorMap tw,
+                 const __grid_constant__ CUtensorMap txa, const __grid_constant__ CUtensorMap tbp,
+                 const __grid_constant__ CUtensorMap ty, Params p) {
+#if defined(MLX_TUNER_LORA_GEMM_BODY)
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* smem = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  unsigned char* epi = smem + kStages * kStageBytes;
+  uint64_t* full = reinterpret_cast<uint64_t*>(epi + kEpiBytes);
+  uint64_t* empty = full + kStages;
+  int wg = threadIdx.x / 128, tid = threadIdx.x % 128;
+  int tm = (p.m + kBM - 1) / kBM, tn = (p.n + kBN - 1) / kBN, tiles = tm * tn;
+  int kt_main = (p.k + kBK - 1) / kBK, kt_all = kt_main + (p.rank ? 1 : 0);
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(&full[s], 1);
+      mbar_init(&empty[s], 2); // one arrival per consumer warpgroup
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+  if (wg == 0) { // producer
+    cutlass::arch::warpgroup_reg_dealloc<40>();
+    if (tid != 0) return;
+    int it = 0;
+    for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
+      int mb, nb;
+      tile_coords(t, tm, tn, mb, nb);
+      for (int kt = 0; kt < kt_all; ++kt, ++it) {
+        int s = it % kStages;
+        if (it >= kStages) mbar_wait(&empty[s], ((it / kStages) & 1) ^ 1);
+        mbar_expect(&full[s], kStageBytes);
+        unsigned char* sa = smem + s * kStageBytes;
+        if (kt < kt_main) {
+          cute::SM90_TMA_LOAD_2D::copy(&tx, &full[s], 0, sa, kt * kBK, mb * kBM);
+          if constexpr (kMN) {
+#pragma unroll
+            for (int q = 0; q < kBN / 64; ++q) {
+              cute::SM90_TMA_LOAD_2D::copy(&tw, &full[s], 0, sa + kABytes + q * 8192,
+                                           nb * kBN + 64 * q, kt * kBK);
+            }
+          } else {
+            cute::SM90_TMA_LOAD_2D::copy(&tw, &full[s], 0, sa + kABytes, kt * kBK, nb * kBN);
+          }
+        } else {
+          cute::SM90_TMA_LOAD_2D::copy(&txa, &full[s], 0, sa, 0, mb * kBM);
+          cute::SM90_TMA_LOAD_2D::copy(&tbp, &full[s], 0, sa + kABytes, 0, nb * kBN);
+        }
+      }
+    }
+    return;
+  }
+  cutlass::arch::warpgroup_reg_alloc<232>();
+  int c = wg - 1, warp = tid / 32, lane = tid % 32;
+  float acc[128];
+  int it = 0;
+  for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
+    int mb, nb;
+    tile_coords(t, tm, tn, mb, nb);
+    for (int kt = 0; kt < kt_all; ++kt, ++it) {
+      int s = it % kStages;
+      mbar_wait(&full[s], (it / kStages) & 1);
+      uint32_t a0 = smem_u32(smem + s * kStageBytes + c * 64 * 128);
+      uint32_t b0 = smem_u32(smem + s * kStageBytes + kABytes);
+      cute::warpgroup_arrive();
+      if (kt < kt_main) {
+#pragma unroll
+        for (int k16 = 0; k16 < kBK / 16; ++k16) {
+          uint64_t db = kMN ? smem_desc_mn(b0 + 2048 * k16) : smem_desc(b0 + 32 * k16);
+          wgmma_256<kMN>(acc, smem_desc(a0 + 32 * k16), db, kt > 0 || k16 > 0,
+                         std::make_index_sequence<128>{});
+        }
+      } else { // the rank tile: only its first 16 columns can be nonzero (r <= 16)
+        wgmma_256<false>(acc, smem_desc(a0), smem_desc(b0), true, std::make_index_sequence<128>{});
+      }
+      cute::warpgroup_commit_batch();
+      cute::warpgroup_wait<1>(); // the previous stage's products are done: release it
+      if (kt > 0 && tid == 0) mbar_arrive(&empty[(it - 1) % kStages]);
+    }
+    cute::warpgroup_wait<0>();
+    if (tid == 0) mbar_arrive(&empty[(it - 1) % kStages]);
+    // Epilogue: accumulator i of the fragment holds (row g or g + 8, column 8 (i / 4) +
+    // 2 (lane % 4) + (i & 1)), g = lane / 4, of this warp's 16 rows. Written as bf16 pairs
+    // into the 128-byte-swizzled boxes (16-byte unit u of row r at unit u ^ (r % 8): the
+    // warp's 32 stores hit 32 banks), then stored by one thread; TMA clips rows and
+    // columns past the matrix.
+    unsigned char* mine = epi + c * 2 * kEpiBoxBytes;
+    int r0 = warp * 16 + lane / 4;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      if (half == 1 || t != (int)blockIdx.x) { // the buffer's last stores have read it
+        if (tid == 0) cute::tma_store_wait<0>();
+        asm volatile("bar.sync %0, 128;" ::"r"(c + 1) : "memory");
+      }
+#pragma unroll
+      for (int jj = 0; jj < 16; ++jj) {
+        int j = half * 16 + jj, col = nb * kBN + 8 * j + 2 * (lane % 4);
+        float b0 = 0.0f, b1 = 0.0f;
+        if (p.bias && col < p.n) {
+          b0 = __bfloat162float(p.bias[col]);
+          b1 = __bfloat162float(p.bias[col + 1]);
+        }
+        unsigned char* box = mine + (jj / 8) * kEpiBoxBytes + 4 * (lane % 4);
+        int u = jj % 8;
+        *reinterpret_cast<__nv_bfloat162*>(box + r0 * 128 + ((u ^ (r0 % 8)) << 4)) =
+            __floats2bfloat162_rn(acc[4 * j] + b0, acc[4 * j + 1] + b1);
+        int r1 = r0 + 8;
+        *reinterpret_cast<__nv_bfloat162*>(box + r1 * 128 + ((u ^ (r1 % 8)) << 4)) =
+            __floats2bfloat162_rn(acc[4 * j + 2] + b0, acc[4 * j + 3] + b1);
+      }
+      cute::tma_store_fence(); // the generic-proxy writes, visible to the TMA unit
+      asm volatile("bar.sync %0, 128;" ::"r"(c + 1) : "memory");
+      if (tid == 0) {
+        int row = mb * kBM + c * 64, col = nb * kBN + half * 128;
+        cute::SM90_TMA_STORE_2D::copy(&ty, mine, col, row);
+        cute::SM90_TMA_STORE_2D::copy(&ty, mine + kEpiBoxBytes, col + kEpiBox, row);
+        cute::tma_store_arrive();
+      }
+    }
+  }
+  if (tid == 0) { // every store complete before the kernel ends
+    asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+  }
+#endif
+}
+
+} // namespace mlx_tuner::lora_gemm
