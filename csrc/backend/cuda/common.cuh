@@ -6,6 +6,7 @@
 #include <cuda.h>
 #include <cuda_runtime.h>
 
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 #include <tuple>
@@ -19,6 +20,11 @@
 namespace mlx_tuner::cuda {
 
 namespace mx = mlx::core;
+
+// Whether a device pointer may be read by 16-byte vectors (or by TMA).
+inline bool aligned16(const void* p) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
+}
 
 // Throws std::runtime_error("[what] <cuda error>") on failure.
 void check(cudaError_t err, const char* what);

@@ -50,6 +50,7 @@ constexpr float kInf = __builtin_huge_valf();
 constexpr float kLn2 = 0.693147180559945309f;
 constexpr int kMaxWarps = 32;
 
+using cu::aligned16;
 using cu::from_f;
 using cu::to_f;
 
@@ -697,10 +698,6 @@ void with_type(mx::Dtype t, F&& f) {
   } else {
     throw std::invalid_argument("[divergence] unsupported dtype " + dtype_name(t));
   }
-}
-
-bool aligned16(const void* ptr) {
-  return reinterpret_cast<uintptr_t>(ptr) % 16 == 0;
 }
 
 int forward_threads(int nvec) {

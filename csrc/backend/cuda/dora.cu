@@ -28,6 +28,7 @@ namespace {
 
 constexpr int kThreads = 256;
 
+using cuda::aligned16;
 using cuda::from_f;
 using cuda::to_f;
 
@@ -423,10 +424,6 @@ void by_type(mx::Dtype t, F&& f) {
     case mx::bfloat16: return f.template operator()<__nv_bfloat16>();
     default: throw std::invalid_argument("[dora_scale] float32, float16 or bfloat16 expected");
   }
-}
-
-bool aligned16(const void* p) {
-  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 }
 
 long long ceil_div(long long a, long long b) {

@@ -49,10 +49,6 @@ CUtensorMap tensor_map(const mx::array& a, int rows, int cols, int box_rows) {
   return m;
 }
 
-bool aligned16(const mx::array& a) {
-  return reinterpret_cast<uintptr_t>(gpu_ptr<void>(a)) % 16 == 0;
-}
-
 } // namespace
 
 bool lora_gemm_fits(mx::cu::CommandEncoder& enc, mx::Dtype t, int in, int out,
@@ -69,7 +65,7 @@ bool lora_gemm_fits(mx::cu::CommandEncoder& enc, mx::Dtype t, int in, int out,
   }();
   if (!on || !hopper || t != mx::bfloat16 || in % 8 != 0 || out % 8 != 0) return false;
   for (auto* a : operands) {
-    if (!aligned16(*a)) return false; // TMA reads from 16-byte aligned addresses only
+    if (!aligned16(gpu_ptr<void>(*a))) return false; // TMA reads 16-byte aligned addresses only
   }
   return true;
 }

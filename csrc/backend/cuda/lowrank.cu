@@ -494,7 +494,7 @@ bool lowrank_fits(int r, mx::Dtype t, std::initializer_list<int> widths,
     if (w <= 0 || w % 16 != 0) return false;
   }
   for (auto* a : projected) { // a view may start at any element; rows are read by 16 bytes
-    if (reinterpret_cast<uintptr_t>(gpu_ptr<void>(*a)) % 16 != 0) return false;
+    if (!aligned16(gpu_ptr<void>(*a))) return false;
   }
   return true;
 }
