@@ -260,6 +260,17 @@ def test_js_fully_masked_row(device, dtype, masked):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_js_masked_row_start(device, dtype):
+    # A side whose first entries are all -inf and the rest finite: the AVX-512
+    # half-precision forward takes its offsets from the first entries and must not keep -inf.
+    q, p = _inputs((3, 40013), dtype)
+    head = mx.arange(40013) < 300
+    q = mx.where(head, -mx.inf, q).astype(dtype)
+    check_all("js", q, p, dtype)
+    check_all("js", p, q, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(3, 1), (4, 513), (5, 4096), (3, 40013)], ids=str)
 def test_js_cpu_recomputed_exps_match_kept_ones(monkeypatch, dtype, shape):
     # The CPU JS forward keeps exp(x - max) in a row buffer up to an L2-sized V and

@@ -1,15 +1,16 @@
 #ifndef MT_DIV_BODY
 // CPU kernels of the KL / JS divergence (maths: csrc/ops/divergence.h).
 //
-// Rows are split across threads (parallel_for). Each row is streamed in blocks of kBlock
-// elements: half types are converted to float32 into a small stack buffer, so there is
-// no (rows, V) temporary. KL's forward is one pass (online max / sum-exp / sum-P(a-b)
-// with one rescale per block, 2 exps per element); JS's needs the normalizers first: it
-// keeps the row's exps in a per-thread buffer and ends with one log per element (2 exps +
-// 1 log). The backward is one pass given the stats (KL: 2 exps, JS: 2 exps + 1 log).
-// These loops are exp-bound, so the exp/log are hand-vectorized and data for later is
-// software-prefetched. JS on bf16 / f16 has its own, cheaper path (see "half types"). SIMD: GCC/Clang vector extensions, compiled per target on x86-64
-// (generic and AVX2+FMA with 8 lanes, AVX-512 with 16), picked at run time.
+// Rows are split across threads (parallel_for), and read without a (rows, V) temporary:
+// half types are converted to float32 a few vectors at a time. KL's forward is one pass
+// (online max / sum-exp / sum-P(a-b) with one rescale per block of kBlock, 2 exps per
+// element); JS's needs the normalizers first: an exp pass for the sums, then a log pass
+// (2 exps + 1 log per element pair, the exps kept in a per-thread row buffer where it
+// fits in L2, else computed again; see "JS forward"). The backward is one pass given the
+// stats (KL: 2 exps, JS: 2 exps + 1 log). These loops are bound by the exp / log
+// arithmetic, so those are hand-vectorized and data for later is software-prefetched.
+// SIMD: GCC/Clang vector extensions, compiled per target on x86-64 (generic and AVX2+FMA
+// with 8 lanes, AVX-512 with 16), picked at run time.
 #include <cmath>
 #include <algorithm>
 #include <string>
@@ -190,12 +191,14 @@ void with_type(mx::Dtype dtype, F&& f) {
 }
 
 // The JS forward keeps exp(x - max) of both sides in a per-thread row buffer between its
-// last two passes. That pays while the buffer (8 V bytes) and the row's two inputs stay
+// two passes. That pays while the buffer (8 V bytes) and the row's two inputs stay
 // within the L2 cache; beyond, writing and reading the buffer from further out costs more
 // than two more exps per element pair. Kept / recomputed time, alternated in one run on
-// the 2-core CI machine (2 MB of L2 a core): float32 0.72 at V = 32,000, 1.03 at 98,304,
-// 1.18-1.21 at 131,072-151,936; bfloat16 0.79 at 32,000, 1.01 at 131,072, 1.12 at
-// 151,936. So the largest V that keeps it is 3/4 of L2 over the bytes per element.
+// the 2-core CI machine (2 MB of L2 a core) with AVX-512: float32 0.81-0.83 at V = 32,000,
+// 0.83-0.91 at 65,536, 1.06 at 98,304, 1.29-1.49 at 131,072-151,936; bfloat16 0.79-0.81 at
+// 32,000, 0.84 at 98,304, 1.00-1.02 at 131,072, 1.13-1.17 at 151,936. So the largest V
+// that keeps it is 5/8 of L2 over the bytes per element. Without AVX-512 the exps cost
+// more (with AVX2 kept / recomputed was 0.65-0.69 up to 151,936): 3/4 of L2, as before.
 // MLX_TUNER_JS_CACHE_MAX_V overrides it (the tests run both paths).
 // bytes_per_v: the buffer's 8 bytes and the row's two inputs'.
 int js_cache_max_v(int bytes_per_v) {
@@ -209,7 +212,12 @@ int js_cache_max_v(int bytes_per_v) {
 #endif
     return v > 0 ? v : 1L << 20;
   }();
-  return int(l2 / 4 * 3 / bytes_per_v);
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  const bool avx512 = isa() == 2;
+#else
+  const bool avx512 = false;
+#endif
+  return int((avx512 ? l2 / 8 * 5 : l2 / 4 * 3) / bytes_per_v);
 }
 
 } // namespace
@@ -315,8 +323,10 @@ MT_INLINE float hmax(vf v) {
 // for relative error) in Horner form.
 // I: instruction set of the caller (2 = AVX-512, whose vscalefps does the 2^n scaling with
 // underflow to 0, and vmaxps the clamp: 12 vector ops instead of 16).
-template <int I>
+// HALF: exp(x) / 2 (exactly: the factor is folded into the coefficients).
+template <int I, bool HALF = false>
 MT_INLINE vf vexp(vf x) {
+  const float h = HALF ? 0.5f : 1.f;
 #if defined(__x86_64__)
   if constexpr (I == 2) {
     // Inline asm, not intrinsics: this body is only ever inlined into the AVX-512 entry
@@ -328,13 +338,13 @@ MT_INLINE vf vexp(vf x) {
     const float magic = 12582912.f;
     vf n = (xc * 1.44269504088896341f + magic) - magic;
     vf r = xc - n * 0.693359375f - n * -2.12194440e-4f;
-    vf p = splat(1.3754e-3f);
-    p = p * r + 8.36891e-3f;
-    p = p * r + 4.166949e-2f;
-    p = p * r + 1.6666518e-1f;
-    p = p * r + 4.9999988e-1f;
-    p = p * r + 1.f;
-    p = p * r + 1.f;
+    vf p = splat(1.3754e-3f * h);
+    p = p * r + 8.36891e-3f * h;
+    p = p * r + 4.166949e-2f * h;
+    p = p * r + 1.6666518e-1f * h;
+    p = p * r + 4.9999988e-1f * h;
+    p = p * r + h;
+    p = p * r + h;
     asm("vscalefps %2, %1, %0" : "=v"(y) : "v"(p), "v"(n)); // p 2^n, subnormals included
     return y;
   }
@@ -345,13 +355,13 @@ MT_INLINE vf vexp(vf x) {
   vf t = xc * 1.44269504088896341f + magic;
   vf n = t - magic;
   vf r = xc - n * 0.693359375f - n * -2.12194440e-4f;
-  vf p = splat(1.3754e-3f);
-  p = p * r + 8.36891e-3f;
-  p = p * r + 4.166949e-2f;
-  p = p * r + 1.6666518e-1f;
-  p = p * r + 4.9999988e-1f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
+  vf p = splat(1.3754e-3f * h);
+  p = p * r + 8.36891e-3f * h;
+  p = p * r + 4.166949e-2f * h;
+  p = p * r + 1.6666518e-1f * h;
+  p = p * r + 4.9999988e-1f * h;
+  p = p * r + h;
+  p = p * r + h;
   // 2^n from the low bits of t (magic's low 9 bits are zero); n >= -126 keeps it normal.
   vf y = p * (vf)(((vi)t + 127) << 23);
   return vsel(lo, splat(0.f), y);
@@ -521,11 +531,11 @@ MT_INLINE const float* load_block(const T* src, int n, float* buf) {
 
 
 
-// ------------------------------------------------------------------ half types (JS)
+// ------------------------------------------------------------------ JS: exp, log, loads
 // bf16 / f16 inputs need float32 work only well below their own rounding (2^-9, 2^-12):
-// exp by a degree-4 polynomial with a one-constant reduction, log by a
-// 32-entry table and three terms of log1p (absolute error < 3e-7), and the bf16 widening
-// done two vectors at a time. float32 inputs keep the accurate paths above.
+// exp by a degree-4 polynomial, log by a 32-entry table and three terms of log1p
+// (absolute error < 3e-7), and the bf16 widening done two vectors at a time. The float32
+// JS forward uses the same log with ln2 in two parts, and a degree-6 exp.
 
 // NaN-preserving lower clamp: z < lo becomes lo, NaN stays NaN.
 template <int I>
@@ -544,17 +554,12 @@ MT_INLINE vf clamp_lo(vf z, float lo) {
 // distributions is about the mean of this error, so not less); zc is set to z clamped
 // below (-110 with AVX-512, -87 otherwise), so that exp(z) * zc is 0 (not NaN) for
 // z = -inf. exp is 0 below the clamp, NaN stays NaN.
-// HALF: exp(z) / 2 (the factor is folded into the polynomial). !CLAMP (AVX-512 only): no
-// clamp, so z = -inf gives NaN; zc = z.
-template <int I, bool CLAMP = true, bool HALF = false>
+// HALF: exp(z) / 2 (the factor is folded into the polynomial).
+template <int I, bool HALF = false>
 MT_INLINE vf vexp_half(vf z, vf& zc) {
   const float magic = 12582912.f;
   const float h = HALF ? 0.5f : 1.f;
-  if constexpr (CLAMP) {
-    zc = clamp_lo<I>(z, I == 2 ? -110.f : -87.f);
-  } else {
-    zc = z;
-  }
+  zc = clamp_lo<I>(z, I == 2 ? -110.f : -87.f);
   vf t = zc * 1.44269504088896341f + magic;
   vf n = t - magic;
   vf r = n * -kLn2 + zc;
@@ -570,7 +575,6 @@ MT_INLINE vf vexp_half(vf z, vf& zc) {
     return y;
   }
 #endif
-  static_assert(CLAMP || I == 2, "the unclamped exp needs vscalefps");
   vf y = p * (vf)(((vi)t + 127) << 23);
   return vsel(z < -87.f, splat(0.f), y);
 }
@@ -589,10 +593,11 @@ MT_INLINE vf vlookup32(vf lo, vf hi, vi idx) {
 #endif
 }
 
-// log(x) for x >= FLT_MIN (callers add FLT_MIN), NaN stays NaN; absolute error < 3e-7.
+// log(x) for x >= FLT_MIN (callers add FLT_MIN), NaN stays NaN; absolute error < 3e-7,
+// < 1e-7 with ACC (e ln2 in two parts: float32 inputs).
 // AVX-512: x = 2^e m, c = 1 + (k + 1/2)/32 from m's top 5 bits, m / c = 1 + f, |f| < 1/64,
 // log1p(f) by three terms.
-template <int I>
+template <int I, bool ACC = false>
 MT_INLINE vf vlog_half(vf x) {
 #if defined(__x86_64__)
   if constexpr (I == 2 && W == 16) {
@@ -623,18 +628,24 @@ MT_INLINE vf vlog_half(vf x) {
     vi k = (vi)x >> 18; // vpermt2ps reads the low 5 bits: the mantissa's top 5
     vf f = m * vlookup32(inv_lo, inv_hi, k) - 1.f;
     vf y = (f * f) * (f * (1.f / 3) - 0.5f) + f;
+    if constexpr (ACC) {
+      return (e * -2.12194440e-4f + (y + vlookup32(log_lo, log_hi, k))) + e * 0.693359375f;
+    }
     return (y + vlookup32(log_lo, log_hi, k)) + e * 0.693147180559945f;
   }
 #endif
   return vlog<I>(x);
 }
 
-// 2W consecutive half elements as two float32 vectors. bf16: the even and the odd
-// elements (one shift, one and); f16: the two halves. The forward only needs q and p in
+// 2W consecutive elements as two float32 vectors. bf16: the even and the odd elements
+// (one shift, one and); float32 and f16: the two halves. The forward only needs q and p in
 // the same order; the backward's store_pair puts them back.
 template <typename T, int I>
 MT_INLINE void load_pair(const T* src, vf& a, vf& b) {
-  if constexpr (std::is_same_v<T, mx::bfloat16_t>) {
+  if constexpr (std::is_same_v<T, float>) {
+    a = vload(src);
+    b = vload(src + W);
+  } else if constexpr (std::is_same_v<T, mx::bfloat16_t>) {
     vu u;
     std::memcpy(&u, src, sizeof(vu));
     a = (vf)(u << 16);
@@ -668,13 +679,12 @@ MT_INLINE void load_pair_at(const T* row, int j, int V, vf& a, vf& b) {
     load_pair<T, I>(row + j, a, b);
     return;
   }
-  const uint16_t ninf = std::is_same_v<T, mx::bfloat16_t> ? 0xff80 : 0xfc00;
-  uint16_t tmp[2 * W];
+  T tmp[2 * W];
   for (int i = 0; i < 2 * W; ++i) {
-    tmp[i] = ninf;
+    from_float(-kInf, tmp + i);
   }
   std::memcpy(tmp, row + j, (V - j) * sizeof(T));
-  load_pair<T, I>(reinterpret_cast<const T*>(tmp), a, b);
+  load_pair<T, I>(tmp, a, b);
 }
 
 // The inverse of load_pair for at most n elements; rounds to nearest even.
@@ -713,24 +723,123 @@ MT_INLINE void store_pair(T* dst, vf a, vf b, int n) {
   }
 }
 
-// JS forward for half types: (1) maxima, (2) e = exp(z), z = x - max, into a per-thread
-// row buffer, with S = sum e, (3) with L = log(e_q / 2 + e_p S_q / (2 S_p)) = lm + log S_q,
-// KLq = sum e_q (z_q - L) / S_q and KLp = sum e_p (z_p - L) / S_p + log S_q - log S_p, z
-// recomputed from the input (cheaper than storing it). Two exps and one log per element
-// pair; each term is a difference taken per element, so KL stays accurate as P -> Q.
-// With AVX-512 a row is first tried with a sample's maxima as offsets and without
-// clamping z; the rows where that overflows or meets -inf logits are redone exactly.
+// JS forward: (1) maxima, (2) e = exp(z), z = x - max, with S = sum e, into a per-thread
+// row buffer while it and the row fit in L2 (Args::js_cache_max_v), (3) with
+// L = log(e_q / 2 + e_p S_q / (2 S_p)) = lm + log S_q, KLq = sum e_q (z_q - L) / S_q and
+// KLp = sum e_p (z_p - L) / S_p + log S_q - log S_p, z recomputed from the input (cheaper
+// than storing it), and e too above the buffer's limit. Two exps and one log per element
+// pair (four exps without the buffer); each term is a difference taken per element, so
+// KL stays accurate as P -> Q. float32 adds c = log S_q - log S_p to each term instead:
+// summed, the terms then stay as small as KLp, and so does the rounding of their sum.
+// With AVX-512, e = 2^u with u = x log2(e) - max log2(e), one FMA (vexp2_half), and
+// z = u ln2 folds into z - L.
 
-// The exp pass: stores e / 2 and returns S / 2; NEXT also finds the maxima of the row
-// after (loads interleaved with the exp arithmetic).
-template <typename T, int I, bool SAFE, bool NEXT, bool CACHE>
+constexpr float kLog2e = 1.44269504088896341f;
+
+// e / 2 = 2^u / 2 for u as above (AVX-512 only): f = u - floor(u) in [0, 1] by vreduceps,
+// 2^f by a polynomial, then vscalefps's p 2^floor(u). The polynomials are minimax for
+// relative error with p(0) = 1 and p(1) = 2 (fitted here), so that the row maximum's
+// e, u ~ 0, is exact as with z = 0: relative error 6.7e-8 at degree 6 (float32), 3.4e-6
+// at degree 4 (half types; JS of nearly equal distributions is about the mean of this
+// error, so not less). u = -inf gives 0 (vreduceps returns 0 for infinities), u >= 128
+// inf, NaN NaN; u is exact to its rounding (no range reduction).
+template <bool F32>
+MT_INLINE vf vexp2_half(vf u) {
+  vf f, p, y;
+#if defined(__x86_64__)
+  asm("vreduceps $9, %1, %0" : "=v"(f) : "v"(u)); // round down, no precision exception
+#endif
+  if constexpr (F32) {
+    p = splat(0.5f * 2.1715026e-4f);
+    p = p * f + 0.5f * 1.2440877e-3f;
+    p = p * f + 0.5f * 9.6780639e-3f;
+    p = p * f + 0.5f * 5.5484153e-2f;
+    p = p * f + 0.5f * 2.4022952e-1f;
+    p = p * f + 0.5f * 6.9314700e-1f;
+    p = p * f + 0.5f;
+  } else {
+    p = splat(0.5f * 1.3555747e-2f);
+    p = p * f + 0.5f * 5.2032370e-2f;
+    p = p * f + 0.5f * 2.4137977e-1f;
+    p = p * f + 0.5f * 6.9303215e-1f;
+    p = p * f + 0.5f;
+  }
+#if defined(__x86_64__)
+  asm("vscalefps %2, %1, %0" : "=v"(y) : "v"(p), "v"(u));
+#endif
+  return y;
+}
+
+// The exponent argument of a side with offset o: u = x log2(e) - po with AVX-512
+// (po = js_po(o)), z = x - o otherwise.
+template <int I>
+MT_INLINE float js_po(float o) {
+  return I == 2 ? o * kLog2e : o;
+}
+template <int I>
+MT_INLINE vf js_arg(vf x, float po) {
+  if constexpr (I == 2) {
+    return x * kLog2e - po; // one FMA: exact for huge logits too
+  } else {
+    return x - po;
+  }
+}
+// log sum exp(x - o) - log S, for the stats: S sums 2^u = exp(x - po / log2(e)).
+template <int I>
+MT_INLINE float js_log_sum_shift(float o) {
+  return I == 2 ? float(double(js_po<I>(o)) / double(kLog2e) - double(o)) : 0.f;
+}
+
+// e / 2 of js_arg's a. Generic / AVX2: the clamped exps (vexp, vexp_half).
+template <typename T, int I>
+MT_INLINE vf js_exp(vf a) {
+  if constexpr (I == 2) {
+    return vexp2_half<std::is_same_v<T, float>>(a);
+  } else if constexpr (std::is_same_v<T, float>) {
+    return vexp<I, true>(a);
+  } else {
+    vf unused;
+    return vexp_half<I, true>(a, unused);
+  }
+}
+
+// z - L of js_arg's a.
+template <int I>
+MT_INLINE vf js_z_minus(vf a, vf L) {
+  if constexpr (I == 2) {
+    return a * kLn2 - L;
+  } else {
+    return a - L;
+  }
+}
+
+template <typename T, int I>
+MT_INLINE void js_row_max(const T* qr, const T* pr, int n, float& mq, float& mp) {
+  vf vq = splat(-kInf), vp = splat(-kInf);
+  for (int j = 0; j < n; j += 2 * W) {
+    vf q0, q1, p0, p1;
+    load_pair_at<T, I>(qr, j, n, q0, q1);
+    load_pair_at<T, I>(pr, j, n, p0, p1);
+    vq = vmax(vq, vmax(q0, q1));
+    vp = vmax(vp, vmax(p0, p1));
+  }
+  mq = hmax(vq);
+  mp = hmax(vp);
+}
+
+// The exp pass over a row: stores e / 2 (CACHE) and returns S / 2, given the offsets' po.
+// NEXT: also finds the maxima of the row after (loads interleaved with the exp
+// arithmetic). PF: prefetches the next row.
+template <typename T, int I, bool NEXT, bool CACHE, bool PF>
 MT_INLINE void js_exp_pass(const T* qr, const T* pr, int V, float oq, float op, float* row,
                            float& Sq, float& Sp, vf& vmq, vf& vmp) {
   vf sq{}, sp{};
   for (int j = 0; j < V; j += 2 * W) {
-    vf x[4], z;
-    prefetch(qr + V + j); // the next row (prefetches do not fault past the end)
-    prefetch(pr + V + j);
+    vf x[4];
+    if constexpr (PF) {
+      prefetch(qr + V + j); // the next row (prefetches do not fault past the end)
+      prefetch(pr + V + j);
+    }
     if constexpr (NEXT) {
       load_pair_at<T, I>(qr + V, j, V, x[0], x[1]);
       load_pair_at<T, I>(pr + V, j, V, x[2], x[3]);
@@ -740,7 +849,7 @@ MT_INLINE void js_exp_pass(const T* qr, const T* pr, int V, float oq, float op, 
     load_pair_at<T, I>(qr, j, V, x[0], x[1]);
     load_pair_at<T, I>(pr, j, V, x[2], x[3]);
     for (int k = 0; k < 4; ++k) {
-      vf e = vexp_half<I, SAFE, true>(x[k] - (k < 2 ? oq : op), z);
+      vf e = js_exp<T, I>(js_arg<I>(x[k], k < 2 ? oq : op));
       if constexpr (CACHE) {
         vstore(row + 2 * j + k * W, e);
       }
@@ -751,131 +860,137 @@ MT_INLINE void js_exp_pass(const T* qr, const T* pr, int V, float oq, float op, 
   Sp = hsum(sp);
 }
 
-// The log pass: sums of e (z - L) / 2 for q and p, given g = S_q / S_p.
-// CACHE false: e / 2 recomputed from the input as the exp pass did (the same bits).
-template <typename T, int I, bool SAFE, bool CACHE>
+// The log pass: sums of e (z - L) / 2 for q and p, given g = S_q / S_p (float32: of
+// e_p (z_p + c - L) / 2). CACHE false: e / 2 recomputed as the exp pass did (the same
+// bits). NEXT as in the exp pass; PF: prefetches the next row.
+template <typename T, int I, bool CACHE, bool NEXT, bool PF>
 MT_INLINE void js_log_pass(const T* qr, const T* pr, int V, float oq, float op, float g,
-                           const float* row, float& Aq, float& Ap) {
+                           float c, const float* row, float& Aq, float& Ap, vf& vmq,
+                           vf& vmp) {
   constexpr float kTiny = std::numeric_limits<float>::min();
   vf aq{}, ap{};
   for (int j = 0; j < V; j += 2 * W) {
     vf x[4];
+    if constexpr (PF) {
+      prefetch(qr + V + j);
+      prefetch(pr + V + j);
+    }
+    if constexpr (NEXT) {
+      load_pair_at<T, I>(qr + V, j, V, x[0], x[1]);
+      load_pair_at<T, I>(pr + V, j, V, x[2], x[3]);
+      vmq = vmax(vmq, vmax(x[0], x[1]));
+      vmp = vmax(vmp, vmax(x[2], x[3]));
+    }
     load_pair_at<T, I>(qr, j, V, x[0], x[1]);
     load_pair_at<T, I>(pr, j, V, x[2], x[3]);
+    // The four exps first, then the two logs: independent chains side by side.
+    vf u[4], h[4], L[2];
+    for (int k = 0; k < 4; ++k) {
+      u[k] = js_arg<I>(x[k], k < 2 ? oq : op);
+      h[k] = CACHE ? vload(row + 2 * j + k * W) : js_exp<T, I>(u[k]);
+    }
     for (int k = 0; k < 2; ++k) {
-      vf hq, hp;
-      if constexpr (CACHE) {
-        const float* c = row + 2 * j + k * W;
-        hq = vload(c);
-        hp = vload(c + 2 * W);
-      } else {
-        vf unused;
-        hq = vexp_half<I, SAFE, true>(x[k] - oq, unused);
-        hp = vexp_half<I, SAFE, true>(x[2 + k] - op, unused);
-      }
-      vf zq = x[k] - oq, zp = x[2 + k] - op, L;
-      if constexpr (SAFE) {
-        L = vlog_half<I>(hp * g + (hq + kTiny)); // > 0 for log
-        zq = clamp_lo<I>(zq, -110.f); // e = 0 there: e * (z - L) = 0
-        zp = clamp_lo<I>(zp, -110.f);
-      } else {
-        L = vlog_half<I>(hp * g + hq);
-      }
-      aq += hq * (zq - L);
-      ap += hp * (zp - L);
+      // e = 0 on both sides (-inf logits, or far below the maxima) is log(0) without
+      // FLT_MIN, and e * (z - L) NaN for z = -inf without the clamps (e = 0 below them).
+      L[k] = vlog_half<I, std::is_same_v<T, float>>(h[2 + k] * g + (h[k] + kTiny));
+    }
+    for (int k = 0; k < 4; ++k) {
+      vf zl = js_z_minus<I>(clamp_lo<I>(u[k], I == 2 ? -160.f : -110.f),
+                            k >= 2 && std::is_same_v<T, float> ? L[k - 2] - c : L[k % 2]);
+      (k < 2 ? aq : ap) += h[k] * zl;
     }
   }
   Aq = hsum(aq);
   Ap = hsum(ap);
 }
 
+// Row r's divergence and stats from the sums of the passes (S and A of e / 2).
+template <typename T, int I>
+MT_INLINE void js_finish(const Args<T>& a, int64_t r, float mq, float mp, float Sq, float Sp,
+                         float Aq, float Ap) {
+  Sq *= 2.f; // the buffer and the sums hold e / 2
+  Sp *= 2.f;
+  const float lsq = std::log(Sq), lsp = std::log(Sp);
+  // A fully masked row (S_q = 0) has Q = 0, so M = P / 2: KLq = 0, KLp = log 2.
+  float kq = Sq > 0.f ? kLn2 : 0.f, kp = Sp > 0.f ? kLn2 : 0.f;
+  if (Sq > 0.f && Sp > 0.f) {
+    kq = 2.f * Aq / Sq;
+    kp = 2.f * Ap / Sp + (std::is_same_v<T, float> ? 0.f : lsq - lsp);
+  } else if (!(Sq >= 0.f && Sp >= 0.f)) { // NaN
+    kq = kp = std::numeric_limits<float>::quiet_NaN();
+  }
+  // The backward only needs an offset for x with lsq = log sum exp(x - offset): a
+  // sample's maximum serves.
+  const float oq = exp_offset(mq), op = exp_offset(mp);
+  a.put_stats(r, mq, lsq + js_log_sum_shift<I>(oq), mp, lsp + js_log_sum_shift<I>(op), kq,
+              kp);
+  from_float(0.5f * (kq + kp), a.out + r);
+}
+
+// Offsets: half types with AVX-512 take the maxima of a sample (the row's first
+// elements), which serve as well as the row maxima unless exp overflows (then the row is
+// redone from the row maxima). float32 needs the exact maxima (sample offsets can leave z
+// and L near 80, where their rounding is 4e-6): with AVX-512 those of row r + 1 are found
+// in row r's log pass, whose loads of it serve as the prefetch; generic / AVX2 find them
+// in the exp pass. Either way a chunk's first row has a pass of its own.
 template <typename T, int I, bool CACHE>
-MT_INLINE void js_forward_rows_half(const Args<T>& a, int64_t r0, int64_t r1) {
+MT_INLINE void js_forward_rows(const Args<T>& a, int64_t r0, int64_t r1) {
   const int V = a.V;
   const int Vp = (V + 2 * W - 1) / (2 * W) * (2 * W);
   thread_local std::vector<float> buf;
-  if (buf.size() < size_t(2 * Vp)) {
+  if (CACHE && buf.size() < size_t(2 * Vp)) {
     buf.resize(2 * Vp);
   }
   // Chunk c of 2W elements holds e_q / 2, e_p / 2 (2W each) at 4W c.
   float* row = buf.data();
-  auto row_max = [&](const T* qr, const T* pr, int n, float& mq, float& mp) {
-    vf vq = splat(-kInf), vp = splat(-kInf);
-    for (int j = 0; j < n; j += 2 * W) {
-      vf q0, q1, p0, p1;
-      load_pair_at<T, I>(qr, j, n, q0, q1);
-      load_pair_at<T, I>(pr, j, n, p0, p1);
-      vq = vmax(vq, vmax(q0, q1));
-      vp = vmax(vp, vmax(p0, p1));
-    }
-    mq = hmax(vq);
-    mp = hmax(vp);
-  };
-  // Generic / AVX2: the maxima of row r, found during the exp pass of row r - 1, or by a
-  // pass of their own for a chunk's first row.
-  vf vmq = splat(-kInf), vmp = splat(-kInf);
-  constexpr bool kFast = I == 2;
-  if constexpr (!kFast) {
-    float mq, mp;
-    row_max(a.q + r0 * V, a.p + r0 * V, V, mq, mp);
-    vmq = splat(mq);
-    vmp = splat(mp);
-  }
+  constexpr bool kSample = I == 2 && !std::is_same_v<T, float>;
+  vf vmq = splat(-kInf), vmp = splat(-kInf), unused;
+  bool have_next = false;
   for (int64_t r = r0; r < r1; ++r) {
     const T* qr = a.q + r * V;
     const T* pr = a.p + r * V;
+    const bool next = !kSample && r + 1 < r1;
     float mq, mp, Sq = 0.f, Sp = 0.f, Aq = 0.f, Ap = 0.f;
-    bool ok = false;
-    if constexpr (kFast) {
-      // AVX-512: the offsets are the maxima of a sample (the row's first elements), which
-      // serve as well as the row maxima unless exp overflows; that, -inf logits and
-      // e = 0 on both sides make S or A inf / NaN, and only such rows are redone with the
-      // row maxima and the clamps.
-      row_max(qr, pr, std::min(V, 8 * W), mq, mp);
-      if (mq > -kInf && mp > -kInf) {
-        js_exp_pass<T, I, false, false, CACHE>(qr, pr, V, mq, mp, row, Sq, Sp, vmq, vmp);
-        ok = Sq > 0.f && Sp > 0.f && Sq < kInf && Sp < kInf;
+    if (kSample) {
+      js_row_max<T, I>(qr, pr, std::min(V, 8 * W), mq, mp);
+      if (!(mq > -kInf && mp > -kInf)) { // a masked sample: -inf is no offset for the rest
+        js_row_max<T, I>(qr, pr, V, mq, mp);
       }
-      if (ok) {
-        js_log_pass<T, I, false, CACHE>(qr, pr, V, mq, mp, Sq / Sp, row, Aq, Ap);
-        ok = Aq == Aq && Ap == Ap;
-      }
-      if (!ok) {
-        row_max(qr, pr, V, mq, mp);
-      }
-    } else {
+    } else if (have_next) {
       mq = hmax(vmq);
       mp = hmax(vmp);
-      vmq = splat(-kInf);
-      vmp = splat(-kInf);
+    } else {
+      js_row_max<T, I>(qr, pr, V, mq, mp);
     }
-    if (!ok) {
-      const float oq = exp_offset(mq), op = exp_offset(mp);
-      if (!kFast && r + 1 < r1) {
-        js_exp_pass<T, I, true, true, CACHE>(qr, pr, V, oq, op, row, Sq, Sp, vmq, vmp);
-      } else {
-        vf unused;
-        js_exp_pass<T, I, true, false, CACHE>(qr, pr, V, oq, op, row, Sq, Sp, unused, unused);
+    vmq = splat(-kInf);
+    vmp = splat(-kInf);
+    have_next = false;
+    float oq = js_po<I>(exp_offset(mq)), op = js_po<I>(exp_offset(mp));
+    if constexpr (kSample) {
+      js_exp_pass<T, I, false, CACHE, false>(qr, pr, V, oq, op, row, Sq, Sp, unused, unused);
+      if (!(Sq > 0.f && Sp > 0.f && Sq < kInf && Sp < kInf)) { // overflow, or a masked side
+        js_row_max<T, I>(qr, pr, V, mq, mp);
+        oq = js_po<I>(exp_offset(mq));
+        op = js_po<I>(exp_offset(mp));
+        js_exp_pass<T, I, false, CACHE, false>(qr, pr, V, oq, op, row, Sq, Sp, unused, unused);
       }
-      if (Sq > 0.f && Sp > 0.f) {
-        js_log_pass<T, I, true, CACHE>(qr, pr, V, oq, op, Sq / Sp, row, Aq, Ap);
-      }
+    } else if (next && I < 2) {
+      js_exp_pass<T, I, true, CACHE, true>(qr, pr, V, oq, op, row, Sq, Sp, vmq, vmp);
+      have_next = true;
+    } else {
+      js_exp_pass<T, I, false, CACHE, I < 2>(qr, pr, V, oq, op, row, Sq, Sp, unused, unused);
     }
-    Sq *= 2.f; // the buffer and the sums hold e / 2
-    Sp *= 2.f;
-    const float lsq = std::log(Sq), lsp = std::log(Sp);
-    // A fully masked row (S_q = 0) has Q = 0, so M = P / 2: KLq = 0, KLp = log 2.
-    float kq = Sq > 0.f ? kLn2 : 0.f, kp = Sp > 0.f ? kLn2 : 0.f;
     if (Sq > 0.f && Sp > 0.f) {
-      kq = 2.f * Aq / Sq;
-      kp = 2.f * Ap / Sp + (lsq - lsp);
-    } else if (!(Sq >= 0.f && Sp >= 0.f)) { // NaN
-      kq = kp = std::numeric_limits<float>::quiet_NaN();
+      const float g = Sq / Sp, c = std::log(Sq) - std::log(Sp);
+      if (next && I == 2) {
+        js_log_pass<T, I, CACHE, true, false>(qr, pr, V, oq, op, g, c, row, Aq, Ap, vmq, vmp);
+        have_next = true;
+      } else {
+        js_log_pass<T, I, CACHE, false, kSample>(qr, pr, V, oq, op, g, c, row, Aq, Ap, unused,
+                                                 unused);
+      }
     }
-    // The backward only needs an offset for x with lsq = log sum exp(x - offset): the
-    // sample maximum serves.
-    a.put_stats(r, mq, lsq, mp, lsp, kq, kp);
-    from_float(0.5f * (kq + kp), a.out + r);
+    js_finish<T, I>(a, r, mq, mp, Sq, Sp, Aq, Ap);
   }
 }
 
@@ -924,117 +1039,13 @@ MT_INLINE void js_backward_rows_half(const Args<T>& a, int64_t r0, int64_t r1) {
 }
 
 // ------------------------------------------------------------------ forward
-// JS: (1) row maxima, (2) e = exp(x - max) and their sums, e kept in a per-thread row
-// buffer while it and the row fit in L2 (Args::js_cache_max_v), (3) Q = e_q / S_q,
-// P = e_p / S_p, lm = log((P + Q) / 2): two exps and one log per element, two more where
-// (3) recomputes e. Terms are kept where Q (P) != 0: -inf logits drop out,
-// NaN ones stay NaN; lm of a subnormal M is inexact but then weighted by Q < 2^-125.
-
-// The block of `src` at offset j converted by an earlier load_block(src, n, buf): float32
-// reads its source again (only a short tail was copied), half types read the copy.
-template <typename T>
-MT_INLINE const float* cached_block(const T* src, int n, float* buf) {
-  if constexpr (std::is_same_v<T, float>) {
-    return load_block(src, n, buf);
-  } else {
-    return buf;
-  }
-}
-
-// CACHE false (V above Args::js_cache_max_v): the exps are recomputed in (3) instead of
-// read back from the buffer, the same values in the same order, so both give the same
-// bits.
-template <typename T, int I, bool CACHE>
-MT_INLINE void js_forward_rows(const Args<T>& a, int64_t r0, int64_t r1) {
-  const int V = a.V;
-  const int Vp = (V + W - 1) / W * W;
-  // Per thread: exp(q - max), exp(p - max), and (half types) q, p as float32, one row each.
-  thread_local std::vector<float> buf;
-  if (buf.size() < size_t(4 * Vp)) {
-    buf.resize(4 * Vp);
-  }
-  float* eq_row = buf.data();
-  float* ep_row = eq_row + Vp;
-  float* q_row = ep_row + Vp;
-  float* p_row = q_row + Vp;
-  for (int64_t r = r0; r < r1; ++r) {
-    const T* qr = a.q + r * V;
-    const T* pr = a.p + r * V;
-    vf vmq = splat(-kInf), vmp = splat(-kInf);
-    for (int j = 0; j < V; j += kBlock) {
-      int n = std::min(kBlock, V - j);
-      const float* xq = load_block(qr + j, n, q_row + j);
-      const float* xp = load_block(pr + j, n, p_row + j);
-      for (int i = 0; i < n; i += W) {
-        vmq = vmax(vmq, vload(xq + i));
-        vmp = vmax(vmp, vload(xp + i));
-      }
-    }
-    const float mq = hmax(vmq), mp = hmax(vmp);
-    const float oq = exp_offset(mq), op = exp_offset(mp);
-    vf sq{}, sp{};
-    for (int j = 0; j < V; j += kBlock) {
-      int n = std::min(kBlock, V - j);
-      const float* xq = cached_block(qr + j, n, q_row + j);
-      const float* xp = cached_block(pr + j, n, p_row + j);
-      for (int i = 0; i < n; i += W) {
-        prefetch(qr + V + j + i); // the next row: its first pass is pure loads
-        prefetch(pr + V + j + i);
-        vf eq = vexp<I>(vload(xq + i) - oq), ep = vexp<I>(vload(xp + i) - op);
-        sq += eq;
-        sp += ep;
-        if constexpr (CACHE) {
-          vstore(eq_row + j + i, eq);
-          vstore(ep_row + j + i, ep);
-        }
-      }
-    }
-    const float Sq = hsum(sq), Sp = hsum(sp);
-    const float lsq = std::log(Sq), lsp = std::log(Sp);
-    // A fully masked row has S = 0: Q = 0 there, while a NaN logit still gives NaN.
-    const float iq = Sq > 0.f ? 1.f / Sq : 0.f, ip = Sp > 0.f ? 1.f / Sp : 0.f;
-    vf klq{}, klp{};
-    for (int j = 0; j < V; j += kBlock) {
-      int n = std::min(kBlock, V - j);
-      const float* xq = cached_block(qr + j, n, q_row + j);
-      const float* xp = cached_block(pr + j, n, p_row + j);
-      for (int i = 0; i < n; i += W) {
-        vf eq, ep;
-        if constexpr (CACHE) {
-          eq = vload(eq_row + j + i);
-          ep = vload(ep_row + j + i);
-        } else {
-          eq = vexp<I>(vload(xq + i) - oq);
-          ep = vexp<I>(vload(xp + i) - op);
-        }
-        vf Q = eq * iq, P = ep * ip;
-        vf lm = vlog<I>((P + Q) * 0.5f);
-        vf lq = (vload(xq + i) - mq) - lsq, lp = (vload(xp + i) - mp) - lsp;
-        klq += vsel(Q != 0.f, Q * (lq - lm), splat(0.f));
-        klp += vsel(P != 0.f, P * (lp - lm), splat(0.f));
-      }
-    }
-    float kq = hsum(klq), kp = hsum(klp);
-    a.put_stats(r, mq, lsq, mp, lsp, kq, kp);
-    from_float(0.5f * (kq + kp), a.out + r);
-  }
-}
-
 template <typename T, Divergence K, int I>
 MT_INLINE void forward_rows(const Args<T>& a, int64_t r0, int64_t r1) {
   if constexpr (K == Divergence::JS) {
-    if constexpr (std::is_same_v<T, float>) {
-      if (a.V <= a.js_cache_max_v) {
-        js_forward_rows<T, I, true>(a, r0, r1);
-      } else {
-        js_forward_rows<T, I, false>(a, r0, r1);
-      }
+    if (a.V <= a.js_cache_max_v) {
+      js_forward_rows<T, I, true>(a, r0, r1);
     } else {
-      if (a.V <= a.js_cache_max_v) {
-        js_forward_rows_half<T, I, true>(a, r0, r1);
-      } else {
-        js_forward_rows_half<T, I, false>(a, r0, r1);
-      }
+      js_forward_rows<T, I, false>(a, r0, r1);
     }
     return;
   }
