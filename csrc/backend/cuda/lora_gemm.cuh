@@ -1,10 +1,12 @@
-// The LoRA forward as one GEMM on Hopper (sm_90a): y = x W^T + xa Bp^T (+ bias), where the
-// rank-r term enters the main loop as one more k tile (xa and Bp zero-padded to 64 columns)
-// instead of a separate pass that writes s xa B into y for a beta = 1 GEMM to read back.
+// The LoRA forward, and the backward's dx, as one GEMM on Hopper (sm_90a): y = x W^T +
+// xa Bp^T (+ bias), where the rank-r term enters the main loop as one more k tile (xa and
+// Bp zero-padded to 64 columns) instead of a separate pass that writes s xa B into y for a
+// beta = 1 GEMM to read back.
 // Tiles of 128 x 256, k tiles of 64 through a ring of four TMA stages (128-byte swizzle),
 // a producer warpgroup (one thread issues the copies) and two consumer warpgroups (64 rows
 // each, wgmma m64n256k16, float32 accumulators in registers), persistent over the tiles.
-// Operands bf16, K-major (x (M, K), W (N, K), xa (M, 64), Bp (N, 64)), output bf16.
+// Operands bf16, K-major (x (M, K), W (N, K) or with kMN (K, N), xa (M, 64), Bp (N, 64)),
+// output bf16.
 #pragma once
 
 #include <cuda.h>
