@@ -317,6 +317,18 @@ MT_INLINE float hmax(vf v) {
   return m;
 }
 
+// h e^r for |r| <= ln2/2: vexp's degree-6 minimax polynomial (fitted for relative error),
+// Horner form, the factor h folded into the coefficients.
+MT_INLINE vf vexp_poly(vf r, float h) {
+  vf p = splat(1.3754e-3f * h);
+  p = p * r + 8.36891e-3f * h;
+  p = p * r + 4.166949e-2f * h;
+  p = p * r + 1.6666518e-1f * h;
+  p = p * r + 4.9999988e-1f * h;
+  p = p * r + h;
+  return p * r + h;
+}
+
 // exp(x) for float32 x <= 88 (callers pass x - max <= 0): relative error < 8e-8, 0 below
 // -87 (and for -inf), NaN stays NaN (the scale is applied by a multiplication). Range
 // reduction x = n ln2 + r, |r| <= ln2/2, then a degree-6 minimax polynomial (fitted here
@@ -338,13 +350,7 @@ MT_INLINE vf vexp(vf x) {
     const float magic = 12582912.f;
     vf n = (xc * 1.44269504088896341f + magic) - magic;
     vf r = xc - n * 0.693359375f - n * -2.12194440e-4f;
-    vf p = splat(1.3754e-3f * h);
-    p = p * r + 8.36891e-3f * h;
-    p = p * r + 4.166949e-2f * h;
-    p = p * r + 1.6666518e-1f * h;
-    p = p * r + 4.9999988e-1f * h;
-    p = p * r + h;
-    p = p * r + h;
+    vf p = vexp_poly(r, h);
     asm("vscalefps %2, %1, %0" : "=v"(y) : "v"(p), "v"(n)); // p 2^n, subnormals included
     return y;
   }
@@ -355,13 +361,7 @@ MT_INLINE vf vexp(vf x) {
   vf t = xc * 1.44269504088896341f + magic;
   vf n = t - magic;
   vf r = xc - n * 0.693359375f - n * -2.12194440e-4f;
-  vf p = splat(1.3754e-3f * h);
-  p = p * r + 8.36891e-3f * h;
-  p = p * r + 4.166949e-2f * h;
-  p = p * r + 1.6666518e-1f * h;
-  p = p * r + 4.9999988e-1f * h;
-  p = p * r + h;
-  p = p * r + h;
+  vf p = vexp_poly(r, h);
   // 2^n from the low bits of t (magic's low 9 bits are zero); n >= -126 keeps it normal.
   vf y = p * (vf)(((vi)t + 127) << 23);
   return vsel(lo, splat(0.f), y);
@@ -827,7 +827,25 @@ MT_INLINE void js_row_max(const T* qr, const T* pr, int n, float& mq, float& mp)
   mp = hmax(vp);
 }
 
-// The exp pass over a row: stores e / 2 (CACHE) and returns S / 2, given the offsets' po.
+// The next row's chunk j of both sides, for the passes over this row: prefetched (PF;
+// prefetches do not fault past the end) and folded into its maxima vmq, vmp (NEXT), so
+// that the next row's offsets are found while this row's data is loaded anyway.
+template <typename T, int I, bool NEXT, bool PF>
+MT_INLINE void next_row(const T* qr, const T* pr, int V, int j, vf& vmq, vf& vmp) {
+  if constexpr (PF) {
+    prefetch(qr + V + j);
+    prefetch(pr + V + j);
+  }
+  if constexpr (NEXT) {
+    vf x[4];
+    load_pair_at<T, I>(qr + V, j, V, x[0], x[1]);
+    load_pair_at<T, I>(pr + V, j, V, x[2], x[3]);
+    vmq = vmax(vmq, vmax(x[0], x[1]));
+    vmp = vmax(vmp, vmax(x[2], x[3]));
+  }
+}
+
+// The exp pass over a row: stores e / 2 (CACHE) and returns S / 2, given the offsets oq, op.
 // NEXT: also finds the maxima of the row after (loads interleaved with the exp
 // arithmetic). PF: prefetches the next row.
 template <typename T, int I, bool NEXT, bool CACHE, bool PF>
@@ -835,17 +853,8 @@ MT_INLINE void js_exp_pass(const T* qr, const T* pr, int V, float oq, float op, 
                            float& Sq, float& Sp, vf& vmq, vf& vmp) {
   vf sq{}, sp{};
   for (int j = 0; j < V; j += 2 * W) {
+    next_row<T, I, NEXT, PF>(qr, pr, V, j, vmq, vmp);
     vf x[4];
-    if constexpr (PF) {
-      prefetch(qr + V + j); // the next row (prefetches do not fault past the end)
-      prefetch(pr + V + j);
-    }
-    if constexpr (NEXT) {
-      load_pair_at<T, I>(qr + V, j, V, x[0], x[1]);
-      load_pair_at<T, I>(pr + V, j, V, x[2], x[3]);
-      vmq = vmax(vmq, vmax(x[0], x[1]));
-      vmp = vmax(vmp, vmax(x[2], x[3]));
-    }
     load_pair_at<T, I>(qr, j, V, x[0], x[1]);
     load_pair_at<T, I>(pr, j, V, x[2], x[3]);
     for (int k = 0; k < 4; ++k) {
@@ -870,17 +879,8 @@ MT_INLINE void js_log_pass(const T* qr, const T* pr, int V, float oq, float op, 
   constexpr float kTiny = std::numeric_limits<float>::min();
   vf aq{}, ap{};
   for (int j = 0; j < V; j += 2 * W) {
+    next_row<T, I, NEXT, PF>(qr, pr, V, j, vmq, vmp);
     vf x[4];
-    if constexpr (PF) {
-      prefetch(qr + V + j);
-      prefetch(pr + V + j);
-    }
-    if constexpr (NEXT) {
-      load_pair_at<T, I>(qr + V, j, V, x[0], x[1]);
-      load_pair_at<T, I>(pr + V, j, V, x[2], x[3]);
-      vmq = vmax(vmq, vmax(x[0], x[1]));
-      vmp = vmax(vmp, vmax(x[2], x[3]));
-    }
     load_pair_at<T, I>(qr, j, V, x[0], x[1]);
     load_pair_at<T, I>(pr, j, V, x[2], x[3]);
     // The four exps first, then the two logs: independent chains side by side.
