@@ -9,6 +9,10 @@
 
 namespace mlx_tuner::cuda {
 
+// The rank tile is multiplied as one 16-wide k step (the other 48 columns of xa_pad and
+// b_pad are never read): the ranks lowrank_fits admits must fit in it.
+static_assert(kLowRankMax <= 16, "lora_gemm multiplies one 16-wide k step of the rank tile");
+
 namespace {
 
 using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
