@@ -17,6 +17,16 @@ void check(cudaError_t err, const char* what) {
   }
 }
 
+int sm_count(mx::cu::CommandEncoder& enc) {
+  static int count = [&] {
+    int c = 0;
+    check(cudaDeviceGetAttribute(&c, cudaDevAttrMultiProcessorCount, enc.device().cuda_device()),
+          "cudaDeviceGetAttribute");
+    return c;
+  }();
+  return count;
+}
+
 CUfunction kernel_handle(const void* kernel, int device) {
   static std::mutex mu;
   static std::unordered_map<const void*, std::unordered_map<int, CUfunction>> cache;

@@ -29,6 +29,9 @@ inline bool aligned16(const void* p) {
 // Throws std::runtime_error("[what] <cuda error>") on failure.
 void check(cudaError_t err, const char* what);
 
+// The encoder's device's multiprocessor count (asked once).
+int sm_count(mx::cu::CommandEncoder& enc);
+
 // libmlx carries its own static CUDA runtime, which does not know the __global__
 // functions registered by ours: hand MLX a driver-level CUfunction instead.
 CUfunction kernel_handle(const void* kernel, int device);

@@ -47,17 +47,17 @@ void LoRALinear::eval_gpu(
   if (n == 0) return;
   auto T = x.dtype();
   if (cuda::lowrank_fits(r, T, {in, out}, {&xd})) { // the rank-r products as kernels of ours
-    // A (in, r) and B (r, out) packed for them in one launch.
     if (cuda::lora_gemm_fits(enc, T, in, out, {&x, &w, &y})) {
       // Hopper: the rank-r term as one more k tile of our own GEMM (lora_gemm.cuh): no
       // pass writes s xa B into y for the base GEMM to read back.
-      auto m = cuda::lowrank_pack(
-          enc, T, {{a, r, 1, in, r, true}, {b, out, 1, r, out, false, 64, scale_}});
-      auto xa_pad = cuda::scratch(enc, {n, 64}, T);
+      auto m = cuda::lowrank_pack(enc, T, {{a, r, 1, in, r, true},
+                                           {b, out, 1, r, out, false, cuda::kLowRankPad, scale_}});
+      auto xa_pad = cuda::scratch(enc, {n, cuda::kLowRankPad}, T);
       cuda::lowrank_project(enc, xd, m[0], r, 1.0f, xa, &xa_pad);
       cuda::lora_gemm(enc, x, w, xa_pad, m[1], bias, y);
       return;
     }
+    // A (in, r) and B (r, out) packed for them in one launch.
     auto m = cuda::lowrank_pack(enc, T, {{a, r, 1, in, r, true}, {b, out, 1, r, out, false}});
     cuda::lowrank_project(enc, xd, m[0], r, 1.0f, xa);
     cuda::lowrank_expand(enc, xa, m[1], scale_, bias, y);
@@ -119,10 +119,10 @@ void LoRALinearVJP::eval_gpu(
     if (lora_into_dx && cuda::lora_gemm_fits(enc, T, in, out, {&dy, &w, dx})) {
       // Hopper: dx = dy W + s g A^T as one GEMM of ours with the rank-r k tile (as the
       // forward), g = dy B^T from project (also into g_pad for the GEMM).
-      m = cuda::lowrank_pack(
-          enc, T, {{b, 1, out, out, r, true}, {a, 1, r, r, in, false, 64, scale_}});
+      m = cuda::lowrank_pack(enc, T, {{b, 1, out, out, r, true},
+                                      {a, 1, r, r, in, false, cuda::kLowRankPad, scale_}});
       g_t = scratch(enc, {n, r}, T);
-      auto g_pad = scratch(enc, {n, 64}, T);
+      auto g_pad = scratch(enc, {n, cuda::kLowRankPad}, T);
       cuda::lowrank_project(enc, dy, m[0], r, 1.0f, *g_t, &g_pad);
       cuda::lora_gemm(enc, dy, w, g_pad, m[1], nullptr, *dx, true);
       reduce(&*g_t);

@@ -1,4 +1,4 @@
-// Host side of the LoRA forward GEMM (lora_gemm.cuh): the TMA descriptors and the launch.
+// Host side of the LoRA GEMM (lora_gemm.cuh): the TMA descriptors and the launch.
 #include <cuda.h>
 
 #include <cstdlib>
@@ -12,6 +12,7 @@ namespace mlx_tuner::cuda {
 // The rank tile is multiplied as one 16-wide k step (the other 48 columns of xa_pad and
 // b_pad are never read): the ranks lowrank_fits admits must fit in it.
 static_assert(kLowRankMax <= 16, "lora_gemm multiplies one 16-wide k step of the rank tile");
+static_assert(lora_gemm::kRankCols == kLowRankPad, "the rank tile's operands as lowrank packs them");
 
 namespace {
 
@@ -87,17 +88,11 @@ void lora_gemm(mx::cu::CommandEncoder& enc, const mx::array& x, const mx::array&
   CUtensorMap ty = tensor_map(y, n, out, kEpiBox);
   Params p{n, out, in, bias ? gpu_ptr<__nv_bfloat16>(*bias) : nullptr, 1};
   reads_writes(enc, {&x, &w, &xa_pad, &b_pad, bias}, {&y});
-  static int sms = [&] {
-    int c = 0;
-    check(cudaDeviceGetAttribute(&c, cudaDevAttrMultiProcessorCount, enc.device().cuda_device()),
-          "cudaDeviceGetAttribute");
-    return c;
-  }();
   int tiles = ((n + kBM - 1) / kBM) * ((out + kBN - 1) / kBN);
   const void* kern = w_kn ? reinterpret_cast<const void*>(&lora_gemm_kernel<true>)
                          : reinterpret_cast<const void*>(&lora_gemm_kernel<false>);
-  launch(enc, kern, dim3(std::min(tiles, sms)),
-         dim3(kThreads), kSmemBytes, tx, tw, txa, tbp, ty, p);
+  launch(enc, kern, dim3(std::min(tiles, sm_count(enc))), dim3(kThreads), kSmemBytes, tx, tw,
+         txa, tbp, ty, p);
 }
 
 } // namespace mlx_tuner::cuda

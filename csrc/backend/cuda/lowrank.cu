@@ -137,7 +137,7 @@ __device__ inline void store_tile(T* ts, int lane, const uint4 (&v)[4]) {
 // 16 x 16 (NT = 2) or 16 x 8 (NT = 1, r <= 8) product with M packed as [16][k]; the next
 // x tile is loaded while this one is multiplied, and the eight partial results meet in
 // shared memory. With pad, the result is also written in T into the first 16 columns of
-// pad (n, 64): the rank tile of lora_gemm, zero past r (its other 48 columns are never
+// pad (n, kLowRankPad): the rank tile of lora_gemm, zero past r (its other columns are never
 // multiplied).
 template <typename T, int NT>
 __global__ void __launch_bounds__(kThreads)
@@ -225,13 +225,13 @@ project_kernel(const T* x, const T* pk, void* c, int cdt, int n, int k, int r, f
       for (int w = 0; w < kWarps; ++w) sum += red[w][nt * 4 + q][lane];
       int row = row0 + gid + (q >= 2 ? 8 : 0), j = nt * 8 + 2 * tig + (q & 1);
       if (row < n && j < r) st(c, (long)row * r + j, cdt, s * sum);
-      if (pad && row < n) pad[(long)row * 64 + j] = from_f<T>(j < r ? s * sum : 0.0f);
+      if (pad && row < n) pad[(long)row * kLowRankPad + j] = from_f<T>(j < r ? s * sum : 0.0f);
     }
   }
   if (pad && NT == 1) { // columns 8 to 15 of the GEMM's rank tile: zeros
     for (int e = lane; e < 16 * 8; e += 32) {
       int row = row0 + e / 8;
-      if (row < n) pad[(long)row * 64 + 8 + e % 8] = from_f<T>(0.0f);
+      if (row < n) pad[(long)row * kLowRankPad + 8 + e % 8] = from_f<T>(0.0f);
     }
   }
 }
@@ -454,16 +454,6 @@ __global__ void finish_kernel(FinJobs jobs, int r, int slices) {
   }
   for (; sl < slices; ++sl) sum += p[sl * step];
   st(job.d, i * job.di + j * job.dj, job.dt, job.s * sum);
-}
-
-int sm_count(mx::cu::CommandEncoder& enc) {
-  static int count = [&] {
-    int c = 0;
-    check(cudaDeviceGetAttribute(&c, cudaDevAttrMultiProcessorCount, enc.device().cuda_device()),
-          "cudaDeviceGetAttribute");
-    return c;
-  }();
-  return count;
 }
 
 // A packed row-major array as (rows, width): its last dimension is the width.

@@ -19,6 +19,9 @@
 namespace mlx_tuner::cuda {
 
 constexpr int kLowRankMax = 16;
+// Columns of lora_gemm's rank-tile operands (xa or g, s B^T or s A): one k tile of 64, of
+// which only the first 16 are multiplied.
+constexpr int kLowRankPad = 64;
 
 // Whether the kernels below take this product: rank r in [1, kLowRankMax], compute dtype
 // float16 or bfloat16, every width a multiple of 16, and the wide arrays the kernels read
@@ -30,8 +33,8 @@ bool lowrank_fits(int r, mx::Dtype t, std::initializer_list<int> widths,
 
 // M (rows, cols) with element (i, j) at m[i * si + j * sj]. For lowrank_project M is
 // (k, r); for lowrank_expand it is (r, cols).
-// An expand operand may be packed scaled by s into rows ld elements apart (the LoRA GEMM
-// reads it as a 64-column matrix, of which only the first 16 columns are used).
+// An expand operand may be packed scaled by s into rows ld elements apart (lora_gemm reads
+// it with ld = kLowRankPad).
 struct LowRankMatrix {
   const mx::array& m;
   long si, sj;
@@ -47,7 +50,8 @@ std::vector<mx::array> lowrank_pack(mx::cu::CommandEncoder& enc, mx::Dtype t,
                                     std::initializer_list<LowRankMatrix> ms);
 
 // c (n, r) = s * x (n, k) M (k, r), in c's dtype; pk = M packed for project. With pad, the
-// same product is also written in T into the first 16 columns of pad (n, 64) (zeros past r).
+// same product is also written in T into the first 16 columns of pad (n, kLowRankPad), zero
+// past r.
 void lowrank_project(mx::cu::CommandEncoder& enc, const mx::array& x, const mx::array& pk,
                      int r, float s, mx::array& c, mx::array* pad = nullptr);
 
@@ -71,10 +75,10 @@ void lowrank_reduce(mx::cu::CommandEncoder& enc, std::initializer_list<ReduceJob
 // The LoRA GEMM on Hopper (lora_gemm.cuh): y (n, N) = x (n, K) W^T + xa_pad b_pad^T
 // (+ bias), W (N, K), the rank-r term as one more k tile of the base GEMM. With w_kn, W is
 // (K, N) and y = x W + ...: the backward's dx = dy W + s g A^T, W (out, in) as stored.
-// xa_pad (n, 64) from lowrank_project's pad; b_pad (N, 64): s B^T (or s A) packed with
-// ld 64. lora_gemm_fits: an sm_90 device, bfloat16, widths that are multiples of 8, every
-// operand 16-byte aligned (MLX_TUNER_LORA_GEMM=0 turns it off, to time one path against
-// the other).
+// xa_pad (n, kLowRankPad) from lowrank_project's pad; b_pad (N, kLowRankPad): s B^T (or s A)
+// packed with ld kLowRankPad. lora_gemm_fits: an sm_90 device, bfloat16, widths that are
+// multiples of 8, every operand 16-byte aligned (MLX_TUNER_LORA_GEMM=0 turns it off, to
+// time one path against the other).
 bool lora_gemm_fits(mx::cu::CommandEncoder& enc, mx::Dtype t, int in, int out,
                     std::initializer_list<const mx::array*> operands);
 void lora_gemm(mx::cu::CommandEncoder& enc, const mx::array& x, const mx::array& w,
