@@ -11,7 +11,7 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 
-from common import QUICK, BackwardOnly, annotate, layer_step, paired, peak_memory, run
+from common import QUICK, annotate, mode_fn, paired, peak_memory, run
 from mlx_tuner.ops import dora_linear, dora_linear_reference, dora_weight_sq_norm
 
 if QUICK:
@@ -45,10 +45,7 @@ def make_fn(provider, mode, x, w, a, b, m, kw):
                 return mx.quantized_matmul(x, w, kw["scales"], kw["biases"], transpose=True,
                                            group_size=64, bits=4)
             return x @ w.T
-        if mode == "forward":
-            return lambda: f(x)
-        step = layer_step(f, (x,), [0])
-        return BackwardOnly(step) if mode == "backward" else step
+        return mode_fn(f, (x,), [0], mode)
     op = FNS[provider]
     extra = {}
     if provider == "fused":  # DoRALinear caches ||W_i||^2 (W is frozen): so does the bench
@@ -58,10 +55,7 @@ def make_fn(provider, mode, x, w, a, b, m, kw):
     def fwd(x, a, b, m):
         return op(x, w, a, b, m, 2.0, **kw, **extra)
 
-    if mode == "forward":
-        return lambda: fwd(x, a, b, m)
-    step = layer_step(fwd, (x, a, b, m), [0, 1, 2, 3])
-    return BackwardOnly(step) if mode == "backward" else step
+    return mode_fn(fwd, (x, a, b, m), [0, 1, 2, 3], mode)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))

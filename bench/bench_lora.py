@@ -16,7 +16,7 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 
-from common import QUICK, BackwardOnly, annotate, blas_gemm_flops, ceilings, layer_step, paired, run
+from common import QUICK, annotate, blas_gemm_flops, ceilings, mode_fn, paired, run
 from mlx_tuner.ops import lora_linear, lora_linear_reference
 
 GPU = mx.default_device() == mx.gpu
@@ -72,10 +72,7 @@ def make_fn(provider, mode, x, w, a, b, scale):
 
         def f(x, a, b):
             return op(x, w, a, b, scale)
-    if mode == "forward":
-        return lambda: f(x, a, b)
-    step = layer_step(f, (x, a, b), [0] if provider == "base" else [0, 1, 2])
-    return BackwardOnly(step) if mode == "backward" else step
+    return mode_fn(f, (x, a, b), [0] if provider == "base" else [0, 1, 2], mode)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])

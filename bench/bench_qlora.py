@@ -18,7 +18,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from common import QUICK, BackwardOnly, annotate, layer_step, paired, peak_memory, run
+from common import QUICK, annotate, mode_fn, paired, peak_memory, run
 from mlx_tuner.ops import qlora_linear, qlora_linear_reference
 
 BITS, GROUP = 4, 64
@@ -61,18 +61,12 @@ def qlora_fn(op, mode, q, x, a, b):
     def fwd(x, a, b):
         return op(x, wq, s, bq, a, b, 2.0, group_size=GROUP, bits=BITS)
 
-    if mode == "forward":
-        return lambda: fwd(x, a, b)
-    step = layer_step(fwd, (x, a, b), [0, 1, 2])
-    return BackwardOnly(step) if mode == "backward" else step
+    return mode_fn(fwd, (x, a, b), [0, 1, 2], mode)
 
 
 def dense_fn(mode, w, x):
     if ON_GPU:
-        if mode == "forward":
-            return lambda: x @ w.T
-        step = layer_step(lambda x: x @ w.T, (x,), [0])
-        return BackwardOnly(step) if mode == "backward" else step
+        return mode_fn(lambda x: x @ w.T, (x,), [0], mode)
     wn, xn = np.array(w.astype(mx.float32)), np.array(x.astype(mx.float32))
     dy = np.ones((xn.shape[0], wn.shape[0]), np.float32)
 
@@ -116,7 +110,7 @@ def test_qlora(benchmark, dtype, provider, mode):
 @pytest.mark.parametrize("per_eval", [1, 8], ids=lambda k: f"x{k}")  # calls per evaluation
 def test_qlora_paired(benchmark, per_eval, mode):
     w, q, x, a, b = make(mx.bfloat16)
-    dense = (lambda: x @ w.T) if mode == "forward" else layer_step(lambda x: x @ w.T, (x,), [0])
+    dense = mode_fn(lambda x: x @ w.T, (x,), [0], mode)
     fns = {"dense-base": dense, "fused": qlora_fn(qlora_linear, mode, q, x, a, b)}
     extra = paired(benchmark, fns, per_eval=per_eval)
     annotate(benchmark, op="qlora_linear", provider="paired fused/dense-base", mode=mode,

@@ -387,6 +387,16 @@ class BackwardOnly:
         return lambda: grads
 
 
+def mode_fn(f, primals, argnums, mode):
+    """A layer's timed function for `mode`: "forward" (f alone), "forward+backward"
+    (layer_step: the output and the gradients of `argnums`) or "backward" (the same step,
+    its forward evaluated untimed first: BackwardOnly)."""
+    if mode == "forward":
+        return lambda: f(*primals)
+    step = layer_step(f, primals, argnums)
+    return BackwardOnly(step) if mode == "backward" else step
+
+
 def run(benchmark, fn, *, rounds: int | None = None, warmup: int = 2):
     """Time fn() (evaluated) with pytest-benchmark; a single round in quick mode. For a
     BackwardOnly, every round's forward is evaluated before its timer starts."""
