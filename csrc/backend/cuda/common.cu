@@ -43,6 +43,28 @@ CUfunction kernel_handle(const void* kernel, int device) {
   return handle;
 }
 
+void allow_launch(const void* kernel, int device, unsigned smem, bool big_cluster) {
+  if (smem <= 48 * 1024 && !big_cluster) return;
+  static std::mutex mu;
+  // (kernel, device) -> (largest smem set, big clusters allowed)
+  static std::map<std::pair<const void*, int>, std::pair<unsigned, bool>> done;
+  std::lock_guard<std::mutex> lock(mu);
+  auto& d = done[{kernel, device}];
+  bool more_smem = smem > 48 * 1024 && smem > d.first, cluster = big_cluster && !d.second;
+  if (!more_smem && !cluster) return;
+  check(cudaSetDevice(device), "cudaSetDevice");
+  if (more_smem) {
+    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
+          "cudaFuncSetAttribute");
+    d.first = smem;
+  }
+  if (cluster) { // 8 is the portable maximum
+    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1),
+          "cudaFuncSetAttribute");
+    d.second = true;
+  }
+}
+
 namespace {
 
 // MLX's memory counters do not see malloc_device; these do (benchmarks add them up).

@@ -85,6 +85,14 @@ class HostTimer {
 // (name, total microseconds, calls) since the last reset.
 std::vector<std::tuple<std::string, double, long long>> host_times(bool reset);
 
+// Lets `kernel` (a __global__ function) on `device` take `smem` bytes of dynamic shared memory (above
+// the default 48 KB) and, with big_cluster, clusters past the portable 8 CTAs. Set once per
+// kernel and size, not per launch: cudaFuncSetAttribute took ~6.6 us of host time per call
+// (2026-12-01h, call 1), and lora_gemm launches twice per forward+backward. Same
+// underlying function as kernel_handle's (one primary context a device), set through our
+// runtime.
+void allow_launch(const void* kernel, int device, unsigned smem, bool big_cluster);
+
 // True while a GemmBatch (gemm.cuh) captures on this thread: no launches or buffers then.
 bool in_gemm_batch();
 
@@ -119,18 +127,9 @@ void launch_cluster(
   if (grid.x % cluster.x != 0 || grid.y % cluster.y != 0 || grid.z % cluster.z != 0) {
     throw std::logic_error("[mlx_tuner] a grid that is not a whole number of clusters");
   }
-  CUfunction fn = kernel_handle(kernel, enc.device().cuda_device());
-  if (smem > 48 * 1024) {
-    // Same underlying function as `fn` (one primary context), set through our runtime.
-    check(
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
-        "cudaFuncSetAttribute");
-  }
-  if (cluster.x * cluster.y * cluster.z > 8) { // 8 is the portable maximum
-    check(
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1),
-        "cudaFuncSetAttribute");
-  }
+  int device = enc.device().cuda_device();
+  CUfunction fn = kernel_handle(kernel, device);
+  allow_launch(kernel, device, smem, cluster.x * cluster.y * cluster.z > 8);
   if (cluster.x * cluster.y * cluster.z == 1) {
     enc.add_kernel_node_ex(fn, grid, block, cluster, smem, args...);
     return;
