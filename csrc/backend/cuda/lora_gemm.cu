@@ -88,10 +88,14 @@ void lora_gemm(mx::cu::CommandEncoder& enc, const mx::array& x, const mx::array&
   CUtensorMap ty = tensor_map(y, n, out, kEpiBox);
   Params p{n, out, in, bias ? gpu_ptr<__nv_bfloat16>(*bias) : nullptr, 1};
   reads_writes(enc, {&x, &w, &xa_pad, &b_pad, bias}, {&y});
+  // Persistent: as many CTAs as the rounds of tiles need, no more (512 tiles take 4 rounds on
+  // 128 CTAs as on 132), so that the multiprocessors left over run the kernels beside it
+  // (the next project, a reduce) instead of idling through the last round.
   int tiles = ((n + kBM - 1) / kBM) * ((out + kBN - 1) / kBN);
+  int rounds = (tiles + sm_count(enc) - 1) / sm_count(enc);
   const void* kern = w_kn ? reinterpret_cast<const void*>(&lora_gemm_kernel<true>)
                          : reinterpret_cast<const void*>(&lora_gemm_kernel<false>);
-  launch(enc, kern, dim3(std::min(tiles, sm_count(enc))), dim3(kThreads), kSmemBytes, tx, tw,
+  launch(enc, kern, dim3((tiles + rounds - 1) / rounds), dim3(kThreads), kSmemBytes, tx, tw,
          txa, tbp, ty, p);
 }
 
