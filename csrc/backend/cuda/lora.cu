@@ -102,37 +102,40 @@ void LoRALinearVJP::eval_gpu(
   }
   bool lora_into_dx = dx && !has_xd_;
   bool need_g = da || dxd || lora_into_dx;
-  // dA = s x_d^T g (in, r); dB = s xa^T dy (r, out): one pair of launches.
+  // dA = s x_d^T g (in, r); dB = s xa^T dy (r, out): one reduce launch for both, and a
+  // finish launch unless a pack came first to zero the reduce's counters.
   // g is read for dA only (it is computed whenever dA is asked for).
-  auto reduce = [&](const mx::array* g) {
+  auto reduce = [&](const mx::array* g, mx::array* counters) {
     if (da && db) {
-      cuda::lowrank_reduce(enc, {{xd, *g, *da, r, 1, scale_}, {dy, xa, *db, 1, out, scale_}});
+      cuda::lowrank_reduce(enc, {{xd, *g, *da, r, 1, scale_}, {dy, xa, *db, 1, out, scale_}}, counters);
     } else if (da) {
-      cuda::lowrank_reduce(enc, {{xd, *g, *da, r, 1, scale_}});
+      cuda::lowrank_reduce(enc, {{xd, *g, *da, r, 1, scale_}}, counters);
     } else if (db) {
-      cuda::lowrank_reduce(enc, {{dy, xa, *db, 1, out, scale_}});
+      cuda::lowrank_reduce(enc, {{dy, xa, *db, 1, out, scale_}}, counters);
     }
   };
   if (cuda::lowrank_fits(r, T, {in, out}, {&dy, &xd})) { // rank-r products as kernels of ours
-    std::optional<mx::array> g_t;
+    std::optional<mx::array> g_t, counters;
     std::vector<mx::array> m;
+    if (need_g && (da || db)) counters = cuda::reduce_counters(enc, std::max(in, out)); // pack zeroes them
+    mx::array* cnt = counters ? &*counters : nullptr;
     if (lora_into_dx && cuda::lora_gemm_fits(enc, T, in, out, {&dy, &w, dx})) {
       // Hopper: dx = dy W + s g A^T as one GEMM of ours with the rank-r k tile (as the
       // forward), g = dy B^T from project (also into g_pad for the GEMM).
       m = cuda::lowrank_pack(enc, T, {{b, 1, out, out, r, true},
-                                      {a, 1, r, r, in, false, cuda::kLowRankPad, scale_}});
+                                      {a, 1, r, r, in, false, cuda::kLowRankPad, scale_}}, cnt);
       g_t = scratch(enc, {n, r}, T);
       auto g_pad = scratch(enc, {n, cuda::kLowRankPad}, T);
       cuda::lowrank_project(enc, dy, m[0], r, 1.0f, *g_t, &g_pad);
       cuda::lora_gemm(enc, dy, w, g_pad, m[1], nullptr, *dx, true);
-      reduce(&*g_t);
+      reduce(&*g_t, cnt);
       return;
     }
     if (need_g) { // g = dy B^T, B^T (out, r) and A^T (r, in) packed in one launch
       if (lora_into_dx || dxd) {
-        m = cuda::lowrank_pack(enc, T, {{b, 1, out, out, r, true}, {a, 1, r, r, in, false}});
+        m = cuda::lowrank_pack(enc, T, {{b, 1, out, out, r, true}, {a, 1, r, r, in, false}}, cnt);
       } else {
-        m = cuda::lowrank_pack(enc, T, {{b, 1, out, out, r, true}});
+        m = cuda::lowrank_pack(enc, T, {{b, 1, out, out, r, true}}, cnt);
       }
       g_t = scratch(enc, {n, r}, T);
       cuda::lowrank_project(enc, dy, m[0], r, 1.0f, *g_t);
@@ -142,7 +145,7 @@ void LoRALinearVJP::eval_gpu(
       gemm(enc, {false, false, n, in, out, T, T, T}, 1.0f, dy, w, lora_into_dx ? 1.0f : 0.0f, *dx);
     }
     if (dxd) cuda::lowrank_expand(enc, *g_t, m[1], scale_, nullptr, *dxd);
-    reduce(g_t ? &*g_t : nullptr);
+    reduce(g_t ? &*g_t : nullptr, cnt);
     return;
   }
   std::optional<mx::array> g_t, a_t, b_t;

@@ -87,12 +87,17 @@ struct PackJob {
 };
 struct PackJobs {
   PackJob j[2];
+  int* zero; // nzero ints zeroed by block (0, 0): a later reduce's counters
+  int nzero;
 };
 
 template <typename T>
 __global__ void pack_kernel(PackJobs jobs) {
   // A select, not an index: a dynamic index would copy the parameters to local memory.
   const PackJob job = blockIdx.y == 0 ? jobs.j[0] : jobs.j[1];
+  if (blockIdx.x == 0 && blockIdx.y == 0) {
+    for (int i = threadIdx.x; i < jobs.nzero; i += blockDim.x) jobs.zero[i] = 0;
+  }
   long total = (long)job.U * job.V;
   for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < total;
        i += (long)gridDim.x * blockDim.x) {
@@ -310,7 +315,9 @@ expand_kernel(const T* p, const T* pe, const T* bias, T* y, int n, int cols, int
 // part[slice][i][j] (float32, j padded to 16); finish_kernel sums the slices in a fixed
 // order (no atomics: the same inputs give the same bits) and writes d. One partial per
 // block, not per warp: the partials live until the graph completes, and a training
-// step's graph holds every layer's.
+// step's graph holds every layer's. With counters (zeroed by an earlier pack of the same
+// primitive), the last block of each column tile to finish does finish_kernel's sum for
+// its columns instead, in the same order (the same bits), and there is no finish node.
 constexpr int kRedTiles = kTile / 8;
 
 struct RedJob {
@@ -318,6 +325,10 @@ struct RedJob {
   const void* g;
   float* part;
   int k;
+  void* d; // the gradient (for the in-kernel finish)
+  int dt;
+  long di, dj;
+  float s;
 };
 struct RedJobs {
   RedJob j[2];
@@ -325,7 +336,7 @@ struct RedJobs {
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-reduce_kernel(RedJobs jobs, int n, int r, int slice_rows) {
+reduce_kernel(RedJobs jobs, int n, int r, int slice_rows, int* counters) {
   __shared__ __align__(16) T xs_all[kWarps][16 * kPitch];
   __shared__ float red[kWarps][kRedTiles / 2 * 4][32];
   const RedJob job = blockIdx.z == 0 ? jobs.j[0] : jobs.j[1];
@@ -422,6 +433,24 @@ reduce_kernel(RedJobs jobs, int n, int r, int slice_rows) {
     }
     __syncthreads();
   }
+  if (counters == nullptr) return;
+  // The partials are written; the last of the column tile's slices to get here sums them.
+  __shared__ int last;
+  if (threadIdx.x == 0) {
+    __threadfence(); // this block's partial, visible before its count
+    last = atomicAdd(&counters[blockIdx.z * gridDim.x + blockIdx.x], 1) == int(gridDim.y) - 1;
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  for (int e = threadIdx.x; e < kTile * r; e += kThreads) {
+    int col = c_begin + e / r, j = e % r;
+    if (col >= k) break; // col grows with e
+    const float* p = job.part + (long)col * 16 + j;
+    float sum = 0.0f;
+    for (int sl = 0; sl < int(gridDim.y); ++sl) sum += __ldcg(p + (long)sl * k * 16);
+    st(job.d, col * job.di + j * job.dj, job.dt, job.s * sum);
+  }
 }
 
 struct FinJob {
@@ -490,7 +519,8 @@ bool lowrank_fits(int r, mx::Dtype t, std::initializer_list<int> widths,
 }
 
 std::vector<mx::array> lowrank_pack(mx::cu::CommandEncoder& enc, mx::Dtype t,
-                                    std::initializer_list<LowRankMatrix> ms) {
+                                    std::initializer_list<LowRankMatrix> ms,
+                                    mx::array* counters) {
   if (ms.size() == 0 || ms.size() > 2) throw std::logic_error("[lowrank] pack takes 1 or 2 matrices");
   std::vector<mx::array> out;
   PackJobs pj{};
@@ -506,8 +536,13 @@ std::vector<mx::array> lowrank_pack(mx::cu::CommandEncoder& enc, mx::Dtype t,
                  gpu_ptr<void>(out.back()), U, V, ld, m.s};
     most = std::max(most, (long)U * V);
   }
+  if (counters) {
+    pj.zero = gpu_ptr<int>(*counters);
+    pj.nzero = int(counters->size());
+  }
   for (auto& m : ms) enc.set_input_array(m.m);
   for (auto& o : out) enc.set_output_array(o);
+  if (counters) enc.set_output_array(*counters);
   with_t(t, [&](auto tt) {
     using T = decltype(tt);
     unsigned blocks = unsigned(std::min<long>((most + 255) / 256, 1024));
@@ -550,7 +585,12 @@ void lowrank_expand(mx::cu::CommandEncoder& enc, const mx::array& p, const mx::a
   });
 }
 
-void lowrank_reduce(mx::cu::CommandEncoder& enc, std::initializer_list<ReduceJob> jobs) {
+mx::array reduce_counters(mx::cu::CommandEncoder& enc, int max_k) {
+  return scratch(enc, {2 * std::max(1, (max_k + kTile - 1) / kTile)}, mx::int32);
+}
+
+void lowrank_reduce(mx::cu::CommandEncoder& enc, std::initializer_list<ReduceJob> jobs,
+                    mx::array* counters) {
   if (jobs.size() == 0) return;
   if (jobs.size() > 2) throw std::logic_error("[lowrank] at most two reduce jobs a launch");
   const ReduceJob& first = *jobs.begin();
@@ -569,6 +609,9 @@ void lowrank_reduce(mx::cu::CommandEncoder& enc, std::initializer_list<ReduceJob
   // About two blocks per multiprocessor over both jobs; a slice is a whole number of
   // 16-row steps for each of a block's warps.
   int col_blocks = (max_k + kTile - 1) / kTile;
+  if (counters && counters->size() < size_t(col_blocks) * jobs.size()) {
+    throw std::logic_error("[lowrank] reduce counters sized for narrower jobs");
+  }
   int want = std::max(1, 2 * sm_count(enc) / (col_blocks * int(jobs.size())));
   constexpr int kSliceStep = 16 * kWarps;
   int slice_rows = ((n + want - 1) / want + kSliceStep - 1) / kSliceStep * kSliceStep;
@@ -580,18 +623,26 @@ void lowrank_reduce(mx::cu::CommandEncoder& enc, std::initializer_list<ReduceJob
   for (auto& jb : jobs) {
     int k = width(jb.x);
     parts.push_back(scratch(enc, {slices, std::max(k, 1), 16}, mx::float32));
-    rj.j[i] = {gpu_ptr<void>(jb.x), gpu_ptr<void>(jb.g), gpu_ptr<float>(parts.back()), k};
+    rj.j[i] = {gpu_ptr<void>(jb.x), gpu_ptr<void>(jb.g), gpu_ptr<float>(parts.back()), k,
+               gpu_ptr<void>(jb.d), dt_of(jb.d, "a gradient"), jb.di, jb.dj, jb.s};
     fj.j[i] = {gpu_ptr<float>(parts.back()), gpu_ptr<void>(jb.d), k, dt_of(jb.d, "a gradient"),
                jb.di, jb.dj, jb.s};
     ++i;
   }
   for (auto& jb : jobs) enc.set_input_array(jb.x), enc.set_input_array(jb.g);
+  if (counters) enc.set_input_array(*counters);
   for (auto& p : parts) enc.set_output_array(p);
+  if (counters) {
+    for (auto& jb : jobs) enc.set_output_array(jb.d);
+  }
+  int* cnt = counters ? gpu_ptr<int>(*counters) : nullptr;
   with_t(T, [&](auto tt) {
     using TT = decltype(tt);
     launch(enc, reinterpret_cast<const void*>(&reduce_kernel<TT>),
-           dim3(col_blocks, slices, unsigned(jobs.size())), dim3(kThreads), 0, rj, n, r, slice_rows);
+           dim3(col_blocks, slices, unsigned(jobs.size())), dim3(kThreads), 0, rj, n, r, slice_rows,
+           cnt);
   });
+  if (counters) return; // finished inside the launch
   for (auto& p : parts) enc.set_input_array(p);
   for (auto& jb : jobs) enc.set_output_array(jb.d);
   long most = (long)max_k * r;

@@ -45,9 +45,10 @@ struct LowRankMatrix {
 };
 
 // Packed copies in dtype t, in one launch: [16][k] for a project operand, [cols][16] for
-// an expand operand.
+// an expand operand. The same launch zeroes `counters` (from reduce_counters) when given.
 std::vector<mx::array> lowrank_pack(mx::cu::CommandEncoder& enc, mx::Dtype t,
-                                    std::initializer_list<LowRankMatrix> ms);
+                                    std::initializer_list<LowRankMatrix> ms,
+                                    mx::array* counters = nullptr);
 
 // c (n, r) = s * x (n, k) M (k, r), in c's dtype; pk = M packed for project. With pad, the
 // same product is also written in T into the first 16 columns of pad (n, kLowRankPad), zero
@@ -70,7 +71,12 @@ struct ReduceJob {
   long di, dj;
   float s;
 };
-void lowrank_reduce(mx::cu::CommandEncoder& enc, std::initializer_list<ReduceJob> jobs);
+// With counters (zeroed by a lowrank_pack launched before it in the same primitive), the
+// slices are summed inside the reduce launch: one graph node fewer.
+void lowrank_reduce(mx::cu::CommandEncoder& enc, std::initializer_list<ReduceJob> jobs,
+                    mx::array* counters = nullptr);
+// Scratch for lowrank_reduce's counters, for jobs whose widths k are at most max_k.
+mx::array reduce_counters(mx::cu::CommandEncoder& enc, int max_k);
 
 // The LoRA GEMM on Hopper (lora_gemm.cuh): y (n, N) = x (n, K) W^T + xa_pad b_pad^T
 // (+ bias), W (N, K), the rank-r term as one more k tile of the base GEMM. With w_kn, W is

@@ -346,19 +346,23 @@ void QLoRAVJP::eval_gpu(const std::vector<mx::array>& in, std::vector<mx::array>
   if (own) { // the same products as below, by lowrank.cuh's kernels
     std::vector<mx::array> mm; // B^T (out, r) for g; A^T (r, k) for dx_d and dx
     const bool need_at = dxd || (dx && k > 0 && lora_dx);
+    // The reduce's counters, zeroed by the pack (when there is one): no finish node.
+    std::optional<mx::array> counters;
+    if (need_g && (da || db)) counters = cuda::reduce_counters(enc, std::max(k, out));
+    mx::array* cnt = counters ? &*counters : nullptr;
     if (need_g && need_at) {
-      mm = cuda::lowrank_pack(enc, T, {{in[5], 1, out, out, r, true}, {in[4], 1, r, r, k, false}});
+      mm = cuda::lowrank_pack(enc, T, {{in[5], 1, out, out, r, true}, {in[4], 1, r, r, k, false}}, cnt);
     } else if (need_g) {
-      mm = cuda::lowrank_pack(enc, T, {{in[5], 1, out, out, r, true}});
+      mm = cuda::lowrank_pack(enc, T, {{in[5], 1, out, out, r, true}}, cnt);
     }
     if (need_g) cuda::lowrank_project(enc, dy, mm[0], r, p_.scale, *g_t);
     if (dxd) cuda::lowrank_expand(enc, *g_t, mm[1], 1.0f, nullptr, *dxd);
     if (da && db) {
-      cuda::lowrank_reduce(enc, {{xd, *g_t, *da, r, 1, 1.0f}, {dy, xa, *db, 1, out, p_.scale}});
+      cuda::lowrank_reduce(enc, {{xd, *g_t, *da, r, 1, 1.0f}, {dy, xa, *db, 1, out, p_.scale}}, cnt);
     } else if (da) {
-      cuda::lowrank_reduce(enc, {{xd, *g_t, *da, r, 1, 1.0f}});
+      cuda::lowrank_reduce(enc, {{xd, *g_t, *da, r, 1, 1.0f}}, cnt);
     } else if (db) {
-      cuda::lowrank_reduce(enc, {{dy, xa, *db, 1, out, p_.scale}});
+      cuda::lowrank_reduce(enc, {{dy, xa, *db, 1, out, p_.scale}}, cnt);
     }
     if (dx && k > 0 && lora_dx) cuda::lowrank_expand(enc, *g_t, mm[1], 1.0f, nullptr, *dx);
   } else {
