@@ -1,6 +1,7 @@
 // Standalone check and timing of csrc/backend/cuda/lora_gemm.cuh on an sm_90 GPU, against a
 // naive float32 reference and cuBLAS's bf16 GEMM in the same run (a probe, not a test):
 //   tools/lora_gemm_probe.sh   (builds with nvcc and runs; M N K from the command line)
+#include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda.h>
 #include <cuda_runtime.h>
@@ -106,7 +107,8 @@ int main(int argc, char** argv) {
   CK(cudaFuncSetAttribute(lora_gemm_kernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
   CK(cudaFuncSetAttribute(lora_gemm_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
   int tiles = ((M + kBM - 1) / kBM) * ((N + kBN - 1) / kBN);
-  dim3 grid(std::min(tiles, sms));
+  int rounds = (tiles + sms - 1) / sms; // as lora_gemm.cu sizes the grid
+  dim3 grid((tiles + rounds - 1) / rounds);
   auto run = [&](int rank) {
     Params p{M, N, K, bias, rank};
     if (mn) lora_gemm_kernel<true><<<grid, kThreads, kSmemBytes>>>(tx, tw, txa, tbp, ty, p);
@@ -145,10 +147,35 @@ int main(int argc, char** argv) {
                     mn ? N : K, x, CUDA_R_16BF, K, &zero, y2, CUDA_R_16BF, N, CUBLAS_COMPUTE_32F,
                     CUBLAS_GEMM_DEFAULT));
   };
+  // cuBLASLt's first heuristic choice, as MLX's matmul makes it (32 MiB of workspace).
+  cublasLtHandle_t lt;
+  CK(cublasLtCreate(&lt));
+  cublasLtMatmulDesc_t desc;
+  CK(cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+  cublasOperation_t ta = mn ? CUBLAS_OP_N : CUBLAS_OP_T, tb = CUBLAS_OP_N;
+  CK(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)));
+  CK(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)));
+  cublasLtMatrixLayout_t la, lb, lc;
+  CK(cublasLtMatrixLayoutCreate(&la, CUDA_R_16BF, mn ? N : K, mn ? K : N, mn ? N : K));
+  CK(cublasLtMatrixLayoutCreate(&lb, CUDA_R_16BF, K, M, K));
+  CK(cublasLtMatrixLayoutCreate(&lc, CUDA_R_16BF, N, M, N));
+  size_t ws_bytes = 32u << 20;
+  void* ws;
+  CK(cudaMalloc(&ws, ws_bytes));
+  cublasLtMatmulPreference_t pref;
+  CK(cublasLtMatmulPreferenceCreate(&pref));
+  CK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws_bytes, sizeof(ws_bytes)));
+  cublasLtMatmulHeuristicResult_t heur{};
+  int found = 0;
+  CK(cublasLtMatmulAlgoGetHeuristic(lt, desc, la, lb, lc, lc, pref, 1, &heur, &found));
+  auto cublaslt = [&] {
+    CK(cublasLtMatmul(lt, desc, &one, w, la, x, lb, &zero, y2, lc, y2, lc, found ? &heur.algo : nullptr,
+                      ws, ws_bytes, 0));
+  };
   cudaEvent_t e0, e1;
   CK(cudaEventCreate(&e0));
   CK(cudaEventCreate(&e1));
-  std::vector<float> t_ours, t_ours0, t_cublas;
+  std::vector<float> t_ours, t_ours0, t_cublas, t_lt;
   auto time = [&](auto&& f, std::vector<float>& out) {
     CK(cudaEventRecord(e0));
     f();
@@ -163,12 +190,14 @@ int main(int argc, char** argv) {
     time([&] { run(1); }, t_ours);
     time([&] { cublas(); }, t_cublas);
     time([&] { run(0); }, t_ours0);
+    time([&] { cublaslt(); }, t_lt);
   }
   auto med = [](std::vector<float> v) {
     std::sort(v.begin(), v.end());
     return v[v.size() / 2];
   };
   double flops = 2.0 * M * N * K;
+  std::printf("cuBLASLt's first heuristic choice (as MLX's matmul asks): %.1f us\n", med(t_lt));
   std::printf("time (median of %d, us): ours+rank %.1f  ours %.1f  cublas %.1f  | ours+rank / cublas %.3f  "
               "(TFLOP/s: ours %.0f, cublas %.0f)\n",
               reps, med(t_ours), med(t_ours0), med(t_cublas), med(t_ours) / med(t_cublas),
