@@ -85,12 +85,12 @@ class HostTimer {
 // (name, total microseconds, calls) since the last reset.
 std::vector<std::tuple<std::string, double, long long>> host_times(bool reset);
 
-// Lets `kernel` (a __global__ function) on `device` take `smem` bytes of dynamic shared memory (above
-// the default 48 KB) and, with big_cluster, clusters past the portable 8 CTAs. Set once per
-// kernel and size, not per launch: cudaFuncSetAttribute took ~6.6 us of host time per call
-// (2026-12-01h, call 1), and lora_gemm launches twice per forward+backward. Same
-// underlying function as kernel_handle's (one primary context a device), set through our
-// runtime.
+// Lets `kernel` (a __global__ function) on `device` take `smem` bytes of dynamic shared
+// memory (above the default 48 KB) and, with big_cluster, clusters past the portable 8
+// CTAs. Set once per kernel and size, not per launch: cudaFuncSetAttribute took ~6.6 us of
+// host time a call (2026-12-01h, call 1), and lora_gemm launches twice per
+// forward+backward. Same underlying function as kernel_handle's (one primary context a
+// device), set through our runtime.
 void allow_launch(const void* kernel, int device, unsigned smem, bool big_cluster);
 
 // True while a GemmBatch (gemm.cuh) captures on this thread: no launches or buffers then.

@@ -107,7 +107,8 @@ void LoRALinearVJP::eval_gpu(
   // g is read for dA only (it is computed whenever dA is asked for).
   auto reduce = [&](const mx::array* g, mx::array* counters) {
     if (da && db) {
-      cuda::lowrank_reduce(enc, {{xd, *g, *da, r, 1, scale_}, {dy, xa, *db, 1, out, scale_}}, counters);
+      cuda::lowrank_reduce(enc, {{xd, *g, *da, r, 1, scale_}, {dy, xa, *db, 1, out, scale_}},
+                           counters);
     } else if (da) {
       cuda::lowrank_reduce(enc, {{xd, *g, *da, r, 1, scale_}}, counters);
     } else if (db) {
@@ -117,7 +118,9 @@ void LoRALinearVJP::eval_gpu(
   if (cuda::lowrank_fits(r, T, {in, out}, {&dy, &xd})) { // rank-r products as kernels of ours
     std::optional<mx::array> g_t, counters;
     std::vector<mx::array> m;
-    if (need_g && (da || db)) counters = cuda::reduce_counters(enc, std::max(in, out)); // pack zeroes them
+    if (need_g && (da || db)) { // zeroed by the pack below
+      counters = cuda::reduce_counters(enc, std::max(in, out));
+    }
     mx::array* cnt = counters ? &*counters : nullptr;
     if (lora_into_dx && cuda::lora_gemm_fits(enc, T, in, out, {&dy, &w, dx})) {
       // Hopper: dx = dy W + s g A^T as one GEMM of ours with the rank-r k tile (as the

@@ -351,14 +351,16 @@ void QLoRAVJP::eval_gpu(const std::vector<mx::array>& in, std::vector<mx::array>
     if (need_g && (da || db)) counters = cuda::reduce_counters(enc, std::max(k, out));
     mx::array* cnt = counters ? &*counters : nullptr;
     if (need_g && need_at) {
-      mm = cuda::lowrank_pack(enc, T, {{in[5], 1, out, out, r, true}, {in[4], 1, r, r, k, false}}, cnt);
+      mm = cuda::lowrank_pack(enc, T, {{in[5], 1, out, out, r, true}, {in[4], 1, r, r, k, false}},
+                              cnt);
     } else if (need_g) {
       mm = cuda::lowrank_pack(enc, T, {{in[5], 1, out, out, r, true}}, cnt);
     }
     if (need_g) cuda::lowrank_project(enc, dy, mm[0], r, p_.scale, *g_t);
     if (dxd) cuda::lowrank_expand(enc, *g_t, mm[1], 1.0f, nullptr, *dxd);
     if (da && db) {
-      cuda::lowrank_reduce(enc, {{xd, *g_t, *da, r, 1, 1.0f}, {dy, xa, *db, 1, out, p_.scale}}, cnt);
+      cuda::lowrank_reduce(enc, {{xd, *g_t, *da, r, 1, 1.0f}, {dy, xa, *db, 1, out, p_.scale}},
+                           cnt);
     } else if (da) {
       cuda::lowrank_reduce(enc, {{xd, *g_t, *da, r, 1, 1.0f}}, cnt);
     } else if (db) {
