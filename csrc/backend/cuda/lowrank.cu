@@ -334,6 +334,25 @@ struct RedJobs {
   RedJob j[2];
 };
 
+// d[col, j] = s * the slices' partials summed in slice order (eight loads in flight; the
+// same bits as a plain loop): the finish, by finish_kernel or by a reduce's last block.
+// __ldcg: the partials were written by other blocks.
+__device__ inline void finish_entry(const RedJob& job, int slices, int col, int j) {
+  const float* p = job.part + (long)col * 16 + j;
+  const long step = (long)job.k * 16;
+  float sum = 0.0f;
+  int sl = 0;
+  for (; sl + 8 <= slices; sl += 8) {
+    float v[8];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) v[u] = __ldcg(p + (sl + u) * step);
+#pragma unroll
+    for (int u = 0; u < 8; ++u) sum += v[u];
+  }
+  for (; sl < slices; ++sl) sum += __ldcg(p + sl * step);
+  st(job.d, col * job.di + j * job.dj, job.dt, job.s * sum);
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 reduce_kernel(RedJobs jobs, int n, int r, int slice_rows, int* counters) {
@@ -444,45 +463,17 @@ reduce_kernel(RedJobs jobs, int n, int r, int slice_rows, int* counters) {
   if (!last) return;
   __threadfence();
   for (int e = threadIdx.x; e < kTile * r; e += kThreads) {
-    int col = c_begin + e / r, j = e % r;
+    int col = c_begin + e / r;
     if (col >= k) break; // col grows with e
-    const float* p = job.part + (long)col * 16 + j;
-    float sum = 0.0f;
-    for (int sl = 0; sl < int(gridDim.y); ++sl) sum += __ldcg(p + (long)sl * k * 16);
-    st(job.d, col * job.di + j * job.dj, job.dt, job.s * sum);
+    finish_entry(job, int(gridDim.y), col, e % r);
   }
 }
 
-struct FinJob {
-  const float* part;
-  void* d;
-  int k, dt;
-  long di, dj;
-  float s;
-};
-struct FinJobs {
-  FinJob j[2];
-};
-
-__global__ void finish_kernel(FinJobs jobs, int r, int slices) {
-  const FinJob job = blockIdx.y == 0 ? jobs.j[0] : jobs.j[1];
+__global__ void finish_kernel(RedJobs jobs, int r, int slices) {
+  const RedJob job = blockIdx.y == 0 ? jobs.j[0] : jobs.j[1];
   long idx = blockIdx.x * (long)blockDim.x + threadIdx.x;
   if (idx >= (long)job.k * r) return;
-  int i = int(idx / r), j = int(idx % r);
-  // Eight loads in flight, summed in slice order (the same bits as a plain loop).
-  const float* p = job.part + (long)i * 16 + j;
-  const long step = (long)job.k * 16;
-  float sum = 0.0f;
-  int sl = 0;
-  for (; sl + 8 <= slices; sl += 8) {
-    float v[8];
-#pragma unroll
-    for (int u = 0; u < 8; ++u) v[u] = p[(sl + u) * step];
-#pragma unroll
-    for (int u = 0; u < 8; ++u) sum += v[u];
-  }
-  for (; sl < slices; ++sl) sum += p[sl * step];
-  st(job.d, i * job.di + j * job.dj, job.dt, job.s * sum);
+  finish_entry(job, slices, int(idx / r), int(idx % r));
 }
 
 // A packed row-major array as (rows, width): its last dimension is the width.
@@ -617,7 +608,6 @@ void lowrank_reduce(mx::cu::CommandEncoder& enc, std::initializer_list<ReduceJob
   int slice_rows = ((n + want - 1) / want + kSliceStep - 1) / kSliceStep * kSliceStep;
   int slices = (n + slice_rows - 1) / slice_rows;
   RedJobs rj{};
-  FinJobs fj{};
   std::vector<mx::array> parts;
   int i = 0;
   for (auto& jb : jobs) {
@@ -625,8 +615,6 @@ void lowrank_reduce(mx::cu::CommandEncoder& enc, std::initializer_list<ReduceJob
     parts.push_back(scratch(enc, {slices, std::max(k, 1), 16}, mx::float32));
     rj.j[i] = {gpu_ptr<void>(jb.x), gpu_ptr<void>(jb.g), gpu_ptr<float>(parts.back()), k,
                gpu_ptr<void>(jb.d), dt_of(jb.d, "a gradient"), jb.di, jb.dj, jb.s};
-    fj.j[i] = {gpu_ptr<float>(parts.back()), gpu_ptr<void>(jb.d), k, dt_of(jb.d, "a gradient"),
-               jb.di, jb.dj, jb.s};
     ++i;
   }
   for (auto& jb : jobs) enc.set_input_array(jb.x), enc.set_input_array(jb.g);
@@ -647,7 +635,7 @@ void lowrank_reduce(mx::cu::CommandEncoder& enc, std::initializer_list<ReduceJob
   for (auto& jb : jobs) enc.set_output_array(jb.d);
   long most = (long)max_k * r;
   launch(enc, reinterpret_cast<const void*>(&finish_kernel),
-         dim3(unsigned((most + 255) / 256), unsigned(jobs.size())), dim3(256), 0, fj, r, slices);
+         dim3(unsigned((most + 255) / 256), unsigned(jobs.size())), dim3(256), 0, rj, r, slices);
 }
 
 } // namespace mlx_tuner::cuda
