@@ -35,7 +35,8 @@ def timeline(fn, per_eval: int, reps: int = 4):
             marks.append(time.perf_counter() - t0)
         torch.cuda.synchronize()
     events = [e for e in prof.events() if e.time_range.end > e.time_range.start]
-    # The last evaluation: everything after the start of the last host-side call before it.
+    # The GPU's kernels and the host's calls, each in start order (report() picks the last
+    # evaluation out of them).
     kern = sorted((e for e in events if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start)
     api = sorted((e for e in events if e.device_type.name != "CUDA"), key=lambda e: e.time_range.start)
     return kern, api, marks
