@@ -1,6 +1,7 @@
 // CUDA kernels of the fused LoRA linear (maths in csrc/ops/lora.h). On Hopper, for
 // bfloat16, y = x W^T + s xa B and dx = dy W + s g A^T are each one GEMM of ours
-// (lora_gemm.cuh) in which the rank-r term is one more k tile of the main loop. Elsewhere
+// (lora_gemm.cuh) in which the rank-r term is one more k step of the main loop, and xa or
+// g is made by the same GEMM (without dropout: from the x or dy it reads). Elsewhere
 // the big products are cuBLASLt matmuls captured into MLX's CUDA graph (the encoder's
 // capture context); the rank-r term is written first and the base GEMM accumulates into it
 // (beta = 1), so there is no (N, out) temporary and no separate add pass. cuBLASLt needs
@@ -52,9 +53,13 @@ void LoRALinear::eval_gpu(
       // pass writes s xa B into y for the base GEMM to read back.
       auto m = cuda::lowrank_pack(enc, T, {{a, r, 1, in, r, true},
                                            {b, out, 1, r, out, false, cuda::kLowRankPad, scale_}});
+      if (!has_xd_ && cuda::rank_in_gemm()) { // xa = x A made by the GEMM itself
+        cuda::lora_gemm(enc, x, w, {m[0], &xa}, m[1], bias, y);
+        return;
+      }
       auto xa_pad = cuda::scratch(enc, {n, cuda::kLowRankPad}, T);
       cuda::lowrank_project(enc, xd, m[0], r, 1.0f, xa, &xa_pad);
-      cuda::lora_gemm(enc, x, w, xa_pad, m[1], bias, y);
+      cuda::lora_gemm(enc, x, w, {xa_pad}, m[1], bias, y);
       return;
     }
     // A (in, r) and B (r, out) packed for them in one launch.
@@ -123,14 +128,18 @@ void LoRALinearVJP::eval_gpu(
     }
     mx::array* cnt = counters ? &*counters : nullptr;
     if (lora_into_dx && cuda::lora_gemm_fits(enc, T, in, out, {&dy, &w, dx})) {
-      // Hopper: dx = dy W + s g A^T as one GEMM of ours with the rank-r k tile (as the
-      // forward), g = dy B^T from project (also into g_pad for the GEMM).
+      // Hopper: dx = dy W + s g A^T as one GEMM of ours with the rank-r k step (as the
+      // forward); g = dy B^T made by that GEMM, or by project (also into g_pad for it).
       m = cuda::lowrank_pack(enc, T, {{b, 1, out, out, r, true},
                                       {a, 1, r, r, in, false, cuda::kLowRankPad, scale_}}, cnt);
       g_t = scratch(enc, {n, r}, T);
-      auto g_pad = scratch(enc, {n, cuda::kLowRankPad}, T);
-      cuda::lowrank_project(enc, dy, m[0], r, 1.0f, *g_t, &g_pad);
-      cuda::lora_gemm(enc, dy, w, g_pad, m[1], nullptr, *dx, true);
+      if (cuda::rank_in_gemm()) { // g = dy B^T made by the GEMM itself
+        cuda::lora_gemm(enc, dy, w, {m[0], &*g_t}, m[1], nullptr, *dx, true);
+      } else {
+        auto g_pad = scratch(enc, {n, cuda::kLowRankPad}, T);
+        cuda::lowrank_project(enc, dy, m[0], r, 1.0f, *g_t, &g_pad);
+        cuda::lora_gemm(enc, dy, w, {g_pad}, m[1], nullptr, *dx, true);
+      }
       reduce(&*g_t, cnt);
       return;
     }

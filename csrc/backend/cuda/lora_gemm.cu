@@ -13,6 +13,7 @@ namespace mlx_tuner::cuda {
 // b_pad are never read): the ranks lowrank_fits admits must fit in it.
 static_assert(kLowRankMax <= 16, "lora_gemm multiplies one 16-wide k step of the rank tile");
 static_assert(lora_gemm::kRankCols == kLowRankPad, "the rank tile's operands as lowrank packs them");
+static_assert(lora_gemm::kProjRows == kLowRankMax, "M (16, K) as lowrank_pack packs a project operand");
 
 namespace {
 
@@ -75,28 +76,45 @@ bool lora_gemm_fits(mx::cu::CommandEncoder& enc, mx::Dtype t, int in, int out,
   return true;
 }
 
+bool rank_in_gemm() {
+  static bool on = [] {
+    const char* v = std::getenv("MLX_TUNER_RANK_IN_GEMM");
+    return !(v && v[0] == '0');
+  }();
+  return on;
+}
+
 void lora_gemm(mx::cu::CommandEncoder& enc, const mx::array& x, const mx::array& w,
-               const mx::array& xa_pad, const mx::array& b_pad, const mx::array* bias,
+               const LoRAGemmRank& rank, const mx::array& b_pad, const mx::array* bias,
                mx::array& y, bool w_kn) {
   using namespace lora_gemm;
   // Here in = K and out = N of the product: W is (out, in), or (in, out) with w_kn.
   int n = x.size() / x.shape(-1), in = x.shape(-1), out = y.shape(-1);
+  bool proj = rank.p_out != nullptr;
   CUtensorMap tx = tensor_map(x, n, in, kBM);
   CUtensorMap tw = w_kn ? tensor_map(w, in, out, 64) : tensor_map(w, out, in, kBN);
-  CUtensorMap txa = tensor_map(xa_pad, n, kRankCols, kBM);
+  CUtensorMap tr = proj ? tensor_map(rank.operand, kProjRows, in, kProjRows)
+                        : tensor_map(rank.operand, n, kRankCols, kBM);
   CUtensorMap tbp = tensor_map(b_pad, out, kRankCols, kBN);
   CUtensorMap ty = tensor_map(y, n, out, kEpiBox);
-  Params p{n, out, in, bias ? gpu_ptr<__nv_bfloat16>(*bias) : nullptr, 1};
-  reads_writes(enc, {&x, &w, &xa_pad, &b_pad, bias}, {&y});
+  Params p{n, out, in, bias ? gpu_ptr<__nv_bfloat16>(*bias) : nullptr, 1,
+           proj ? gpu_ptr<__nv_bfloat16>(*rank.p_out) : nullptr, proj ? rank.p_out->shape(-1) : 0};
+  reads_writes(enc, {&x, &w, &rank.operand, &b_pad, bias}, {&y, rank.p_out});
   // Persistent: as many CTAs as the rounds of tiles need, no more (512 tiles take 4 rounds on
   // 128 CTAs as on 132), so that the multiprocessors left over run the kernels beside it
   // (the next project, a reduce) instead of idling through the last round.
   int tiles = ((n + kBM - 1) / kBM) * ((out + kBN - 1) / kBN);
   int rounds = (tiles + sm_count(enc) - 1) / sm_count(enc);
-  const void* kern = w_kn ? reinterpret_cast<const void*>(&lora_gemm_kernel<true>)
-                         : reinterpret_cast<const void*>(&lora_gemm_kernel<false>);
-  launch(enc, kern, dim3((tiles + rounds - 1) / rounds), dim3(kThreads), kSmemBytes, tx, tw,
-         txa, tbp, ty, p);
+  const void* kern;
+  if (proj) {
+    kern = w_kn ? reinterpret_cast<const void*>(&lora_gemm_kernel<true, true>)
+                : reinterpret_cast<const void*>(&lora_gemm_kernel<false, true>);
+  } else {
+    kern = w_kn ? reinterpret_cast<const void*>(&lora_gemm_kernel<true, false>)
+                : reinterpret_cast<const void*>(&lora_gemm_kernel<false, false>);
+  }
+  int smem = proj ? Layout<true>::kSmemBytes : Layout<false>::kSmemBytes;
+  launch(enc, kern, dim3((tiles + rounds - 1) / rounds), dim3(kThreads), smem, tx, tw, tr, tbp, ty, p);
 }
 
 } // namespace mlx_tuner::cuda

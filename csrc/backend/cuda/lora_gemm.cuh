@@ -1,12 +1,22 @@
 // The LoRA forward, and the backward's dx, as one GEMM on Hopper (sm_90a): y = x W^T +
-// xa Bp^T (+ bias), where the rank-r term enters the main loop as one more k tile (xa and
-// Bp zero-padded to 64 columns) instead of a separate pass that writes s xa B into y for a
-// beta = 1 GEMM to read back.
+// p Bp^T (+ bias), where the rank-r term enters the main loop as one more k step instead of
+// a separate pass that writes s xa B into y for a beta = 1 GEMM to read back.
+// p is the rank-r projection of the GEMM's own left operand: xa = x A in the forward,
+// g = dy B^T in the backward. Two ways to get it:
+// - from memory (xa_pad, zero-padded to 64 columns, written by lowrank_project);
+// - kProj: made inside the GEMM, p = x M with M (16, K) as lowrank_pack packs A or B^T:
+//   one 16-wide wgmma beside the main one at every k step, reading the same x tile and a
+//   16 x 64 box of M that rides in each stage. p stays in registers and enters the rank
+//   step as the wgmma's A operand from registers (the accumulator fragment of m64n16 is
+//   the bf16 A fragment of k16, pair for pair). Each CTA walks a contiguous run of
+//   row-major tiles, so p is made once per row block of the run (the run's first tile,
+//   and each new row block's), and the row block's first tile writes it out (xa for the
+//   backward, g for the dA reduce).
 // Tiles of 128 x 256, k tiles of 64 through a ring of four TMA stages (128-byte swizzle),
 // a producer warpgroup (one thread issues the copies) and two consumer warpgroups (64 rows
 // each, wgmma m64n256k16, float32 accumulators in registers), persistent over the tiles.
-// Operands bf16, K-major (x (M, K), W (N, K) or with kMN (K, N), xa (M, 64), Bp (N, 64)),
-// output bf16.
+// Operands bf16, K-major (x (M, K), W (N, K) or with kMN (K, N), xa (M, 64), Bp (N, 64),
+// M (16, K)), output bf16.
 #pragma once
 
 #include <cuda.h>
@@ -22,18 +32,31 @@
 namespace mlx_tuner::lora_gemm {
 
 constexpr int kBM = 128, kBN = 256, kBK = 64, kStages = 4, kThreads = 384;
-constexpr int kABytes = kBM * kBK * 2, kBBytes = kBN * kBK * 2, kStageBytes = kABytes + kBBytes;
+constexpr int kABytes = kBM * kBK * 2, kBBytes = kBN * kBK * 2;
 constexpr int kRankCols = 64; // xa and Bp columns: the rank, zero-padded to one k tile
+constexpr int kProjRows = 16, kProjBytes = kProjRows * kBK * 2; // M's box a stage (kProj)
 // The epilogue goes through shared memory and TMA stores (asynchronous: the warpgroup is
-// back in the main loop while the tile is written), half a tile's columns at a time: each
-// consumer writes its 64 rows x 128 columns as two 64 x 64 boxes (128-byte swizzle).
-constexpr int kEpiBox = 64, kEpiBoxBytes = kEpiBox * kEpiBox * 2, kEpiBytes = 2 * 2 * kEpiBoxBytes;
-constexpr int kSmemBytes = kStages * kStageBytes + kEpiBytes + 1024 + 2 * kStages * 8;
+// back in the main loop while the tile is written), in rounds: each consumer writes its 64
+// rows as 64 x 64 boxes (128-byte swizzle), two a round (half a tile), or with kProj one a
+// round (a quarter): M's boxes take the shared memory of the other.
+constexpr int kEpiBox = 64, kEpiBoxBytes = kEpiBox * kEpiBox * 2;
+template <bool kProj>
+struct Layout {
+  static constexpr int kStageBytes = kABytes + kBBytes + (kProj ? kProjBytes : 0);
+  static constexpr int kEpiBoxes = kProj ? 1 : 2; // a consumer's boxes a round
+  static constexpr int kEpiBytes = 2 * kEpiBoxes * kEpiBoxBytes;
+  static constexpr int kSmemBytes = kStages * kStageBytes + kEpiBytes + 1024 + 2 * kStages * 8;
+};
+static_assert(Layout<false>::kSmemBytes <= 227 * 1024 && Layout<true>::kSmemBytes <= 227 * 1024,
+              "an sm_90 CTA has 227 KB of shared memory");
+static_assert(Layout<true>::kStageBytes % 1024 == 0, "128-byte-swizzled tiles start 1 KB aligned");
 
 struct Params {
   int m, n, k;
   const __nv_bfloat16* bias; // (n,) or null
-  int rank; // 1: add xa Bp^T (one more k tile)
+  int rank; // 1: add the rank step p Bp^T
+  __nv_bfloat16* p_out; // kProj: p (m, r) written here, or null
+  int r;
 };
 
 // The body is Hopper's alone (wgmma is sm_90a only): for other targets of a multi-arch
@@ -86,33 +109,74 @@ __device__ __forceinline__ void wgmma_256(float (&d)[128], uint64_t da, uint64_t
       da, db, d[I]..., acc ? ScaleOut::One : ScaleOut::Zero);
 }
 
-// Tile t of the grid, in groups of 8 row tiles so that the CTAs working at once share
-// their x and W tiles in L2.
-__device__ __forceinline__ void tile_coords(int t, int tm, int tn, int& mb, int& nb) {
-  constexpr int kGroup = 8;
-  int per_group = kGroup * tn, g = t / per_group, first = g * kGroup;
-  int rows = min(tm - first, kGroup), in_g = t % per_group;
-  mb = first + in_g % rows;
-  nb = in_g / rows;
+// The rank step with its A operand (p, bf16 pairs) from registers.
+template <size_t... I>
+__device__ __forceinline__ void wgmma_256_rs(float (&d)[128], const uint32_t (&a)[4], uint64_t db,
+                                             std::index_sequence<I...>) {
+  using namespace cute::SM90::GMMA;
+  MMA_64x256x16_F32BF16BF16_RS<Major::K, Major::K>::fma(a[0], a[1], a[2], a[3], db, d[I]...,
+                                                        ScaleOut::One);
 }
+
+// p += x M for one k16 step (kProj).
+__device__ __forceinline__ void wgmma_16(float (&d)[8], uint64_t da, uint64_t db, bool acc) {
+  using namespace cute::SM90::GMMA;
+  MMA_64x16x16_F32BF16BF16_SS<Major::K, Major::K>::fma(
+      da, db, d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7], acc ? ScaleOut::One : ScaleOut::Zero);
+}
+
+// The tiles one CTA computes, walked the same way by the producer and the consumers.
+// kProj: a contiguous run of row-major tiles (consecutive tiles share their row block, and
+// with it p); else strided over the grid, in groups of 8 row tiles so that the CTAs working
+// at once share their x and W tiles in L2.
+template <bool kProj>
+struct TileWalk {
+  int tm, tn, t, first, end, step;
+  __device__ TileWalk(int m, int n) : tm((m + kBM - 1) / kBM), tn((n + kBN - 1) / kBN) {
+    int tiles = tm * tn;
+    if (kProj) {
+      int per = (tiles + gridDim.x - 1) / gridDim.x;
+      t = blockIdx.x * per, end = min(tiles, t + per), step = 1;
+    } else {
+      t = blockIdx.x, end = tiles, step = gridDim.x;
+    }
+    first = t;
+  }
+  __device__ bool more() const { return t < end; }
+  __device__ void next() { t += step; }
+  __device__ void coords(int& mb, int& nb) const {
+    if (kProj) {
+      mb = t / tn, nb = t % tn;
+      return;
+    }
+    constexpr int kGroup = 8;
+    int per_group = kGroup * tn, g = t / per_group, top = g * kGroup;
+    int rows = min(tm - top, kGroup), in_g = t % per_group;
+    mb = top + in_g % rows;
+    nb = in_g / rows;
+  }
+  // kProj: whether this tile makes p (the run's first tile, or a new row block's).
+  __device__ bool fresh(int nb) const { return kProj && (t == first || nb == 0); }
+};
 #endif
 
 // kMN: W is given as (K, N), N-major (the backward's dx = dy W: W (out, in) as stored);
-// else (N, K). The rank tile's Bp is (N, 64) either way.
-template <bool kMN>
+// else (N, K). The rank step's Bp is (N, 64) either way. tr: xa (M, 64), or with kProj
+// M (16, K).
+template <bool kMN, bool kProj>
 __global__ void __launch_bounds__(kThreads, 1)
 lora_gemm_kernel(const __grid_constant__ CUtensorMap tx, const __grid_constant__ CUtensorMap tw,
-                 const __grid_constant__ CUtensorMap txa, const __grid_constant__ CUtensorMap tbp,
+                 const __grid_constant__ CUtensorMap tr, const __grid_constant__ CUtensorMap tbp,
                  const __grid_constant__ CUtensorMap ty, Params p) {
 #if defined(MLX_TUNER_LORA_GEMM_BODY)
+  using L = Layout<kProj>;
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem = reinterpret_cast<unsigned char*>(
       (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
-  unsigned char* epi = smem + kStages * kStageBytes;
-  uint64_t* full = reinterpret_cast<uint64_t*>(epi + kEpiBytes);
+  unsigned char* epi = smem + kStages * L::kStageBytes;
+  uint64_t* full = reinterpret_cast<uint64_t*>(epi + L::kEpiBytes);
   uint64_t* empty = full + kStages;
   int wg = threadIdx.x / 128, tid = threadIdx.x % 128;
-  int tm = (p.m + kBM - 1) / kBM, tn = (p.n + kBN - 1) / kBN, tiles = tm * tn;
   int kt_main = (p.k + kBK - 1) / kBK, kt_all = kt_main + (p.rank ? 1 : 0);
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
@@ -126,15 +190,16 @@ lora_gemm_kernel(const __grid_constant__ CUtensorMap tx, const __grid_constant__
     cutlass::arch::warpgroup_reg_dealloc<40>();
     if (tid != 0) return;
     int it = 0;
-    for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
+    for (TileWalk<kProj> w(p.m, p.n); w.more(); w.next()) {
       int mb, nb;
-      tile_coords(t, tm, tn, mb, nb);
+      w.coords(mb, nb);
+      bool fresh = w.fresh(nb);
       for (int kt = 0; kt < kt_all; ++kt, ++it) {
         int s = it % kStages;
         if (it >= kStages) mbar_wait(&empty[s], ((it / kStages) & 1) ^ 1);
-        mbar_expect(&full[s], kStageBytes);
-        unsigned char* sa = smem + s * kStageBytes;
+        unsigned char* sa = smem + s * L::kStageBytes;
         if (kt < kt_main) {
+          mbar_expect(&full[s], kABytes + kBBytes + (fresh ? kProjBytes : 0));
           cute::SM90_TMA_LOAD_2D::copy(&tx, &full[s], 0, sa, kt * kBK, mb * kBM);
           if constexpr (kMN) {
 #pragma unroll
@@ -145,8 +210,13 @@ lora_gemm_kernel(const __grid_constant__ CUtensorMap tx, const __grid_constant__
           } else {
             cute::SM90_TMA_LOAD_2D::copy(&tw, &full[s], 0, sa + kABytes, kt * kBK, nb * kBN);
           }
+          if (fresh) cute::SM90_TMA_LOAD_2D::copy(&tr, &full[s], 0, sa + kABytes + kBBytes, kt * kBK, 0);
+        } else if (kProj) { // the rank step: p is in the consumers' registers
+          mbar_expect(&full[s], kBBytes);
+          cute::SM90_TMA_LOAD_2D::copy(&tbp, &full[s], 0, sa + kABytes, 0, nb * kBN);
         } else {
-          cute::SM90_TMA_LOAD_2D::copy(&txa, &full[s], 0, sa, 0, mb * kBM);
+          mbar_expect(&full[s], kABytes + kBBytes);
+          cute::SM90_TMA_LOAD_2D::copy(&tr, &full[s], 0, sa, 0, mb * kBM);
           cute::SM90_TMA_LOAD_2D::copy(&tbp, &full[s], 0, sa + kABytes, 0, nb * kBN);
         }
       }
@@ -155,25 +225,62 @@ lora_gemm_kernel(const __grid_constant__ CUtensorMap tx, const __grid_constant__
   }
   cutlass::arch::warpgroup_reg_alloc<232>();
   int c = wg - 1, warp = tid / 32, lane = tid % 32;
+  int r0 = warp * 16 + lane / 4; // this thread's rows of the fragments: r0 and r0 + 8
   float acc[128];
+  float pacc[8]; // kProj: p's float32 accumulators (m64n16 fragment)
+  uint32_t pa[4]; // and p as the rank step's bf16 A fragment
   int it = 0;
-  for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
+  TileWalk<kProj> w(p.m, p.n);
+  for (; w.more(); w.next()) {
     int mb, nb;
-    tile_coords(t, tm, tn, mb, nb);
+    w.coords(mb, nb);
+    bool fresh = w.fresh(nb);
     for (int kt = 0; kt < kt_all; ++kt, ++it) {
       int s = it % kStages;
       mbar_wait(&full[s], (it / kStages) & 1);
-      uint32_t a0 = smem_u32(smem + s * kStageBytes + c * 64 * 128);
-      uint32_t b0 = smem_u32(smem + s * kStageBytes + kABytes);
-      cute::warpgroup_arrive();
+      unsigned char* sa = smem + s * L::kStageBytes;
+      uint32_t a0 = smem_u32(sa + c * 64 * 128), b0 = smem_u32(sa + kABytes);
       if (kt < kt_main) {
+        cute::warpgroup_arrive();
 #pragma unroll
         for (int k16 = 0; k16 < kBK / 16; ++k16) {
           uint64_t db = kMN ? smem_desc_mn(b0 + 2048 * k16) : smem_desc(b0 + 32 * k16);
           wgmma_256<kMN>(acc, smem_desc(a0 + 32 * k16), db, kt > 0 || k16 > 0,
                          std::make_index_sequence<128>{});
         }
-      } else { // the rank tile: only its first 16 columns can be nonzero (r <= 16)
+        if (fresh) {
+          uint32_t m0 = smem_u32(sa + kABytes + kBBytes);
+#pragma unroll
+          for (int k16 = 0; k16 < kBK / 16; ++k16) {
+            wgmma_16(pacc, smem_desc(a0 + 32 * k16), smem_desc(m0 + 32 * k16), kt > 0 || k16 > 0);
+          }
+        }
+      } else if constexpr (kProj) { // the rank step, p from registers
+        if (fresh) {
+          cute::warpgroup_wait<0>(); // p's products are done
+#pragma unroll
+          for (int i = 0; i < 8; ++i) cute::warpgroup_fence_operand(pacc[i]);
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            __nv_bfloat162 v = __floats2bfloat162_rn(pacc[2 * i], pacc[2 * i + 1]);
+            pa[i] = *reinterpret_cast<uint32_t*>(&v);
+          }
+          // p (row r0 or r0 + 8, columns 2 (lane % 4) + {0, 1}, + 8 for pa[2], pa[3]), as
+          // rounded for the product: written once, by the row block's first tile.
+          if (nb == 0 && p.p_out) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+              int row = mb * kBM + c * 64 + r0 + 8 * (i % 2), col = 2 * (lane % 4) + 8 * (i / 2);
+              const __nv_bfloat16* v = reinterpret_cast<const __nv_bfloat16*>(&pa[i]);
+              if (row < p.m && col < p.r) p.p_out[(long)row * p.r + col] = v[0];
+              if (row < p.m && col + 1 < p.r) p.p_out[(long)row * p.r + col + 1] = v[1];
+            }
+          }
+        }
+        cute::warpgroup_arrive();
+        wgmma_256_rs(acc, pa, smem_desc(b0), std::make_index_sequence<128>{});
+      } else { // the rank step from xa: only its first 16 columns can be nonzero (r <= 16)
+        cute::warpgroup_arrive();
         wgmma_256<false>(acc, smem_desc(a0), smem_desc(b0), true, std::make_index_sequence<128>{});
       }
       cute::warpgroup_commit_batch();
@@ -187,17 +294,17 @@ lora_gemm_kernel(const __grid_constant__ CUtensorMap tx, const __grid_constant__
     // into the 128-byte-swizzled boxes (16-byte unit u of row r at unit u ^ (r % 8): the
     // warp's 32 stores hit 32 banks), then stored by one thread; TMA clips rows and
     // columns past the matrix.
-    unsigned char* mine = epi + c * 2 * kEpiBoxBytes;
-    int r0 = warp * 16 + lane / 4;
+    constexpr int kBoxes = L::kEpiBoxes, kRounds = kBN / kEpiBox / kBoxes;
+    unsigned char* mine = epi + c * kBoxes * kEpiBoxBytes;
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      if (half == 1 || t != (int)blockIdx.x) { // the buffer's last stores have read it
+    for (int rd = 0; rd < kRounds; ++rd) {
+      if (rd > 0 || w.t != w.first) { // the buffer's last stores have read it
         if (tid == 0) cute::tma_store_wait<0>();
         asm volatile("bar.sync %0, 128;" ::"r"(c + 1) : "memory");
       }
 #pragma unroll
-      for (int jj = 0; jj < 16; ++jj) {
-        int j = half * 16 + jj, col = nb * kBN + 8 * j + 2 * (lane % 4);
+      for (int jj = 0; jj < 8 * kBoxes; ++jj) {
+        int j = rd * 8 * kBoxes + jj, col = nb * kBN + 8 * j + 2 * (lane % 4);
         float b0 = 0.0f, b1 = 0.0f;
         if (p.bias && col < p.n) {
           b0 = __bfloat162float(p.bias[col]);
@@ -214,9 +321,11 @@ lora_gemm_kernel(const __grid_constant__ CUtensorMap tx, const __grid_constant__
       cute::tma_store_fence(); // the generic-proxy writes, visible to the TMA unit
       asm volatile("bar.sync %0, 128;" ::"r"(c + 1) : "memory");
       if (tid == 0) {
-        int row = mb * kBM + c * 64, col = nb * kBN + half * 128;
-        cute::SM90_TMA_STORE_2D::copy(&ty, mine, col, row);
-        cute::SM90_TMA_STORE_2D::copy(&ty, mine + kEpiBoxBytes, col + kEpiBox, row);
+        int row = mb * kBM + c * 64, col = nb * kBN + rd * kBoxes * kEpiBox;
+#pragma unroll
+        for (int b = 0; b < kBoxes; ++b) {
+          cute::SM90_TMA_STORE_2D::copy(&ty, mine + b * kEpiBoxBytes, col + b * kEpiBox, row);
+        }
         cute::tma_store_arrive();
       }
     }

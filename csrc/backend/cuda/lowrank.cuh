@@ -78,17 +78,25 @@ void lowrank_reduce(mx::cu::CommandEncoder& enc, std::initializer_list<ReduceJob
 // Scratch for lowrank_reduce's counters, for jobs whose widths k are at most max_k.
 mx::array reduce_counters(mx::cu::CommandEncoder& enc, int max_k);
 
-// The LoRA GEMM on Hopper (lora_gemm.cuh): y (n, N) = x (n, K) W^T + xa_pad b_pad^T
-// (+ bias), W (N, K), the rank-r term as one more k tile of the base GEMM. With w_kn, W is
-// (K, N) and y = x W + ...: the backward's dx = dy W + s g A^T, W (out, in) as stored.
-// xa_pad (n, kLowRankPad) from lowrank_project's pad; b_pad (N, kLowRankPad): s B^T (or s A)
-// packed with ld kLowRankPad. lora_gemm_fits: an sm_90 device, bfloat16, widths that are
-// multiples of 8, every operand 16-byte aligned (MLX_TUNER_LORA_GEMM=0 turns it off, to
-// time one path against the other).
+// The LoRA GEMM on Hopper (lora_gemm.cuh): y (n, N) = x (n, K) W^T + p b_pad^T (+ bias),
+// W (N, K), the rank-r term as one more k step of the base GEMM. With w_kn, W is (K, N) and
+// y = x W + ...: the backward's dx = dy W + s g A^T, W (out, in) as stored. b_pad
+// (N, kLowRankPad): s B^T (or s A) packed with ld kLowRankPad. The rank term's p:
+// - from memory: operand = xa_pad (n, kLowRankPad), from lowrank_project's pad;
+// - made by the GEMM (rank_in_gemm()): operand = M packed for lowrank_project ((16, K):
+//   A, or B^T in the backward), and p = x M (n, r) is written into p_out (T).
+// lora_gemm_fits: an sm_90 device, bfloat16, widths that are multiples of 8, every operand
+// 16-byte aligned (MLX_TUNER_LORA_GEMM=0 turns it off, MLX_TUNER_RANK_IN_GEMM=0 keeps p
+// from memory: to time one path against the other).
 bool lora_gemm_fits(mx::cu::CommandEncoder& enc, mx::Dtype t, int in, int out,
                     std::initializer_list<const mx::array*> operands);
+bool rank_in_gemm();
+struct LoRAGemmRank {
+  const mx::array& operand;
+  mx::array* p_out = nullptr;
+};
 void lora_gemm(mx::cu::CommandEncoder& enc, const mx::array& x, const mx::array& w,
-               const mx::array& xa_pad, const mx::array& b_pad, const mx::array* bias,
+               const LoRAGemmRank& rank, const mx::array& b_pad, const mx::array* bias,
                mx::array& y, bool w_kn = false);
 
 } // namespace mlx_tuner::cuda
