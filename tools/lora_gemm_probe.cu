@@ -78,15 +78,14 @@ using EncodeFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, voi
                               CUtensorMapInterleave, CUtensorMapSwizzle, CUtensorMapL2promotion,
                               CUtensorMapFloatOOBfill);
 
-CUtensorMap tmap(EncodeFn enc, const void* p, int rows, int cols, int box_rows, int box_cols = 64) {
+CUtensorMap tmap(EncodeFn enc, const void* p, int rows, int cols, int box_rows) {
   CUtensorMap m;
   cuuint64_t dims[2] = {cuuint64_t(cols), cuuint64_t(rows)};
   cuuint64_t strides[1] = {cuuint64_t(cols) * 2};
-  cuuint32_t box[2] = {cuuint32_t(box_cols), cuuint32_t(box_rows)};
+  cuuint32_t box[2] = {cuuint32_t(kBK), cuuint32_t(box_rows)};
   cuuint32_t es[2] = {1, 1};
   CK(enc(&m, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(p), dims, strides, box, es,
-         CU_TENSOR_MAP_INTERLEAVE_NONE, box_cols == 64 ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_64B,
-         CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+         CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
          CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE));
   return m;
 }
@@ -128,8 +127,7 @@ int main(int argc, char** argv) {
   CUtensorMap tw = mn ? tmap(enc, w, K, N, 64) : tmap(enc, w, N, K, kBN);
   CUtensorMap txa = tmap(enc, xa, M, kRankCols, kBM), tbp = tmap(enc, bp, N, kRankCols, kBN);
   CUtensorMap tpk = tmap(enc, pk, kProjRows, K, kProjRows);
-  CUtensorMap ty = tmap(enc, y, M, N, 64, Layout<false>::kEpiCols);
-  CUtensorMap ty1 = tmap(enc, y, M, N, 64, Layout<true>::kEpiCols);
+  CUtensorMap ty = tmap(enc, y, M, N, kEpiBox);
   int sms = 0;
   CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
   constexpr int s0 = Layout<false>::kSmemBytes, s1 = Layout<true>::kSmemBytes;
@@ -144,8 +142,8 @@ int main(int argc, char** argv) {
   auto run = [&](int rank) {
     Params p{M, N, K, bias, rank > 0, rank == 2 ? pout : nullptr, rr};
     if (rank == 2) {
-      if (mn) lora_gemm_kernel<true, true><<<grid, kThreads, s1>>>(tx, tw, tpk, tbp, ty1, p);
-      else lora_gemm_kernel<false, true><<<grid, kThreads, s1>>>(tx, tw, tpk, tbp, ty1, p);
+      if (mn) lora_gemm_kernel<true, true><<<grid, kThreads, s1>>>(tx, tw, tpk, tbp, ty, p);
+      else lora_gemm_kernel<false, true><<<grid, kThreads, s1>>>(tx, tw, tpk, tbp, ty, p);
     } else if (mn) {
       lora_gemm_kernel<true, false><<<grid, kThreads, s0>>>(tx, tw, txa, tbp, ty, p);
     } else {

@@ -37,19 +37,17 @@ EncodeTiled encode_tiled() {
   return fn;
 }
 
-// A row-major bf16 (rows, cols) matrix read or written in boxes of box_cols (64: rows of
-// 128 bytes, or 32) x box_rows, with the swizzle of that row width that the kernel's
-// shared-memory layouts assume.
-CUtensorMap tensor_map(const mx::array& a, int rows, int cols, int box_rows, int box_cols = 64) {
+// A row-major bf16 (rows, cols) matrix read or written in boxes of 64 columns x box_rows,
+// with the 128-byte swizzle the kernel's shared-memory layouts assume.
+CUtensorMap tensor_map(const mx::array& a, int rows, int cols, int box_rows) {
   CUtensorMap m;
   cuuint64_t dims[2] = {cuuint64_t(cols), cuuint64_t(rows)};
   cuuint64_t strides[1] = {cuuint64_t(cols) * 2};
-  cuuint32_t box[2] = {cuuint32_t(box_cols), cuuint32_t(box_rows)};
+  cuuint32_t box[2] = {cuuint32_t(lora_gemm::kBK), cuuint32_t(box_rows)};
   cuuint32_t elem[2] = {1, 1};
-  auto swizzle = box_cols == 64 ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_64B;
   CUresult r = encode_tiled()(&m, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, gpu_ptr<void>(a), dims,
-                              strides, box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle,
-                              CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                              strides, box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                              CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                               CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (r != CUDA_SUCCESS) {
     throw std::runtime_error("[lora_gemm] cuTensorMapEncodeTiled failed: " + std::to_string(int(r)));
@@ -98,7 +96,7 @@ void lora_gemm(mx::cu::CommandEncoder& enc, const mx::array& x, const mx::array&
   CUtensorMap tr = proj ? tensor_map(rank.operand, kProjRows, in, kProjRows)
                         : tensor_map(rank.operand, n, kRankCols, kBM);
   CUtensorMap tbp = tensor_map(b_pad, out, kRankCols, kBN);
-  CUtensorMap ty = tensor_map(y, n, out, 64, proj ? Layout<true>::kEpiCols : Layout<false>::kEpiCols);
+  CUtensorMap ty = tensor_map(y, n, out, kEpiBox);
   Params p{n, out, in, bias ? gpu_ptr<__nv_bfloat16>(*bias) : nullptr, 1,
            proj ? gpu_ptr<__nv_bfloat16>(*rank.p_out) : nullptr, proj ? rank.p_out->shape(-1) : 0};
   reads_writes(enc, {&x, &w, &rank.operand, &b_pad, bias}, {&y, rank.p_out});

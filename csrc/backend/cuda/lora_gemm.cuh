@@ -37,14 +37,14 @@ constexpr int kRankCols = 64; // xa and Bp columns: the rank, zero-padded to one
 constexpr int kProjRows = 16, kProjBytes = kProjRows * kBK * 2; // M's box a stage (kProj)
 // The epilogue goes through shared memory and TMA stores (asynchronous: the warpgroup is
 // back in the main loop while the tile is written), in rounds: each consumer writes its 64
-// rows a box of columns at a time, through two buffers, so that a round waits only for the
-// store of the round before last. Boxes of 64 columns (128-byte swizzle); with kProj 32
-// (64-byte swizzle): M's boxes take the other half of the shared memory.
+// rows as 64 x 64 boxes (128-byte swizzle), two a round (half a tile), or with kProj one a
+// round (a quarter): M's boxes take the shared memory of the other.
+constexpr int kEpiBox = 64, kEpiBoxBytes = kEpiBox * kEpiBox * 2;
 template <bool kProj>
 struct Layout {
   static constexpr int kStageBytes = kABytes + kBBytes + (kProj ? kProjBytes : 0);
-  static constexpr int kEpiCols = kProj ? 32 : 64, kEpiBoxBytes = 64 * kEpiCols * 2;
-  static constexpr int kEpiBytes = 2 * 2 * kEpiBoxBytes; // two consumers, two buffers
+  static constexpr int kEpiBoxes = kProj ? 1 : 2; // a consumer's boxes a round
+  static constexpr int kEpiBytes = 2 * kEpiBoxes * kEpiBoxBytes;
   static constexpr int kSmemBytes = kStages * kStageBytes + kEpiBytes + 1024 + 2 * kStages * 8;
 };
 static_assert(Layout<false>::kSmemBytes <= 227 * 1024 && Layout<true>::kSmemBytes <= 227 * 1024,
@@ -230,7 +230,8 @@ lora_gemm_kernel(const __grid_constant__ CUtensorMap tx, const __grid_constant__
   float pacc[8]; // kProj: p's float32 accumulators (m64n16 fragment)
   uint32_t pa[4]; // and p as the rank step's bf16 A fragment
   int it = 0;
-  for (TileWalk<kProj> w(p.m, p.n); w.more(); w.next()) {
+  TileWalk<kProj> w(p.m, p.n);
+  for (; w.more(); w.next()) {
     int mb, nb;
     w.coords(mb, nb);
     bool fresh = w.fresh(nb);
@@ -290,35 +291,41 @@ lora_gemm_kernel(const __grid_constant__ CUtensorMap tx, const __grid_constant__
     if (tid == 0) mbar_arrive(&empty[(it - 1) % kStages]);
     // Epilogue: accumulator i of the fragment holds (row g or g + 8, column 8 (i / 4) +
     // 2 (lane % 4) + (i & 1)), g = lane / 4, of this warp's 16 rows. Written as bf16 pairs
-    // into the swizzled box (16-byte unit u of row r at unit u ^ (bits 7.. of r's offset):
-    // the warp's 32 stores hit 32 banks), then stored by one thread; TMA clips rows and
+    // into the 128-byte-swizzled boxes (16-byte unit u of row r at unit u ^ (r % 8): the
+    // warp's 32 stores hit 32 banks), then stored by one thread; TMA clips rows and
     // columns past the matrix.
-    constexpr int kCols = L::kEpiCols, kUnits = kCols / 8, kRowBytes = kCols * 2;
-    static_assert(kBN / kCols % 2 == 0, "each tile's rounds alternate the two buffers evenly");
+    constexpr int kBoxes = L::kEpiBoxes, kRounds = kBN / kEpiBox / kBoxes;
+    unsigned char* mine = epi + c * kBoxes * kEpiBoxBytes;
 #pragma unroll
-    for (int rd = 0; rd < kBN / kCols; ++rd) {
-      unsigned char* box = epi + (c * 2 + rd % 2) * L::kEpiBoxBytes;
-      if (tid == 0) cute::tma_store_wait<1>(); // the store of the round before last has read it
-      asm volatile("bar.sync %0, 128;" ::"r"(c + 1) : "memory");
+    for (int rd = 0; rd < kRounds; ++rd) {
+      if (rd > 0 || w.t != w.first) { // the buffer's last stores have read it
+        if (tid == 0) cute::tma_store_wait<0>();
+        asm volatile("bar.sync %0, 128;" ::"r"(c + 1) : "memory");
+      }
 #pragma unroll
-      for (int u = 0; u < kUnits; ++u) {
-        int j = rd * kUnits + u, col = nb * kBN + 8 * j + 2 * (lane % 4);
+      for (int jj = 0; jj < 8 * kBoxes; ++jj) {
+        int j = rd * 8 * kBoxes + jj, col = nb * kBN + 8 * j + 2 * (lane % 4);
         float b0 = 0.0f, b1 = 0.0f;
         if (p.bias && col < p.n) {
           b0 = __bfloat162float(p.bias[col]);
           b1 = __bfloat162float(p.bias[col + 1]);
         }
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          int r = r0 + 8 * h, at = r * kRowBytes + ((u ^ ((r * kRowBytes >> 7) % kUnits)) << 4);
-          *reinterpret_cast<__nv_bfloat162*>(box + at + 4 * (lane % 4)) =
-              __floats2bfloat162_rn(acc[4 * j + 2 * h] + b0, acc[4 * j + 2 * h + 1] + b1);
-        }
+        unsigned char* box = mine + (jj / 8) * kEpiBoxBytes + 4 * (lane % 4);
+        int u = jj % 8;
+        *reinterpret_cast<__nv_bfloat162*>(box + r0 * 128 + ((u ^ (r0 % 8)) << 4)) =
+            __floats2bfloat162_rn(acc[4 * j] + b0, acc[4 * j + 1] + b1);
+        int r1 = r0 + 8;
+        *reinterpret_cast<__nv_bfloat162*>(box + r1 * 128 + ((u ^ (r1 % 8)) << 4)) =
+            __floats2bfloat162_rn(acc[4 * j + 2] + b0, acc[4 * j + 3] + b1);
       }
       cute::tma_store_fence(); // the generic-proxy writes, visible to the TMA unit
       asm volatile("bar.sync %0, 128;" ::"r"(c + 1) : "memory");
       if (tid == 0) {
-        cute::SM90_TMA_STORE_2D::copy(&ty, box, nb * kBN + rd * kCols, mb * kBM + c * 64);
+        int row = mb * kBM + c * 64, col = nb * kBN + rd * kBoxes * kEpiBox;
+#pragma unroll
+        for (int b = 0; b < kBoxes; ++b) {
+          cute::SM90_TMA_STORE_2D::copy(&ty, mine + b * kEpiBoxBytes, col + b * kEpiBox, row);
+        }
         cute::tma_store_arrive();
       }
     }
