@@ -49,7 +49,7 @@ void LoRALinear::eval_gpu(
   auto T = x.dtype();
   if (cuda::lowrank_fits(r, T, {in, out}, {&xd})) { // the rank-r products as kernels of ours
     if (cuda::lora_gemm_fits(enc, T, in, out, {&x, &w, &y})) {
-      // Hopper: the rank-r term as one more k tile of our own GEMM (lora_gemm.cuh): no
+      // Hopper: the rank-r term as one more k step of our own GEMM (lora_gemm.cuh): no
       // pass writes s xa B into y for the base GEMM to read back.
       auto m = cuda::lowrank_pack(enc, T, {{a, r, 1, in, r, true},
                                            {b, out, 1, r, out, false, cuda::kLowRankPad, scale_}});
