@@ -50,8 +50,8 @@ OP_NOTES: dict[str, str] = {
     "cuBLASLt GEMMs otherwise; on Hopper (sm_90), bfloat16, y = x W^T + s xa B and "
     "dx = dy W + s g A^T are each one GEMM of ours with the rank-r term as one more k step, "
     "xa and g made by that GEMM when there is no dropout (MLX_TUNER_LORA_GEMM=0: the base "
-    "GEMM is cuBLASLt's; MLX_TUNER_RANK_IN_GEMM=0: xa and g from a kernel of their own); dW and dbias, when asked for "
-    "(W or the bias trained), are MLX's GEMM and sum",
+    "GEMM is cuBLASLt's; MLX_TUNER_RANK_IN_GEMM=0: xa and g from a kernel of their own); "
+    "dW and dbias, when asked for (W or the bias trained), are MLX's GEMM and sum",
     "dora_linear": "GPU (CUDA and Metal): the fused LoRA / QLoRA primitive, the fused "
     "row-norm kernel, 1/n (DoRAInvNorm: G = A^T A and the low-rank norm identity, ranks up "
     "to 32; MLX ops above) and the m/n column scale with its one-pass backward (DoRAScale) "
