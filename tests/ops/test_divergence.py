@@ -108,12 +108,13 @@ def test_large_vocabulary(device, op, dtype):
     check_all(op, *_inputs((3, 40013), dtype), dtype)
 
 
-# The CUDA JS forward's paths (csrc/backend/cuda/divergence.cu, js_plan): the V <= 4096
-# above take one CTA per row (C = 1), 40,013 a cluster of 2 (half types) or 4 (float32);
-# here C = 2 (bfloat16 at 32k, whole 16-byte chunks and an odd V whose rows start at every
-# offset), C = 8 (151,936 in each dtype, float32 at one CTA per SM; bfloat16 at 262,147),
-# and float32 at 262,144, which does not fit in 8 CTAs' shared memory: the two-pass
-# kernel. GPU only: the CPU kernels are covered above.
+# The CUDA JS forward's paths (csrc/backend/cuda/divergence.cu, js_plan): with two CTAs an
+# SM the V <= 4096 above take one CTA per row (C = 1), 40,013 a cluster of 2 (half types)
+# or 4 (float32); here C = 2 (bfloat16 at 32k, whole 16-byte chunks and an odd V whose rows
+# start at every offset), C = 8 (151,936 in each dtype, float32 at one CTA per SM; bfloat16
+# at 262,147), and float32 at 262,144, which does not fit in 8 CTAs' shared memory: the
+# two-pass kernel. With four CTAs an SM (256 threads each) the clusters double: C = 16 at
+# 151,936 (half types) and 262,147. GPU only: the CPU kernels are covered above.
 JS_GPU_SHAPES = [(mx.bfloat16, (9, 32000)), (mx.bfloat16, (9, 32001)),
                  (mx.bfloat16, (5, 151936)), (mx.float16, (3, 151936)),
                  (mx.float32, (3, 151936)), (mx.bfloat16, (2, 262147)),
@@ -125,10 +126,12 @@ def _gpu_only(device):
         pytest.skip("the CUDA JS forward's cluster sizes; the CPU kernels are tested above")
 
 
-@pytest.fixture
-def js_cluster(monkeypatch):
-    """The one-read cluster kernel (opt-in): one row per cluster (MLX_TUNER_JS_CTAS_PER_SM=2)."""
-    monkeypatch.setenv("MLX_TUNER_JS_CTAS_PER_SM", "2")
+@pytest.fixture(params=["2", "4"], ids=["2-per-sm", "4-per-sm"])
+def js_cluster(request, monkeypatch):
+    """The one-read cluster kernel: one row per cluster, 2 or 4 CTAs an SM
+    (MLX_TUNER_JS_CTAS_PER_SM), with 0, 4 or 8 of q's exps a chunk on the FMA pipe."""
+    monkeypatch.setenv("MLX_TUNER_JS_CTAS_PER_SM", request.param)
+    monkeypatch.setenv("MLX_TUNER_JS_EMU", {"2": "8", "4": "4"}[request.param])
 
 
 @pytest.mark.parametrize("dtype,shape", JS_GPU_SHAPES,
@@ -138,7 +141,7 @@ def test_js_row_split_on_gpu(device, js_cluster, dtype, shape):
     check_all("js", *_inputs(shape, dtype), dtype)
 
 
-@pytest.mark.parametrize("ctas", ["2", "0"], ids=["cluster", "two-pass"])
+@pytest.mark.parametrize("ctas", ["4", "2", "0"], ids=["cluster-16", "cluster", "two-pass"])
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=str)
 @pytest.mark.parametrize("V", [32001, 151936])
 def test_js_row_split_masked_on_gpu(device, monkeypatch, ctas, dtype, V):
@@ -181,6 +184,7 @@ def test_js_forced_plans_on_gpu(device, monkeypatch, ctas):
     # for bfloat16 at 32k, 4 at 151,936, 2 for float32 at 40,013); 0: the two-pass kernel.
     _gpu_only(device)
     monkeypatch.setenv("MLX_TUNER_JS_CTAS_PER_SM", ctas)
+    monkeypatch.setenv("MLX_TUNER_JS_EMU", "0")  # every exp on MUFU
     for dtype, shape in [(mx.bfloat16, (9, 32001)), (mx.bfloat16, (3, 151936)),
                          (mx.float32, (3, 40013))]:
         check_all("js", *_inputs(shape, dtype), dtype)

@@ -271,36 +271,14 @@ __device__ __forceinline__ float lg2(float x) {
   return y;
 }
 
-// Online s = sum 2^((x - m) log2e) over the elements seen, m their maximum: x - m first,
-// as __expf(x - m) does, so that no finite logit overflows.
+// s = sum 2^((x - m) log2e) over a set of elements, m their maximum (or any offset).
 struct Sum2 {
   float m = -kInf, s = 0.f;
-  template <int N>
-  __device__ __forceinline__ void add(const float (&x)[N]) {
-    float b = x[0];
-#pragma unroll
-    for (int k = 1; k < N; ++k) {
-      b = fmaxf(b, x[k]);
-    }
-    if (b > m) { // from m = -inf: s = 0 * 2^-inf
-      s *= ex2((m - b) * kLog2e);
-      m = b;
-    }
-    const float o = safe(m);
-#pragma unroll
-    for (int k = 0; k < N; ++k) {
-      s += ex2((x[k] - o) * kLog2e);
-    }
-  }
   // One exp: the sum with the smaller maximum is scaled to the larger one.
   __device__ __forceinline__ void merge(float m2, float s2) {
     const float hi = fmaxf(m, m2), f = ex2((fminf(m, m2) - safe(hi)) * kLog2e);
     s = m >= m2 ? s + s2 * f : s * f + s2;
     m = hi;
-  }
-  // log2 of the sum, +inf where nothing has mass (so that log2 P = -inf, not NaN).
-  __device__ __forceinline__ float log2_sum() const {
-    return m == -kInf ? kInf : lg2(s);
   }
   // The saved stat, log sum exp(x - m): -inf where nothing has mass, as before.
   __device__ __forceinline__ float log_sum() const {
@@ -364,20 +342,6 @@ __device__ __forceinline__ void block_sum2(float& x, float& y, float* sm) {
   }
 }
 
-// One element pair's terms in base 2, from a = log2 Q and b = log2 P:
-// kq += Q log2(Q / M), kp += P log2(P / M). Three MUFU (see the top of this file).
-__device__ __forceinline__ void js_terms2(float a, float b, float& kq, float& kp) {
-  constexpr float kBig = 1e30f;
-  const float u = fminf(fmaxf(b - a, -kBig), kBig); // NaN (both -inf) -> -kBig
-  const float hi = ex2(fmaxf(a, b));
-  const float r = ex2(-fabsf(u));
-  const float t = 1.f - lg2(1.f + r);
-  const float lo = hi * r;
-  const bool p_big = u >= 0.f;
-  kq = fmaf(p_big ? lo : hi, t - fmaxf(u, 0.f), kq);
-  kp = fmaf(p_big ? hi : lo, t - fmaxf(-u, 0.f), kp);
-}
-
 // Asynchronous 16-byte global -> shared copies (cp.async, sm_80+), in per-thread groups.
 __device__ __forceinline__ void cp_async16(uint4* dst, const void* src) {
   unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
@@ -393,27 +357,6 @@ __device__ __forceinline__ void cp_async_commit() {
 template <int K>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(K) : "memory");
-}
-
-// Waits until at most n of this thread's groups are in flight (at most 7 when n > 7).
-__device__ __forceinline__ void cp_async_wait_pending(int n) {
-  if (n >= 7) {
-    cp_async_wait<7>();
-  } else if (n == 6) {
-    cp_async_wait<6>();
-  } else if (n == 5) {
-    cp_async_wait<5>();
-  } else if (n == 4) {
-    cp_async_wait<4>();
-  } else if (n == 3) {
-    cp_async_wait<3>();
-  } else if (n == 2) {
-    cp_async_wait<2>();
-  } else if (n == 1) {
-    cp_async_wait<1>();
-  } else {
-    cp_async_wait<0>();
-  }
 }
 
 // The 16-byte chunk of a row that starts at element e (e may be negative, and whole
@@ -454,6 +397,141 @@ __device__ __forceinline__ void unpack(uint4 c, float (&x)[16 / sizeof(T)]) {
   }
 }
 
+// 2^d on the FMA pipe, for d <= 0 (0 below -127): d = n + f with n an integer and
+// |f| <= 1/2, 2^f by a degree-5 fit (relative error 2.1e-7 in float32, about that of
+// ex2.approx), n added to its exponent bits. The JS forward is bound by the MUFU pipe
+// (16 lanes a clock against 128 for FFMA), so it takes part of its exps here.
+__device__ __forceinline__ float ex2_fma(float d) {
+  constexpr float kRound = 12582912.f; // 1.5 * 2^23: d + kRound rounds d to an integer
+  d = fmaxf(d, -127.f); // -inf; a NaN logit is caught by its thread's maximum instead
+  const float t = d + kRound;
+  const float f = d - (t - kRound);
+  float p = 1.32764701e-3f;
+  p = fmaf(p, f, 9.67554189e-3f);
+  p = fmaf(p, f, 5.55071346e-2f);
+  p = fmaf(p, f, 2.40221202e-1f);
+  p = fmaf(p, f, 6.93146944e-1f);
+  p = fmaf(p, f, 1.00000012f);
+  // t's low bits hold n in two's complement: shifted by 23 they add n to p's exponent.
+  return __int_as_float(__float_as_int(p) + (__float_as_int(t) << 23));
+}
+
+__device__ __forceinline__ float max_nan(float a, float b) {
+  float y;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(y) : "f"(a), "f"(b));
+  return y;
+}
+
+// Rows whose maximum times log2e would overflow take x - m first (slower, exact).
+constexpr float kFmaMax = 1e37f;
+
+// The maximum of this thread's chunks c = first, first + stride, ... < n of one input,
+// NaN if any element is NaN: two elements an instruction for the half types.
+template <typename T>
+__device__ __forceinline__ float chunks_max(const uint4* s, int first, int stride, int n) {
+  if constexpr (std::is_same_v<T, float>) {
+    float m = -kInf;
+    for (int c = first; c < n; c += stride) {
+      const uint4 v = s[c];
+      m = max_nan(m, max_nan(max_nan(__uint_as_float(v.x), __uint_as_float(v.y)),
+                             max_nan(__uint_as_float(v.z), __uint_as_float(v.w))));
+    }
+    return m;
+  } else {
+    using T2 = std::conditional_t<std::is_same_v<T, __half>, __half2, __nv_bfloat162>;
+    T2 m = T2(from_f<T>(-kInf), from_f<T>(-kInf));
+    for (int c = first; c < n; c += stride) {
+      const uint4 v = s[c];
+      const T2* w = reinterpret_cast<const T2*>(&v);
+      m = __hmax2_nan(m, __hmax2_nan(__hmax2_nan(w[0], w[1]), __hmax2_nan(w[2], w[3])));
+    }
+    return max_nan(to_f(m.x), to_f(m.y));
+  }
+}
+
+// The sum of this thread's chunks of one input from their maximum m: 2^(x log2e - B), B =
+// m log2e rounded, is one FFMA an element; converted to the (x - m) log2e frame at the end
+// (the rounding of B is exact in r = m log2e - B). The first EMU elements of a chunk take
+// ex2_fma, the rest MUFU.
+template <typename T, int EMU>
+__device__ __forceinline__ Sum2 chunks_sum(const uint4* s, int first, int stride, int n,
+                                           float m) {
+  constexpr int N = 16 / sizeof(T);
+  if (isnan(m)) {
+    return Sum2{0.f, m}; // a NaN logit: its sum is NaN, which the row's result takes
+  }
+  if (m == -kInf) {
+    return Sum2{}; // no chunks or no mass
+  }
+  float sum = 0.f;
+  if (fabsf(m) < kFmaMax) {
+    const float B = m * kLog2e;
+    for (int c = first; c < n; c += stride) {
+      float x[N];
+      unpack<T>(s[c], x);
+#pragma unroll
+      for (int k = 0; k < N; ++k) {
+        const float d = fmaf(x[k], kLog2e, -B);
+        sum += k < EMU ? ex2_fma(d) : ex2(d);
+      }
+    }
+    sum *= ex2(-fmaf(m, kLog2e, -B));
+  } else {
+    for (int c = first; c < n; c += stride) {
+      float x[N];
+      unpack<T>(s[c], x);
+#pragma unroll
+      for (int k = 0; k < N; ++k) {
+        sum += ex2((x[k] - m) * kLog2e);
+      }
+    }
+  }
+  return Sum2{m, sum};
+}
+
+// A row's constants for the terms pass (see js_finish_row): per side the offset m and B =
+// m log2e (fast: d = fma(x, log2e, -B), else (x - m) log2e), M's weight w of Q' and the
+// frame change delta; for bfloat16 the raw logit below which d < -100 (packed).
+struct JsRow {
+  float mq, mp, Bq, Bp, w, delta;
+  __nv_bfloat162 lowq, lowp;
+};
+
+// One chunk pair's terms in base 2 in p's frame: with dq, dp clamped at -100 (a -inf logit
+// weighs 2^-100 of the maximum, never 0 * inf), Q' = 2^dq, P' = 2^dp, lm = log2 of M in
+// p's frame, kp += P' (dp - lm) and kq += Q' (dq + delta - lm): three MUFU a pair.
+template <typename T, bool FAST>
+__device__ __forceinline__ void js_terms(uint4 cq, uint4 cp, const JsRow& r, float& kq,
+                                         float& kp) {
+  constexpr int N = 16 / sizeof(T);
+  constexpr bool kPacked = FAST && std::is_same_v<T, __nv_bfloat16>;
+  if constexpr (kPacked) { // the clamp on the raw logits, two an instruction
+    __nv_bfloat162* wq = reinterpret_cast<__nv_bfloat162*>(&cq);
+    __nv_bfloat162* wp = reinterpret_cast<__nv_bfloat162*>(&cp);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      wq[k] = __hmax2(wq[k], r.lowq);
+      wp[k] = __hmax2(wp[k], r.lowp);
+    }
+  }
+  float xq[N], xp[N];
+  unpack<T>(cq, xq);
+  unpack<T>(cp, xp);
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+    float dq = FAST ? fmaf(xq[k], kLog2e, -r.Bq) : (xq[k] - r.mq) * kLog2e;
+    float dp = FAST ? fmaf(xp[k], kLog2e, -r.Bp) : (xp[k] - r.mp) * kLog2e;
+    if constexpr (!kPacked) {
+      dq = fmaxf(dq, -100.f);
+      dp = fmaxf(dp, -100.f);
+    }
+    const float Q = ex2(dq), P = ex2(dp);
+    const float lm = lg2(fmaf(P, 0.5f, Q * r.w));
+    kp = fmaf(P, dp - lm, kp);
+    kq = fmaf(Q, (dq + r.delta) - lm, kq);
+  }
+}
+
 #endif // !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
 
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
@@ -475,8 +553,8 @@ __device__ __forceinline__ JsSlice js_slice(const T* qr, int V, int rank) {
   return {pad, lo, max(0, min(per, chunks - lo))};
 }
 
-// This thread's copies of its chunks (c = tid, tid + nt, ...) of the slice into sq / sp,
-// one cp.async group per chunk (the caller waits chunk by chunk).
+// This thread's copies of its chunks (c = tid, tid + nt, ...) of the slice into sq / sp, in
+// one cp.async group.
 template <typename T>
 __device__ __forceinline__ void js_load_slice(const T* qr, const T* pr, int V, JsSlice sl,
                                               uint4* sq, uint4* sp) {
@@ -484,8 +562,8 @@ __device__ __forceinline__ void js_load_slice(const T* qr, const T* pr, int V, J
   for (int c = threadIdx.x; c < sl.cnt; c += blockDim.x) {
     load_chunk(qr, (sl.lo + c) * N - sl.pad, V, sq + c);
     load_chunk(pr, (sl.lo + c) * N - sl.pad, V, sp + c);
-    cp_async_commit();
   }
+  cp_async_commit();
 }
 
 // A row's JS from its folded slice partials (oq, op): the cluster merges the normalizers,
@@ -497,7 +575,6 @@ __device__ __forceinline__ void js_finish_row(Sum2 oq, Sum2 op, const uint4* sq,
                                               const uint4* sp, int cnt, int rank, int64_t row,
                                               T* out, float* stats, float* red, float* norm,
                                               float* part, float* sums) {
-  constexpr int N = 16 / sizeof(T);
   const int tid = threadIdx.x, nt = blockDim.x;
   block_merge2(oq, op, red);
   if constexpr (C == 1) {
@@ -535,15 +612,35 @@ __device__ __forceinline__ void js_finish_row(Sum2 oq, Sum2 op, const uint4* sq,
   __syncthreads();
   oq = Sum2{norm[0], norm[1]};
   op = Sum2{norm[2], norm[3]};
-  const float mq = safe(oq.m), mp = safe(op.m), lq2 = oq.log2_sum(), lp2 = op.log2_sum();
+  // The terms in p's frame: log2 P = dp - cp and log2 Q = dq - cq with c = r + log2 s (r
+  // = m log2e - B on the fast path, else 0), so M = (P + Q) / 2 = 2^-cp (P' + Q' 2^delta) / 2
+  // with delta = cp - cq: log2(P / M) = dp - lm and log2(Q / M) = dq + delta - lm. A side
+  // with no mass (maximum -inf) has KL 0 there and 1 bit on the other side (M = half of it).
+  const bool live = oq.m != -kInf && op.m != -kInf;
+  const bool fast = fabsf(oq.m) < kFmaMax && fabsf(op.m) < kFmaMax;
+  JsRow rw{};
+  float cq = 0.f, cp = 0.f;
+  if (live) {
+    rw.mq = oq.m;
+    rw.mp = op.m;
+    rw.Bq = oq.m * kLog2e;
+    rw.Bp = op.m * kLog2e;
+    cq = (fast ? fmaf(oq.m, kLog2e, -rw.Bq) : 0.f) + lg2(oq.s);
+    cp = (fast ? fmaf(op.m, kLog2e, -rw.Bp) : 0.f) + lg2(op.s);
+    rw.delta = cp - cq;
+    rw.w = 0.5f * ex2(rw.delta);
+    // d < -100 below these (rounded up, so that d >= -100 at them).
+    rw.lowq = __bfloat162bfloat162(__float2bfloat16_ru((rw.Bq - 100.f) * kLn2));
+    rw.lowp = __bfloat162bfloat162(__float2bfloat16_ru((rw.Bp - 100.f) * kLn2));
+  }
   float kq = 0.f, kp = 0.f;
-  for (int c = tid; c < cnt; c += nt) {
-    float xq[N], xp[N];
-    unpack<T>(sq[c], xq);
-    unpack<T>(sp[c], xp);
-#pragma unroll
-    for (int k = 0; k < N; ++k) {
-      js_terms2(fmaf(xq[k] - mq, kLog2e, -lq2), fmaf(xp[k] - mp, kLog2e, -lp2), kq, kp);
+  if (live && fast) {
+    for (int c = tid; c < cnt; c += nt) {
+      js_terms<T, true>(sq[c], sp[c], rw, kq, kp);
+    }
+  } else if (live) {
+    for (int c = tid; c < cnt; c += nt) {
+      js_terms<T, false>(sq[c], sp[c], rw, kq, kp);
     }
   }
   block_sum2(kq, kp, red + 4 * kMaxWarps);
@@ -567,10 +664,13 @@ __device__ __forceinline__ void js_finish_row(Sum2 oq, Sum2 op, const uint4* sq,
     }
   }
   if (tid == 0) {
-    // A NaN logit made its sum NaN, while the clamp in js_terms2 drops NaN terms.
+    // A NaN logit made its sum NaN, while the clamps in js_terms drop NaN terms.
     const bool nan = isnan(oq.s) || isnan(op.s);
-    const float s0 = nan ? __int_as_float(0x7fc00000) : kLn2 * kq;
-    const float s1 = nan ? __int_as_float(0x7fc00000) : kLn2 * kp;
+    const bool q_only = oq.m != -kInf && op.m == -kInf, p_only = op.m != -kInf && oq.m == -kInf;
+    const float klq = live ? kq * ex2(-cq) : (q_only ? 1.f : 0.f); // bits
+    const float klp = live ? kp * ex2(-cp) : (p_only ? 1.f : 0.f);
+    const float s0 = nan ? __int_as_float(0x7fc00000) : kLn2 * klq;
+    const float s1 = nan ? __int_as_float(0x7fc00000) : kLn2 * klp;
     float* st = stats + row * kDivStats;
     st[kMaxQ] = oq.m;
     st[kLogSumQ] = oq.log_sum();
@@ -597,8 +697,10 @@ __device__ __forceinline__ int cluster_rank() {
 
 // JS forward reading q and p once: cluster of C CTAs per row (blockIdx.x / C), each CTA
 // holding its slice of both rows in dynamic shared memory (q's chunks, then p's, `per`
-// each). Each thread reads back only the chunks it copied, so the data needs no barrier.
-template <typename T, int C>
+// each). Each thread reads back only the chunks it copied, so the data needs no barrier:
+// its maximum (pass 0), its sums from that maximum (pass 1, EMU of q's exps a chunk on the
+// FMA pipe), then the row's terms (js_finish_row).
+template <typename T, int C, int EMU>
 __global__ void __launch_bounds__(kJsMaxThreads, 2)
     js_forward_cluster(const T* q, const T* p, T* out, float* stats, int V) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
@@ -615,17 +717,11 @@ __global__ void __launch_bounds__(kJsMaxThreads, 2)
   uint4* sq = js_rows;
   uint4* sp = js_rows + js_per_cta(js_chunks(V, sl.pad, N), C);
   js_load_slice(qr, pr, V, sl, sq, sp);
-  const int nt = blockDim.x, nj = threadIdx.x < sl.cnt ? (sl.cnt - 1 - threadIdx.x) / nt + 1 : 0;
-  Sum2 oq, op;
-  for (int j = 0; j < nj; ++j) {
-    cp_async_wait_pending(nj - 1 - j); // this thread's chunk j has landed
-    float xq[N], xp[N];
-    unpack<T>(sq[threadIdx.x + j * nt], xq);
-    unpack<T>(sp[threadIdx.x + j * nt], xp);
-    oq.add(xq);
-    op.add(xp);
-  }
-  js_finish_row<T, C>(oq, op, sq, sp, sl.cnt, rank, row, out, stats, red, norm, part, sums);
+  cp_async_wait<0>(); // this thread's chunks have landed
+  const int t = threadIdx.x, nt = blockDim.x, n = sl.cnt;
+  const Sum2 oq = chunks_sum<T, EMU>(sq, t, nt, n, chunks_max<T>(sq, t, nt, n));
+  const Sum2 op = chunks_sum<T, 0>(sp, t, nt, n, chunks_max<T>(sp, t, nt, n));
+  js_finish_row<T, C>(oq, op, sq, sp, n, rank, row, out, stats, red, norm, part, sums);
 #endif
 }
 
@@ -746,42 +842,56 @@ std::pair<int, int> smem_limits(int device) {
   return cache[device] = {block, sm};
 }
 
-// The smallest cluster whose CTAs each hold at most half a multiprocessor's shared memory
-// (two CTAs per SM, so that one loads while the other computes), else the smallest within
-// kJsSmemMax (one CTA per SM: still half the bytes of the two-pass kernel), else none.
-// C <= 8, the portable cluster size. The bound on a row's chunks holds for any offset.
-// MLX_TUNER_JS_CTAS_PER_SM=2 takes that plan, 1 skips its first choice, 0 (the default)
-// the two-pass kernel. Opt-in: on the H200 (2026-11-30) it passed the GPU tests but was
-// no faster than the two-pass kernel (3.31 vs 3.19 ms at 8192 x 151,936 bf16). A
-// persistent variant (clusters looping over rows, the next row's copies in flight) was
-// slower still (4.22 ms) and was removed.
+// The smallest cluster whose CTAs each hold at most 1/k of a multiprocessor's shared
+// memory (k CTAs per SM, so that some load while others compute), else the smallest within
+// kJsSmemMax (one CTA per SM), else none. C <= 16 (above 8, Hopper's non-portable sizes).
+// The bound on a row's chunks holds for any offset. MLX_TUNER_JS_CTAS_PER_SM sets k (1, 2
+// or 4; 4 also caps a CTA at 256 threads, so that four fit), 0 takes the two-pass kernel.
+int js_ctas_per_sm() {
+  const char* e = std::getenv("MLX_TUNER_JS_CTAS_PER_SM");
+  return e ? std::atoi(e) : 0;
+}
+
 JsPlan js_plan(int V, int elem_bytes, int64_t rows, int device) {
   constexpr int64_t kJsSmemMax = 200 * 1024;
   constexpr int64_t kMargin = 4 * 1024; // static shared memory and the per-block reserve
-  int ctas_per_sm = 0;
-  if (const char* e = std::getenv("MLX_TUNER_JS_CTAS_PER_SM")) {
-    ctas_per_sm = std::atoi(e);
-  }
-  if (ctas_per_sm <= 0 || 2 * int64_t(V) * elem_bytes > 8 * kJsSmemMax) {
+  const int k = std::min(js_ctas_per_sm(), 4);
+  if (k <= 0 || 2 * int64_t(V) * elem_bytes > 16 * kJsSmemMax) {
     return {}; // the size test also keeps the int sums below safe
   }
   auto [block_limit, sm_limit] = smem_limits(device);
   const int N = 16 / elem_bytes;
   const int chunks = js_chunks(V, N - 1, N); // pad < N
   const int64_t hard = std::min<int64_t>(kJsSmemMax, block_limit - kMargin);
-  const int64_t soft =
-      ctas_per_sm >= 2 ? std::min<int64_t>(hard, sm_limit / 2 - kMargin) : hard;
+  const int64_t soft = std::min<int64_t>(hard, sm_limit / k - kMargin);
+  const int max_threads = k >= 4 ? 256 : kJsMaxThreads; // the kernel's launch bound
   for (int64_t limit : {soft, hard}) {
-    for (int c : {1, 2, 4, 8}) {
+    for (int c : {1, 2, 4, 8, 16}) {
       const int per = js_per_cta(chunks, c);
       const int64_t bytes = int64_t(2) * per * 16;
       if (bytes <= limit && rows * c <= INT_MAX) {
-        // forward_threads gives at most 512 = kJsMaxThreads, the kernel's launch bound.
-        return {c, forward_threads(per), static_cast<unsigned>(bytes)};
+        return {c, std::min(forward_threads(per), max_threads), static_cast<unsigned>(bytes)};
       }
     }
   }
   return {};
+}
+
+// How many of q's 8 exps a chunk the JS forward's pass 1 takes on the FMA pipe
+// (MLX_TUNER_JS_EMU: 0, 4 or 8).
+int js_emu() {
+  const char* e = std::getenv("MLX_TUNER_JS_EMU");
+  const int v = e ? std::atoi(e) : 4;
+  return v >= 8 ? 8 : v >= 4 ? 4 : 0;
+}
+
+template <typename T, int EMU>
+const void* js_kernel(int c) {
+  return c == 1 ? reinterpret_cast<const void*>(js_forward_cluster<T, 1, EMU>)
+      : c == 2  ? reinterpret_cast<const void*>(js_forward_cluster<T, 2, EMU>)
+      : c == 4  ? reinterpret_cast<const void*>(js_forward_cluster<T, 4, EMU>)
+      : c == 8  ? reinterpret_cast<const void*>(js_forward_cluster<T, 8, EMU>)
+                : reinterpret_cast<const void*>(js_forward_cluster<T, 16, EMU>);
 }
 
 template <typename T>
@@ -794,11 +904,8 @@ void launch_js_cluster(
     float* stats,
     int V,
     int64_t rows) {
-  const int c = plan.cluster;
-  const void* k = c == 1 ? reinterpret_cast<const void*>(js_forward_cluster<T, 1>)
-      : c == 2           ? reinterpret_cast<const void*>(js_forward_cluster<T, 2>)
-      : c == 4           ? reinterpret_cast<const void*>(js_forward_cluster<T, 4>)
-                         : reinterpret_cast<const void*>(js_forward_cluster<T, 8>);
+  const int c = plan.cluster, emu = js_emu();
+  const void* k = emu == 0 ? js_kernel<T, 0>(c) : emu == 4 ? js_kernel<T, 4>(c) : js_kernel<T, 8>(c);
   dim3 grid(static_cast<unsigned>(rows * c)), block(plan.threads);
   cu::launch_cluster(enc, k, grid, block, dim3(c, 1, 1), plan.smem, q, p, out, stats, V);
 }
