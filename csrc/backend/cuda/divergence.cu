@@ -490,21 +490,26 @@ __device__ __forceinline__ Sum2 chunks_sum(const uint4* s, int first, int stride
 }
 
 // A row's constants for the terms pass (see js_finish_row): per side the offset m and B =
-// m log2e (fast: d = fma(x, log2e, -B), else (x - m) log2e), M's weight w of Q' and the
-// frame change delta; for bfloat16 the raw logit below which d < -100 (packed).
+// m log2e (d = fma(x, log2e, -B), or (x - m) log2e where B would overflow), M's weight w of
+// Q' and the frame change delta; for bfloat16 rows with |m| < kPackedMax the raw logit
+// below which d < -100, rounded down (d >= -103 there: bfloat16's spacing is <= 2).
 struct JsRow {
   float mq, mp, Bq, Bp, w, delta;
   __nv_bfloat162 lowq, lowp;
 };
 
-// One chunk pair's terms in base 2 in p's frame: with dq, dp clamped at -100 (a -inf logit
-// weighs 2^-100 of the maximum, never 0 * inf), Q' = 2^dq, P' = 2^dp, lm = log2 of M in
+// One chunk pair's terms in base 2 in p's frame: with dq, dp clamped at about -100 (a -inf
+// logit weighs ~2^-100 of the maximum, never 0 * inf), Q' = 2^dq, P' = 2^dp, lm = log2 of M in
 // p's frame, kp += P' (dp - lm) and kq += Q' (dq + delta - lm): three MUFU a pair.
-template <typename T, bool FAST>
+enum class JsMode { kExact, kFma, kPacked };
+constexpr float kPackedMax = 512.f;
+
+template <typename T, JsMode MODE>
 __device__ __forceinline__ void js_terms(uint4 cq, uint4 cp, const JsRow& r, float& kq,
                                          float& kp) {
   constexpr int N = 16 / sizeof(T);
-  constexpr bool kPacked = FAST && std::is_same_v<T, __nv_bfloat16>;
+  constexpr bool FAST = MODE != JsMode::kExact;
+  constexpr bool kPacked = MODE == JsMode::kPacked && std::is_same_v<T, __nv_bfloat16>;
   if constexpr (kPacked) { // the clamp on the raw logits, two an instruction
     __nv_bfloat162* wq = reinterpret_cast<__nv_bfloat162*>(&cq);
     __nv_bfloat162* wp = reinterpret_cast<__nv_bfloat162*>(&cp);
@@ -630,17 +635,23 @@ __device__ __forceinline__ void js_finish_row(Sum2 oq, Sum2 op, const uint4* sq,
     rw.delta = cp - cq;
     rw.w = 0.5f * ex2(rw.delta);
     // d < -100 below these (rounded up, so that d >= -100 at them).
-    rw.lowq = __bfloat162bfloat162(__float2bfloat16_ru((rw.Bq - 100.f) * kLn2));
-    rw.lowp = __bfloat162bfloat162(__float2bfloat16_ru((rw.Bp - 100.f) * kLn2));
+    rw.lowq = __bfloat162bfloat162(__float2bfloat16_rd((rw.Bq - 100.f) * kLn2));
+    rw.lowp = __bfloat162bfloat162(__float2bfloat16_rd((rw.Bp - 100.f) * kLn2));
   }
+  const bool packed = std::is_same_v<T, __nv_bfloat16> && fabsf(oq.m) < kPackedMax &&
+                      fabsf(op.m) < kPackedMax;
   float kq = 0.f, kp = 0.f;
-  if (live && fast) {
+  if (live && packed) {
     for (int c = tid; c < cnt; c += nt) {
-      js_terms<T, true>(sq[c], sp[c], rw, kq, kp);
+      js_terms<T, JsMode::kPacked>(sq[c], sp[c], rw, kq, kp);
+    }
+  } else if (live && fast) {
+    for (int c = tid; c < cnt; c += nt) {
+      js_terms<T, JsMode::kFma>(sq[c], sp[c], rw, kq, kp);
     }
   } else if (live) {
     for (int c = tid; c < cnt; c += nt) {
-      js_terms<T, false>(sq[c], sp[c], rw, kq, kp);
+      js_terms<T, JsMode::kExact>(sq[c], sp[c], rw, kq, kp);
     }
   }
   block_sum2(kq, kp, red + 4 * kMaxWarps);
