@@ -38,6 +38,7 @@
 
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/dtype.cuh"
+#include "backend/cuda/mbarrier.cuh"
 #include "ops/divergence.h"
 
 namespace mlx_tuner {
@@ -271,6 +272,12 @@ __device__ __forceinline__ float lg2(float x) {
   return y;
 }
 
+__device__ __forceinline__ float max_nan(float a, float b) {
+  float y;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(y) : "f"(a), "f"(b));
+  return y;
+}
+
 // s = sum 2^((x - m) log2e) over a set of elements, m their maximum (or any offset).
 struct Sum2 {
   float m = -kInf, s = 0.f;
@@ -301,22 +308,26 @@ __device__ __forceinline__ void warp_merge2(Sum2& a, Sum2& b) {
   }
 }
 
-// Block-wide merge of two states; thread 0 gets the result. `sm` holds 4 * kMaxWarps
-// floats and is used by this call only.
-__device__ __forceinline__ void block_merge2(Sum2& a, Sum2& b, float* sm) {
-  int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nw = blockDim.x / 32;
-  warp_merge2<32>(a, b);
+// Block-wide NaN-propagating maxima of x and y; every thread gets them. `sm` holds 2 *
+// kMaxWarps floats and is used by this call only.
+__device__ __forceinline__ void block_max2(float& x, float& y, float* sm) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nw = blockDim.x / 32;
+#pragma unroll
+  for (int d = 16; d > 0; d /= 2) {
+    x = max_nan(x, __shfl_xor_sync(0xffffffffu, x, d));
+    y = max_nan(y, __shfl_xor_sync(0xffffffffu, y, d));
+  }
   if (lane == 0) {
-    sm[warp] = a.m;
-    sm[kMaxWarps + warp] = a.s;
-    sm[2 * kMaxWarps + warp] = b.m;
-    sm[3 * kMaxWarps + warp] = b.s;
+    sm[warp] = x;
+    sm[kMaxWarps + warp] = y;
   }
   __syncthreads();
-  if (warp == 0) {
-    a = lane < nw ? Sum2{sm[lane], sm[kMaxWarps + lane]} : Sum2{};
-    b = lane < nw ? Sum2{sm[2 * kMaxWarps + lane], sm[3 * kMaxWarps + lane]} : Sum2{};
-    warp_merge2<32>(a, b);
+  x = lane < nw ? sm[lane] : -kInf;
+  y = lane < nw ? sm[kMaxWarps + lane] : -kInf;
+#pragma unroll
+  for (int d = 16; d > 0; d /= 2) {
+    x = max_nan(x, __shfl_xor_sync(0xffffffffu, x, d));
+    y = max_nan(y, __shfl_xor_sync(0xffffffffu, y, d));
   }
 }
 
@@ -342,39 +353,17 @@ __device__ __forceinline__ void block_sum2(float& x, float& y, float* sm) {
   }
 }
 
-// Asynchronous 16-byte global -> shared copies (cp.async, sm_80+), in per-thread groups.
-__device__ __forceinline__ void cp_async16(uint4* dst, const void* src) {
-  unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d),
-               "l"(__cvta_generic_to_global(src))
-               : "memory");
-}
-
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-
-template <int K>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(K) : "memory");
-}
-
-// The 16-byte chunk of a row that starts at element e (e may be negative, and whole
-// chunks are 16-byte aligned): one asynchronous copy when whole, else element by element
-// with -inf (no mass) outside [0, V).
+// The 16-byte chunk of a row that starts at element e when it is not whole (e < 0 or past
+// V - N): element by element, with -inf (no mass) outside [0, V).
 template <typename T>
-__device__ __forceinline__ void load_chunk(const T* row, int e, int V, uint4* dst) {
+__device__ __forceinline__ void load_partial_chunk(const T* row, int e, int V, uint4* dst) {
   constexpr int N = 16 / sizeof(T);
-  if (e >= 0 && e <= V - N) {
-    cp_async16(dst, row + e);
-  } else {
-    alignas(16) T v[N];
+  alignas(16) T v[N];
 #pragma unroll
-    for (int k = 0; k < N; ++k) {
-      v[k] = e + k >= 0 && e + k < V ? row[e + k] : from_f<T>(-kInf);
-    }
-    *dst = *reinterpret_cast<const uint4*>(v);
+  for (int k = 0; k < N; ++k) {
+    v[k] = e + k >= 0 && e + k < V ? row[e + k] : from_f<T>(-kInf);
   }
+  *dst = *reinterpret_cast<const uint4*>(v);
 }
 
 // The elements of a chunk as float; the chunk is taken by value (one 16-byte load).
@@ -416,12 +405,6 @@ __device__ __forceinline__ float ex2_fma(float d) {
   return __int_as_float(__float_as_int(p) + (__float_as_int(t) << 23));
 }
 
-__device__ __forceinline__ float max_nan(float a, float b) {
-  float y;
-  asm("max.NaN.f32 %0, %1, %2;" : "=f"(y) : "f"(a), "f"(b));
-  return y;
-}
-
 // Rows whose maximum times log2e would overflow take x - m first (slower, exact).
 constexpr float kFmaMax = 1e37f;
 
@@ -449,19 +432,16 @@ __device__ __forceinline__ float chunks_max(const uint4* s, int first, int strid
   }
 }
 
-// The sum of this thread's chunks of one input from their maximum m: 2^(x log2e - B), B =
-// m log2e rounded, is one FFMA an element; converted to the (x - m) log2e frame at the end
-// (the rounding of B is exact in r = m log2e - B). The first EMU elements of a chunk take
-// ex2_fma, the rest MUFU.
+// The sum of this thread's chunks of one input, from the CTA's maximum m: 2^(x log2e - B)
+// with B = m log2e rounded, one FFMA an element (x - m first where m log2e would overflow);
+// js_frame converts the CTA's sum to the (x - m) log2e frame. The first EMU elements of a
+// chunk take ex2_fma, the rest MUFU.
 template <typename T, int EMU>
-__device__ __forceinline__ Sum2 chunks_sum(const uint4* s, int first, int stride, int n,
-                                           float m) {
+__device__ __forceinline__ float chunks_sum(const uint4* s, int first, int stride, int n,
+                                            float m) {
   constexpr int N = 16 / sizeof(T);
-  if (isnan(m)) {
-    return Sum2{0.f, m}; // a NaN logit: its sum is NaN, which the row's result takes
-  }
-  if (m == -kInf) {
-    return Sum2{}; // no chunks or no mass
+  if (!(m > -kInf)) {
+    return 0.f; // nothing with mass here, or a NaN logit (js_frame makes the sum NaN)
   }
   float sum = 0.f;
   if (fabsf(m) < kFmaMax) {
@@ -475,7 +455,6 @@ __device__ __forceinline__ Sum2 chunks_sum(const uint4* s, int first, int stride
         sum += k < EMU ? ex2_fma(d) : ex2(d);
       }
     }
-    sum *= ex2(-fmaf(m, kLog2e, -B));
   } else {
     for (int c = first; c < n; c += stride) {
       float x[N];
@@ -486,7 +465,19 @@ __device__ __forceinline__ Sum2 chunks_sum(const uint4* s, int first, int stride
       }
     }
   }
-  return Sum2{m, sum};
+  return sum;
+}
+
+// A CTA's (maximum, sum) as chunks_sum left them, in the (x - m) log2e frame (the rounding
+// of B is exact in r = m log2e - B); a NaN maximum makes the sum NaN.
+__device__ __forceinline__ Sum2 js_frame(float m, float sum) {
+  if (isnan(m)) {
+    return Sum2{0.f, m};
+  }
+  if (m == -kInf) {
+    return Sum2{};
+  }
+  return Sum2{m, fabsf(m) < kFmaMax ? sum * ex2(-fmaf(m, kLog2e, -m * kLog2e)) : sum};
 }
 
 // A row's constants for the terms pass (see js_finish_row): per side the offset m and B =
@@ -558,21 +549,44 @@ __device__ __forceinline__ JsSlice js_slice(const T* qr, int V, int rank) {
   return {pad, lo, max(0, min(per, chunks - lo))};
 }
 
-// This thread's copies of its chunks (c = tid, tid + nt, ...) of the slice into sq / sp, in
-// one cp.async group.
+// The slice's chunks into sq / sp: its whole chunks by one bulk copy an input (thread 0,
+// counted on `bar`), a partial first or last chunk of the row by the thread that reads it
+// (local index j by thread j % nt), so that only `bar` has to be waited on. Ends with a
+// block barrier (the initialized `bar` is visible to every thread).
 template <typename T>
 __device__ __forceinline__ void js_load_slice(const T* qr, const T* pr, int V, JsSlice sl,
-                                              uint4* sq, uint4* sp) {
+                                              uint4* sq, uint4* sp, uint64_t* bar) {
   constexpr int N = 16 / sizeof(T);
-  for (int c = threadIdx.x; c < sl.cnt; c += blockDim.x) {
-    load_chunk(qr, (sl.lo + c) * N - sl.pad, V, sq + c);
-    load_chunk(pr, (sl.lo + c) * N - sl.pad, V, sp + c);
+  const int end = sl.lo + sl.cnt;
+  int c0 = sl.lo, c1 = end; // whole chunks [c0, c1); chunk c starts at c * N - pad
+  if (c0 < c1 && c0 * N - sl.pad < 0) {
+    ++c0;
   }
-  cp_async_commit();
+  if (c0 < c1 && (c1 - 1) * N - sl.pad + N > V) {
+    --c1;
+  }
+  if (threadIdx.x == 0) {
+    cu::mbar_init(bar, 1);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    const uint32_t bytes = static_cast<uint32_t>(c1 - c0) * 16;
+    cu::mbar_expect(bar, 2 * bytes);
+    if (bytes > 0) {
+      cu::bulk_copy_g2s(sq + (c0 - sl.lo), qr + (c0 * N - sl.pad), bytes, bar);
+      cu::bulk_copy_g2s(sp + (c0 - sl.lo), pr + (c0 * N - sl.pad), bytes, bar);
+    }
+  }
+  for (int c : {sl.lo, end - 1}) { // the only chunks that can be partial
+    const int j = c - sl.lo;
+    if (j >= 0 && c < end && (c < c0 || c >= c1) && threadIdx.x == j % blockDim.x) {
+      load_partial_chunk(qr, c * N - sl.pad, V, sq + j);
+      load_partial_chunk(pr, c * N - sl.pad, V, sp + j);
+    }
+  }
+  __syncthreads();
 }
 
-// A row's JS from its folded slice partials (oq, op): the cluster merges the normalizers,
-// each CTA sums its slice's terms, rank 0 gathers them and writes out / stats. Every CTA
+// A row's JS from its slice's partials (oq, op, in thread 0): the cluster merges the
+// normalizers, each CTA sums its slice's terms, rank 0 gathers them and writes out / stats. Every CTA
 // of the cluster calls it for the same row; `red`, `norm`, `part` and `sums` are the
 // CTA's shared scratch. On return no CTA touches another's shared memory for this row.
 template <typename T, int C>
@@ -581,7 +595,6 @@ __device__ __forceinline__ void js_finish_row(Sum2 oq, Sum2 op, const uint4* sq,
                                               T* out, float* stats, float* red, float* norm,
                                               float* part, float* sums) {
   const int tid = threadIdx.x, nt = blockDim.x;
-  block_merge2(oq, op, red);
   if constexpr (C == 1) {
     if (tid == 0) {
       norm[0] = oq.m;
@@ -708,9 +721,9 @@ __device__ __forceinline__ int cluster_rank() {
 
 // JS forward reading q and p once: cluster of C CTAs per row (blockIdx.x / C), each CTA
 // holding its slice of both rows in dynamic shared memory (q's chunks, then p's, `per`
-// each). Each thread reads back only the chunks it copied, so the data needs no barrier:
-// its maximum (pass 0), its sums from that maximum (pass 1, EMU of q's exps a chunk on the
-// FMA pipe), then the row's terms (js_finish_row).
+// each), loaded by bulk copies: the CTA's maximum (pass 0), its sums from that maximum
+// (pass 1, EMU of q's exps a chunk on the FMA pipe), then the row's terms (js_finish_row).
+// Each thread reads the chunks j = tid, tid + nt, ... in every pass.
 template <typename T, int C, int EMU>
 __global__ void __launch_bounds__(kJsMaxThreads, 2)
     js_forward_cluster(const T* q, const T* p, T* out, float* stats, int V) {
@@ -720,6 +733,7 @@ __global__ void __launch_bounds__(kJsMaxThreads, 2)
   constexpr int N = 16 / sizeof(T);
   extern __shared__ uint4 js_rows[];
   __shared__ float red[6 * kMaxWarps], norm[4], part[4], sums[2 * C];
+  __shared__ uint64_t bar;
   const int rank = cluster_rank<C>();
   const int64_t row = blockIdx.x / C;
   const T* qr = q + row * V;
@@ -727,11 +741,15 @@ __global__ void __launch_bounds__(kJsMaxThreads, 2)
   const JsSlice sl = js_slice<T, C>(qr, V, rank);
   uint4* sq = js_rows;
   uint4* sp = js_rows + js_per_cta(js_chunks(V, sl.pad, N), C);
-  js_load_slice(qr, pr, V, sl, sq, sp);
-  cp_async_wait<0>(); // this thread's chunks have landed
+  js_load_slice(qr, pr, V, sl, sq, sp, &bar);
+  cu::mbar_wait(&bar, 0); // the bulk copies have landed
   const int t = threadIdx.x, nt = blockDim.x, n = sl.cnt;
-  const Sum2 oq = chunks_sum<T, EMU>(sq, t, nt, n, chunks_max<T>(sq, t, nt, n));
-  const Sum2 op = chunks_sum<T, 0>(sp, t, nt, n, chunks_max<T>(sp, t, nt, n));
+  float mq = chunks_max<T>(sq, t, nt, n), mp = chunks_max<T>(sp, t, nt, n);
+  block_max2(mq, mp, red);
+  float sq_sum = chunks_sum<T, EMU>(sq, t, nt, n, mq);
+  float sp_sum = chunks_sum<T, 0>(sp, t, nt, n, mp);
+  block_sum2(sq_sum, sp_sum, red + 2 * kMaxWarps);
+  const Sum2 oq = js_frame(mq, sq_sum), op = js_frame(mp, sp_sum); // thread 0's are the CTA's
   js_finish_row<T, C>(oq, op, sq, sp, n, rank, row, out, stats, red, norm, part, sums);
 #endif
 }

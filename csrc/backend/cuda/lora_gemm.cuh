@@ -29,6 +29,8 @@
 #include <cute/arch/mma_sm90_gmma.hpp>
 #include <cutlass/arch/reg_reconfig.h>
 
+#include "backend/cuda/mbarrier.cuh"
+
 namespace mlx_tuner::lora_gemm {
 
 constexpr int kBM = 128, kBN = 256, kBK = 64, kStages = 4, kThreads = 384;
@@ -66,25 +68,11 @@ struct Params {
 #endif
 
 #if defined(MLX_TUNER_LORA_GEMM_BODY)
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void mbar_init(uint64_t* b, uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(b)), "r"(count));
-}
-__device__ __forceinline__ void mbar_expect(uint64_t* b, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(b)),
-               "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(uint64_t* b) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_u32(b)) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint64_t* b, uint32_t parity) {
-  asm volatile(
-      "{\n.reg .pred p;\nW%=:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
-      "@!p bra W%=;\n}" ::"r"(smem_u32(b)), "r"(parity) : "memory");
-}
+using cuda::mbar_arrive;
+using cuda::mbar_expect;
+using cuda::mbar_init;
+using cuda::mbar_wait;
+using cuda::smem_u32;
 
 // A K-major operand tile in shared memory as TMA wrote it with the 128-byte swizzle: rows
 // of 128 bytes (64 bf16), groups of 8 rows 1024 bytes apart.
