@@ -1,7 +1,7 @@
 """The GPU JS forward under this process's settings, against the copy rate measured in the
 same process (a diagnostic for choosing the CUDA kernel's plan, not a benchmark row).
 
-    cd /tmp && MLX_TUNER_JS_CTAS_PER_SM=4 MLX_TUNER_JS_EMU=4 python3 bench/probe_js.py [V]
+    cd /tmp && MLX_TUNER_JS_CTAS_PER_SM=4 python3 bench/probe_js.py [V]
 
 The kernel reads its settings at every launch, but MLX may update a cached CUDA graph in
 place, so each setting gets its own process (bench/device-run's `js` stage loops over
@@ -43,8 +43,7 @@ if not os.path.exists(ref_path):
     subprocess.run([sys.executable, __file__, str(V), "--ref", ref_path], env=env, check=True)
 ref = np.load(ref_path)
 diff = float(np.max(np.abs(np.array(out.astype(mx.float32)) - ref)))
-setting = " ".join(f"{k}={os.environ.get(k, '-')}" for k in
-                   ("MLX_TUNER_JS_CTAS_PER_SM", "MLX_TUNER_JS_EMU"))
+setting = f"MLX_TUNER_JS_CTAS_PER_SM={os.environ.get('MLX_TUNER_JS_CTAS_PER_SM', '-')}"
 f_pct = 100 * 2 * q.nbytes / t_f / copy
 fb_pct = 100 * 5 * q.nbytes / t_fb / copy
 print(f"{setting}: copy {copy / 1e12:.2f} TB/s; forward {t_f * 1e3:.3f} ms ({f_pct:.1f}% of copy); "

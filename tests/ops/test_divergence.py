@@ -129,9 +129,8 @@ def _gpu_only(device):
 @pytest.fixture(params=["2", "4"], ids=["2-per-sm", "4-per-sm"])
 def js_cluster(request, monkeypatch):
     """The one-read cluster kernel: one row per cluster, 2 or 4 CTAs an SM
-    (MLX_TUNER_JS_CTAS_PER_SM), with 0, 4 or 8 of q's exps a chunk on the FMA pipe."""
+    (MLX_TUNER_JS_CTAS_PER_SM)."""
     monkeypatch.setenv("MLX_TUNER_JS_CTAS_PER_SM", request.param)
-    monkeypatch.setenv("MLX_TUNER_JS_EMU", {"2": "8", "4": "4"}[request.param])
 
 
 @pytest.mark.parametrize("dtype,shape", JS_GPU_SHAPES,
@@ -184,7 +183,6 @@ def test_js_forced_plans_on_gpu(device, monkeypatch, ctas):
     # for bfloat16 at 32k, 4 at 151,936, 2 for float32 at 40,013); 0: the two-pass kernel.
     _gpu_only(device)
     monkeypatch.setenv("MLX_TUNER_JS_CTAS_PER_SM", ctas)
-    monkeypatch.setenv("MLX_TUNER_JS_EMU", "0")  # every exp on MUFU
     for dtype, shape in [(mx.bfloat16, (9, 32001)), (mx.bfloat16, (3, 151936)),
                          (mx.float32, (3, 40013))]:
         check_all("js", *_inputs(shape, dtype), dtype)

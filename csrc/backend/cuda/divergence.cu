@@ -386,25 +386,6 @@ __device__ __forceinline__ void unpack(uint4 c, float (&x)[16 / sizeof(T)]) {
   }
 }
 
-// 2^d on the FMA pipe, for d <= 0 (0 below -127): d = n + f with n an integer and
-// |f| <= 1/2, 2^f by a degree-5 fit (relative error 2.1e-7 in float32, about that of
-// ex2.approx), n added to its exponent bits. The JS forward is bound by the MUFU pipe
-// (16 lanes a clock against 128 for FFMA), so it takes part of its exps here.
-__device__ __forceinline__ float ex2_fma(float d) {
-  constexpr float kRound = 12582912.f; // 1.5 * 2^23: d + kRound rounds d to an integer
-  d = fmaxf(d, -127.f); // -inf; a NaN logit is caught by its thread's maximum instead
-  const float t = d + kRound;
-  const float f = d - (t - kRound);
-  float p = 1.32764701e-3f;
-  p = fmaf(p, f, 9.67554189e-3f);
-  p = fmaf(p, f, 5.55071346e-2f);
-  p = fmaf(p, f, 2.40221202e-1f);
-  p = fmaf(p, f, 6.93146944e-1f);
-  p = fmaf(p, f, 1.00000012f);
-  // t's low bits hold n in two's complement: shifted by 23 they add n to p's exponent.
-  return __int_as_float(__float_as_int(p) + (__float_as_int(t) << 23));
-}
-
 // Rows whose maximum times log2e would overflow take x - m first (slower, exact).
 constexpr float kFmaMax = 1e37f;
 
@@ -434,9 +415,8 @@ __device__ __forceinline__ float chunks_max(const uint4* s, int first, int strid
 
 // The sum of this thread's chunks of one input, from the CTA's maximum m: 2^(x log2e - B)
 // with B = m log2e rounded, one FFMA an element (x - m first where m log2e would overflow);
-// js_frame converts the CTA's sum to the (x - m) log2e frame. The first EMU elements of a
-// chunk take ex2_fma, the rest MUFU.
-template <typename T, int EMU>
+// js_frame converts the CTA's sum to the (x - m) log2e frame.
+template <typename T>
 __device__ __forceinline__ float chunks_sum(const uint4* s, int first, int stride, int n,
                                             float m) {
   constexpr int N = 16 / sizeof(T);
@@ -451,8 +431,7 @@ __device__ __forceinline__ float chunks_sum(const uint4* s, int first, int strid
       unpack<T>(s[c], x);
 #pragma unroll
       for (int k = 0; k < N; ++k) {
-        const float d = fmaf(x[k], kLog2e, -B);
-        sum += k < EMU ? ex2_fma(d) : ex2(d);
+        sum += ex2(fmaf(x[k], kLog2e, -B));
       }
     }
   } else {
@@ -722,9 +701,9 @@ __device__ __forceinline__ int cluster_rank() {
 // JS forward reading q and p once: cluster of C CTAs per row (blockIdx.x / C), each CTA
 // holding its slice of both rows in dynamic shared memory (q's chunks, then p's, `per`
 // each), loaded by bulk copies: the CTA's maximum (pass 0), its sums from that maximum
-// (pass 1, EMU of q's exps a chunk on the FMA pipe), then the row's terms (js_finish_row).
+// (pass 1), then the row's terms (js_finish_row).
 // Each thread reads the chunks j = tid, tid + nt, ... in every pass.
-template <typename T, int C, int EMU>
+template <typename T, int C>
 __global__ void __launch_bounds__(kJsMaxThreads, 2)
     js_forward_cluster(const T* q, const T* p, T* out, float* stats, int V) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
@@ -746,8 +725,8 @@ __global__ void __launch_bounds__(kJsMaxThreads, 2)
   const int t = threadIdx.x, nt = blockDim.x, n = sl.cnt;
   float mq = chunks_max<T>(sq, t, nt, n), mp = chunks_max<T>(sp, t, nt, n);
   block_max2(mq, mp, red);
-  float sq_sum = chunks_sum<T, EMU>(sq, t, nt, n, mq);
-  float sp_sum = chunks_sum<T, 0>(sp, t, nt, n, mp);
+  float sq_sum = chunks_sum<T>(sq, t, nt, n, mq);
+  float sp_sum = chunks_sum<T>(sp, t, nt, n, mp);
   block_sum2(sq_sum, sp_sum, red + 2 * kMaxWarps);
   const Sum2 oq = js_frame(mq, sq_sum), op = js_frame(mp, sp_sum); // thread 0's are the CTA's
   js_finish_row<T, C>(oq, op, sq, sp, n, rank, row, out, stats, red, norm, part, sums);
@@ -906,21 +885,13 @@ JsPlan js_plan(int V, int elem_bytes, int64_t rows, int device) {
   return {};
 }
 
-// How many of q's 8 exps a chunk the JS forward's pass 1 takes on the FMA pipe
-// (MLX_TUNER_JS_EMU: 0, 4 or 8).
-int js_emu() {
-  const char* e = std::getenv("MLX_TUNER_JS_EMU");
-  const int v = e ? std::atoi(e) : 4;
-  return v >= 8 ? 8 : v >= 4 ? 4 : 0;
-}
-
-template <typename T, int EMU>
+template <typename T>
 const void* js_kernel(int c) {
-  return c == 1 ? reinterpret_cast<const void*>(js_forward_cluster<T, 1, EMU>)
-      : c == 2  ? reinterpret_cast<const void*>(js_forward_cluster<T, 2, EMU>)
-      : c == 4  ? reinterpret_cast<const void*>(js_forward_cluster<T, 4, EMU>)
-      : c == 8  ? reinterpret_cast<const void*>(js_forward_cluster<T, 8, EMU>)
-                : reinterpret_cast<const void*>(js_forward_cluster<T, 16, EMU>);
+  return c == 1 ? reinterpret_cast<const void*>(js_forward_cluster<T, 1>)
+      : c == 2  ? reinterpret_cast<const void*>(js_forward_cluster<T, 2>)
+      : c == 4  ? reinterpret_cast<const void*>(js_forward_cluster<T, 4>)
+      : c == 8  ? reinterpret_cast<const void*>(js_forward_cluster<T, 8>)
+                : reinterpret_cast<const void*>(js_forward_cluster<T, 16>);
 }
 
 template <typename T>
@@ -933,8 +904,8 @@ void launch_js_cluster(
     float* stats,
     int V,
     int64_t rows) {
-  const int c = plan.cluster, emu = js_emu();
-  const void* k = emu == 0 ? js_kernel<T, 0>(c) : emu == 4 ? js_kernel<T, 4>(c) : js_kernel<T, 8>(c);
+  const int c = plan.cluster;
+  const void* k = js_kernel<T>(c);
   dim3 grid(static_cast<unsigned>(rows * c)), block(plan.threads);
   cu::launch_cluster(enc, k, grid, block, dim3(c, 1, 1), plan.smem, q, p, out, stats, V);
 }
