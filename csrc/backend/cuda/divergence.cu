@@ -852,18 +852,19 @@ std::pair<int, int> smem_limits(int device) {
 
 // The smallest cluster whose CTAs each hold at most 1/k of a multiprocessor's shared
 // memory (k CTAs per SM, so that some load while others compute), else the smallest within
-// kJsSmemMax (one CTA per SM), else none. C <= 16 (above 8, Hopper's non-portable sizes).
-// The bound on a row's chunks holds for any offset. MLX_TUNER_JS_CTAS_PER_SM sets k (1, 2
-// or 4; 4 also caps a CTA at 256 threads, so that four fit), 0 takes the two-pass kernel.
-int js_ctas_per_sm() {
-  const char* e = std::getenv("MLX_TUNER_JS_CTAS_PER_SM");
-  return e ? std::atoi(e) : 0;
-}
-
+// kJsSmemMax (one CTA per SM), else none (the two-pass kernel). C <= 16 (above 8, Hopper's
+// non-portable sizes). The bound on a row's chunks holds for any offset.
+// MLX_TUNER_JS_CTAS_PER_SM sets k (1, 2 or 4; 4 also caps a CTA at 256 threads, so that
+// four fit), 0 takes the two-pass kernel. Unset: k = 4 without the one-CTA-an-SM fallback,
+// which measured slower than the two-pass kernel (float32 at 151,936: 7.2 against 4.6 ms on
+// the H200); with four an SM it measured faster at 32,000 and 151,936 bfloat16 (0.72-0.78
+// against 1.00 ms, 3.02-3.10 against 3.20-3.33 ms) and slower at 131,072 (2.93 against
+// 2.73-2.79 ms). MLX_TUNER_JS_THREADS caps the threads of a CTA (a multiple of 32).
 JsPlan js_plan(int V, int elem_bytes, int64_t rows, int device) {
   constexpr int64_t kJsSmemMax = 200 * 1024;
   constexpr int64_t kMargin = 4 * 1024; // static shared memory and the per-block reserve
-  const int k = std::min(js_ctas_per_sm(), 4);
+  const char* env = std::getenv("MLX_TUNER_JS_CTAS_PER_SM");
+  const int k = env ? std::min(std::atoi(env), 4) : 4;
   if (k <= 0 || 2 * int64_t(V) * elem_bytes > 16 * kJsSmemMax) {
     return {}; // the size test also keeps the int sums below safe
   }
@@ -872,7 +873,10 @@ JsPlan js_plan(int V, int elem_bytes, int64_t rows, int device) {
   const int chunks = js_chunks(V, N - 1, N); // pad < N
   const int64_t hard = std::min<int64_t>(kJsSmemMax, block_limit - kMargin);
   const int64_t soft = std::min<int64_t>(hard, sm_limit / k - kMargin);
-  const int max_threads = k >= 4 ? 256 : kJsMaxThreads; // the kernel's launch bound
+  int max_threads = k >= 4 ? 256 : kJsMaxThreads; // the kernel's launch bound
+  if (const char* e = std::getenv("MLX_TUNER_JS_THREADS")) {
+    max_threads = std::clamp(std::atoi(e) / 32 * 32, 32, max_threads);
+  }
   for (int64_t limit : {soft, hard}) {
     for (int c : {1, 2, 4, 8, 16}) {
       const int per = js_per_cta(chunks, c);
@@ -880,6 +884,9 @@ JsPlan js_plan(int V, int elem_bytes, int64_t rows, int device) {
       if (bytes <= limit && rows * c <= INT_MAX) {
         return {c, std::min(forward_threads(per), max_threads), static_cast<unsigned>(bytes)};
       }
+    }
+    if (!env) {
+      break;
     }
   }
   return {};
