@@ -423,7 +423,7 @@ __device__ __forceinline__ float chunks_sum(const uint4* s, int first, int strid
   if (!(m > -kInf)) {
     return 0.f; // nothing with mass here, or a NaN logit (js_frame makes the sum NaN)
   }
-  float sum = 0.f;
+  float sum[2] = {0.f, 0.f};
   if (fabsf(m) < kFmaMax) {
     const float B = m * kLog2e;
     for (int c = first; c < n; c += stride) {
@@ -431,7 +431,7 @@ __device__ __forceinline__ float chunks_sum(const uint4* s, int first, int strid
       unpack<T>(s[c], x);
 #pragma unroll
       for (int k = 0; k < N; ++k) {
-        sum += ex2(fmaf(x[k], kLog2e, -B));
+        sum[k % 2] += ex2(fmaf(x[k], kLog2e, -B)); // two chains of adds
       }
     }
   } else {
@@ -440,11 +440,11 @@ __device__ __forceinline__ float chunks_sum(const uint4* s, int first, int strid
       unpack<T>(s[c], x);
 #pragma unroll
       for (int k = 0; k < N; ++k) {
-        sum += ex2((x[k] - m) * kLog2e);
+        sum[k % 2] += ex2((x[k] - m) * kLog2e);
       }
     }
   }
-  return sum;
+  return sum[0] + sum[1];
 }
 
 // A CTA's (maximum, sum) as chunks_sum left them, in the (x - m) log2e frame (the rounding
@@ -475,8 +475,8 @@ enum class JsMode { kExact, kFma, kPacked };
 constexpr float kPackedMax = 512.f;
 
 template <typename T, JsMode MODE>
-__device__ __forceinline__ void js_terms(uint4 cq, uint4 cp, const JsRow& r, float& kq,
-                                         float& kp) {
+__device__ __forceinline__ void js_terms(uint4 cq, uint4 cp, const JsRow& r, float (&kq)[2],
+                                         float (&kp)[2]) {
   constexpr int N = 16 / sizeof(T);
   constexpr bool FAST = MODE != JsMode::kExact;
   constexpr bool kPacked = MODE == JsMode::kPacked && std::is_same_v<T, __nv_bfloat16>;
@@ -502,8 +502,8 @@ __device__ __forceinline__ void js_terms(uint4 cq, uint4 cp, const JsRow& r, flo
     }
     const float Q = ex2(dq), P = ex2(dp);
     const float lm = lg2(fmaf(P, 0.5f, Q * r.w));
-    kp = fmaf(P, dp - lm, kp);
-    kq = fmaf(Q, (dq + r.delta) - lm, kq);
+    kp[k % 2] = fmaf(P, dp - lm, kp[k % 2]); // two chains: FFMA latency, not issue
+    kq[k % 2] = fmaf(Q, (dq + r.delta) - lm, kq[k % 2]);
   }
 }
 
@@ -632,20 +632,21 @@ __device__ __forceinline__ void js_finish_row(Sum2 oq, Sum2 op, const uint4* sq,
   }
   const bool packed = std::is_same_v<T, __nv_bfloat16> && fabsf(oq.m) < kPackedMax &&
                       fabsf(op.m) < kPackedMax;
-  float kq = 0.f, kp = 0.f;
+  float kq2[2] = {0.f, 0.f}, kp2[2] = {0.f, 0.f};
   if (live && packed) {
     for (int c = tid; c < cnt; c += nt) {
-      js_terms<T, JsMode::kPacked>(sq[c], sp[c], rw, kq, kp);
+      js_terms<T, JsMode::kPacked>(sq[c], sp[c], rw, kq2, kp2);
     }
   } else if (live && fast) {
     for (int c = tid; c < cnt; c += nt) {
-      js_terms<T, JsMode::kFma>(sq[c], sp[c], rw, kq, kp);
+      js_terms<T, JsMode::kFma>(sq[c], sp[c], rw, kq2, kp2);
     }
   } else if (live) {
     for (int c = tid; c < cnt; c += nt) {
-      js_terms<T, JsMode::kExact>(sq[c], sp[c], rw, kq, kp);
+      js_terms<T, JsMode::kExact>(sq[c], sp[c], rw, kq2, kp2);
     }
   }
+  float kq = kq2[0] + kq2[1], kp = kp2[0] + kp2[1];
   block_sum2(kq, kp, red + 4 * kMaxWarps);
   if constexpr (C > 1) {
     auto cluster = cg::this_cluster();
@@ -854,7 +855,7 @@ std::pair<int, int> smem_limits(int device) {
 // memory (k CTAs per SM, so that some load while others compute), else the smallest within
 // kJsSmemMax (one CTA per SM), else none (the two-pass kernel). C <= 16 (above 8, Hopper's
 // non-portable sizes). The bound on a row's chunks holds for any offset.
-// MLX_TUNER_JS_CTAS_PER_SM sets k (1, 2 or 4; 4 also caps a CTA at 256 threads, so that
+// MLX_TUNER_JS_CTAS_PER_SM sets k (1, 2 or 4; 4 also caps a CTA at 128 threads, so that
 // four fit), 0 takes the two-pass kernel. Unset: k = 4 without the one-CTA-an-SM fallback,
 // which measured slower than the two-pass kernel (float32 at 151,936: 7.2 against 4.6 ms on
 // the H200); with four an SM it measured faster at 32,000 and 151,936 bfloat16 (0.72-0.78
@@ -873,7 +874,9 @@ JsPlan js_plan(int V, int elem_bytes, int64_t rows, int device) {
   const int chunks = js_chunks(V, N - 1, N); // pad < N
   const int64_t hard = std::min<int64_t>(kJsSmemMax, block_limit - kMargin);
   const int64_t soft = std::min<int64_t>(hard, sm_limit / k - kMargin);
-  int max_threads = k >= 4 ? 256 : kJsMaxThreads; // the kernel's launch bound
+  // Four CTAs an SM: 128 threads (3 warps' fixed costs a row fewer than 256 threads: 2.71
+  // against 2.99 ms at 8192 x 151,936 bf16), else up to the kernel's launch bound.
+  int max_threads = k >= 4 ? 128 : kJsMaxThreads;
   if (const char* e = std::getenv("MLX_TUNER_JS_THREADS")) {
     max_threads = std::clamp(std::atoi(e) / 32 * 32, 32, max_threads);
   }
