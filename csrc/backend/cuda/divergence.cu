@@ -423,7 +423,7 @@ __device__ __forceinline__ float chunks_sum(const uint4* s, int first, int strid
   if (!(m > -kInf)) {
     return 0.f; // nothing with mass here, or a NaN logit (js_frame makes the sum NaN)
   }
-  float sum[2] = {0.f, 0.f};
+  float sum = 0.f;
   if (fabsf(m) < kFmaMax) {
     const float B = m * kLog2e;
     for (int c = first; c < n; c += stride) {
@@ -431,7 +431,7 @@ __device__ __forceinline__ float chunks_sum(const uint4* s, int first, int strid
       unpack<T>(s[c], x);
 #pragma unroll
       for (int k = 0; k < N; ++k) {
-        sum[k % 2] += ex2(fmaf(x[k], kLog2e, -B)); // two chains of adds
+        sum += ex2(fmaf(x[k], kLog2e, -B));
       }
     }
   } else {
@@ -440,11 +440,11 @@ __device__ __forceinline__ float chunks_sum(const uint4* s, int first, int strid
       unpack<T>(s[c], x);
 #pragma unroll
       for (int k = 0; k < N; ++k) {
-        sum[k % 2] += ex2((x[k] - m) * kLog2e);
+        sum += ex2((x[k] - m) * kLog2e);
       }
     }
   }
-  return sum[0] + sum[1];
+  return sum;
 }
 
 // A CTA's (maximum, sum) as chunks_sum left them, in the (x - m) log2e frame (the rounding
@@ -475,8 +475,8 @@ enum class JsMode { kExact, kFma, kPacked };
 constexpr float kPackedMax = 512.f;
 
 template <typename T, JsMode MODE>
-__device__ __forceinline__ void js_terms(uint4 cq, uint4 cp, const JsRow& r, float (&kq)[2],
-                                         float (&kp)[2]) {
+__device__ __forceinline__ void js_terms(uint4 cq, uint4 cp, const JsRow& r, float& kq,
+                                         float& kp) {
   constexpr int N = 16 / sizeof(T);
   constexpr bool FAST = MODE != JsMode::kExact;
   constexpr bool kPacked = MODE == JsMode::kPacked && std::is_same_v<T, __nv_bfloat16>;
@@ -502,8 +502,8 @@ __device__ __forceinline__ void js_terms(uint4 cq, uint4 cp, const JsRow& r, flo
     }
     const float Q = ex2(dq), P = ex2(dp);
     const float lm = lg2(fmaf(P, 0.5f, Q * r.w));
-    kp[k % 2] = fmaf(P, dp - lm, kp[k % 2]); // two chains: FFMA latency, not issue
-    kq[k % 2] = fmaf(Q, (dq + r.delta) - lm, kq[k % 2]);
+    kp = fmaf(P, dp - lm, kp);
+    kq = fmaf(Q, (dq + r.delta) - lm, kq);
   }
 }
 
@@ -632,21 +632,20 @@ __device__ __forceinline__ void js_finish_row(Sum2 oq, Sum2 op, const uint4* sq,
   }
   const bool packed = std::is_same_v<T, __nv_bfloat16> && fabsf(oq.m) < kPackedMax &&
                       fabsf(op.m) < kPackedMax;
-  float kq2[2] = {0.f, 0.f}, kp2[2] = {0.f, 0.f};
+  float kq = 0.f, kp = 0.f;
   if (live && packed) {
     for (int c = tid; c < cnt; c += nt) {
-      js_terms<T, JsMode::kPacked>(sq[c], sp[c], rw, kq2, kp2);
+      js_terms<T, JsMode::kPacked>(sq[c], sp[c], rw, kq, kp);
     }
   } else if (live && fast) {
     for (int c = tid; c < cnt; c += nt) {
-      js_terms<T, JsMode::kFma>(sq[c], sp[c], rw, kq2, kp2);
+      js_terms<T, JsMode::kFma>(sq[c], sp[c], rw, kq, kp);
     }
   } else if (live) {
     for (int c = tid; c < cnt; c += nt) {
-      js_terms<T, JsMode::kExact>(sq[c], sp[c], rw, kq2, kp2);
+      js_terms<T, JsMode::kExact>(sq[c], sp[c], rw, kq, kp);
     }
   }
-  float kq = kq2[0] + kq2[1], kp = kp2[0] + kp2[1];
   block_sum2(kq, kp, red + 4 * kMaxWarps);
   if constexpr (C > 1) {
     auto cluster = cg::this_cluster();
