@@ -5,22 +5,21 @@
 // the partial states.
 //
 // JS forward: its terms need both normalizers first, so a row is read twice unless it is
-// kept on chip. One cluster of C CTAs per row (C = 1, 2, 4 or 8; js_plan) holds the row's
-// q and p in the CTAs' shared memory, each CTA a contiguous slice of 16-byte chunks, the
-// first and last of which may be partial (padded with -inf, which has no mass) so that
-// every whole chunk is one aligned 16-byte copy for any V and row offset. Each CTA folds
-// its slice into a partial (max, sum) per input as the copies land; the CTAs merge the C
-// partials through distributed shared memory; each then sums its slice's terms, and rank
-// 0 gathers the C partial sums. The work is in base 2 so that every exp and log is one
-// MUFU instruction: S = sum 2^((x - max) log2e), log2 P = (x - max) log2e - log2 S
-// (x - max first: exact near the maximum for huge logits, and no finite logit
-// overflows), and with u = log2 P - log2 Q, r = 2^-|u|, t = 1 - log2(1 + r):
-//   log2 P - log2 M = t - max(-u, 0),  log2 Q - log2 M = t - max(u, 0),
-//   the larger of P, Q = 2^max(log2 P, log2 Q) and the smaller = larger * r,
-// three MUFU per element pair. u is clamped to +-1e30 so that a -inf logit on either
-// side (or both: u = NaN) weights a finite term by 0; a NaN logit makes its sum NaN,
-// which the row's result then takes. A row too long for 8 CTAs' shared memory, or a GPU
-// before Hopper, takes the two-pass kernel (the KL kernel's, reading the row twice).
+// kept on chip. One cluster of C CTAs per row (C = 1 to 16; js_plan) holds the row's q and
+// p in the CTAs' shared memory, each CTA a contiguous slice of 16-byte chunks, the first
+// and last of which may be partial (padded with -inf, which has no mass) so that the whole
+// chunks are one aligned bulk copy an input for any V and row offset. The work is in base
+// 2 so that every exp and log is one MUFU instruction, and it counts instructions (the
+// kernel is issue-bound): each CTA takes its slice's maximum m (pass 0, two elements an
+// instruction for the half types), then sum 2^d with d = fma(x, log2e, -B), B = m log2e
+// rounded (pass 1: one FFMA an exp; the rounding of B is folded back exactly, and rows
+// whose m log2e would overflow take x - m first); the CTAs merge their (m, sum) through
+// distributed shared memory; each then sums its slice's terms in p's frame (js_terms:
+// P' = 2^dp, Q' = 2^dq, lm = log2 of M there, three MUFU a pair), and rank 0 gathers the C
+// partial sums. d is clamped at about -100 so that a -inf logit weighs a finite term by ~0
+// (never 0 * inf); a NaN logit makes its sum NaN, which the row's result then takes. A row
+// that four CTAs an SM cannot hold (float32 above ~110k), or a GPU before Hopper, takes
+// the two-pass kernel (the KL kernel's, reading the row twice).
 //
 // Backward: elementwise given the saved stats, a 2-D grid of (chunks of a row, rows).
 // KL, the two-pass JS and the backward load 16-byte vectors when both rows are 16-byte
@@ -468,11 +467,13 @@ struct JsRow {
   __nv_bfloat162 lowq, lowp;
 };
 
-// One chunk pair's terms in base 2 in p's frame: with dq, dp clamped at about -100 (a -inf
-// logit weighs ~2^-100 of the maximum, never 0 * inf), Q' = 2^dq, P' = 2^dp, lm = log2 of M in
-// p's frame, kp += P' (dp - lm) and kq += Q' (dq + delta - lm): three MUFU a pair.
+// How js_terms forms d: (x - m) log2e, one FFMA, or one FFMA after the packed clamp.
 enum class JsMode { kExact, kFma, kPacked };
 constexpr float kPackedMax = 512.f;
+
+// One chunk pair's terms in base 2 in p's frame: with dq, dp clamped at about -100 (a -inf
+// logit weighs ~2^-100 of the maximum, never 0 * inf), Q' = 2^dq, P' = 2^dp, lm = log2 of M
+// in p's frame, kp += P' (dp - lm) and kq += Q' (dq + delta - lm): three MUFU a pair.
 
 template <typename T, JsMode MODE>
 __device__ __forceinline__ void js_terms(uint4 cq, uint4 cp, const JsRow& r, float& kq,
@@ -565,9 +566,9 @@ __device__ __forceinline__ void js_load_slice(const T* qr, const T* pr, int V, J
 }
 
 // A row's JS from its slice's partials (oq, op, in thread 0): the cluster merges the
-// normalizers, each CTA sums its slice's terms, rank 0 gathers them and writes out / stats. Every CTA
-// of the cluster calls it for the same row; `red`, `norm`, `part` and `sums` are the
-// CTA's shared scratch. On return no CTA touches another's shared memory for this row.
+// normalizers, each CTA sums its slice's terms, rank 0 gathers them and writes out / stats.
+// Every CTA of the cluster calls it for the same row; `red`, `norm`, `part` and `sums` are
+// the CTA's shared scratch. On return no CTA touches another's shared memory for this row.
 template <typename T, int C>
 __device__ __forceinline__ void js_finish_row(Sum2 oq, Sum2 op, const uint4* sq,
                                               const uint4* sp, int cnt, int rank, int64_t row,
@@ -857,9 +858,9 @@ std::pair<int, int> smem_limits(int device) {
 // MLX_TUNER_JS_CTAS_PER_SM sets k (1, 2 or 4; 4 also caps a CTA at 128 threads, so that
 // four fit), 0 takes the two-pass kernel. Unset: k = 4 without the one-CTA-an-SM fallback,
 // which measured slower than the two-pass kernel (float32 at 151,936: 7.2 against 4.6 ms on
-// the H200); with four an SM it measured faster at 32,000 and 151,936 bfloat16 (0.72-0.78
-// against 1.00 ms, 3.02-3.10 against 3.20-3.33 ms) and slower at 131,072 (2.93 against
-// 2.73-2.79 ms). MLX_TUNER_JS_THREADS caps the threads of a CTA (a multiple of 32).
+// the H200). With four an SM, at 8192 rows of bfloat16, side by side on the H200: 0.70
+// against 0.89 ms at V = 32,000, 2.39 against 2.82 at 131,072, 2.86 against 3.41 at
+// 151,936. MLX_TUNER_JS_THREADS caps the threads of a CTA (a multiple of 32).
 JsPlan js_plan(int V, int elem_bytes, int64_t rows, int device) {
   constexpr int64_t kJsSmemMax = 200 * 1024;
   constexpr int64_t kMargin = 4 * 1024; // static shared memory and the per-block reserve
@@ -873,8 +874,9 @@ JsPlan js_plan(int V, int elem_bytes, int64_t rows, int device) {
   const int chunks = js_chunks(V, N - 1, N); // pad < N
   const int64_t hard = std::min<int64_t>(kJsSmemMax, block_limit - kMargin);
   const int64_t soft = std::min<int64_t>(hard, sm_limit / k - kMargin);
-  // Four CTAs an SM: 128 threads (3 warps' fixed costs a row fewer than 256 threads: 2.71
-  // against 2.99 ms at 8192 x 151,936 bf16), else up to the kernel's launch bound.
+  // Four CTAs an SM: 128 threads (the fixed costs of a CTA's row spread over more pairs a
+  // warp: 2.71 against 2.99 ms with 256 at 8192 x 151,936 bf16; 96 threads 2.97, 64
+  // threads 3.31), else up to the kernel's launch bound.
   int max_threads = k >= 4 ? 128 : kJsMaxThreads;
   if (const char* e = std::getenv("MLX_TUNER_JS_THREADS")) {
     max_threads = std::clamp(std::atoi(e) / 32 * 32, 32, max_threads);
