@@ -388,74 +388,94 @@ __device__ __forceinline__ void unpack(uint4 c, float (&x)[16 / sizeof(T)]) {
 // Rows whose maximum times log2e would overflow take x - m first (slower, exact).
 constexpr float kFmaMax = 1e37f;
 
-// The maximum of this thread's chunks c = first, first + stride, ... < n of one input,
-// NaN if any element is NaN: two elements an instruction for the half types.
+// The maxima of this thread's chunks c = first, first + stride, ... < n of q and p (one
+// loop for both), NaN where an element is NaN: two elements an instruction for the half
+// types.
 template <typename T>
-__device__ __forceinline__ float chunks_max(const uint4* s, int first, int stride, int n) {
+__device__ __forceinline__ void chunks_max(const uint4* sq, const uint4* sp, int first,
+                                           int stride, int n, float& mq, float& mp) {
   if constexpr (std::is_same_v<T, float>) {
-    float m = -kInf;
+    auto max4 = [](uint4 v) {
+      return max_nan(max_nan(__uint_as_float(v.x), __uint_as_float(v.y)),
+                     max_nan(__uint_as_float(v.z), __uint_as_float(v.w)));
+    };
+    mq = mp = -kInf;
     for (int c = first; c < n; c += stride) {
-      const uint4 v = s[c];
-      m = max_nan(m, max_nan(max_nan(__uint_as_float(v.x), __uint_as_float(v.y)),
-                             max_nan(__uint_as_float(v.z), __uint_as_float(v.w))));
+      mq = max_nan(mq, max4(sq[c]));
+      mp = max_nan(mp, max4(sp[c]));
     }
-    return m;
   } else {
     using T2 = std::conditional_t<std::is_same_v<T, __half>, __half2, __nv_bfloat162>;
-    T2 m = T2(from_f<T>(-kInf), from_f<T>(-kInf));
-    for (int c = first; c < n; c += stride) {
-      const uint4 v = s[c];
+    auto max8 = [](uint4 v) {
       const T2* w = reinterpret_cast<const T2*>(&v);
-      m = __hmax2_nan(m, __hmax2_nan(__hmax2_nan(w[0], w[1]), __hmax2_nan(w[2], w[3])));
+      return __hmax2_nan(__hmax2_nan(w[0], w[1]), __hmax2_nan(w[2], w[3]));
+    };
+    T2 a = T2(from_f<T>(-kInf), from_f<T>(-kInf)), b = a;
+    for (int c = first; c < n; c += stride) {
+      a = __hmax2_nan(a, max8(sq[c]));
+      b = __hmax2_nan(b, max8(sp[c]));
     }
-    return max_nan(to_f(m.x), to_f(m.y));
+    mq = max_nan(to_f(a.x), to_f(a.y));
+    mp = max_nan(to_f(b.x), to_f(b.y));
   }
 }
 
-// The sum of this thread's chunks of one input, from the CTA's maximum m: 2^(x log2e - B)
-// with B = m log2e rounded, one FFMA an element (x - m first where m log2e would overflow);
-// js_frame converts the CTA's sum to the (x - m) log2e frame.
+// The sums of this thread's chunks of q and p (one loop for both), from the CTA's maxima:
+// 2^(x log2e - B) with B = m log2e rounded, one FFMA an element (x - m first where m log2e
+// would overflow); js_frame converts the CTA's sums to the (x - m) log2e frame. A side
+// whose maximum is -inf or NaN sums from 0 instead (js_frame then ignores its sum).
+__device__ __forceinline__ float js_offset(float m) {
+  return m > -kInf ? m : 0.f;
+}
+
+// Whether chunks_sum takes d = fma(x, log2e, -B) on both sides (else x - m first).
+__device__ __forceinline__ bool js_fast(float mq, float mp) {
+  return fabsf(js_offset(mq)) < kFmaMax && fabsf(js_offset(mp)) < kFmaMax;
+}
+
 template <typename T>
-__device__ __forceinline__ float chunks_sum(const uint4* s, int first, int stride, int n,
-                                            float m) {
+__device__ __forceinline__ void chunks_sum(const uint4* sq, const uint4* sp, int first,
+                                           int stride, int n, float mq, float mp, float& zq,
+                                           float& zp) {
   constexpr int N = 16 / sizeof(T);
-  if (!(m > -kInf)) {
-    return 0.f; // nothing with mass here, or a NaN logit (js_frame makes the sum NaN)
-  }
-  float sum = 0.f;
-  if (fabsf(m) < kFmaMax) {
-    const float B = m * kLog2e;
+  const float oq = js_offset(mq), op = js_offset(mp);
+  zq = zp = 0.f;
+  if (js_fast(mq, mp)) {
+    const float Bq = oq * kLog2e, Bp = op * kLog2e;
     for (int c = first; c < n; c += stride) {
-      float x[N];
-      unpack<T>(s[c], x);
+      float xq[N], xp[N];
+      unpack<T>(sq[c], xq);
+      unpack<T>(sp[c], xp);
 #pragma unroll
       for (int k = 0; k < N; ++k) {
-        sum += ex2(fmaf(x[k], kLog2e, -B));
+        zq += ex2(fmaf(xq[k], kLog2e, -Bq));
+        zp += ex2(fmaf(xp[k], kLog2e, -Bp));
       }
     }
   } else {
     for (int c = first; c < n; c += stride) {
-      float x[N];
-      unpack<T>(s[c], x);
+      float xq[N], xp[N];
+      unpack<T>(sq[c], xq);
+      unpack<T>(sp[c], xp);
 #pragma unroll
       for (int k = 0; k < N; ++k) {
-        sum += ex2((x[k] - m) * kLog2e);
+        zq += ex2((xq[k] - oq) * kLog2e);
+        zp += ex2((xp[k] - op) * kLog2e);
       }
     }
   }
-  return sum;
 }
 
-// A CTA's (maximum, sum) as chunks_sum left them, in the (x - m) log2e frame (the rounding
-// of B is exact in r = m log2e - B); a NaN maximum makes the sum NaN.
-__device__ __forceinline__ Sum2 js_frame(float m, float sum) {
+// A CTA's (maximum, sum) as chunks_sum left them (`fast`: js_fast), in the (x - m) log2e
+// frame (the rounding of B is exact in r = m log2e - B); a NaN maximum makes the sum NaN.
+__device__ __forceinline__ Sum2 js_frame(float m, float sum, bool fast) {
   if (isnan(m)) {
     return Sum2{0.f, m};
   }
   if (m == -kInf) {
     return Sum2{};
   }
-  return Sum2{m, fabsf(m) < kFmaMax ? sum * ex2(-fmaf(m, kLog2e, -m * kLog2e)) : sum};
+  return Sum2{m, fast ? sum * ex2(-fmaf(m, kLog2e, -m * kLog2e)) : sum};
 }
 
 // A row's constants for the terms pass (see js_finish_row): per side the offset m and B =
@@ -463,7 +483,7 @@ __device__ __forceinline__ Sum2 js_frame(float m, float sum) {
 // Q' and the frame change delta; for bfloat16 rows with |m| < kPackedMax the raw logit
 // below which d < -100, rounded down (d >= -103 there: bfloat16's spacing is <= 2).
 struct JsRow {
-  float mq, mp, Bq, Bp, w, delta;
+  float mq, mp, Bq, Bp, w, delta, Bqp; // Bqp = Bq - delta: q's offset in p's frame
   __nv_bfloat162 lowq, lowp;
 };
 
@@ -495,16 +515,24 @@ __device__ __forceinline__ void js_terms(uint4 cq, uint4 cp, const JsRow& r, flo
   unpack<T>(cp, xp);
 #pragma unroll
   for (int k = 0; k < N; ++k) {
-    float dq = FAST ? fmaf(xq[k], kLog2e, -r.Bq) : (xq[k] - r.mq) * kLog2e;
-    float dp = FAST ? fmaf(xp[k], kLog2e, -r.Bp) : (xp[k] - r.mp) * kLog2e;
-    if constexpr (!kPacked) {
-      dq = fmaxf(dq, -100.f);
-      dp = fmaxf(dp, -100.f);
+    if constexpr (kPacked) {
+      // Both sides in p's frame from the start: a = log2 Q + cp (delta rounded into Bqp,
+      // within 3e-5 at |Bq| < 740, below bfloat16's resolution), b = log2 P + cp, lm =
+      // log2(2^a + 2^b): kq += 2^a (a - lm), kp += 2^b (b - lm), the +1 of log2(. / M) added
+      // once a row (the sums of P and Q are 1). Two instructions a pair fewer.
+      const float a = fmaf(xq[k], kLog2e, -r.Bqp), b = fmaf(xp[k], kLog2e, -r.Bp);
+      const float A = ex2(a), P = ex2(b);
+      const float lm = lg2(A + P);
+      kq = fmaf(A, a - lm, kq);
+      kp = fmaf(P, b - lm, kp);
+    } else {
+      const float dq = fmaxf(FAST ? fmaf(xq[k], kLog2e, -r.Bq) : (xq[k] - r.mq) * kLog2e, -100.f);
+      const float dp = fmaxf(FAST ? fmaf(xp[k], kLog2e, -r.Bp) : (xp[k] - r.mp) * kLog2e, -100.f);
+      const float Q = ex2(dq), P = ex2(dp);
+      const float lm = lg2(fmaf(P, 0.5f, Q * r.w));
+      kp = fmaf(P, dp - lm, kp);
+      kq = fmaf(Q, (dq + r.delta) - lm, kq);
     }
-    const float Q = ex2(dq), P = ex2(dp);
-    const float lm = lg2(fmaf(P, 0.5f, Q * r.w));
-    kp = fmaf(P, dp - lm, kp);
-    kq = fmaf(Q, (dq + r.delta) - lm, kq);
   }
 }
 
@@ -555,13 +583,15 @@ __device__ __forceinline__ void js_load_slice(const T* qr, const T* pr, int V, J
       cu::bulk_copy_g2s(sp + (c0 - sl.lo), pr + (c0 * N - sl.pad), bytes, bar);
     }
   }
-  for (int c : {sl.lo, end - 1}) { // the only chunks that can be partial
+  auto partial = [&](int c) { // the first and last chunks are the only ones that can be
     const int j = c - sl.lo;
     if (j >= 0 && c < end && (c < c0 || c >= c1) && threadIdx.x == j % blockDim.x) {
       load_partial_chunk(qr, c * N - sl.pad, V, sq + j);
       load_partial_chunk(pr, c * N - sl.pad, V, sp + j);
     }
-  }
+  };
+  partial(sl.lo);
+  partial(end - 1);
   __syncthreads();
 }
 
@@ -627,7 +657,8 @@ __device__ __forceinline__ void js_finish_row(Sum2 oq, Sum2 op, const uint4* sq,
     cp = (fast ? fmaf(op.m, kLog2e, -rw.Bp) : 0.f) + lg2(op.s);
     rw.delta = cp - cq;
     rw.w = 0.5f * ex2(rw.delta);
-    // d < -100 below these (rounded up, so that d >= -100 at them).
+    rw.Bqp = rw.Bq - rw.delta;
+    // d < -100 below these (rounded down: d >= -103 at them).
     rw.lowq = __bfloat162bfloat162(__float2bfloat16_rd((rw.Bq - 100.f) * kLn2));
     rw.lowp = __bfloat162bfloat162(__float2bfloat16_rd((rw.Bp - 100.f) * kLn2));
   }
@@ -671,8 +702,10 @@ __device__ __forceinline__ void js_finish_row(Sum2 oq, Sum2 op, const uint4* sq,
     // A NaN logit made its sum NaN, while the clamps in js_terms drop NaN terms.
     const bool nan = isnan(oq.s) || isnan(op.s);
     const bool q_only = oq.m != -kInf && op.m == -kInf, p_only = op.m != -kInf && oq.m == -kInf;
-    const float klq = live ? kq * ex2(-cq) : (q_only ? 1.f : 0.f); // bits
-    const float klp = live ? kp * ex2(-cp) : (p_only ? 1.f : 0.f);
+    const float klq = !live ? (q_only ? 1.f : 0.f) // bits
+                      : packed ? fmaf(kq, ex2(-cp), 1.f) : kq * ex2(-cq);
+    const float klp = !live ? (p_only ? 1.f : 0.f)
+                      : packed ? fmaf(kp, ex2(-cp), 1.f) : kp * ex2(-cp);
     const float s0 = nan ? __int_as_float(0x7fc00000) : kLn2 * klq;
     const float s1 = nan ? __int_as_float(0x7fc00000) : kLn2 * klp;
     float* st = stats + row * kDivStats;
@@ -724,12 +757,13 @@ __global__ void __launch_bounds__(kJsMaxThreads, 2)
   js_load_slice(qr, pr, V, sl, sq, sp, &bar);
   cu::mbar_wait(&bar, 0); // the bulk copies have landed
   const int t = threadIdx.x, nt = blockDim.x, n = sl.cnt;
-  float mq = chunks_max<T>(sq, t, nt, n), mp = chunks_max<T>(sp, t, nt, n);
+  float mq, mp, sq_sum, sp_sum;
+  chunks_max<T>(sq, sp, t, nt, n, mq, mp);
   block_max2(mq, mp, red);
-  float sq_sum = chunks_sum<T>(sq, t, nt, n, mq);
-  float sp_sum = chunks_sum<T>(sp, t, nt, n, mp);
+  chunks_sum<T>(sq, sp, t, nt, n, mq, mp, sq_sum, sp_sum);
   block_sum2(sq_sum, sp_sum, red + 2 * kMaxWarps);
-  const Sum2 oq = js_frame(mq, sq_sum), op = js_frame(mp, sp_sum); // thread 0's are the CTA's
+  const bool fast = js_fast(mq, mp);
+  const Sum2 oq = js_frame(mq, sq_sum, fast), op = js_frame(mp, sp_sum, fast); // thread 0's
   js_finish_row<T, C>(oq, op, sq, sp, n, rank, row, out, stats, red, norm, part, sums);
 #endif
 }
