@@ -892,9 +892,10 @@ std::pair<int, int> smem_limits(int device) {
 // MLX_TUNER_JS_CTAS_PER_SM sets k (1, 2 or 4; 4 also caps a CTA at 128 threads, so that
 // four fit), 0 takes the two-pass kernel. Unset: k = 4 without the one-CTA-an-SM fallback,
 // which measured slower than the two-pass kernel (float32 at 151,936: 7.2 against 4.6 ms on
-// the H200). With four an SM, at 8192 rows of bfloat16, side by side on the H200: 0.70
-// against 0.89 ms at V = 32,000, 2.39 against 2.82 at 131,072, 2.86 against 3.41 at
-// 151,936. MLX_TUNER_JS_THREADS caps the threads of a CTA (a multiple of 32).
+// the H200). With four an SM, at 8192 rows of bfloat16 on the H200: 2.56 against 3.31 ms
+// at V = 151,936 side by side; 0.69 and 2.25 ms at 32,000 and 131,072, where the two-pass
+// kernel took 0.89 and 2.82 one call earlier. MLX_TUNER_JS_THREADS caps the threads of a
+// CTA (a multiple of 32).
 JsPlan js_plan(int V, int elem_bytes, int64_t rows, int device) {
   constexpr int64_t kJsSmemMax = 200 * 1024;
   constexpr int64_t kMargin = 4 * 1024; // static shared memory and the per-block reserve
