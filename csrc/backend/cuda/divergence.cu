@@ -440,29 +440,22 @@ __device__ __forceinline__ void chunks_sum(const uint4* sq, const uint4* sp, int
   constexpr int N = 16 / sizeof(T);
   const float oq = js_offset(mq), op = js_offset(mp);
   zq = zp = 0.f;
+  auto fold = [&](auto d) { // d(x, offset): the exponent of 2 an element adds
+    for (int c = first; c < n; c += stride) {
+      float xq[N], xp[N];
+      unpack<T>(sq[c], xq);
+      unpack<T>(sp[c], xp);
+#pragma unroll
+      for (int k = 0; k < N; ++k) {
+        zq += ex2(d(xq[k], oq));
+        zp += ex2(d(xp[k], op));
+      }
+    }
+  };
   if (js_fast(mq, mp)) {
-    const float Bq = oq * kLog2e, Bp = op * kLog2e;
-    for (int c = first; c < n; c += stride) {
-      float xq[N], xp[N];
-      unpack<T>(sq[c], xq);
-      unpack<T>(sp[c], xp);
-#pragma unroll
-      for (int k = 0; k < N; ++k) {
-        zq += ex2(fmaf(xq[k], kLog2e, -Bq));
-        zp += ex2(fmaf(xp[k], kLog2e, -Bp));
-      }
-    }
+    fold([](float x, float o) { return fmaf(x, kLog2e, -(o * kLog2e)); });
   } else {
-    for (int c = first; c < n; c += stride) {
-      float xq[N], xp[N];
-      unpack<T>(sq[c], xq);
-      unpack<T>(sp[c], xp);
-#pragma unroll
-      for (int k = 0; k < N; ++k) {
-        zq += ex2((xq[k] - oq) * kLog2e);
-        zp += ex2((xp[k] - op) * kLog2e);
-      }
-    }
+    fold([](float x, float o) { return (x - o) * kLog2e; });
   }
 }
 
