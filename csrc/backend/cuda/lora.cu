@@ -111,14 +111,10 @@ void LoRALinearVJP::eval_gpu(
   // finish launch unless a pack came first to zero the reduce's counters.
   // g is read for dA only (it is computed whenever dA is asked for).
   auto reduce = [&](const mx::array* g, mx::array* counters) {
-    if (da && db) {
-      cuda::lowrank_reduce(enc, {{xd, *g, *da, r, 1, scale_}, {dy, xa, *db, 1, out, scale_}},
-                           counters);
-    } else if (da) {
-      cuda::lowrank_reduce(enc, {{xd, *g, *da, r, 1, scale_}}, counters);
-    } else if (db) {
-      cuda::lowrank_reduce(enc, {{dy, xa, *db, 1, out, scale_}}, counters);
-    }
+    std::vector<cuda::ReduceJob> jobs;
+    if (da) jobs.push_back({xd, *g, *da, r, 1, scale_});
+    if (db) jobs.push_back({dy, xa, *db, 1, out, scale_});
+    cuda::lowrank_reduce(enc, jobs, counters);
   };
   if (cuda::lowrank_fits(r, T, {in, out}, {&dy, &xd})) { // rank-r products as kernels of ours
     std::optional<mx::array> g_t, counters;

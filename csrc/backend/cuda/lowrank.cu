@@ -580,7 +580,7 @@ mx::array reduce_counters(mx::cu::CommandEncoder& enc, int max_k) {
   return scratch(enc, {2 * std::max(1, (max_k + kTile - 1) / kTile)}, mx::int32);
 }
 
-void lowrank_reduce(mx::cu::CommandEncoder& enc, std::initializer_list<ReduceJob> jobs,
+void lowrank_reduce(mx::cu::CommandEncoder& enc, const std::vector<ReduceJob>& jobs,
                     mx::array* counters) {
   if (jobs.size() == 0) return;
   if (jobs.size() > 2) throw std::logic_error("[lowrank] at most two reduce jobs a launch");

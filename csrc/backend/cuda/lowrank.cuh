@@ -73,7 +73,8 @@ struct ReduceJob {
 };
 // With counters (zeroed by a lowrank_pack launched before it in the same primitive), the
 // slices are summed inside the reduce launch: one graph node fewer.
-void lowrank_reduce(mx::cu::CommandEncoder& enc, std::initializer_list<ReduceJob> jobs,
+// No jobs: nothing is launched.
+void lowrank_reduce(mx::cu::CommandEncoder& enc, const std::vector<ReduceJob>& jobs,
                     mx::array* counters = nullptr);
 // Scratch for lowrank_reduce's counters, for jobs whose widths k are at most max_k.
 mx::array reduce_counters(mx::cu::CommandEncoder& enc, int max_k);

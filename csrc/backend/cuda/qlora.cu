@@ -358,14 +358,10 @@ void QLoRAVJP::eval_gpu(const std::vector<mx::array>& in, std::vector<mx::array>
     }
     if (need_g) cuda::lowrank_project(enc, dy, mm[0], r, p_.scale, *g_t);
     if (dxd) cuda::lowrank_expand(enc, *g_t, mm[1], 1.0f, nullptr, *dxd);
-    if (da && db) {
-      cuda::lowrank_reduce(enc, {{xd, *g_t, *da, r, 1, 1.0f}, {dy, xa, *db, 1, out, p_.scale}},
-                           cnt);
-    } else if (da) {
-      cuda::lowrank_reduce(enc, {{xd, *g_t, *da, r, 1, 1.0f}}, cnt);
-    } else if (db) {
-      cuda::lowrank_reduce(enc, {{dy, xa, *db, 1, out, p_.scale}}, cnt);
-    }
+    std::vector<cuda::ReduceJob> jobs; // dA, dB: those asked for, in one launch
+    if (da) jobs.push_back({xd, *g_t, *da, r, 1, 1.0f});
+    if (db) jobs.push_back({dy, xa, *db, 1, out, p_.scale});
+    cuda::lowrank_reduce(enc, jobs, cnt);
     if (dx && k > 0 && lora_dx) cuda::lowrank_expand(enc, *g_t, mm[1], 1.0f, nullptr, *dx);
   } else {
     cuda::GemmBatch batch(enc); // the rank-r GEMMs as one graph node
