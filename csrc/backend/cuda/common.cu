@@ -18,13 +18,18 @@ void check(cudaError_t err, const char* what) {
 }
 
 int sm_count(mx::cu::CommandEncoder& enc) {
-  static int count = [&] {
+  static std::mutex mu;
+  static std::unordered_map<int, int> counts; // per device
+  int device = enc.device().cuda_device();
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = counts.find(device);
+  if (it == counts.end()) {
     int c = 0;
-    check(cudaDeviceGetAttribute(&c, cudaDevAttrMultiProcessorCount, enc.device().cuda_device()),
+    check(cudaDeviceGetAttribute(&c, cudaDevAttrMultiProcessorCount, device),
           "cudaDeviceGetAttribute");
-    return c;
-  }();
-  return count;
+    it = counts.emplace(device, c).first;
+  }
+  return it->second;
 }
 
 CUfunction kernel_handle(const void* kernel, int device) {

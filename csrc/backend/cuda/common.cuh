@@ -29,7 +29,7 @@ inline bool aligned16(const void* p) {
 // Throws std::runtime_error("[what] <cuda error>") on failure.
 void check(cudaError_t err, const char* what);
 
-// The encoder's device's multiprocessor count (asked once).
+// The encoder's device's multiprocessor count (asked once a device).
 int sm_count(mx::cu::CommandEncoder& enc);
 
 // libmlx carries its own static CUDA runtime, which does not know the __global__
