@@ -113,8 +113,10 @@ def test_large_vocabulary(device, op, dtype):
 # or 4 (float32); here C = 2 (bfloat16 at 32k, whole 16-byte chunks and an odd V whose rows
 # start at every offset), C = 8 (151,936 in each dtype, float32 at one CTA per SM; bfloat16
 # at 262,147), and float32 at 262,144, which does not fit in 8 CTAs' shared memory: the
-# two-pass kernel. With four CTAs an SM (256 threads each) the clusters double: C = 16 at
-# 151,936 (half types) and 262,147. GPU only: the CPU kernels are covered above.
+# two-pass kernel. With four CTAs an SM (128 threads each; the default plan) the half types
+# at 151,936 take C = 16; float32 at 151,936 and bfloat16 at 262,147 do not fit four an SM:
+# forced (MLX_TUNER_JS_CTAS_PER_SM=4) they take C = 8 at one CTA an SM, by default the
+# two-pass kernel. GPU only: the CPU kernels are covered above.
 JS_GPU_SHAPES = [(mx.bfloat16, (9, 32000)), (mx.bfloat16, (9, 32001)),
                  (mx.bfloat16, (5, 151936)), (mx.float16, (3, 151936)),
                  (mx.float32, (3, 151936)), (mx.bfloat16, (2, 262147)),
