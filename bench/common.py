@@ -255,7 +255,7 @@ def probe_layer(n=4096, d=4096, r=16):
 def probe_cases() -> dict:
     """The GPU probes' cases (probe_gpu.py, probe_host_api.py): name -> a callable that
     builds one call's graph (the caller evaluates it), on probe_layer()'s layer."""
-    from mlx_tuner.ops import dora_linear, lora_linear, qlora_linear
+    from mlx_tuner.ops import dora_linear, dora_weight_sq_norm, lora_linear, qlora_linear
 
     x, w, a, b, m, c, (wq, sc, bi) = probe_layer()
 
@@ -275,6 +275,13 @@ def probe_cases() -> dict:
     def qlora(xx, aa, bb, mm):
         return qlora_linear(xx, wq, sc, bi, aa, bb, 2.0, group_size=64, bits=4)
 
+    cq = dora_weight_sq_norm(wq, sc, bi, group_size=64, bits=4)
+    mx.eval(cq)
+
+    def qdora(xx, aa, bb, mm):
+        return dora_linear(xx, wq, aa, bb, mm, 2.0, scales=sc, biases=bi, group_size=64,
+                           bits=4, weight_sq_norm=cq)
+
     return {
         "base fwd": lambda: base(x, a, b, m),
         "base fwd+bwd": grad_of(base, [0]),
@@ -284,6 +291,8 @@ def probe_cases() -> dict:
         "qlora fwd+bwd": grad_of(qlora, [0, 1, 2]),
         "dora fwd": lambda: dora(x, a, b, m),
         "dora fwd+bwd": grad_of(dora),
+        "qdora fwd": lambda: qdora(x, a, b, m),
+        "qdora fwd+bwd": grad_of(qdora),
     }
 
 

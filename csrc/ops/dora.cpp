@@ -4,6 +4,7 @@
 #include "ops/dora.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <stdexcept>
 
 #include "common/checks.h"
@@ -423,7 +424,20 @@ mx::array dora_linear(
   }
 
   auto stream = mx::to_stream(s);
-  if (stream.device == mx::Device::gpu || compose) {
+  bool gpu = stream.device == mx::Device::gpu;
+#if defined(MLX_TUNER_DORA_FUSED_GPU)
+  // CUDA, dense, one dtype: the two primitives below (their kernels in dora.cu).
+  // MLX_TUNER_DORA_FUSED=0 composes instead (to time one against the other).
+  static const bool fused_on = [] {
+    const char* v = std::getenv("MLX_TUNER_DORA_FUSED");
+    return !(v && v[0] == '0');
+  }();
+  bool fused_gpu = fused_on && gpu && !compose && !scales && x.dtype() == weight.dtype() &&
+      r <= kInvNormMaxRank;
+#else
+  bool fused_gpu = false;
+#endif
+  if ((gpu && !fused_gpu) || compose) {
     return compose_gpu(x, weight, lora_a, lora_b, magnitude, scale, bias, x_dropped, scales,
                        biases, group_size, bits, weight_sq_norm, s);
   }
@@ -452,7 +466,8 @@ mx::array dora_linear(
   }
   auto outs = mx::array::make_arrays(
       {{n_rows, out}, {n_rows, r}, {out}},
-      {out_dtype, mx::float32, mx::float32},
+      // xa in float32 on the CPU; on CUDA in T, as LoRA's GPU forward writes it
+      {out_dtype, fused_gpu ? x.dtype() : mx::float32, mx::float32},
       std::make_shared<DoRALinear>(stream, cfg),
       inputs);
   auto y_shape = x.shape();
@@ -534,13 +549,15 @@ std::vector<mx::array> DoRALinear::vjp(
   return result;
 }
 
-// On a GPU the op composes (compose_gpu): these two nodes are only built for the CPU.
+#if !defined(MLX_TUNER_DORA_FUSED_GPU)
+// On this GPU the op composes (compose_gpu): these two nodes are only built for the CPU.
 void DoRALinear::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
   throw std::runtime_error("[dora_linear] DoRALinear has no GPU kernel (the GPU path composes).");
 }
 void DoRALinearVJP::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
   throw std::runtime_error("[dora_linear] DoRALinearVJP has no GPU kernel (the GPU path composes).");
 }
+#endif
 
 #if !defined(MLX_TUNER_DORA_GPU)
 // No GPU kernel of this family in this build (CPU only; the Python op runs the reference

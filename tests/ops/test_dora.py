@@ -120,6 +120,16 @@ def test_dense_matches_oracle(device, lead, k, o, r, dt, pdt):
     check_all(x, w, a, b, m, 2.0, bias, kw, dt)
 
 
+@pytest.mark.parametrize("xd", [False, True], ids=["no_dropout", "dropout"])
+def test_widths_of_sixteen(device, xd):
+    # bf16 widths that are multiples of 16: on Hopper the CUDA path's own GEMM, m / n in its
+    # epilogue, xa made by the GEMM (no dropout) or projected (dropout); zero and tiny
+    # magnitudes make the backward recompute dm's columns that y lost.
+    x, w, a, b, m, bias, kw = make((3, 11), 64, 48, 8, bf16, f32, bias=False, xd=xd)
+    m = mx.where(mx.arange(48) % 7 == 0, 0.0, mx.where(mx.arange(48) % 7 == 1, 1e-35, m))
+    check_all(x, w, a, b, m, 2.0, bias, kw, bf16)
+
+
 @pytest.mark.parametrize("lead,k,o,r", QSHAPES)
 @pytest.mark.parametrize("gs,bits", [(32, 2), (64, 3), (64, 4), (128, 4), (32, 5), (64, 6),
                                      (128, 8)])
@@ -237,6 +247,18 @@ def test_kernel_is_used_on_cpu():
     # The reference builds W + s B^T A^T; the fused graph holds the DoRA primitive instead.
     y = dora_linear(x, w, a, b, m, 1.0)
     assert "DoRALinear" in _graph_names(y)
+
+
+@pytest.mark.skipif(mx.default_device() != mx.gpu
+                    or getattr(_extension.extension(), "gpu_backend", None) != "cuda",
+                    reason="the one-primitive DoRA path is CUDA's")
+def test_cuda_runs_one_primitive_each_way():
+    x, w, a, b, m, _, _ = make((4,), 64, 48, 8, bf16, f32, bias=False, xd=False)
+    dy = mx.ones((4, 48), bf16)
+    y, vjp = mx.vjp(lambda a, m: [dora_linear(x, w, a, b, m, 2.0)], [a, m], [dy])
+    names = _graph_names(y[0]) + _graph_names(vjp[0]) + _graph_names(vjp[1])
+    assert "DoRALinear" in names and "DoRALinearVJP" in names
+    assert "DoRAScale" not in names and "DoRAInvNorm" not in names
 
 
 def _graph_names(y):

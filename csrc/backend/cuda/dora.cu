@@ -21,6 +21,10 @@
 #include "backend/cuda/dtype.cuh"
 #include "backend/cuda/gemm.cuh"
 #include "ops/dora.h"
+#if defined(MLX_TUNER_DORA_FUSED_GPU)
+#include "backend/cuda/lora.cuh"
+#include "backend/cuda/lowrank.cuh"
+#endif
 
 namespace mlx_tuner {
 
@@ -263,11 +267,13 @@ __device__ void grad_row(const Raw<T, VEC>& g_raw, const Raw<T, VEC>& z_raw,
 // not null) and the tile's column sums of dy * z (WITH_Z: part_sv, z is read only then) and
 // of dy (part_b, when not null) into row blockIdx.y of the (row_tiles x cols) partials.
 // VEC > 1 needs cols % VEC == 0 and 16-byte aligned dy, z, dz.
+// With den (DoRALinearVJP: sv = m, den = n), the scale is sv / den.
 template <typename T, int VEC, bool WITH_Z>
 __global__ void scale_cols_vjp(const T* __restrict__ dy, const float* __restrict__ sv,
-                               const T* __restrict__ z, T* __restrict__ dz,
-                               float* __restrict__ part_sv, float* __restrict__ part_b,
-                               int rows, int cols, int rows_per_tile) {
+                               const float* __restrict__ den, const T* __restrict__ z,
+                               T* __restrict__ dz, float* __restrict__ part_sv,
+                               float* __restrict__ part_b, int rows, int cols,
+                               int rows_per_tile) {
   __shared__ float red[2][kTY][kTX * VEC];
   const int tx = threadIdx.x, ty = threadIdx.y;
   const long long c_base = (long long)blockIdx.x * (kTX * VEC);
@@ -280,7 +286,7 @@ __global__ void scale_cols_vjp(const T* __restrict__ dy, const float* __restrict
   if (c0 < cols) {
     float s[VEC];
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) s[k] = sv[c0 + k];
+    for (int k = 0; k < VEC; ++k) s[k] = den ? sv[c0 + k] / den[c0 + k] : sv[c0 + k];
     // Two rows a step, all their loads issued before the first use. A lone last row is
     // loaded twice (a valid address, no branch around the loads) and counted once.
     for (long long r = r0 + ty; r < r1; r += 2 * kTY) {
@@ -339,6 +345,53 @@ __global__ void sum_partials(const float* __restrict__ part_sv, const float* __r
   }
 }
 
+// DoRALinearVJP's dm from y = rs u (rs = m / n): dm_j = sum_rows dy_j u_j / n_j
+// = (the row_tiles partial rows of dy * y, added in order) / m_j. Where y lost u (m_j = 0,
+// or rs under lo: the CPU kernel's recompute_column), u_j = x W_j^T + s xa B_j is recomputed
+// from the inputs instead, by the whole block (rare: this is the correctness path, one
+// column at a time). The block's columns are taken one by one, so the result does not
+// depend on the order in which they were found.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    dm_finish(const float* __restrict__ part, int row_tiles, const float* __restrict__ m,
+              const float* __restrict__ n, float lo, const T* __restrict__ x,
+              const T* __restrict__ w, const T* __restrict__ xa, const float* __restrict__ b,
+              const T* __restrict__ dy, float* __restrict__ dm, int rows, int in, int r,
+              int cols, float s) {
+  __shared__ int lost[kThreads];
+  __shared__ int nlost;
+  if (threadIdx.x == 0) nlost = 0;
+  __syncthreads();
+  const int c = blockIdx.x * kThreads + threadIdx.x;
+  if (c < cols) {
+    const float rs = m[c] / n[c];
+    if (isfinite(rs) && fabsf(rs) >= lo) {
+      float a = 0.f;
+      for (int t = 0; t < row_tiles; ++t) a += part[(size_t)t * cols + c];
+      dm[c] = a / m[c];
+    } else {
+      lost[atomicAdd(&nlost, 1)] = c;
+    }
+  }
+  __syncthreads();
+  const int count = nlost;
+  for (int q = 0; q < count; ++q) {
+    const int j = lost[q];
+    const T* wj = w + (size_t)j * in;
+    float t = 0.f;
+    for (int row = threadIdx.x; row < rows; row += kThreads) {
+      const T* xr = x + (size_t)row * in;
+      float u = 0.f;
+      for (int k = 0; k < in; ++k) u += to_f(xr[k]) * to_f(wj[k]);
+      for (int k = 0; k < r; ++k) u += s * to_f(xa[(size_t)row * r + k]) * b[(size_t)k * cols + j];
+      t += to_f(dy[(size_t)row * cols + j]) * u;
+    }
+    t = block_sum(t);
+    if (threadIdx.x == 0) dm[j] = t / n[j];
+    __syncthreads(); // block_sum's shared partials are reused by the next column
+  }
+}
+
 // ---------------------------------------------------------------- DoRAInvNorm
 // Both kernels are a few microseconds of arithmetic; what they must avoid is latency:
 // chains of dependent global loads, and per-thread arrays indexed by a run-time rank
@@ -372,10 +425,11 @@ __global__ void __launch_bounds__(kThreads) gram_partial(const float* a, float* 
 // inv_n[i] = 1 / sqrt(max(c_i + 2 s B[:,i].P[i,:] + s^2 B[:,i]ᵀ G B[:,i], 0)), one thread
 // per column; every block first sums the partial Gram matrices into shared memory, G
 // padded to R x R with zeros.
+// With m (DoRALinear's path): n[i] = the norm and inv_n[i] = m_i / n_i (rs) instead.
 template <typename T, int R>
 __global__ void __launch_bounds__(kInvNormThreads)
     inv_norm(const T* p, const float* b, const float* part, int nparts, const float* c,
-             float* inv_n, int out, int r, float s, bool p_t) {
+             float* inv_n, int out, int r, float s, bool p_t, const float* m, float* n) {
   __shared__ __align__(16) float g[R * R];
   for (int e = threadIdx.x; e < R * R; e += kInvNormThreads) {
     const int k = e / R, l = e % R;
@@ -413,7 +467,13 @@ __global__ void __launch_bounds__(kInvNormThreads)
     for (int l = 0; l < R; ++l) t += g[k * R + l] * bc[l];
     quad += bc[k] * t;
   }
-  inv_n[i] = 1.f / sqrtf(fmaxf(c[i] + 2.f * s * cross + s * s * quad, 0.f));
+  const float n2 = fmaxf(c[i] + 2.f * s * cross + s * s * quad, 0.f);
+  if (m) { // rs = m / n as the CPU kernel and the backward's scale_cols_vjp divide it
+    n[i] = sqrtf(n2);
+    inv_n[i] = m[i] / n[i];
+  } else {
+    inv_n[i] = 1.f / sqrtf(n2);
+  }
 }
 
 template <typename F>
@@ -450,76 +510,88 @@ void launch_scale(mx::cu::CommandEncoder& enc, const mx::array& in, const mx::ar
   cuda::launch(enc, kernel, grid, dim3(kThreads), 0u, ip, sp, bp, op, total, cols);
 }
 
+// The tiles of scale_cols_vjp: dz = dy * sv (or sv / den) where dz is given, and the
+// (row_tiles x cols) float32 partial column sums of dy * z (with_z) and of dy (with_b).
+struct Partials {
+  std::optional<mx::array> sv, b;
+  int row_tiles = 0; // 0 for an empty batch: the finish kernels then write zeros
+};
+
+template <typename T>
+Partials launch_scale_vjp_tiles(mx::cu::CommandEncoder& enc, const mx::array& dy,
+                                const mx::array& sv, const mx::array* den, const mx::array* z,
+                                mx::array* dz, bool with_b) {
+  int rows = dy.shape(0), cols = dy.shape(1);
+  Partials part;
+  if (rows == 0 || cols == 0) return part;
+  const T* gp = gpu_ptr<T>(dy);
+  const T* zp = z ? gpu_ptr<T>(*z) : nullptr;
+  T* dzp = dz ? gpu_ptr<T>(*dz) : nullptr;
+  constexpr int V = kVec<T>;
+  bool vec = cols % V == 0 && aligned16(gp) && (!zp || aligned16(zp)) &&
+      (!dzp || aligned16(dzp));
+  int tile_cols = kTX * (vec ? V : 1);
+  long long col_tiles = ceil_div(cols, tile_cols);
+  int row_tiles = int(std::min(ceil_div(rows, kMinTileRows),
+                               std::max(1LL, ceil_div(kTargetBlocks, col_tiles))));
+  int rows_per_tile = int(ceil_div(rows, row_tiles));
+  row_tiles = int(ceil_div(rows, rows_per_tile)); // no empty tile
+  part.row_tiles = row_tiles;
+  float* psv = nullptr;
+  float* pb = nullptr;
+  if (z) {
+    part.sv = cuda::scratch(enc, {row_tiles, cols}, mx::float32);
+    psv = gpu_ptr<float>(*part.sv);
+  }
+  if (with_b) {
+    part.b = cuda::scratch(enc, {row_tiles, cols}, mx::float32);
+    pb = gpu_ptr<float>(*part.b);
+  }
+  cuda::reads_writes(enc, {&dy, &sv, den, z},
+                     {dz, part.sv ? &*part.sv : nullptr, part.b ? &*part.b : nullptr});
+  // row_tiles <= kTargetBlocks keeps gridDim.y far below its 65535 limit.
+  dim3 grid(static_cast<unsigned>(col_tiles), static_cast<unsigned>(row_tiles));
+  const void* kernel = nullptr;
+  if (vec) {
+    kernel = z ? reinterpret_cast<const void*>(&scale_cols_vjp<T, V, true>)
+               : reinterpret_cast<const void*>(&scale_cols_vjp<T, V, false>);
+  } else {
+    kernel = z ? reinterpret_cast<const void*>(&scale_cols_vjp<T, 1, true>)
+               : reinterpret_cast<const void*>(&scale_cols_vjp<T, 1, false>);
+  }
+  const float* sp = gpu_ptr<float>(sv);
+  const float* dp = den ? gpu_ptr<float>(*den) : nullptr;
+  cuda::launch(enc, kernel, grid, dim3(kTX, kTY), 0u, gp, sp, dp, zp, dzp, psv, pb, rows, cols,
+               rows_per_tile);
+  return part;
+}
+
 template <typename T>
 void launch_scale_vjp(mx::cu::CommandEncoder& enc, const mx::array& dy, const mx::array& sv,
                       const mx::array* z, mx::array* dz, mx::array* dsv, mx::array* dbias) {
-  int rows = dy.shape(0), cols = dy.shape(1);
+  int cols = dy.shape(1);
   if (cols == 0) return; // every output is empty
-  std::optional<mx::array> part_sv, part_b;
-  int row_tiles = 0;
-  if (rows > 0) {
-    const T* gp = gpu_ptr<T>(dy);
-    const T* zp = dsv ? gpu_ptr<T>(*z) : nullptr;
-    T* dzp = dz ? gpu_ptr<T>(*dz) : nullptr;
-    constexpr int V = kVec<T>;
-    bool vec = cols % V == 0 && aligned16(gp) && (!zp || aligned16(zp)) &&
-        (!dzp || aligned16(dzp));
-    int tile_cols = kTX * (vec ? V : 1);
-    long long col_tiles = ceil_div(cols, tile_cols);
-    row_tiles = int(std::min(ceil_div(rows, kMinTileRows),
-                             std::max(1LL, ceil_div(kTargetBlocks, col_tiles))));
-    int rows_per_tile = int(ceil_div(rows, row_tiles));
-    row_tiles = int(ceil_div(rows, rows_per_tile)); // no empty tile
-    float* psv = nullptr;
-    float* pb = nullptr;
-    if (dsv) {
-      part_sv = cuda::scratch(enc, {row_tiles, cols}, mx::float32);
-      psv = gpu_ptr<float>(*part_sv);
-    }
-    if (dbias) {
-      part_b = cuda::scratch(enc, {row_tiles, cols}, mx::float32);
-      pb = gpu_ptr<float>(*part_b);
-    }
-    cuda::reads_writes(enc, {&dy, &sv, dsv ? z : nullptr},
-                       {dz, part_sv ? &*part_sv : nullptr, part_b ? &*part_b : nullptr});
-    // row_tiles <= kTargetBlocks keeps gridDim.y far below its 65535 limit.
-    dim3 grid(static_cast<unsigned>(col_tiles), static_cast<unsigned>(row_tiles));
-    const void* kernel = nullptr;
-    if (vec) {
-      kernel = dsv ? reinterpret_cast<const void*>(&scale_cols_vjp<T, V, true>)
-                   : reinterpret_cast<const void*>(&scale_cols_vjp<T, V, false>);
-    } else {
-      kernel = dsv ? reinterpret_cast<const void*>(&scale_cols_vjp<T, 1, true>)
-                   : reinterpret_cast<const void*>(&scale_cols_vjp<T, 1, false>);
-    }
-    const float* sp = gpu_ptr<float>(sv);
-    cuda::launch(enc, kernel, grid, dim3(kTX, kTY), 0u, gp, sp, zp, dzp, psv, pb, rows, cols,
-                 rows_per_tile);
-  }
-  cuda::reads_writes(enc, {part_sv ? &*part_sv : nullptr, part_b ? &*part_b : nullptr},
+  auto part = launch_scale_vjp_tiles<T>(enc, dy, sv, nullptr, dsv ? z : nullptr, dz, dbias);
+  cuda::reads_writes(enc, {part.sv ? &*part.sv : nullptr, part.b ? &*part.b : nullptr},
                      {dsv, dbias});
-  const float* psv = part_sv ? gpu_ptr<float>(*part_sv) : nullptr;
-  const float* pb = part_b ? gpu_ptr<float>(*part_b) : nullptr;
+  const float* psv = part.sv ? gpu_ptr<float>(*part.sv) : nullptr;
+  const float* pb = part.b ? gpu_ptr<float>(*part.b) : nullptr;
   float* dsvp = dsv ? gpu_ptr<float>(*dsv) : nullptr;
   T* dbp = dbias ? gpu_ptr<T>(*dbias) : nullptr;
+  int row_tiles = part.row_tiles;
   cuda::launch(enc, reinterpret_cast<const void*>(&sum_partials<T>),
                dim3(unsigned(ceil_div(cols, kThreads))), dim3(kThreads), 0u, psv, pb, dsvp, dbp,
                row_tiles, cols);
 }
 
-} // namespace
-
-void DoRAInvNorm::eval_gpu(const std::vector<mx::array>& in, mx::array& out) {
-  cuda::HostTimer timer("dora_inv_norm");
-  auto& enc = mx::cu::get_command_encoder(stream());
-  cuda::alloc_output(out, enc);
-  const auto& p = in[0];
-  const auto& b = in[1];
-  const auto& a = in[2];
-  const auto& c = in[3];
+// G = A^T A by partial Gram matrices, then one thread per column: out = 1 / n, or with m,
+// out = m / n and n_out = n.
+void launch_norm(mx::cu::CommandEncoder& enc, const mx::array& p, const mx::array& b,
+                 const mx::array& a, const mx::array& c, const mx::array* m, float scale,
+                 bool p_transposed, mx::array& out, mx::array* n_out) {
   // launch() passes its arguments by address: mutable locals of the kernels' types
-  int rows = a.shape(0), r = a.shape(1), n_out = out.size();
-  if (n_out == 0) return;
+  int rows = a.shape(0), r = a.shape(1), n_cols = out.size();
+  if (n_cols == 0) return;
   int nparts = int(ceil_div(rows, kGramRows));
   auto part = cuda::scratch(enc, {std::max(nparts, 1), std::max(r * r, 1)}, mx::float32);
   float* pp = gpu_ptr<float>(part);
@@ -528,20 +600,31 @@ void DoRAInvNorm::eval_gpu(const std::vector<mx::array>& in, mx::array& out) {
     cuda::launch(enc, reinterpret_cast<const void*>(&gram_partial), dim3(unsigned(nparts)),
                  dim3(kThreads), 0u, static_cast<const float*>(gpu_ptr<float>(a)), pp, rows, r);
   }
-  cuda::reads_writes(enc, {&p, &b, &part, &c}, {&out});
+  cuda::reads_writes(enc, {&p, &b, &part, &c, m}, {&out, n_out});
   const float* cp = gpu_ptr<float>(c);
   const float* bp = gpu_ptr<float>(b);
   const float* partp = pp;
+  const float* mp = m ? gpu_ptr<float>(*m) : nullptr;
   float* yp = gpu_ptr<float>(out);
-  float s = scale_;
-  bool pt = p_transposed_;
-  dim3 grid(unsigned(ceil_div(n_out, kInvNormThreads)));
+  float* np = n_out ? gpu_ptr<float>(*n_out) : nullptr;
+  float s = scale;
+  bool pt = p_transposed;
+  dim3 grid(unsigned(ceil_div(n_cols, kInvNormThreads)));
   by_type(p.dtype(), [&]<typename T>() {
     const void* k = r <= 16 ? reinterpret_cast<const void*>(&inv_norm<T, 16>)
                             : reinterpret_cast<const void*>(&inv_norm<T, kInvNormMaxRank>);
     cuda::launch(enc, k, grid, dim3(kInvNormThreads), 0u, static_cast<const T*>(gpu_ptr<T>(p)),
-                 bp, partp, nparts, cp, yp, n_out, r, s, pt);
+                 bp, partp, nparts, cp, yp, n_cols, r, s, pt, mp, np);
   });
+}
+
+} // namespace
+
+void DoRAInvNorm::eval_gpu(const std::vector<mx::array>& in, mx::array& out) {
+  cuda::HostTimer timer("dora_inv_norm");
+  auto& enc = mx::cu::get_command_encoder(stream());
+  cuda::alloc_output(out, enc);
+  launch_norm(enc, in[0], in[1], in[2], in[3], nullptr, scale_, p_transposed_, out, nullptr);
 }
 
 void DoRAScale::eval_gpu(const std::vector<mx::array>& in, mx::array& out) {
@@ -592,5 +675,124 @@ void DoRARowSqNorm::eval_gpu(const std::vector<mx::array>& in, mx::array& out) {
     default: return launch_dense<__nv_bfloat16>(enc, in[0], out);
   }
 }
+
+#if defined(MLX_TUNER_DORA_FUSED_GPU)
+// Dense DoRA as two primitives (ops/dora.cpp): one node each way in MLX's graph where the
+// composition of the other backends costs about ten (each op's host time adds up).
+
+namespace {
+
+// The forward's inputs, which the backward's start with (ops/dora.h DoRAInputs).
+struct DoRAArgs {
+  DoRAInputs idx;
+  const mx::array &x, &w, &a, &b, &m;
+  const mx::array* xd; // x_dropped, or null
+  DoRAArgs(const DoRAConfig& cfg, const std::vector<mx::array>& in)
+      : idx(cfg), x(in[idx.x]), w(in[idx.w]), a(in[idx.a]), b(in[idx.b]), m(in[idx.m]),
+        xd(cfg.has_xd ? &in[idx.xd] : nullptr) {}
+};
+
+} // namespace
+
+void DoRALinear::eval_gpu(const std::vector<mx::array>& in, std::vector<mx::array>& outs) {
+  cuda::HostTimer timer("dora_linear");
+  auto& enc = mx::cu::get_command_encoder(stream());
+  if (cfg_.quantized) {
+    throw std::logic_error("[dora_linear] the quantized GPU path composes (ops/dora.cpp)");
+  }
+  const DoRAArgs args(cfg_, in);
+  const auto &x = args.x, &w = args.w, &a = args.a, &b = args.b, &m = args.m;
+  const mx::array* xd = args.xd;
+  auto& y = outs[0];
+  auto& xa = outs[1];
+  auto& nrm = outs[2];
+  for (auto& o : outs) cuda::alloc_output(o, enc);
+  int rows = x.shape(0), k = w.shape(1), out = w.shape(0), r = a.shape(1);
+  if (out == 0) return;
+  auto T = x.dtype();
+  float s = cfg_.scale;
+  std::optional<mx::array> c_own; // c = ||W_i||^2 when the layer did not cache it
+  if (!cfg_.has_c) {
+    c_own = cuda::scratch(enc, {out}, mx::float32);
+    cuda::reads_writes(enc, {&w}, {&*c_own});
+    by_type(T, [&]<typename U>() { launch_dense<U>(enc, w, *c_own); });
+  }
+  const mx::array& c = cfg_.has_c ? in[args.idx.c] : *c_own;
+  auto rs = cuda::scratch(enc, {out}, mx::float32); // m / n
+  auto p = cuda::scratch(enc, {out, r}, mx::float32); // P = W A
+  const mx::array& xp = xd ? *xd : x;
+  if (cuda::lowrank_fits(r, T, {k, out}, {&w, &xp}) &&
+      cuda::lora_gemm_fits(enc, T, k, out, {&x, &w, &y})) {
+    // Hopper: A packed once for P = W A and for the GEMM, whose epilogue applies m / n (no
+    // pass over y). The same GEMM as LoRA's forward (lora.cu), with the column scale.
+    auto pk = cuda::lowrank_pack(enc, T, {{a, r, 1, k, r, true},
+                                          {b, out, 1, r, out, false, cuda::kLowRankPad, s}});
+    cuda::lowrank_project(enc, w, pk[0], r, 1.0f, p);
+    launch_norm(enc, p, b, a, c, &m, s, false, rs, &nrm);
+    if (rows == 0) return;
+    if (!xd && cuda::rank_in_gemm()) { // xa = x A made by the GEMM itself
+      cuda::lora_gemm(enc, x, w, {pk[0], &xa}, pk[1], nullptr, y, false, &rs);
+    } else {
+      auto xa_pad = cuda::scratch(enc, {rows, cuda::kLowRankPad}, T);
+      cuda::lowrank_project(enc, xp, pk[0], r, 1.0f, xa, &xa_pad);
+      cuda::lora_gemm(enc, x, w, {xa_pad}, pk[1], nullptr, y, false, &rs);
+    }
+    return;
+  }
+  // Elsewhere: P by cuBLASLt, z = x W^T + s xa B by LoRA's forward, then one scale pass.
+  auto a_t = cuda::as_dtype(enc, a, T);
+  cuda::gemm(enc, {false, false, out, r, k, T, T, mx::float32}, 1.0f, w, a_t, 0.0f, p);
+  launch_norm(enc, p, b, a, c, &m, s, false, rs, &nrm);
+  if (rows == 0) return;
+  auto z = cuda::scratch(enc, y.shape(), T);
+  cuda::lora_forward(enc, x, w, a, b, nullptr, xd, s, z, xa);
+  cuda::reads_writes(enc, {&z, &rs}, {&y});
+  by_type(T, [&]<typename U>() { launch_scale<U>(enc, z, rs, nullptr, y); });
+}
+
+void DoRALinearVJP::eval_gpu(const std::vector<mx::array>& in, std::vector<mx::array>& outs) {
+  cuda::HostTimer timer("dora_linear_vjp");
+  auto& enc = mx::cu::get_command_encoder(stream());
+  const DoRAArgs args(cfg_, in);
+  const auto &x = args.x, &w = args.w, &a = args.a, &b = args.b, &m = args.m;
+  const mx::array* xd = args.xd;
+  const int saved = args.idx.count; // then n, xa, y, dy
+  const auto &nrm = in[saved], &xa = in[saved + 1], &y = in[saved + 2], &dy = in[saved + 3];
+  for (auto& o : outs) cuda::alloc_output(o, enc);
+  mx::array* out[kNumGrads] = {};
+  for (int g = 0, k = 0; g < kNumGrads; ++g) {
+    if (want_[g]) out[g] = &outs[k++];
+  }
+  int rows = x.shape(0), k = w.shape(1), cols = w.shape(0), r = a.shape(1);
+  auto T = x.dtype();
+  float s = cfg_.scale;
+  bool need_g = out[kGradX] || out[kGradXd] || out[kGradA] || out[kGradB];
+  std::optional<mx::array> g; // g = dy * m / n: LoRA's backward then runs on it
+  if (need_g) g = cuda::scratch(enc, {rows, cols}, T);
+  by_type(T, [&]<typename U>() {
+    // One pass over dy (and y, for dm): g, and the partial column sums of dy * y.
+    auto part = launch_scale_vjp_tiles<U>(enc, dy, m, &nrm, out[kGradM] ? &y : nullptr,
+                                          g ? &*g : nullptr, false);
+    if (!out[kGradM] || cols == 0) return;
+    cuda::reads_writes(enc, {part.sv ? &*part.sv : nullptr, &m, &nrm, &x, &w, &xa, &b, &dy},
+                       {out[kGradM]});
+    const float* pp = part.sv ? gpu_ptr<float>(*part.sv) : nullptr;
+    int row_tiles = part.row_tiles;
+    float lo = T == mx::float16 ? 1.0f / 256 : 1e-30f; // the CPU kernel's recompute_column
+    cuda::launch(enc, reinterpret_cast<const void*>(&dm_finish<U>),
+                 dim3(unsigned(ceil_div(cols, kThreads))), dim3(kThreads), 0u, pp, row_tiles,
+                 static_cast<const float*>(gpu_ptr<float>(m)),
+                 static_cast<const float*>(gpu_ptr<float>(nrm)), lo,
+                 static_cast<const U*>(gpu_ptr<U>(x)), static_cast<const U*>(gpu_ptr<U>(w)),
+                 static_cast<const U*>(gpu_ptr<U>(xa)), static_cast<const float*>(gpu_ptr<float>(b)),
+                 static_cast<const U*>(gpu_ptr<U>(dy)), gpu_ptr<float>(*out[kGradM]), rows, k, r,
+                 cols, s);
+  });
+  if (need_g) {
+    cuda::lora_backward(enc, x, w, a, b, xa, *g, xd, s,
+                        {out[kGradX], out[kGradXd], out[kGradA], out[kGradB]});
+  }
+}
+#endif
 
 } // namespace mlx_tuner

@@ -12,6 +12,7 @@
 #include <tuple>
 
 #include "backend/cuda/gemm.cuh"
+#include "backend/cuda/lora.cuh"
 #include "backend/cuda/lowrank.cuh"
 #include "ops/lora.h"
 
@@ -34,16 +35,21 @@ void LoRALinear::eval_gpu(
     const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
   cuda::HostTimer timer("lora_linear");
   auto& enc = mx::cu::get_command_encoder(stream());
-  const auto& x = inputs[0];
-  const auto& w = inputs[1];
-  const auto& a = inputs[2];
-  const auto& b = inputs[3];
   const mx::array* bias = has_bias_ ? &inputs[4] : nullptr;
-  const auto& xd = has_xd_ ? inputs[has_bias_ ? 5 : 4] : x;
-  auto& y = outputs[0];
-  auto& xa = outputs[1];
-  alloc(y, enc);
-  alloc(xa, enc);
+  const mx::array* xd = has_xd_ ? &inputs[has_bias_ ? 5 : 4] : nullptr;
+  alloc(outputs[0], enc);
+  alloc(outputs[1], enc);
+  cuda::lora_forward(enc, inputs[0], inputs[1], inputs[2], inputs[3], bias, xd, scale_,
+                     outputs[0], outputs[1]);
+}
+
+namespace cuda {
+
+void lora_forward(mx::cu::CommandEncoder& enc, const mx::array& x, const mx::array& w,
+                  const mx::array& a, const mx::array& b, const mx::array* bias,
+                  const mx::array* xd_in, float s, mx::array& y, mx::array& xa) {
+  const bool has_xd = xd_in != nullptr;
+  const auto& xd = has_xd ? *xd_in : x;
   int n = x.shape(0), in = w.shape(1), out = w.shape(0), r = a.shape(1);
   if (n == 0) return;
   auto T = x.dtype();
@@ -52,8 +58,8 @@ void LoRALinear::eval_gpu(
       // Hopper: the rank-r term as one more k step of our own GEMM (lora_gemm.cuh): no
       // pass writes s xa B into y for the base GEMM to read back.
       auto m = cuda::lowrank_pack(enc, T, {{a, r, 1, in, r, true},
-                                           {b, out, 1, r, out, false, cuda::kLowRankPad, scale_}});
-      if (!has_xd_ && cuda::rank_in_gemm()) { // xa = x A made by the GEMM itself
+                                           {b, out, 1, r, out, false, cuda::kLowRankPad, s}});
+      if (!has_xd && cuda::rank_in_gemm()) { // xa = x A made by the GEMM itself
         cuda::lora_gemm(enc, x, w, {m[0], &xa}, m[1], bias, y);
         return;
       }
@@ -65,7 +71,7 @@ void LoRALinear::eval_gpu(
     // A (in, r) and B (r, out) packed for them in one launch.
     auto m = cuda::lowrank_pack(enc, T, {{a, r, 1, in, r, true}, {b, out, 1, r, out, false}});
     cuda::lowrank_project(enc, xd, m[0], r, 1.0f, xa);
-    cuda::lowrank_expand(enc, xa, m[1], scale_, bias, y);
+    cuda::lowrank_expand(enc, xa, m[1], s, bias, y);
     gemm(enc, {false, true, n, out, in, T, T, T}, 1.0f, x, w, 1.0f, y);
     return;
   }
@@ -76,27 +82,17 @@ void LoRALinear::eval_gpu(
   gemm(enc, {false, false, n, r, in, T, T, T}, 1.0f, xd, a_t, 0.0f, xa);
   // y = s xa B (+ bias) first, then the base GEMM accumulates into it (beta = 1): the
   // compute-bound GEMM reads the rank-r term in its epilogue almost for free.
-  gemm(enc, {false, false, n, out, r, T, T, T}, scale_, xa, b_t, 0.0f, y, bias);
+  gemm(enc, {false, false, n, out, r, T, T, T}, s, xa, b_t, 0.0f, y, bias);
   gemm(enc, {false, true, n, out, in, T, T, T}, 1.0f, x, w, 1.0f, y);
 }
 
-void LoRALinearVJP::eval_gpu(
-    const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
-  cuda::HostTimer timer("lora_linear_vjp");
-  auto& enc = mx::cu::get_command_encoder(stream());
-  const auto& x = inputs[0];
-  const auto& w = inputs[1];
-  const auto& a = inputs[2];
-  const auto& b = inputs[3];
-  const auto& xa = inputs[4];
-  const auto& dy = inputs[5];
-  const auto& xd = has_xd_ ? inputs[6] : x;
-  if (grads_.weight || grads_.bias) {
-    throw std::logic_error("[lora_linear] dW and dbias are plain MLX ops on the GPU");
-  }
-  for (auto& o : outputs) alloc(o, enc);
-  auto g = grads_.pointers(outputs);
-  mx::array *dx = g.x, *da = g.lora_a, *db = g.lora_b, *dxd = g.x_dropped;
+void lora_backward(mx::cu::CommandEncoder& enc, const mx::array& x, const mx::array& w,
+                   const mx::array& a, const mx::array& b, const mx::array& xa,
+                   const mx::array& dy, const mx::array* xd_in, float s,
+                   const LoRAGradOut& grads) {
+  const bool has_xd = xd_in != nullptr;
+  const auto& xd = has_xd ? *xd_in : x;
+  mx::array *dx = grads.x, *da = grads.a, *db = grads.b, *dxd = grads.x_dropped;
   int n = x.shape(0), in = w.shape(1), out = w.shape(0), r = a.shape(1);
   auto T = x.dtype();
   if (n == 0) { // empty batch: the parameter gradients are zeros
@@ -105,15 +101,15 @@ void LoRALinearVJP::eval_gpu(
     }
     return;
   }
-  bool lora_into_dx = dx && !has_xd_;
+  bool lora_into_dx = dx && !has_xd;
   bool need_g = da || dxd || lora_into_dx;
   // dA = s x_d^T g (in, r); dB = s xa^T dy (r, out): one reduce launch for both, and a
   // finish launch unless a pack came first to zero the reduce's counters.
   // g is read for dA only (it is computed whenever dA is asked for).
   auto reduce = [&](const mx::array* g, mx::array* counters) {
     std::vector<cuda::ReduceJob> jobs;
-    if (da) jobs.push_back({xd, *g, *da, r, 1, scale_});
-    if (db) jobs.push_back({dy, xa, *db, 1, out, scale_});
+    if (da) jobs.push_back({xd, *g, *da, r, 1, s});
+    if (db) jobs.push_back({dy, xa, *db, 1, out, s});
     cuda::lowrank_reduce(enc, jobs, counters);
   };
   if (cuda::lowrank_fits(r, T, {in, out}, {&dy, &xd})) { // rank-r products as kernels of ours
@@ -127,7 +123,7 @@ void LoRALinearVJP::eval_gpu(
       // Hopper: dx = dy W + s g A^T as one GEMM of ours with the rank-r k step (as the
       // forward); g = dy B^T made by that GEMM, or by project (also into g_pad for it).
       m = cuda::lowrank_pack(enc, T, {{b, 1, out, out, r, true},
-                                      {a, 1, r, r, in, false, cuda::kLowRankPad, scale_}}, cnt);
+                                      {a, 1, r, r, in, false, cuda::kLowRankPad, s}}, cnt);
       g_t = scratch(enc, {n, r}, T);
       if (cuda::rank_in_gemm()) { // g = dy B^T made by the GEMM itself
         cuda::lora_gemm(enc, dy, w, {m[0], &*g_t}, m[1], nullptr, *dx, true);
@@ -149,10 +145,10 @@ void LoRALinearVJP::eval_gpu(
       cuda::lowrank_project(enc, dy, m[0], r, 1.0f, *g_t);
     }
     if (dx) { // dx = s g A^T first, then dy W accumulated into it
-      if (lora_into_dx) cuda::lowrank_expand(enc, *g_t, m[1], scale_, nullptr, *dx);
+      if (lora_into_dx) cuda::lowrank_expand(enc, *g_t, m[1], s, nullptr, *dx);
       gemm(enc, {false, false, n, in, out, T, T, T}, 1.0f, dy, w, lora_into_dx ? 1.0f : 0.0f, *dx);
     }
-    if (dxd) cuda::lowrank_expand(enc, *g_t, m[1], scale_, nullptr, *dxd);
+    if (dxd) cuda::lowrank_expand(enc, *g_t, m[1], s, nullptr, *dxd);
     reduce(g_t ? &*g_t : nullptr, cnt);
     return;
   }
@@ -167,19 +163,35 @@ void LoRALinearVJP::eval_gpu(
   }
   if (dx) { // dx = s g A^T first, then dy W accumulated into the same buffer
     if (lora_into_dx) {
-      gemm(enc, {false, true, n, in, r, T, T, T}, scale_, *g_t, *a_t, 0.0f, *dx);
+      gemm(enc, {false, true, n, in, r, T, T, T}, s, *g_t, *a_t, 0.0f, *dx);
     }
     gemm(enc, {false, false, n, in, out, T, T, T}, 1.0f, dy, w, lora_into_dx ? 1.0f : 0.0f, *dx);
   }
   if (dxd) {
-    gemm(enc, {false, true, n, in, r, T, T, T}, scale_, *g_t, *a_t, 0.0f, *dxd);
+    gemm(enc, {false, true, n, in, r, T, T, T}, s, *g_t, *a_t, 0.0f, *dxd);
   }
   if (da) { // dA = s x_d^T g, in A's dtype (float32 for mlx-lm's LoRA parameters)
-    gemm(enc, {true, false, in, r, n, T, T, da->dtype()}, scale_, xd, *g_t, 0.0f, *da);
+    gemm(enc, {true, false, in, r, n, T, T, da->dtype()}, s, xd, *g_t, 0.0f, *da);
   }
   if (db) { // dB = s xa^T dy (xa is saved in T)
-    gemm(enc, {true, false, r, out, n, T, T, db->dtype()}, scale_, xa, dy, 0.0f, *db);
+    gemm(enc, {true, false, r, out, n, T, T, db->dtype()}, s, xa, dy, 0.0f, *db);
   }
+}
+
+} // namespace cuda
+
+void LoRALinearVJP::eval_gpu(
+    const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  cuda::HostTimer timer("lora_linear_vjp");
+  auto& enc = mx::cu::get_command_encoder(stream());
+  if (grads_.weight || grads_.bias) {
+    throw std::logic_error("[lora_linear] dW and dbias are plain MLX ops on the GPU");
+  }
+  for (auto& o : outputs) alloc(o, enc);
+  auto g = grads_.pointers(outputs);
+  cuda::lora_backward(enc, inputs[0], inputs[1], inputs[2], inputs[3], inputs[4], inputs[5],
+                      has_xd_ ? &inputs[6] : nullptr, scale_,
+                      {g.x, g.x_dropped, g.lora_a, g.lora_b});
 }
 
 } // namespace mlx_tuner

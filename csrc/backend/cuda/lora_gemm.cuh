@@ -59,6 +59,7 @@ struct Params {
   int rank; // 1: add the rank step p Bp^T
   __nv_bfloat16* p_out; // kProj: p (m, r) written here, or null
   int r;
+  const float* col_scale = nullptr; // (n,) or null: y = col_scale * (x W^T + p Bp^T) + bias
 };
 
 // The body is Hopper's alone (wgmma is sm_90a only): for other targets of a multi-arch
@@ -151,7 +152,9 @@ struct TileWalk {
 // kMN: W is given as (K, N), N-major (the backward's dx = dy W: W (out, in) as stored);
 // else (N, K). The rank step's Bp is (N, 64) either way. tr: xa (M, 64), or with kProj
 // M (16, K).
-template <bool kMN, bool kProj>
+// kScale: y's columns scaled by p.col_scale in the epilogue (DoRA's forward; its own
+// instantiations, so that LoRA's kernels stay as they were).
+template <bool kMN, bool kProj, bool kScale = false>
 __global__ void __launch_bounds__(kThreads, 1)
 lora_gemm_kernel(const __grid_constant__ CUtensorMap tx, const __grid_constant__ CUtensorMap tw,
                  const __grid_constant__ CUtensorMap tr, const __grid_constant__ CUtensorMap tbp,
@@ -286,6 +289,20 @@ lora_gemm_kernel(const __grid_constant__ CUtensorMap tx, const __grid_constant__
     unsigned char* mine = epi + c * kBoxes * kEpiBoxBytes;
 #pragma unroll
     for (int rd = 0; rd < kRounds; ++rd) {
+      // kScale: the round's column scale first, by read-only loads issued together (one
+      // load latency a round: the compiler cannot move a plain load past the shared-memory
+      // stores below, which may alias it).
+      [[maybe_unused]] float2 scale2[8 * kBoxes];
+      if constexpr (kScale) {
+#pragma unroll
+        for (int jj = 0; jj < 8 * kBoxes; ++jj) {
+          int col = nb * kBN + 8 * (rd * 8 * kBoxes + jj) + 2 * (lane % 4);
+          scale2[jj] = make_float2(1.0f, 1.0f);
+          if (col < p.n) { // our own buffer: 8-byte aligned pairs (n % 8 == 0)
+            scale2[jj] = __ldg(reinterpret_cast<const float2*>(p.col_scale + col));
+          }
+        }
+      }
       if (rd > 0 || w.t != w.first) { // the buffer's last stores have read it
         if (tid == 0) cute::tma_store_wait<0>();
         asm volatile("bar.sync %0, 128;" ::"r"(c + 1) : "memory");
@@ -298,13 +315,20 @@ lora_gemm_kernel(const __grid_constant__ CUtensorMap tx, const __grid_constant__
           b0 = __bfloat162float(p.bias[col]);
           b1 = __bfloat162float(p.bias[col + 1]);
         }
+        float v0 = acc[4 * j], v1 = acc[4 * j + 1], v2 = acc[4 * j + 2], v3 = acc[4 * j + 3];
+        if constexpr (kScale) {
+          v0 *= scale2[jj].x;
+          v1 *= scale2[jj].y;
+          v2 *= scale2[jj].x;
+          v3 *= scale2[jj].y;
+        }
         unsigned char* box = mine + (jj / 8) * kEpiBoxBytes + 4 * (lane % 4);
         int u = jj % 8;
         *reinterpret_cast<__nv_bfloat162*>(box + r0 * 128 + ((u ^ (r0 % 8)) << 4)) =
-            __floats2bfloat162_rn(acc[4 * j] + b0, acc[4 * j + 1] + b1);
+            __floats2bfloat162_rn(v0 + b0, v1 + b1);
         int r1 = r0 + 8;
         *reinterpret_cast<__nv_bfloat162*>(box + r1 * 128 + ((u ^ (r1 % 8)) << 4)) =
-            __floats2bfloat162_rn(acc[4 * j + 2] + b0, acc[4 * j + 3] + b1);
+            __floats2bfloat162_rn(v2 + b0, v3 + b1);
       }
       cute::tma_store_fence(); // the generic-proxy writes, visible to the TMA unit
       asm volatile("bar.sync %0, 128;" ::"r"(c + 1) : "memory");

@@ -52,12 +52,14 @@ OP_NOTES: dict[str, str] = {
     "xa and g made by that GEMM when there is no dropout (MLX_TUNER_LORA_GEMM=0: the base "
     "GEMM is cuBLASLt's; MLX_TUNER_RANK_IN_GEMM=0: xa and g from a kernel of their own); "
     "dW and dbias, when asked for (W or the bias trained), are MLX's GEMM and sum",
-    "dora_linear": "GPU (CUDA and Metal): the fused LoRA / QLoRA primitive, the fused "
-    "row-norm kernel, 1/n (DoRAInvNorm: G = A^T A and the low-rank norm identity, ranks up "
-    "to 32; MLX ops above) and the m/n column scale with its one-pass backward (DoRAScale) "
-    "as kernels of ours; W A is MLX's GEMM, and the scale is a pass of its own after the "
-    "GEMM (no fused GEMM epilogue). The Metal kernels are checked in the emulator, not yet "
-    "timed on a Mac",
+    "dora_linear": "CUDA, dense W with x in W's dtype and ranks up to 32: one primitive "
+    "each way (DoRALinear / DoRALinearVJP: W A, the low-rank norm identity, LoRA's GEMMs "
+    "on Hopper with m/n in the bf16 GEMM's epilogue, dm from one pass over dy and y; "
+    "MLX_TUNER_DORA_FUSED=0 composes as below). Quantized W on CUDA, and Metal: the fused "
+    "LoRA / QLoRA primitive, the fused row-norm kernel, 1/n (DoRAInvNorm, ranks up to 32; "
+    "MLX ops above) and the m/n column scale with its one-pass backward (DoRAScale) as "
+    "kernels of ours, W A from MLX's (quantized) matmul, the scale a pass of its own. The "
+    "Metal kernels are checked in the emulator, not yet timed on a Mac",
     "linear_cross_entropy": "CUDA: chunked over the vocabulary on cuBLASLt; "
     "grad_in_forward=True (the trainer's step, frozen head) computes dh in the forward, 2 "
     "GEMMs of N*V*d, bf16 logit chunks for bf16 inputs: on the H200 1/13 of the "

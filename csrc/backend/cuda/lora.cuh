@@ -1,0 +1,26 @@
+// The LoRA linear's CUDA forward and backward (lora.cu, maths in ops/lora.h), as functions:
+// LoRALinear's primitives call them, and so does DoRA's (dora.cu: the forward where its
+// m / n cannot go into lora_gemm's epilogue, the backward on g = dy * m / n).
+#pragma once
+
+#include "backend/cuda/common.cuh"
+
+namespace mlx_tuner::cuda {
+
+// y = x W^T + s x_d A B (+ bias), xa = x_d A (in xa's dtype); x_d null: x itself. x, W,
+// bias, x_d in one dtype T; A, B in T or float32. y and xa allocated.
+void lora_forward(mx::cu::CommandEncoder& enc, const mx::array& x, const mx::array& w,
+                  const mx::array& a, const mx::array& b, const mx::array* bias,
+                  const mx::array* xd, float s, mx::array& y, mx::array& xa);
+
+// The gradients for y's cotangent dy, each only where its pointer is not null (allocated):
+// dx = dy W (+ s g A^T without x_d), dx_d = s g A^T, dA = s x_d^T g, dB = s xa^T dy, with
+// g = dy B^T.
+struct LoRAGradOut {
+  mx::array *x = nullptr, *x_dropped = nullptr, *a = nullptr, *b = nullptr;
+};
+void lora_backward(mx::cu::CommandEncoder& enc, const mx::array& x, const mx::array& w,
+                   const mx::array& a, const mx::array& b, const mx::array& xa,
+                   const mx::array& dy, const mx::array* xd, float s, const LoRAGradOut& out);
+
+} // namespace mlx_tuner::cuda
