@@ -1,5 +1,7 @@
-// CUDA kernels of the dora family (the rest of the GPU path is MLX's GEMMs and the fused
-// LoRA / QLoRA primitive, ops/dora.cpp compose_gpu, so no out x in temporary is made):
+// CUDA kernels of the dora family. The dense layer runs as DoRALinear / DoRALinearVJP (at
+// the end of this file: W A, the norms and LoRA's GEMMs, lora.cuh); the quantized layer
+// composes these kernels with MLX's GEMMs and the QLoRA primitive (ops/dora.cpp
+// compose_gpu). Neither makes an out x in temporary.
 // - DoRARowSqNorm: c_i = ||W_i||^2, W dense or affine-quantized, one block per row.
 // - DoRAInvNorm: 1 / n from the low-rank identity (ops/dora.h), G = Aᵀ A from partial
 //   Gram matrices over blocks of A's rows, then one thread per output column.
