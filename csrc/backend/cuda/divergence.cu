@@ -18,9 +18,8 @@
 // P' = 2^dp, Q' = 2^dq, lm = log2 of M there, three MUFU a pair), and rank 0 gathers the C
 // partial sums. Both exchanges push by st.async onto the readers' own mbarriers instead of
 // meeting at cluster barriers (whose release fence Nsight put at ~13% of the warps' stalls,
-// the barriers at ~16%): forward 2.29-2.40 against 2.57 ms at 8192 x 151,936 bf16
-// (MLX_TUNER_JS_PUSH=0 keeps the barriers). d is clamped at about -100 so that a -inf logit weighs a finite term by ~0
-// (never 0 * inf); a NaN logit makes its sum NaN, which the row's result then takes. A row
+// the barriers at ~16%: forward 2.29-2.40 against 2.57 ms at 8192 x 151,936 bf16). d is
+// clamped at about -100 so that a -inf logit weighs a finite term by ~0 (never 0 * inf); a NaN logit makes its sum NaN, which the row's result then takes. A row
 // that four CTAs an SM cannot hold (float32 above ~110k), or a GPU before Hopper, takes
 // the two-pass kernel (the KL kernel's, reading the row twice).
 //
@@ -623,8 +622,7 @@ template <typename T, int C>
 __device__ __forceinline__ void js_finish_row(Sum2 oq, Sum2 op, const uint4* sq,
                                               const uint4* sp, int cnt, int rank, int64_t row,
                                               T* out, float* stats, float* red, float* norm,
-                                              float* part, float* sums, uint64_t* xbar,
-                                              bool push) {
+                                              float* part, float* sums, uint64_t* xbar) {
   const int tid = threadIdx.x, nt = blockDim.x;
   if constexpr (C == 1) {
     if (tid == 0) {
@@ -634,26 +632,17 @@ __device__ __forceinline__ void js_finish_row(Sum2 oq, Sum2 op, const uint4* sq,
       norm[3] = op.s;
     }
   } else {
-    auto cluster = cg::this_cluster();
-    if (push) { // this CTA's partial into every CTA's part[rank] (part holds 4 C floats)
-      asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
-      if (tid == 0) {
-        for (int r = 0; r < C; ++r) push4(part + 4 * rank, &xbar[0], r, oq.m, oq.s, op.m, op.s);
-      }
-    } else {
-      if (tid == 0) { // this CTA's partial, read by the whole cluster
-        part[0] = oq.m;
-        part[1] = oq.s;
-        part[2] = op.m;
-        part[3] = op.s;
-      }
-      cluster.sync(); // every CTA's part is written
+    // This CTA's partial into every CTA's part[rank] (part holds 4 C floats), once the
+    // cluster wait shows every CTA's xbar initialized.
+    asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
+    if (tid == 0) {
+      for (int r = 0; r < C; ++r) push4(part + 4 * rank, &xbar[0], r, oq.m, oq.s, op.m, op.s);
     }
     if (tid < 32) { // lane r takes rank r's part; every CTA merges them alike
       Sum2 gq, gp;
-      if (push) cu::mbar_wait(&xbar[0], 0); // all C parts have landed here
+      cu::mbar_wait(&xbar[0], 0); // all C parts have landed here
       if (tid < C) {
-        const float* rp = push ? part + 4 * tid : cluster.map_shared_rank(part, tid);
+        const float* rp = part + 4 * tid;
         gq = Sum2{rp[0], rp[1]};
         gp = Sum2{rp[2], rp[3]};
       }
@@ -709,26 +698,14 @@ __device__ __forceinline__ void js_finish_row(Sum2 oq, Sum2 op, const uint4* sq,
   }
   block_sum2(kq, kp, red + 4 * kMaxWarps);
   if constexpr (C > 1) {
-    auto cluster = cg::this_cluster();
-    if (push) { // into rank 0's sums, counted on its xbar[1]; only rank 0 waits
-      if (tid == 0) push2(sums + 2 * rank, &xbar[1], 0, kq, kp);
-      if (rank != 0) {
-        return;
-      }
-      if (tid == 0) cu::mbar_wait(&xbar[1], 0);
-    } else {
-      if (tid == 0) { // rank 0's sums: each CTA's (KLq, KLp) in base 2
-        float* dst = cluster.map_shared_rank(sums, 0);
-        dst[2 * rank] = kq;
-        dst[2 * rank + 1] = kp;
-      }
-      // After this no CTA touches another's shared memory for this row.
-      cluster.sync();
-      if (rank != 0) {
-        return;
-      }
+    // Each CTA's (KLq, KLp) in base 2 into rank 0's sums, counted on its xbar[1]: only rank
+    // 0 waits, and the others may exit (nothing reads their shared memory).
+    if (tid == 0) push2(sums + 2 * rank, &xbar[1], 0, kq, kp);
+    if (rank != 0) {
+      return;
     }
-    if (tid == 0) { // only thread 0 uses the row's sums (and only it waited for them)
+    if (tid == 0) { // only thread 0 uses the row's sums, and only it waits for them
+      cu::mbar_wait(&xbar[1], 0);
       kq = 0.f;
       kp = 0.f;
       for (int r = 0; r < C; ++r) {
@@ -778,7 +755,7 @@ __device__ __forceinline__ int cluster_rank() {
 // Each thread reads the chunks j = tid, tid + nt, ... in every pass.
 template <typename T, int C>
 __global__ void __launch_bounds__(kJsMaxThreads, 2)
-    js_forward_cluster(const T* q, const T* p, T* out, float* stats, int V, int push_on) {
+    js_forward_cluster(const T* q, const T* p, T* out, float* stats, int V) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   __trap(); // the host launches this on compute capability 9.0 and later only
 #else
@@ -789,9 +766,9 @@ __global__ void __launch_bounds__(kJsMaxThreads, 2)
   __shared__ __align__(8) float sums[2 * C];
   __shared__ uint64_t bar, xbar[2];
   const int rank = cluster_rank<C>();
-  // push: the cluster's exchanges by st.async (js_finish_row), unless MLX_TUNER_JS_PUSH=0.
-  const bool push = C > 1 && push_on != 0;
-  if (push && threadIdx.x == 0) { // made visible by js_load_slice's fence and the arrive below
+  // The barriers of the cluster's exchanges (js_finish_row), made visible cluster-wide by
+  // js_load_slice's fence and the arrive below.
+  if (C > 1 && threadIdx.x == 0) {
     cu::mbar_init(&xbar[0], 1);
     cu::mbar_init(&xbar[1], 1);
     cu::mbar_expect(&xbar[0], 16 * C); // every rank's part
@@ -804,7 +781,7 @@ __global__ void __launch_bounds__(kJsMaxThreads, 2)
   uint4* sq = js_rows;
   uint4* sp = js_rows + js_per_cta(js_chunks(V, sl.pad, N), C);
   js_load_slice(qr, pr, V, sl, sq, sp, &bar);
-  if (push) asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+  if constexpr (C > 1) asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
   cu::mbar_wait(&bar, 0); // the bulk copies have landed
   const int t = threadIdx.x, nt = blockDim.x, n = sl.cnt;
   float mq, mp, sq_sum, sp_sum;
@@ -814,8 +791,7 @@ __global__ void __launch_bounds__(kJsMaxThreads, 2)
   block_sum2(sq_sum, sp_sum, red + 2 * kMaxWarps);
   const bool fast = js_fast(mq, mp);
   const Sum2 oq = js_frame(mq, sq_sum, fast), op = js_frame(mp, sp_sum, fast); // thread 0's
-  js_finish_row<T, C>(oq, op, sq, sp, n, rank, row, out, stats, red, norm, part, sums, xbar,
-                      push);
+  js_finish_row<T, C>(oq, op, sq, sp, n, rank, row, out, stats, red, norm, part, sums, xbar);
 #endif
 }
 
@@ -943,9 +919,10 @@ std::pair<int, int> smem_limits(int device) {
 // MLX_TUNER_JS_CTAS_PER_SM sets k (1, 2 or 4; 4 also caps a CTA at 128 threads, so that
 // four fit), 0 takes the two-pass kernel. Unset: k = 4 without the one-CTA-an-SM fallback,
 // which measured slower than the two-pass kernel (float32 at 151,936: 7.2 against 4.6 ms on
-// the H200). With four an SM, at 8192 rows of bfloat16 on the H200: 2.56 against 3.31 ms
-// at V = 151,936 side by side; 0.69 and 2.25 ms at 32,000 and 131,072, where the two-pass
-// kernel took 0.89 and 2.82 one call earlier. MLX_TUNER_JS_THREADS caps the threads of a
+// the H200). With four an SM, at 8192 rows of bfloat16 on the H200 (seventeenth session):
+// 2.56 against 3.31 ms at V = 151,936 side by side; 0.69 and 2.25 ms at 32,000 and 131,072,
+// where the two-pass kernel took 0.89 and 2.82 one call earlier; 2.29-2.40 ms at 151,936
+// since the exchanges push (eighteenth). MLX_TUNER_JS_THREADS caps the threads of a
 // CTA (a multiple of 32).
 JsPlan js_plan(int V, int elem_bytes, int64_t rows, int device) {
   constexpr int64_t kJsSmemMax = 200 * 1024;
@@ -1004,13 +981,7 @@ void launch_js_cluster(
   const int c = plan.cluster;
   const void* k = js_kernel<T>(c);
   dim3 grid(static_cast<unsigned>(rows * c)), block(plan.threads);
-  static const int push = [] { // MLX_TUNER_JS_PUSH=0: cluster barriers instead (to time them)
-    const char* v = std::getenv("MLX_TUNER_JS_PUSH");
-    return v && v[0] == '0' ? 0 : 1;
-  }();
-  int push_on = push;
-  cu::launch_cluster(enc, k, grid, block, dim3(c, 1, 1), plan.smem, q, p, out, stats, V,
-                     push_on);
+  cu::launch_cluster(enc, k, grid, block, dim3(c, 1, 1), plan.smem, q, p, out, stats, V);
 }
 
 template <typename T, Divergence K, bool VEC>
