@@ -725,20 +725,13 @@ void DoRALinear::eval_gpu(const std::vector<mx::array>& in, std::vector<mx::arra
   const mx::array& xp = xd ? *xd : x;
   if (cuda::lowrank_fits(r, T, {k, out}, {&w, &xp}) &&
       cuda::lora_gemm_fits(enc, T, k, out, {&x, &w, &y})) {
-    // Hopper: A packed once for P = W A and for the GEMM, whose epilogue applies m / n (no
-    // pass over y). The same GEMM as LoRA's forward (lora.cu), with the column scale.
-    auto pk = cuda::lowrank_pack(enc, T, {{a, r, 1, k, r, true},
-                                          {b, out, 1, r, out, false, cuda::kLowRankPad, s}});
+    // Hopper: A packed once for P = W A and for LoRA's GEMM, whose epilogue applies m / n
+    // (no pass over y).
+    auto pk = cuda::lora_gemm_pack(enc, T, a, b, s);
     cuda::lowrank_project(enc, w, pk[0], r, 1.0f, p);
     launch_norm(enc, p, b, a, c, &m, s, false, rs, &nrm);
     if (rows == 0) return;
-    if (!xd && cuda::rank_in_gemm()) { // xa = x A made by the GEMM itself
-      cuda::lora_gemm(enc, x, w, {pk[0], &xa}, pk[1], nullptr, y, false, &rs);
-    } else {
-      auto xa_pad = cuda::scratch(enc, {rows, cuda::kLowRankPad}, T);
-      cuda::lowrank_project(enc, xp, pk[0], r, 1.0f, xa, &xa_pad);
-      cuda::lora_gemm(enc, x, w, {xa_pad}, pk[1], nullptr, y, false, &rs);
-    }
+    cuda::lora_gemm_forward(enc, x, w, xd, pk, nullptr, &rs, y, xa);
     return;
   }
   // Elsewhere: P by cuBLASLt, z = x W^T + s xa B by LoRA's forward, then one scale pass.

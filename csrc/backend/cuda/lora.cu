@@ -48,8 +48,7 @@ namespace cuda {
 void lora_forward(mx::cu::CommandEncoder& enc, const mx::array& x, const mx::array& w,
                   const mx::array& a, const mx::array& b, const mx::array* bias,
                   const mx::array* xd_in, float s, mx::array& y, mx::array& xa) {
-  const bool has_xd = xd_in != nullptr;
-  const auto& xd = has_xd ? *xd_in : x;
+  const auto& xd = xd_in ? *xd_in : x;
   int n = x.shape(0), in = w.shape(1), out = w.shape(0), r = a.shape(1);
   if (n == 0) return;
   auto T = x.dtype();
@@ -57,15 +56,7 @@ void lora_forward(mx::cu::CommandEncoder& enc, const mx::array& x, const mx::arr
     if (cuda::lora_gemm_fits(enc, T, in, out, {&x, &w, &y})) {
       // Hopper: the rank-r term as one more k step of our own GEMM (lora_gemm.cuh): no
       // pass writes s xa B into y for the base GEMM to read back.
-      auto m = cuda::lowrank_pack(enc, T, {{a, r, 1, in, r, true},
-                                           {b, out, 1, r, out, false, cuda::kLowRankPad, s}});
-      if (!has_xd && cuda::rank_in_gemm()) { // xa = x A made by the GEMM itself
-        cuda::lora_gemm(enc, x, w, {m[0], &xa}, m[1], bias, y);
-        return;
-      }
-      auto xa_pad = cuda::scratch(enc, {n, cuda::kLowRankPad}, T);
-      cuda::lowrank_project(enc, xd, m[0], r, 1.0f, xa, &xa_pad);
-      cuda::lora_gemm(enc, x, w, {xa_pad}, m[1], bias, y);
+      lora_gemm_forward(enc, x, w, xd_in, lora_gemm_pack(enc, T, a, b, s), bias, nullptr, y, xa);
       return;
     }
     // A (in, r) and B (r, out) packed for them in one launch.
@@ -84,6 +75,25 @@ void lora_forward(mx::cu::CommandEncoder& enc, const mx::array& x, const mx::arr
   // compute-bound GEMM reads the rank-r term in its epilogue almost for free.
   gemm(enc, {false, false, n, out, r, T, T, T}, s, xa, b_t, 0.0f, y, bias);
   gemm(enc, {false, true, n, out, in, T, T, T}, 1.0f, x, w, 1.0f, y);
+}
+
+std::vector<mx::array> lora_gemm_pack(mx::cu::CommandEncoder& enc, mx::Dtype t,
+                                      const mx::array& a, const mx::array& b, float s) {
+  int in = a.shape(0), r = a.shape(1), out = b.shape(1);
+  return lowrank_pack(enc, t, {{a, r, 1, in, r, true}, {b, out, 1, r, out, false, kLowRankPad, s}});
+}
+
+void lora_gemm_forward(mx::cu::CommandEncoder& enc, const mx::array& x, const mx::array& w,
+                       const mx::array* xd, const std::vector<mx::array>& packed,
+                       const mx::array* bias, const mx::array* col_scale, mx::array& y,
+                       mx::array& xa) {
+  if (!xd && rank_in_gemm()) { // xa = x A made by the GEMM itself
+    lora_gemm(enc, x, w, {packed[0], &xa}, packed[1], bias, y, false, col_scale);
+    return;
+  }
+  auto xa_pad = scratch(enc, {x.shape(0), kLowRankPad}, x.dtype());
+  lowrank_project(enc, xd ? *xd : x, packed[0], xa.shape(1), 1.0f, xa, &xa_pad);
+  lora_gemm(enc, x, w, {xa_pad}, packed[1], bias, y, false, col_scale);
 }
 
 void lora_backward(mx::cu::CommandEncoder& enc, const mx::array& x, const mx::array& w,
