@@ -15,4 +15,4 @@ def test_lowrank_emulation_matches_float64_products(capsys):
     script = pathlib.Path(__file__).resolve().parents[1] / "tools" / "emulate_lowrank.py"
     runpy.run_path(str(script), run_name="__main__")  # asserts per shape
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 5  # every shape ran
+    assert len(lines) == 8  # every shape ran (5 LoRA, 3 project_quant)

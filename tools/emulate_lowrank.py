@@ -1,5 +1,5 @@
 """Lane-level numpy emulation of csrc/backend/cuda/lowrank.cu's tensor-core kernels
-(project, expand, reduce + finish) with the mma.sync m16n8k16 fragment layout of the PTX
+(project, project_quant, expand, reduce + finish) with the mma.sync m16n8k16 fragment layout of the PTX
 ISA (the same as MLX's steel/tiles.cuh): it checks the kernels' index arithmetic and
 shared-memory staging without a GPU. Keep it in step with the kernels.
 
@@ -207,6 +207,64 @@ def reduce(x, gm, r, slice_rows, s, di, dj, dshape):
             d[i*di + j*dj] = s*part[:, i, j].sum()
     return d.reshape(dshape)
 
+def project_quant(wq_bytes, scales, biases, pk, r, n, k, bits, gs):
+    # lane (gid, tig) decodes 16 adjacent codes of rows gid, gid + 8 from the byte stream;
+    # k step j multiplies the lane's columns 4j .. 4j+3 in slots (2tig, 2tig+1), (2tig+8, 2tig+9)
+    c = np.zeros((n, r)); tiles = (k + TILE - 1)//TILE; row_bytes = k*bits//8
+    def codes(row, col):  # the lane's 16 codes: two runs of 8, each `bits` bytes, little-endian
+        src = wq_bytes[row*row_bytes + col*bits//8:]
+        runs = [sum(int(src[h*bits + i]) << (8*i) for i in range(bits)) for h in range(2)]
+        return [(runs[e//8] >> ((e % 8)*bits)) & ((1 << bits) - 1) for e in range(16)]
+    for blk in range((n+15)//16):
+        row0 = blk*16; red = np.zeros((W, 8, 32))
+        for warp in range(W):
+            acc = [[[0.0]*4 for _ in range(32)] for _ in range(2)]
+            for t in range(warp, tiles, W):
+                vals, ms = [], []
+                for lane in range(32):
+                    g, tt = lane//4, lane % 4; col = t*TILE + 16*tt; inside = col < k
+                    lv = []
+                    for row in (row0+g, row0+g+8):
+                        ok = inside and row < n
+                        q = codes(row, col) if ok else [0]*16
+                        sc_, bi_ = (scales[row, col//gs], biases[row, col//gs]) if ok else (0.0, 0.0)
+                        lv.append([sc_*v + bi_ for v in q])
+                    vals.append(lv)
+                    ms.append([pk[g + 8*nt, col:col+16] if inside else np.zeros(16) for nt in range(2)])
+                for j in range(4):
+                    e = 4*j
+                    a = [((vals[ln][0][e], vals[ln][0][e+1]), (vals[ln][1][e], vals[ln][1][e+1]),
+                          (vals[ln][0][e+2], vals[ln][0][e+3]), (vals[ln][1][e+2], vals[ln][1][e+3])) for ln in range(32)]
+                    for nt in range(2):
+                        b = [((ms[ln][nt][e], ms[ln][nt][e+1]), (ms[ln][nt][e+2], ms[ln][nt][e+3])) for ln in range(32)]
+                        mma(acc[nt], a, b)
+            for nt in range(2):
+                for q in range(4):
+                    for lane in range(32): red[warp, nt*4+q, lane] = acc[nt][lane][q]
+        for nt in range(2):
+            for q in range(4):
+                for lane in range(32):
+                    g, tt = lane//4, lane % 4
+                    row = row0 + g + (8 if q >= 2 else 0); j = nt*8 + 2*tt + (q & 1)
+                    if row < n and j < r: c[row, j] = red[:, nt*4+q, lane].sum()
+    return c
+
+def quantize(w, bits, gs):
+    # mx.quantize's affine layout: per group scale and bias, codes as a little-endian bit stream
+    n, k = w.shape; q = np.zeros((n, k), dtype=np.int64); sc = np.zeros((n, k//gs)); bi = np.zeros((n, k//gs))
+    for i in range(n):
+        for g0 in range(0, k, gs):
+            lo, hi = w[i, g0:g0+gs].min(), w[i, g0:g0+gs].max(); step = (hi - lo)/((1 << bits) - 1)
+            sc[i, g0//gs], bi[i, g0//gs] = step, lo
+            q[i, g0:g0+gs] = np.clip(np.round((w[i, g0:g0+gs] - lo)/step), 0, (1 << bits) - 1)
+    stream = np.zeros(n*k*bits//8, dtype=np.uint8)
+    for i in range(n):
+        for j in range(k):
+            bit = (i*k + j)*bits
+            for b in range(bits):
+                if (q[i, j] >> b) & 1: stream[(bit + b)//8] |= 1 << ((bit + b) % 8)
+    return stream, sc, bi, sc[:, np.arange(k)//gs]*q + bi[:, np.arange(k)//gs]
+
 # (100, 1552, ...) gives project's warps three or four x tiles (taken in turn), expand's
 # blocks a whole and a partial 1024-column span; (800, ...) gives reduce's warps
 # three and six 16-row steps in slices of 384 and 768 rows, the last slice partial
@@ -224,3 +282,13 @@ for (n, din, dout, r, sl) in [(40, 48, 80, 11, 128), (35, 144, 16, 5, 128), (17,
     print((n, din, dout, r), [f"{e:.1e}" for e in errs])
     # float64 throughout: anything above rounding is an indexing or staging error
     assert max(errs) < 1e-9, f"lowrank emulation disagrees for {(n, din, dout, r)}: {errs}"
+
+# project_quant: odd bit widths, a partial last tile (din 1056 = 16.5 tiles at gs 32), a
+# partial last row block, ranks under 8 and 16
+for (n, din, r, bits, gs) in [(19, 1056, 5, 3, 32), (16, 640, 16, 4, 64), (9, 512, 9, 6, 128)]:
+    wb, sc, bi, wd = quantize(rng.standard_normal((n, din)), bits, gs)
+    A = rng.standard_normal((din, r)); pk = pack(A, r, 1, din, r, True)
+    P = project_quant(wb, sc, bi, pk, r, n, din, bits, gs)
+    err = np.abs(P - wd @ A).max()
+    print((n, din, r, bits, gs), f"{err:.1e}")
+    assert err < 1e-9, f"project_quant emulation disagrees for {(n, din, r, bits, gs)}: {err}"

@@ -68,6 +68,21 @@ void init_dora(nb::module_& m) {
       "stream"_a = nb::none(),
       "Tests only: 1 / n (the DoRA row norms from the low-rank identity) as one node.");
   m.def(
+      "_dora_inv_norm_quant",
+      &mlx_tuner::dora_inv_norm_quant,
+      "wq"_a,
+      "scales"_a,
+      "biases"_a,
+      "b"_a,
+      "a"_a,
+      "c"_a,
+      "scale"_a,
+      "group_size"_a,
+      "bits"_a,
+      nb::kw_only(),
+      "stream"_a = nb::none(),
+      "Tests only: 1 / n with P = W A made from the affine-quantized W in the same node.");
+  m.def(
       "metal_launch_dora_row_sq_norm",
       [](int rows, const std::string& dtype, int bits) {
         return launch_tuple(mlx_tuner::metal_launch_dora_row_sq_norm(rows, dtype, bits));

@@ -55,22 +55,45 @@ mx::array compose_gpu(
                           : dora_weight_sq_norm(weight, scales, biases, group_size, bits, s);
   auto a_f = mx::astype(lora_a, mx::float32, s);
   auto b_f = mx::astype(lora_b, mx::float32, s);
-  // W A: (W A)^T (r x out) from the quantized product, else (out x r)
-  mx::array p = scales
-      ? mx::quantized_matmul(mx::astype(mx::transpose(lora_a, s), scales->dtype(), s), weight,
-                             *scales, *biases, true, group_size, bits, "affine", s)
-      : mx::matmul(weight, mx::astype(lora_a, weight.dtype(), s), s);
+  const int r = lora_a.shape(1);
 #if defined(MLX_TUNER_DORA_GPU) // a CUDA or a Metal build with this family's kernels
-  bool fused_norm = lora_a.shape(1) <= kInvNormMaxRank;
+  bool fused_norm = r <= kInvNormMaxRank;
 #else
-  bool fused_norm = !gpu && lora_a.shape(1) <= kInvNormMaxRank;
+  bool fused_norm = !gpu && r <= kInvNormMaxRank;
 #endif
+  // W A by MLX: (W A)^T (r x out) from the quantized product, else (out x r)
+  auto wa_product = [&] {
+    return scales
+        ? mx::quantized_matmul(mx::astype(mx::transpose(lora_a, s), scales->dtype(), s), weight,
+                               *scales, *biases, true, group_size, bits, "affine", s)
+        : mx::matmul(weight, mx::astype(lora_a, weight.dtype(), s), s);
+  };
+  // A quantized W's P = W A inside the norm node (CUDA, and the CPU's check of this graph):
+  // no MLX quantized matmul. MLX_TUNER_DORA_QPROJECT=0 keeps MLX's (to time one against the
+  // other).
+  static const bool qproject_on = [] {
+    const char* v = std::getenv("MLX_TUNER_DORA_QPROJECT");
+    return !(v && v[0] == '0');
+  }();
+#if defined(MLX_TUNER_DORA_FUSED_GPU)
+  bool qnorm_here = true;
+#else
+  bool qnorm_here = !gpu;
+#endif
+  bool qnorm = qproject_on && qnorm_here && scales && r >= 1 && r <= kInvNormQuantMaxRank &&
+      weight.shape(1) > 0 &&
+      (scales->dtype() == mx::float16 || scales->dtype() == mx::bfloat16);
   // sv = m / n, n treated as a constant (mlx-lm's stop_gradient)
+  auto m_f = mx::astype(magnitude, mx::float32, s);
   mx::array sv = mx::array(0.0f);
-  if (fused_norm) {
-    auto inv_n = dora_inv_norm(p, b_f, a_f, c, scale, scales.has_value(), s);
-    sv = mx::multiply(mx::astype(magnitude, mx::float32, s), inv_n, s);
+  if (qnorm) {
+    auto biases_t = mx::astype(*biases, scales->dtype(), s);
+    sv = mx::multiply(m_f, dora_inv_norm_quant(weight, *scales, biases_t, b_f, a_f, c, scale,
+                                               group_size, bits, s), s);
+  } else if (fused_norm) {
+    sv = mx::multiply(m_f, dora_inv_norm(wa_product(), b_f, a_f, c, scale, scales.has_value(), s), s);
   } else {
+    auto p = wa_product();
     auto pt = scales ? p : mx::transpose(p, s);
     auto cross = mx::sum(mx::multiply(b_f, mx::astype(pt, mx::float32, s), s), 0, false, s);
     auto gb = mx::matmul(mx::matmul(mx::transpose(a_f, s), a_f, s), b_f, s);
@@ -78,7 +101,7 @@ mx::array compose_gpu(
     auto n2 = mx::add(c, mx::add(mx::multiply(mx::array(2 * scale), cross, s),
                                  mx::multiply(mx::array(scale * scale), quad, s), s), s);
     auto n = mx::stop_gradient(mx::sqrt(mx::maximum(n2, mx::array(0.0f), s), s), s);
-    sv = mx::divide(mx::astype(magnitude, mx::float32, s), n, s);
+    sv = mx::divide(m_f, n, s);
   }
   // x W^T + s (x_d A) B: the fused LoRA / QLoRA primitive where this build has its kernel
   // (one pass, no (N, out) float32 temporary); else MLX's GEMMs.
@@ -244,6 +267,53 @@ mx::array dora_inv_norm(
   return mx::stop_gradient(
       mx::array({out}, mx::float32,
                 std::make_shared<DoRAInvNorm>(mx::to_stream(s), scale, p_transposed), in),
+      s);
+}
+
+mx::array dora_inv_norm_quant(
+    const mx::array& wq,
+    const mx::array& scales,
+    const mx::array& biases,
+    const mx::array& b,
+    const mx::array& a,
+    const mx::array& c,
+    float scale,
+    int group_size,
+    int bits,
+    mx::StreamOrDevice s) {
+  constexpr ArgCheck check{"[dora_inv_norm_quant]"};
+  check.ndim("wq", wq, 2);
+  check.ndim("a", a, 2);
+  if (wq.dtype() != mx::uint32) check.fail("wq must be uint32 from mx.quantize.");
+  if (!(bits == 2 || bits == 3 || bits == 4 || bits == 5 || bits == 6 || bits == 8) ||
+      !(group_size == 32 || group_size == 64 || group_size == 128)) {
+    check.fail("bits must be 2-6 or 8 and group_size 32, 64 or 128.");
+  }
+  int out = wq.shape(0), in = wq.shape(1) * 32 / bits, r = a.shape(1);
+  if (r < 1 || r > kInvNormQuantMaxRank) {
+    check.fail("a must have 1 to " + std::to_string(kInvNormQuantMaxRank) +
+               " columns (the rank) but got shape " + shape_str(a.shape()) + ".");
+  }
+  if (in < 1) check.fail("wq must have at least one column but got shape " + shape_str(wq.shape()) + ".");
+  if (scales.dtype() != mx::float16 && scales.dtype() != mx::bfloat16) {
+    check.fail("scales must be float16 or bfloat16.");
+  }
+  check.shape("scales", scales, {out, in / group_size});
+  check.shape("biases", biases, {out, in / group_size});
+  check.dtype("biases", biases, scales.dtype());
+  check.shape("a", a, {in, r});
+  check.shape("b", b, {r, out});
+  check.shape("c", c, {out});
+  check.dtype("b", b, mx::float32);
+  check.dtype("a", a, mx::float32);
+  check.dtype("c", c, mx::float32);
+  std::vector<mx::array> inputs = {contiguous_rows(wq, s), contiguous_rows(scales, s),
+                                   contiguous_rows(biases, s), contiguous_rows(b, s),
+                                   contiguous_rows(a, s), contiguous_rows(c, s)};
+  return mx::stop_gradient(
+      mx::array({out}, mx::float32,
+                std::make_shared<DoRAInvNorm>(mx::to_stream(s), scale, false, bits, group_size),
+                inputs),
       s);
 }
 

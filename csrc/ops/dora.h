@@ -188,27 +188,33 @@ class DoRAScaleVJP : public mx::Primitive {
 
 // 1 / n of the GPU path in one node (it was a dozen small MLX ops and graph nodes):
 //   n_i = sqrt(max(c_i + 2 s sum_k B[k,i] P[i,k] + s^2 sum_{k,l} B[k,i] G[k,l] B[l,i], 0))
-// with P = W A (out, r) — given as Pᵀ (r, out) when p_transposed (the quantized product)
-// — and G = Aᵀ A. inputs: p (float), b f32 (r, out), a f32 (in, r), c f32 (out,).
+// with P = W A (out, r) — given as Pᵀ (r, out) when p_transposed — and G = Aᵀ A.
+// inputs: p (float), b f32 (r, out), a f32 (in, r), c f32 (out,). With bits > 0, P is made
+// in the node from the affine-quantized W instead (r <= 16, scales in float16 or bfloat16;
+// CUDA: lowrank_project_quant reads the codes once, where MLX's quantized matmul of Aᵀ took
+// 78 us at 4096 x 4096): inputs wq, scales, biases, b, a, c.
 // output: f32 (out,). No gradient: n is a stop_gradient in DoRA. r <= kInvNormMaxRank.
 constexpr int kInvNormMaxRank = 32;
+constexpr int kInvNormQuantMaxRank = 16;
 class DoRAInvNorm : public mx::UnaryPrimitive {
  public:
-  DoRAInvNorm(mx::Stream s, float scale, bool p_transposed)
-      : mx::UnaryPrimitive(s), scale_(scale), p_transposed_(p_transposed) {}
+  DoRAInvNorm(mx::Stream s, float scale, bool p_transposed, int bits = 0, int group_size = 0)
+      : mx::UnaryPrimitive(s), scale_(scale), p_transposed_(p_transposed), bits_(bits),
+        group_size_(group_size) {}
   using mx::UnaryPrimitive::eval_cpu;
   using mx::UnaryPrimitive::eval_gpu;
   void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override;
   void eval_gpu(const std::vector<mx::array>& in, mx::array& out) override;
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& in) override {
-    return {in[3].shape()};
+    return {in.back().shape()};
   }
   const char* name() const override {
     return "DoRAInvNorm";
   }
   bool is_equivalent(const mx::Primitive& other) const override {
     auto& o = static_cast<const DoRAInvNorm&>(other);
-    return scale_ == o.scale_ && p_transposed_ == o.p_transposed_;
+    return scale_ == o.scale_ && p_transposed_ == o.p_transposed_ && bits_ == o.bits_ &&
+        group_size_ == o.group_size_;
   }
   float scale() const {
     return scale_;
@@ -220,6 +226,7 @@ class DoRAInvNorm : public mx::UnaryPrimitive {
  private:
   float scale_;
   bool p_transposed_;
+  int bits_, group_size_; // bits_ > 0: P from the quantized W
 };
 
 // The DoRAInvNorm node (a stop_gradient); bound as _dora_inv_norm for tests.
@@ -230,6 +237,21 @@ mx::array dora_inv_norm(
     const mx::array& c,
     float scale,
     bool p_transposed,
+    mx::StreamOrDevice s = {});
+
+// The same node with P = W A made from the affine-quantized W (wq, scales, biases as
+// mx.quantize returns them, scales in float16 or bfloat16, r <= kInvNormQuantMaxRank);
+// compose_gpu's path on CUDA; bound as _dora_inv_norm_quant for tests.
+mx::array dora_inv_norm_quant(
+    const mx::array& wq,
+    const mx::array& scales,
+    const mx::array& biases,
+    const mx::array& b,
+    const mx::array& a,
+    const mx::array& c,
+    float scale,
+    int group_size,
+    int bits,
     mx::StreamOrDevice s = {});
 
 // y = z * sv (+ bias) as one DoRAScale node. z (N, out) float32/float16/bfloat16, sv (out,)

@@ -276,6 +276,61 @@ def test_inv_norm_matches_the_identity(din, out, r, p_transposed, dt):
         np.testing.assert_allclose(1.0 / np.array(got), direct, rtol=1e-4)
 
 
+def quant_case(out, din, r, bits, gs, dt, seed=0):
+    """A quantized W with its dequantized rows (in dt, as mlx-lm's), A, B, c = ||W_i||^2."""
+    mx.random.seed(seed)
+    with mx.stream(mx.cpu):
+        w = mx.random.normal((out, din)).astype(dt)
+        wq, scales, biases = mx.quantize(w, group_size=gs, bits=bits)
+        wd = mx.dequantize(wq, scales, biases, group_size=gs, bits=bits)  # in dt
+        a = mx.random.normal((din, r)) / din**0.5
+        b = mx.random.normal((r, out)) * 3
+        c = (wd.astype(f32) ** 2).sum(axis=1)
+        mx.eval(wq, scales, biases, wd, a, b, c)
+    return wq, scales, biases, wd, a, b, c
+
+
+# P = W A made from the codes in the node: every bit width, group size and dtype; widths
+# with a partial 64-column tile (1056 = 16.5 tiles, gs 32), row counts not a multiple of 16.
+@pytest.mark.parametrize("dt", [f16, bf16], ids=str)
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+@pytest.mark.parametrize("gs", [32, 64, 128])
+@pytest.mark.parametrize("out,din,r", [(1, 128, 1), (13, 384, 5), (67, 1056, 16), (40, 4096, 8)])
+def test_inv_norm_quant_matches_the_dequantized_weight(out, din, r, gs, bits, dt):
+    if din % gs:
+        pytest.skip("the width is not a whole number of groups")
+    e = ext()
+    wq, scales, biases, wd, a, b, c = quant_case(out, din, r, bits, gs, dt)
+    got = e._dora_inv_norm_quant(wq, scales, biases, b, a, c, 2.0, gs, bits)
+    wd64, a64, b64 = to_f64(wd), to_f64(a), to_f64(b)
+    p = wd64 @ a64  # the oracle's P, from the dequantized weight
+    n2 = to_f64(c) + 4.0 * np.einsum("ki,ik->i", b64, p) + 4.0 * np.einsum(
+        "ki,kl,li->i", b64, a64.T @ a64, b64)
+    want = 1.0 / np.sqrt(n2)
+    assert got.dtype == f32 and got.shape == (out,)
+    # A (or its fragments, T-rounded on the GPU) is the only approximation; the cross term
+    # 2 s B.P is ~10% of n^2 here, so a wrong column of P shows far above this tolerance.
+    np.testing.assert_allclose(np.array(got), want, rtol=5e-4, atol=0)
+    direct = np.linalg.norm(wd64 + 2.0 * (a64 @ b64).T, axis=1)
+    np.testing.assert_allclose(1.0 / np.array(got), direct, rtol=5e-4)
+
+
+def test_inv_norm_quant_compiles_and_errors():
+    e = ext()
+    wq, scales, biases, wd, a, b, c = quant_case(16, 256, 4, 4, 64, bf16)
+    eager = e._dora_inv_norm_quant(wq, scales, biases, b, a, c, 1.5, 64, 4)
+    compiled = mx.compile(lambda: e._dora_inv_norm_quant(wq, scales, biases, b, a, c, 1.5, 64, 4))
+    np.testing.assert_array_equal(np.array(compiled()), np.array(eager))
+    with pytest.raises(ValueError, match=r"\[dora_inv_norm_quant\] a must have 1 to 16 columns"):
+        e._dora_inv_norm_quant(wq, scales, biases, mx.zeros((17, 16)), mx.zeros((256, 17)), c, 1.0, 64, 4)
+    with pytest.raises(ValueError, match=r"\[dora_inv_norm_quant\] scales must be float16 or bfloat16"):
+        e._dora_inv_norm_quant(wq, scales.astype(f32), biases.astype(f32), b, a, c, 1.0, 64, 4)
+    with pytest.raises(ValueError, match=r"\[dora_inv_norm_quant\] bits must be 2-6 or 8"):
+        e._dora_inv_norm_quant(wq, scales, biases, b, a, c, 1.0, 64, 7)
+    with pytest.raises(ValueError, match=r"\[dora_inv_norm_quant\] scales must have shape \(16, 8\)"):
+        e._dora_inv_norm_quant(wq, scales, biases, b, a, c, 1.0, 32, 4)
+
+
 def test_inv_norm_is_a_constant_and_compiles():
     e = ext()
     a, b = mx.random.normal((20, 4)), mx.random.normal((4, 7))

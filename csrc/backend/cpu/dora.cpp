@@ -435,22 +435,42 @@ void DoRALinearVJP::eval_cpu(const std::vector<mx::array>& in, std::vector<mx::a
 }
 
 // DoRAInvNorm: plain loops (the GPU is its user; this checks the maths), float64 sums.
+// With bits_, P = W A from W's rows dequantized to float32 (T-rounded as the GPU's
+// fragments are: dequant(W) is a T matrix in mlx-lm too).
 void DoRAInvNorm::eval_cpu(const std::vector<mx::array>& in, mx::array& out) {
   std::vector<mx::array> outs = {out};
   float s = scale_;
   bool pt = p_transposed_;
-  auto body = [s, pt](const std::vector<mx::array>& in, std::vector<mx::array>& outs) {
-    const auto& pa = in[0];
-    const float* b = in[1].data<float>();
-    const float* a = in[2].data<float>();
-    const float* c = in[3].data<float>();
+  int bits = bits_, gs = group_size_;
+  auto body = [s, pt, bits, gs](const std::vector<mx::array>& in, std::vector<mx::array>& outs) {
+    const int base = bits ? 3 : 1; // b, a, c follow p (or wq, scales, biases)
+    const float* b = in[base].data<float>();
+    const float* a = in[base + 1].data<float>();
+    const float* c = in[base + 2].data<float>();
     float* y = outs[0].data<float>();
-    int64_t rows = in[2].shape(0), r = in[2].shape(1), n = in[3].size();
+    int64_t rows = in[base + 1].shape(0), r = in[base + 1].shape(1), n = in[base + 2].size();
     std::vector<double> g(r * r, 0.0);
     for (int64_t j = 0; j < rows; ++j)
       for (int64_t k = 0; k < r; ++k)
         for (int64_t l = 0; l < r; ++l) g[k * r + l] += double(a[j * r + k]) * a[j * r + l];
+    std::vector<double> pq; // P (n, r) from the quantized W
+    if (bits) {
+      pq.assign(n * r, 0.0);
+      Weight w{in[0], &in[1], &in[2], static_cast<int>(rows), gs, bits};
+      std::vector<float> row(rows);
+      for (int64_t i = 0; i < n; ++i) {
+        w.row(static_cast<int>(i), row.data());
+        for (int64_t j = 0; j < rows; ++j) {
+          double v = in[1].dtype() == mx::float16
+              ? double(static_cast<float>(static_cast<mx::float16_t>(row[j])))
+              : double(static_cast<float>(static_cast<mx::bfloat16_t>(row[j])));
+          for (int64_t k = 0; k < r; ++k) pq[i * r + k] += v * a[j * r + k];
+        }
+      }
+    }
+    const auto& pa = in[0];
     auto pv = [&](int64_t i, int64_t k) -> double {
+      if (bits) return pq[i * r + k];
       int64_t idx = pt ? k * n + i : i * r + k;
       switch (pa.dtype()) {
         case mx::float16: return double(static_cast<float>(pa.data<mx::float16_t>()[idx]));

@@ -626,7 +626,26 @@ void DoRAInvNorm::eval_gpu(const std::vector<mx::array>& in, mx::array& out) {
   cuda::HostTimer timer("dora_inv_norm");
   auto& enc = mx::cu::get_command_encoder(stream());
   cuda::alloc_output(out, enc);
-  launch_norm(enc, in[0], in[1], in[2], in[3], nullptr, scale_, p_transposed_, out, nullptr);
+  if (bits_ == 0) {
+    launch_norm(enc, in[0], in[1], in[2], in[3], nullptr, scale_, p_transposed_, out, nullptr);
+    return;
+  }
+#if defined(MLX_TUNER_DORA_FUSED_GPU)
+  // P = W A from the codes (lowrank.cu), A packed in the scales' dtype as for project.
+  const auto &wq = in[0], &scales = in[1], &biases = in[2], &b = in[3], &a = in[4], &c = in[5];
+  const int out_rows = wq.shape(0), k = a.shape(0), r = a.shape(1);
+  if (r < 1 || k < 1) { // dora_inv_norm_quant takes neither
+    throw std::logic_error("[dora_inv_norm_quant] an empty rank or input dimension");
+  }
+  auto p = cuda::scratch(enc, {out_rows, r}, mx::float32);
+  if (out_rows > 0) {
+    auto pk = cuda::lowrank_pack(enc, scales.dtype(), {{a, r, 1, k, r, true}});
+    cuda::lowrank_project_quant(enc, wq, scales, biases, bits_, group_size_, pk[0], r, p);
+  }
+  launch_norm(enc, p, b, a, c, nullptr, scale_, false, out, nullptr);
+#else
+  throw std::logic_error("[dora_inv_norm_quant] this build has no CUDA kernel for it");
+#endif
 }
 
 void DoRAScale::eval_gpu(const std::vector<mx::array>& in, mx::array& out) {

@@ -241,6 +241,137 @@ project_kernel(const T* x, const T* pk, void* c, int cdt, int n, int k, int r, f
   }
 }
 
+// ---- project_quant: c[row, j] = sum_k dequant(W)[row, k] M[k, j] ----------------------
+// W affine-quantized as mx.quantize lays it out (a little-endian stream of BITS-bit codes
+// per row; a scale and a bias in T per group of gs >= 32 columns). As project_kernel, a
+// block owns 16 rows and its warps take the 64-column tiles in turn, but the A fragments
+// are dequantized from the codes in registers: W never exists dequantized in memory. The
+// sum over k may take its terms in any order, so a tile's 64 columns are dealt to the
+// mma's k slots by a permutation that gives each lane 16 adjacent codes of its two rows:
+// lane tig holds columns 16 tig .. 16 tig + 15, and k step j (of 4) multiplies its columns
+// 4j .. 4j + 3, in fragment slots (2 tig, 2 tig + 1) and (2 tig + 8, 2 tig + 9). M's
+// fragments follow the same permutation: 16 adjacent elements of pk's row gid (and gid + 8),
+// two 16-byte loads. k is a multiple of 32 (of gs), so a lane's 16 columns are all in k or
+// all past it, and all in one group. WIDE: the 2 BITS bytes of a lane's codes as one
+// aligned load (BITS 2, 4, 8); else byte by byte.
+template <int BITS, bool WIDE>
+__device__ inline void load_codes(const uint8_t* src, uint64_t (&run)[2]) {
+  constexpr uint64_t half = (uint64_t(1) << (8 * BITS)) - 1; // one run of 8 codes
+  if constexpr (WIDE && BITS == 2) {
+    uint32_t v = *reinterpret_cast<const uint32_t*>(src);
+    run[0] = v & half;
+    run[1] = v >> 16;
+  } else if constexpr (WIDE && BITS == 4) {
+    uint64_t v = *reinterpret_cast<const unsigned long long*>(src);
+    run[0] = v & half;
+    run[1] = v >> 32;
+  } else if constexpr (WIDE && BITS == 8) {
+    uint4 v = *reinterpret_cast<const uint4*>(src);
+    run[0] = uint64_t(v.x) | (uint64_t(v.y) << 32);
+    run[1] = uint64_t(v.z) | (uint64_t(v.w) << 32);
+  } else {
+    run[0] = run[1] = 0;
+#pragma unroll
+    for (int i = 0; i < BITS; ++i) {
+      run[0] |= uint64_t(src[i]) << (8 * i);
+      run[1] |= uint64_t(src[BITS + i]) << (8 * i);
+    }
+  }
+}
+
+// One lane's share of a tile: the codes of its two rows and its 16 columns of M's rows
+// gid and gid + 8 (zeros past k or past the last row).
+struct QuantFrag {
+  uint64_t ra[2], rb[2];
+  float sa, ba, sb, bb;
+  uint4 m[2][2];
+};
+
+template <typename T, int BITS, bool WIDE>
+__global__ void __launch_bounds__(kThreads)
+project_quant_kernel(const uint8_t* wq, const T* scales, const T* biases, const T* pk,
+                     float* c, int n, int k, int r, int gs) {
+  __shared__ float red[kWarps][8][32];
+  int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane / 4, tig = lane % 4;
+  const int row0 = blockIdx.x * 16, ra = row0 + gid, rb = ra + 8;
+  const bool va = ra < n, vb = rb < n;
+  const long row_bytes = (long)k * BITS / 8;
+  const int groups = k / gs;
+  const int tiles = (k + kTile - 1) / kTile;
+  auto load = [&](int t, QuantFrag& f) {
+    const int col = t * kTile + 16 * tig; // this lane's first column
+    const bool in = col < k;
+    f.ra[0] = f.ra[1] = f.rb[0] = f.rb[1] = 0;
+    f.sa = f.ba = f.sb = f.bb = 0.0f;
+    if (in && va) {
+      load_codes<BITS, WIDE>(wq + ra * row_bytes + (long)col * BITS / 8, f.ra);
+      f.sa = to_f(scales[(long)ra * groups + col / gs]);
+      f.ba = to_f(biases[(long)ra * groups + col / gs]);
+    }
+    if (in && vb) {
+      load_codes<BITS, WIDE>(wq + rb * row_bytes + (long)col * BITS / 8, f.rb);
+      f.sb = to_f(scales[(long)rb * groups + col / gs]);
+      f.bb = to_f(biases[(long)rb * groups + col / gs]);
+    }
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      const uint4* src = reinterpret_cast<const uint4*>(pk + (long)(gid + 8 * nt) * k + col);
+      f.m[nt][0] = in ? src[0] : make_uint4(0, 0, 0, 0);
+      f.m[nt][1] = in ? src[1] : make_uint4(0, 0, 0, 0);
+    }
+  };
+  float acc[2][4] = {};
+  auto mul = [&](const QuantFrag& f) {
+    constexpr uint64_t mask = (uint64_t(1) << BITS) - 1;
+    auto deq = [&](const uint64_t (&run)[2], float s, float b, int e) {
+      return from_f<T>(fmaf(s, float(uint32_t((run[e / 8] >> ((e % 8) * BITS)) & mask)), b));
+    };
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int e = 4 * j;
+      uint32_t a[4] = {pack2(deq(f.ra, f.sa, f.ba, e), deq(f.ra, f.sa, f.ba, e + 1)),
+                       pack2(deq(f.rb, f.sb, f.bb, e), deq(f.rb, f.sb, f.bb, e + 1)),
+                       pack2(deq(f.ra, f.sa, f.ba, e + 2), deq(f.ra, f.sa, f.ba, e + 3)),
+                       pack2(deq(f.rb, f.sb, f.bb, e + 2), deq(f.rb, f.sb, f.bb, e + 3))};
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+        const uint4& v = f.m[nt][j / 2]; // words 2j, 2j + 1 of the lane's 16 elements
+        uint32_t b[2] = {j % 2 ? v.z : v.x, j % 2 ? v.w : v.y};
+        mma<T>(acc[nt], a, b);
+      }
+    }
+  };
+  // Two tiles in flight, as project_kernel.
+  QuantFrag fa, fb;
+  int t = warp;
+  if (t < tiles) load(t, fa);
+  if (t + kWarps < tiles) load(t + kWarps, fb);
+  for (; t < tiles; t += 2 * kWarps) {
+    mul(fa);
+    if (t + 2 * kWarps < tiles) load(t + 2 * kWarps, fa);
+    if (t + kWarps >= tiles) break;
+    mul(fb);
+    if (t + 3 * kWarps < tiles) load(t + 3 * kWarps, fb);
+  }
+#pragma unroll
+  for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) red[warp][nt * 4 + q][lane] = acc[nt][q];
+  __syncthreads();
+  if (warp != 0) return;
+#pragma unroll
+  for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      float sum = 0.0f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) sum += red[w][nt * 4 + q][lane];
+      int row = row0 + gid + (q >= 2 ? 8 : 0), j = nt * 8 + 2 * tig + (q & 1);
+      if (row < n && j < r) c[(long)row * r + j] = sum;
+    }
+  }
+}
+
 // ---- expand: y[row, col] = s sum_j p[row, j] M[j, col] (+ bias[col]) -----------------
 // A block owns one 16-row tile of p (one A fragment per warp: r <= 16 is a single k step)
 // and kWarps * kExpCols columns, which its warps take 64 at a time in turn (so that the
@@ -555,6 +686,42 @@ void lowrank_project(mx::cu::CommandEncoder& enc, const mx::array& x, const mx::
                               : reinterpret_cast<const void*>(&project_kernel<T, 2>);
     launch(enc, kern, dim3((n + 15) / 16), dim3(kThreads), 0, gpu_ptr<T>(x), gpu_ptr<T>(pk),
            gpu_ptr<void>(c), cdt, n, k, r, s, pad ? gpu_ptr<T>(*pad) : static_cast<T*>(nullptr));
+  });
+}
+
+void lowrank_project_quant(mx::cu::CommandEncoder& enc, const mx::array& wq,
+                           const mx::array& scales, const mx::array& biases, int bits, int gs,
+                           const mx::array& pk, int r, mx::array& c) {
+  int n = wq.shape(0), k = wq.shape(1) * 32 / bits; // mutable: launch() takes addresses
+  if (n == 0) return;
+  if (r < 1 || r > kLowRankMax || k % 32 != 0 || gs % 32 != 0 || k % gs != 0 ||
+      c.dtype() != mx::float32 || scales.dtype() != pk.dtype() || biases.dtype() != pk.dtype()) {
+    throw std::logic_error("[lowrank] project_quant: unsupported rank, group size or dtype");
+  }
+  reads_writes(enc, {&wq, &scales, &biases, &pk}, {&c});
+  // Rows are k * bits / 8 bytes, a multiple of 4 bits; a lane's codes start at multiples
+  // of 2 bits bytes: one aligned load for bits 2, 4, 8 when the base is 16-byte aligned.
+  const bool wide = aligned16(gpu_ptr<void>(wq));
+  with_t(pk.dtype(), [&](auto tt) {
+    using T = decltype(tt);
+    const void* kern = nullptr;
+    auto pick = [&]<int BITS>() {
+      kern = (wide && (BITS == 2 || BITS == 4 || BITS == 8))
+          ? reinterpret_cast<const void*>(&project_quant_kernel<T, BITS, true>)
+          : reinterpret_cast<const void*>(&project_quant_kernel<T, BITS, false>);
+    };
+    switch (bits) {
+      case 2: pick.template operator()<2>(); break;
+      case 3: pick.template operator()<3>(); break;
+      case 4: pick.template operator()<4>(); break;
+      case 5: pick.template operator()<5>(); break;
+      case 6: pick.template operator()<6>(); break;
+      case 8: pick.template operator()<8>(); break;
+      default: throw std::invalid_argument("[lowrank] bits must be 2, 3, 4, 5, 6 or 8");
+    }
+    launch(enc, kern, dim3((n + 15) / 16), dim3(kThreads), 0, gpu_ptr<uint8_t>(wq),
+           gpu_ptr<T>(scales), gpu_ptr<T>(biases), gpu_ptr<T>(pk), gpu_ptr<float>(c), n, k, r,
+           gs);
   });
 }
 

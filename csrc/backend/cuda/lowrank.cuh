@@ -56,6 +56,14 @@ std::vector<mx::array> lowrank_pack(mx::cu::CommandEncoder& enc, mx::Dtype t,
 void lowrank_project(mx::cu::CommandEncoder& enc, const mx::array& x, const mx::array& pk,
                      int r, float s, mx::array& c, mx::array* pad = nullptr);
 
+// c (n, r) = dequant(W) M in float32 for W (n, k) affine-quantized as mx.quantize lays it
+// out (bits 2, 3, 4, 5, 6 or 8; scales and biases per group of gs columns, in T = pk's
+// dtype, float16 or bfloat16); pk = M packed for project. DoRA's P = W A on a quantized
+// base: the codes are dequantized in registers, never to memory.
+void lowrank_project_quant(mx::cu::CommandEncoder& enc, const mx::array& wq,
+                           const mx::array& scales, const mx::array& biases, int bits, int gs,
+                           const mx::array& pk, int r, mx::array& c);
+
 // y (n, cols) = s * p (n, r) M (r, cols) (+ bias (cols,) in T); pe = M packed for expand.
 void lowrank_expand(mx::cu::CommandEncoder& enc, const mx::array& p, const mx::array& pe,
                     float s, const mx::array* bias, mx::array& y);

@@ -40,6 +40,9 @@ void DoRARowSqNorm::eval_gpu(const std::vector<mx::array>& in, mx::array& out) {
 
 // inputs: p (out, r) | pᵀ (r, out) in its dtype, b f32 (r, out), a f32 (in, r), c f32 (out,).
 void DoRAInvNorm::eval_gpu(const std::vector<mx::array>& in, mx::array& out) {
+  if (bits_) { // compose_gpu builds the quantized form for CUDA (and the CPU) only
+    throw std::logic_error("[dora_inv_norm_quant] no Metal kernel: MLX's quantized matmul makes P");
+  }
   out.set_data(mx::allocator::malloc(out.nbytes()));
   const auto& p = in[0];
   const auto& b = in[1];
