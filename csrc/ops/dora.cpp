@@ -502,8 +502,16 @@ mx::array dora_linear(
     const char* v = std::getenv("MLX_TUNER_DORA_FUSED");
     return !(v && v[0] == '0');
   }();
-  bool fused_gpu = fused_on && gpu && !compose && !scales && x.dtype() == weight.dtype() &&
-      r <= kInvNormMaxRank;
+  // Quantized (with the qlora family): x in the scales' dtype, float16 or bfloat16, what
+  // QLoRA's rank-r kernels take (ranks 1 to 16, widths multiples of 16).
+  bool quant_ok = false;
+#if defined(MLX_TUNER_QDORA_FUSED_GPU)
+  quant_ok = scales && x.dtype() == scales->dtype() &&
+      (x.dtype() == mx::float16 || x.dtype() == mx::bfloat16) && r >= 1 &&
+      r <= kInvNormQuantMaxRank && in % 16 == 0 && out % 16 == 0;
+#endif
+  bool fused_gpu = fused_on && gpu && !compose &&
+      (scales ? quant_ok : x.dtype() == weight.dtype() && r <= kInvNormMaxRank);
 #else
   bool fused_gpu = false;
 #endif

@@ -22,6 +22,10 @@
 // GPU path composes (ops/dora.cpp compose_gpu).
 #if defined(MLX_TUNER_CUDA) && defined(MLX_TUNER_DORA_GPU) && defined(MLX_TUNER_LORA_GPU)
 #define MLX_TUNER_DORA_FUSED_GPU 1
+// ... and with the qlora family, the quantized layer too (QLoRA's forward and backward).
+#if defined(MLX_TUNER_QLORA_GPU)
+#define MLX_TUNER_QDORA_FUSED_GPU 1
+#endif
 #endif
 
 namespace mlx_tuner {

@@ -130,6 +130,18 @@ def test_widths_of_sixteen(device, xd):
     check_all(x, w, a, b, m, 2.0, bias, kw, bf16)
 
 
+@pytest.mark.parametrize("xd", [False, True], ids=["no_dropout", "dropout"])
+@pytest.mark.parametrize("gs,bits", [(64, 4), (32, 3), (128, 8)])
+@pytest.mark.parametrize("dt", [bf16, f16], ids=str)
+def test_quantized_widths_of_sixteen(device, dt, gs, bits, xd):
+    # x in the scales' dtype, widths that are multiples of 16: on CUDA one primitive each way
+    # (QLoRA's kernels with m / n folded into W's dequantized blocks, B's packed copy and dB);
+    # zero and tiny magnitudes make the backward recompute dm's lost columns from the codes.
+    x, w, a, b, m, bias, kw = make((3, 11), 128, 48, 8, dt, f32, xd=xd, quant=(gs, bits))
+    m = mx.where(mx.arange(48) % 7 == 0, 0.0, mx.where(mx.arange(48) % 7 == 1, 1e-35, m))
+    check_all(x, w, a, b, m, 2.0, bias, kw, dt)
+
+
 @pytest.mark.parametrize("lead,k,o,r", QSHAPES)
 @pytest.mark.parametrize("gs,bits", [(32, 2), (64, 3), (64, 4), (128, 4), (32, 5), (64, 6),
                                      (128, 8)])
@@ -252,10 +264,11 @@ def test_kernel_is_used_on_cpu():
 @pytest.mark.skipif(mx.default_device() != mx.gpu
                     or getattr(_extension.extension(), "gpu_backend", None) != "cuda",
                     reason="the one-primitive DoRA path is CUDA's")
-def test_cuda_runs_one_primitive_each_way():
-    x, w, a, b, m, _, _ = make((4,), 64, 48, 8, bf16, f32, bias=False, xd=False)
+@pytest.mark.parametrize("quant", [None, (64, 4)], ids=["dense", "q4"])
+def test_cuda_runs_one_primitive_each_way(quant):
+    x, w, a, b, m, _, kw = make((4,), 64, 48, 8, bf16, f32, bias=False, xd=False, quant=quant)
     dy = mx.ones((4, 48), bf16)
-    y, vjp = mx.vjp(lambda a, m: [dora_linear(x, w, a, b, m, 2.0)], [a, m], [dy])
+    y, vjp = mx.vjp(lambda a, m: [dora_linear(x, w, a, b, m, 2.0, **kw)], [a, m], [dy])
     names = _graph_names(y[0]) + _graph_names(vjp[0]) + _graph_names(vjp[1])
     assert "DoRALinear" in names and "DoRALinearVJP" in names
     assert "DoRAScale" not in names and "DoRAInvNorm" not in names

@@ -27,6 +27,9 @@
 #include "backend/cuda/lora.cuh"
 #include "backend/cuda/lowrank.cuh"
 #endif
+#if defined(MLX_TUNER_QDORA_FUSED_GPU)
+#include "backend/cuda/qlora.cuh"
+#endif
 
 namespace mlx_tuner {
 
@@ -347,17 +350,43 @@ __global__ void sum_partials(const float* __restrict__ part_sv, const float* __r
   }
 }
 
+// W's element (j, k) for dm_finish's recompute: dense, or decoded from affine codes and
+// rounded to T as the forward's dequantized blocks are.
+template <typename T>
+struct DenseW {
+  const T* w;
+  int in;
+  __device__ float operator()(int j, int k) const {
+    return to_f(w[(size_t)j * in + k]);
+  }
+};
+template <typename T>
+struct QuantW {
+  const uint8_t* q;
+  const T *scales, *biases;
+  int in, gs, bits;
+  __device__ float operator()(int j, int k) const {
+    const size_t bit = ((size_t)j * in + k) * bits; // rows are whole bytes (in % 32 == 0)
+    unsigned v = q[bit >> 3];
+    if ((bit & 7) + bits > 8) v |= unsigned(q[(bit >> 3) + 1]) << 8;
+    const size_t g = (size_t)j * (in / gs) + k / gs;
+    const float w = fmaf(to_f(scales[g]), float((v >> (bit & 7)) & ((1u << bits) - 1)),
+                         to_f(biases[g]));
+    return to_f(from_f<T>(w));
+  }
+};
+
 // DoRALinearVJP's dm from y = rs u (rs = m / n): dm_j = sum_rows dy_j u_j / n_j
 // = (the row_tiles partial rows of dy * y, added in order) / m_j. Where y lost u (m_j = 0,
 // or rs under lo: the CPU kernel's recompute_column), u_j = x W_j^T + s xa B_j is recomputed
 // from the inputs instead, by the whole block (rare: this is the correctness path, one
 // column at a time). The block's columns are taken one by one, so the result does not
 // depend on the order in which they were found.
-template <typename T>
+template <typename T, typename W>
 __global__ void __launch_bounds__(kThreads)
     dm_finish(const float* __restrict__ part, int row_tiles, const float* __restrict__ m,
-              const float* __restrict__ n, float lo, const T* __restrict__ x,
-              const T* __restrict__ w, const T* __restrict__ xa, const float* __restrict__ b,
+              const float* __restrict__ n, float lo, const T* __restrict__ x, W w,
+              const T* __restrict__ xa, const float* __restrict__ b,
               const T* __restrict__ dy, float* __restrict__ dm, int rows, int in, int r,
               int cols, float s) {
   __shared__ int lost[kThreads];
@@ -379,18 +408,32 @@ __global__ void __launch_bounds__(kThreads)
   const int count = nlost;
   for (int q = 0; q < count; ++q) {
     const int j = lost[q];
-    const T* wj = w + (size_t)j * in;
     float t = 0.f;
     for (int row = threadIdx.x; row < rows; row += kThreads) {
       const T* xr = x + (size_t)row * in;
       float u = 0.f;
-      for (int k = 0; k < in; ++k) u += to_f(xr[k]) * to_f(wj[k]);
+      for (int k = 0; k < in; ++k) u += to_f(xr[k]) * w(j, k);
       for (int k = 0; k < r; ++k) u += s * to_f(xa[(size_t)row * r + k]) * b[(size_t)k * cols + j];
       t += to_f(dy[(size_t)row * cols + j]) * u;
     }
     t = block_sum(t);
     if (threadIdx.x == 0) dm[j] = t / n[j];
     __syncthreads(); // block_sum's shared partials are reused by the next column
+  }
+}
+
+// rs[i] = m[i] / n[i]: the backward's row scale (the forward writes n).
+__global__ void ratio(const float* m, const float* n, float* rs, int count) {
+  const int i = blockIdx.x * kThreads + threadIdx.x;
+  if (i < count) rs[i] = m[i] / n[i];
+}
+
+// A 16-bit array's copy, 16-byte aligned: for the rank-r kernels, which read rows by 16-byte
+// vectors, where a view starts off that alignment.
+__global__ void copy16(const uint16_t* src, uint16_t* dst, long long count) {
+  for (long long i = blockIdx.x * (long long)kThreads + threadIdx.x; i < count;
+       i += (long long)gridDim.x * kThreads) {
+    dst[i] = src[i];
   }
 }
 
@@ -698,8 +741,10 @@ void DoRARowSqNorm::eval_gpu(const std::vector<mx::array>& in, mx::array& out) {
 }
 
 #if defined(MLX_TUNER_DORA_FUSED_GPU)
-// Dense DoRA as two primitives (ops/dora.cpp): one node each way in MLX's graph where the
-// composition of the other backends costs about ten (each op's host time adds up).
+// DoRA as two primitives (ops/dora.cpp): one node each way in MLX's graph where the
+// composition of the other backends costs about ten (each op's host time adds up). Dense W:
+// LoRA's forward and backward (lora.cuh). Quantized W (with the qlora family): QLoRA's
+// (qlora.cuh), m / n folded into W's dequantized blocks and B's packed copy.
 
 namespace {
 
@@ -713,14 +758,27 @@ struct DoRAArgs {
         xd(cfg.has_xd ? &in[idx.xd] : nullptr) {}
 };
 
+// a itself, or (a view off 16-byte alignment) its aligned copy in `keep`: the rank-r
+// kernels read rows by 16-byte vectors. T is 16-bit on the quantized path.
+const mx::array& aligned(mx::cu::CommandEncoder& enc, const mx::array& a,
+                         std::optional<mx::array>& keep) {
+  if (cuda::aligned16(gpu_ptr<void>(a)) || a.size() == 0) return a;
+  keep = cuda::scratch(enc, a.shape(), a.dtype());
+  cuda::reads_writes(enc, {&a}, {&*keep});
+  long long count = a.size();
+  const uint16_t* src = gpu_ptr<uint16_t>(a);
+  uint16_t* dst = gpu_ptr<uint16_t>(*keep);
+  dim3 grid(unsigned(std::min<long long>(ceil_div(count, kThreads), 4096)));
+  cuda::launch(enc, reinterpret_cast<const void*>(&copy16), grid, dim3(kThreads), 0u, src, dst,
+               count);
+  return *keep;
+}
+
 } // namespace
 
 void DoRALinear::eval_gpu(const std::vector<mx::array>& in, std::vector<mx::array>& outs) {
   cuda::HostTimer timer("dora_linear");
   auto& enc = mx::cu::get_command_encoder(stream());
-  if (cfg_.quantized) {
-    throw std::logic_error("[dora_linear] the quantized GPU path composes (ops/dora.cpp)");
-  }
   const DoRAArgs args(cfg_, in);
   const auto &x = args.x, &w = args.w, &a = args.a, &b = args.b, &m = args.m;
   const mx::array* xd = args.xd;
@@ -728,19 +786,48 @@ void DoRALinear::eval_gpu(const std::vector<mx::array>& in, std::vector<mx::arra
   auto& xa = outs[1];
   auto& nrm = outs[2];
   for (auto& o : outs) cuda::alloc_output(o, enc);
-  int rows = x.shape(0), k = w.shape(1), out = w.shape(0), r = a.shape(1);
+  int rows = x.shape(0), k = x.shape(1), out = m.shape(0), r = a.shape(1);
   if (out == 0) return;
   auto T = x.dtype();
   float s = cfg_.scale;
   std::optional<mx::array> c_own; // c = ||W_i||^2 when the layer did not cache it
   if (!cfg_.has_c) {
     c_own = cuda::scratch(enc, {out}, mx::float32);
-    cuda::reads_writes(enc, {&w}, {&*c_own});
-    by_type(T, [&]<typename U>() { launch_dense<U>(enc, w, *c_own); });
+    if (cfg_.quantized) {
+      std::vector<mx::array> wsb = {w, in[args.idx.scales], in[args.idx.biases]};
+      cuda::reads_writes(enc, {&wsb[0], &wsb[1], &wsb[2]}, {&*c_own});
+      by_type(wsb[1].dtype(), [&]<typename S>() {
+        launch_quant<S>(enc, wsb, *c_own, cfg_.group_size, cfg_.bits);
+      });
+    } else {
+      cuda::reads_writes(enc, {&w}, {&*c_own});
+      by_type(T, [&]<typename U>() { launch_dense<U>(enc, w, *c_own); });
+    }
   }
   const mx::array& c = cfg_.has_c ? in[args.idx.c] : *c_own;
   auto rs = cuda::scratch(enc, {out}, mx::float32); // m / n
   auto p = cuda::scratch(enc, {out, r}, mx::float32); // P = W A
+  if (cfg_.quantized) {
+#if defined(MLX_TUNER_QDORA_FUSED_GPU)
+    // P from the codes (A packed in T), the norms, then QLoRA's forward with W's rows and
+    // B's columns scaled by m / n (ops/dora.cpp sends only what qlora_own_fits takes).
+    auto sc = cuda::as_dtype(enc, in[args.idx.scales], T);
+    auto bi = cuda::as_dtype(enc, in[args.idx.biases], T);
+    auto pk = cuda::lowrank_pack(enc, T, {{a, r, 1, k, r, true}});
+    cuda::lowrank_project_quant(enc, w, sc, bi, cfg_.bits, cfg_.group_size, pk[0], r, p);
+    launch_norm(enc, p, b, a, c, &m, s, false, rs, &nrm);
+    if (rows == 0) return;
+    std::optional<mx::array> xd_keep;
+    const mx::array* xdp = xd ? &aligned(enc, *xd, xd_keep) : nullptr;
+    std::optional<mx::array> x_keep;
+    const mx::array& xx = xd ? x : aligned(enc, x, x_keep);
+    cuda::qlora_forward(enc, xx, xdp, {w, sc, bi, cfg_.bits, cfg_.group_size}, a, b, nullptr,
+                        s, y, xa, &rs);
+    return;
+#else
+    throw std::logic_error("[dora_linear] the quantized GPU path composes in this build");
+#endif
+  }
   const mx::array& xp = xd ? *xd : x;
   if (cuda::lowrank_fits(r, T, {k, out}, {&w, &xp}) &&
       cuda::lora_gemm_fits(enc, T, k, out, {&x, &w, &y})) {
@@ -777,35 +864,80 @@ void DoRALinearVJP::eval_gpu(const std::vector<mx::array>& in, std::vector<mx::a
   for (int g = 0, k = 0; g < kNumGrads; ++g) {
     if (want_[g]) out[g] = &outs[k++];
   }
-  int rows = x.shape(0), k = w.shape(1), cols = w.shape(0), r = a.shape(1);
+  int rows = x.shape(0), k = x.shape(1), cols = m.shape(0), r = a.shape(1);
   auto T = x.dtype();
   float s = cfg_.scale;
   bool need_g = out[kGradX] || out[kGradXd] || out[kGradA] || out[kGradB];
-  std::optional<mx::array> g; // g = dy * m / n: LoRA's backward then runs on it
-  if (need_g) g = cuda::scratch(enc, {rows, cols}, T);
+#if defined(MLX_TUNER_QDORA_FUSED_GPU)
+  std::optional<mx::array> sc, bi;
+  if (cfg_.quantized) {
+    sc = cuda::as_dtype(enc, in[args.idx.scales], T);
+    bi = cuda::as_dtype(enc, in[args.idx.biases], T);
+  }
+#else
+  if (cfg_.quantized) {
+    throw std::logic_error("[dora_linear] the quantized GPU path composes in this build");
+  }
+#endif
+  // Dense: g = dy * m / n, on which LoRA's backward then runs. Quantized: none (the scale
+  // goes into QLoRA's backward).
+  std::optional<mx::array> g;
+  if (need_g && !cfg_.quantized) g = cuda::scratch(enc, {rows, cols}, T);
   by_type(T, [&]<typename U>() {
     // One pass over dy (and y, for dm): g, and the partial column sums of dy * y.
+    if (!g && !out[kGradM]) return;
     auto part = launch_scale_vjp_tiles<U>(enc, dy, m, &nrm, out[kGradM] ? &y : nullptr,
                                           g ? &*g : nullptr, false);
     if (!out[kGradM] || cols == 0) return;
-    cuda::reads_writes(enc, {part.sv ? &*part.sv : nullptr, &m, &nrm, &x, &w, &xa, &b, &dy},
+    const mx::array* wq_in[3] = {&w, cfg_.quantized ? &in[args.idx.scales] : nullptr,
+                                 cfg_.quantized ? &in[args.idx.biases] : nullptr};
+    cuda::reads_writes(enc, {part.sv ? &*part.sv : nullptr, &m, &nrm, &x, &w, wq_in[1], wq_in[2],
+                             &xa, &b, &dy},
                        {out[kGradM]});
     const float* pp = part.sv ? gpu_ptr<float>(*part.sv) : nullptr;
     int row_tiles = part.row_tiles;
     float lo = T == mx::float16 ? 1.0f / 256 : 1e-30f; // the CPU kernel's recompute_column
-    cuda::launch(enc, reinterpret_cast<const void*>(&dm_finish<U>),
-                 dim3(unsigned(ceil_div(cols, kThreads))), dim3(kThreads), 0u, pp, row_tiles,
-                 static_cast<const float*>(gpu_ptr<float>(m)),
-                 static_cast<const float*>(gpu_ptr<float>(nrm)), lo,
-                 static_cast<const U*>(gpu_ptr<U>(x)), static_cast<const U*>(gpu_ptr<U>(w)),
-                 static_cast<const U*>(gpu_ptr<U>(xa)), static_cast<const float*>(gpu_ptr<float>(b)),
-                 static_cast<const U*>(gpu_ptr<U>(dy)), gpu_ptr<float>(*out[kGradM]), rows, k, r,
-                 cols, s);
+    auto go = [&](auto wacc) {
+      cuda::launch(enc, reinterpret_cast<const void*>(&dm_finish<U, decltype(wacc)>),
+                   dim3(unsigned(ceil_div(cols, kThreads))), dim3(kThreads), 0u, pp, row_tiles,
+                   static_cast<const float*>(gpu_ptr<float>(m)),
+                   static_cast<const float*>(gpu_ptr<float>(nrm)), lo,
+                   static_cast<const U*>(gpu_ptr<U>(x)), wacc,
+                   static_cast<const U*>(gpu_ptr<U>(xa)),
+                   static_cast<const float*>(gpu_ptr<float>(b)),
+                   static_cast<const U*>(gpu_ptr<U>(dy)), gpu_ptr<float>(*out[kGradM]), rows, k,
+                   r, cols, s);
+    };
+#if defined(MLX_TUNER_QDORA_FUSED_GPU)
+    if (cfg_.quantized) {
+      go(QuantW<U>{gpu_ptr<uint8_t>(w), gpu_ptr<U>(*sc), gpu_ptr<U>(*bi), k, cfg_.group_size,
+                   cfg_.bits});
+      return;
+    }
+#endif
+    go(DenseW<U>{gpu_ptr<U>(w), k});
   });
-  if (need_g) {
-    cuda::lora_backward(enc, x, w, a, b, xa, *g, xd, s,
-                        {out[kGradX], out[kGradXd], out[kGradA], out[kGradB]});
+  if (!need_g) return;
+#if defined(MLX_TUNER_QDORA_FUSED_GPU)
+  if (cfg_.quantized) { // dy's columns scaled by rs = m / n inside QLoRA's backward
+    auto rs = cuda::scratch(enc, {cols}, mx::float32);
+    cuda::reads_writes(enc, {&m, &nrm}, {&rs});
+    if (cols > 0) {
+      cuda::launch(enc, reinterpret_cast<const void*>(&ratio), dim3(unsigned(ceil_div(cols, kThreads))),
+                   dim3(kThreads), 0u, static_cast<const float*>(gpu_ptr<float>(m)),
+                   static_cast<const float*>(gpu_ptr<float>(nrm)), gpu_ptr<float>(rs), cols);
+    }
+    std::optional<mx::array> keep_dy, keep_xd;
+    const mx::array& dya = aligned(enc, dy, keep_dy);
+    const mx::array& xda = aligned(enc, xd ? *xd : x, keep_xd);
+    cuda::qlora_backward(enc, xda, xd != nullptr, xa, {w, *sc, *bi, cfg_.bits, cfg_.group_size},
+                         a, b, dya, s,
+                         {out[kGradX], out[kGradXd], out[kGradA], out[kGradB]}, &rs);
+    return;
   }
+#endif
+  cuda::lora_backward(enc, x, w, a, b, xa, *g, xd, s,
+                      {out[kGradX], out[kGradXd], out[kGradA], out[kGradB]});
 }
 #endif
 

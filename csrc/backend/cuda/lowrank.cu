@@ -84,6 +84,8 @@ struct PackJob {
   void* dst;
   int U, V, ld; // dst rows ld elements apart
   float s;
+  const float* line; // null, or a scale by v (project operands) or by u (expand operands)
+  int line_on_u;
 };
 struct PackJobs {
   PackJob j[2];
@@ -102,7 +104,9 @@ __global__ void pack_kernel(PackJobs jobs) {
   for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < total;
        i += (long)gridDim.x * blockDim.x) {
     int u = int(i / job.V), v = int(i % job.V);
-    float val = (u < job.ulim && v < job.vlim) ? ld(job.src, u * job.su + v * job.sv, job.sdt) : 0.0f;
+    const bool in = u < job.ulim && v < job.vlim;
+    float val = in ? ld(job.src, u * job.su + v * job.sv, job.sdt) : 0.0f;
+    if (job.line && in) val *= job.line[job.line_on_u ? u : v];
     static_cast<T*>(job.dst)[(long)u * job.ld + v] = from_f<T>(job.s * val);
   }
 }
@@ -460,6 +464,7 @@ struct RedJob {
   int dt;
   long di, dj;
   float s;
+  const float* dsc; // null, or d's row scale
 };
 struct RedJobs {
   RedJob j[2];
@@ -481,7 +486,7 @@ __device__ inline void finish_entry(const RedJob& job, int slices, int col, int 
     for (int u = 0; u < 8; ++u) sum += v[u];
   }
   for (; sl < slices; ++sl) sum += __ldcg(p + sl * step);
-  st(job.d, col * job.di + j * job.dj, job.dt, job.s * sum);
+  st(job.d, col * job.di + j * job.dj, job.dt, job.s * sum * (job.dsc ? job.dsc[col] : 1.0f));
 }
 
 template <typename T>
@@ -654,15 +659,19 @@ std::vector<mx::array> lowrank_pack(mx::cu::CommandEncoder& enc, mx::Dtype t,
     int U = m.for_project ? 16 : m.cols, V = m.for_project ? m.rows : 16;
     int ld = m.for_project ? V : m.ld;
     out.push_back(scratch(enc, {U, ld}, t));
+    const float* line = m.line_scale ? gpu_ptr<float>(*m.line_scale) : nullptr;
     pj.j[i++] = {gpu_ptr<void>(m.m), dt_of(m.m, "a LoRA matrix"), m.sj, m.si, m.cols, m.rows,
-                 gpu_ptr<void>(out.back()), U, V, ld, m.s};
+                 gpu_ptr<void>(out.back()), U, V, ld, m.s, line, m.for_project ? 0 : 1};
     most = std::max(most, (long)U * V);
   }
   if (counters) {
     pj.zero = gpu_ptr<int>(*counters);
     pj.nzero = int(counters->size());
   }
-  for (auto& m : ms) enc.set_input_array(m.m);
+  for (auto& m : ms) {
+    enc.set_input_array(m.m);
+    if (m.line_scale) enc.set_input_array(*m.line_scale);
+  }
   for (auto& o : out) enc.set_output_array(o);
   if (counters) enc.set_output_array(*counters);
   with_t(t, [&](auto tt) {
@@ -781,10 +790,14 @@ void lowrank_reduce(mx::cu::CommandEncoder& enc, const std::vector<ReduceJob>& j
     int k = width(jb.x);
     parts.push_back(scratch(enc, {slices, std::max(k, 1), 16}, mx::float32));
     rj.j[i] = {gpu_ptr<void>(jb.x), gpu_ptr<void>(jb.g), gpu_ptr<float>(parts.back()), k,
-               gpu_ptr<void>(jb.d), dt_of(jb.d, "a gradient"), jb.di, jb.dj, jb.s};
+               gpu_ptr<void>(jb.d), dt_of(jb.d, "a gradient"), jb.di, jb.dj, jb.s,
+               jb.d_scale ? gpu_ptr<float>(*jb.d_scale) : nullptr};
     ++i;
   }
-  for (auto& jb : jobs) enc.set_input_array(jb.x), enc.set_input_array(jb.g);
+  for (auto& jb : jobs) {
+    enc.set_input_array(jb.x), enc.set_input_array(jb.g);
+    if (jb.d_scale) enc.set_input_array(*jb.d_scale);
+  }
   if (counters) enc.set_input_array(*counters);
   for (auto& p : parts) enc.set_output_array(p);
   if (counters) {

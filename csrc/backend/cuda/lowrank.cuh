@@ -35,6 +35,9 @@ bool lowrank_fits(int r, mx::Dtype t, std::initializer_list<int> widths,
 // (k, r); for lowrank_expand it is (r, cols).
 // An expand operand may be packed scaled by s into rows ld elements apart (lora_gemm reads
 // it with ld = kLowRankPad).
+// line_scale (float32), when given, scales M along its long side: row i by line_scale[i]
+// for a project operand, column j by line_scale[j] for an expand operand (B's out side
+// either way: QDoRA's m / n).
 struct LowRankMatrix {
   const mx::array& m;
   long si, sj;
@@ -42,6 +45,7 @@ struct LowRankMatrix {
   bool for_project;
   int ld = 16;
   float s = 1.0f;
+  const mx::array* line_scale = nullptr;
 };
 
 // Packed copies in dtype t, in one launch: [16][k] for a project operand, [cols][16] for
@@ -72,12 +76,15 @@ void lowrank_expand(mx::cu::CommandEncoder& enc, const mx::array& p, const mx::a
 // d[i * di + j * dj] in d's dtype: the LoRA parameter gradients. Up to two jobs share one
 // pair of launches (partial sums over slices of the rows, then their sum in a fixed
 // order: the same inputs give the same bits).
+// d_scale (float32 (k,)), when given, scales d's row i by d_scale[i] (QDoRA's dB = s xa^T dy
+// with dy's columns scaled by m / n).
 struct ReduceJob {
   const mx::array& x;
   const mx::array& g;
   mx::array& d;
   long di, dj;
   float s;
+  const mx::array* d_scale = nullptr;
 };
 // With counters (zeroed by a lowrank_pack launched before it in the same primitive), the
 // slices are summed inside the reduce launch: one graph node fewer.

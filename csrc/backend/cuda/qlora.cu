@@ -29,6 +29,7 @@
 #include "backend/cuda/dtype.cuh"
 #include "backend/cuda/gemm.cuh"
 #include "backend/cuda/lowrank.cuh"
+#include "backend/cuda/qlora.cuh"
 #include "ops/qlora.h"
 
 namespace mlx_tuner {
@@ -85,10 +86,12 @@ __device__ inline uint64_t load_run8(const uint8_t* src) {
 // and stores them with one 16-byte write (two for float32), so that a warp's loads and
 // stores are contiguous: one thread per 32 elements, the earlier layout, wrote 64-byte
 // strided runs and took 13 us per 8 MB block on the H200 (0.8 TB/s).
+// With rs (QDoRA's m / n for the block's rows), row i is scaled by rs[i] before the one
+// rounding to T.
 template <typename T, int BITS, bool ALIGNED>
 __global__ void __launch_bounds__(kThreads) dequant_block(
-    const uint8_t* wq, const T* scales, const T* biases, T* out, int rows, int cols,
-    int c0, long long row_bytes, int groups, int group_size) {
+    const uint8_t* wq, const T* scales, const T* biases, const float* rs, T* out, int rows,
+    int cols, int c0, long long row_bytes, int groups, int group_size) {
   const int runs = cols / 8;
   const long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x;
   if (idx >= (long long)rows * runs) {
@@ -99,11 +102,13 @@ __global__ void __launch_bounds__(kThreads) dequant_block(
   const uint64_t w = load_run8<BITS, ALIGNED>(wq + row * row_bytes + (long long)(col / 8) * BITS);
   const long long sg = (long long)row * groups + col / group_size;
   const float s = to_f(scales[sg]), b = to_f(biases[sg]);
+  const float rsc = rs ? rs[row] : 1.0f;
   constexpr uint64_t mask = (uint64_t(1) << BITS) - 1;
   float v[8];
 #pragma unroll
   for (int t = 0; t < 8; ++t) {
     v[t] = fmaf(s, float(uint32_t((w >> (t * BITS)) & mask)), b);
+    if (rs) v[t] *= rsc;
   }
   uint4* dst = reinterpret_cast<uint4*>(out + (long long)row * cols + run * 8);
   if constexpr (sizeof(T) == 4) {
@@ -162,6 +167,7 @@ struct Quantized {
   const mx::array& scales; // in T
   const mx::array& biases;
   int out, in, bits, group_size;
+  const mx::array* rs = nullptr; // rows scaled by it (float32 (out,)) when given
 
   // buf[0:rows, 0:cols] = dequant(W)[r0:r0+rows, c0:c0+cols]; `after` (the GEMMs' output,
   // or null for a fresh buffer) is registered as read so that this node waits for the
@@ -179,7 +185,8 @@ struct Quantized {
     if (runs == 0) {
       return;
     }
-    reads_writes(enc, {&wq, &scales, &biases, after}, {&buf});
+    reads_writes(enc, {&wq, &scales, &biases, rs, after}, {&buf});
+    const float* rp = rs ? mx::gpu_ptr<float>(*rs) + r0 : nullptr;
     dim3 grid(unsigned((runs + kThreads - 1) / kThreads));
     dispatch_type(buf.dtype(), [&]<typename T>() {
       const T* s = mx::gpu_ptr<T>(scales) + (long long)r0 * groups;
@@ -188,8 +195,8 @@ struct Quantized {
       auto go = [&]<int BITS>() {
         const void* k = aligned ? reinterpret_cast<const void*>(&dequant_block<T, BITS, true>)
                                 : reinterpret_cast<const void*>(&dequant_block<T, BITS, false>);
-        cuda::launch(enc, k, grid, dim3(kThreads), 0u, w, s, b, o, rows, cols, c0, row_bytes,
-                     groups, gs);
+        cuda::launch(enc, k, grid, dim3(kThreads), 0u, w, s, b, rp, o, rows, cols, c0,
+                     row_bytes, groups, gs);
       };
       switch (bits) {
         case 2: go.template operator()<2>(); break;
@@ -233,39 +240,39 @@ int leading_rows(const mx::array& x) {
 
 } // namespace
 
-void QLoRA::eval_gpu(const std::vector<mx::array>& in, std::vector<mx::array>& outs) {
-  cuda::HostTimer timer("qlora_linear");
-  auto& enc = mx::cu::get_command_encoder(stream());
-  const auto& x = in[0];
-  const auto& xd = p_.has_xd ? in[6] : x;
-  const mx::array* bias = p_.has_bias ? &in[p_.has_xd ? 7 : 6] : nullptr;
-  auto& y = outs[0];
-  auto& xa = outs[1];
-  cuda::alloc_output(y, enc);
-  cuda::alloc_output(xa, enc);
-  const int out = in[1].shape(0), k = x.shape(-1), r = in[4].shape(1), m = leading_rows(x);
+namespace cuda {
+
+bool qlora_own_fits(int r, mx::Dtype t, int k, int out,
+                    std::initializer_list<const mx::array*> projected) {
+  return r > 0 && k > 0 && lowrank_fits(r, t, {k, out}, projected);
+}
+
+void qlora_forward(mx::cu::CommandEncoder& enc, const mx::array& x, const mx::array* xd_in,
+                   const QuantWeight& qw, const mx::array& a, const mx::array& b,
+                   const mx::array* bias, float s, mx::array& y, mx::array& xa,
+                   const mx::array* row_scale) {
+  const auto& xd = xd_in ? *xd_in : x;
+  const int out = qw.wq.shape(0), k = x.shape(-1), r = a.shape(1), m = leading_rows(x);
   if (m == 0) {
     return;
   }
   const auto T = x.dtype();
-  auto sc = as_dtype(enc, in[2], T);
-  auto bi = as_dtype(enc, in[3], T);
-  std::optional<mx::array> bias_t;
-  if (bias) {
-    bias_t = as_dtype(enc, *bias, T);
-    bias = &*bias_t;
+  const bool own = qlora_own_fits(r, T, k, out, {&xd});
+  if (row_scale && !own) {
+    throw std::logic_error("[qlora_linear] a row scale needs the rank-r kernels (qlora_own_fits)");
   }
   // The rank-r term (+ bias) first; the base GEMMs accumulate into it (beta = 1).
   float beta = 1.0f;
-  if (r > 0 && k > 0 && cuda::lowrank_fits(r, T, {k, out}, {&xd})) { // kernels of ours (lowrank.cuh)
-    auto mm = cuda::lowrank_pack(enc, T, {{in[4], r, 1, k, r, true}, {in[5], out, 1, r, out, false}});
-    cuda::lowrank_project(enc, xd, mm[0], r, 1.0f, xa);
-    cuda::lowrank_expand(enc, xa, mm[1], p_.scale, bias, y);
+  if (own) { // kernels of ours (lowrank.cuh)
+    auto mm = lowrank_pack(enc, T, {{a, r, 1, k, r, true},
+                                    {b, out, 1, r, out, false, 16, 1.0f, row_scale}});
+    lowrank_project(enc, xd, mm[0], r, 1.0f, xa);
+    lowrank_expand(enc, xa, mm[1], s, bias, y);
   } else if (r > 0 && k > 0) {
-    auto [a_t, b_t] = as_dtype(enc, in[4], in[5], T);
-    cuda::GemmBatch batch(enc); // both rank-r GEMMs as one graph node
+    auto [a_t, b_t] = as_dtype(enc, a, b, T);
+    GemmBatch batch(enc); // both rank-r GEMMs as one graph node
     gemm(enc, {false, false, m, r, k, T, T, T}, 1.0f, xd, a_t, 0.0f, xa);
-    gemm(enc, {false, false, m, out, r, T, T, T}, p_.scale, xa, b_t, 0.0f, y, bias);
+    gemm(enc, {false, false, m, out, r, T, T, T}, s, xa, b_t, 0.0f, y, bias);
   } else {
     fill(enc, xa, nullptr); // x_d A over an empty input dimension
     if (bias || k == 0) {
@@ -278,7 +285,7 @@ void QLoRA::eval_gpu(const std::vector<mx::array>& in, std::vector<mx::array>& o
     return;
   }
   // Blocks of R rows of W: y[:, r0:r0+R] += x Wcᵀ.
-  Quantized q{in[1], sc, bi, out, k, p_.bits, p_.group_size};
+  Quantized q{qw.wq, qw.scales, qw.biases, out, k, qw.bits, qw.group_size, row_scale};
   const int R = block_len(out, k, mx::size_of(T));
   const int nb = (out + R - 1) / R;
   std::vector<mx::array> bufs;
@@ -292,28 +299,19 @@ void QLoRA::eval_gpu(const std::vector<mx::array>& in, std::vector<mx::array>& o
       const int r1 = r0 + R;
       q.dequant(enc, bufs[(c + 1) % 2], r1, std::min(R, out - r1), 0, k, c > 0 ? &y : nullptr);
     }
-    cuda::Gemm g{false, true, m, rc, k, T, T, T};
+    Gemm g{false, true, m, rc, k, T, T, T};
     g.ldc = out;
     g.c_off = size_t(r0);
     gemm(enc, g, 1.0f, x, bufs[c % 2], beta, y);
   }
 }
 
-void QLoRAVJP::eval_gpu(const std::vector<mx::array>& in, std::vector<mx::array>& outs) {
-  cuda::HostTimer timer("qlora_linear_vjp");
-  auto& enc = mx::cu::get_command_encoder(stream());
-  const auto& xd = in[6];
-  const auto& xa = in[7];
-  for (auto& o : outs) {
-    cuda::alloc_output(o, enc);
-  }
-  size_t o = 0;
-  auto take = [&](bool on) -> mx::array* { return on ? &outs[o++] : nullptr; };
-  mx::array* dx = take(g_.dx);
-  mx::array* dxd = take(g_.dxd);
-  mx::array* da = take(g_.da);
-  mx::array* db = take(g_.db);
-  const int out = in[1].shape(0), k = xd.shape(-1), r = in[4].shape(1);
+void qlora_backward(mx::cu::CommandEncoder& enc, const mx::array& xd, bool has_xd,
+                    const mx::array& xa, const QuantWeight& qw, const mx::array& a,
+                    const mx::array& b, const mx::array& dy, float s, const QLoRAGradOut& grads,
+                    const mx::array* row_scale) {
+  mx::array *dx = grads.x, *dxd = grads.x_dropped, *da = grads.a, *db = grads.b;
+  const int out = qw.wq.shape(0), k = xd.shape(-1), r = a.shape(1);
   const int m = leading_rows(xd);
   if (m == 0) { // sums over no rows are zeros
     for (auto* z : {da, db}) {
@@ -324,16 +322,18 @@ void QLoRAVJP::eval_gpu(const std::vector<mx::array>& in, std::vector<mx::array>
     return;
   }
   const auto T = xd.dtype();
-  auto dy = as_dtype(enc, in[0], T);
   // g = s dy Bᵀ (float32 accumulate, stored in T for the next products); zero when out or r
   // is 0.
   const bool have_g = r > 0 && out > 0;
-  const bool lora_dx = dx && !p_.has_xd && have_g;
+  const bool lora_dx = dx && !has_xd && have_g;
   std::optional<mx::array> g_t, a_t, b_t;
   const bool need_g = have_g && (da || dxd || lora_dx);
-  const bool own = have_g && cuda::lowrank_fits(r, T, {k, out}, {&dy, &xd}); // rank-r kernels of ours
+  const bool own = have_g && qlora_own_fits(r, T, k, out, {&dy, &xd}); // rank-r kernels of ours
+  if (row_scale && !own) {
+    throw std::logic_error("[qlora_linear] a row scale needs the rank-r kernels (qlora_own_fits)");
+  }
   if (need_g) {
-    if (!own) std::tie(a_t, b_t) = as_dtype(enc, in[4], in[5], T);
+    if (!own) std::tie(a_t, b_t) = as_dtype(enc, a, b, T);
     g_t = scratch(enc, {m, r}, T);
   }
   // Without g, dx_d and dA are zeros (out or r is 0); dB is empty then.
@@ -348,25 +348,25 @@ void QLoRAVJP::eval_gpu(const std::vector<mx::array>& in, std::vector<mx::array>
     const bool need_at = dxd || (dx && k > 0 && lora_dx);
     // The reduce's counters, zeroed by the pack (when there is one): no finish node.
     std::optional<mx::array> counters;
-    if (need_g && (da || db)) counters = cuda::reduce_counters(enc, std::max(k, out));
+    if (need_g && (da || db)) counters = reduce_counters(enc, std::max(k, out));
     mx::array* cnt = counters ? &*counters : nullptr;
+    const LowRankMatrix bt{b, 1, out, out, r, true, 16, 1.0f, row_scale};
     if (need_g && need_at) {
-      mm = cuda::lowrank_pack(enc, T, {{in[5], 1, out, out, r, true}, {in[4], 1, r, r, k, false}},
-                              cnt);
+      mm = lowrank_pack(enc, T, {bt, {a, 1, r, r, k, false}}, cnt);
     } else if (need_g) {
-      mm = cuda::lowrank_pack(enc, T, {{in[5], 1, out, out, r, true}}, cnt);
+      mm = lowrank_pack(enc, T, {bt}, cnt);
     }
-    if (need_g) cuda::lowrank_project(enc, dy, mm[0], r, p_.scale, *g_t);
-    if (dxd) cuda::lowrank_expand(enc, *g_t, mm[1], 1.0f, nullptr, *dxd);
-    std::vector<cuda::ReduceJob> jobs; // dA, dB: those asked for, in one launch
+    if (need_g) lowrank_project(enc, dy, mm[0], r, s, *g_t);
+    if (dxd) lowrank_expand(enc, *g_t, mm[1], 1.0f, nullptr, *dxd);
+    std::vector<ReduceJob> jobs; // dA, dB: those asked for, in one launch
     if (da) jobs.push_back({xd, *g_t, *da, r, 1, 1.0f});
-    if (db) jobs.push_back({dy, xa, *db, 1, out, p_.scale});
-    cuda::lowrank_reduce(enc, jobs, cnt);
-    if (dx && k > 0 && lora_dx) cuda::lowrank_expand(enc, *g_t, mm[1], 1.0f, nullptr, *dx);
+    if (db) jobs.push_back({dy, xa, *db, 1, out, s, row_scale});
+    lowrank_reduce(enc, jobs, cnt);
+    if (dx && k > 0 && lora_dx) lowrank_expand(enc, *g_t, mm[1], 1.0f, nullptr, *dx);
   } else {
-    cuda::GemmBatch batch(enc); // the rank-r GEMMs as one graph node
+    GemmBatch batch(enc); // the rank-r GEMMs as one graph node
     if (need_g) {
-      gemm(enc, {false, true, m, r, out, T, T, T}, p_.scale, dy, *b_t, 0.0f, *g_t);
+      gemm(enc, {false, true, m, r, out, T, T, T}, s, dy, *b_t, 0.0f, *g_t);
     }
     if (dxd && have_g) { // dx_d = g Aᵀ
       gemm(enc, {false, true, m, k, r, T, T, T}, 1.0f, *g_t, *a_t, 0.0f, *dxd);
@@ -375,7 +375,7 @@ void QLoRAVJP::eval_gpu(const std::vector<mx::array>& in, std::vector<mx::array>
       gemm(enc, {true, false, k, r, m, T, T, da->dtype()}, 1.0f, xd, *g_t, 0.0f, *da);
     }
     if (db && have_g) { // dB = s xaᵀ dy (xa is saved in T)
-      gemm(enc, {true, false, r, out, m, T, T, db->dtype()}, p_.scale, xa, dy, 0.0f, *db);
+      gemm(enc, {true, false, r, out, m, T, T, db->dtype()}, s, xa, dy, 0.0f, *db);
     }
     if (dx && k > 0 && lora_dx) { // dx = g Aᵀ first (x_d is x); the blocks of W add to it
       gemm(enc, {false, true, m, k, r, T, T, T}, 1.0f, *g_t, *a_t, 0.0f, *dx);
@@ -386,9 +386,7 @@ void QLoRAVJP::eval_gpu(const std::vector<mx::array>& in, std::vector<mx::array>
   }
   // Blocks of C columns of W: dx[:, c0:c0+C] += dy Wc (over dx = g Aᵀ, or from zero).
   const float beta = lora_dx ? 1.0f : 0.0f;
-  auto sc = as_dtype(enc, in[2], T);
-  auto bi = as_dtype(enc, in[3], T);
-  Quantized q{in[1], sc, bi, out, k, p_.bits, p_.group_size};
+  Quantized q{qw.wq, qw.scales, qw.biases, out, k, qw.bits, qw.group_size, row_scale};
   const int C = block_len(k, out, mx::size_of(T));
   const int nb = (k + C - 1) / C;
   std::vector<mx::array> bufs;
@@ -402,12 +400,51 @@ void QLoRAVJP::eval_gpu(const std::vector<mx::array>& in, std::vector<mx::array>
       const int c1 = c0 + C;
       q.dequant(enc, bufs[(c + 1) % 2], 0, out, c1, std::min(C, k - c1), c > 0 ? dx : nullptr);
     }
-    cuda::Gemm g{false, false, m, cc, out, T, T, T};
+    Gemm g{false, false, m, cc, out, T, T, T};
     g.ldb = cc; // the block buffer holds out x cc
     g.ldc = k;
     g.c_off = size_t(c0);
     gemm(enc, g, 1.0f, dy, bufs[c % 2], beta, *dx);
   }
+}
+
+} // namespace cuda
+
+void QLoRA::eval_gpu(const std::vector<mx::array>& in, std::vector<mx::array>& outs) {
+  cuda::HostTimer timer("qlora_linear");
+  auto& enc = mx::cu::get_command_encoder(stream());
+  const mx::array* xd = p_.has_xd ? &in[6] : nullptr;
+  const mx::array* bias = p_.has_bias ? &in[p_.has_xd ? 7 : 6] : nullptr;
+  for (auto& o : outs) cuda::alloc_output(o, enc);
+  const auto T = in[0].dtype();
+  auto sc = as_dtype(enc, in[2], T);
+  auto bi = as_dtype(enc, in[3], T);
+  std::optional<mx::array> bias_t;
+  if (bias) {
+    bias_t = as_dtype(enc, *bias, T);
+    bias = &*bias_t;
+  }
+  cuda::qlora_forward(enc, in[0], xd, {in[1], sc, bi, p_.bits, p_.group_size}, in[4], in[5],
+                      bias, p_.scale, outs[0], outs[1]);
+}
+
+void QLoRAVJP::eval_gpu(const std::vector<mx::array>& in, std::vector<mx::array>& outs) {
+  cuda::HostTimer timer("qlora_linear_vjp");
+  auto& enc = mx::cu::get_command_encoder(stream());
+  for (auto& o : outs) cuda::alloc_output(o, enc);
+  size_t o = 0;
+  auto take = [&](bool on) -> mx::array* { return on ? &outs[o++] : nullptr; };
+  cuda::QLoRAGradOut grads;
+  grads.x = take(g_.dx);
+  grads.x_dropped = take(g_.dxd);
+  grads.a = take(g_.da);
+  grads.b = take(g_.db);
+  const auto T = in[6].dtype();
+  auto dy = as_dtype(enc, in[0], T);
+  auto sc = as_dtype(enc, in[2], T);
+  auto bi = as_dtype(enc, in[3], T);
+  cuda::qlora_backward(enc, in[6], p_.has_xd, in[7], {in[1], sc, bi, p_.bits, p_.group_size},
+                       in[4], in[5], dy, p_.scale, grads);
 }
 
 } // namespace mlx_tuner
