@@ -3,8 +3,8 @@
 // composes these kernels with MLX's GEMMs and the QLoRA primitive (ops/dora.cpp
 // compose_gpu). Neither makes an out x in temporary.
 // - DoRARowSqNorm: c_i = ||W_i||^2, W dense or affine-quantized, one block per row.
-// - DoRAInvNorm: 1 / n from the low-rank identity (ops/dora.h), G = Aᵀ A from at most eight
-//   partial Gram matrices over blocks of A's rows, then one thread per output column.
+// - DoRAInvNorm: 1 / n from the low-rank identity (ops/dora.h), G = Aᵀ A from partial
+//   Gram matrices over blocks of A's rows, then one thread per output column.
 // - DoRAScale: y = z * sv (+ bias), sv = m / n (float32, (out,)), elementwise over z.
 // - DoRAScaleVJP, from one pass over dy and z (z (N, out), dy likewise):
 //     dz = dy * sv     dsv_j = sum_i dy_ij z_ij     dbias_j = sum_i dy_ij
@@ -443,42 +443,27 @@ __global__ void copy16(const uint16_t* src, uint16_t* dst, long long count) {
 // (those live in local memory). So A's rows are staged in shared memory by one coalesced
 // pass, the partial sums use independent accumulators, and inv_norm's loops run over a
 // compile-time rank bound R (entries past r are zeros).
-constexpr int kGramRows = 128;      // rows of A staged at a time
-constexpr int kGramParts = 8;       // at most this many partial Gram matrices
+constexpr int kGramRows = 128;      // rows of A per partial Gram matrix
 constexpr int kInvNormThreads = 128; // columns per inv_norm block (4096 columns: 32 blocks)
-constexpr int kGramSlots = kInvNormMaxRank * kInvNormMaxRank / kThreads; // G's entries a thread
 
-// part[blk][k r + l] = sum over A's rows j in [blk * per, (blk + 1) * per) of A[j,k] A[j,l],
-// staged kGramRows rows at a time (few partials: inv_norm's every block sums them all).
+// part[blk][k r + l] = sum over A's rows j in block blk of A[j,k] A[j,l]
 __global__ void __launch_bounds__(kThreads) gram_partial(const float* a, float* part, int rows,
-                                                         int r, int per) {
+                                                         int r) {
   __shared__ float tile[kGramRows * kInvNormMaxRank];
-  const int end = min(rows, (blockIdx.x + 1) * per);
-  float acc[kGramSlots][4] = {};
-  for (int j0 = blockIdx.x * per; j0 < end; j0 += kGramRows) {
-    const int nj = min(end - j0, kGramRows);
-    __syncthreads(); // the previous tile's readers are done
+  const int j0 = blockIdx.x * kGramRows, nj = min(rows - j0, kGramRows);
 #pragma unroll 4
-    for (int e = threadIdx.x; e < nj * r; e += kThreads) tile[e] = a[(size_t)j0 * r + e];
-    __syncthreads();
+  for (int e = threadIdx.x; e < nj * r; e += kThreads) tile[e] = a[(size_t)j0 * r + e];
+  __syncthreads();
+  for (int e = threadIdx.x; e < r * r; e += kThreads) {
+    const int k = e / r, l = e % r;
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    int j = 0;
+    for (; j + 4 <= nj; j += 4) {
 #pragma unroll
-    for (int q = 0; q < kGramSlots; ++q) { // a compile-time q keeps acc in registers
-      const int e = threadIdx.x + q * kThreads;
-      if (e >= r * r) break;
-      const int k = e / r, l = e % r;
-      int j = 0;
-      for (; j + 4 <= nj; j += 4) {
-#pragma unroll
-        for (int u = 0; u < 4; ++u) acc[q][u] += tile[(j + u) * r + k] * tile[(j + u) * r + l];
-      }
-      for (; j < nj; ++j) acc[q][0] += tile[j * r + k] * tile[j * r + l];
+      for (int u = 0; u < 4; ++u) acc[u] += tile[(j + u) * r + k] * tile[(j + u) * r + l];
     }
-  }
-#pragma unroll
-  for (int q = 0; q < kGramSlots; ++q) {
-    const int e = threadIdx.x + q * kThreads;
-    if (e >= r * r) break;
-    part[(size_t)blockIdx.x * r * r + e] = (acc[q][0] + acc[q][1]) + (acc[q][2] + acc[q][3]);
+    for (; j < nj; ++j) acc[0] += tile[j * r + k] * tile[j * r + l];
+    part[(size_t)blockIdx.x * r * r + e] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
   }
 }
 
@@ -644,38 +629,26 @@ void launch_scale_vjp(mx::cu::CommandEncoder& enc, const mx::array& dy, const mx
                row_tiles, cols);
 }
 
-// G = A^T A as partial Gram matrices (launched first where W A follows, so that it runs
-// beside that product: it needs only A).
-struct Gram {
-  mx::array part;
-  int nparts;
-};
-Gram launch_gram(mx::cu::CommandEncoder& enc, const mx::array& a) {
-  int rows = a.shape(0), r = a.shape(1);
-  int per = int(std::max<long long>(kGramRows, ceil_div(ceil_div(rows, kGramParts), kGramRows) * kGramRows));
-  int nparts = int(ceil_div(rows, per));
-  Gram g{cuda::scratch(enc, {std::max(nparts, 1), std::max(r * r, 1)}, mx::float32), nparts};
-  if (nparts > 0 && r > 0) {
-    cuda::reads_writes(enc, {&a}, {&g.part});
-    cuda::launch(enc, reinterpret_cast<const void*>(&gram_partial), dim3(unsigned(nparts)),
-                 dim3(kThreads), 0u, static_cast<const float*>(gpu_ptr<float>(a)),
-                 gpu_ptr<float>(g.part), rows, r, per);
-  }
-  return g;
-}
-
-// One thread per column: out = 1 / n, or with m, out = m / n and n_out = n.
-void launch_inv_norm(mx::cu::CommandEncoder& enc, const Gram& gram, const mx::array& p,
-                     const mx::array& b, const mx::array& a, const mx::array& c,
-                     const mx::array* m, float scale, bool p_transposed, mx::array& out,
-                     mx::array* n_out) {
+// G = A^T A by partial Gram matrices, then one thread per column: out = 1 / n, or with m,
+// out = m / n and n_out = n.
+void launch_norm(mx::cu::CommandEncoder& enc, const mx::array& p, const mx::array& b,
+                 const mx::array& a, const mx::array& c, const mx::array* m, float scale,
+                 bool p_transposed, mx::array& out, mx::array* n_out) {
   // launch() passes its arguments by address: mutable locals of the kernels' types
-  int r = a.shape(1), n_cols = out.size(), nparts = gram.nparts;
+  int rows = a.shape(0), r = a.shape(1), n_cols = out.size();
   if (n_cols == 0) return;
-  cuda::reads_writes(enc, {&p, &b, &gram.part, &c, m}, {&out, n_out});
+  int nparts = int(ceil_div(rows, kGramRows));
+  auto part = cuda::scratch(enc, {std::max(nparts, 1), std::max(r * r, 1)}, mx::float32);
+  float* pp = gpu_ptr<float>(part);
+  if (nparts > 0 && r > 0) {
+    cuda::reads_writes(enc, {&a}, {&part});
+    cuda::launch(enc, reinterpret_cast<const void*>(&gram_partial), dim3(unsigned(nparts)),
+                 dim3(kThreads), 0u, static_cast<const float*>(gpu_ptr<float>(a)), pp, rows, r);
+  }
+  cuda::reads_writes(enc, {&p, &b, &part, &c, m}, {&out, n_out});
   const float* cp = gpu_ptr<float>(c);
   const float* bp = gpu_ptr<float>(b);
-  const float* partp = gpu_ptr<float>(gram.part);
+  const float* partp = pp;
   const float* mp = m ? gpu_ptr<float>(*m) : nullptr;
   float* yp = gpu_ptr<float>(out);
   float* np = n_out ? gpu_ptr<float>(*n_out) : nullptr;
@@ -697,9 +670,7 @@ void DoRAInvNorm::eval_gpu(const std::vector<mx::array>& in, mx::array& out) {
   auto& enc = mx::cu::get_command_encoder(stream());
   cuda::alloc_output(out, enc);
   if (bits_ == 0) {
-    auto gram = launch_gram(enc, in[2]);
-    launch_inv_norm(enc, gram, in[0], in[1], in[2], in[3], nullptr, scale_, p_transposed_, out,
-                    nullptr);
+    launch_norm(enc, in[0], in[1], in[2], in[3], nullptr, scale_, p_transposed_, out, nullptr);
     return;
   }
 #if defined(MLX_TUNER_DORA_FUSED_GPU)
@@ -709,13 +680,12 @@ void DoRAInvNorm::eval_gpu(const std::vector<mx::array>& in, mx::array& out) {
   if (r < 1 || k < 1) { // dora_inv_norm_quant takes neither
     throw std::logic_error("[dora_inv_norm_quant] an empty rank or input dimension");
   }
-  auto gram = launch_gram(enc, a);
   auto p = cuda::scratch(enc, {out_rows, r}, mx::float32);
   if (out_rows > 0) {
     auto pk = cuda::lowrank_pack(enc, scales.dtype(), {{a, r, 1, k, r, true}});
     cuda::lowrank_project_quant(enc, wq, scales, biases, bits_, group_size_, pk[0], r, p);
   }
-  launch_inv_norm(enc, gram, p, b, a, c, nullptr, scale_, false, out, nullptr);
+  launch_norm(enc, p, b, a, c, nullptr, scale_, false, out, nullptr);
 #else
   throw std::logic_error("[dora_inv_norm_quant] this build has no CUDA kernel for it");
 #endif
@@ -843,10 +813,9 @@ void DoRALinear::eval_gpu(const std::vector<mx::array>& in, std::vector<mx::arra
     // B's columns scaled by m / n (ops/dora.cpp sends only what qlora_own_fits takes).
     auto sc = cuda::as_dtype(enc, in[args.idx.scales], T);
     auto bi = cuda::as_dtype(enc, in[args.idx.biases], T);
-    auto gram = launch_gram(enc, a);
     auto pk = cuda::lowrank_pack(enc, T, {{a, r, 1, k, r, true}});
     cuda::lowrank_project_quant(enc, w, sc, bi, cfg_.bits, cfg_.group_size, pk[0], r, p);
-    launch_inv_norm(enc, gram, p, b, a, c, &m, s, false, rs, &nrm);
+    launch_norm(enc, p, b, a, c, &m, s, false, rs, &nrm);
     if (rows == 0) return;
     std::optional<mx::array> xd_keep;
     const mx::array* xdp = xd ? &aligned(enc, *xd, xd_keep) : nullptr;
@@ -864,19 +833,17 @@ void DoRALinear::eval_gpu(const std::vector<mx::array>& in, std::vector<mx::arra
       cuda::lora_gemm_fits(enc, T, k, out, {&x, &w, &y})) {
     // Hopper: A packed once for P = W A and for LoRA's GEMM, whose epilogue applies m / n
     // (no pass over y).
-    auto gram = launch_gram(enc, a);
     auto pk = cuda::lora_gemm_pack(enc, T, a, b, s);
     cuda::lowrank_project(enc, w, pk[0], r, 1.0f, p);
-    launch_inv_norm(enc, gram, p, b, a, c, &m, s, false, rs, &nrm);
+    launch_norm(enc, p, b, a, c, &m, s, false, rs, &nrm);
     if (rows == 0) return;
     cuda::lora_gemm_forward(enc, x, w, xd, pk, nullptr, &rs, y, xa);
     return;
   }
   // Elsewhere: P by cuBLASLt, z = x W^T + s xa B by LoRA's forward, then one scale pass.
-  auto gram = launch_gram(enc, a);
   auto a_t = cuda::as_dtype(enc, a, T);
   cuda::gemm(enc, {false, false, out, r, k, T, T, mx::float32}, 1.0f, w, a_t, 0.0f, p);
-  launch_inv_norm(enc, gram, p, b, a, c, &m, s, false, rs, &nrm);
+  launch_norm(enc, p, b, a, c, &m, s, false, rs, &nrm);
   if (rows == 0) return;
   auto z = cuda::scratch(enc, y.shape(), T);
   cuda::lora_forward(enc, x, w, a, b, nullptr, xd, s, z, xa);

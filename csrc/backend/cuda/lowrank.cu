@@ -260,7 +260,7 @@ project_kernel(const T* x, const T* pk, void* c, int cdt, int n, int k, int r, f
 // aligned load (BITS 2, 4, 8); else byte by byte.
 template <int BITS, bool WIDE>
 __device__ inline void load_codes(const uint8_t* src, uint64_t (&run)[2]) {
-  constexpr uint64_t half = BITS == 8 ? ~uint64_t(0) : (uint64_t(1) << (8 * BITS)) - 1; // 8 codes
+  constexpr uint64_t half = (uint64_t(1) << (8 * BITS)) - 1; // one run of 8 codes
   if constexpr (WIDE && BITS == 2) {
     uint32_t v = *reinterpret_cast<const uint32_t*>(src);
     run[0] = v & half;
