@@ -60,8 +60,9 @@ def store_tile(ts, v):
             e = lane + 32*i
             ts[(e//8)*PITCH + (e % 8)*8:(e//8)*PITCH + (e % 8)*8 + 8] = v[lane][i]
 
-def project(x, pk, r, s):
-    n, k = x.shape; c = np.zeros((n, r)); NT = 1 if r <= 8 else 2
+def project(x, pk, r, s, gram=False):
+    # gram: also G = pk pk^T from M's own fragments (the norm epilogue's), per block
+    n, k = x.shape; c = np.zeros((n, r)); NT = 2 if gram else (1 if r <= 8 else 2); G = None
     tiles = (k + TILE - 1)//TILE
     for blk in range((n+15)//16):
         row0 = blk*16; red = np.zeros((W, NT*4, 32))
@@ -70,6 +71,7 @@ def project(x, pk, r, s):
             count = (tiles - warp + W - 1)//W if tiles > warp else 0
             tile = lambda i: warp + i*W  # the warps take the tiles in turn
             acc = [[[0.0]*4 for _ in range(32)] for _ in range(NT)]
+            gacc = [[[0.0]*4 for _ in range(32)] for _ in range(2)]
             def mul(t):
                 for q16 in range(TILE//16):
                     kk = t*TILE + q16*16
@@ -84,6 +86,9 @@ def project(x, pk, r, s):
                         b1.append(((B(g+8, kk+2*tt), B(g+8, kk+2*tt+1)), (B(g+8, kk+2*tt+8), B(g+8, kk+2*tt+9))))
                     mma(acc[0], a, b0)
                     if NT == 2: mma(acc[1], a, b1)
+                    if gram:  # M's B fragments of rows gid, gid + 8 are its A fragment
+                        ag = [(b0[ln][0], b1[ln][0], b0[ln][1], b1[ln][1]) for ln in range(32)]
+                        mma(gacc[0], ag, b0); mma(gacc[1], ag, b1)
             # two tiles in flight (na, nb), as the kernel
             na = load_tile(x, row0, n, tile(0)*TILE, k) if 0 < count else None
             nb = load_tile(x, row0, n, tile(1)*TILE, k) if 1 < count else None
@@ -98,13 +103,20 @@ def project(x, pk, r, s):
             for nt in range(NT):
                 for q in range(4):
                     for lane in range(32): red[warp, nt*4+q, lane] = acc[nt][lane][q]
+            if gram:
+                gw = np.zeros((16, 16))
+                for nt in range(2):
+                    for q in range(4):
+                        for lane in range(32):
+                            gw[lane//4 + (8 if q >= 2 else 0), nt*8 + 2*(lane % 4) + (q & 1)] = gacc[nt][lane][q]
+                if blk == 0: G = gw if G is None else G + gw  # every block makes the same G
         for nt in range(NT):
             for q in range(4):
                 for lane in range(32):
                     g, tt = lane//4, lane % 4
                     row = row0 + g + (8 if q >= 2 else 0); j = nt*8 + 2*tt + (q & 1)
                     if row < n and j < r: c[row, j] = s*red[:, nt*4+q, lane].sum()
-    return c
+    return (c, G) if gram else c
 
 def expand(p, pe, s, bias, n, cols):
     r = p.shape[1]; y = np.full((n, cols), np.nan); BC = W*128
@@ -207,10 +219,10 @@ def reduce(x, gm, r, slice_rows, s, di, dj, dshape):
             d[i*di + j*dj] = s*part[:, i, j].sum()
     return d.reshape(dshape)
 
-def project_quant(wq_bytes, scales, biases, pk, r, n, k, bits, gs):
+def project_quant(wq_bytes, scales, biases, pk, r, n, k, bits, gs, gram=False):
     # lane (gid, tig) decodes 16 adjacent codes of rows gid, gid + 8 from the byte stream;
     # k step j multiplies the lane's columns 4j .. 4j+3 in slots (2tig, 2tig+1), (2tig+8, 2tig+9)
-    c = np.zeros((n, r)); tiles = (k + TILE - 1)//TILE; row_bytes = k*bits//8
+    c = np.zeros((n, r)); tiles = (k + TILE - 1)//TILE; row_bytes = k*bits//8; Gq = np.zeros((16, 16))
     def codes(row, col):  # the lane's 16 codes: two runs of 8, each `bits` bytes, little-endian
         src = wq_bytes[row*row_bytes + col*bits//8:]
         runs = [sum(int(src[h*bits + i]) << (8*i) for i in range(bits)) for h in range(2)]
@@ -219,6 +231,7 @@ def project_quant(wq_bytes, scales, biases, pk, r, n, k, bits, gs):
         row0 = blk*16; red = np.zeros((W, 8, 32))
         for warp in range(W):
             acc = [[[0.0]*4 for _ in range(32)] for _ in range(2)]
+            gacc = [[[0.0]*4 for _ in range(32)] for _ in range(2)]
             for t in range(warp, tiles, W):
                 vals, ms = [], []
                 for lane in range(32):
@@ -235,19 +248,26 @@ def project_quant(wq_bytes, scales, biases, pk, r, n, k, bits, gs):
                     e = 4*j
                     a = [((vals[ln][0][e], vals[ln][0][e+1]), (vals[ln][1][e], vals[ln][1][e+1]),
                           (vals[ln][0][e+2], vals[ln][0][e+3]), (vals[ln][1][e+2], vals[ln][1][e+3])) for ln in range(32)]
-                    for nt in range(2):
-                        b = [((ms[ln][nt][e], ms[ln][nt][e+1]), (ms[ln][nt][e+2], ms[ln][nt][e+3])) for ln in range(32)]
-                        mma(acc[nt], a, b)
+                    bs = [[((ms[ln][nt][e], ms[ln][nt][e+1]), (ms[ln][nt][e+2], ms[ln][nt][e+3])) for ln in range(32)] for nt in range(2)]
+                    for nt in range(2): mma(acc[nt], a, bs[nt])
+                    if gram:  # the same permutation on both sides of G = pk pk^T
+                        ag = [(bs[0][ln][0], bs[1][ln][0], bs[0][ln][1], bs[1][ln][1]) for ln in range(32)]
+                        for nt in range(2): mma(gacc[nt], ag, bs[nt])
             for nt in range(2):
                 for q in range(4):
                     for lane in range(32): red[warp, nt*4+q, lane] = acc[nt][lane][q]
+            if gram:
+                for nt in range(2):
+                    for q in range(4):
+                        for lane in range(32):
+                            Gq[lane//4 + (8 if q >= 2 else 0), nt*8 + 2*(lane % 4) + (q & 1)] += gacc[nt][lane][q] if blk == 0 else 0.0
         for nt in range(2):
             for q in range(4):
                 for lane in range(32):
                     g, tt = lane//4, lane % 4
                     row = row0 + g + (8 if q >= 2 else 0); j = nt*8 + 2*tt + (q & 1)
                     if row < n and j < r: c[row, j] = red[:, nt*4+q, lane].sum()
-    return c
+    return (c, Gq) if gram else c
 
 def quantize(w, bits, gs):
     # mx.quantize's affine layout: per group scale and bias, codes as a little-endian bit stream
@@ -272,7 +292,8 @@ for (n, din, dout, r, sl) in [(40, 48, 80, 11, 128), (35, 144, 16, 5, 128), (17,
     s = 0.7
     x = rng.standard_normal((n, din)); A = rng.standard_normal((din, r)); B = rng.standard_normal((r, dout)); bias = rng.standard_normal(dout)
     pk = pack(A, r, 1, din, r, True); pe = pack(B, dout, 1, r, dout, False)
-    xa = project(x, pk, r, 1.0); y = expand(xa, pe, s, bias, n, dout)
+    xa, G = project(x, pk, r, 1.0, gram=True); y = expand(xa, pe, s, bias, n, dout)
+    assert np.abs(G - pk @ pk.T).max() < 1e-9, "the norm epilogue's G from M's fragments"
     dy = rng.standard_normal((n, dout))
     pkb = pack(B, 1, dout, dout, r, True); pea = pack(A, 1, r, r, din, False)
     g = project(dy, pkb, r, 1.0); dx = expand(g, pea, s, None, n, din)
@@ -288,7 +309,7 @@ for (n, din, dout, r, sl) in [(40, 48, 80, 11, 128), (35, 144, 16, 5, 128), (17,
 for (n, din, r, bits, gs) in [(19, 1056, 5, 3, 32), (16, 640, 16, 4, 64), (9, 512, 9, 6, 128)]:
     wb, sc, bi, wd = quantize(rng.standard_normal((n, din)), bits, gs)
     A = rng.standard_normal((din, r)); pk = pack(A, r, 1, din, r, True)
-    P = project_quant(wb, sc, bi, pk, r, n, din, bits, gs)
-    err = np.abs(P - wd @ A).max()
+    P, Gq = project_quant(wb, sc, bi, pk, r, n, din, bits, gs, gram=True)
+    err = max(np.abs(P - wd @ A).max(), np.abs(Gq - pk @ pk.T).max())
     print((n, din, r, bits, gs), f"{err:.1e}")
     assert err < 1e-9, f"project_quant emulation disagrees for {(n, din, r, bits, gs)}: {err}"

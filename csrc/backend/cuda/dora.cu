@@ -683,7 +683,7 @@ void DoRAInvNorm::eval_gpu(const std::vector<mx::array>& in, mx::array& out) {
   auto p = cuda::scratch(enc, {out_rows, r}, mx::float32);
   if (out_rows > 0) {
     auto pk = cuda::lowrank_pack(enc, scales.dtype(), {{a, r, 1, k, r, true}});
-    cuda::lowrank_project_quant(enc, wq, scales, biases, bits_, group_size_, pk[0], r, p);
+    cuda::lowrank_project_quant(enc, wq, scales, biases, bits_, group_size_, pk[0], r, &p);
   }
   launch_norm(enc, p, b, a, c, nullptr, scale_, false, out, nullptr);
 #else
@@ -806,16 +806,17 @@ void DoRALinear::eval_gpu(const std::vector<mx::array>& in, std::vector<mx::arra
   }
   const mx::array& c = cfg_.has_c ? in[args.idx.c] : *c_own;
   auto rs = cuda::scratch(enc, {out}, mx::float32); // m / n
-  auto p = cuda::scratch(enc, {out, r}, mx::float32); // P = W A
   if (cfg_.quantized) {
 #if defined(MLX_TUNER_QDORA_FUSED_GPU)
-    // P from the codes (A packed in T), the norms, then QLoRA's forward with W's rows and
-    // B's columns scaled by m / n (ops/dora.cpp sends only what qlora_own_fits takes).
+    // n and m / n in the epilogue of W A from the codes (A packed in T), then QLoRA's forward
+    // with W's rows and B's columns scaled by m / n (ops/dora.cpp sends only what
+    // qlora_own_fits takes).
     auto sc = cuda::as_dtype(enc, in[args.idx.scales], T);
     auto bi = cuda::as_dtype(enc, in[args.idx.biases], T);
     auto pk = cuda::lowrank_pack(enc, T, {{a, r, 1, k, r, true}});
-    cuda::lowrank_project_quant(enc, w, sc, bi, cfg_.bits, cfg_.group_size, pk[0], r, p);
-    launch_norm(enc, p, b, a, c, &m, s, false, rs, &nrm);
+    const cuda::ProjectNorm norm{b, c, m, nrm, rs, s};
+    cuda::lowrank_project_quant(enc, w, sc, bi, cfg_.bits, cfg_.group_size, pk[0], r, nullptr,
+                                &norm);
     if (rows == 0) return;
     std::optional<mx::array> xd_keep;
     const mx::array* xdp = xd ? &aligned(enc, *xd, xd_keep) : nullptr;
@@ -831,16 +832,16 @@ void DoRALinear::eval_gpu(const std::vector<mx::array>& in, std::vector<mx::arra
   const mx::array& xp = xd ? *xd : x;
   if (cuda::lowrank_fits(r, T, {k, out}, {&w, &xp}) &&
       cuda::lora_gemm_fits(enc, T, k, out, {&x, &w, &y})) {
-    // Hopper: A packed once for P = W A and for LoRA's GEMM, whose epilogue applies m / n
-    // (no pass over y).
+    // Hopper: A packed once for W A (whose epilogue makes n and m / n) and for LoRA's GEMM,
+    // whose epilogue applies m / n (no pass over y).
     auto pk = cuda::lora_gemm_pack(enc, T, a, b, s);
-    cuda::lowrank_project(enc, w, pk[0], r, 1.0f, p);
-    launch_norm(enc, p, b, a, c, &m, s, false, rs, &nrm);
+    cuda::lowrank_project_norm(enc, w, pk[0], r, {b, c, m, nrm, rs, s});
     if (rows == 0) return;
     cuda::lora_gemm_forward(enc, x, w, xd, pk, nullptr, &rs, y, xa);
     return;
   }
   // Elsewhere: P by cuBLASLt, z = x W^T + s xa B by LoRA's forward, then one scale pass.
+  auto p = cuda::scratch(enc, {out, r}, mx::float32); // P = W A
   auto a_t = cuda::as_dtype(enc, a, T);
   cuda::gemm(enc, {false, false, out, r, k, T, T, mx::float32}, 1.0f, w, a_t, 0.0f, p);
   launch_norm(enc, p, b, a, c, &m, s, false, rs, &nrm);

@@ -139,6 +139,79 @@ __device__ inline void store_tile(T* ts, int lane, const uint4 (&v)[4]) {
   }
 }
 
+// ---- the norm epilogue of project (DoRA): with M = A packed ([16][k] in T) and x = W,
+// the block has P = W A for its 16 rows, and G = Mᵀ M from the same fragments: M's B
+// fragment registers of a 16-wide k step are also its A fragment (rows gid, gid + 8 of pk,
+// columns 2 tig, 2 tig + 1 and + 8), so two more mma a step make G. Then each of the
+// block's rows gets n_i = sqrt(max(c_i + 2 s B_i.P_i + s^2 B_iᵀ G B_i, 0)) and
+// rs_i = m_i / n_i (ops/dora.h; inv_norm's maths, G from A rounded to T as P is).
+struct NormArgs {
+  const float* b; // B (r, out), float32
+  const float* c; // ||W_i||^2
+  const float* m; // the magnitude
+  float* n;       // out: n
+  float* rs;      // out: m / n
+  float s;
+};
+
+// Warp 0, after the block's sums: p and g (16 x 17 floats in shared memory) hold P's rows
+// row0 .. row0 + 15 and G.
+__device__ inline void norm_rows(const NormArgs& na, const float (*p)[17], const float (*g)[17],
+                                 int row0, int rows, int r, int lane) {
+  const int row = row0 + lane;
+  if (lane >= 16 || row >= rows) return;
+  float bc[16];
+  float cross = 0.f;
+#pragma unroll
+  for (int k = 0; k < 16; ++k) {
+    bc[k] = k < r ? na.b[(size_t)k * rows + row] : 0.f;
+    cross += bc[k] * p[lane][k];
+  }
+  float quad = 0.f;
+#pragma unroll
+  for (int k = 0; k < 16; ++k) {
+    float t = 0.f;
+#pragma unroll
+    for (int l = 0; l < 16; ++l) t += g[k][l] * bc[l];
+    quad += bc[k] * t;
+  }
+  const float n2 = fmaxf(na.c[row] + 2.f * na.s * cross + na.s * na.s * quad, 0.f);
+  na.n[row] = sqrtf(n2);
+  na.rs[row] = na.m[row] / na.n[row];
+}
+
+// G's products for one 16-wide k step from M's fragments b[nt][2] (nt = 0, 1).
+template <typename T>
+__device__ inline void gram_step(float (&gacc)[2][4], const uint32_t (&b0)[2], const uint32_t (&b1)[2]) {
+  const uint32_t a[4] = {b0[0], b1[0], b0[1], b1[1]};
+  mma<T>(gacc[0], a, b0);
+  mma<T>(gacc[1], a, b1);
+}
+
+// Warp 0: the block's sums of P (red) and G (redg) into shared tiles, then norm_rows.
+__device__ inline void norm_epilogue(const NormArgs& na, const float (*red)[8][32],
+                                     const float (*redg)[8][32], float (*p)[17], float (*g)[17],
+                                     int row0, int rows, int r, int lane) {
+  const int gid = lane / 4, tig = lane % 4;
+#pragma unroll
+  for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      float sp = 0.f, sg = 0.f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) {
+        sp += red[w][nt * 4 + q][lane];
+        sg += redg[w][nt * 4 + q][lane];
+      }
+      const int i = gid + (q >= 2 ? 8 : 0), j = nt * 8 + 2 * tig + (q & 1);
+      p[i][j] = sp;
+      g[i][j] = sg;
+    }
+  }
+  __syncwarp();
+  norm_rows(na, p, g, row0, rows, r, lane);
+}
+
 // ---- project: c[row, j] = s sum_k x[row, k] M[k, j] ----------------------------------
 // A block owns one 16-row tile; its eight warps take the k tiles of 64 in turn (warp w
 // the tiles w, w + 8, ...: at any moment the block reads 512 adjacent columns of each
@@ -148,11 +221,17 @@ __device__ inline void store_tile(T* ts, int lane, const uint4 (&v)[4]) {
 // shared memory. With pad, the result is also written in T into the first 16 columns of
 // pad (n, kLowRankPad): the rank tile of lora_gemm, zero past r (its other columns are never
 // multiplied).
-template <typename T, int NT>
+// With NORM (NT = 2, r <= 16; c and pad unused): the norm epilogue instead of P.
+template <typename T, int NT, bool NORM = false>
 __global__ void __launch_bounds__(kThreads)
-project_kernel(const T* x, const T* pk, void* c, int cdt, int n, int k, int r, float s, T* pad) {
+project_kernel(const T* x, const T* pk, void* c, int cdt, int n, int k, int r, float s, T* pad,
+               NormArgs norm) {
+  static_assert(!NORM || NT == 2);
   __shared__ __align__(16) T xs_all[kWarps][16 * kPitch];
   __shared__ float red[kWarps][NT * 4][32];
+  __shared__ float redg[NORM ? kWarps : 1][8][32];
+  __shared__ float ptile[NORM ? 16 : 1][17], gtile[NORM ? 16 : 1][17];
+  float gacc[2][4] = {};
   int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane / 4, tig = lane % 4;
   T* xs = xs_all[warp];
   int row0 = blockIdx.x * 16;
@@ -190,6 +269,7 @@ project_kernel(const T* x, const T* pk, void* c, int cdt, int n, int k, int r, f
       uint32_t a[4] = {ld32(xa), ld32(xa + 8 * kPitch), ld32(xa + 8), ld32(xa + 8 * kPitch + 8)};
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) mma<T>(acc[nt], a, b[q16][nt]);
+      if constexpr (NORM) gram_step<T>(gacc, b[q16][0], b[q16][NT - 1]);
     }
   };
   // Two tiles in flight: a warp walks only a few tiles, so one load's latency per tile
@@ -222,25 +302,32 @@ project_kernel(const T* x, const T* pk, void* c, int cdt, int n, int k, int r, f
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-    for (int q = 0; q < 4; ++q) red[warp][nt * 4 + q][lane] = acc[nt][q];
+    for (int q = 0; q < 4; ++q) {
+      red[warp][nt * 4 + q][lane] = acc[nt][q];
+      if constexpr (NORM) redg[warp][nt * 4 + q][lane] = gacc[nt][q];
+    }
   __syncthreads();
   if (warp != 0) return;
+  if constexpr (NORM) {
+    norm_epilogue(norm, red, redg, ptile, gtile, row0, n, r, lane);
+  } else {
 #pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
+    for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      float sum = 0.0f;
+      for (int q = 0; q < 4; ++q) {
+        float sum = 0.0f;
 #pragma unroll
-      for (int w = 0; w < kWarps; ++w) sum += red[w][nt * 4 + q][lane];
-      int row = row0 + gid + (q >= 2 ? 8 : 0), j = nt * 8 + 2 * tig + (q & 1);
-      if (row < n && j < r) st(c, (long)row * r + j, cdt, s * sum);
-      if (pad && row < n) pad[(long)row * kLowRankPad + j] = from_f<T>(j < r ? s * sum : 0.0f);
+        for (int w = 0; w < kWarps; ++w) sum += red[w][nt * 4 + q][lane];
+        int row = row0 + gid + (q >= 2 ? 8 : 0), j = nt * 8 + 2 * tig + (q & 1);
+        if (row < n && j < r) st(c, (long)row * r + j, cdt, s * sum);
+        if (pad && row < n) pad[(long)row * kLowRankPad + j] = from_f<T>(j < r ? s * sum : 0.0f);
+      }
     }
-  }
-  if (pad && NT == 1) { // columns 8 to 15 of the GEMM's rank tile: zeros
-    for (int e = lane; e < 16 * 8; e += 32) {
-      int row = row0 + e / 8;
-      if (row < n) pad[(long)row * kLowRankPad + 8 + e % 8] = from_f<T>(0.0f);
+    if (pad && NT == 1) { // columns 8 to 15 of the GEMM's rank tile: zeros
+      for (int e = lane; e < 16 * 8; e += 32) {
+        int row = row0 + e / 8;
+        if (row < n) pad[(long)row * kLowRankPad + 8 + e % 8] = from_f<T>(0.0f);
+      }
     }
   }
 }
@@ -260,7 +347,7 @@ project_kernel(const T* x, const T* pk, void* c, int cdt, int n, int k, int r, f
 // aligned load (BITS 2, 4, 8); else byte by byte.
 template <int BITS, bool WIDE>
 __device__ inline void load_codes(const uint8_t* src, uint64_t (&run)[2]) {
-  constexpr uint64_t half = (uint64_t(1) << (8 * BITS)) - 1; // one run of 8 codes
+  constexpr uint64_t half = BITS == 8 ? ~uint64_t(0) : (uint64_t(1) << (8 * BITS)) - 1; // 8 codes
   if constexpr (WIDE && BITS == 2) {
     uint32_t v = *reinterpret_cast<const uint32_t*>(src);
     run[0] = v & half;
@@ -291,11 +378,15 @@ struct QuantFrag {
   uint4 m[2][2];
 };
 
-template <typename T, int BITS, bool WIDE>
+// With NORM: the norm epilogue instead of P (c unused).
+template <typename T, int BITS, bool WIDE, bool NORM = false>
 __global__ void __launch_bounds__(kThreads)
 project_quant_kernel(const uint8_t* wq, const T* scales, const T* biases, const T* pk,
-                     float* c, int n, int k, int r, int gs) {
+                     float* c, int n, int k, int r, int gs, NormArgs na) {
   __shared__ float red[kWarps][8][32];
+  __shared__ float redg[NORM ? kWarps : 1][8][32];
+  __shared__ float ptile[NORM ? 16 : 1][17], gtile[NORM ? 16 : 1][17];
+  float gacc[2][4] = {};
   int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane / 4, tig = lane % 4;
   const int row0 = blockIdx.x * 16, ra = row0 + gid, rb = ra + 8;
   const bool va = ra < n, vb = rb < n;
@@ -337,12 +428,15 @@ project_quant_kernel(const uint8_t* wq, const T* scales, const T* biases, const 
                        pack2(deq(f.rb, f.sb, f.bb, e), deq(f.rb, f.sb, f.bb, e + 1)),
                        pack2(deq(f.ra, f.sa, f.ba, e + 2), deq(f.ra, f.sa, f.ba, e + 3)),
                        pack2(deq(f.rb, f.sb, f.bb, e + 2), deq(f.rb, f.sb, f.bb, e + 3))};
+      uint32_t b[2][2];
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt) {
         const uint4& v = f.m[nt][j / 2]; // words 2j, 2j + 1 of the lane's 16 elements
-        uint32_t b[2] = {j % 2 ? v.z : v.x, j % 2 ? v.w : v.y};
-        mma<T>(acc[nt], a, b);
+        b[nt][0] = j % 2 ? v.z : v.x;
+        b[nt][1] = j % 2 ? v.w : v.y;
+        mma<T>(acc[nt], a, b[nt]);
       }
+      if constexpr (NORM) gram_step<T>(gacc, b[0], b[1]); // same permutation both sides
     }
   };
   // Two tiles in flight, as project_kernel.
@@ -360,18 +454,25 @@ project_quant_kernel(const uint8_t* wq, const T* scales, const T* biases, const 
 #pragma unroll
   for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
-    for (int q = 0; q < 4; ++q) red[warp][nt * 4 + q][lane] = acc[nt][q];
+    for (int q = 0; q < 4; ++q) {
+      red[warp][nt * 4 + q][lane] = acc[nt][q];
+      if constexpr (NORM) redg[warp][nt * 4 + q][lane] = gacc[nt][q];
+    }
   __syncthreads();
   if (warp != 0) return;
+  if constexpr (NORM) {
+    norm_epilogue(na, red, redg, ptile, gtile, row0, n, r, lane);
+  } else {
 #pragma unroll
-  for (int nt = 0; nt < 2; ++nt) {
+    for (int nt = 0; nt < 2; ++nt) {
 #pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      float sum = 0.0f;
+      for (int q = 0; q < 4; ++q) {
+        float sum = 0.0f;
 #pragma unroll
-      for (int w = 0; w < kWarps; ++w) sum += red[w][nt * 4 + q][lane];
-      int row = row0 + gid + (q >= 2 ? 8 : 0), j = nt * 8 + 2 * tig + (q & 1);
-      if (row < n && j < r) c[(long)row * r + j] = sum;
+        for (int w = 0; w < kWarps; ++w) sum += red[w][nt * 4 + q][lane];
+        int row = row0 + gid + (q >= 2 ? 8 : 0), j = nt * 8 + 2 * tig + (q & 1);
+        if (row < n && j < r) c[(long)row * r + j] = sum;
+      }
     }
   }
 }
@@ -694,20 +795,50 @@ void lowrank_project(mx::cu::CommandEncoder& enc, const mx::array& x, const mx::
     const void* kern = r <= 8 ? reinterpret_cast<const void*>(&project_kernel<T, 1>)
                               : reinterpret_cast<const void*>(&project_kernel<T, 2>);
     launch(enc, kern, dim3((n + 15) / 16), dim3(kThreads), 0, gpu_ptr<T>(x), gpu_ptr<T>(pk),
-           gpu_ptr<void>(c), cdt, n, k, r, s, pad ? gpu_ptr<T>(*pad) : static_cast<T*>(nullptr));
+           gpu_ptr<void>(c), cdt, n, k, r, s, pad ? gpu_ptr<T>(*pad) : static_cast<T*>(nullptr),
+           NormArgs{});
+  });
+}
+
+namespace {
+NormArgs norm_args(mx::cu::CommandEncoder& enc, int r, int n, const ProjectNorm& nm) {
+  if (r < 1 || r > kLowRankMax || nm.b.shape(1) != n) {
+    throw std::logic_error("[lowrank] the norm epilogue takes ranks 1 to 16 and B (r, rows)");
+  }
+  reads_writes(enc, {&nm.b, &nm.c, &nm.m}, {&nm.n, &nm.rs});
+  return {gpu_ptr<float>(nm.b), gpu_ptr<float>(nm.c), gpu_ptr<float>(nm.m), gpu_ptr<float>(nm.n),
+          gpu_ptr<float>(nm.rs), nm.s};
+}
+} // namespace
+
+void lowrank_project_norm(mx::cu::CommandEncoder& enc, const mx::array& w, const mx::array& pk,
+                          int r, const ProjectNorm& norm) {
+  int n = rows(w), k = width(w);
+  if (n == 0) return;
+  NormArgs na = norm_args(enc, r, n, norm);
+  reads_writes(enc, {&w, &pk}, {});
+  float s = 1.0f;
+  int cdt = kF32;
+  with_t(w.dtype(), [&](auto tt) {
+    using T = decltype(tt);
+    launch(enc, reinterpret_cast<const void*>(&project_kernel<T, 2, true>), dim3((n + 15) / 16),
+           dim3(kThreads), 0, gpu_ptr<T>(w), gpu_ptr<T>(pk), static_cast<void*>(nullptr), cdt, n,
+           k, r, s, static_cast<T*>(nullptr), na);
   });
 }
 
 void lowrank_project_quant(mx::cu::CommandEncoder& enc, const mx::array& wq,
                            const mx::array& scales, const mx::array& biases, int bits, int gs,
-                           const mx::array& pk, int r, mx::array& c) {
+                           const mx::array& pk, int r, mx::array* c, const ProjectNorm* norm) {
   int n = wq.shape(0), k = wq.shape(1) * 32 / bits; // mutable: launch() takes addresses
   if (n == 0) return;
   if (r < 1 || r > kLowRankMax || k % 32 != 0 || gs % 32 != 0 || k % gs != 0 ||
-      c.dtype() != mx::float32 || scales.dtype() != pk.dtype() || biases.dtype() != pk.dtype()) {
+      (c && c->dtype() != mx::float32) || !c == !norm || scales.dtype() != pk.dtype() ||
+      biases.dtype() != pk.dtype()) {
     throw std::logic_error("[lowrank] project_quant: unsupported rank, group size or dtype");
   }
-  reads_writes(enc, {&wq, &scales, &biases, &pk}, {&c});
+  NormArgs na = norm ? norm_args(enc, r, n, *norm) : NormArgs{};
+  reads_writes(enc, {&wq, &scales, &biases, &pk}, {c});
   // Rows are k * bits / 8 bytes, a multiple of 4 bits; a lane's codes start at multiples
   // of 2 bits bytes: one aligned load for bits 2, 4, 8 when the base is 16-byte aligned.
   const bool wide = aligned16(gpu_ptr<void>(wq));
@@ -715,9 +846,14 @@ void lowrank_project_quant(mx::cu::CommandEncoder& enc, const mx::array& wq,
     using T = decltype(tt);
     const void* kern = nullptr;
     auto pick = [&]<int BITS>() {
-      kern = (wide && (BITS == 2 || BITS == 4 || BITS == 8))
-          ? reinterpret_cast<const void*>(&project_quant_kernel<T, BITS, true>)
-          : reinterpret_cast<const void*>(&project_quant_kernel<T, BITS, false>);
+      const bool w8 = wide && (BITS == 2 || BITS == 4 || BITS == 8);
+      if (norm) {
+        kern = w8 ? reinterpret_cast<const void*>(&project_quant_kernel<T, BITS, true, true>)
+                  : reinterpret_cast<const void*>(&project_quant_kernel<T, BITS, false, true>);
+      } else {
+        kern = w8 ? reinterpret_cast<const void*>(&project_quant_kernel<T, BITS, true>)
+                  : reinterpret_cast<const void*>(&project_quant_kernel<T, BITS, false>);
+      }
     };
     switch (bits) {
       case 2: pick.template operator()<2>(); break;
@@ -728,9 +864,9 @@ void lowrank_project_quant(mx::cu::CommandEncoder& enc, const mx::array& wq,
       case 8: pick.template operator()<8>(); break;
       default: throw std::invalid_argument("[lowrank] bits must be 2, 3, 4, 5, 6 or 8");
     }
+    float* cp = c ? gpu_ptr<float>(*c) : nullptr;
     launch(enc, kern, dim3((n + 15) / 16), dim3(kThreads), 0, gpu_ptr<uint8_t>(wq),
-           gpu_ptr<T>(scales), gpu_ptr<T>(biases), gpu_ptr<T>(pk), gpu_ptr<float>(c), n, k, r,
-           gs);
+           gpu_ptr<T>(scales), gpu_ptr<T>(biases), gpu_ptr<T>(pk), cp, n, k, r, gs, na);
   });
 }
 

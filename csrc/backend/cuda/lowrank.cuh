@@ -60,13 +60,29 @@ std::vector<mx::array> lowrank_pack(mx::cu::CommandEncoder& enc, mx::Dtype t,
 void lowrank_project(mx::cu::CommandEncoder& enc, const mx::array& x, const mx::array& pk,
                      int r, float s, mx::array& c, mx::array* pad = nullptr);
 
+// DoRA's norms in project's epilogue, instead of P = W A: for W (out, in) and M = A,
+// n_i = ||W_i + s (A B)^T_i|| by the low-rank identity (ops/dora.h) with G = Aᵀ A made from
+// pk's own fragments, and rs_i = m_i / n_i. b (r, out), c = ||W_i||^2, m, n, rs: float32.
+struct ProjectNorm {
+  const mx::array& b;
+  const mx::array& c;
+  const mx::array& m;
+  mx::array& n;
+  mx::array& rs;
+  float s;
+};
+void lowrank_project_norm(mx::cu::CommandEncoder& enc, const mx::array& w, const mx::array& pk,
+                          int r, const ProjectNorm& norm);
+
 // c (n, r) = dequant(W) M in float32 for W (n, k) affine-quantized as mx.quantize lays it
 // out (bits 2, 3, 4, 5, 6 or 8; scales and biases per group of gs columns, in T = pk's
 // dtype, float16 or bfloat16); pk = M packed for project. DoRA's P = W A on a quantized
-// base: the codes are dequantized in registers, never to memory.
+// base: the codes are dequantized in registers, never to memory. With norm (c null), the
+// norms instead of P, as lowrank_project_norm.
 void lowrank_project_quant(mx::cu::CommandEncoder& enc, const mx::array& wq,
                            const mx::array& scales, const mx::array& biases, int bits, int gs,
-                           const mx::array& pk, int r, mx::array& c);
+                           const mx::array& pk, int r, mx::array* c,
+                           const ProjectNorm* norm = nullptr);
 
 // y (n, cols) = s * p (n, r) M (r, cols) (+ bias (cols,) in T); pe = M packed for expand.
 void lowrank_expand(mx::cu::CommandEncoder& enc, const mx::array& p, const mx::array& pe,
