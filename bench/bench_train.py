@@ -134,10 +134,11 @@ def _setup(method, provider):
     else:
         hf = tiny.build_tokenizer(vocab_size=512)
         model = tiny.build_model(tiny.model_config(len(hf), **SHAPE), seed=0)
-    if method == "qlora":
+    if method in ("qlora", "qdora"):
         nn.quantize(model, group_size=64, bits=4)
     model.freeze()
-    _layers(provider)(model, -1, {"rank": 8, "scale": 2.0, "dropout": 0.0}, use_dora=method == "dora")
+    _layers(provider)(model, -1, {"rank": 8, "scale": 2.0, "dropout": 0.0},
+                      use_dora=method in ("dora", "qdora"))
     if SEQ is not None:
         return model, _Bigrams(BATCH * (ITERS + 2), SHAPE["vocab_size"])
     data, _, _ = load_local_dataset(tiny.SHIPPED_DATASET, tiny.wrap_tokenizer(hf), types.SimpleNamespace(mask_prompt=False))
@@ -252,7 +253,7 @@ def _device_peak_here(method, provider, tmp):
 
 
 @pytest.mark.parametrize("provider", ["reference", "fused"])
-@pytest.mark.parametrize("method", ["lora", "dora", "qlora"])
+@pytest.mark.parametrize("method", ["lora", "dora", "qlora", "qdora"])
 def test_train(benchmark, method, provider, tmp_path):
     out = {}
 
