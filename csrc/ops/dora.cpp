@@ -69,18 +69,13 @@ mx::array compose_gpu(
         : mx::matmul(weight, mx::astype(lora_a, weight.dtype(), s), s);
   };
   // A quantized W's P = W A inside the norm node (CUDA, and the CPU's check of this graph):
-  // no MLX quantized matmul. MLX_TUNER_DORA_QPROJECT=0 keeps MLX's (to time one against the
-  // other).
-  static const bool qproject_on = [] {
-    const char* v = std::getenv("MLX_TUNER_DORA_QPROJECT");
-    return !(v && v[0] == '0');
-  }();
+  // no MLX quantized matmul of Aᵀ, two MLX ops fewer.
 #if defined(MLX_TUNER_DORA_FUSED_GPU)
   bool qnorm_here = true;
 #else
   bool qnorm_here = !gpu;
 #endif
-  bool qnorm = qproject_on && qnorm_here && scales && r >= 1 && r <= kInvNormQuantMaxRank &&
+  bool qnorm = qnorm_here && scales && r >= 1 && r <= kInvNormQuantMaxRank &&
       weight.shape(1) > 0 &&
       (scales->dtype() == mx::float16 || scales->dtype() == mx::bfloat16);
   // sv = m / n, n treated as a constant (mlx-lm's stop_gradient)

@@ -18,8 +18,8 @@
 #include "mlx/utils.h"
 
 // CUDA builds with the dora and lora families: DoRALinear and DoRALinearVJP have GPU
-// kernels (backend/cuda/dora.cu, which runs LoRA's forward and backward); elsewhere the
-// GPU path composes (ops/dora.cpp compose_gpu).
+// kernels (backend/cuda/dora.cu, which runs LoRA's, or QLoRA's, forward and backward);
+// elsewhere the GPU path composes (ops/dora.cpp compose_gpu).
 #if defined(MLX_TUNER_CUDA) && defined(MLX_TUNER_DORA_GPU) && defined(MLX_TUNER_LORA_GPU)
 #define MLX_TUNER_DORA_FUSED_GPU 1
 // ... and with the qlora family, the quantized layer too (QLoRA's forward and backward).

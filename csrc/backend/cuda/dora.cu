@@ -1,7 +1,8 @@
-// CUDA kernels of the dora family. The dense layer runs as DoRALinear / DoRALinearVJP (at
-// the end of this file: W A, the norms and LoRA's GEMMs, lora.cuh); the quantized layer
-// composes these kernels with MLX's GEMMs and the QLoRA primitive (ops/dora.cpp
-// compose_gpu). Neither makes an out x in temporary.
+// CUDA kernels of the dora family. The layer runs as DoRALinear / DoRALinearVJP (at the end
+// of this file: W A with the norms in its epilogue (lowrank.cuh), then LoRA's GEMMs
+// (lora.cuh) or, on a quantized W, QLoRA's with m / n folded into W's blocks (qlora.cuh));
+// the cases those do not take compose these kernels with the LoRA / QLoRA primitive
+// (ops/dora.cpp compose_gpu). Neither makes an out x in temporary.
 // - DoRARowSqNorm: c_i = ||W_i||^2, W dense or affine-quantized, one block per row.
 // - DoRAInvNorm: 1 / n from the low-rank identity (ops/dora.h), G = Aᵀ A from partial
 //   Gram matrices over blocks of A's rows, then one thread per output column.
