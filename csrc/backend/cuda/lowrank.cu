@@ -212,6 +212,41 @@ __device__ inline void norm_epilogue(const NormArgs& na, const float (*red)[8][3
   norm_rows(na, p, g, row0, rows, r, lane);
 }
 
+// The end of both projects: the warps' partial sums meet in shared memory and warp 0 adds
+// them in warp order (the same bits on every run), then runs the norm epilogue (NORM) or
+// hands each of P's entries to store(row, j, sum) (rows < n; j up to 8 NT - 1, past r too).
+template <int NT, bool NORM, typename Store>
+__device__ inline void block_sums(float (*red)[NT * 4][32], float (*redg)[8][32],
+                                  float (*ptile)[17], float (*gtile)[17], const float (&acc)[NT][4],
+                                  const float (&gacc)[2][4], const NormArgs& na, int row0, int n,
+                                  int r, Store store) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane / 4, tig = lane % 4;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      red[warp][nt * 4 + q][lane] = acc[nt][q];
+      if constexpr (NORM) redg[warp][nt * 4 + q][lane] = gacc[nt][q];
+    }
+  __syncthreads();
+  if (warp != 0) return;
+  if constexpr (NORM) {
+    norm_epilogue(na, red, redg, ptile, gtile, row0, n, r, lane);
+  } else {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        float sum = 0.0f;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) sum += red[w][nt * 4 + q][lane];
+        const int row = row0 + gid + (q >= 2 ? 8 : 0), j = nt * 8 + 2 * tig + (q & 1);
+        if (row < n) store(row, j, sum);
+      }
+    }
+  }
+}
+
 // ---- project: c[row, j] = s sum_k x[row, k] M[k, j] ----------------------------------
 // A block owns one 16-row tile; its eight warps take the k tiles of 64 in turn (warp w
 // the tiles w, w + 8, ...: at any moment the block reads 512 adjacent columns of each
@@ -299,35 +334,15 @@ project_kernel(const T* x, const T* pk, void* c, int cdt, int n, int k, int r, f
     mul(bb);
     if (i + 3 < count) load_b(tile(i + 3), bb);
   }
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      red[warp][nt * 4 + q][lane] = acc[nt][q];
-      if constexpr (NORM) redg[warp][nt * 4 + q][lane] = gacc[nt][q];
-    }
-  __syncthreads();
-  if (warp != 0) return;
-  if constexpr (NORM) {
-    norm_epilogue(norm, red, redg, ptile, gtile, row0, n, r, lane);
-  } else {
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        float sum = 0.0f;
-#pragma unroll
-        for (int w = 0; w < kWarps; ++w) sum += red[w][nt * 4 + q][lane];
-        int row = row0 + gid + (q >= 2 ? 8 : 0), j = nt * 8 + 2 * tig + (q & 1);
-        if (row < n && j < r) st(c, (long)row * r + j, cdt, s * sum);
-        if (pad && row < n) pad[(long)row * kLowRankPad + j] = from_f<T>(j < r ? s * sum : 0.0f);
-      }
-    }
-    if (pad && NT == 1) { // columns 8 to 15 of the GEMM's rank tile: zeros
-      for (int e = lane; e < 16 * 8; e += 32) {
-        int row = row0 + e / 8;
-        if (row < n) pad[(long)row * kLowRankPad + 8 + e % 8] = from_f<T>(0.0f);
-      }
+  block_sums<NT, NORM>(red, redg, ptile, gtile, acc, gacc, norm, row0, n, r,
+                       [&](int row, int j, float sum) {
+                         if (j < r) st(c, (long)row * r + j, cdt, s * sum);
+                         if (pad) pad[(long)row * kLowRankPad + j] = from_f<T>(j < r ? s * sum : 0.0f);
+                       });
+  if (!NORM && warp == 0 && pad && NT == 1) { // columns 8 to 15 of the GEMM's rank tile: zeros
+    for (int e = lane; e < 16 * 8; e += 32) {
+      int row = row0 + e / 8;
+      if (row < n) pad[(long)row * kLowRankPad + 8 + e % 8] = from_f<T>(0.0f);
     }
   }
 }
@@ -451,30 +466,10 @@ project_quant_kernel(const uint8_t* wq, const T* scales, const T* biases, const 
     mul(fb);
     if (t + 3 * kWarps < tiles) load(t + 3 * kWarps, fb);
   }
-#pragma unroll
-  for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      red[warp][nt * 4 + q][lane] = acc[nt][q];
-      if constexpr (NORM) redg[warp][nt * 4 + q][lane] = gacc[nt][q];
-    }
-  __syncthreads();
-  if (warp != 0) return;
-  if constexpr (NORM) {
-    norm_epilogue(na, red, redg, ptile, gtile, row0, n, r, lane);
-  } else {
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt) {
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        float sum = 0.0f;
-#pragma unroll
-        for (int w = 0; w < kWarps; ++w) sum += red[w][nt * 4 + q][lane];
-        int row = row0 + gid + (q >= 2 ? 8 : 0), j = nt * 8 + 2 * tig + (q & 1);
-        if (row < n && j < r) c[(long)row * r + j] = sum;
-      }
-    }
-  }
+  block_sums<2, NORM>(red, redg, ptile, gtile, acc, gacc, na, row0, n, r,
+                      [&](int row, int j, float sum) {
+                        if (j < r) c[(long)row * r + j] = sum;
+                      });
 }
 
 // ---- expand: y[row, col] = s sum_j p[row, j] M[j, col] (+ bias[col]) -----------------
