@@ -441,8 +441,9 @@ void QLoRAVJP::eval_gpu(const std::vector<mx::array>& in, std::vector<mx::array>
   grads.b = take(g_.db);
   const auto T = in[6].dtype();
   auto dy = as_dtype(enc, in[0], T);
-  auto sc = as_dtype(enc, in[2], T);
-  auto bi = as_dtype(enc, in[3], T);
+  // W's scales and biases in T only where dx reads W (converted copies are graph nodes).
+  auto sc = g_.dx ? as_dtype(enc, in[2], T) : in[2];
+  auto bi = g_.dx ? as_dtype(enc, in[3], T) : in[3];
   cuda::qlora_backward(enc, in[6], p_.has_xd, in[7], {in[1], sc, bi, p_.bits, p_.group_size},
                        in[4], in[5], dy, p_.scale, grads);
 }
