@@ -870,8 +870,8 @@ void DoRALinearVJP::eval_gpu(const std::vector<mx::array>& in, std::vector<mx::a
   auto T = x.dtype();
   float s = cfg_.scale;
   bool need_g = out[kGradX] || out[kGradXd] || out[kGradA] || out[kGradB];
+  std::optional<mx::array> sc, bi; // W's scales and biases in T (quantized W)
 #if defined(MLX_TUNER_QDORA_FUSED_GPU)
-  std::optional<mx::array> sc, bi;
   if (cfg_.quantized) {
     sc = cuda::as_dtype(enc, in[args.idx.scales], T);
     bi = cuda::as_dtype(enc, in[args.idx.biases], T);
@@ -891,10 +891,8 @@ void DoRALinearVJP::eval_gpu(const std::vector<mx::array>& in, std::vector<mx::a
     auto part = launch_scale_vjp_tiles<U>(enc, dy, m, &nrm, out[kGradM] ? &y : nullptr,
                                           g ? &*g : nullptr, false);
     if (!out[kGradM] || cols == 0) return;
-    const mx::array* wq_in[3] = {&w, cfg_.quantized ? &in[args.idx.scales] : nullptr,
-                                 cfg_.quantized ? &in[args.idx.biases] : nullptr};
-    cuda::reads_writes(enc, {part.sv ? &*part.sv : nullptr, &m, &nrm, &x, &w, wq_in[1], wq_in[2],
-                             &xa, &b, &dy},
+    cuda::reads_writes(enc, {part.sv ? &*part.sv : nullptr, &m, &nrm, &x, &w,
+                             sc ? &*sc : nullptr, bi ? &*bi : nullptr, &xa, &b, &dy},
                        {out[kGradM]});
     const float* pp = part.sv ? gpu_ptr<float>(*part.sv) : nullptr;
     int row_tiles = part.row_tiles;
