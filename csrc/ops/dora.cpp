@@ -157,6 +157,24 @@ void check_metal_dtype(const std::string& dtype) {
   }
 }
 
+// mx.quantize's affine modes that the kernels decode.
+void check_affine(const ArgCheck& check, int bits, int group_size) {
+  if (!(bits == 2 || bits == 3 || bits == 4 || bits == 5 || bits == 6 || bits == 8) ||
+      !(group_size == 32 || group_size == 64 || group_size == 128)) {
+    check.fail("bits must be 2-6 or 8 and group_size 32, 64 or 128.");
+  }
+}
+
+// The norm nodes' float32 operands: B (r, out), A (in, r), c (out,).
+void check_norm_operands(const ArgCheck& check, const mx::array& b, const mx::array& a,
+                         const mx::array& c, int r, int out) {
+  check.shape("c", c, {out});
+  check.shape("b", b, {r, out});
+  check.dtype("b", b, mx::float32);
+  check.dtype("a", a, mx::float32);
+  check.dtype("c", c, mx::float32);
+}
+
 } // namespace
 
 MetalLaunch metal_launch_dora_row_sq_norm(int rows, const std::string& dtype, int bits) {
@@ -250,13 +268,9 @@ mx::array dora_inv_norm(
     check.fail("a must have at most " + std::to_string(kInvNormMaxRank) +
                " columns (the rank) but got shape " + shape_str(a.shape()) + ".");
   }
-  check.shape("c", c, {out});
-  check.shape("b", b, {r, out});
+  check_norm_operands(check, b, a, c, r, out);
   check.shape("p", p, p_transposed ? mx::Shape{r, out} : mx::Shape{out, r});
   check.floating("p", p);
-  check.dtype("b", b, mx::float32);
-  check.dtype("a", a, mx::float32);
-  check.dtype("c", c, mx::float32);
   std::vector<mx::array> in = {contiguous_rows(p, s), contiguous_rows(b, s),
                                contiguous_rows(a, s), contiguous_rows(c, s)};
   return mx::stop_gradient(
@@ -280,10 +294,7 @@ mx::array dora_inv_norm_quant(
   check.ndim("wq", wq, 2);
   check.ndim("a", a, 2);
   if (wq.dtype() != mx::uint32) check.fail("wq must be uint32 from mx.quantize.");
-  if (!(bits == 2 || bits == 3 || bits == 4 || bits == 5 || bits == 6 || bits == 8) ||
-      !(group_size == 32 || group_size == 64 || group_size == 128)) {
-    check.fail("bits must be 2-6 or 8 and group_size 32, 64 or 128.");
-  }
+  check_affine(check, bits, group_size);
   int out = wq.shape(0), in = wq.shape(1) * 32 / bits, r = a.shape(1);
   if (r < 1 || r > kInvNormQuantMaxRank) {
     check.fail("a must have 1 to " + std::to_string(kInvNormQuantMaxRank) +
@@ -297,11 +308,7 @@ mx::array dora_inv_norm_quant(
   check.shape("biases", biases, {out, in / group_size});
   check.dtype("biases", biases, scales.dtype());
   check.shape("a", a, {in, r});
-  check.shape("b", b, {r, out});
-  check.shape("c", c, {out});
-  check.dtype("b", b, mx::float32);
-  check.dtype("a", a, mx::float32);
-  check.dtype("c", c, mx::float32);
+  check_norm_operands(check, b, a, c, r, out);
   std::vector<mx::array> inputs = {contiguous_rows(wq, s), contiguous_rows(scales, s),
                                    contiguous_rows(biases, s), contiguous_rows(b, s),
                                    contiguous_rows(a, s), contiguous_rows(c, s)};
@@ -451,10 +458,7 @@ mx::array dora_linear(
     if (weight.dtype() != mx::uint32) {
       check.fail("weight must be uint32 from mx.quantize.");
     }
-    if (!(bits == 2 || bits == 3 || bits == 4 || bits == 5 || bits == 6 || bits == 8) ||
-        !(group_size == 32 || group_size == 64 || group_size == 128)) {
-      check.fail("bits must be 2-6 or 8 and group_size 32, 64 or 128.");
-    }
+    check_affine(check, bits, group_size);
     if (!biases) {
       check.fail("biases must be given for mode 'affine' but got None.");
     }

@@ -429,15 +429,6 @@ __global__ void ratio(const float* m, const float* n, float* rs, int count) {
   if (i < count) rs[i] = m[i] / n[i];
 }
 
-// A 16-bit array's copy, 16-byte aligned: for the rank-r kernels, which read rows by 16-byte
-// vectors, where a view starts off that alignment.
-__global__ void copy16(const uint16_t* src, uint16_t* dst, long long count) {
-  for (long long i = blockIdx.x * (long long)kThreads + threadIdx.x; i < count;
-       i += (long long)gridDim.x * kThreads) {
-    dst[i] = src[i];
-  }
-}
-
 // ---------------------------------------------------------------- DoRAInvNorm
 // Both kernels are a few microseconds of arithmetic; what they must avoid is latency:
 // chains of dependent global loads, and per-thread arrays indexed by a run-time rank
@@ -754,26 +745,17 @@ struct DoRAArgs {
   DoRAInputs idx;
   const mx::array &x, &w, &a, &b, &m;
   const mx::array* xd; // x_dropped, or null
+  const mx::array *scales, *biases; // a quantized W's, in x's dtype (ops/dora.cpp); or null
   DoRAArgs(const DoRAConfig& cfg, const std::vector<mx::array>& in)
       : idx(cfg), x(in[idx.x]), w(in[idx.w]), a(in[idx.a]), b(in[idx.b]), m(in[idx.m]),
-        xd(cfg.has_xd ? &in[idx.xd] : nullptr) {}
+        xd(cfg.has_xd ? &in[idx.xd] : nullptr),
+        scales(cfg.quantized ? &in[idx.scales] : nullptr),
+        biases(cfg.quantized ? &in[idx.biases] : nullptr) {
+    if (scales && (scales->dtype() != x.dtype() || biases->dtype() != x.dtype())) {
+      throw std::logic_error("[dora_linear] the CUDA primitives take the scales in x's dtype");
+    }
+  }
 };
-
-// a itself, or (a view off 16-byte alignment) its aligned copy in `keep`: the rank-r
-// kernels read rows by 16-byte vectors. T is 16-bit on the quantized path.
-const mx::array& aligned(mx::cu::CommandEncoder& enc, const mx::array& a,
-                         std::optional<mx::array>& keep) {
-  if (cuda::aligned16(gpu_ptr<void>(a)) || a.size() == 0) return a;
-  keep = cuda::scratch(enc, a.shape(), a.dtype());
-  cuda::reads_writes(enc, {&a}, {&*keep});
-  long long count = a.size();
-  const uint16_t* src = gpu_ptr<uint16_t>(a);
-  uint16_t* dst = gpu_ptr<uint16_t>(*keep);
-  dim3 grid(unsigned(std::min<long long>(ceil_div(count, kThreads), 4096)));
-  cuda::launch(enc, reinterpret_cast<const void*>(&copy16), grid, dim3(kThreads), 0u, src, dst,
-               count);
-  return *keep;
-}
 
 } // namespace
 
@@ -795,7 +777,7 @@ void DoRALinear::eval_gpu(const std::vector<mx::array>& in, std::vector<mx::arra
   if (!cfg_.has_c) {
     c_own = cuda::scratch(enc, {out}, mx::float32);
     if (cfg_.quantized) {
-      std::vector<mx::array> wsb = {w, in[args.idx.scales], in[args.idx.biases]};
+      std::vector<mx::array> wsb = {w, *args.scales, *args.biases};
       cuda::reads_writes(enc, {&wsb[0], &wsb[1], &wsb[2]}, {&*c_own});
       by_type(wsb[1].dtype(), [&]<typename S>() {
         launch_quant<S>(enc, wsb, *c_own, cfg_.group_size, cfg_.bits);
@@ -812,19 +794,21 @@ void DoRALinear::eval_gpu(const std::vector<mx::array>& in, std::vector<mx::arra
     // n and m / n in the epilogue of W A from the codes (A packed in T), then QLoRA's forward
     // with W's rows and B's columns scaled by m / n (ops/dora.cpp sends only what
     // qlora_own_fits takes).
-    auto sc = cuda::as_dtype(enc, in[args.idx.scales], T);
-    auto bi = cuda::as_dtype(enc, in[args.idx.biases], T);
+    const cuda::QuantWeight qw{w, *args.scales, *args.biases, cfg_.bits, cfg_.group_size};
     auto pk = cuda::lowrank_pack(enc, T, {{a, r, 1, k, r, true}});
     const cuda::ProjectNorm norm{b, c, m, nrm, rs, s};
-    cuda::lowrank_project_quant(enc, w, sc, bi, cfg_.bits, cfg_.group_size, pk[0], r, nullptr,
-                                &norm);
+    cuda::lowrank_project_quant(enc, w, qw.scales, qw.biases, qw.bits, qw.group_size, pk[0], r,
+                                nullptr, &norm);
     if (rows == 0) return;
-    std::optional<mx::array> xd_keep;
-    const mx::array* xdp = xd ? &aligned(enc, *xd, xd_keep) : nullptr;
-    std::optional<mx::array> x_keep;
-    const mx::array& xx = xd ? x : aligned(enc, x, x_keep);
-    cuda::qlora_forward(enc, xx, xdp, {w, sc, bi, cfg_.bits, cfg_.group_size}, a, b, nullptr,
-                        s, y, xa, &rs);
+    // The projected input (x_d, else x) is read by 16-byte vectors: an aligned copy of a
+    // view that starts elsewhere, as m / n needs the rank-r kernels' path.
+    if (xd) {
+      auto xda = cuda::aligned16_copy(enc, *xd);
+      cuda::qlora_forward(enc, x, &xda, qw, a, b, nullptr, s, y, xa, &rs);
+    } else {
+      cuda::qlora_forward(enc, cuda::aligned16_copy(enc, x), nullptr, qw, a, b, nullptr, s, y,
+                          xa, &rs);
+    }
     return;
 #else
     throw std::logic_error("[dora_linear] the quantized GPU path composes in this build");
@@ -870,13 +854,7 @@ void DoRALinearVJP::eval_gpu(const std::vector<mx::array>& in, std::vector<mx::a
   auto T = x.dtype();
   float s = cfg_.scale;
   bool need_g = out[kGradX] || out[kGradXd] || out[kGradA] || out[kGradB];
-  std::optional<mx::array> sc, bi; // W's scales and biases in T (quantized W)
-#if defined(MLX_TUNER_QDORA_FUSED_GPU)
-  if (cfg_.quantized) {
-    sc = cuda::as_dtype(enc, in[args.idx.scales], T);
-    bi = cuda::as_dtype(enc, in[args.idx.biases], T);
-  }
-#else
+#if !defined(MLX_TUNER_QDORA_FUSED_GPU)
   if (cfg_.quantized) {
     throw std::logic_error("[dora_linear] the quantized GPU path composes in this build");
   }
@@ -891,8 +869,8 @@ void DoRALinearVJP::eval_gpu(const std::vector<mx::array>& in, std::vector<mx::a
     auto part = launch_scale_vjp_tiles<U>(enc, dy, m, &nrm, out[kGradM] ? &y : nullptr,
                                           g ? &*g : nullptr, false);
     if (!out[kGradM] || cols == 0) return;
-    cuda::reads_writes(enc, {part.sv ? &*part.sv : nullptr, &m, &nrm, &x, &w,
-                             sc ? &*sc : nullptr, bi ? &*bi : nullptr, &xa, &b, &dy},
+    cuda::reads_writes(enc, {part.sv ? &*part.sv : nullptr, &m, &nrm, &x, &w, args.scales,
+                             args.biases, &xa, &b, &dy},
                        {out[kGradM]});
     const float* pp = part.sv ? gpu_ptr<float>(*part.sv) : nullptr;
     int row_tiles = part.row_tiles;
@@ -910,8 +888,8 @@ void DoRALinearVJP::eval_gpu(const std::vector<mx::array>& in, std::vector<mx::a
     };
 #if defined(MLX_TUNER_QDORA_FUSED_GPU)
     if (cfg_.quantized) {
-      go(QuantW<U>{gpu_ptr<uint8_t>(w), gpu_ptr<U>(*sc), gpu_ptr<U>(*bi), k, cfg_.group_size,
-                   cfg_.bits});
+      go(QuantW<U>{gpu_ptr<uint8_t>(w), gpu_ptr<U>(*args.scales), gpu_ptr<U>(*args.biases), k,
+                   cfg_.group_size, cfg_.bits});
       return;
     }
 #endif
@@ -927,11 +905,9 @@ void DoRALinearVJP::eval_gpu(const std::vector<mx::array>& in, std::vector<mx::a
                    dim3(kThreads), 0u, static_cast<const float*>(gpu_ptr<float>(m)),
                    static_cast<const float*>(gpu_ptr<float>(nrm)), gpu_ptr<float>(rs), cols);
     }
-    std::optional<mx::array> keep_dy, keep_xd;
-    const mx::array& dya = aligned(enc, dy, keep_dy);
-    const mx::array& xda = aligned(enc, xd ? *xd : x, keep_xd);
-    cuda::qlora_backward(enc, xda, xd != nullptr, xa, {w, *sc, *bi, cfg_.bits, cfg_.group_size},
-                         a, b, dya, s,
+    cuda::qlora_backward(enc, cuda::aligned16_copy(enc, xd ? *xd : x), xd != nullptr, xa,
+                         {w, *args.scales, *args.biases, cfg_.bits, cfg_.group_size}, a, b,
+                         cuda::aligned16_copy(enc, dy), s,
                          {out[kGradX], out[kGradXd], out[kGradA], out[kGradB]}, &rs);
     return;
   }

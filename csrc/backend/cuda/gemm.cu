@@ -286,6 +286,13 @@ mx::array as_dtype(mx::cu::CommandEncoder& enc, const mx::array& src, mx::Dtype 
   return dst;
 }
 
+mx::array aligned16_copy(mx::cu::CommandEncoder& enc, const mx::array& src) {
+  if (src.size() == 0 || aligned16(gpu_ptr<void>(src))) return src;
+  auto dst = scratch(enc, src.shape(), src.dtype()); // the allocator's blocks are aligned
+  convert(enc, src, dst);
+  return dst;
+}
+
 std::pair<mx::array, mx::array> as_dtype(mx::cu::CommandEncoder& enc, const mx::array& a,
                                          const mx::array& b, mx::Dtype to) {
   if (a.dtype() == to || b.dtype() == to || a.dtype() != b.dtype()) {

@@ -57,6 +57,10 @@ void reads_writes(mx::cu::CommandEncoder& enc, std::initializer_list<const mx::a
 // `src` in dtype `to`: src itself, or a converted copy in scratch.
 mx::array as_dtype(mx::cu::CommandEncoder& enc, const mx::array& src, mx::Dtype to);
 
+// `src` starting 16-byte aligned, as kernels that read rows by 16-byte vectors need: src
+// itself, or (a view may start anywhere) its copy in scratch.
+mx::array aligned16_copy(mx::cu::CommandEncoder& enc, const mx::array& src);
+
 // The same for two arrays, in one launch when both need converting from one dtype (the
 // LoRA pair A, B: each launch is a graph node, and the host cost per node adds up).
 std::pair<mx::array, mx::array> as_dtype(mx::cu::CommandEncoder& enc, const mx::array& a,

@@ -841,14 +841,15 @@ void lowrank_project_quant(mx::cu::CommandEncoder& enc, const mx::array& wq,
     using T = decltype(tt);
     const void* kern = nullptr;
     auto pick = [&]<int BITS>() {
-      const bool w8 = wide && (BITS == 2 || BITS == 4 || BITS == 8);
-      if (norm) {
-        kern = w8 ? reinterpret_cast<const void*>(&project_quant_kernel<T, BITS, true, true>)
-                  : reinterpret_cast<const void*>(&project_quant_kernel<T, BITS, false, true>);
-      } else {
-        kern = w8 ? reinterpret_cast<const void*>(&project_quant_kernel<T, BITS, true>)
-                  : reinterpret_cast<const void*>(&project_quant_kernel<T, BITS, false>);
+      auto with = [&]<bool WIDE>() {
+        kern = norm ? reinterpret_cast<const void*>(&project_quant_kernel<T, BITS, WIDE, true>)
+                    : reinterpret_cast<const void*>(&project_quant_kernel<T, BITS, WIDE, false>);
+      };
+      // One load of a lane's codes exists for bits 2, 4, 8 only: the others always go by byte.
+      if constexpr (BITS == 2 || BITS == 4 || BITS == 8) {
+        if (wide) return with.template operator()<true>();
       }
+      with.template operator()<false>();
     };
     switch (bits) {
       case 2: pick.template operator()<2>(); break;
