@@ -53,7 +53,9 @@ inline void dequantize_span(
       uint64_t v = 0;
       std::memcpy(&v, row + k * BITS / 8, BITS); // 8 elements = BITS bytes
       float* o = out + (k - k0);
+#if !defined(__CUDACC__) // the CPU kernels' loop (nvcc includes this header for its helpers)
 #pragma GCC unroll 8
+#endif
       for (int i = 0; i < 8; ++i) {
         o[i] = s * static_cast<float>((v >> (i * BITS)) & mask) + b;
       }

@@ -9,6 +9,7 @@
 
 #include "common/checks.h"
 #include "common/graph.h"
+#include "common/quant.h"
 #include "ops/lora.h"
 #include "ops/qlora.h"
 #include "mlx/ops.h"
@@ -159,8 +160,7 @@ void check_metal_dtype(const std::string& dtype) {
 
 // mx.quantize's affine modes that the kernels decode.
 void check_affine(const ArgCheck& check, int bits, int group_size) {
-  if (!(bits == 2 || bits == 3 || bits == 4 || bits == 5 || bits == 6 || bits == 8) ||
-      !(group_size == 32 || group_size == 64 || group_size == 128)) {
+  if (!quant::valid_bits(bits) || !quant::valid_group_size(group_size)) {
     check.fail("bits must be 2-6 or 8 and group_size 32, 64 or 128.");
   }
 }

@@ -23,6 +23,7 @@
 
 #include "backend/cuda/dtype.cuh"
 #include "backend/cuda/gemm.cuh"
+#include "common/quant.h"
 #include "ops/dora.h"
 #if defined(MLX_TUNER_DORA_FUSED_GPU)
 #include "backend/cuda/lora.cuh"
@@ -111,14 +112,7 @@ void launch_quant_bits(mx::cu::CommandEncoder& enc, const std::vector<mx::array>
 template <typename S>
 void launch_quant(mx::cu::CommandEncoder& enc, const std::vector<mx::array>& in,
                   mx::array& out, int gs, int bits) {
-  switch (bits) {
-    case 2: return launch_quant_bits<S, 2>(enc, in, out, gs);
-    case 3: return launch_quant_bits<S, 3>(enc, in, out, gs);
-    case 4: return launch_quant_bits<S, 4>(enc, in, out, gs);
-    case 5: return launch_quant_bits<S, 5>(enc, in, out, gs);
-    case 6: return launch_quant_bits<S, 6>(enc, in, out, gs);
-    default: return launch_quant_bits<S, 8>(enc, in, out, gs);
-  }
+  quant::dispatch_bits(bits, [&]<int BITS>() { launch_quant_bits<S, BITS>(enc, in, out, gs); });
 }
 
 // ---------------------------------------------------------------- DoRAScale

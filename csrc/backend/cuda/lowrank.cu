@@ -16,6 +16,7 @@
 #include "backend/cuda/dtype.cuh"
 #include "backend/cuda/gemm.cuh"
 #include "backend/cuda/lowrank.cuh"
+#include "common/quant.h"
 
 namespace mlx_tuner::cuda {
 
@@ -851,15 +852,7 @@ void lowrank_project_quant(mx::cu::CommandEncoder& enc, const mx::array& wq,
       }
       with.template operator()<false>();
     };
-    switch (bits) {
-      case 2: pick.template operator()<2>(); break;
-      case 3: pick.template operator()<3>(); break;
-      case 4: pick.template operator()<4>(); break;
-      case 5: pick.template operator()<5>(); break;
-      case 6: pick.template operator()<6>(); break;
-      case 8: pick.template operator()<8>(); break;
-      default: throw std::invalid_argument("[lowrank] bits must be 2, 3, 4, 5, 6 or 8");
-    }
+    quant::dispatch_bits(bits, pick);
     float* cp = c ? gpu_ptr<float>(*c) : nullptr;
     launch(enc, kern, dim3((n + 15) / 16), dim3(kThreads), 0, gpu_ptr<uint8_t>(wq),
            gpu_ptr<T>(scales), gpu_ptr<T>(biases), gpu_ptr<T>(pk), cp, n, k, r, gs, na);

@@ -30,6 +30,7 @@
 #include "backend/cuda/gemm.cuh"
 #include "backend/cuda/lowrank.cuh"
 #include "backend/cuda/qlora.cuh"
+#include "common/quant.h"
 #include "ops/qlora.h"
 
 namespace mlx_tuner {
@@ -198,15 +199,7 @@ struct Quantized {
         cuda::launch(enc, k, grid, dim3(kThreads), 0u, w, s, b, rp, o, rows, cols, c0,
                      row_bytes, groups, gs);
       };
-      switch (bits) {
-        case 2: go.template operator()<2>(); break;
-        case 3: go.template operator()<3>(); break;
-        case 4: go.template operator()<4>(); break;
-        case 5: go.template operator()<5>(); break;
-        case 6: go.template operator()<6>(); break;
-        case 8: go.template operator()<8>(); break;
-        default: throw std::invalid_argument("[qlora_linear] bits must be 2, 3, 4, 5, 6 or 8");
-      }
+      quant::dispatch_bits(bits, go);
     });
   }
 };
