@@ -160,8 +160,11 @@ void check_metal_dtype(const std::string& dtype) {
 
 // mx.quantize's affine modes that the kernels decode.
 void check_affine(const ArgCheck& check, int bits, int group_size) {
-  if (!quant::valid_bits(bits) || !quant::valid_group_size(group_size)) {
-    check.fail("bits must be 2-6 or 8 and group_size 32, 64 or 128.");
+  if (!quant::valid_bits(bits)) {
+    check.fail("bits must be one of 2, 3, 4, 5, 6, 8 but got " + std::to_string(bits) + ".");
+  }
+  if (!quant::valid_group_size(group_size)) {
+    check.fail("group_size must be 32, 64 or 128 but got " + std::to_string(group_size) + ".");
   }
 }
 

@@ -325,8 +325,10 @@ def test_inv_norm_quant_compiles_and_errors():
         e._dora_inv_norm_quant(wq, scales, biases, mx.zeros((17, 16)), mx.zeros((256, 17)), c, 1.0, 64, 4)
     with pytest.raises(ValueError, match=r"\[dora_inv_norm_quant\] scales must be float16 or bfloat16"):
         e._dora_inv_norm_quant(wq, scales.astype(f32), biases.astype(f32), b, a, c, 1.0, 64, 4)
-    with pytest.raises(ValueError, match=r"\[dora_inv_norm_quant\] bits must be 2-6 or 8"):
+    with pytest.raises(ValueError, match=r"\[dora_inv_norm_quant\] bits must be one of 2, 3, 4, 5, 6, 8 but got 7"):
         e._dora_inv_norm_quant(wq, scales, biases, b, a, c, 1.0, 64, 7)
+    with pytest.raises(ValueError, match=r"\[dora_inv_norm_quant\] group_size must be 32, 64 or 128 but got 16"):
+        e._dora_inv_norm_quant(wq, scales, biases, b, a, c, 1.0, 16, 4)
     with pytest.raises(ValueError, match=r"\[dora_inv_norm_quant\] scales must have shape \(16, 8\)"):
         e._dora_inv_norm_quant(wq, scales, biases, b, a, c, 1.0, 32, 4)
 
