@@ -727,12 +727,14 @@ void with_t(mx::Dtype t, F&& f) {
 } // namespace
 
 bool lowrank_fits(int r, mx::Dtype t, std::initializer_list<int> widths,
-                  std::initializer_list<const mx::array*> projected) {
+                  std::initializer_list<const mx::array*> projected, bool switchable) {
   static bool on = [] {
     const char* v = std::getenv("MLX_TUNER_LOWRANK");
     return !(v && v[0] == '0');
   }();
-  if (!on || r < 1 || r > kLowRankMax || (t != mx::float16 && t != mx::bfloat16)) return false;
+  if ((switchable && !on) || r < 1 || r > kLowRankMax || (t != mx::float16 && t != mx::bfloat16)) {
+    return false;
+  }
   for (int w : widths) {
     if (w <= 0 || w % 16 != 0) return false;
   }

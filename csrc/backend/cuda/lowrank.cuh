@@ -27,9 +27,10 @@ constexpr int kLowRankPad = 64;
 // float16 or bfloat16, every width a multiple of 16, and the wide arrays the kernels read
 // by 16-byte vectors (project's x, reduce's x) 16-byte aligned: a view may start
 // anywhere, and its rows then do too. MLX_TUNER_LOWRANK=0 sends every
-// product to the callers' cuBLASLt path (to time one against the other).
+// product to the callers' cuBLASLt path (to time one against the other), except for a
+// caller that has no such path (switchable false: QDoRA's row-scaled QLoRA).
 bool lowrank_fits(int r, mx::Dtype t, std::initializer_list<int> widths,
-                  std::initializer_list<const mx::array*> projected);
+                  std::initializer_list<const mx::array*> projected, bool switchable = true);
 
 // M (rows, cols) with element (i, j) at m[i * si + j * sj]. For lowrank_project M is
 // (k, r); for lowrank_expand it is (r, cols).

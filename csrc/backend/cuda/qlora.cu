@@ -236,8 +236,8 @@ int leading_rows(const mx::array& x) {
 namespace cuda {
 
 bool qlora_own_fits(int r, mx::Dtype t, int k, int out,
-                    std::initializer_list<const mx::array*> projected) {
-  return r > 0 && k > 0 && lowrank_fits(r, t, {k, out}, projected);
+                    std::initializer_list<const mx::array*> projected, bool switchable) {
+  return r > 0 && k > 0 && lowrank_fits(r, t, {k, out}, projected, switchable);
 }
 
 void qlora_forward(mx::cu::CommandEncoder& enc, const mx::array& x, const mx::array* xd_in,
@@ -250,7 +250,7 @@ void qlora_forward(mx::cu::CommandEncoder& enc, const mx::array& x, const mx::ar
     return;
   }
   const auto T = x.dtype();
-  const bool own = qlora_own_fits(r, T, k, out, {&xd});
+  const bool own = qlora_own_fits(r, T, k, out, {&xd}, !row_scale);
   if (row_scale && !own) {
     throw std::logic_error("[qlora_linear] a row scale needs the rank-r kernels (qlora_own_fits)");
   }
@@ -321,7 +321,8 @@ void qlora_backward(mx::cu::CommandEncoder& enc, const mx::array& xd, bool has_x
   const bool lora_dx = dx && !has_xd && have_g;
   std::optional<mx::array> g_t, a_t, b_t;
   const bool need_g = have_g && (da || dxd || lora_dx);
-  const bool own = have_g && qlora_own_fits(r, T, k, out, {&dy, &xd}); // rank-r kernels of ours
+  // rank-r kernels of ours
+  const bool own = have_g && qlora_own_fits(r, T, k, out, {&dy, &xd}, !row_scale);
   if (row_scale && !own) {
     throw std::logic_error("[qlora_linear] a row scale needs the rank-r kernels (qlora_own_fits)");
   }

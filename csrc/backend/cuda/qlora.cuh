@@ -19,9 +19,10 @@ struct QuantWeight {
 };
 
 // Whether the rank-r products run as lowrank.cuh's kernels (the path a row scale needs):
-// rank 1 to 16, float16 / bfloat16, k and out multiples of 16, the projected arrays aligned.
+// rank 1 to 16, float16 / bfloat16, k and out multiples of 16, the projected arrays aligned;
+// switchable: MLX_TUNER_LOWRANK=0 turns them off (not for a row scale, which has no other path).
 bool qlora_own_fits(int r, mx::Dtype t, int k, int out,
-                    std::initializer_list<const mx::array*> projected);
+                    std::initializer_list<const mx::array*> projected, bool switchable = true);
 
 // y = x W^T + s x_d A B (+ bias), xa = x_d A in T (x_d null: x itself). x, x_d, bias in T;
 // A, B in T or float32; y, xa allocated. With row_scale (float32 (out,)):
