@@ -42,14 +42,18 @@ constexpr int kProjRows = 16, kProjBytes = kProjRows * kBK * 2; // M's box a sta
 // rows as 64 x 64 boxes (128-byte swizzle), two a round (half a tile), or with kProj one a
 // round (a quarter): M's boxes take the shared memory of the other.
 constexpr int kEpiBox = 64, kEpiBoxBytes = kEpiBox * kEpiBox * 2;
-template <bool kProj>
+// kKScale: each stage also holds the k tile's slice of the float32 k scale (after the
+// barriers: 16-byte aligned, outside the 1 KB-aligned tiles).
+constexpr int kKScaleBytes = kBK * 4;
+template <bool kProj, bool kKScale = false>
 struct Layout {
   static constexpr int kStageBytes = kABytes + kBBytes + (kProj ? kProjBytes : 0);
   static constexpr int kEpiBoxes = kProj ? 1 : 2; // a consumer's boxes a round
   static constexpr int kEpiBytes = 2 * kEpiBoxes * kEpiBoxBytes;
-  static constexpr int kSmemBytes = kStages * kStageBytes + kEpiBytes + 1024 + 2 * kStages * 8;
+  static constexpr int kSmemBytes = kStages * kStageBytes + kEpiBytes + 1024 + 2 * kStages * 8 +
+                                    (kKScale ? kStages * kKScaleBytes : 0);
 };
-static_assert(Layout<false>::kSmemBytes <= 227 * 1024 && Layout<true>::kSmemBytes <= 227 * 1024,
+static_assert(Layout<false>::kSmemBytes <= 227 * 1024 && Layout<true, true>::kSmemBytes <= 227 * 1024,
               "an sm_90 CTA has 227 KB of shared memory");
 static_assert(Layout<true>::kStageBytes % 1024 == 0, "128-byte-swizzled tiles start 1 KB aligned");
 
@@ -60,6 +64,7 @@ struct Params {
   __nv_bfloat16* p_out; // kProj: p (m, r) written here, or null
   int r;
   const float* col_scale = nullptr; // (n,) or null: y = col_scale * (x W^T + p Bp^T) + bias
+  const float* k_scale = nullptr; // kKScale: (k,), x's columns scaled: y = (x diag(k_scale)) W ...
 };
 
 // The body is Hopper's alone (wgmma is sm_90a only): for other targets of a multi-arch
@@ -73,6 +78,7 @@ using cuda::mbar_arrive;
 using cuda::mbar_expect;
 using cuda::mbar_init;
 using cuda::mbar_wait;
+using cuda::bulk_copy_g2s;
 using cuda::smem_u32;
 
 // A K-major operand tile in shared memory as TMA wrote it with the 128-byte swizzle: rows
@@ -112,6 +118,39 @@ __device__ __forceinline__ void wgmma_16(float (&d)[8], uint64_t da, uint64_t db
   using namespace cute::SM90::GMMA;
   MMA_64x16x16_F32BF16BF16_SS<Major::K, Major::K>::fma(
       da, db, d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7], acc ? ScaleOut::One : ScaleOut::Zero);
+}
+
+// kKScale: a consumer warpgroup's 64 rows of x's k tile (128-byte rows, 16-byte unit u of
+// row r at unit u ^ (r % 8)) times the slice's scale along k, in place, rounded to bf16 once;
+// then visible to the tensor cores (the async proxy) before any of the warpgroup's products.
+// Thread t takes unit t % 8 (k columns 8 (t % 8) + 0..7: one pair of scale loads) of rows
+// t / 8 + 16 i: a warp's quarter reads one row's 128 bytes, free of bank conflicts. Units
+// past k were zero-filled by TMA and are left so (the slot's stale part is not read).
+__device__ __forceinline__ void scale_k(unsigned char* tile, const float* ks, int k0, int k,
+                                        int tid, int c) {
+  const int u = tid % 8;
+  if (k0 + 8 * u < k) {
+    const float4 s0 = *reinterpret_cast<const float4*>(ks + 8 * u);
+    const float4 s1 = *reinterpret_cast<const float4*>(ks + 8 * u + 4);
+    const float sc[8] = {s0.x, s0.y, s0.z, s0.w, s1.x, s1.y, s1.z, s1.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int row = tid / 8 + 16 * i;
+      uint4* q = reinterpret_cast<uint4*>(tile + row * 128 + ((u ^ (row % 8)) << 4));
+      uint4 v = *q;
+      uint32_t* w = reinterpret_cast<uint32_t*>(&v);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) { // a bf16 pair: its float32 values are its bits shifted
+        const float lo = __uint_as_float(w[j] << 16) * sc[2 * j];
+        const float hi = __uint_as_float(w[j] & 0xFFFF0000u) * sc[2 * j + 1];
+        __nv_bfloat162 r = __floats2bfloat162_rn(lo, hi);
+        w[j] = *reinterpret_cast<uint32_t*>(&r);
+      }
+      *q = v;
+    }
+  }
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+  asm volatile("bar.sync %0, 128;" ::"r"(c + 1) : "memory");
 }
 
 // The tiles one CTA computes, walked the same way by the producer and the consumers.
@@ -154,19 +193,23 @@ struct TileWalk {
 // M (16, K).
 // kScale: y's columns scaled by p.col_scale in the epilogue (DoRA's forward; its own
 // instantiations, so that LoRA's kernels stay as they were).
-template <bool kMN, bool kProj, bool kScale = false>
+// kKScale: x's columns scaled by p.k_scale, in shared memory before the products (DoRA's dx
+// = (dy m / n) W: g = dy m / n is never written). The bf16 tile is rounded as g would be,
+// and with kProj p = x diag(k_scale) M too.
+template <bool kMN, bool kProj, bool kScale = false, bool kKScale = false>
 __global__ void __launch_bounds__(kThreads, 1)
 lora_gemm_kernel(const __grid_constant__ CUtensorMap tx, const __grid_constant__ CUtensorMap tw,
                  const __grid_constant__ CUtensorMap tr, const __grid_constant__ CUtensorMap tbp,
                  const __grid_constant__ CUtensorMap ty, Params p) {
 #if defined(MLX_TUNER_LORA_GEMM_BODY)
-  using L = Layout<kProj>;
+  using L = Layout<kProj, kKScale>;
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem = reinterpret_cast<unsigned char*>(
       (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   unsigned char* epi = smem + kStages * L::kStageBytes;
   uint64_t* full = reinterpret_cast<uint64_t*>(epi + L::kEpiBytes);
   uint64_t* empty = full + kStages;
+  [[maybe_unused]] float* kslot = reinterpret_cast<float*>(empty + kStages); // kKScale
   int wg = threadIdx.x / 128, tid = threadIdx.x % 128;
   int kt_main = (p.k + kBK - 1) / kBK, kt_all = kt_main + (p.rank ? 1 : 0);
   if (threadIdx.x == 0) {
@@ -190,7 +233,11 @@ lora_gemm_kernel(const __grid_constant__ CUtensorMap tx, const __grid_constant__
         if (it >= kStages) mbar_wait(&empty[s], ((it / kStages) & 1) ^ 1);
         unsigned char* sa = smem + s * L::kStageBytes;
         if (kt < kt_main) {
-          mbar_expect(&full[s], kABytes + kBBytes + (fresh ? kProjBytes : 0));
+          // kKScale: the slice's valid part (k % 8 == 0: whole 32-byte pieces); the rest of
+          // the slot is stale and never read.
+          [[maybe_unused]] uint32_t kbytes = kKScale ? 4 * min(kBK, p.k - kt * kBK) : 0;
+          mbar_expect(&full[s], kABytes + kBBytes + (fresh ? kProjBytes : 0) + kbytes);
+          if constexpr (kKScale) bulk_copy_g2s(kslot + s * kBK, p.k_scale + kt * kBK, kbytes, &full[s]);
           cute::SM90_TMA_LOAD_2D::copy(&tx, &full[s], 0, sa, kt * kBK, mb * kBM);
           if constexpr (kMN) {
 #pragma unroll
@@ -232,6 +279,7 @@ lora_gemm_kernel(const __grid_constant__ CUtensorMap tx, const __grid_constant__
       unsigned char* sa = smem + s * L::kStageBytes;
       uint32_t a0 = smem_u32(sa + c * 64 * 128), b0 = smem_u32(sa + kABytes);
       if (kt < kt_main) {
+        if constexpr (kKScale) scale_k(sa + c * 64 * 128, kslot + s * kBK, kt * kBK, p.k, tid, c);
         cute::warpgroup_arrive();
 #pragma unroll
         for (int k16 = 0; k16 < kBK / 16; ++k16) {
