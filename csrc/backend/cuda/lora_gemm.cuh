@@ -104,13 +104,22 @@ __device__ __forceinline__ void wgmma_256(float (&d)[128], uint64_t da, uint64_t
       da, db, d[I]..., acc ? ScaleOut::One : ScaleOut::Zero);
 }
 
-// The rank step with its A operand (p, bf16 pairs) from registers.
-template <size_t... I>
-__device__ __forceinline__ void wgmma_256_rs(float (&d)[128], const uint32_t (&a)[4], uint64_t db,
-                                             std::index_sequence<I...>) {
+// The rank step with its A operand (p, bf16 pairs) from registers; kKScale's main steps
+// too (kMN: B N-major; acc false: the first step).
+template <bool kMN = false, size_t... I>
+__device__ __forceinline__ void wgmma_256_rs(float (&d)[128], const uint32_t* a, uint64_t db,
+                                             std::index_sequence<I...>, bool acc = true) {
   using namespace cute::SM90::GMMA;
-  MMA_64x256x16_F32BF16BF16_RS<Major::K, Major::K>::fma(a[0], a[1], a[2], a[3], db, d[I]...,
-                                                        ScaleOut::One);
+  MMA_64x256x16_F32BF16BF16_RS<Major::K, kMN ? Major::MN : Major::K>::fma(
+      a[0], a[1], a[2], a[3], db, d[I]..., acc ? ScaleOut::One : ScaleOut::Zero);
+}
+
+// p += x M for one k16 step with x's fragment from registers (kKScale).
+__device__ __forceinline__ void wgmma_16_rs(float (&d)[8], const uint32_t* a, uint64_t db, bool acc) {
+  using namespace cute::SM90::GMMA;
+  MMA_64x16x16_F32BF16BF16_RS<Major::K, Major::K>::fma(
+      a[0], a[1], a[2], a[3], db, d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7],
+      acc ? ScaleOut::One : ScaleOut::Zero);
 }
 
 // p += x M for one k16 step (kProj).
@@ -120,37 +129,36 @@ __device__ __forceinline__ void wgmma_16(float (&d)[8], uint64_t da, uint64_t db
       da, db, d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7], acc ? ScaleOut::One : ScaleOut::Zero);
 }
 
-// kKScale: a consumer warpgroup's 64 rows of x's k tile (128-byte rows, 16-byte unit u of
-// row r at unit u ^ (r % 8)) times the slice's scale along k, in place, rounded to bf16 once;
-// then visible to the tensor cores (the async proxy) before any of the warpgroup's products.
-// Thread t takes unit t % 8 (k columns 8 (t % 8) + 0..7: one pair of scale loads) of rows
-// t / 8 + 16 i: a warp's quarter reads one row's 128 bytes, free of bank conflicts. Units
-// past k were zero-filled by TMA and are left so (the slot's stale part is not read).
-__device__ __forceinline__ void scale_k(unsigned char* tile, const float* ks, int k0, int k,
-                                        int tid, int c) {
-  const int u = tid % 8;
-  if (k0 + 8 * u < k) {
-    const float4 s0 = *reinterpret_cast<const float4*>(ks + 8 * u);
-    const float4 s1 = *reinterpret_cast<const float4*>(ks + 8 * u + 4);
-    const float sc[8] = {s0.x, s0.y, s0.z, s0.w, s1.x, s1.y, s1.z, s1.w};
+// kKScale: this warp's A fragments of x's k tile (rows 16 warp + 0..15 of the warpgroup's
+// 64; 128-byte rows, 16-byte unit u of row r at unit u ^ (r % 8)), for the four k16 steps,
+// by ldmatrix (fa[4 kk + j]: matrix j = rows +8 (j % 2), k +8 (j / 2), as mma's A fragment),
+// each bf16 pair times its two columns' scale and rounded to bf16 once. The tensor cores
+// then read A from registers: shared memory carries no more traffic than without the scale.
+// Columns past k were zero-filled by TMA; their stale scale slots count as 0.
+__device__ __forceinline__ void load_scaled_a(uint32_t (&fa)[16], uint32_t tile, const float* ks,
+                                              int k0, int k, int warp, int lane) {
+  const int r = 16 * warp + lane % 8 + 8 * ((lane / 8) % 2), t = lane % 4;
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int row = tid / 8 + 16 * i;
-      uint4* q = reinterpret_cast<uint4*>(tile + row * 128 + ((u ^ (row % 8)) << 4));
-      uint4 v = *q;
-      uint32_t* w = reinterpret_cast<uint32_t*>(&v);
+  for (int kk = 0; kk < 4; ++kk) {
+    const int u = 2 * kk + lane / 16;
+    const uint32_t addr = tile + r * 128 + ((u ^ (r % 8)) << 4);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(fa[4 * kk]), "=r"(fa[4 * kk + 1]), "=r"(fa[4 * kk + 2]), "=r"(fa[4 * kk + 3])
+                 : "r"(addr)
+                 : "memory");
 #pragma unroll
-      for (int j = 0; j < 4; ++j) { // a bf16 pair: its float32 values are its bits shifted
-        const float lo = __uint_as_float(w[j] << 16) * sc[2 * j];
-        const float hi = __uint_as_float(w[j] & 0xFFFF0000u) * sc[2 * j + 1];
-        __nv_bfloat162 r = __floats2bfloat162_rn(lo, hi);
-        w[j] = *reinterpret_cast<uint32_t*>(&r);
+    for (int h = 0; h < 2; ++h) { // k columns 16 kk + 8 h + 2 t, + 1
+      float2 sc = make_float2(0.0f, 0.0f);
+      if (k0 + 16 * kk + 8 * h < k) sc = *reinterpret_cast<const float2*>(ks + 16 * kk + 8 * h + 2 * t);
+#pragma unroll
+      for (int j = 2 * h; j < 2 * h + 2; ++j) { // a bf16 pair: its float32 values are its bits shifted
+        uint32_t& v = fa[4 * kk + j];
+        __nv_bfloat162 q = __floats2bfloat162_rn(__uint_as_float(v << 16) * sc.x,
+                                                 __uint_as_float(v & 0xFFFF0000u) * sc.y);
+        v = *reinterpret_cast<uint32_t*>(&q);
       }
-      *q = v;
     }
   }
-  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-  asm volatile("bar.sync %0, 128;" ::"r"(c + 1) : "memory");
 }
 
 // The tiles one CTA computes, walked the same way by the producer and the consumers.
@@ -193,9 +201,9 @@ struct TileWalk {
 // M (16, K).
 // kScale: y's columns scaled by p.col_scale in the epilogue (DoRA's forward; its own
 // instantiations, so that LoRA's kernels stay as they were).
-// kKScale: x's columns scaled by p.k_scale, in shared memory before the products (DoRA's dx
-// = (dy m / n) W: g = dy m / n is never written). The bf16 tile is rounded as g would be,
-// and with kProj p = x diag(k_scale) M too.
+// kKScale: x's columns scaled by p.k_scale on their way from shared memory to the tensor
+// cores (DoRA's dx = (dy m / n) W: g = dy m / n is never written), rounded to bf16 as g
+// would be; p = x diag(k_scale) M too.
 template <bool kMN, bool kProj, bool kScale = false, bool kKScale = false>
 __global__ void __launch_bounds__(kThreads, 1)
 lora_gemm_kernel(const __grid_constant__ CUtensorMap tx, const __grid_constant__ CUtensorMap tw,
@@ -267,6 +275,7 @@ lora_gemm_kernel(const __grid_constant__ CUtensorMap tx, const __grid_constant__
   float acc[128];
   float pacc[8]; // kProj: p's float32 accumulators (m64n16 fragment)
   uint32_t pa[4]; // and p as the rank step's bf16 A fragment
+  [[maybe_unused]] uint32_t fa0[16], fa1[16]; // kKScale: x's scaled fragments, two k tiles
   int it = 0;
   TileWalk<kProj> w(p.m, p.n);
   for (; w.more(); w.next()) {
@@ -278,8 +287,34 @@ lora_gemm_kernel(const __grid_constant__ CUtensorMap tx, const __grid_constant__
       mbar_wait(&full[s], (it / kStages) & 1);
       unsigned char* sa = smem + s * L::kStageBytes;
       uint32_t a0 = smem_u32(sa + c * 64 * 128), b0 = smem_u32(sa + kABytes);
-      if (kt < kt_main) {
-        if constexpr (kKScale) scale_k(sa + c * 64 * 128, kslot + s * kBK, kt * kBK, p.k, tid, c);
+      if (kKScale && kt < kt_main) {
+        if constexpr (kKScale) {
+        // x's scaled fragments into the register set that the step before last used (its
+        // products are done: warpgroup_wait<1> below), while the last step's run.
+        auto step = [&](uint32_t(&fa)[16]) {
+          load_scaled_a(fa, smem_u32(sa + c * 64 * 128), kslot + s * kBK, kt * kBK, p.k, warp, lane);
+#pragma unroll
+          for (int i = 0; i < 16; ++i) cute::warpgroup_fence_operand(fa[i]);
+          cute::warpgroup_arrive();
+#pragma unroll
+          for (int k16 = 0; k16 < kBK / 16; ++k16) {
+            wgmma_256_rs<kMN>(acc, fa + 4 * k16, smem_desc_mn(b0 + 2048 * k16),
+                              std::make_index_sequence<128>{}, kt > 0 || k16 > 0);
+          }
+          if (fresh) {
+            uint32_t m0 = smem_u32(sa + kABytes + kBBytes);
+#pragma unroll
+            for (int k16 = 0; k16 < kBK / 16; ++k16) {
+              wgmma_16_rs(pacc, fa + 4 * k16, smem_desc(m0 + 32 * k16), kt > 0 || k16 > 0);
+            }
+          }
+#pragma unroll
+          for (int i = 0; i < 16; ++i) cute::warpgroup_fence_operand(fa[i]);
+        };
+        if (kt % 2) step(fa1);
+        else step(fa0);
+        }
+      } else if (kt < kt_main) {
         cute::warpgroup_arrive();
 #pragma unroll
         for (int k16 = 0; k16 < kBK / 16; ++k16) {
