@@ -114,8 +114,13 @@ void lora_gemm(mx::cu::CommandEncoder& enc, const mx::array& x, const mx::array&
     if (!w_kn || !proj || col_scale || in % 8 != 0) {
       throw std::logic_error("[lora_gemm] a k scale needs W as (K, N), p made in the GEMM, K % 8 == 0");
     }
-    kern = reinterpret_cast<const void*>(&lora_gemm_kernel<true, true, false, true>);
-    smem = Layout<true, true>::kSmemBytes;
+    static int mode = [] { // experiment: 1 RS fragments, 2 the producer's idle warps
+      const char* v = std::getenv("MLX_TUNER_KSCALE_MODE");
+      return v && v[0] == '1' ? 1 : 2;
+    }();
+    kern = mode == 1 ? reinterpret_cast<const void*>(&lora_gemm_kernel<true, true, false, 1>)
+                     : reinterpret_cast<const void*>(&lora_gemm_kernel<true, true, false, 2>);
+    smem = mode == 1 ? Layout<true, 1>::kSmemBytes : Layout<true, 2>::kSmemBytes;
   } else if (col_scale) { // DoRA's forward only
     if (w_kn) throw std::logic_error("[lora_gemm] a column scale with W as (K, N)");
     kern = proj ? reinterpret_cast<const void*>(&lora_gemm_kernel<false, true, true>)
