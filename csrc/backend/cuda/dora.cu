@@ -863,13 +863,14 @@ void DoRALinearVJP::eval_gpu(const std::vector<mx::array>& in, std::vector<mx::a
   }();
   const bool scale_in_gemm = !cfg_.quantized && in_gemm_on && need_g &&
                              cuda::lora_backward_scales_dy(enc, x, w, a, dy, xd, out[kGradX]);
-  std::optional<mx::array> g;
+  std::optional<mx::array> g, dm_part;
   if (need_g && !cfg_.quantized && !scale_in_gemm) g = cuda::scratch(enc, {rows, cols}, T);
   by_type(T, [&]<typename U>() {
     // One pass over dy (and y, for dm): g, and the partial column sums of dy * y.
     if (!g && !out[kGradM]) return;
     auto part = launch_scale_vjp_tiles<U>(enc, dy, m, &nrm, out[kGradM] ? &y : nullptr,
                                           g ? &*g : nullptr, false);
+    dm_part = part.sv;
     if (!out[kGradM] || cols == 0) return;
     cuda::reads_writes(enc, {part.sv ? &*part.sv : nullptr, &m, &nrm, &x, &w, args.scales,
                              args.biases, &xa, &b, &dy},
@@ -899,9 +900,11 @@ void DoRALinearVJP::eval_gpu(const std::vector<mx::array>& in, std::vector<mx::a
   });
   if (!need_g) return;
   // rs = m / n, for a backward that scales dy by it on the fly.
+  // With the scale in the GEMM, rs is made after the dm pass (declared as read): the pass
+  // would otherwise run beside the persistent GEMM and hold SMs its CTAs wait for.
   auto row_scale = [&] {
     auto rs = cuda::scratch(enc, {cols}, mx::float32);
-    cuda::reads_writes(enc, {&m, &nrm}, {&rs});
+    cuda::reads_writes(enc, {&m, &nrm, scale_in_gemm && dm_part ? &*dm_part : nullptr}, {&rs});
     if (cols > 0) {
       cuda::launch(enc, reinterpret_cast<const void*>(&ratio), dim3(unsigned(ceil_div(cols, kThreads))),
                    dim3(kThreads), 0u, static_cast<const float*>(gpu_ptr<float>(m)),
