@@ -18,7 +18,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <optional>
 #include <type_traits>
 
@@ -854,23 +853,15 @@ void DoRALinearVJP::eval_gpu(const std::vector<mx::array>& in, std::vector<mx::a
     throw std::logic_error("[dora_linear] the quantized GPU path composes in this build");
   }
 #endif
-  // Dense: g = dy * m / n, on which LoRA's backward then runs, unless its GEMM scales dy's
-  // tiles itself (Hopper, dx asked, no x_d: g is never written). Quantized: none (the scale
+  // Dense: g = dy * m / n, on which LoRA's backward then runs. Quantized: none (the scale
   // goes into QLoRA's backward).
-  static bool in_gemm_on = [] {
-    const char* v = std::getenv("MLX_TUNER_DORA_SCALE_IN_GEMM");
-    return !(v && v[0] == '0');
-  }();
-  const bool scale_in_gemm = !cfg_.quantized && in_gemm_on && need_g &&
-                             cuda::lora_backward_scales_dy(enc, x, w, a, dy, xd, out[kGradX]);
-  std::optional<mx::array> g, dm_part;
-  if (need_g && !cfg_.quantized && !scale_in_gemm) g = cuda::scratch(enc, {rows, cols}, T);
+  std::optional<mx::array> g;
+  if (need_g && !cfg_.quantized) g = cuda::scratch(enc, {rows, cols}, T);
   by_type(T, [&]<typename U>() {
     // One pass over dy (and y, for dm): g, and the partial column sums of dy * y.
     if (!g && !out[kGradM]) return;
     auto part = launch_scale_vjp_tiles<U>(enc, dy, m, &nrm, out[kGradM] ? &y : nullptr,
                                           g ? &*g : nullptr, false);
-    dm_part = part.sv;
     if (!out[kGradM] || cols == 0) return;
     cuda::reads_writes(enc, {part.sv ? &*part.sv : nullptr, &m, &nrm, &x, &w, args.scales,
                              args.biases, &xa, &b, &dy},
@@ -899,28 +890,15 @@ void DoRALinearVJP::eval_gpu(const std::vector<mx::array>& in, std::vector<mx::a
     go(DenseW<U>{gpu_ptr<U>(w), k});
   });
   if (!need_g) return;
-  // rs = m / n, for a backward that scales dy by it on the fly.
-  // With the scale in the GEMM, rs is made after the dm pass (declared as read): the pass
-  // would otherwise run beside the persistent GEMM and hold SMs its CTAs wait for.
-  auto row_scale = [&] {
+#if defined(MLX_TUNER_QDORA_FUSED_GPU)
+  if (cfg_.quantized) { // dy's columns scaled by rs = m / n inside QLoRA's backward
     auto rs = cuda::scratch(enc, {cols}, mx::float32);
-    cuda::reads_writes(enc, {&m, &nrm, scale_in_gemm && dm_part ? &*dm_part : nullptr}, {&rs});
+    cuda::reads_writes(enc, {&m, &nrm}, {&rs});
     if (cols > 0) {
       cuda::launch(enc, reinterpret_cast<const void*>(&ratio), dim3(unsigned(ceil_div(cols, kThreads))),
                    dim3(kThreads), 0u, static_cast<const float*>(gpu_ptr<float>(m)),
                    static_cast<const float*>(gpu_ptr<float>(nrm)), gpu_ptr<float>(rs), cols);
     }
-    return rs;
-  };
-  if (scale_in_gemm) {
-    auto rs = row_scale();
-    cuda::lora_backward(enc, x, w, a, b, xa, dy, xd, s,
-                        {out[kGradX], out[kGradXd], out[kGradA], out[kGradB]}, &rs);
-    return;
-  }
-#if defined(MLX_TUNER_QDORA_FUSED_GPU)
-  if (cfg_.quantized) { // dy's columns scaled by rs = m / n inside QLoRA's backward
-    auto rs = row_scale();
     cuda::qlora_backward(enc, cuda::aligned16_copy(enc, xd ? *xd : x), xd != nullptr, xa,
                          {w, *args.scales, *args.biases, cfg_.bits, cfg_.group_size}, a, b,
                          cuda::aligned16_copy(enc, dy), s,

@@ -96,23 +96,10 @@ void lora_gemm_forward(mx::cu::CommandEncoder& enc, const mx::array& x, const mx
   lora_gemm(enc, x, w, {xa_pad}, packed[1], bias, y, false, col_scale);
 }
 
-bool lora_backward_scales_dy(mx::cu::CommandEncoder& enc, const mx::array& x, const mx::array& w,
-                             const mx::array& a, const mx::array& dy, const mx::array* xd,
-                             const mx::array* dx) {
-  int in = w.shape(1), out = w.shape(0), r = a.shape(1);
-  auto T = dy.dtype();
-  return dx && !xd && dy.size() > 0 && cuda::rank_in_gemm() &&
-         cuda::lowrank_fits(r, T, {in, out}, {&dy, &x}) &&
-         cuda::lora_gemm_fits(enc, T, in, out, {&dy, &w, dx});
-}
-
 void lora_backward(mx::cu::CommandEncoder& enc, const mx::array& x, const mx::array& w,
                    const mx::array& a, const mx::array& b, const mx::array& xa,
                    const mx::array& dy, const mx::array* xd_in, float s,
-                   const LoRAGradOut& grads, const mx::array* dy_scale) {
-  if (dy_scale && !lora_backward_scales_dy(enc, x, w, a, dy, xd_in, grads.x)) {
-    throw std::logic_error("[lora_backward] dy_scale outside the Hopper GEMM path");
-  }
+                   const LoRAGradOut& grads) {
   const bool has_xd = xd_in != nullptr;
   const auto& xd = has_xd ? *xd_in : x;
   mx::array *dx = grads.x, *da = grads.a, *db = grads.b, *dxd = grads.x_dropped;
@@ -132,7 +119,7 @@ void lora_backward(mx::cu::CommandEncoder& enc, const mx::array& x, const mx::ar
   auto reduce = [&](const mx::array* g, mx::array* counters) {
     std::vector<cuda::ReduceJob> jobs;
     if (da) jobs.push_back({xd, *g, *da, r, 1, s});
-    if (db) jobs.push_back({dy, xa, *db, 1, out, s, dy_scale});
+    if (db) jobs.push_back({dy, xa, *db, 1, out, s});
     cuda::lowrank_reduce(enc, jobs, counters);
   };
   if (cuda::lowrank_fits(r, T, {in, out}, {&dy, &xd})) { // rank-r products as kernels of ours
@@ -149,7 +136,7 @@ void lora_backward(mx::cu::CommandEncoder& enc, const mx::array& x, const mx::ar
                                       {a, 1, r, r, in, false, cuda::kLowRankPad, s}}, cnt);
       g_t = scratch(enc, {n, r}, T);
       if (cuda::rank_in_gemm()) { // g = dy B^T made by the GEMM itself
-        cuda::lora_gemm(enc, dy, w, {m[0], &*g_t}, m[1], nullptr, *dx, true, nullptr, dy_scale);
+        cuda::lora_gemm(enc, dy, w, {m[0], &*g_t}, m[1], nullptr, *dx, true);
       } else {
         auto g_pad = scratch(enc, {n, cuda::kLowRankPad}, T);
         cuda::lowrank_project(enc, dy, m[0], r, 1.0f, *g_t, &g_pad);

@@ -34,15 +34,8 @@ void lora_gemm_forward(mx::cu::CommandEncoder& enc, const mx::array& x, const mx
 struct LoRAGradOut {
   mx::array *x = nullptr, *x_dropped = nullptr, *a = nullptr, *b = nullptr;
 };
-// dy_scale (float32 (out,)), when given: the cotangent is dy with its columns scaled,
-// dy diag(dy_scale) (DoRA's g = dy m / n, never written): taken only where
-// lora_backward_scales_dy (the Hopper GEMM with g B^T made inside it, x_d null, dx asked).
 void lora_backward(mx::cu::CommandEncoder& enc, const mx::array& x, const mx::array& w,
                    const mx::array& a, const mx::array& b, const mx::array& xa,
-                   const mx::array& dy, const mx::array* xd, float s, const LoRAGradOut& out,
-                   const mx::array* dy_scale = nullptr);
-bool lora_backward_scales_dy(mx::cu::CommandEncoder& enc, const mx::array& x, const mx::array& w,
-                             const mx::array& a, const mx::array& dy, const mx::array* xd,
-                             const mx::array* dx);
+                   const mx::array& dy, const mx::array* xd, float s, const LoRAGradOut& out);
 
 } // namespace mlx_tuner::cuda

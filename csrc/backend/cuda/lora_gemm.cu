@@ -87,7 +87,7 @@ bool rank_in_gemm() {
 
 void lora_gemm(mx::cu::CommandEncoder& enc, const mx::array& x, const mx::array& w,
                const LoRAGemmRank& rank, const mx::array& b_pad, const mx::array* bias,
-               mx::array& y, bool w_kn, const mx::array* col_scale, const mx::array* k_scale) {
+               mx::array& y, bool w_kn, const mx::array* col_scale) {
   using namespace lora_gemm;
   // Here in = K and out = N of the product: W is (out, in), or (in, out) with w_kn.
   int n = x.size() / x.shape(-1), in = x.shape(-1), out = y.shape(-1);
@@ -100,28 +100,15 @@ void lora_gemm(mx::cu::CommandEncoder& enc, const mx::array& x, const mx::array&
   CUtensorMap ty = tensor_map(y, n, out, kEpiBox);
   Params p{n, out, in, bias ? gpu_ptr<__nv_bfloat16>(*bias) : nullptr, 1,
            proj ? gpu_ptr<__nv_bfloat16>(*rank.p_out) : nullptr, proj ? rank.p_out->shape(-1) : 0,
-           col_scale ? gpu_ptr<float>(*col_scale) : nullptr,
-           k_scale ? gpu_ptr<float>(*k_scale) : nullptr};
-  reads_writes(enc, {&x, &w, &rank.operand, &b_pad, bias, col_scale, k_scale}, {&y, rank.p_out});
+           col_scale ? gpu_ptr<float>(*col_scale) : nullptr};
+  reads_writes(enc, {&x, &w, &rank.operand, &b_pad, bias, col_scale}, {&y, rank.p_out});
   // Persistent: as many CTAs as the rounds of tiles need, no more (512 tiles take 4 rounds on
   // 128 CTAs as on 132), so that the multiprocessors left over run the kernels beside it
   // (the next project, a reduce) instead of idling through the last round.
   int tiles = ((n + kBM - 1) / kBM) * ((out + kBN - 1) / kBN);
   int rounds = (tiles + sm_count(enc) - 1) / sm_count(enc);
   const void* kern;
-  int smem = proj ? Layout<true>::kSmemBytes : Layout<false>::kSmemBytes;
-  if (k_scale) { // DoRA's dx only
-    if (!w_kn || !proj || col_scale || in % 8 != 0) {
-      throw std::logic_error("[lora_gemm] a k scale needs W as (K, N), p made in the GEMM, K % 8 == 0");
-    }
-    static int mode = [] { // experiment: 1 RS fragments, 2 the producer's idle warps
-      const char* v = std::getenv("MLX_TUNER_KSCALE_MODE");
-      return v && v[0] == '1' ? 1 : 2;
-    }();
-    kern = mode == 1 ? reinterpret_cast<const void*>(&lora_gemm_kernel<true, true, false, 1>)
-                     : reinterpret_cast<const void*>(&lora_gemm_kernel<true, true, false, 2>);
-    smem = mode == 1 ? Layout<true, 1>::kSmemBytes : Layout<true, 2>::kSmemBytes;
-  } else if (col_scale) { // DoRA's forward only
+  if (col_scale) { // DoRA's forward only
     if (w_kn) throw std::logic_error("[lora_gemm] a column scale with W as (K, N)");
     kern = proj ? reinterpret_cast<const void*>(&lora_gemm_kernel<false, true, true>)
                 : reinterpret_cast<const void*>(&lora_gemm_kernel<false, false, true>);
@@ -132,6 +119,7 @@ void lora_gemm(mx::cu::CommandEncoder& enc, const mx::array& x, const mx::array&
     kern = w_kn ? reinterpret_cast<const void*>(&lora_gemm_kernel<true, false>)
                 : reinterpret_cast<const void*>(&lora_gemm_kernel<false, false>);
   }
+  int smem = proj ? Layout<true>::kSmemBytes : Layout<false>::kSmemBytes;
   launch(enc, kern, dim3((tiles + rounds - 1) / rounds), dim3(kThreads), smem, tx, tw, tr, tbp, ty, p);
 }
 

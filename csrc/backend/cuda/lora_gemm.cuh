@@ -42,16 +42,14 @@ constexpr int kProjRows = 16, kProjBytes = kProjRows * kBK * 2; // M's box a sta
 // rows as 64 x 64 boxes (128-byte swizzle), two a round (half a tile), or with kProj one a
 // round (a quarter): M's boxes take the shared memory of the other.
 constexpr int kEpiBox = 64, kEpiBoxBytes = kEpiBox * kEpiBox * 2;
-// kKScale 2: each stage also has a `ready` barrier.
-template <bool kProj, int kKScale = 0>
+template <bool kProj>
 struct Layout {
   static constexpr int kStageBytes = kABytes + kBBytes + (kProj ? kProjBytes : 0);
   static constexpr int kEpiBoxes = kProj ? 1 : 2; // a consumer's boxes a round
   static constexpr int kEpiBytes = 2 * kEpiBoxes * kEpiBoxBytes;
-  static constexpr int kSmemBytes = kStages * kStageBytes + kEpiBytes + 1024 + 2 * kStages * 8 +
-                                    (kKScale ? kStages * 8 : 0);
+  static constexpr int kSmemBytes = kStages * kStageBytes + kEpiBytes + 1024 + 2 * kStages * 8;
 };
-static_assert(Layout<false>::kSmemBytes <= 227 * 1024 && Layout<true, 2>::kSmemBytes <= 227 * 1024,
+static_assert(Layout<false>::kSmemBytes <= 227 * 1024 && Layout<true>::kSmemBytes <= 227 * 1024,
               "an sm_90 CTA has 227 KB of shared memory");
 static_assert(Layout<true>::kStageBytes % 1024 == 0, "128-byte-swizzled tiles start 1 KB aligned");
 
@@ -62,7 +60,6 @@ struct Params {
   __nv_bfloat16* p_out; // kProj: p (m, r) written here, or null
   int r;
   const float* col_scale = nullptr; // (n,) or null: y = col_scale * (x W^T + p Bp^T) + bias
-  const float* k_scale = nullptr; // kKScale: (k,), x's columns scaled: y = (x diag(k_scale)) W ...
 };
 
 // The body is Hopper's alone (wgmma is sm_90a only): for other targets of a multi-arch
@@ -76,7 +73,6 @@ using cuda::mbar_arrive;
 using cuda::mbar_expect;
 using cuda::mbar_init;
 using cuda::mbar_wait;
-using cuda::bulk_copy_g2s;
 using cuda::smem_u32;
 
 // A K-major operand tile in shared memory as TMA wrote it with the 128-byte swizzle: rows
@@ -102,22 +98,13 @@ __device__ __forceinline__ void wgmma_256(float (&d)[128], uint64_t da, uint64_t
       da, db, d[I]..., acc ? ScaleOut::One : ScaleOut::Zero);
 }
 
-// The rank step with its A operand (p, bf16 pairs) from registers; kKScale's main steps
-// too (kMN: B N-major; acc false: the first step).
-template <bool kMN = false, size_t... I>
-__device__ __forceinline__ void wgmma_256_rs(float (&d)[128], const uint32_t* a, uint64_t db,
-                                             std::index_sequence<I...>, bool acc = true) {
+// The rank step with its A operand (p, bf16 pairs) from registers.
+template <size_t... I>
+__device__ __forceinline__ void wgmma_256_rs(float (&d)[128], const uint32_t (&a)[4], uint64_t db,
+                                             std::index_sequence<I...>) {
   using namespace cute::SM90::GMMA;
-  MMA_64x256x16_F32BF16BF16_RS<Major::K, kMN ? Major::MN : Major::K>::fma(
-      a[0], a[1], a[2], a[3], db, d[I]..., acc ? ScaleOut::One : ScaleOut::Zero);
-}
-
-// p += x M for one k16 step with x's fragment from registers (kKScale).
-__device__ __forceinline__ void wgmma_16_rs(float (&d)[8], const uint32_t* a, uint64_t db, bool acc) {
-  using namespace cute::SM90::GMMA;
-  MMA_64x16x16_F32BF16BF16_RS<Major::K, Major::K>::fma(
-      a[0], a[1], a[2], a[3], db, d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7],
-      acc ? ScaleOut::One : ScaleOut::Zero);
+  MMA_64x256x16_F32BF16BF16_RS<Major::K, Major::K>::fma(a[0], a[1], a[2], a[3], db, d[I]...,
+                                                        ScaleOut::One);
 }
 
 // p += x M for one k16 step (kProj).
@@ -125,82 +112,6 @@ __device__ __forceinline__ void wgmma_16(float (&d)[8], uint64_t da, uint64_t db
   using namespace cute::SM90::GMMA;
   MMA_64x16x16_F32BF16BF16_SS<Major::K, Major::K>::fma(
       da, db, d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7], acc ? ScaleOut::One : ScaleOut::Zero);
-}
-
-// kKScale: this warp's A fragments of x's k tile (rows 16 warp + 0..15 of the warpgroup's
-// 64; 128-byte rows, 16-byte unit u of row r at unit u ^ (r % 8)), for the four k16 steps,
-// by ldmatrix (fa[4 kk + j]: matrix j = rows +8 (j % 2), k +8 (j / 2), as mma's A fragment),
-// each bf16 pair times its two columns' scale and rounded to bf16 once. The tensor cores
-// then read A from registers: shared memory carries no more traffic than without the scale.
-// ks: the scale from k0 on, in global memory (L1-cached); columns past k count as 0.
-__device__ __forceinline__ void load_scaled_a(uint32_t (&fa)[16], uint32_t tile, const float* ks,
-                                              int k0, int k, int warp, int lane) {
-  const int r = 16 * warp + lane % 8 + 8 * ((lane / 8) % 2), t = lane % 4;
-#pragma unroll
-  for (int kk = 0; kk < 4; ++kk) {
-    const int u = 2 * kk + lane / 16;
-    const uint32_t addr = tile + r * 128 + ((u ^ (r % 8)) << 4);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(fa[4 * kk]), "=r"(fa[4 * kk + 1]), "=r"(fa[4 * kk + 2]), "=r"(fa[4 * kk + 3])
-                 : "r"(addr)
-                 : "memory");
-#pragma unroll
-    for (int h = 0; h < 2; ++h) { // k columns 16 kk + 8 h + 2 t, + 1
-      float2 sc = make_float2(0.0f, 0.0f);
-      if (k0 + 16 * kk + 8 * h < k) sc = __ldg(reinterpret_cast<const float2*>(ks + 16 * kk + 8 * h + 2 * t));
-#pragma unroll
-      for (int j = 2 * h; j < 2 * h + 2; ++j) { // a bf16 pair: its float32 values are its bits shifted
-        uint32_t& v = fa[4 * kk + j];
-        __nv_bfloat162 q = __floats2bfloat162_rn(__uint_as_float(v << 16) * sc.x,
-                                                 __uint_as_float(v & 0xFFFF0000u) * sc.y);
-        v = *reinterpret_cast<uint32_t*>(&q);
-      }
-    }
-  }
-}
-
-// kKScale: the producer warpgroup's other three warps (kScalers threads) scale x's k tile
-// along k in place, as soon as it lands, and release it to the consumers on `ready`: the
-// consumers' loop stays as without the scale, and the scaling runs up to kStages tiles
-// ahead of them. Thread t takes the 16-byte unit t % 8 (k columns 8 (t % 8) + 0..7: one pair
-// of scale loads a tile) of rows t / 8 + 12 i (128-byte rows, unit u of row r at u ^ (r %
-// 8)): a warp's quarter reads one row's 128 bytes. Each bf16 is rounded once, as g = dy m / n
-// would be. Units past k were zero-filled by TMA and are left so (their slots are stale).
-constexpr int kScalers = 96;
-__device__ __forceinline__ void scale_tile(unsigned char* tile, const float* ks, int k0, int k, int t) {
-  const int u = t % 8;
-  if (k0 + 8 * u >= k) return;
-  const float4 s0 = __ldg(reinterpret_cast<const float4*>(ks + 8 * u));
-  const float4 s1 = __ldg(reinterpret_cast<const float4*>(ks + 8 * u + 4));
-  const float sc[8] = {s0.x, s0.y, s0.z, s0.w, s1.x, s1.y, s1.z, s1.w};
-  constexpr int kStep = kScalers / 8; // rows a pass of the scalers
-  // Two rows at a time, both loads issued first (one shared-memory latency per pair).
-  for (int row = t / 8; row < kBM; row += 2 * kStep) {
-    const int r1 = row + kStep < kBM ? row + kStep : row; // a lone last row: done twice
-    const uint32_t q0 = smem_u32(tile + row * 128 + ((u ^ (row % 8)) << 4));
-    const uint32_t q1 = smem_u32(tile + r1 * 128 + ((u ^ (r1 % 8)) << 4));
-    uint4 v[2];
-    asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(v[0].x), "=r"(v[0].y), "=r"(v[0].z), "=r"(v[0].w) : "r"(q0) : "memory");
-    asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(v[1].x), "=r"(v[1].y), "=r"(v[1].z), "=r"(v[1].w) : "r"(q1) : "memory");
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      uint32_t* w = reinterpret_cast<uint32_t*>(&v[h]);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) { // a bf16 pair: its float32 values are its bits shifted
-        __nv_bfloat162 r = __floats2bfloat162_rn(__uint_as_float(w[j] << 16) * sc[2 * j],
-                                                 __uint_as_float(w[j] & 0xFFFF0000u) * sc[2 * j + 1]);
-        w[j] = *reinterpret_cast<uint32_t*>(&r);
-      }
-    }
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      if (h == 1 && r1 == row) break;
-      asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};" ::"r"(h ? q1 : q0), "r"(v[h].x),
-                   "r"(v[h].y), "r"(v[h].z), "r"(v[h].w) : "memory");
-    }
-  }
 }
 
 // The tiles one CTA computes, walked the same way by the producer and the consumers.
@@ -243,51 +154,31 @@ struct TileWalk {
 // M (16, K).
 // kScale: y's columns scaled by p.col_scale in the epilogue (DoRA's forward; its own
 // instantiations, so that LoRA's kernels stay as they were).
-// kKScale: x's columns scaled by p.k_scale in shared memory before the products, by the
-// producer warpgroup's idle warps (scale_tile; DoRA's dx = (dy m / n) W: g = dy m / n is
-// never written), rounded to bf16 as g would be; with kProj p = x diag(k_scale) M too.
-template <bool kMN, bool kProj, bool kScale = false, int kKScale = 0>
+template <bool kMN, bool kProj, bool kScale = false>
 __global__ void __launch_bounds__(kThreads, 1)
 lora_gemm_kernel(const __grid_constant__ CUtensorMap tx, const __grid_constant__ CUtensorMap tw,
                  const __grid_constant__ CUtensorMap tr, const __grid_constant__ CUtensorMap tbp,
                  const __grid_constant__ CUtensorMap ty, Params p) {
 #if defined(MLX_TUNER_LORA_GEMM_BODY)
-  using L = Layout<kProj, kKScale>;
+  using L = Layout<kProj>;
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem = reinterpret_cast<unsigned char*>(
       (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   unsigned char* epi = smem + kStages * L::kStageBytes;
   uint64_t* full = reinterpret_cast<uint64_t*>(epi + L::kEpiBytes);
   uint64_t* empty = full + kStages;
-  [[maybe_unused]] uint64_t* ready = empty + kStages; // kKScale 2: a stage scaled
   int wg = threadIdx.x / 128, tid = threadIdx.x % 128;
   int kt_main = (p.k + kBK - 1) / kBK, kt_all = kt_main + (p.rank ? 1 : 0);
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
       mbar_init(&full[s], 1);
       mbar_init(&empty[s], 2); // one arrival per consumer warpgroup
-      if constexpr (kKScale == 2) mbar_init(&ready[s], kScalers);
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   __syncthreads();
   if (wg == 0) { // producer
     cutlass::arch::warpgroup_reg_dealloc<40>();
-    if constexpr (kKScale == 2) {
-      if (tid >= 32) { // the scalers: every stage in the producer's order, scaled or passed on
-        int it = 0;
-        for (TileWalk<kProj> w(p.m, p.n); w.more(); w.next()) {
-          for (int kt = 0; kt < kt_all; ++kt, ++it) {
-            int s = it % kStages;
-            mbar_wait(&full[s], (it / kStages) & 1);
-            if (kt < kt_main) scale_tile(smem + s * L::kStageBytes, p.k_scale + kt * kBK, kt * kBK, p.k, tid - 32);
-            asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); // visible to wgmma
-            mbar_arrive(&ready[s]);
-          }
-        }
-        return;
-      }
-    }
     if (tid != 0) return;
     int it = 0;
     for (TileWalk<kProj> w(p.m, p.n); w.more(); w.next()) {
@@ -329,7 +220,6 @@ lora_gemm_kernel(const __grid_constant__ CUtensorMap tx, const __grid_constant__
   float acc[128];
   float pacc[8]; // kProj: p's float32 accumulators (m64n16 fragment)
   uint32_t pa[4]; // and p as the rank step's bf16 A fragment
-  [[maybe_unused]] uint32_t fa0[16], fa1[16]; // kKScale 1: x's scaled fragments, two k tiles
   int it = 0;
   TileWalk<kProj> w(p.m, p.n);
   for (; w.more(); w.next()) {
@@ -338,37 +228,10 @@ lora_gemm_kernel(const __grid_constant__ CUtensorMap tx, const __grid_constant__
     bool fresh = w.fresh(nb);
     for (int kt = 0; kt < kt_all; ++kt, ++it) {
       int s = it % kStages;
-      mbar_wait(kKScale == 2 ? &ready[s] : &full[s], (it / kStages) & 1);
+      mbar_wait(&full[s], (it / kStages) & 1);
       unsigned char* sa = smem + s * L::kStageBytes;
       uint32_t a0 = smem_u32(sa + c * 64 * 128), b0 = smem_u32(sa + kABytes);
-      if (kKScale == 1 && kt < kt_main) {
-        if constexpr (kKScale == 1) {
-        // x's scaled fragments into the register set that the step before last used (its
-        // products are done: warpgroup_wait<1> below), while the last step's run.
-        auto step = [&](uint32_t(&fa)[16]) {
-          load_scaled_a(fa, smem_u32(sa + c * 64 * 128), p.k_scale + kt * kBK, kt * kBK, p.k, warp, lane);
-#pragma unroll
-          for (int i = 0; i < 16; ++i) cute::warpgroup_fence_operand(fa[i]);
-          cute::warpgroup_arrive();
-#pragma unroll
-          for (int k16 = 0; k16 < kBK / 16; ++k16) {
-            wgmma_256_rs<kMN>(acc, fa + 4 * k16, smem_desc_mn(b0 + 2048 * k16),
-                              std::make_index_sequence<128>{}, kt > 0 || k16 > 0);
-          }
-          if (fresh) {
-            uint32_t m0 = smem_u32(sa + kABytes + kBBytes);
-#pragma unroll
-            for (int k16 = 0; k16 < kBK / 16; ++k16) {
-              wgmma_16_rs(pacc, fa + 4 * k16, smem_desc(m0 + 32 * k16), kt > 0 || k16 > 0);
-            }
-          }
-#pragma unroll
-          for (int i = 0; i < 16; ++i) cute::warpgroup_fence_operand(fa[i]);
-        };
-        if (kt % 2) step(fa1);
-        else step(fa0);
-        }
-      } else if (kt < kt_main) {
+      if (kt < kt_main) {
         cute::warpgroup_arrive();
 #pragma unroll
         for (int k16 = 0; k16 < kBK / 16; ++k16) {

@@ -121,9 +121,7 @@ mx::array reduce_counters(mx::cu::CommandEncoder& enc, int max_k);
 // lora_gemm_fits: an sm_90 device, bfloat16, widths that are multiples of 8, every operand
 // 16-byte aligned (MLX_TUNER_LORA_GEMM=0 turns it off, MLX_TUNER_RANK_IN_GEMM=0 keeps p
 // from memory: to time one path against the other). col_scale (float32 (N,)), when
-// given, scales y's columns in the epilogue, before the bias: DoRA's m / n. k_scale
-// (float32 (K,)), with w_kn and p made by the GEMM only, scales x's columns before the
-// products (x's tiles rounded to bf16 again): DoRA's backward, g = dy m / n never written.
+// given, scales y's columns in the epilogue, before the bias: DoRA's m / n.
 bool lora_gemm_fits(mx::cu::CommandEncoder& enc, mx::Dtype t, int in, int out,
                     std::initializer_list<const mx::array*> operands);
 bool rank_in_gemm();
@@ -133,7 +131,6 @@ struct LoRAGemmRank {
 };
 void lora_gemm(mx::cu::CommandEncoder& enc, const mx::array& x, const mx::array& w,
                const LoRAGemmRank& rank, const mx::array& b_pad, const mx::array* bias,
-               mx::array& y, bool w_kn = false, const mx::array* col_scale = nullptr,
-               const mx::array* k_scale = nullptr);
+               mx::array& y, bool w_kn = false, const mx::array* col_scale = nullptr);
 
 } // namespace mlx_tuner::cuda
