@@ -125,10 +125,9 @@ def test_dense_matches_oracle(device, lead, k, o, r, dt, pdt):
                          ids=["small", "tiles"])
 def test_widths_of_sixteen(device, xd, lead, k, o, r):
     # bf16 widths that are multiples of 16: on Hopper the CUDA path's own GEMM, m / n in its
-    # epilogue, xa made by the GEMM (no dropout) or projected (dropout); without dropout the
-    # backward's GEMM scales dy's tiles by m / n itself (out 48 and 144: a partial last k
-    # tile; "tiles": several row and column tiles a CTA). Zero and tiny magnitudes make the
-    # backward recompute dm's columns that y lost.
+    # epilogue, xa made by the GEMM (no dropout) or projected (dropout); "tiles": several row
+    # and column tiles, and a partial last k tile in the backward's dx GEMM (out 144). Zero
+    # and tiny magnitudes make the backward recompute dm's columns that y lost.
     x, w, a, b, m, bias, kw = make(lead, k, o, r, bf16, f32, bias=False, xd=xd)
     m = mx.where(mx.arange(o) % 7 == 0, 0.0, mx.where(mx.arange(o) % 7 == 1, 1e-35, m))
     check_all(x, w, a, b, m, 2.0, bias, kw, bf16)
