@@ -5,7 +5,8 @@ For each case of probe_cases() (default: "base fwd+bwd" and "lora fwd+bwd"), K c
 evaluated together (as the paired rows' x8) a few times under torch.profiler, and the last
 evaluation is printed as a timeline: the host's CUDA API calls (graph launch, sync) and
 every kernel with its start and end in microseconds from the evaluation's start, the
-kernels' concurrency, and the GPU's idle time inside the span. What it answers: whether
+kernels' concurrency, the GPU's idle time inside the span, and each kernel's count, sum,
+minimum (alone) and median. What it answers: whether
 the time outside the kernels is host work before the graph launches, gaps between nodes,
 or kernels sharing the SMs (a persistent GEMM beside a memory-bound kernel).
 """
@@ -85,6 +86,15 @@ def report(name, per_eval):
     for e in last[: 12 * 8 + 12]:
         print(f"   gpu  {e.time_range.start - t0:9.1f} .. {e.time_range.end - t0:9.1f}  "
               f"{e.time_range.end - e.time_range.start:8.1f} us  {e.name[:70]}")
+    # The kernels by name: the minimum is a kernel that ran alone (or nearly); sums and
+    # medians include the time shared with concurrent kernels.
+    times = {}
+    for e in last:
+        times.setdefault(e.name, []).append(e.time_range.end - e.time_range.start)
+    for n, ts in sorted(times.items(), key=lambda kv: -sum(kv[1])):
+        ts.sort()
+        print(f"   kernel x{len(ts):<3d} sum {sum(ts):8.1f}  min {ts[0]:7.1f}  median "
+              f"{ts[len(ts) // 2]:7.1f} us  {n[:70]}")
 
 
 if __name__ == "__main__":
