@@ -486,9 +486,11 @@ mx::array dora_linear(
   check.shape("lora_b", lora_b, {r, out});
   check.shape("magnitude", magnitude, {out});
   if (bias) {
+    check.floating("bias", *bias);
     check.shape("bias", *bias, {out});
   }
   if (x_dropped) {
+    check.floating("x_dropped", *x_dropped);
     check.shape("x_dropped", *x_dropped, x.shape());
   }
   if (weight_sq_norm) {

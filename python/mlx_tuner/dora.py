@@ -8,9 +8,6 @@ over mixture-of-experts switch layers (``DoRASwitchLinear``).
 
 from __future__ import annotations
 
-import functools
-import inspect
-
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
@@ -25,14 +22,6 @@ from .lora import (
     quantization_of,
     switch_weight_kwargs,
 )
-
-
-@functools.lru_cache(maxsize=16)
-def _accepts(fn, name: str) -> bool:
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def _dora_call(x, base, lora_a, lora_b, m, scale, x_dropped, bias=None, weight_sq_norm=None):
@@ -95,9 +84,9 @@ class DoRALinear(nn.Module):
         return cache[1]
 
     def __call__(self, x):
-        sq = self._weight_sq_norm() if _accepts(ops.dora_linear, "weight_sq_norm") else None
         return _dora_call(x, self.linear, self.lora_a, self.lora_b, self.m, self.scale,
-                          dropped(self.dropout, x), self.linear.get("bias"), sq)
+                          dropped(self.dropout, x), self.linear.get("bias"),
+                          self._weight_sq_norm())
 
     def fuse(self, dequantize: bool = False):
         base = self.linear

@@ -85,9 +85,9 @@ def test_layer_calls_the_op(monkeypatch):
     assert seen == [(False, True), (True, False), (False, False)]
 
 
-def test_weight_sq_norm_cached_when_the_op_takes_it(monkeypatch):
-    """If ops.dora_linear grows a ``weight_sq_norm`` keyword, the layer passes ||W_i||^2,
-    computed once per base weight."""
+def test_weight_sq_norm_cached(monkeypatch):
+    """The layer passes ops.dora_linear ||W_i||^2 as ``weight_sq_norm``, computed once per
+    base weight."""
     got = []
 
     def op(x, weight, lora_a, lora_b, magnitude, scale, bias=None, *, x_dropped=None,

@@ -321,6 +321,8 @@ def test_no_out_by_in_temporary(dt, quant):
     ("bits", r"\[dora_linear\] bits must be one of 2, 3, 4, 5, 6, 8 but got 7"),
     ("mode", r"\[dora_linear\] mode must be one of"),
     ("sqnorm", r"\[dora_linear\] weight_sq_norm must have shape \(8,\)"),
+    ("list_x", r"\[dora_linear\] x must be an mx.array but got list"),
+    ("int_xd", r"\[dora_linear\] x_dropped must be float32, float16 or bfloat16 but got int32"),
 ])
 def test_errors(case, match):
     x, w, a, b, m, bias, _ = make((3,), 64, 8, 4, f32, f32)
@@ -339,6 +341,10 @@ def test_errors(case, match):
         kw["x_dropped"] = x[:2]
     elif case == "int_x":
         args[0] = x.astype(mx.int32)
+    elif case == "list_x":
+        args[0] = x.tolist()
+    elif case == "int_xd":
+        kw["x_dropped"] = x.astype(mx.int32)
     elif case == "sqnorm":
         kw["weight_sq_norm"] = mx.ones((3,))
     else:

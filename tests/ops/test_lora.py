@@ -302,6 +302,33 @@ def test_noncontiguous_inputs(device):
     assert_close_to_oracle(y, call(lora_linear_reference, args, 1.0), oracle(args, 1.0), f32)
 
 
+def _graph(*arrays):
+    buf = io.StringIO()
+    mx.export_to_dot(buf, *arrays)
+    return buf.getvalue()
+
+
+def test_vjp_primals_need_no_copy_node(device):
+    """mx.vjp wraps each primal in a Copy, which shares its source's buffer: the op adds no
+    Contiguous node for it when the source is row-contiguous (every node costs host time),
+    and still makes an evaluated transposed view row-contiguous before its kernels read it."""
+    if _extension.kernel_for("lora") is None:
+        pytest.skip("no lora kernel on this device")
+    x, w, a, b, bb, xd = make((6,), 20, 14, 3, f32, f32, seed=16)
+    dy = mx.random.normal((6, 14), key=mx.random.key(17))
+    at = mx.random.normal((3, 20), key=mx.random.key(18)).T / 5  # a column-major A
+    mx.eval(x, w, a, b, bb, xd, dy, at)  # as a training step's parameters are
+    for lora_a, copies in ((a, 0), (at, 1)):
+        args = [x, w, lora_a, b, bb, xd]
+        out, grads = mx.vjp(lambda *p: [call(lora_linear, [p[0], w, p[1], p[2], bb, xd], 0.7)],
+                            [x, lora_a, b], [dy])
+        assert _graph(out[0], *grads).count('"Contiguous"') == copies
+        want = oracle(args, 0.7, dy)
+        ref = vjp(lora_linear_reference, args, 0.7, [0, 2, 3], dy)
+        for name, g in zip(("x", "lora_a", "lora_b"), grads):
+            assert_close_to_oracle(g, ref[name], want[name], f32, what=f"d{name}")
+
+
 @pytest.mark.parametrize("offset", [2, 4, 8], ids=lambda o: f"offset{o}")
 def test_views_at_any_offset(device, offset):
     """x, x_dropped and dy as contiguous views that start `offset` bf16 elements (4, 8,
@@ -381,6 +408,8 @@ def test_error_dtype_and_scale():
         lora_linear(x.astype(mx.int32), w, a, b, 1.0)
     with pytest.raises(ValueError, match=r"\[lora_linear\] scale must be a float"):
         lora_linear(x, w, a, b, "2")
+    with pytest.raises(ValueError, match=r"\[lora_linear\] lora_a must be an mx.array"):
+        lora_linear(x, w, a.tolist(), b, 1.0)
 
 
 def test_cpp_op_validates_directly():

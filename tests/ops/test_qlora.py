@@ -227,6 +227,7 @@ def test_other_modes_run_the_reference():
         (dict(x_dropped=mx.zeros((2, 128))), r"\[qlora_linear\] x_dropped must have shape"),
         (dict(weight=mx.zeros((32, 16))), r"\[qlora_linear\] weight must be a 2-D uint32"),
         (dict(x=mx.zeros((3, 128), dtype=mx.int32)), r"\[qlora_linear\] x must be float"),
+        (dict(lora_b=[[0.0]]), r"\[qlora_linear\] lora_b must be an mx.array but got list"),
     ],
 )
 def test_errors(change, match):

@@ -61,22 +61,24 @@ def status() -> ExtensionStatus:
 def reset() -> None:
     """Forgets the loaded state (tests use it to load again under other conditions)."""
     status.cache_clear()
+    kernel_devices.cache_clear()
 
 
 def extension() -> ModuleType | None:
     return status().module
 
 
-def kernel_devices(family: str) -> set[str]:
+@lru_cache(maxsize=None)  # asked on every op call: parsed once (reset() forgets it)
+def kernel_devices(family: str) -> frozenset[str]:
     """The devices ("cpu", "gpu") with a compiled kernel for `family` in this build."""
     ext = extension()
     if ext is None:
-        return set()
+        return frozenset()
     for entry in ext.kernel_files.split("|"):
         name, _, devices = entry.partition(":")
         if name == family:
-            return {d for d in devices.split(",") if d}
-    return set()
+            return frozenset(d for d in devices.split(",") if d)
+    return frozenset()
 
 
 def device_of(stream) -> mx.Device:
@@ -94,8 +96,8 @@ def device_of(stream) -> mx.Device:
 
 def kernel_for(family: str, stream=None) -> ModuleType | None:
     """The extension if `family` has a kernel for the device of this call, else None."""
-    ext = extension()
-    if ext is None:
+    devices = kernel_devices(family)
+    if not devices:
         return None
     dev = "gpu" if device_of(stream) == mx.gpu else "cpu"
-    return ext if dev in kernel_devices(family) else None
+    return extension() if dev in devices else None

@@ -112,19 +112,27 @@ def dora_linear(x, weight, lora_a, lora_b, magnitude, scale, bias=None, *, x_dro
     ``weight_sq_norm``: the cached ||W_i||^2 (``dora_weight_sq_norm``); computed when None.
     Quantized modes other than "affine" run the reference.
     """
-    _check("dora_linear", x, weight, lora_a, lora_b, magnitude, scale, bias, x_dropped, scales,
-           bits, biases, group_size, mode, weight_sq_norm)
     ext = _extension.kernel_for("dora", stream)
-    if (scales is not None and _extension.device_of(stream) == mx.gpu
-            and _extension.kernel_for("qlora", stream) is None):
-        # Without the QLoRA GPU kernel the quantized path composes MLX ops, measured 2x
-        # slower than mlx-lm's own (BENCHMARKS.md): run the reference there.
+    if scales is not None and (mode != "affine" or biases is None or (
+            _extension.device_of(stream) == mx.gpu
+            and _extension.kernel_for("qlora", stream) is None)):
+        # Modes other than affine run the reference; so does the GPU without the QLoRA
+        # kernel, where the quantized path would compose MLX ops, measured 2x slower than
+        # mlx-lm's own (BENCHMARKS.md).
         ext = None
-    if ext is None or x.size == 0 or (scales is not None and mode != "affine"):
+    if ext is None or not isinstance(x, mx.array) or x.size == 0:
+        _check("dora_linear", x, weight, lora_a, lora_b, magnitude, scale, bias, x_dropped,
+               scales, bits, biases, group_size, mode, weight_sq_norm)
         return dora_linear_reference(x, weight, lora_a, lora_b, magnitude, scale, bias,
                                      x_dropped=x_dropped, scales=scales, biases=biases,
                                      group_size=group_size, bits=bits, mode=mode)
-    return ext.dora_linear(x, weight, lora_a, lora_b, magnitude, check_scalar(
-        "dora_linear", "scale", scale), bias, x_dropped=x_dropped, scales=scales,
-        biases=biases, group_size=group_size, bits=bits, weight_sq_norm=weight_sq_norm,
-        stream=stream)
+    try:  # the op checks its arguments itself (csrc/ops/dora.cpp), in the words of _check
+        s = scale if type(scale) is float else check_scalar("dora_linear", "scale", scale)
+        return ext.dora_linear(x, weight, lora_a, lora_b, magnitude, s, bias,
+                               x_dropped=x_dropped, scales=scales, biases=biases,
+                               group_size=group_size, bits=bits, weight_sq_norm=weight_sq_norm,
+                               stream=stream)
+    except (TypeError, ValueError):
+        _check("dora_linear", x, weight, lora_a, lora_b, magnitude, scale, bias, x_dropped,
+               scales, bits, biases, group_size, mode, weight_sq_norm)  # names the argument
+        raise

@@ -53,9 +53,12 @@ def lora_linear(x, weight, lora_a, lora_b, scale, bias=None, *, x_dropped=None, 
     output (saving ``x_dropped @ lora_a`` for the backward); its vjp is a second fused
     primitive that computes only the gradients asked for.
     """
-    _check("lora_linear", x, weight, lora_a, lora_b, scale, bias, x_dropped)
     ext = _extension.kernel_for("lora", stream)
-    if ext is None or x.size == 0:  # an empty batch needs no kernel
+    if ext is None or not isinstance(x, mx.array) or x.size == 0:  # an empty batch: no kernel
         return lora_linear_reference(x, weight, lora_a, lora_b, scale, bias, x_dropped=x_dropped)
-    s = check_scalar("lora_linear", "scale", scale)
-    return ext.lora_linear(x, weight, lora_a, lora_b, s, bias, x_dropped, stream=stream)
+    try:  # the op checks its arguments itself (csrc/ops/lora.cpp), in the words of _check
+        s = scale if type(scale) is float else check_scalar("lora_linear", "scale", scale)
+        return ext.lora_linear(x, weight, lora_a, lora_b, s, bias, x_dropped, stream=stream)
+    except (TypeError, ValueError):
+        _check("lora_linear", x, weight, lora_a, lora_b, scale, bias, x_dropped)  # names it
+        raise

@@ -85,13 +85,16 @@ def qlora_linear_reference(x, weight, scales, biases, lora_a, lora_b, scale, bia
 def qlora_linear(x, weight, scales, biases, lora_a, lora_b, scale, bias=None, *,
                  group_size=64, bits=4, mode="affine", x_dropped=None, stream=None):
     """Fused QLoRA linear (falls back to ``qlora_linear_reference`` without a kernel)."""
-    _check("qlora_linear", x, weight, scales, biases, lora_a, lora_b, scale, bias, x_dropped,
-           group_size, bits, mode)
     ext = _extension.kernel_for("qlora", stream) if mode == "affine" else None
-    if ext is None or x.size == 0:  # an empty batch needs no kernel
+    if ext is None or biases is None or not isinstance(x, mx.array) or x.size == 0:
         return qlora_linear_reference(x, weight, scales, biases, lora_a, lora_b, scale, bias,
                                       group_size=group_size, bits=bits, mode=mode,
                                       x_dropped=x_dropped)
-    return ext.qlora_linear(x, weight, scales, biases, lora_a, lora_b,
-                            check_scalar("qlora_linear", "scale", scale), bias, x_dropped,
-                            group_size=group_size, bits=bits, stream=stream)
+    try:  # the op checks its arguments itself (csrc/ops/qlora.cpp), in the words of _check
+        s = scale if type(scale) is float else check_scalar("qlora_linear", "scale", scale)
+        return ext.qlora_linear(x, weight, scales, biases, lora_a, lora_b, s, bias, x_dropped,
+                                group_size=group_size, bits=bits, stream=stream)
+    except (TypeError, ValueError):
+        _check("qlora_linear", x, weight, scales, biases, lora_a, lora_b, scale, bias,
+               x_dropped, group_size, bits, mode)  # names the argument
+        raise
