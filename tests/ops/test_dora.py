@@ -194,6 +194,36 @@ def test_zero_and_tiny_magnitude_gradient(device, dt):
     check_all(x, w, a, b, m, 2.0, bias, kw, dt)
 
 
+@pytest.mark.parametrize("quant", [None, (64, 4)], ids=["dense", "q4"])
+def test_dm_over_many_tiles(device, quant):
+    """dm summed over several row and column tiles of the backward's pass over dy and y,
+    a partial last column tile, zero magnitudes recomputed."""
+    x, w, a, b, m, bias, kw = make((300,), 64, 304, 8, bf16, f32, xd=False, quant=quant)
+    m = mx.where(mx.arange(304) % 37 == 0, 0.0, m)
+    check_all(x, w, a, b, m, 2.0, bias, kw, bf16)
+
+
+def test_two_backwards_of_one_forward_compiled(device):
+    """Two gradients of the same forward in one compiled graph (mx.compile may merge the
+    two forwards into one node, whose saved values both backwards then read), evaluated
+    again from the compiled cache."""
+    x, w, a, b, m, _, _ = make((130,), 64, 48, 8, bf16, f32, bias=False, xd=False)
+    dy1 = mx.random.normal((130, 48)).astype(bf16)
+    dy2 = mx.random.normal((130, 48)).astype(bf16)
+
+    def two(m, dy1, dy2):
+        f = lambda m: [dora_linear(x, w, a, b, m, 2.0)]  # noqa: E731
+        return mx.vjp(f, [m], [dy1])[1][0], mx.vjp(f, [m], [dy2])[1][0]
+
+    eager = two(m, dy1, dy2)
+    comp = mx.compile(two)(m, dy1, dy2)
+    for e, c in zip(eager, comp):
+        np.testing.assert_allclose(np.array(c), np.array(e), rtol=1e-5, atol=1e-6)
+    for _ in range(2):
+        again = mx.compile(two)(m, dy1, dy2)
+        np.testing.assert_array_equal(np.array(again[1]), np.array(comp[1]))
+
+
 @pytest.mark.parametrize("quant", [None, (64, 4), (32, 3)])
 @pytest.mark.parametrize("dt,pdt", [(f32, f32), (bf16, f32), (f16, f16)],
                          ids=lambda d: str(d).split(".")[-1])
