@@ -221,32 +221,51 @@ lora_gemm_kernel(const __grid_constant__ CUtensorMap tx, const __grid_constant__
   float pacc[8]; // kProj: p's float32 accumulators (m64n16 fragment)
   uint32_t pa[4]; // and p as the rank step's bf16 A fragment
   int it = 0;
+  // One k step of the main loop, its products one batch committed in straight-line code:
+  // with wgmma under a branch before the commit (p's products on fresh tiles, the rank
+  // step in the same loop), ptxas closed each batch with a dummy wgmma of its own, and
+  // wait<1> then waited for the real batch, so no product ran while the next stage was
+  // waited for and issued (SASS: HGMMA.64x8x16 RZ, gsb0 before each DEPBAR.LE gsb0, 0x1).
+  auto main_step = [&]<bool kFresh>(int kt) {
+    int s = it % kStages;
+    mbar_wait(&full[s], (it / kStages) & 1);
+    unsigned char* sa = smem + s * L::kStageBytes;
+    uint32_t a0 = smem_u32(sa + c * 64 * 128), b0 = smem_u32(sa + kABytes);
+    cute::warpgroup_arrive();
+#pragma unroll
+    for (int k16 = 0; k16 < kBK / 16; ++k16) {
+      uint64_t db = kMN ? smem_desc_mn(b0 + 2048 * k16) : smem_desc(b0 + 32 * k16);
+      wgmma_256<kMN>(acc, smem_desc(a0 + 32 * k16), db, kt > 0 || k16 > 0,
+                     std::make_index_sequence<128>{});
+    }
+    if constexpr (kFresh) {
+      uint32_t m0 = smem_u32(sa + kABytes + kBBytes);
+#pragma unroll
+      for (int k16 = 0; k16 < kBK / 16; ++k16) {
+        wgmma_16(pacc, smem_desc(a0 + 32 * k16), smem_desc(m0 + 32 * k16), kt > 0 || k16 > 0);
+      }
+    }
+    cute::warpgroup_commit_batch();
+    cute::warpgroup_wait<1>(); // the previous stage's products are done: release it
+    if (kt > 0 && tid == 0) mbar_arrive(&empty[(it - 1) % kStages]);
+    ++it;
+  };
   TileWalk<kProj> w(p.m, p.n);
   for (; w.more(); w.next()) {
     int mb, nb;
     w.coords(mb, nb);
     bool fresh = w.fresh(nb);
-    for (int kt = 0; kt < kt_all; ++kt, ++it) {
+    if (kProj && fresh) {
+      for (int kt = 0; kt < kt_main; ++kt) main_step.template operator()<kProj>(kt);
+    } else {
+      for (int kt = 0; kt < kt_main; ++kt) main_step.template operator()<false>(kt);
+    }
+    if (p.rank) { // the rank step: one more k step
       int s = it % kStages;
       mbar_wait(&full[s], (it / kStages) & 1);
       unsigned char* sa = smem + s * L::kStageBytes;
       uint32_t a0 = smem_u32(sa + c * 64 * 128), b0 = smem_u32(sa + kABytes);
-      if (kt < kt_main) {
-        cute::warpgroup_arrive();
-#pragma unroll
-        for (int k16 = 0; k16 < kBK / 16; ++k16) {
-          uint64_t db = kMN ? smem_desc_mn(b0 + 2048 * k16) : smem_desc(b0 + 32 * k16);
-          wgmma_256<kMN>(acc, smem_desc(a0 + 32 * k16), db, kt > 0 || k16 > 0,
-                         std::make_index_sequence<128>{});
-        }
-        if (fresh) {
-          uint32_t m0 = smem_u32(sa + kABytes + kBBytes);
-#pragma unroll
-          for (int k16 = 0; k16 < kBK / 16; ++k16) {
-            wgmma_16(pacc, smem_desc(a0 + 32 * k16), smem_desc(m0 + 32 * k16), kt > 0 || k16 > 0);
-          }
-        }
-      } else if constexpr (kProj) { // the rank step, p from registers
+      if constexpr (kProj) { // p from registers
         if (fresh) {
           cute::warpgroup_wait<0>(); // p's products are done
 #pragma unroll
@@ -270,15 +289,18 @@ lora_gemm_kernel(const __grid_constant__ CUtensorMap tx, const __grid_constant__
         }
         cute::warpgroup_arrive();
         wgmma_256_rs(acc, pa, smem_desc(b0), std::make_index_sequence<128>{});
-      } else { // the rank step from xa: only its first 16 columns can be nonzero (r <= 16)
+      } else { // from xa: only its first 16 columns can be nonzero (r <= 16)
         cute::warpgroup_arrive();
         wgmma_256<false>(acc, smem_desc(a0), smem_desc(b0), true, std::make_index_sequence<128>{});
       }
       cute::warpgroup_commit_batch();
-      cute::warpgroup_wait<1>(); // the previous stage's products are done: release it
-      if (kt > 0 && tid == 0) mbar_arrive(&empty[(it - 1) % kStages]);
+      cute::warpgroup_wait<1>();
+      if (kt_main > 0 && tid == 0) mbar_arrive(&empty[(it - 1) % kStages]);
+      ++it;
     }
     cute::warpgroup_wait<0>();
+#pragma unroll
+    for (int i = 0; i < 128; ++i) cute::warpgroup_fence_operand(acc[i]); // read after the wait
     if (tid == 0) mbar_arrive(&empty[(it - 1) % kStages]);
     // Epilogue: accumulator i of the fragment holds (row g or g + 8, column 8 (i / 4) +
     // 2 (lane % 4) + (i & 1)), g = lane / 4, of this warp's 16 rows. Written as bf16 pairs
