@@ -33,38 +33,33 @@ def shifted(x):  # d = x - max, clamped as the kernel clamps it (a -inf logit we
     return np.maximum(x - np.max(x), F32(-100))
 
 
-def js_f32(a, b):
+def js_from(side, a, b):
+    """JS = (sum P ln P + sum Q ln Q) / 2 - sum S ln S / 2 + ln 2, S = P + Q, from each
+    side's (P, sum P ln P): the second pass is the sum over S, one log a pair."""
+    p, hp = side(a)
+    q, hq = side(b)
+    s = p + q
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ss = np.where(s > 0, s * np.log(s), 0).sum(dtype=F32)
+    return 0.5 * (hp + hq) - 0.5 * ss + F32(LN2)
+
+
+def side_f32(x):
     """Float32 throughout, every exp recomputed in the second pass."""
-    def side(x):
-        d = shifted(x)
-        e = np.exp(d)
-        z = e.sum(dtype=F32)
-        return e / z, (e / z * (d - np.log(z))).sum(dtype=F32)
-
-    p, hp = side(a)
-    q, hq = side(b)
-    s = p + q
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ss = np.where(s > 0, s * np.log(s), 0).sum(dtype=F32)
-    return 0.5 * (hp + hq) - 0.5 * ss + F32(LN2)
+    d = shifted(x)
+    e = np.exp(d)
+    z = e.sum(dtype=F32)
+    return e / z, (e / z * (d - np.log(z))).sum(dtype=F32)
 
 
-def js_stored(a, b):
+def side_stored(x):
     """The exps kept in float16 between the passes (the design)."""
-    def side(x):
-        d = shifted(x) + F32(15 * LN2)
-        e = np.exp(d)  # 2^15 e^(x - max) <= 32768: normal float16 down to ~20 below the max
-        et = e.astype(np.float16).astype(F32)  # what pass 1 reads back
-        z = et.sum(dtype=F32)
-        t = (et * d + (et - e)).sum(dtype=F32)  # sum et ln et, first order in the rounding
-        return et / z, t / z - np.log(z)
-
-    p, hp = side(a)
-    q, hq = side(b)
-    s = p + q
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ss = np.where(s > 0, s * np.log(s), 0).sum(dtype=F32)
-    return 0.5 * (hp + hq) - 0.5 * ss + F32(LN2)
+    d = shifted(x) + F32(15 * LN2)
+    e = np.exp(d)  # 2^15 e^(x - max) <= 32768: normal float16 down to ~20 below the max
+    et = e.astype(np.float16).astype(F32)  # what pass 1 reads back
+    z = et.sum(dtype=F32)
+    t = (et * d + (et - e)).sum(dtype=F32)  # sum et ln et, first order in the rounding
+    return et / z, t / z - np.log(z)
 
 
 def bf16(x):
@@ -96,8 +91,8 @@ def main():
           f" {'bf16 half-ulp':>14s}")
     for name, (a, b) in cases.items():
         ref = js_f64(a, b)
-        e32 = abs(float(js_f32(a, b)) - ref)
-        e16 = abs(float(js_stored(a, b)) - ref)
+        e32 = abs(float(js_from(side_f32, a, b)) - ref)
+        e16 = abs(float(js_from(side_stored, a, b)) - ref)
         print(f"{name:20s} {ref:13.6g} {e32:14.3g} {e16:13.3g} {abs(ref) * 2**-9:14.3g}")
 
 
