@@ -5,6 +5,7 @@
 
 #include <stdexcept>
 
+#include "common/quant.h"
 #include "mlx/array.h"
 #include "mlx/utils.h"
 
@@ -72,6 +73,15 @@ struct ArgCheck {
     if (a.shape() != want) {
       fail(std::string(name) + " must have shape " + shape_str(want) + " but got " +
            shape_str(a.shape()) + ".");
+    }
+  }
+  // bits and group_size of mx.quantize's affine mode, the ones the kernels decode
+  void affine(int bits, int group_size) const {
+    if (!quant::valid_bits(bits)) {
+      fail("bits must be one of 2, 3, 4, 5, 6, 8 but got " + std::to_string(bits) + ".");
+    }
+    if (!quant::valid_group_size(group_size)) {
+      fail("group_size must be 32, 64 or 128 but got " + std::to_string(group_size) + ".");
     }
   }
   void ndim(const char* name, const mlx::core::array& a, int n) const {

@@ -9,7 +9,6 @@
 
 #include "common/checks.h"
 #include "common/graph.h"
-#include "common/quant.h"
 #include "ops/lora.h"
 #include "ops/qlora.h"
 #include "mlx/ops.h"
@@ -158,16 +157,6 @@ void check_metal_dtype(const std::string& dtype) {
   }
 }
 
-// mx.quantize's affine modes that the kernels decode.
-void check_affine(const ArgCheck& check, int bits, int group_size) {
-  if (!quant::valid_bits(bits)) {
-    check.fail("bits must be one of 2, 3, 4, 5, 6, 8 but got " + std::to_string(bits) + ".");
-  }
-  if (!quant::valid_group_size(group_size)) {
-    check.fail("group_size must be 32, 64 or 128 but got " + std::to_string(group_size) + ".");
-  }
-}
-
 // The norm nodes' float32 operands: B (r, out), A (in, r), c (out,).
 void check_norm_operands(const ArgCheck& check, const mx::array& b, const mx::array& a,
                          const mx::array& c, int r, int out) {
@@ -297,7 +286,7 @@ mx::array dora_inv_norm_quant(
   check.ndim("wq", wq, 2);
   check.ndim("a", a, 2);
   if (wq.dtype() != mx::uint32) check.fail("wq must be uint32 from mx.quantize.");
-  check_affine(check, bits, group_size);
+  check.affine(bits, group_size);
   int out = wq.shape(0), in = wq.shape(1) * 32 / bits, r = a.shape(1);
   if (r < 1 || r > kInvNormQuantMaxRank) {
     check.fail("a must have 1 to " + std::to_string(kInvNormQuantMaxRank) +
@@ -461,7 +450,7 @@ mx::array dora_linear(
     if (weight.dtype() != mx::uint32) {
       check.fail("weight must be uint32 from mx.quantize.");
     }
-    check_affine(check, bits, group_size);
+    check.affine(bits, group_size);
     if (!biases) {
       check.fail("biases must be given for mode 'affine' but got None.");
     }

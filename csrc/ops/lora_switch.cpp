@@ -42,13 +42,7 @@ mx::array lora_switch_linear(
   bool quantized = scales.has_value();
   int experts = weight.shape(0), out_dims = weight.shape(1), in_dims = weight.shape(2);
   if (quantized) {
-    if (!quant::valid_bits(bits)) {
-      check.fail("bits must be one of 2, 3, 4, 5, 6, 8 but got " + std::to_string(bits) + ".");
-    }
-    if (!quant::valid_group_size(group_size)) {
-      check.fail("group_size must be one of 32, 64, 128 but got " + std::to_string(group_size) +
-           ".");
-    }
+    check.affine(bits, group_size);
     if (weight.dtype() != mx::uint32) {
       check.fail("weight must be uint32 (from mx.quantize) when scales are given but got " +
                  dtype_str(weight.dtype()) + ".");

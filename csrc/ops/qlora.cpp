@@ -32,12 +32,7 @@ mx::array qlora_linear(
     int group_size,
     int bits,
     mx::StreamOrDevice s) {
-  if (!quant::valid_bits(bits)) {
-    check.fail("bits must be one of 2, 3, 4, 5, 6, 8 but got " + std::to_string(bits) + ".");
-  }
-  if (!quant::valid_group_size(group_size)) {
-    check.fail("group_size must be 32, 64 or 128 but got " + std::to_string(group_size) + ".");
-  }
+  check.affine(bits, group_size);
   if (weight.dtype() != mx::uint32 || weight.ndim() != 2) {
     check.fail("weight must be a 2-D uint32 array from mx.quantize but got shape " +
          shape_str(weight.shape()) + ".");
