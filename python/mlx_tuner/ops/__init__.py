@@ -52,8 +52,8 @@ OP_NOTES: dict[str, str] = {
     "xa and g made by that GEMM when there is no dropout (MLX_TUNER_LORA_GEMM=0: the base "
     "GEMM is cuBLASLt's; MLX_TUNER_RANK_IN_GEMM=0: xa and g from a kernel of their own); "
     "dW and dbias, when asked for (W or the bias trained), are MLX's GEMM and sum",
-    "dora_linear": "CUDA, dense W with x in W's dtype and ranks up to 32, and 4-bit (any "
-    "affine) W with x in the scales' dtype (float16 / bfloat16), ranks up to 16 and widths "
+    "dora_linear": "CUDA, dense W with x in W's dtype and ranks up to 32, and affine-"
+    "quantized W (any bits) with x in the scales' dtype (float16 / bfloat16), ranks up to 16 and widths "
     "that are multiples of 16: one primitive each way (DoRALinear / DoRALinearVJP: W A with "
     "the low-rank norm identity in its epilogue, then LoRA's GEMMs with m/n in the bf16 "
     "GEMM's epilogue on Hopper, or QLoRA's with m/n folded into W's dequantized blocks; dm "
