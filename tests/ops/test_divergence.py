@@ -128,11 +128,15 @@ def _gpu_only(device):
         pytest.skip("the CUDA JS forward's cluster sizes; the CPU kernels are tested above")
 
 
-@pytest.fixture(params=["2", "4"], ids=["2-per-sm", "4-per-sm"])
+@pytest.fixture(params=["2", "4", "4-recompute"], ids=["2-per-sm", "4-per-sm", "4-recompute"])
 def js_cluster(request, monkeypatch):
     """The one-read cluster kernel: one row per cluster, 2 or 4 CTAs an SM
-    (MLX_TUNER_JS_CTAS_PER_SM)."""
-    monkeypatch.setenv("MLX_TUNER_JS_CTAS_PER_SM", request.param)
+    (MLX_TUNER_JS_CTAS_PER_SM); the half types keep their exps in shared memory unless
+    MLX_TUNER_JS_KEEP=0 ("recompute": the kernel that takes them twice)."""
+    ctas, _, mode = request.param.partition("-")
+    monkeypatch.setenv("MLX_TUNER_JS_CTAS_PER_SM", ctas)
+    if mode == "recompute":
+        monkeypatch.setenv("MLX_TUNER_JS_KEEP", "0")
 
 
 @pytest.mark.parametrize("dtype,shape", JS_GPU_SHAPES,
@@ -168,6 +172,26 @@ def test_js_row_split_masked_on_gpu(device, monkeypatch, ctas, dtype, V):
     np.testing.assert_allclose(out[[1, 4]], np.log(2) / 2, atol=2e-3)
     assert np.abs(gp[1]).max() < 1e-5 and np.abs(gq[4]).max() < 1e-5
     np.testing.assert_array_equal(out[[0, 2, 3, 5]], to_f64(ops.js_div(q, p))[[0, 2, 3, 5]])
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16], ids=str)
+def test_js_kept_exps_precision_on_gpu(device, js_cluster, dtype):
+    # The half types' kernel keeps each exp in float16 between its passes: rows where that
+    # rounding would show if the sums were not taken from the stored values: one confident
+    # token (a peak 20 above the rest) in both inputs with a little noise, a tail 25 below
+    # the maximum, and identical rows, whose JS is 0.
+    _gpu_only(device)
+    v = 151936
+    base = mx.random.normal((4, v))
+    peak = mx.zeros((4, v)).at[:, 1234].add(20.0)
+    tail = mx.where(mx.arange(v) < 40, 0.0, -25.0) * mx.ones((4, 1))
+    q = mx.concatenate([base + peak, tail, base]).astype(dtype)
+    p = mx.concatenate([base + peak + 0.05 * mx.random.normal((4, v)),
+                        mx.where(mx.arange(v) < 80, 0.0, -25.0) * mx.ones((4, 1)),
+                        base]).astype(dtype)
+    check_all("js", q, p, dtype)
+    same = to_f64(ops.js_div(q[8:], p[8:]))
+    assert np.abs(same).max() < 1e-4, same
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=str)

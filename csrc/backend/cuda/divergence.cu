@@ -16,7 +16,10 @@
 // whose m log2e would overflow take x - m first); the CTAs exchange their (m, sum) through
 // distributed shared memory; each then sums its slice's terms in p's frame (js_terms:
 // P' = 2^dp, Q' = 2^dq, lm = log2 of M there, three MUFU a pair), and rank 0 gathers the C
-// partial sums. Both exchanges push by st.async onto the readers' own mbarriers instead of
+// partial sums. The half types take js_forward_keep instead (exps kept in shared memory as
+// float16 between the passes: three MUFU a pair in all against five here; 2.21-2.24 against
+// 2.33-2.35 ms at 8192 x 151,936 bf16 side by side; MLX_TUNER_JS_KEEP=0 takes this kernel).
+// Both exchanges push by st.async onto the readers' own mbarriers instead of
 // meeting at cluster barriers (whose release fence Nsight put at ~13% of the warps' stalls,
 // the barriers at ~16%: forward 2.29-2.40 against 2.57 ms at 8192 x 151,936 bf16). d is
 // clamped at about -100 so that a -inf logit weighs a finite term by ~0 (never 0 * inf); a NaN logit makes its sum NaN, which the row's result then takes. A row
@@ -323,10 +326,16 @@ __device__ __forceinline__ void block_max2(float& x, float& y, float* sm) {
     sm[kMaxWarps + warp] = y;
   }
   __syncthreads();
-  x = lane < nw ? sm[lane] : -kInf;
-  y = lane < nw ? sm[kMaxWarps + lane] : -kInf;
-#pragma unroll
-  for (int d = 16; d > 0; d /= 2) {
+  // A butterfly over the next power of 2 of the warps, each group of `top` lanes holding
+  // all nw values, so that every lane ends with the maximum.
+  int top = 1;
+  while (top < nw) {
+    top *= 2;
+  }
+  const int j = lane & (top - 1);
+  x = j < nw ? sm[j] : -kInf;
+  y = j < nw ? sm[kMaxWarps + j] : -kInf;
+  for (int d = top / 2; d > 0; d /= 2) {
     x = max_nan(x, __shfl_xor_sync(0xffffffffu, x, d));
     y = max_nan(y, __shfl_xor_sync(0xffffffffu, y, d));
   }
@@ -387,6 +396,9 @@ __device__ __forceinline__ void unpack(uint4 c, float (&x)[16 / sizeof(T)]) {
   }
 }
 
+template <typename T>
+using Half2Of = std::conditional_t<std::is_same_v<T, __half>, __half2, __nv_bfloat162>;
+
 // Rows whose maximum times log2e would overflow take x - m first (slower, exact).
 constexpr float kFmaMax = 1e37f;
 
@@ -407,18 +419,25 @@ __device__ __forceinline__ void chunks_max(const uint4* sq, const uint4* sp, int
       mp = max_nan(mp, max4(sp[c]));
     }
   } else {
-    using T2 = std::conditional_t<std::is_same_v<T, __half>, __half2, __nv_bfloat162>;
-    auto max8 = [](uint4 v) {
-      const T2* w = reinterpret_cast<const T2*>(&v);
-      return __hmax2_nan(__hmax2_nan(w[0], w[1]), __hmax2_nan(w[2], w[3]));
-    };
-    T2 a = T2(from_f<T>(-kInf), from_f<T>(-kInf)), b = a;
+    using T2 = Half2Of<T>;
+    // A running maximum a word of the chunk (no reduction inside the loop: 20 -> 16
+    // instructions a chunk pair in SASS), the words merged once after it.
+    const T2 lo = T2(from_f<T>(-kInf), from_f<T>(-kInf));
+    T2 a[4] = {lo, lo, lo, lo}, b[4] = {lo, lo, lo, lo};
     for (int c = first; c < n; c += stride) {
-      a = __hmax2_nan(a, max8(sq[c]));
-      b = __hmax2_nan(b, max8(sp[c]));
+      const uint4 vq = sq[c], vp = sp[c];
+      const T2* wq = reinterpret_cast<const T2*>(&vq);
+      const T2* wp = reinterpret_cast<const T2*>(&vp);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        a[k] = __hmax2_nan(a[k], wq[k]);
+        b[k] = __hmax2_nan(b[k], wp[k]);
+      }
     }
-    mq = max_nan(to_f(a.x), to_f(a.y));
-    mp = max_nan(to_f(b.x), to_f(b.y));
+    const T2 ra = __hmax2_nan(__hmax2_nan(a[0], a[1]), __hmax2_nan(a[2], a[3]));
+    const T2 rb = __hmax2_nan(__hmax2_nan(b[0], b[1]), __hmax2_nan(b[2], b[3]));
+    mq = max_nan(to_f(ra.x), to_f(ra.y));
+    mp = max_nan(to_f(rb.x), to_f(rb.y));
   }
 }
 
@@ -795,6 +814,362 @@ __global__ void __launch_bounds__(kJsMaxThreads, 2)
 #endif
 }
 
+// ------------------------------------------------------- JS in one read, exps kept
+// The half types' one-read kernel with each exp taken once (js_forward_keep; the maths:
+// tools/js_store_precision.py). After the slice's maximum (pass 0 as above), pass 1
+// overwrites each bf16 / f16 logit in shared memory with its exp as float16, e~ =
+// 2^(x log2e - f) with f = m log2e - 15 (2^15 e^(x - m): normal down to ~20 nats below
+// the maximum; the clamp d >= -20 keeps every e~ >= 2^-23, so no log below meets 0 and a
+// -inf logit weighs ~2^-35 of the maximum). From the rounded values it sums Z = sum e~
+// and A = sum e~ lg e~, to first order in the rounding as sum e~ d + (e~ - e') log2e with
+// e' the unrounded exp (whose sum E gives the saved stats exactly); so sum P = 1 and sum
+// P lg P hold for the values pass 2 reads. Pass 2 takes one log a pair: with P = a e~p,
+// Q = b e~q (a, b from the row's normalizers) and the larger of a, b as g, S = P + Q = g T
+// with T = e~u + beta e~v (u the side of g), KL(P || M) = sum P lg P - sum P lg S + 1 and
+// the same for Q: two FFMA accumulations of lg T a pair. Three MUFU a pair in all,
+// against five when pass 2 recomputes both exps (js_forward_cluster).
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+
+constexpr float kKeepShift = 15.f; // e~ = 2^15 at the maximum
+constexpr float kKeepFloor = -20.f; // d >= -20 - (one spacing of T below the bound)
+
+// A side's frame in one CTA: d = fma(x, log2e, -f) (packed: the clamp on the raw logits,
+// two an instruction, at `low`), else d = max(fma(x - m, log2e, 15), -20); rho = the
+// rounding of f folded back (e~ = 2^(15 + rho) e^(x - m)).
+template <typename T>
+struct KeepFrame {
+  float m, f, rho;
+  Half2Of<T> low;
+  bool packed;
+};
+
+__device__ __forceinline__ float keep_offset(float m) {
+  return m > -kInf ? m : 0.f; // a slice with no mass: any finite frame (weighted by 0)
+}
+
+// `packed` is the CTA's (both sides' maxima within kPackedMax), so that one loop serves both.
+template <typename T>
+__device__ __forceinline__ KeepFrame<T> keep_frame(float m, bool packed) {
+  KeepFrame<T> fr{};
+  fr.m = keep_offset(m);
+  fr.packed = packed;
+  if (packed) {
+    fr.f = fr.m * kLog2e - kKeepShift;
+    fr.rho = fmaf(fr.m, kLog2e, -fr.f) - kKeepShift;
+    const float lo = (fr.f + kKeepFloor) * kLn2; // d = -20 there, rounded down in T
+    if constexpr (std::is_same_v<T, __half>) {
+      fr.low = __half2half2(__float2half_rd(lo));
+    } else {
+      fr.low = __bfloat162bfloat162(__float2bfloat16_rd(lo));
+    }
+  } else {
+    fr.f = 0.f;
+    fr.rho = 0.f;
+  }
+  return fr;
+}
+
+// One side's sums over a CTA's slice: Z = sum e~, A = sum e~ d, E = sum e'.
+struct KeepSums {
+  float z = 0.f, a = 0.f, e = 0.f;
+};
+
+// Pass 1 on one chunk of one side: exps into `c` (in place, float16), sums into s.
+template <typename T, bool PACKED>
+__device__ __forceinline__ void keep_chunk(uint4& c, const KeepFrame<T>& fr, KeepSums& s0,
+                                           KeepSums& s1) {
+  Half2Of<T>* w = reinterpret_cast<Half2Of<T>*>(&c);
+  if constexpr (PACKED) {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      w[k] = __hmax2(w[k], fr.low);
+    }
+  }
+  float x[8];
+  unpack<T>(c, x);
+  __half2* h = reinterpret_cast<__half2*>(&c);
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    float d0, d1;
+    if constexpr (PACKED) {
+      d0 = fmaf(x[2 * k], kLog2e, -fr.f);
+      d1 = fmaf(x[2 * k + 1], kLog2e, -fr.f);
+    } else {
+      d0 = fmaxf(fmaf(x[2 * k] - fr.m, kLog2e, kKeepShift), kKeepFloor);
+      d1 = fmaxf(fmaf(x[2 * k + 1] - fr.m, kLog2e, kKeepShift), kKeepFloor);
+    }
+    const float e0 = ex2(d0), e1 = ex2(d1);
+    h[k] = __floats2half2_rn(e0, e1); // element 2k in the low half, as unpack reads
+    const float t0 = __low2float(h[k]), t1 = __high2float(h[k]);
+    s0.z += t0;
+    s1.z += t1;
+    s0.a = fmaf(t0, d0, s0.a);
+    s1.a = fmaf(t1, d1, s1.a);
+    s0.e += e0;
+    s1.e += e1;
+  }
+}
+
+// Block-wide sums of K values; thread 0 gets them. `sm` holds K * kMaxWarps floats and is
+// used by this call only.
+template <int K>
+__device__ __forceinline__ void block_sums(float (&v)[K], float* sm) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nw = blockDim.x / 32;
+#pragma unroll
+  for (int d = 16; d > 0; d /= 2) {
+#pragma unroll
+    for (int i = 0; i < K; ++i) {
+      v[i] += __shfl_xor_sync(0xffffffffu, v[i], d);
+    }
+  }
+  if (lane == 0) {
+#pragma unroll
+    for (int i = 0; i < K; ++i) {
+      sm[i * kMaxWarps + warp] = v[i];
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < nw; ++w) {
+#pragma unroll
+      for (int i = 0; i < K; ++i) {
+        v[i] += sm[i * kMaxWarps + w];
+      }
+    }
+  }
+}
+
+// A side's row sums, merged over the cluster from each CTA's (m, Z, A, E) in the exact
+// frame 2^(15 + (x - m) log2e) (rho folded in by the sender): in the row's frame (its
+// maximum M) each CTA's values are scaled by k = 2^((m - M) log2e), lg k added to lg e~.
+struct KeepRow {
+  float m, z, h, e; // M, Z, sum e~ lg e~ (row frame), E
+};
+
+template <int C>
+__device__ __forceinline__ KeepRow keep_merge(float m, float z, float a, float e) {
+  float M = m;
+#pragma unroll
+  for (int d = C / 2; d > 0; d /= 2) {
+    M = max_nan(M, __shfl_xor_sync(0xffffffffu, M, d));
+  }
+  const float lk = (m - M) * kLog2e;
+  const float k = M > -kInf && m > -kInf ? ex2(lk) : 0.f;
+  float zk = k * z, hk = k > 0.f ? k * fmaf(lk, z, a) : 0.f, ek = k * e;
+#pragma unroll
+  for (int d = C / 2; d > 0; d /= 2) {
+    zk += __shfl_xor_sync(0xffffffffu, zk, d);
+    hk += __shfl_xor_sync(0xffffffffu, hk, d);
+    ek += __shfl_xor_sync(0xffffffffu, ek, d);
+  }
+  return {M, zk, hk, ek};
+}
+
+#endif // !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+
+// JS forward of the half types reading q and p once with each exp taken once (above):
+// the slice loaded as js_forward_cluster loads it, its maxima (pass 0), exps kept and
+// summed (pass 1), the cluster's row sums, one log a pair (pass 2), rank 0's result.
+template <typename T, int C>
+__global__ void __launch_bounds__(kJsMaxThreads, 2)
+    js_forward_keep(const T* q, const T* p, T* out, float* stats, int V) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  __trap(); // the host launches this on compute capability 9.0 and later only
+#else
+  static_assert(!std::is_same_v<T, float>, "float32 rows keep js_forward_cluster");
+  extern __shared__ uint4 js_rows[];
+  __shared__ float red[10 * kMaxWarps], norm[4];
+  __shared__ __align__(16) float part[8 * C];
+  __shared__ __align__(8) float sums[2 * C];
+  __shared__ uint64_t bar, xbar[2];
+  const int rank = cluster_rank<C>();
+  const int tid = threadIdx.x, nt = blockDim.x;
+  if (C > 1 && tid == 0) {
+    cu::mbar_init(&xbar[0], 1);
+    cu::mbar_init(&xbar[1], 1);
+    cu::mbar_expect(&xbar[0], 32 * C); // every rank's two parts
+    if (rank == 0) cu::mbar_expect(&xbar[1], 8 * C); // every rank's sums
+  }
+  const int64_t row = blockIdx.x / C;
+  const T* qr = q + row * V;
+  const T* pr = p + row * V;
+  const JsSlice sl = js_slice<T, C>(qr, V, rank);
+  uint4* sq = js_rows;
+  uint4* sp = js_rows + js_per_cta(js_chunks(V, sl.pad, 8), C);
+  js_load_slice(qr, pr, V, sl, sq, sp, &bar);
+  if constexpr (C > 1) asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+  cu::mbar_wait(&bar, 0);
+  const int n = sl.cnt;
+  float mq, mp;
+  chunks_max<T>(sq, sp, tid, nt, n, mq, mp);
+  block_max2(mq, mp, red);
+  // Pass 1: the exps, kept; each thread later reads back only the chunks it wrote.
+  const bool packed =
+      fabsf(keep_offset(mq)) < kPackedMax && fabsf(keep_offset(mp)) < kPackedMax;
+  const KeepFrame<T> fq = keep_frame<T>(mq, packed), fp = keep_frame<T>(mp, packed);
+  KeepSums q0, q1, p0, p1;
+  auto pass1 = [&](auto packed) { // the frame's mode is the CTA's, hoisted out of the loop
+    constexpr bool P = decltype(packed)::value;
+    int c = tid;
+    for (; c + nt < n; c += 2 * nt) { // two chunk pairs a step: half the loop's overhead
+      uint4 cq = sq[c], cp = sp[c], dq = sq[c + nt], dp = sp[c + nt];
+      keep_chunk<T, P>(cq, fq, q0, q1);
+      keep_chunk<T, P>(cp, fp, p0, p1);
+      keep_chunk<T, P>(dq, fq, q0, q1);
+      keep_chunk<T, P>(dp, fp, p0, p1);
+      sq[c] = cq;
+      sp[c] = cp;
+      sq[c + nt] = dq;
+      sp[c + nt] = dp;
+    }
+    if (c < n) {
+      uint4 cq = sq[c], cp = sp[c];
+      keep_chunk<T, P>(cq, fq, q0, q1);
+      keep_chunk<T, P>(cp, fp, p0, p1);
+      sq[c] = cq;
+      sp[c] = cp;
+    }
+  };
+  if (packed) {
+    pass1(std::true_type{});
+  } else {
+    pass1(std::false_type{});
+  }
+  float v[6] = {q0.z + q1.z, q0.a + q1.a, q0.e + q1.e, p0.z + p1.z, p0.a + p1.a, p0.e + p1.e};
+  block_sums<6>(v, red + 2 * kMaxWarps);
+  // Thread 0: the CTA's sums in the exact frame (A to first order in the rounding); warp 0
+  // sends them to every rank (C > 1: lane r to rank r), then merges the row (every CTA alike).
+  const float zq_raw = v[0], zp_raw = v[3];
+  if constexpr (C > 1) asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
+  if (tid < 32) {
+    float pv[8];
+    if (tid == 0) {
+      const float gq = ex2(-fq.rho), gp = ex2(-fp.rho);
+      const float aq = fmaf(v[0] - v[2], kLog2e, v[1]), ap = fmaf(v[3] - v[5], kLog2e, v[4]);
+      pv[0] = mq;
+      pv[1] = gq * v[0];
+      pv[2] = gq * fmaf(-fq.rho, v[0], aq);
+      pv[3] = gq * v[2];
+      pv[4] = mp;
+      pv[5] = gp * v[3];
+      pv[6] = gp * fmaf(-fp.rho, v[3], ap);
+      pv[7] = gp * v[5];
+    }
+    if constexpr (C == 1) {
+      if (tid == 0) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          part[i] = pv[i];
+        }
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        pv[i] = __shfl_sync(0xffffffffu, pv[i], 0);
+      }
+      if (tid < C) {
+        push4(part + 8 * rank, &xbar[0], tid, pv[0], pv[1], pv[2], pv[3]);
+        push4(part + 8 * rank + 4, &xbar[0], tid, pv[4], pv[5], pv[6], pv[7]);
+      }
+    }
+  }
+  KeepRow rq{}, rp{};
+  if (tid < 32) {
+    if constexpr (C == 1) {
+      __syncwarp();
+    } else {
+      cu::mbar_wait(&xbar[0], 0); // all C parts have landed here
+    }
+    const float* rp_ = part + 8 * (tid < C ? tid : 0);
+    const bool in = tid < C;
+    rq = keep_merge<C>(in ? rp_[0] : -kInf, in ? rp_[1] : 0.f, in ? rp_[2] : 0.f,
+                       in ? rp_[3] : 0.f);
+    rp = keep_merge<C>(in ? rp_[4] : -kInf, in ? rp_[5] : 0.f, in ? rp_[6] : 0.f,
+                       in ? rp_[7] : 0.f);
+  }
+  // Thread 0: this CTA's scales a = kp / Zp and b = kq / Zq of its raw e~, the side u of
+  // g = max(a, b) and beta = min / max; pass 2 reads them from `norm`.
+  const bool live = rq.m > -kInf && rp.m > -kInf; // thread 0's view
+  float a = 0.f, b = 0.f;
+  if (tid == 0) {
+    a = live && mp > -kInf ? ex2((mp - rp.m) * kLog2e - fp.rho) / rp.z : 0.f;
+    b = live && mq > -kInf ? ex2((mq - rq.m) * kLog2e - fq.rho) / rq.z : 0.f;
+    const float g = fmaxf(a, b);
+    norm[0] = g > 0.f ? fminf(a, b) / g : 0.f;
+    norm[1] = a >= b ? 1.f : 0.f; // u = p
+    norm[2] = g > 0.f ? 1.f : 0.f;
+  }
+  __syncthreads();
+  float au = 0.f, av = 0.f;
+  if (norm[2] != 0.f) {
+    const float beta = norm[0];
+    const bool u_is_p = norm[1] != 0.f;
+    const uint4* su = u_is_p ? sp : sq;
+    const uint4* sv = u_is_p ? sq : sp;
+    for (int c = tid; c < n; c += nt) {
+      const uint4 cu_ = su[c], cv = sv[c];
+      const __half2* hu = reinterpret_cast<const __half2*>(&cu_);
+      const __half2* hv = reinterpret_cast<const __half2*>(&cv);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const float u0 = __low2float(hu[k]), u1 = __high2float(hu[k]);
+        const float v0 = __low2float(hv[k]), v1 = __high2float(hv[k]);
+        const float l0 = lg2(fmaf(v0, beta, u0)), l1 = lg2(fmaf(v1, beta, u1));
+        au = fmaf(u0, l0, au);
+        av = fmaf(v0, l0, av);
+        au = fmaf(u1, l1, au);
+        av = fmaf(v1, l1, av);
+      }
+    }
+  }
+  block_sum2(au, av, red + 8 * kMaxWarps);
+  // This CTA's sum P lg S and sum Q lg S (bits): a (lg g Zp + sum e~p lg T), the same for q.
+  float up = 0.f, uq = 0.f;
+  if (tid == 0 && norm[2] != 0.f) {
+    const bool u_is_p = norm[1] != 0.f;
+    const float g = fmaxf(a, b), lgg = lg2(g);
+    const float ap_ = u_is_p ? au : av, aq_ = u_is_p ? av : au;
+    up = a * fmaf(lgg, zp_raw, ap_);
+    uq = b * fmaf(lgg, zq_raw, aq_);
+  }
+  if constexpr (C > 1) {
+    if (tid == 0) push2(sums + 2 * rank, &xbar[1], 0, uq, up);
+    if (rank != 0) {
+      return;
+    }
+    if (tid == 0) {
+      cu::mbar_wait(&xbar[1], 0);
+      uq = 0.f;
+      up = 0.f;
+      for (int r = 0; r < C; ++r) {
+        uq += sums[2 * r];
+        up += sums[2 * r + 1];
+      }
+    }
+  }
+  if (tid == 0) {
+    // KL(Q || M) = sum Q lg Q - sum Q lg S + 1 bits, sum Q lg Q = h / Z - lg Z; a side with
+    // no mass: 0 there and 1 bit on the other side. NaN or +inf logits: NaN.
+    const bool nan = isnan(rq.m) || isnan(rp.m) || rq.m == kInf || rp.m == kInf ||
+                     isnan(rq.e) || isnan(rp.e);
+    const bool q_only = rq.m != -kInf && rp.m == -kInf, p_only = rp.m != -kInf && rq.m == -kInf;
+    const float klq = !live ? (q_only ? 1.f : 0.f) : rq.h / rq.z - lg2(rq.z) - uq + 1.f;
+    const float klp = !live ? (p_only ? 1.f : 0.f) : rp.h / rp.z - lg2(rp.z) - up + 1.f;
+    const float qnan = __int_as_float(0x7fc00000);
+    const float s0 = nan ? qnan : kLn2 * klq;
+    const float s1 = nan ? qnan : kLn2 * klp;
+    float* st = stats + row * kDivStats;
+    st[kMaxQ] = rq.m;
+    st[kLogSumQ] = nan ? qnan : kLn2 * (lg2(rq.e) - kKeepShift);
+    st[kMaxP] = rp.m;
+    st[kLogSumP] = nan ? qnan : kLn2 * (lg2(rp.e) - kKeepShift);
+    st[kS0] = s0;
+    st[kS1] = s1;
+    out[row] = from_f<T>(0.5f * (s0 + s1));
+  }
+#endif
+}
+
 template <typename T, Divergence K, bool VEC, bool GQ, bool GP>
 __global__ void divergence_backward(
     const T* q,
@@ -916,19 +1291,19 @@ std::pair<int, int> smem_limits(int device) {
 // memory (k CTAs per SM, so that some load while others compute), else the smallest within
 // kJsSmemMax (one CTA per SM), else none (the two-pass kernel). C <= 16 (above 8, Hopper's
 // non-portable sizes). The bound on a row's chunks holds for any offset.
-// MLX_TUNER_JS_CTAS_PER_SM sets k (1, 2 or 4; 4 also caps a CTA at 128 threads, so that
-// four fit), 0 takes the two-pass kernel. Unset: k = 4 without the one-CTA-an-SM fallback,
+// MLX_TUNER_JS_CTAS_PER_SM sets k (1 to 5; 4 and 5 also cap a CTA at 128 threads, so that
+// they fit), 0 takes the two-pass kernel. Unset: k = 4 without the one-CTA-an-SM fallback,
 // which measured slower than the two-pass kernel (float32 at 151,936: 7.2 against 4.6 ms on
 // the H200). With four an SM, at 8192 rows of bfloat16 on the H200 (seventeenth session):
 // 2.56 against 3.31 ms at V = 151,936 side by side; 0.69 and 2.25 ms at 32,000 and 131,072,
 // where the two-pass kernel took 0.89 and 2.82 one call earlier; 2.29-2.40 ms at 151,936
 // since the exchanges push (eighteenth). MLX_TUNER_JS_THREADS caps the threads of a
-// CTA (a multiple of 32).
+// CTA (a multiple of 32, at most kJsMaxThreads).
 JsPlan js_plan(int V, int elem_bytes, int64_t rows, int device) {
   constexpr int64_t kJsSmemMax = 200 * 1024;
   constexpr int64_t kMargin = 4 * 1024; // static shared memory and the per-block reserve
   const char* env = std::getenv("MLX_TUNER_JS_CTAS_PER_SM");
-  const int k = env ? std::min(std::atoi(env), 4) : 4;
+  const int k = env ? std::min(std::atoi(env), 5) : 4;
   if (k <= 0 || 2 * int64_t(V) * elem_bytes > 16 * kJsSmemMax) {
     return {}; // the size test also keeps the int sums below safe
   }
@@ -942,7 +1317,7 @@ JsPlan js_plan(int V, int elem_bytes, int64_t rows, int device) {
   // threads 3.31), else up to the kernel's launch bound.
   int max_threads = k >= 4 ? 128 : kJsMaxThreads;
   if (const char* e = std::getenv("MLX_TUNER_JS_THREADS")) {
-    max_threads = std::clamp(std::atoi(e) / 32 * 32, 32, max_threads);
+    max_threads = std::clamp(std::atoi(e) / 32 * 32, 32, kJsMaxThreads);
   }
   for (int64_t limit : {soft, hard}) {
     for (int c : {1, 2, 4, 8, 16}) {
@@ -959,8 +1334,24 @@ JsPlan js_plan(int V, int elem_bytes, int64_t rows, int device) {
   return {};
 }
 
+// The half types keep their exps (js_forward_keep) unless MLX_TUNER_JS_KEEP=0 (read at
+// every launch, as js_plan reads its settings).
+bool js_keep() {
+  const char* e = std::getenv("MLX_TUNER_JS_KEEP");
+  return !(e && std::string(e) == "0");
+}
+
 template <typename T>
 const void* js_kernel(int c) {
+  if constexpr (!std::is_same_v<T, float>) {
+    if (js_keep()) {
+      return c == 1 ? reinterpret_cast<const void*>(js_forward_keep<T, 1>)
+          : c == 2  ? reinterpret_cast<const void*>(js_forward_keep<T, 2>)
+          : c == 4  ? reinterpret_cast<const void*>(js_forward_keep<T, 4>)
+          : c == 8  ? reinterpret_cast<const void*>(js_forward_keep<T, 8>)
+                    : reinterpret_cast<const void*>(js_forward_keep<T, 16>);
+    }
+  }
   return c == 1 ? reinterpret_cast<const void*>(js_forward_cluster<T, 1>)
       : c == 2  ? reinterpret_cast<const void*>(js_forward_cluster<T, 2>)
       : c == 4  ? reinterpret_cast<const void*>(js_forward_cluster<T, 4>)
