@@ -767,6 +767,42 @@ __device__ __forceinline__ int cluster_rank() {
 
 #endif // !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
 
+// A one-read CTA's start (both JS kernels): the cluster's exchange barriers initialized
+// (xbar[0] expecting `part_bytes` from every rank, rank 0's xbar[1] 8 bytes from every
+// rank; made visible cluster-wide by js_load_slice's fence and the relaxed arrive), its
+// slice of the row loaded into shared memory (q's chunks at sq, p's at sp) and landed.
+struct JsStart {
+  int rank;
+  int64_t row;
+  JsSlice sl;
+  uint4 *sq, *sp;
+};
+
+template <typename T, int C>
+__device__ __forceinline__ JsStart js_start(const T* q, const T* p, int V, uint4* rows,
+                                            uint64_t* bar, uint64_t* xbar,
+                                            uint32_t part_bytes) {
+  constexpr int N = 16 / sizeof(T);
+  JsStart st;
+  st.rank = cluster_rank<C>();
+  if (C > 1 && threadIdx.x == 0) {
+    cu::mbar_init(&xbar[0], 1);
+    cu::mbar_init(&xbar[1], 1);
+    cu::mbar_expect(&xbar[0], part_bytes * C);
+    if (st.rank == 0) cu::mbar_expect(&xbar[1], 8 * C);
+  }
+  st.row = blockIdx.x / C;
+  const T* qr = q + st.row * V;
+  const T* pr = p + st.row * V;
+  st.sl = js_slice<T, C>(qr, V, st.rank);
+  st.sq = rows;
+  st.sp = rows + js_per_cta(js_chunks(V, st.sl.pad, N), C);
+  js_load_slice(qr, pr, V, st.sl, st.sq, st.sp, bar);
+  if constexpr (C > 1) asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+  cu::mbar_wait(bar, 0); // the bulk copies have landed
+  return st;
+}
+
 // JS forward reading q and p once: cluster of C CTAs per row (blockIdx.x / C), each CTA
 // holding its slice of both rows in dynamic shared memory (q's chunks, then p's, `per`
 // each), loaded by bulk copies: the CTA's maximum (pass 0), its sums from that maximum
@@ -778,31 +814,17 @@ __global__ void __launch_bounds__(kJsMaxThreads, 2)
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   __trap(); // the host launches this on compute capability 9.0 and later only
 #else
-  constexpr int N = 16 / sizeof(T);
   extern __shared__ uint4 js_rows[];
   __shared__ float red[6 * kMaxWarps], norm[4];
   __shared__ __align__(16) float part[4 * C];
   __shared__ __align__(8) float sums[2 * C];
   __shared__ uint64_t bar, xbar[2];
-  const int rank = cluster_rank<C>();
-  // The barriers of the cluster's exchanges (js_finish_row), made visible cluster-wide by
-  // js_load_slice's fence and the arrive below.
-  if (C > 1 && threadIdx.x == 0) {
-    cu::mbar_init(&xbar[0], 1);
-    cu::mbar_init(&xbar[1], 1);
-    cu::mbar_expect(&xbar[0], 16 * C); // every rank's part
-    if (rank == 0) cu::mbar_expect(&xbar[1], 8 * C); // every rank's sums
-  }
-  const int64_t row = blockIdx.x / C;
-  const T* qr = q + row * V;
-  const T* pr = p + row * V;
-  const JsSlice sl = js_slice<T, C>(qr, V, rank);
-  uint4* sq = js_rows;
-  uint4* sp = js_rows + js_per_cta(js_chunks(V, sl.pad, N), C);
-  js_load_slice(qr, pr, V, sl, sq, sp, &bar);
-  if constexpr (C > 1) asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
-  cu::mbar_wait(&bar, 0); // the bulk copies have landed
-  const int t = threadIdx.x, nt = blockDim.x, n = sl.cnt;
+  // Every rank's part (m, s) a side into xbar[0] (js_finish_row).
+  const JsStart js = js_start<T, C>(q, p, V, js_rows, &bar, xbar, 16);
+  const int rank = js.rank;
+  const int64_t row = js.row;
+  uint4 *sq = js.sq, *sp = js.sp;
+  const int t = threadIdx.x, nt = blockDim.x, n = js.sl.cnt;
   float mq, mp, sq_sum, sp_sum;
   chunks_max<T>(sq, sp, t, nt, n, mq, mp);
   block_max2(mq, mp, red);
@@ -982,24 +1004,12 @@ __global__ void __launch_bounds__(kJsMaxThreads, 2)
   __shared__ __align__(16) float part[8 * C];
   __shared__ __align__(8) float sums[2 * C];
   __shared__ uint64_t bar, xbar[2];
-  const int rank = cluster_rank<C>();
-  const int tid = threadIdx.x, nt = blockDim.x;
-  if (C > 1 && tid == 0) {
-    cu::mbar_init(&xbar[0], 1);
-    cu::mbar_init(&xbar[1], 1);
-    cu::mbar_expect(&xbar[0], 32 * C); // every rank's two parts
-    if (rank == 0) cu::mbar_expect(&xbar[1], 8 * C); // every rank's sums
-  }
-  const int64_t row = blockIdx.x / C;
-  const T* qr = q + row * V;
-  const T* pr = p + row * V;
-  const JsSlice sl = js_slice<T, C>(qr, V, rank);
-  uint4* sq = js_rows;
-  uint4* sp = js_rows + js_per_cta(js_chunks(V, sl.pad, 8), C);
-  js_load_slice(qr, pr, V, sl, sq, sp, &bar);
-  if constexpr (C > 1) asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
-  cu::mbar_wait(&bar, 0);
-  const int n = sl.cnt;
+  // Every rank's two parts (m, Z, A, E) a side into xbar[0].
+  const JsStart js = js_start<T, C>(q, p, V, js_rows, &bar, xbar, 32);
+  const int rank = js.rank;
+  const int64_t row = js.row;
+  uint4 *sq = js.sq, *sp = js.sp;
+  const int tid = threadIdx.x, nt = blockDim.x, n = js.sl.cnt;
   float mq, mp;
   chunks_max<T>(sq, sp, tid, nt, n, mq, mp);
   block_max2(mq, mp, red);
