@@ -17,8 +17,8 @@
 // distributed shared memory; each then sums its slice's terms in p's frame (js_terms:
 // P' = 2^dp, Q' = 2^dq, lm = log2 of M there, three MUFU a pair), and rank 0 gathers the C
 // partial sums. The half types take js_forward_keep instead (exps kept in shared memory as
-// float16 between the passes: three MUFU a pair in all against five here; 2.21-2.24 against
-// 2.33-2.35 ms at 8192 x 151,936 bf16 side by side; MLX_TUNER_JS_KEEP=0 takes this kernel).
+// float16 between the passes: three MUFU a pair in all against five here; 2.5-8% faster at
+// 8192 x 151,936 bf16 side by side, 2.21-2.37 ms; MLX_TUNER_JS_KEEP=0 takes this kernel).
 // Both exchanges push by st.async onto the readers' own mbarriers instead of
 // meeting at cluster barriers (whose release fence Nsight put at ~13% of the warps' stalls,
 // the barriers at ~16%: forward 2.29-2.40 against 2.57 ms at 8192 x 151,936 bf16). d is
