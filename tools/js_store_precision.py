@@ -4,7 +4,11 @@ slot of its bf16 logit, and takes the normalizer and sum P log P from the stored
 values, sum e~ ln e~ to first order as sum e~ (d + 15 ln 2) + (e~ - e'); pass 1 then needs
 one log a pair, ln(P + Q): three special-function operations a pair instead of five.
 Compared with float32 throughout (today's kernel, exps recomputed) against float64, on
-rows of 151,936 bf16 logits and one of 7. Nothing here runs on a GPU.
+rows of 151,936 bf16 logits and one of 7. Also the tensor-core candidates of GPU-NOTES
+"Next" 3 (a): sum e~ lg e~ with the exponent as a float16 operand ("mma d", "mma d-15"),
+or with e~ kept as bfloat16 and the raw logits as the other operand ("mma bf16 x"; float32
+sums in numpy's order, which a tensor core's accumulation does not follow exactly).
+Nothing here runs on a GPU.
 
     python tools/js_store_precision.py
 """
@@ -62,6 +66,45 @@ def side_stored(x):
     return et / z, t / z - np.log(z)
 
 
+F16 = np.float16
+LOG2E = F32(1.4426950408889634)
+
+
+def shifted2(x):
+    """The kernel's base-2 exponent d = (x - max) log2e + 15, clamped at -20 as it clamps."""
+    x = x.astype(F32)
+    return np.maximum((x - np.max(x)) * LOG2E + F32(15), F32(-20))
+
+
+def side_mma_f16(x, centred):
+    """Candidate (a) of bench/GPU-NOTES.md "Next" 3: e~ in float16 as today, sum e~ lg e~
+    by tensor cores with the exponent as a float16 operand: d itself (`centred` False) or
+    d - 15 (True, one FADD an element more). Products exact, sums in float32."""
+    d = shifted2(x)
+    e = np.exp2(d)
+    et = e.astype(F16).astype(F32)
+    z = et.sum(dtype=F32)
+    op = (d - F32(15)).astype(F16).astype(F32) + F32(15) if centred else d.astype(F16).astype(F32)
+    a = (et * op).sum(dtype=F32) + (z - e.sum(dtype=F32)) * LOG2E  # bits, first order
+    # sum P ln P = (a / z - log2 z) ln 2; this side's values in the (x - max) frame cancel in P
+    return et / z, (a / z - np.log2(z)) * F32(LN2)
+
+
+def side_mma_bf16_x(x):
+    """Candidate (a) with e~ kept as bfloat16 (no shift) and the raw logits as the other
+    operand: sum e~ lg e~ = log2e sum e~ x - f Z with f = max log2e (float32 sums)."""
+    x = x.astype(F32)
+    m = np.max(x)
+    xc = np.maximum(x, m - F32(60 * LN2))  # the raw clamp, d >= -60
+    f = m * LOG2E
+    d = xc * LOG2E - f
+    e = np.exp2(d)
+    et = bf16(e)
+    z = et.sum(dtype=F32)
+    a = LOG2E * (et * xc).sum(dtype=F32) - f * z + (z - e.sum(dtype=F32)) * LOG2E
+    return et / z, (a / z - np.log2(z)) * F32(LN2)
+
+
 def bf16(x):
     u = np.asarray(x, F32).view(np.uint32)
     return ((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000).astype(np.uint32).view(F32)
@@ -76,6 +119,7 @@ def main():
     xo, yo = bf16(rng.standard_normal(v)), bf16(rng.standard_normal(v))
     xo[7] = yo[9] = 40
     idx = np.arange(v)
+    lm = bf16(2 * rng.standard_normal(v) + np.where(idx % 1000 == 0, 14.0, 0.0))  # a few peaks
     cases = {
         "random, scale 3": (x, y),
         "identical rows": (x, x.copy()),
@@ -86,14 +130,20 @@ def main():
         "one peak each": (xo, yo),
         "tail 25 below": (bf16(np.where(idx < 10, 0.0, -25.0)), bf16(np.where(idx < 20, 0.0, -25.0))),
         "V = 7": (bf16(3 * rng.standard_normal(7)), bf16(3 * rng.standard_normal(7))),
+        "LLM-like, near": (lm, bf16(lm + 0.1 * rng.standard_normal(v))),
+        "LLM-like, max ~40": (bf16(lm + 25), bf16(lm + 25 + 0.1 * rng.standard_normal(v))),
+        "LLM-like, max ~500": (bf16(lm + 480), bf16(lm + 480 + 0.1 * rng.standard_normal(v))),
     }
-    print(f"{'row':20s} {'JS (float64)':>13s} {'float32 error':>14s} {'stored error':>13s}"
-          f" {'bf16 half-ulp':>14s}")
+    variants = {"float32": side_f32, "stored": side_stored,
+                "mma d": lambda x: side_mma_f16(x, False),
+                "mma d-15": lambda x: side_mma_f16(x, True), "mma bf16 x": side_mma_bf16_x}
+    print(f"{'row':20s} {'JS (float64)':>13s}" + "".join(f" {k:>11s}" for k in variants)
+          + f" {'bf16 half-ulp':>14s}")
     for name, (a, b) in cases.items():
         ref = js_f64(a, b)
-        e32 = abs(float(js_from(side_f32, a, b)) - ref)
-        e16 = abs(float(js_from(side_stored, a, b)) - ref)
-        print(f"{name:20s} {ref:13.6g} {e32:14.3g} {e16:13.3g} {abs(ref) * 2**-9:14.3g}")
+        errs = [abs(float(js_from(side, a, b)) - ref) for side in variants.values()]
+        print(f"{name:20s} {ref:13.6g}" + "".join(f" {e:11.3g}" for e in errs)
+              + f" {abs(ref) * 2**-9:14.3g}")
 
 
 if __name__ == "__main__":
