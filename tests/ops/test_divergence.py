@@ -184,10 +184,12 @@ def test_js_kept_exps_precision_on_gpu(device, js_cluster, dtype):
     v = 151936
     base = mx.random.normal((4, v))
     peak = mx.zeros((4, v)).at[:, 1234].add(20.0)
-    tail = mx.where(mx.arange(v) < 40, 0.0, -25.0) * mx.ones((4, 1))
-    q = mx.concatenate([base + peak, tail, base]).astype(dtype)
-    p = mx.concatenate([base + peak + 0.05 * mx.random.normal((4, v)),
-                        mx.where(mx.arange(v) < 80, 0.0, -25.0) * mx.ones((4, 1)),
+
+    def tail(k):  # k logits at 0, the rest 25 below
+        return mx.where(mx.arange(v) < k, 0.0, -25.0) * mx.ones((4, 1))
+
+    q = mx.concatenate([base + peak, tail(40), base]).astype(dtype)
+    p = mx.concatenate([base + peak + 0.05 * mx.random.normal((4, v)), tail(80),
                         base]).astype(dtype)
     check_all("js", q, p, dtype)
     same = to_f64(ops.js_div(q[8:], p[8:]))

@@ -341,26 +341,42 @@ __device__ __forceinline__ void block_max2(float& x, float& y, float* sm) {
   }
 }
 
-// Block-wide sums of x and y; thread 0 gets them. `sm` holds 2 * kMaxWarps floats and is
+// Block-wide sums of K values; thread 0 gets them. `sm` holds K * kMaxWarps floats and is
 // used by this call only.
-__device__ __forceinline__ void block_sum2(float& x, float& y, float* sm) {
-  int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nw = blockDim.x / 32;
+template <int K>
+__device__ __forceinline__ void block_sums(float (&v)[K], float* sm) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nw = blockDim.x / 32;
 #pragma unroll
   for (int d = 16; d > 0; d /= 2) {
-    x += __shfl_xor_sync(0xffffffffu, x, d);
-    y += __shfl_xor_sync(0xffffffffu, y, d);
+#pragma unroll
+    for (int i = 0; i < K; ++i) {
+      v[i] += __shfl_xor_sync(0xffffffffu, v[i], d);
+    }
   }
   if (lane == 0) {
-    sm[warp] = x;
-    sm[kMaxWarps + warp] = y;
+#pragma unroll
+    for (int i = 0; i < K; ++i) {
+      sm[i * kMaxWarps + warp] = v[i];
+    }
   }
   __syncthreads();
   if (threadIdx.x == 0) {
     for (int w = 1; w < nw; ++w) {
-      x += sm[w];
-      y += sm[kMaxWarps + w];
+#pragma unroll
+      for (int i = 0; i < K; ++i) {
+        v[i] += sm[i * kMaxWarps + w];
+      }
     }
   }
+}
+
+// Block-wide sums of x and y; thread 0 gets them. `sm` holds 2 * kMaxWarps floats and is
+// used by this call only.
+__device__ __forceinline__ void block_sum2(float& x, float& y, float* sm) {
+  float v[2] = {x, y};
+  block_sums<2>(v, sm);
+  x = v[0];
+  y = v[1];
 }
 
 // The 16-byte chunk of a row that starts at element e when it is not whole (e < 0 or past
@@ -862,19 +878,13 @@ template <typename T>
 struct KeepFrame {
   float m, f, rho;
   Half2Of<T> low;
-  bool packed;
 };
-
-__device__ __forceinline__ float keep_offset(float m) {
-  return m > -kInf ? m : 0.f; // a slice with no mass: any finite frame (weighted by 0)
-}
 
 // `packed` is the CTA's (both sides' maxima within kPackedMax), so that one loop serves both.
 template <typename T>
 __device__ __forceinline__ KeepFrame<T> keep_frame(float m, bool packed) {
   KeepFrame<T> fr{};
-  fr.m = keep_offset(m);
-  fr.packed = packed;
+  fr.m = js_offset(m); // a slice with no mass: any finite frame (weighted by 0)
   if (packed) {
     fr.f = fr.m * kLog2e - kKeepShift;
     fr.rho = fmaf(fr.m, kLog2e, -fr.f) - kKeepShift;
@@ -932,35 +942,6 @@ __device__ __forceinline__ void keep_chunk(uint4& c, const KeepFrame<T>& fr, Kee
   }
 }
 
-// Block-wide sums of K values; thread 0 gets them. `sm` holds K * kMaxWarps floats and is
-// used by this call only.
-template <int K>
-__device__ __forceinline__ void block_sums(float (&v)[K], float* sm) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nw = blockDim.x / 32;
-#pragma unroll
-  for (int d = 16; d > 0; d /= 2) {
-#pragma unroll
-    for (int i = 0; i < K; ++i) {
-      v[i] += __shfl_xor_sync(0xffffffffu, v[i], d);
-    }
-  }
-  if (lane == 0) {
-#pragma unroll
-    for (int i = 0; i < K; ++i) {
-      sm[i * kMaxWarps + warp] = v[i];
-    }
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    for (int w = 1; w < nw; ++w) {
-#pragma unroll
-      for (int i = 0; i < K; ++i) {
-        v[i] += sm[i * kMaxWarps + w];
-      }
-    }
-  }
-}
-
 // A side's row sums, merged over the cluster from each CTA's (m, Z, A, E) in the exact
 // frame 2^(15 + (x - m) log2e) (rho folded in by the sender): in the row's frame (its
 // maximum M) each CTA's values are scaled by k = 2^((m - M) log2e), lg k added to lg e~.
@@ -1015,7 +996,7 @@ __global__ void __launch_bounds__(kJsMaxThreads, 2)
   block_max2(mq, mp, red);
   // Pass 1: the exps, kept; each thread later reads back only the chunks it wrote.
   const bool packed =
-      fabsf(keep_offset(mq)) < kPackedMax && fabsf(keep_offset(mp)) < kPackedMax;
+      fabsf(js_offset(mq)) < kPackedMax && fabsf(js_offset(mp)) < kPackedMax;
   const KeepFrame<T> fq = keep_frame<T>(mq, packed), fp = keep_frame<T>(mp, packed);
   KeepSums q0, q1, p0, p1;
   auto pass1 = [&](auto packed) { // the frame's mode is the CTA's, hoisted out of the loop
