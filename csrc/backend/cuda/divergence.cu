@@ -75,6 +75,27 @@ struct Vec {
       out[0] = to_f(row[i]);
     }
   }
+  // The same load in two steps, so that several can be in flight before any is unpacked.
+  using Raw = std::conditional_t<VEC, uint4, T>;
+  __device__ __forceinline__ static Raw load_raw(const T* row, int64_t i) {
+    if constexpr (VEC) {
+      return __ldg(reinterpret_cast<const uint4*>(row + i));
+    } else {
+      return row[i];
+    }
+  }
+  __device__ __forceinline__ static void unpack_raw(Raw r, float* out) {
+    if constexpr (VEC) {
+      alignas(16) T v[N];
+      *reinterpret_cast<uint4*>(v) = r;
+#pragma unroll
+      for (int k = 0; k < N; ++k) {
+        out[k] = to_f(v[k]);
+      }
+    } else {
+      out[0] = to_f(r);
+    }
+  }
   __device__ __forceinline__ static void store(T* row, int64_t i, const float* in) {
     if constexpr (VEC) {
       alignas(16) T v[N];
@@ -88,6 +109,20 @@ struct Vec {
     }
   }
 };
+
+constexpr float kLog2e = 1.44269504088896341f;
+
+__device__ __forceinline__ float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ float lg2(float x) {
+  float y;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
 
 __device__ __forceinline__ float safe(float m) {
   return m == -kInf ? 0.f : m; // exp(x - safe(m)) is 0 for masked x even when m = -inf
@@ -261,20 +296,6 @@ constexpr int kJsMaxThreads = 512;
 // The kernel needs Hopper (clusters). For older targets of a multi-architecture build its
 // body is a trap (the host never launches it there) and these helpers are left out.
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
-
-constexpr float kLog2e = 1.44269504088896341f;
-
-__device__ __forceinline__ float ex2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
-__device__ __forceinline__ float lg2(float x) {
-  float y;
-  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
 
 __device__ __forceinline__ float max_nan(float a, float b) {
   float y;
@@ -1161,6 +1182,17 @@ __global__ void __launch_bounds__(kJsMaxThreads, 2)
 #endif
 }
 
+// The backward reads q and p once and writes the requested gradients: memory-bound, so each
+// thread loads kBwdChunks chunks of a row (of each input) before it computes any, to keep
+// enough bytes in flight, and the maths is in base 2 (one MUFU an exp or log, no scaling):
+// l2 = (x - m) log2e - ls log2e = log2 of the softmax. JS: with u = lp2 - lq2,
+// log2(Q / M) = 1 - max(u, 0) - lg2(1 + 2^-|u|) and log2(P / M) the same with -u, so
+// dq = (c / 2) ln2 Q (log2(Q / M) - S0 log2e), dp likewise with S1 (S0, S1 in nats).
+// KL: dq = c (Q - P), dp = c P (lp - lq - S0) in nats (see there). On the H200 at 8192 x
+// 151,936 bf16, JS dq: 1.81-1.83 ms (96% of copy for its 3 arrays) against 2.0 ms for one
+// chunk a thread in natural units, side by side.
+constexpr int kBwdChunks = 4;
+
 template <typename T, Divergence K, bool VEC, bool GQ, bool GP>
 __global__ void divergence_backward(
     const T* q,
@@ -1172,10 +1204,10 @@ __global__ void divergence_backward(
     int V,
     int64_t rows) {
   using L = Vec<T, VEC>;
-  constexpr int N = L::N;
+  constexpr int N = L::N, U = kBwdChunks;
   const int nvec = V / N;
-  const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= nvec) {
+  const int first = blockIdx.x * blockDim.x * U + threadIdx.x;
+  if (first >= nvec) {
     return;
   }
   for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
@@ -1188,33 +1220,64 @@ __global__ void divergence_backward(
       mp = safe(mp);
     }
     const float c = cot[row];
-    const float hc = K == Divergence::JS ? 0.5f * c : c;
-    float xq[N], xp[N], gq[N], gp[N];
-    L::load(q + row * V, int64_t(i) * N, xq);
-    L::load(p + row * V, int64_t(i) * N, xp);
+    const T* qr = q + row * V;
+    const T* pr = p + row * V;
+    T* dqr = GQ ? dq + row * V : nullptr;
+    T* dpr = GP ? dp + row * V : nullptr;
+    if (c == 0.f) { // a masked padding row, whose logits may be all -inf
+      const float zero[N] = {};
 #pragma unroll
-    for (int k = 0; k < N; ++k) {
-      float lq = (xq[k] - mq) - lsq, lp = (xp[k] - mp) - lsp;
-      float P = __expf(lp);
-      if constexpr (K == Divergence::KL) {
-        gq[k] = c * (__expf(lq) - P);
-        gp[k] = lp > -kInf ? c * P * ((lp - lq) - st[kS0]) : 0.f;
-      } else {
-        float tp, tq;
-        js_terms(lp - lq, tp, tq);
-        gq[k] = lq > -kInf ? hc * __expf(lq) * (tq - st[kS0]) : 0.f;
-        gp[k] = lp > -kInf ? hc * P * (tp - st[kS1]) : 0.f;
+      for (int u = 0; u < U; ++u) {
+        const int i = first + u * blockDim.x;
+        if (i < nvec) {
+          if constexpr (GQ) L::store(dqr, int64_t(i) * N, zero);
+          if constexpr (GP) L::store(dpr, int64_t(i) * N, zero);
+        }
       }
-      if (c == 0.f) { // a masked padding row, whose logits may be all -inf
-        gq[k] = 0.f;
-        gp[k] = 0.f;
+      continue;
+    }
+    typename L::Raw rq[U], rp[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int i = first + u * blockDim.x;
+      if (i < nvec) {
+        rq[u] = L::load_raw(qr, int64_t(i) * N);
+        rp[u] = L::load_raw(pr, int64_t(i) * N);
       }
     }
-    if constexpr (GQ) {
-      L::store(dq + row * V, int64_t(i) * N, gq);
-    }
-    if constexpr (GP) {
-      L::store(dp + row * V, int64_t(i) * N, gp);
+    const float Lq = lsq * kLog2e, Lp = lsp * kLog2e;
+    const float s0 = st[kS0] * kLog2e, s1 = st[kS1] * kLog2e;
+    const float a = (K == Divergence::JS ? 0.5f : 1.f) * c * kLn2;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int i = first + u * blockDim.x;
+      if (i >= nvec) {
+        continue; // past the row's end: nothing loaded, nothing stored
+      }
+      float xq[N], xp[N], gq[N], gp[N];
+      L::unpack_raw(rq[u], xq);
+      L::unpack_raw(rp[u], xp);
+#pragma unroll
+      for (int k = 0; k < N; ++k) {
+        if constexpr (K == Divergence::KL) {
+          // lp - lq in nats from the exact differences x - m: dp's (lp - lq) - S0 cancels
+          // where the logits are huge, and a base-2 rounding of each would show there.
+          const float lq = (xq[k] - mq) - lsq, lp = (xp[k] - mp) - lsp;
+          const float Q = ex2(lq * kLog2e), P = ex2(lp * kLog2e);
+          gq[k] = c * (Q - P);
+          gp[k] = lp > -kInf ? c * P * ((lp - lq) - st[kS0]) : 0.f;
+        } else {
+          const float lq = fmaf(xq[k] - mq, kLog2e, -Lq);
+          const float lp = fmaf(xp[k] - mp, kLog2e, -Lp);
+          const float Q = ex2(lq), P = ex2(lp);
+          const float d = lp - lq;
+          const float l = lg2(1.f + ex2(-fabsf(d)));
+          gq[k] = lq > -kInf ? a * Q * ((1.f - s0) - fmaxf(d, 0.f) - l) : 0.f;
+          gp[k] = lp > -kInf ? a * P * ((1.f - s1) - fmaxf(-d, 0.f) - l) : 0.f;
+        }
+      }
+      if constexpr (GQ) L::store(dqr, int64_t(i) * N, gq);
+      if constexpr (GP) L::store(dpr, int64_t(i) * N, gp);
     }
   }
 }
@@ -1372,7 +1435,9 @@ void launch_backward(mx::cu::CommandEncoder& enc, bool gq, bool gp, const T* q, 
                      int64_t rows) {
   int nvec = V / Vec<T, VEC>::N;
   constexpr int threads = 256;
-  dim3 grid((nvec + threads - 1) / threads, static_cast<unsigned>(std::min<int64_t>(rows, 65535)));
+  constexpr int per_block = threads * kBwdChunks;
+  dim3 grid((nvec + per_block - 1) / per_block,
+            static_cast<unsigned>(std::min<int64_t>(rows, 65535)));
   const void* k = gq && gp ? reinterpret_cast<const void*>(divergence_backward<T, K, VEC, true, true>)
       : gq ? reinterpret_cast<const void*>(divergence_backward<T, K, VEC, true, false>)
            : reinterpret_cast<const void*>(divergence_backward<T, K, VEC, false, true>);
