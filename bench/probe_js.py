@@ -44,7 +44,8 @@ if not os.path.exists(ref_path):
 ref = np.load(ref_path)
 diff = float(np.max(np.abs(np.array(out.astype(mx.float32)) - ref)))
 setting = " ".join(f"{k}={os.environ.get(k, '-')}"
-                   for k in ("MLX_TUNER_JS_CTAS_PER_SM", "MLX_TUNER_JS_THREADS", "MLX_TUNER_JS_KEEP"))
+                   for k in ("MLX_TUNER_JS_CTAS_PER_SM", "MLX_TUNER_JS_THREADS", "MLX_TUNER_JS_KEEP",
+                             "MLX_TUNER_JS_SPLIT"))
 f_pct = 100 * 2 * q.nbytes / t_f / copy
 fb_pct = 100 * 5 * q.nbytes / t_fb / copy
 print(f"{setting}: copy {copy / 1e12:.2f} TB/s; forward {t_f * 1e3:.3f} ms ({f_pct:.1f}% of copy); "

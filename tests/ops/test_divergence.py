@@ -114,9 +114,12 @@ def test_large_vocabulary(device, op, dtype):
 # start at every offset), C = 8 (151,936 in each dtype, float32 at one CTA per SM; bfloat16
 # at 262,147), and float32 at 262,144, which does not fit in 8 CTAs' shared memory: the
 # two-pass kernel. With four CTAs an SM (128 threads each; the default plan) the half types
-# at 151,936 take C = 16; float32 at 151,936 and bfloat16 at 262,147 do not fit four an SM:
-# forced (MLX_TUNER_JS_CTAS_PER_SM=4) they take C = 8 at one CTA an SM, by default the
-# two-pass kernel. GPU only: the CPU kernels are covered above.
+# keep 9 chunks a thread of each slice in registers: C = 2 at 32k (rows ending in the
+# register part, partial at 32,001), 8 at 151,936, 16 at 262,147. All in shared memory
+# (MLX_TUNER_JS_SPLIT=0) they take C = 16 at 151,936, and bfloat16 at 262,147 does not fit
+# four an SM, nor does float32 at 151,936: forced (MLX_TUNER_JS_CTAS_PER_SM=4) these take
+# C = 8 at one CTA an SM, by default the two-pass kernel. GPU only: the CPU kernels are
+# covered above.
 JS_GPU_SHAPES = [(mx.bfloat16, (9, 32000)), (mx.bfloat16, (9, 32001)),
                  (mx.bfloat16, (5, 151936)), (mx.float16, (3, 151936)),
                  (mx.float32, (3, 151936)), (mx.bfloat16, (2, 262147)),
@@ -128,13 +131,17 @@ def _gpu_only(device):
         pytest.skip("the CUDA JS forward's cluster sizes; the CPU kernels are tested above")
 
 
-@pytest.fixture(params=["2", "4", "4-recompute"], ids=["2-per-sm", "4-per-sm", "4-recompute"])
+@pytest.fixture(params=["2", "4", "4-shared", "4-recompute"],
+                ids=["2-per-sm", "4-per-sm", "4-shared", "4-recompute"])
 def js_cluster(request, monkeypatch):
     """The one-read cluster kernel: one row per cluster, 2 or 4 CTAs an SM
-    (MLX_TUNER_JS_CTAS_PER_SM); the half types keep their exps in shared memory unless
-    MLX_TUNER_JS_KEEP=0 ("recompute": the kernel that takes them twice)."""
+    (MLX_TUNER_JS_CTAS_PER_SM); the half types keep their exps, at four CTAs an SM part of
+    each slice in registers unless MLX_TUNER_JS_SPLIT=0 ("shared": all in shared memory),
+    and take each exp once unless MLX_TUNER_JS_KEEP=0 ("recompute")."""
     ctas, _, mode = request.param.partition("-")
     monkeypatch.setenv("MLX_TUNER_JS_CTAS_PER_SM", ctas)
+    if mode == "shared":
+        monkeypatch.setenv("MLX_TUNER_JS_SPLIT", "0")
     if mode == "recompute":
         monkeypatch.setenv("MLX_TUNER_JS_KEEP", "0")
 

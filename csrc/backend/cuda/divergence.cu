@@ -18,7 +18,10 @@
 // P' = 2^dp, Q' = 2^dq, lm = log2 of M there, three MUFU a pair), and rank 0 gathers the C
 // partial sums. The half types take js_forward_keep instead (exps kept in shared memory as
 // float16 between the passes: three MUFU a pair in all against five here; 2.5-8% faster at
-// 8192 x 151,936 bf16 side by side, 2.21-2.37 ms; MLX_TUNER_JS_KEEP=0 takes this kernel).
+// 8192 x 151,936 bf16 side by side, 2.21-2.37 ms; MLX_TUNER_JS_KEEP=0 takes this kernel),
+// at four CTAs an SM with the last kJsRegChunks chunks a thread of each slice in its
+// registers (half the clusters' CTAs a row: 2.19-2.22 against 2.27-2.33 ms side by side;
+// MLX_TUNER_JS_SPLIT=0 keeps the whole slice in shared memory).
 // Both exchanges push by st.async onto the readers' own mbarriers instead of
 // meeting at cluster barriers (whose release fence Nsight put at ~13% of the warps' stalls,
 // the barriers at ~16%: forward 2.29-2.40 against 2.57 ms at 8192 x 151,936 bf16). d is
@@ -811,14 +814,15 @@ __device__ __forceinline__ int cluster_rank() {
 struct JsStart {
   int rank;
   int64_t row;
-  JsSlice sl;
+  JsSlice sl;     // the whole slice
+  int ns, S;      // its chunks in shared memory (the first ns of its first S), S a side
   uint4 *sq, *sp;
 };
 
 template <typename T, int C>
 __device__ __forceinline__ JsStart js_start(const T* q, const T* p, int V, uint4* rows,
                                             uint64_t* bar, uint64_t* xbar,
-                                            uint32_t part_bytes) {
+                                            uint32_t part_bytes, int reg_chunks = 0) {
   constexpr int N = 16 / sizeof(T);
   JsStart st;
   st.rank = cluster_rank<C>();
@@ -832,9 +836,12 @@ __device__ __forceinline__ JsStart js_start(const T* q, const T* p, int V, uint4
   const T* qr = q + st.row * V;
   const T* pr = p + st.row * V;
   st.sl = js_slice<T, C>(qr, V, st.rank);
+  // The last reg_chunks of a slice's `per` chunks are the threads' own, in registers.
+  st.S = max(0, js_per_cta(js_chunks(V, st.sl.pad, N), C) - reg_chunks);
+  st.ns = min(st.sl.cnt, st.S);
   st.sq = rows;
-  st.sp = rows + js_per_cta(js_chunks(V, st.sl.pad, N), C);
-  js_load_slice(qr, pr, V, st.sl, st.sq, st.sp, bar);
+  st.sp = rows + st.S;
+  js_load_slice(qr, pr, V, JsSlice{st.sl.pad, st.sl.lo, st.ns}, st.sq, st.sp, bar);
   if constexpr (C > 1) asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
   cu::mbar_wait(bar, 0); // the bulk copies have landed
   return st;
@@ -991,29 +998,113 @@ __device__ __forceinline__ KeepRow keep_merge(float m, float z, float a, float e
 
 #endif // !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
 
+// Pass 2 on one chunk pair: u, v the exps of the sides of scales g and g beta.
+__device__ __forceinline__ void keep_terms(uint4 cu_, uint4 cv, float beta, float& au,
+                                           float& av) {
+  const __half2* hu = reinterpret_cast<const __half2*>(&cu_);
+  const __half2* hv = reinterpret_cast<const __half2*>(&cv);
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const float u0 = __low2float(hu[k]), u1 = __high2float(hu[k]);
+    const float v0 = __low2float(hv[k]), v1 = __high2float(hv[k]);
+    const float l0 = lg2(fmaf(v0, beta, u0)), l1 = lg2(fmaf(v1, beta, u1));
+    au = fmaf(u0, l0, au);
+    av = fmaf(v0, l0, av);
+    au = fmaf(u1, l1, au);
+    av = fmaf(v1, l1, av);
+  }
+}
+
+// A chunk of a row from global memory into registers: one 16-byte load when whole, else
+// element by element with -inf (no mass) outside [0, V).
+template <typename T>
+__device__ __forceinline__ uint4 row_chunk(const T* row, int e, int V) {
+  constexpr int N = 16 / sizeof(T);
+  if (e >= 0 && e + N <= V) {
+    return __ldg(reinterpret_cast<const uint4*>(row + e));
+  }
+  alignas(16) T v[N];
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+    v[k] = e + k >= 0 && e + k < V ? row[e + k] : from_f<T>(-kInf);
+  }
+  return *reinterpret_cast<const uint4*>(v);
+}
+
+// The maxima of K chunks in registers (NaN-propagating), merged into mq / mp.
+template <typename T, int K>
+__device__ __forceinline__ void regs_max(const uint4 (&rq)[K], const uint4 (&rp)[K], float& mq,
+                                         float& mp) {
+  using T2 = Half2Of<T>;
+  const T2 lo = T2(from_f<T>(-kInf), from_f<T>(-kInf));
+  T2 a = lo, b = lo;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const T2* wq = reinterpret_cast<const T2*>(&rq[k]);
+    const T2* wp = reinterpret_cast<const T2*>(&rp[k]);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      a = __hmax2_nan(a, wq[j]);
+      b = __hmax2_nan(b, wp[j]);
+    }
+  }
+  mq = max_nan(mq, max_nan(to_f(a.x), to_f(a.y)));
+  mp = max_nan(mp, max_nan(to_f(b.x), to_f(b.y)));
+}
+
 // JS forward of the half types reading q and p once with each exp taken once (above):
 // the slice loaded as js_forward_cluster loads it, its maxima (pass 0), exps kept and
 // summed (pass 1), the cluster's row sums, one log a pair (pass 2), rank 0's result.
-template <typename T, int C>
-__global__ void __launch_bounds__(kJsMaxThreads, 2)
+// K > 0: the last K chunks a thread of each CTA's slice (a side) live in its registers
+// (loaded by the thread while the bulk copy brings the rest), so that a CTA holds twice
+// the slice at four CTAs an SM: half the clusters' CTAs a row, and each warp's fixed cost a
+// row (its reductions, frames, the merge) spread over twice the pairs.
+template <typename T, int C, int K = 0>
+__global__ void __launch_bounds__(K > 0 ? 128 : kJsMaxThreads, K > 0 ? 4 : 2)
     js_forward_keep(const T* q, const T* p, T* out, float* stats, int V) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   __trap(); // the host launches this on compute capability 9.0 and later only
 #else
   static_assert(!std::is_same_v<T, float>, "float32 rows keep js_forward_cluster");
+  constexpr int KR = K > 0 ? K : 1; // register arrays of size K (unused when K = 0)
+  constexpr int N = 16 / sizeof(T);
   extern __shared__ uint4 js_rows[];
   __shared__ float red[10 * kMaxWarps], norm[4];
   __shared__ __align__(16) float part[8 * C];
   __shared__ __align__(8) float sums[2 * C];
   __shared__ uint64_t bar, xbar[2];
+  const int tid = threadIdx.x, nt = blockDim.x;
+  uint4 regq[KR], regp[KR];
+  int rfirst = 0, rcnt = 0; // the register chunks' first local index, the slice's count
+  if constexpr (K > 0) { // issued before the bulk copy is waited for
+    const int64_t r = blockIdx.x / C;
+    const T* qr = q + r * V;
+    const T* pr = p + r * V;
+    const JsSlice sl = js_slice<T, C>(qr, V, cluster_rank<C>());
+    rfirst = max(0, js_per_cta(js_chunks(V, sl.pad, N), C) - K * nt);
+    rcnt = sl.cnt;
+    const uint32_t ninf = std::is_same_v<T, __half> ? 0xfc00fc00u : 0xff80ff80u;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int j = rfirst + tid + k * nt;
+      if (j < rcnt) {
+        const int e = (sl.lo + j) * N - sl.pad;
+        regq[k] = row_chunk(qr, e, V);
+        regp[k] = row_chunk(pr, e, V);
+      } else {
+        regq[k] = regp[k] = make_uint4(ninf, ninf, ninf, ninf);
+      }
+    }
+  }
   // Every rank's two parts (m, Z, A, E) a side into xbar[0].
-  const JsStart js = js_start<T, C>(q, p, V, js_rows, &bar, xbar, 32);
+  const JsStart js = js_start<T, C>(q, p, V, js_rows, &bar, xbar, 32, K * nt);
   const int rank = js.rank;
   const int64_t row = js.row;
   uint4 *sq = js.sq, *sp = js.sp;
-  const int tid = threadIdx.x, nt = blockDim.x, n = js.sl.cnt;
+  const int n = js.ns;
   float mq, mp;
   chunks_max<T>(sq, sp, tid, nt, n, mq, mp);
+  if constexpr (K > 0) regs_max<T, K>(regq, regp, mq, mp);
   block_max2(mq, mp, red);
   // Pass 1: the exps, kept; each thread later reads back only the chunks it wrote.
   const bool packed =
@@ -1040,6 +1131,15 @@ __global__ void __launch_bounds__(kJsMaxThreads, 2)
       keep_chunk<T, P>(cp, fp, p0, p1);
       sq[c] = cq;
       sp[c] = cp;
+    }
+    if constexpr (K > 0) {
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        if (rfirst + tid + k * nt < rcnt) {
+          keep_chunk<T, P>(regq[k], fq, q0, q1);
+          keep_chunk<T, P>(regp[k], fp, p0, p1);
+        }
+      }
     }
   };
   if (packed) {
@@ -1119,18 +1219,21 @@ __global__ void __launch_bounds__(kJsMaxThreads, 2)
     const uint4* su = u_is_p ? sp : sq;
     const uint4* sv = u_is_p ? sq : sp;
     for (int c = tid; c < n; c += nt) {
-      const uint4 cu_ = su[c], cv = sv[c];
-      const __half2* hu = reinterpret_cast<const __half2*>(&cu_);
-      const __half2* hv = reinterpret_cast<const __half2*>(&cv);
+      keep_terms(su[c], sv[c], beta, au, av);
+    }
+    if constexpr (K > 0) {
+      auto regs = [&](const uint4 (&u)[KR], const uint4 (&w)[KR]) {
 #pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const float u0 = __low2float(hu[k]), u1 = __high2float(hu[k]);
-        const float v0 = __low2float(hv[k]), v1 = __high2float(hv[k]);
-        const float l0 = lg2(fmaf(v0, beta, u0)), l1 = lg2(fmaf(v1, beta, u1));
-        au = fmaf(u0, l0, au);
-        av = fmaf(v0, l0, av);
-        au = fmaf(u1, l1, au);
-        av = fmaf(v1, l1, av);
+        for (int k = 0; k < K; ++k) {
+          if (rfirst + tid + k * nt < rcnt) {
+            keep_terms(u[k], w[k], beta, au, av);
+          }
+        }
+      };
+      if (u_is_p) {
+        regs(regp, regq);
+      } else {
+        regs(regq, regp);
       }
     }
   }
@@ -1189,8 +1292,9 @@ __global__ void __launch_bounds__(kJsMaxThreads, 2)
 // log2(Q / M) = 1 - max(u, 0) - lg2(1 + 2^-|u|) and log2(P / M) the same with -u, so
 // dq = (c / 2) ln2 Q (log2(Q / M) - S0 log2e), dp likewise with S1 (S0, S1 in nats).
 // KL: dq = c (Q - P), dp = c P (lp - lq - S0) in nats (see there). On the H200 at 8192 x
-// 151,936 bf16, JS dq: 1.81-1.83 ms (96% of copy for its 3 arrays) against 2.0 ms for one
-// chunk a thread in natural units, side by side.
+// 151,936 bf16 (bench_divergence's backward rows, side by side): JS 1.91 ms (92% of copy
+// for its 3 arrays) against 2.06-2.11 ms for one chunk a thread in natural units; KL
+// 1.88-1.92 against 1.90-1.91, unchanged.
 constexpr int kBwdChunks = 4;
 
 template <typename T, Divergence K, bool VEC, bool GQ, bool GP>
@@ -1321,7 +1425,18 @@ struct JsPlan {
   int cluster = 0;
   int threads = 0;
   unsigned smem = 0;
+  int regs = 0; // chunks a thread a side in registers (js_forward_keep's K), 0: none
 };
+
+// js_forward_keep's register chunks: 72 registers of logits a thread at 128 threads.
+constexpr int kJsRegChunks = 9;
+
+// The half types keep their exps (js_forward_keep) unless MLX_TUNER_JS_KEEP=0 (read at
+// every launch, as js_plan reads its settings).
+bool js_keep() {
+  const char* e = std::getenv("MLX_TUNER_JS_KEEP");
+  return !(e && std::string(e) == "0");
+}
 
 // Dynamic shared memory a block may opt into, and a multiprocessor's, per device.
 std::pair<int, int> smem_limits(int device) {
@@ -1373,6 +1488,18 @@ JsPlan js_plan(int V, int elem_bytes, int64_t rows, int device) {
   if (const char* e = std::getenv("MLX_TUNER_JS_THREADS")) {
     max_threads = std::clamp(std::atoi(e) / 32 * 32, 32, kJsMaxThreads);
   }
+  // The half types' kept exps with part of each slice in registers (MLX_TUNER_JS_SPLIT=0:
+  // all in shared memory): the smallest cluster whose shared part fits `soft`.
+  const char* split = std::getenv("MLX_TUNER_JS_SPLIT");
+  if (elem_bytes == 2 && max_threads == 128 && js_keep() && !(split && std::string(split) == "0")) {
+    for (int c : {1, 2, 4, 8, 16}) {
+      const int per = js_per_cta(chunks, c);
+      const int64_t bytes = int64_t(2) * std::max(0, per - kJsRegChunks * 128) * 16;
+      if (bytes <= soft && rows * c <= INT_MAX) {
+        return {c, 128, static_cast<unsigned>(bytes), kJsRegChunks};
+      }
+    }
+  }
   for (int64_t limit : {soft, hard}) {
     for (int c : {1, 2, 4, 8, 16}) {
       const int per = js_per_cta(chunks, c);
@@ -1388,16 +1515,17 @@ JsPlan js_plan(int V, int elem_bytes, int64_t rows, int device) {
   return {};
 }
 
-// The half types keep their exps (js_forward_keep) unless MLX_TUNER_JS_KEEP=0 (read at
-// every launch, as js_plan reads its settings).
-bool js_keep() {
-  const char* e = std::getenv("MLX_TUNER_JS_KEEP");
-  return !(e && std::string(e) == "0");
-}
 
 template <typename T>
-const void* js_kernel(int c) {
+const void* js_kernel(int c, int regs) {
   if constexpr (!std::is_same_v<T, float>) {
+    if (regs > 0) {
+      return c == 1 ? reinterpret_cast<const void*>(js_forward_keep<T, 1, kJsRegChunks>)
+          : c == 2  ? reinterpret_cast<const void*>(js_forward_keep<T, 2, kJsRegChunks>)
+          : c == 4  ? reinterpret_cast<const void*>(js_forward_keep<T, 4, kJsRegChunks>)
+          : c == 8  ? reinterpret_cast<const void*>(js_forward_keep<T, 8, kJsRegChunks>)
+                    : reinterpret_cast<const void*>(js_forward_keep<T, 16, kJsRegChunks>);
+    }
     if (js_keep()) {
       return c == 1 ? reinterpret_cast<const void*>(js_forward_keep<T, 1>)
           : c == 2  ? reinterpret_cast<const void*>(js_forward_keep<T, 2>)
@@ -1424,7 +1552,7 @@ void launch_js_cluster(
     int V,
     int64_t rows) {
   const int c = plan.cluster;
-  const void* k = js_kernel<T>(c);
+  const void* k = js_kernel<T>(c, plan.regs);
   dim3 grid(static_cast<unsigned>(rows * c)), block(plan.threads);
   cu::launch_cluster(enc, k, grid, block, dim3(c, 1, 1), plan.smem, q, p, out, stats, V);
 }
