@@ -37,7 +37,7 @@ copy = ceilings("bfloat16")["copy_bytes_per_s"]
 t_f = median_time(lambda: ops.js_div(q, p), warmup=3, reps=20)
 vg = mx.value_and_grad(lambda a, b: ops.js_div(a, b).astype(mx.float32).sum())
 t_fb = median_time(lambda: vg(q, p), warmup=2, reps=10)
-ref_path = "/tmp/js_ref.npy"
+ref_path = f"/tmp/js_ref_{V}.npy"  # the two-pass result, by V
 if not os.path.exists(ref_path):
     env = dict(os.environ, MLX_TUNER_JS_CTAS_PER_SM="0")
     subprocess.run([sys.executable, __file__, str(V), "--ref", ref_path], env=env, check=True)

@@ -7,8 +7,9 @@ Compared with float32 throughout (today's kernel, exps recomputed) against float
 rows of 151,936 bf16 logits and one of 7. Also the tensor-core candidates of GPU-NOTES
 "Next" 3 (a): sum e~ lg e~ with the exponent as a float16 operand ("mma d", "mma d-15"),
 or with e~ kept as bfloat16 and the raw logits as the other operand ("mma bf16 x"; float32
-sums in numpy's order, which a tensor core's accumulation does not follow exactly).
-Nothing here runs on a GPU.
+sums in numpy's order, which a tensor core's accumulation does not follow exactly), and
+the kept exps with the sums taken from the unrounded values ("unrounded": two float32
+sums an element fewer). Nothing here runs on a GPU.
 
     python tools/js_store_precision.py
 """
@@ -64,6 +65,17 @@ def side_stored(x):
     z = et.sum(dtype=F32)
     t = (et * d + (et - e)).sum(dtype=F32)  # sum et ln et, first order in the rounding
     return et / z, t / z - np.log(z)
+
+
+def side_unrounded(x):
+    """The exps kept in float16 for the second pass, but the sums (and so the normalizer)
+    from the unrounded values: two float32 sums an element fewer (Z and the rounding term),
+    at the price of sum P != 1 for the values the second pass reads."""
+    d = shifted(x) + F32(15 * LN2)
+    e = np.exp(d)
+    et = e.astype(np.float16).astype(F32)
+    z = e.sum(dtype=F32)
+    return et / z, (e * d).sum(dtype=F32) / z - np.log(z)
 
 
 F16 = np.float16
@@ -134,7 +146,7 @@ def main():
         "LLM-like, max ~40": (bf16(lm + 25), bf16(lm + 25 + 0.1 * rng.standard_normal(v))),
         "LLM-like, max ~500": (bf16(lm + 480), bf16(lm + 480 + 0.1 * rng.standard_normal(v))),
     }
-    variants = {"float32": side_f32, "stored": side_stored,
+    variants = {"float32": side_f32, "stored": side_stored, "unrounded": side_unrounded,
                 "mma d": lambda x: side_mma_f16(x, False),
                 "mma d-15": lambda x: side_mma_f16(x, True), "mma bf16 x": side_mma_bf16_x}
     print(f"{'row':20s} {'JS (float64)':>13s}" + "".join(f" {k:>11s}" for k in variants)
