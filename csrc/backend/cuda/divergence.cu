@@ -66,20 +66,12 @@ using cu::to_f;
 template <typename T, bool VEC>
 struct Vec {
   static constexpr int N = VEC ? 16 / sizeof(T) : 1;
-  __device__ __forceinline__ static void load(const T* row, int64_t i, float* out) {
-    if constexpr (VEC) {
-      alignas(16) T v[N];
-      *reinterpret_cast<uint4*>(v) = __ldg(reinterpret_cast<const uint4*>(row + i));
-#pragma unroll
-      for (int k = 0; k < N; ++k) {
-        out[k] = to_f(v[k]);
-      }
-    } else {
-      out[0] = to_f(row[i]);
-    }
-  }
-  // The same load in two steps, so that several can be in flight before any is unpacked.
+  // A load in two steps (load_raw, unpack_raw), so that several can be in flight before
+  // any is unpacked.
   using Raw = std::conditional_t<VEC, uint4, T>;
+  __device__ __forceinline__ static void load(const T* row, int64_t i, float* out) {
+    unpack_raw(load_raw(row, i), out);
+  }
   __device__ __forceinline__ static Raw load_raw(const T* row, int64_t i) {
     if constexpr (VEC) {
       return __ldg(reinterpret_cast<const uint4*>(row + i));
