@@ -285,6 +285,12 @@ __host__ __device__ __forceinline__ int js_chunks(int V, int pad, int N) {
 __host__ __device__ __forceinline__ int js_per_cta(int chunks, int C) {
   return (chunks + C - 1) / C;
 }
+// Of those, the chunks a side in shared memory when the last reg_chunks are the threads'
+// own, in registers (js_forward_keep's K chunks a thread).
+__host__ __device__ __forceinline__ int js_shared_per(int chunks, int C, int reg_chunks) {
+  const int s = js_per_cta(chunks, C) - reg_chunks;
+  return s > 0 ? s : 0;
+}
 
 constexpr int kJsMaxThreads = 512;
 
@@ -665,6 +671,30 @@ __device__ __forceinline__ void push2(float* dst, uint64_t* bar, int rank, float
       ::"r"(cluster_addr(dst, rank)), "f"(a), "f"(b), "r"(cluster_addr(bar, rank)) : "memory");
 }
 
+// The cluster's second exchange: each CTA's two term sums (thread 0's a, b) into rank 0's
+// `sums`, counted on its bar. False on the other ranks, which may then exit (nothing reads
+// their shared memory); on rank 0, thread 0 gets the totals over the cluster.
+template <int C>
+__device__ __forceinline__ bool js_gather(float& a, float& b, float* sums, uint64_t* bar,
+                                          int rank) {
+  if constexpr (C > 1) {
+    if (threadIdx.x == 0) push2(sums + 2 * rank, bar, 0, a, b);
+    if (rank != 0) {
+      return false;
+    }
+    if (threadIdx.x == 0) { // only thread 0 uses the row's sums, and only it waits for them
+      cu::mbar_wait(bar, 0);
+      a = 0.f;
+      b = 0.f;
+      for (int r = 0; r < C; ++r) {
+        a += sums[2 * r];
+        b += sums[2 * r + 1];
+      }
+    }
+  }
+  return true;
+}
+
 // A row's JS from its slice's partials (oq, op, in thread 0): the cluster merges the
 // normalizers, each CTA sums its slice's terms, rank 0 gathers them and writes out / stats.
 // Every CTA of the cluster calls it for the same row; `red`, `norm`, `part` and `sums` are
@@ -748,22 +778,8 @@ __device__ __forceinline__ void js_finish_row(Sum2 oq, Sum2 op, const uint4* sq,
     }
   }
   block_sum2(kq, kp, red + 4 * kMaxWarps);
-  if constexpr (C > 1) {
-    // Each CTA's (KLq, KLp) in base 2 into rank 0's sums, counted on its xbar[1]: only rank
-    // 0 waits, and the others may exit (nothing reads their shared memory).
-    if (tid == 0) push2(sums + 2 * rank, &xbar[1], 0, kq, kp);
-    if (rank != 0) {
-      return;
-    }
-    if (tid == 0) { // only thread 0 uses the row's sums, and only it waits for them
-      cu::mbar_wait(&xbar[1], 0);
-      kq = 0.f;
-      kp = 0.f;
-      for (int r = 0; r < C; ++r) {
-        kq += sums[2 * r];
-        kp += sums[2 * r + 1];
-      }
-    }
+  if (!js_gather<C>(kq, kp, sums, &xbar[1], rank)) { // each CTA's (KLq, KLp) in base 2
+    return;
   }
   if (tid == 0) {
     // A NaN logit made its sum NaN, while the clamps in js_terms drop NaN terms.
@@ -807,7 +823,7 @@ struct JsStart {
   int rank;
   int64_t row;
   JsSlice sl;     // the whole slice
-  int ns, S;      // its chunks in shared memory (the first ns of its first S), S a side
+  int ns;         // its chunks in shared memory (the first ns)
   uint4 *sq, *sp;
 };
 
@@ -829,10 +845,10 @@ __device__ __forceinline__ JsStart js_start(const T* q, const T* p, int V, uint4
   const T* pr = p + st.row * V;
   st.sl = js_slice<T, C>(qr, V, st.rank);
   // The last reg_chunks of a slice's `per` chunks are the threads' own, in registers.
-  st.S = max(0, js_per_cta(js_chunks(V, st.sl.pad, N), C) - reg_chunks);
-  st.ns = min(st.sl.cnt, st.S);
+  const int shared = js_shared_per(js_chunks(V, st.sl.pad, N), C, reg_chunks);
+  st.ns = min(st.sl.cnt, shared);
   st.sq = rows;
-  st.sp = rows + st.S;
+  st.sp = rows + shared;
   js_load_slice(qr, pr, V, JsSlice{st.sl.pad, st.sl.lo, st.ns}, st.sq, st.sp, bar);
   if constexpr (C > 1) asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
   cu::mbar_wait(bar, 0); // the bulk copies have landed
@@ -1073,7 +1089,7 @@ __global__ void __launch_bounds__(K > 0 ? 128 : kJsMaxThreads, K > 0 ? 4 : 2)
     const T* qr = q + r * V;
     const T* pr = p + r * V;
     const JsSlice sl = js_slice<T, C>(qr, V, cluster_rank<C>());
-    rfirst = max(0, js_per_cta(js_chunks(V, sl.pad, N), C) - K * nt);
+    rfirst = js_shared_per(js_chunks(V, sl.pad, N), C, K * nt);
     rcnt = sl.cnt;
     const uint32_t ninf = std::is_same_v<T, __half> ? 0xfc00fc00u : 0xff80ff80u;
 #pragma unroll
@@ -1239,20 +1255,8 @@ __global__ void __launch_bounds__(K > 0 ? 128 : kJsMaxThreads, K > 0 ? 4 : 2)
     up = a * fmaf(lgg, zp_raw, ap_);
     uq = b * fmaf(lgg, zq_raw, aq_);
   }
-  if constexpr (C > 1) {
-    if (tid == 0) push2(sums + 2 * rank, &xbar[1], 0, uq, up);
-    if (rank != 0) {
-      return;
-    }
-    if (tid == 0) {
-      cu::mbar_wait(&xbar[1], 0);
-      uq = 0.f;
-      up = 0.f;
-      for (int r = 0; r < C; ++r) {
-        uq += sums[2 * r];
-        up += sums[2 * r + 1];
-      }
-    }
+  if (!js_gather<C>(uq, up, sums, &xbar[1], rank)) {
+    return;
   }
   if (tid == 0) {
     // KL(Q || M) = sum Q lg Q - sum Q lg S + 1 bits, sum Q lg Q = h / Z - lg Z; a side with
@@ -1485,8 +1489,7 @@ JsPlan js_plan(int V, int elem_bytes, int64_t rows, int device) {
   const char* split = std::getenv("MLX_TUNER_JS_SPLIT");
   if (elem_bytes == 2 && max_threads == 128 && js_keep() && !(split && std::string(split) == "0")) {
     for (int c : {1, 2, 4, 8, 16}) {
-      const int per = js_per_cta(chunks, c);
-      const int64_t bytes = int64_t(2) * std::max(0, per - kJsRegChunks * 128) * 16;
+      const int64_t bytes = int64_t(2) * js_shared_per(chunks, c, kJsRegChunks * 128) * 16;
       if (bytes <= soft && rows * c <= INT_MAX) {
         return {c, 128, static_cast<unsigned>(bytes), kJsRegChunks};
       }
