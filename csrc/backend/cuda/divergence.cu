@@ -1092,15 +1092,32 @@ __global__ void __launch_bounds__(K > 0 ? 128 : kJsMaxThreads, K > 0 ? 4 : 2)
     rfirst = js_shared_per(js_chunks(V, sl.pad, N), C, K * nt);
     rcnt = sl.cnt;
     const uint32_t ninf = std::is_same_v<T, __half> ? 0xfc00fc00u : 0xff80ff80u;
+    const uint4 none = make_uint4(ninf, ninf, ninf, ninf);
+    // Only a row's first and last chunks can be partial: a thread without one takes the
+    // straight run of 16-byte loads, so that the hot prologue stays short (the element-wise
+    // loads of row_chunk, inlined K times, once made it ~20 KB and a source of
+    // instruction-fetch stalls).
+    bool edge = false;
 #pragma unroll
     for (int k = 0; k < K; ++k) {
-      const int j = rfirst + tid + k * nt;
-      if (j < rcnt) {
+      const int e = (sl.lo + rfirst + tid + k * nt) * N - sl.pad;
+      edge |= rfirst + tid + k * nt < rcnt && (e < 0 || e + N > V);
+    }
+    if (!edge) {
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        const int j = rfirst + tid + k * nt;
         const int e = (sl.lo + j) * N - sl.pad;
-        regq[k] = row_chunk(qr, e, V);
-        regp[k] = row_chunk(pr, e, V);
-      } else {
-        regq[k] = regp[k] = make_uint4(ninf, ninf, ninf, ninf);
+        regq[k] = j < rcnt ? __ldg(reinterpret_cast<const uint4*>(qr + e)) : none;
+        regp[k] = j < rcnt ? __ldg(reinterpret_cast<const uint4*>(pr + e)) : none;
+      }
+    } else {
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        const int j = rfirst + tid + k * nt;
+        const int e = (sl.lo + j) * N - sl.pad;
+        regq[k] = j < rcnt ? row_chunk(qr, e, V) : none;
+        regp[k] = j < rcnt ? row_chunk(pr, e, V) : none;
       }
     }
   }
