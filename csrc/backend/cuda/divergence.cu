@@ -21,13 +21,16 @@
 // 8192 x 151,936 bf16 side by side, 2.21-2.37 ms; MLX_TUNER_JS_KEEP=0 takes this kernel),
 // at four CTAs an SM with the last kJsRegChunks chunks a thread of each slice in its
 // registers (half the clusters' CTAs a row: 2.19-2.22 against 2.27-2.33 ms side by side;
-// MLX_TUNER_JS_SPLIT=0 keeps the whole slice in shared memory).
+// MLX_TUNER_JS_SPLIT=0 keeps the whole slice in shared memory), loaded by straight runs
+// of 16-byte loads, and every warp merging the row's normalizers itself (1.96-2.01 ms;
+// twenty-fourth session, bench/results/h200-2026-12-01q).
 // Both exchanges push by st.async onto the readers' own mbarriers instead of
 // meeting at cluster barriers (whose release fence Nsight put at ~13% of the warps' stalls,
 // the barriers at ~16%: forward 2.29-2.40 against 2.57 ms at 8192 x 151,936 bf16). d is
-// clamped at about -100 so that a -inf logit weighs a finite term by ~0 (never 0 * inf); a NaN logit makes its sum NaN, which the row's result then takes. A row
-// that four CTAs an SM cannot hold (float32 above ~110k), or a GPU before Hopper, takes
-// the two-pass kernel (the KL kernel's, reading the row twice).
+// clamped at about -100 so that a -inf logit weighs a finite term by ~0 (never 0 * inf); a
+// NaN logit makes its sum NaN, which the row's result then takes. A row that four CTAs an
+// SM cannot hold (float32 above ~110k), or a GPU before Hopper, takes the two-pass kernel
+// (the KL kernel's, reading the row twice).
 //
 // Backward: elementwise given the saved stats, a 2-D grid of (chunks of a row, rows).
 // KL, the two-pass JS and the backward load 16-byte vectors when both rows are 16-byte
@@ -1077,7 +1080,7 @@ __global__ void __launch_bounds__(K > 0 ? 128 : kJsMaxThreads, K > 0 ? 4 : 2)
   constexpr int KR = K > 0 ? K : 1; // register arrays of size K (unused when K = 0)
   constexpr int N = 16 / sizeof(T);
   extern __shared__ uint4 js_rows[];
-  __shared__ float red[10 * kMaxWarps], norm[4];
+  __shared__ float red[10 * kMaxWarps];
   __shared__ __align__(16) float part[8 * C];
   __shared__ __align__(8) float sums[2 * C];
   __shared__ uint64_t bar, xbar[2];
@@ -1175,7 +1178,7 @@ __global__ void __launch_bounds__(K > 0 ? 128 : kJsMaxThreads, K > 0 ? 4 : 2)
   float v[6] = {q0.z + q1.z, q0.a + q1.a, q0.e + q1.e, p0.z + p1.z, p0.a + p1.a, p0.e + p1.e};
   block_sums<6>(v, red + 2 * kMaxWarps);
   // Thread 0: the CTA's sums in the exact frame (A to first order in the rounding); warp 0
-  // sends them to every rank (C > 1: lane r to rank r), then merges the row (every CTA alike).
+  // sends them to every rank (C > 1: lane r to rank r).
   const float zq_raw = v[0], zp_raw = v[3];
   if constexpr (C > 1) asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
   if (tid < 32) {
@@ -1210,37 +1213,27 @@ __global__ void __launch_bounds__(K > 0 ? 128 : kJsMaxThreads, K > 0 ? 4 : 2)
       }
     }
   }
-  KeepRow rq{}, rp{};
-  if (tid < 32) {
-    if constexpr (C == 1) {
-      __syncwarp();
-    } else {
-      cu::mbar_wait(&xbar[0], 0); // all C parts have landed here
-    }
-    const float* rp_ = part + 8 * (tid < C ? tid : 0);
-    const bool in = tid < C;
-    rq = keep_merge<C>(in ? rp_[0] : -kInf, in ? rp_[1] : 0.f, in ? rp_[2] : 0.f,
-                       in ? rp_[3] : 0.f);
-    rp = keep_merge<C>(in ? rp_[4] : -kInf, in ? rp_[5] : 0.f, in ? rp_[6] : 0.f,
-                       in ? rp_[7] : 0.f);
+  // Every warp merges the row itself once all C parts have landed (each group of C lanes
+  // holds all of them), so that no warp waits for another's merge: on the H200 the block
+  // barrier after warp 0's merge held the other warps for ~13% of the kernel's samples.
+  if constexpr (C == 1) {
+    __syncthreads();
+  } else {
+    cu::mbar_wait(&xbar[0], 0);
   }
-  // Thread 0: this CTA's scales a = kp / Zp and b = kq / Zq of its raw e~, the side u of
-  // g = max(a, b) and beta = min / max; pass 2 reads them from `norm`.
-  const bool live = rq.m > -kInf && rp.m > -kInf; // thread 0's view
-  float a = 0.f, b = 0.f;
-  if (tid == 0) {
-    a = live && mp > -kInf ? ex2((mp - rp.m) * kLog2e - fp.rho) / rp.z : 0.f;
-    b = live && mq > -kInf ? ex2((mq - rq.m) * kLog2e - fq.rho) / rq.z : 0.f;
-    const float g = fmaxf(a, b);
-    norm[0] = g > 0.f ? fminf(a, b) / g : 0.f;
-    norm[1] = a >= b ? 1.f : 0.f; // u = p
-    norm[2] = g > 0.f ? 1.f : 0.f;
-  }
-  __syncthreads();
+  const float* pr_ = part + 8 * (tid % C);
+  const KeepRow rq = keep_merge<C>(pr_[0], pr_[1], pr_[2], pr_[3]);
+  const KeepRow rp = keep_merge<C>(pr_[4], pr_[5], pr_[6], pr_[7]);
+  // This CTA's scales a = kp / Zp and b = kq / Zq of its raw e~ (Z >= 2^14: a fast
+  // division is safe), the side u of g = max(a, b) and beta = min / max.
+  const bool live = rq.m > -kInf && rp.m > -kInf;
+  const float a = live && mp > -kInf ? __fdividef(ex2((mp - rp.m) * kLog2e - fp.rho), rp.z) : 0.f;
+  const float b = live && mq > -kInf ? __fdividef(ex2((mq - rq.m) * kLog2e - fq.rho), rq.z) : 0.f;
+  const float g = fmaxf(a, b);
   float au = 0.f, av = 0.f;
-  if (norm[2] != 0.f) {
-    const float beta = norm[0];
-    const bool u_is_p = norm[1] != 0.f;
+  if (g > 0.f) {
+    const float beta = fminf(a, b) / g;
+    const bool u_is_p = a >= b;
     const uint4* su = u_is_p ? sp : sq;
     const uint4* sv = u_is_p ? sq : sp;
     for (int c = tid; c < n; c += nt) {
@@ -1265,9 +1258,9 @@ __global__ void __launch_bounds__(K > 0 ? 128 : kJsMaxThreads, K > 0 ? 4 : 2)
   block_sum2(au, av, red + 8 * kMaxWarps);
   // This CTA's sum P lg S and sum Q lg S (bits): a (lg g Zp + sum e~p lg T), the same for q.
   float up = 0.f, uq = 0.f;
-  if (tid == 0 && norm[2] != 0.f) {
-    const bool u_is_p = norm[1] != 0.f;
-    const float g = fmaxf(a, b), lgg = lg2(g);
+  if (tid == 0 && g > 0.f) {
+    const bool u_is_p = a >= b;
+    const float lgg = lg2(g);
     const float ap_ = u_is_p ? au : av, aq_ = u_is_p ? av : au;
     up = a * fmaf(lgg, zp_raw, ap_);
     uq = b * fmaf(lgg, zq_raw, aq_);
