@@ -1009,9 +1009,10 @@ __device__ __forceinline__ KeepRow keep_merge(float m, float z, float a, float e
 
 #endif // !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
 
-// Pass 2 on one chunk pair: u, v the exps of the sides of scales g and g beta.
-__device__ __forceinline__ void keep_terms(uint4 cu_, uint4 cv, float beta, float& au,
-                                           float& av) {
+// Pass 2 on one chunk pair: u, v the exps of the sides of scales g and g beta. Two
+// accumulators a side (even and odd elements) halve the FFMA chains.
+__device__ __forceinline__ void keep_terms(uint4 cu_, uint4 cv, float beta, float (&au)[2],
+                                           float (&av)[2]) {
   const __half2* hu = reinterpret_cast<const __half2*>(&cu_);
   const __half2* hv = reinterpret_cast<const __half2*>(&cv);
 #pragma unroll
@@ -1019,10 +1020,10 @@ __device__ __forceinline__ void keep_terms(uint4 cu_, uint4 cv, float beta, floa
     const float u0 = __low2float(hu[k]), u1 = __high2float(hu[k]);
     const float v0 = __low2float(hv[k]), v1 = __high2float(hv[k]);
     const float l0 = lg2(fmaf(v0, beta, u0)), l1 = lg2(fmaf(v1, beta, u1));
-    au = fmaf(u0, l0, au);
-    av = fmaf(v0, l0, av);
-    au = fmaf(u1, l1, au);
-    av = fmaf(v1, l1, av);
+    au[0] = fmaf(u0, l0, au[0]);
+    av[0] = fmaf(v0, l0, av[0]);
+    au[1] = fmaf(u1, l1, au[1]);
+    av[1] = fmaf(v1, l1, av[1]);
   }
 }
 
@@ -1230,21 +1231,21 @@ __global__ void __launch_bounds__(K > 0 ? 128 : kJsMaxThreads, K > 0 ? 4 : 2)
   const float a = live && mp > -kInf ? __fdividef(ex2((mp - rp.m) * kLog2e - fp.rho), rp.z) : 0.f;
   const float b = live && mq > -kInf ? __fdividef(ex2((mq - rq.m) * kLog2e - fq.rho), rq.z) : 0.f;
   const float g = fmaxf(a, b);
-  float au = 0.f, av = 0.f;
+  float au2[2] = {0.f, 0.f}, av2[2] = {0.f, 0.f};
   if (g > 0.f) {
     const float beta = fminf(a, b) / g;
     const bool u_is_p = a >= b;
     const uint4* su = u_is_p ? sp : sq;
     const uint4* sv = u_is_p ? sq : sp;
     for (int c = tid; c < n; c += nt) {
-      keep_terms(su[c], sv[c], beta, au, av);
+      keep_terms(su[c], sv[c], beta, au2, av2);
     }
     if constexpr (K > 0) {
       auto regs = [&](const uint4 (&u)[KR], const uint4 (&w)[KR]) {
 #pragma unroll
         for (int k = 0; k < K; ++k) {
           if (rfirst + tid + k * nt < rcnt) {
-            keep_terms(u[k], w[k], beta, au, av);
+            keep_terms(u[k], w[k], beta, au2, av2);
           }
         }
       };
@@ -1255,6 +1256,7 @@ __global__ void __launch_bounds__(K > 0 ? 128 : kJsMaxThreads, K > 0 ? 4 : 2)
       }
     }
   }
+  float au = au2[0] + au2[1], av = av2[0] + av2[1];
   block_sum2(au, av, red + 8 * kMaxWarps);
   // This CTA's sum P lg S and sum Q lg S (bits): a (lg g Zp + sum e~p lg T), the same for q.
   float up = 0.f, uq = 0.f;
