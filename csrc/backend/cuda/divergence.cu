@@ -407,14 +407,14 @@ __device__ __forceinline__ void block_sum2(float& x, float& y, float* sm) {
 // The 16-byte chunk of a row that starts at element e when it is not whole (e < 0 or past
 // V - N): element by element, with -inf (no mass) outside [0, V).
 template <typename T>
-__device__ __forceinline__ void load_partial_chunk(const T* row, int e, int V, uint4* dst) {
+__device__ __forceinline__ uint4 partial_chunk(const T* row, int e, int V) {
   constexpr int N = 16 / sizeof(T);
   alignas(16) T v[N];
 #pragma unroll
   for (int k = 0; k < N; ++k) {
     v[k] = e + k >= 0 && e + k < V ? row[e + k] : from_f<T>(-kInf);
   }
-  *dst = *reinterpret_cast<const uint4*>(v);
+  return *reinterpret_cast<const uint4*>(v);
 }
 
 // The elements of a chunk as float; the chunk is taken by value (one 16-byte load).
@@ -641,8 +641,8 @@ __device__ __forceinline__ void js_load_slice(const T* qr, const T* pr, int V, J
   auto partial = [&](int c) { // the first and last chunks are the only ones that can be
     const int j = c - sl.lo;
     if (j >= 0 && c < end && (c < c0 || c >= c1) && threadIdx.x == j % blockDim.x) {
-      load_partial_chunk(qr, c * N - sl.pad, V, sq + j);
-      load_partial_chunk(pr, c * N - sl.pad, V, sp + j);
+      sq[j] = partial_chunk(qr, c * N - sl.pad, V);
+      sp[j] = partial_chunk(pr, c * N - sl.pad, V);
     }
   };
   partial(sl.lo);
@@ -1028,19 +1028,14 @@ __device__ __forceinline__ void keep_terms(uint4 cu_, uint4 cv, float beta, floa
 }
 
 // A chunk of a row from global memory into registers: one 16-byte load when whole, else
-// element by element with -inf (no mass) outside [0, V).
+// partial_chunk.
 template <typename T>
 __device__ __forceinline__ uint4 row_chunk(const T* row, int e, int V) {
   constexpr int N = 16 / sizeof(T);
   if (e >= 0 && e + N <= V) {
     return __ldg(reinterpret_cast<const uint4*>(row + e));
   }
-  alignas(16) T v[N];
-#pragma unroll
-  for (int k = 0; k < N; ++k) {
-    v[k] = e + k >= 0 && e + k < V ? row[e + k] : from_f<T>(-kInf);
-  }
-  return *reinterpret_cast<const uint4*>(v);
+  return partial_chunk(row, e, V);
 }
 
 // The maxima of K chunks in registers (NaN-propagating), merged into mq / mp.
