@@ -296,6 +296,9 @@ __host__ __device__ __forceinline__ int js_shared_per(int chunks, int C, int reg
 }
 
 constexpr int kJsMaxThreads = 512;
+// js_forward_keep with register chunks runs at exactly this many threads (a compile-time
+// stride: its loads and loops take immediate offsets).
+constexpr int kJsKeepThreads = 128;
 
 // The kernel needs Hopper (clusters). For older targets of a multi-architecture build its
 // body is a trap (the host never launches it there) and these helpers are left out.
@@ -686,7 +689,7 @@ __device__ __forceinline__ bool js_gather(float& a, float& b, float* sums, uint6
       return false;
     }
     if (threadIdx.x == 0) { // only thread 0 uses the row's sums, and only it waits for them
-      cu::mbar_wait(bar, 0);
+      cu::mbar_wait_sleep(bar, 0);
       a = 0.f;
       b = 0.f;
       for (int r = 0; r < C; ++r) {
@@ -724,7 +727,7 @@ __device__ __forceinline__ void js_finish_row(Sum2 oq, Sum2 op, const uint4* sq,
     }
     if (tid < 32) { // lane r takes rank r's part; every CTA merges them alike
       Sum2 gq, gp;
-      cu::mbar_wait(&xbar[0], 0); // all C parts have landed here
+      cu::mbar_wait_sleep(&xbar[0], 0); // all C parts have landed here
       if (tid < C) {
         const float* rp = part + 4 * tid;
         gq = Sum2{rp[0], rp[1]};
@@ -854,7 +857,7 @@ __device__ __forceinline__ JsStart js_start(const T* q, const T* p, int V, uint4
   st.sp = rows + shared;
   js_load_slice(qr, pr, V, JsSlice{st.sl.pad, st.sl.lo, st.ns}, st.sq, st.sp, bar);
   if constexpr (C > 1) asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
-  cu::mbar_wait(bar, 0); // the bulk copies have landed
+  cu::mbar_wait_sleep(bar, 0); // the bulk copies have landed
   return st;
 }
 
@@ -1067,7 +1070,7 @@ __device__ __forceinline__ void regs_max(const uint4 (&rq)[K], const uint4 (&rp)
 // the slice at four CTAs an SM: half the clusters' CTAs a row, and each warp's fixed cost a
 // row (its reductions, frames, the merge) spread over twice the pairs.
 template <typename T, int C, int K = 0>
-__global__ void __launch_bounds__(K > 0 ? 128 : kJsMaxThreads, K > 0 ? 4 : 2)
+__global__ void __launch_bounds__(K > 0 ? kJsKeepThreads : kJsMaxThreads, K > 0 ? 4 : 2)
     js_forward_keep(const T* q, const T* p, T* out, float* stats, int V) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   __trap(); // the host launches this on compute capability 9.0 and later only
@@ -1080,7 +1083,10 @@ __global__ void __launch_bounds__(K > 0 ? 128 : kJsMaxThreads, K > 0 ? 4 : 2)
   __shared__ __align__(16) float part[8 * C];
   __shared__ __align__(8) float sums[2 * C];
   __shared__ uint64_t bar, xbar[2];
-  const int tid = threadIdx.x, nt = blockDim.x;
+  const int tid = threadIdx.x, nt = K > 0 ? kJsKeepThreads : blockDim.x;
+  if (K > 0 && blockDim.x != kJsKeepThreads) {
+    __trap(); // launched with another block size: fail loudly, never a wrong answer
+  }
   uint4 regq[KR], regp[KR];
   int rfirst = 0, rcnt = 0; // the register chunks' first local index, the slice's count
   if constexpr (K > 0) { // issued before the bulk copy is waited for
@@ -1092,23 +1098,20 @@ __global__ void __launch_bounds__(K > 0 ? 128 : kJsMaxThreads, K > 0 ? 4 : 2)
     rcnt = sl.cnt;
     const uint32_t ninf = std::is_same_v<T, __half> ? 0xfc00fc00u : 0xff80ff80u;
     const uint4 none = make_uint4(ninf, ninf, ninf, ninf);
-    // Only a row's first and last chunks can be partial: a thread without one takes the
-    // straight run of 16-byte loads, so that the hot prologue stays short (the element-wise
-    // loads of row_chunk, inlined K times, once made it ~20 KB and a source of
-    // instruction-fetch stalls).
-    bool edge = false;
-#pragma unroll
-    for (int k = 0; k < K; ++k) {
-      const int e = (sl.lo + rfirst + tid + k * nt) * N - sl.pad;
-      edge |= rfirst + tid + k * nt < rcnt && (e < 0 || e + N > V);
-    }
-    if (!edge) {
+    // Only a row's first and last chunks can be partial, and only the last rank's threads
+    // can run past the slice: every other thread loads its K chunks from one address at
+    // immediate offsets, with no test or select a chunk, so that the hot prologue stays
+    // short (the element-wise loads of row_chunk, inlined K times into every thread's path,
+    // once made it ~20 KB and a source of instruction-fetch stalls).
+    const int e0 = (sl.lo + rfirst + tid) * N - sl.pad;
+    const int last = rfirst + tid + (K - 1) * nt;
+    if (e0 >= 0 && last < rcnt && (sl.lo + last) * N - sl.pad + N <= V) {
+      const uint4* aq = reinterpret_cast<const uint4*>(qr + e0);
+      const uint4* ap = reinterpret_cast<const uint4*>(pr + e0);
 #pragma unroll
       for (int k = 0; k < K; ++k) {
-        const int j = rfirst + tid + k * nt;
-        const int e = (sl.lo + j) * N - sl.pad;
-        regq[k] = j < rcnt ? __ldg(reinterpret_cast<const uint4*>(qr + e)) : none;
-        regp[k] = j < rcnt ? __ldg(reinterpret_cast<const uint4*>(pr + e)) : none;
+        regq[k] = __ldg(aq + k * nt);
+        regp[k] = __ldg(ap + k * nt);
       }
     } else {
 #pragma unroll
@@ -1215,7 +1218,7 @@ __global__ void __launch_bounds__(K > 0 ? 128 : kJsMaxThreads, K > 0 ? 4 : 2)
   if constexpr (C == 1) {
     __syncthreads();
   } else {
-    cu::mbar_wait(&xbar[0], 0);
+    cu::mbar_wait_sleep(&xbar[0], 0);
   }
   const float* pr_ = part + 8 * (tid % C);
   const KeepRow rq = keep_merge<C>(pr_[0], pr_[1], pr_[2], pr_[3]);
@@ -1494,11 +1497,13 @@ JsPlan js_plan(int V, int elem_bytes, int64_t rows, int device) {
   // The half types' kept exps with part of each slice in registers (MLX_TUNER_JS_SPLIT=0:
   // all in shared memory): the smallest cluster whose shared part fits `soft`.
   const char* split = std::getenv("MLX_TUNER_JS_SPLIT");
-  if (elem_bytes == 2 && max_threads == 128 && js_keep() && !(split && std::string(split) == "0")) {
+  if (elem_bytes == 2 && max_threads == kJsKeepThreads && js_keep() &&
+      !(split && std::string(split) == "0")) {
     for (int c : {1, 2, 4, 8, 16}) {
-      const int64_t bytes = int64_t(2) * js_shared_per(chunks, c, kJsRegChunks * 128) * 16;
+      const int regs = kJsRegChunks * kJsKeepThreads;
+      const int64_t bytes = int64_t(2) * js_shared_per(chunks, c, regs) * 16;
       if (bytes <= soft && rows * c <= INT_MAX) {
-        return {c, 128, static_cast<unsigned>(bytes), kJsRegChunks};
+        return {c, kJsKeepThreads, static_cast<unsigned>(bytes), kJsRegChunks};
       }
     }
   }

@@ -27,6 +27,16 @@ __device__ __forceinline__ void mbar_wait(uint64_t* b, uint32_t parity) {
       "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
       "@!p bra W%=;\n}" ::"r"(smem_u32(b)), "r"(parity) : "memory");
 }
+// The same wait with a suspend-time hint (ns): between checks the warp sleeps
+// (NANOSLEEP.SYNCS in SASS) instead of re-issuing at once. For the JS forward's waits of
+// microseconds on the cluster's parts (~90 retries a warp a row without the hint, ~70 with
+// it), so that a waiting CTA takes fewer issue slots from the SM's other CTAs.
+__device__ __forceinline__ void mbar_wait_sleep(uint64_t* b, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred p;\nW%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1, %2;\n"
+      "@!p bra W%=;\n}" ::"r"(smem_u32(b)), "r"(parity), "n"(1000000) : "memory");
+}
 // `bytes` (a multiple of 16; both addresses 16-byte aligned) from global to this CTA's
 // shared memory, counted on barrier b's transactions.
 __device__ __forceinline__ void bulk_copy_g2s(void* dst, const void* src, uint32_t bytes,
