@@ -7,9 +7,10 @@ The kernel reads its settings at every launch, but MLX may update a cached CUDA 
 place, so each setting gets its own process (bench/device-run's `js` stage loops over
 them). Prints the median time of the forward and forward+backward (w.r.t. q) at 8192 x V
 bfloat16, their % of copy (2 reads; 5 for forward+backward, as bench_divergence), the
-forward's GPU time with ten queued in one evaluation (the host's per-call time overlapped), and the
-largest difference of the forward from the two-pass kernel's result on the same inputs
-(computed in a child process, so the check never shares a graph with the timed kernel).
+forward's time a call with ten queued in one evaluation (the host's per-call time
+overlapped: steadier for comparing builds), and the largest difference of the forward from
+the two-pass kernel's result on the same inputs (computed in a child process, so the check
+never shares a graph with the timed kernel).
 """
 import os
 import subprocess

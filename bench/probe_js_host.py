@@ -30,6 +30,6 @@ cases = {
 }
 for name, fn in cases.items():
     one = median_time(fn, warmup=3, reps=20)
-    ten = median_time(lambda: [fn() for _ in range(10)], warmup=1, reps=5) / 10
+    ten = median_time(lambda f=fn: [f() for _ in range(10)], warmup=1, reps=5) / 10
     print(f"{name:10s} per call {one * 1e3:.3f} ms, queued x10 {ten * 1e3:.3f} ms a call, "
           f"difference {(one - ten) * 1e6:.0f} us")
