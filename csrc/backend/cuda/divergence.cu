@@ -1523,29 +1523,35 @@ JsPlan js_plan(int V, int elem_bytes, int64_t rows, int device) {
 }
 
 
+// pick(std::integral_constant<int, C>) for the cluster size c (1, 2, 4, 8 or 16): the
+// kernels are instantiated per C.
+template <typename F>
+const void* by_cluster(int c, F pick) {
+  using std::integral_constant;
+  return c == 1 ? pick(integral_constant<int, 1>{})
+      : c == 2  ? pick(integral_constant<int, 2>{})
+      : c == 4  ? pick(integral_constant<int, 4>{})
+      : c == 8  ? pick(integral_constant<int, 8>{})
+                : pick(integral_constant<int, 16>{});
+}
+
 template <typename T>
 const void* js_kernel(int c, int regs) {
   if constexpr (!std::is_same_v<T, float>) {
     if (regs > 0) {
-      return c == 1 ? reinterpret_cast<const void*>(js_forward_keep<T, 1, kJsRegChunks>)
-          : c == 2  ? reinterpret_cast<const void*>(js_forward_keep<T, 2, kJsRegChunks>)
-          : c == 4  ? reinterpret_cast<const void*>(js_forward_keep<T, 4, kJsRegChunks>)
-          : c == 8  ? reinterpret_cast<const void*>(js_forward_keep<T, 8, kJsRegChunks>)
-                    : reinterpret_cast<const void*>(js_forward_keep<T, 16, kJsRegChunks>);
+      return by_cluster(c, [](auto C) {
+        return reinterpret_cast<const void*>(js_forward_keep<T, decltype(C)::value, kJsRegChunks>);
+      });
     }
     if (js_keep()) {
-      return c == 1 ? reinterpret_cast<const void*>(js_forward_keep<T, 1>)
-          : c == 2  ? reinterpret_cast<const void*>(js_forward_keep<T, 2>)
-          : c == 4  ? reinterpret_cast<const void*>(js_forward_keep<T, 4>)
-          : c == 8  ? reinterpret_cast<const void*>(js_forward_keep<T, 8>)
-                    : reinterpret_cast<const void*>(js_forward_keep<T, 16>);
+      return by_cluster(c, [](auto C) {
+        return reinterpret_cast<const void*>(js_forward_keep<T, decltype(C)::value>);
+      });
     }
   }
-  return c == 1 ? reinterpret_cast<const void*>(js_forward_cluster<T, 1>)
-      : c == 2  ? reinterpret_cast<const void*>(js_forward_cluster<T, 2>)
-      : c == 4  ? reinterpret_cast<const void*>(js_forward_cluster<T, 4>)
-      : c == 8  ? reinterpret_cast<const void*>(js_forward_cluster<T, 8>)
-                : reinterpret_cast<const void*>(js_forward_cluster<T, 16>);
+  return by_cluster(c, [](auto C) {
+    return reinterpret_cast<const void*>(js_forward_cluster<T, decltype(C)::value>);
+  });
 }
 
 template <typename T>
